@@ -1,0 +1,46 @@
+#ifndef FDBROKER_PROTO_WIRE_FD_PASSING_H_
+#define FDBROKER_PROTO_WIRE_FD_PASSING_H_
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "wire/sys_calls.h"
+#include "wire/unique_fd.h"
+
+namespace fdbroker::wire {
+
+// Largest packet either side sends or accepts.
+inline constexpr size_t kMaxPacketBytes = 64 * 1024;
+// The kernel's SCM_MAX_FD: the most fds one sendmsg may carry.
+inline constexpr size_t kMaxFdsPerPacket = 253;
+
+enum class SendResult { kSent, kWouldBlock };
+enum class ReceiveResult { kReceived, kWouldBlock, kPeerClosed };
+
+// One SOCK_SEQPACKET packet and the fds that arrived with it. The fds are
+// owned from the moment recvmsg returns, so an error path cannot leak them.
+struct Packet {
+  std::string data;
+  std::vector<UniqueFd> fds;
+};
+
+// Sends `data` as one packet with `fds` attached (SCM_RIGHTS). The caller
+// keeps its fds: the kernel duplicates them into the receiver. Never raises
+// SIGPIPE. Errors (peer gone, oversize) are statuses; EAGAIN is kWouldBlock.
+absl::StatusOr<SendResult> SendPacket(SysCalls& sys, int socket,
+                                      absl::Span<const char> data,
+                                      absl::Span<const int> fds);
+
+// Receives one packet into `packet` (its buffer is reused between calls, so a
+// steady stream of packets does not allocate). Received fds are close-on-exec
+// (MSG_CMSG_CLOEXEC). A truncated packet or truncated/unknown ancillary data
+// is an error; whatever fds did arrive are closed with `packet`.
+absl::StatusOr<ReceiveResult> ReceivePacket(SysCalls& sys, int socket,
+                                            Packet& packet);
+
+}  // namespace fdbroker::wire
+
+#endif  // FDBROKER_PROTO_WIRE_FD_PASSING_H_

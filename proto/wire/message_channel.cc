@@ -1,0 +1,113 @@
+#include "wire/message_channel.h"
+
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace fdbroker::wire {
+
+size_t RequiredFds(const v1::HandoffMessage& message) {
+  switch (message.body_case()) {
+    case v1::HandoffMessage::kConnection:
+    case v1::HandoffMessage::kRelease:
+      return 1;
+    default:
+      return 0;
+  }
+}
+
+absl::string_view BodyName(const v1::HandoffMessage& message) {
+  switch (message.body_case()) {
+    case v1::HandoffMessage::kHello:
+      return "hello";
+    case v1::HandoffMessage::kWelcome:
+      return "welcome";
+    case v1::HandoffMessage::kRefusal:
+      return "refusal";
+    case v1::HandoffMessage::kConnection:
+      return "connection";
+    case v1::HandoffMessage::kAck:
+      return "ack";
+    case v1::HandoffMessage::kReject:
+      return "reject";
+    case v1::HandoffMessage::kClosed:
+      return "closed";
+    case v1::HandoffMessage::kRelease:
+      return "release";
+    case v1::HandoffMessage::kDrain:
+      return "drain";
+    case v1::HandoffMessage::kGoodbye:
+      return "goodbye";
+    case v1::HandoffMessage::kHeartbeat:
+      return "heartbeat";
+    case v1::HandoffMessage::BODY_NOT_SET:
+      break;
+  }
+  return "none";
+}
+
+absl::Status MessageDecoder::Decode(Packet& packet,
+                                    v1::HandoffMessage& message,
+                                    UniqueFd& fd) {
+  fd.Reset();
+  if (!message.ParseFromArray(packet.data.data(),
+                              static_cast<int>(packet.data.size()))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "malformed message (", packet.data.size(), " bytes do not parse)"));
+  }
+  if (message.body_case() == v1::HandoffMessage::BODY_NOT_SET) {
+    return absl::InvalidArgumentError(
+        "message without a body (unknown or missing message type)");
+  }
+  if (message.sequence() != next_sequence_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("out-of-order ", BodyName(message), ": sequence ",
+                     message.sequence(), ", expected ", next_sequence_));
+  }
+  const size_t required = RequiredFds(message);
+  if (packet.fds.size() != required) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(BodyName(message), " #", message.sequence(), " carried ",
+                     packet.fds.size(), " fds, expected ", required));
+  }
+  ++next_sequence_;
+  if (required == 1) fd = std::move(packet.fds.front());
+  packet.fds.clear();
+  return absl::OkStatus();
+}
+
+MessageChannel::MessageChannel(UniqueFd socket, SysCalls& sys)
+    : socket_(std::move(socket)), sys_(sys) {}
+
+absl::StatusOr<SendResult> MessageChannel::Send(v1::HandoffMessage& message,
+                                                int attached_fd) {
+  const bool has_fd = attached_fd >= 0;
+  if (RequiredFds(message) != (has_fd ? 1u : 0u)) {
+    return absl::InternalError(absl::StrCat(
+        "bug: ", BodyName(message), " sent with ", has_fd ? 1 : 0, " fds"));
+  }
+  message.set_sequence(next_send_sequence_);
+  if (!message.SerializeToString(&send_buffer_)) {
+    return absl::InternalError("cannot serialize message");
+  }
+  absl::StatusOr<SendResult> result =
+      has_fd ? SendPacket(sys_, socket_.get(), send_buffer_, {&attached_fd, 1})
+             : SendPacket(sys_, socket_.get(), send_buffer_, {});
+  if (result.ok() && *result == SendResult::kSent) ++next_send_sequence_;
+  return result;
+}
+
+absl::StatusOr<ReceiveResult> MessageChannel::Receive(
+    v1::HandoffMessage& message, UniqueFd& attached_fd) {
+  absl::StatusOr<ReceiveResult> result =
+      ReceivePacket(sys_, socket_.get(), receive_packet_);
+  if (!result.ok() || *result != ReceiveResult::kReceived) return result;
+  absl::Status decoded =
+      decoder_.Decode(receive_packet_, message, attached_fd);
+  receive_packet_.fds.clear();
+  if (!decoded.ok()) return decoded;
+  return ReceiveResult::kReceived;
+}
+
+}  // namespace fdbroker::wire
