@@ -47,8 +47,7 @@ absl::string_view BodyName(const v1::HandoffMessage& message) {
   return "none";
 }
 
-absl::Status MessageDecoder::Decode(Packet& packet,
-                                    v1::HandoffMessage& message,
+absl::Status MessageDecoder::Decode(Packet& packet, v1::HandoffMessage& message,
                                     UniqueFd& fd) {
   fd.Reset();
   if (!message.ParseFromArray(packet.data.data(),
@@ -103,8 +102,7 @@ absl::StatusOr<ReceiveResult> MessageChannel::Receive(
   absl::StatusOr<ReceiveResult> result =
       ReceivePacket(sys_, socket_.get(), receive_packet_);
   if (!result.ok() || *result != ReceiveResult::kReceived) return result;
-  absl::Status decoded =
-      decoder_.Decode(receive_packet_, message, attached_fd);
+  absl::Status decoded = decoder_.Decode(receive_packet_, message, attached_fd);
   receive_packet_.fds.clear();
   if (!decoded.ok()) return decoded;
   return ReceiveResult::kReceived;

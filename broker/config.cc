@@ -1,0 +1,202 @@
+#include "broker/config.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
+#include "absl/flags/usage.h"
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "broker/balancing_policy.h"
+#include "broker/supervisor.h"
+
+ABSL_FLAG(std::string, listen, "0.0.0.0:8080",
+          "Address for client connections, HOST:PORT (port 0 picks one).");
+ABSL_FLAG(std::string, socket, "",
+          "Path of the hand-off Unix socket workers register on. Default: "
+          "$XDG_RUNTIME_DIR/fdbroker.sock, else /tmp/fdbroker-<uid>.sock.");
+ABSL_FLAG(int, workers, 0, "Supervised workers to start.");
+ABSL_FLAG(std::string, worker_cmd, "",
+          "Command line of a supervised worker (split on whitespace, quotes "
+          "group). Default: the fdbroker-http-worker next to this binary.");
+ABSL_FLAG(int, max_workers, 64,
+          "Upper bound on registered workers (supervised and external).");
+ABSL_FLAG(std::string, policy, "least_conn",
+          "Balancing policy: least_conn or round_robin.");
+ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
+          "How long a draining worker may take before it is ended.");
+ABSL_FLAG(absl::Duration, heartbeat_interval, absl::Seconds(1),
+          "A side sends a heartbeat after this much silence.");
+ABSL_FLAG(absl::Duration, heartbeat_timeout, absl::Seconds(10),
+          "A worker silent for this long is declared dead.");
+ABSL_FLAG(absl::Duration, worker_start_timeout, absl::Seconds(30),
+          "A supervised worker must register within this time.");
+ABSL_FLAG(int, max_pending, 4096,
+          "Accepted connections that may wait for a worker with room; more "
+          "are closed and counted as overload.");
+ABSL_FLAG(absl::Duration, pending_timeout, absl::Seconds(10),
+          "Longest a connection waits for a worker before it is closed.");
+ABSL_FLAG(std::string, ready_file, "",
+          "Once listening, write key=value lines (listen=, socket=, pid=) to "
+          "this file (atomically), for scripts and tests using port 0.");
+
+namespace fdbroker {
+namespace {
+
+[[noreturn]] void FlagError(const std::string& message) {
+  std::fprintf(stderr, "fdbroker: %s\n", message.c_str());
+  std::exit(2);
+}
+
+bool IsHelpFlag(absl::string_view name) {
+  return name == "help" || name == "helpfull" || name == "helpshort" ||
+         name == "helppackage" || name == "version" ||
+         absl::StartsWith(name, "helpon") ||
+         absl::StartsWith(name, "helpmatch");
+}
+
+std::string DefaultSocketPath() {
+  const char* runtime = ::getenv("XDG_RUNTIME_DIR");
+  if (runtime != nullptr && *runtime != '\0') {
+    return absl::StrCat(runtime, "/fdbroker.sock");
+  }
+  return absl::StrCat("/tmp/fdbroker-", ::getuid(), ".sock");
+}
+
+}  // namespace
+
+void ParseFlagsOrExit(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "fdbroker: accepts TCP connections and hands each one to a worker "
+      "process.\nUsage: fdbroker [--listen=HOST:PORT] [--workers=N] "
+      "[--worker_cmd=CMD] ...");
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view arg = argv[i];
+    if (arg == "--") break;
+    if (!absl::StartsWith(arg, "-")) {
+      FlagError(absl::StrCat("unexpected argument \"", arg,
+                             "\" (flags are --name=value)"));
+    }
+    arg.remove_prefix(absl::StartsWith(arg, "--") ? 2 : 1);
+    const size_t eq = arg.find('=');
+    absl::string_view name = arg.substr(0, eq);
+    if (IsHelpFlag(name)) {
+      // Let absl print the usage text (and exit) as usual.
+      absl::ParseCommandLine(argc, argv);
+      std::exit(0);
+    }
+    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    std::string value;
+    if (eq != absl::string_view::npos) {
+      value = std::string(arg.substr(eq + 1));
+    } else if (flag != nullptr && flag->IsOfType<bool>()) {
+      value = "true";
+    } else if (absl::StartsWith(name, "no") &&
+               (flag = absl::FindCommandLineFlag(name.substr(2))) != nullptr &&
+               flag->IsOfType<bool>()) {
+      value = "false";
+    } else if (flag != nullptr && i + 1 < argc) {
+      value = argv[++i];
+    } else if (flag != nullptr) {
+      FlagError(absl::StrCat("flag --", name, " needs a value"));
+    }
+    if (flag == nullptr || flag->IsRetired()) {
+      FlagError(
+          absl::StrCat("unknown flag --", name, " (see fdbroker --help)"));
+    }
+    std::string error;
+    if (!flag->ParseFrom(value, &error)) {
+      FlagError(absl::StrCat("bad value \"", value, "\" for --", flag->Name(),
+                             ": ", error));
+    }
+  }
+}
+
+absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
+  BrokerConfig config;
+  absl::StatusOr<SocketAddress> listen =
+      SocketAddress::Parse(absl::GetFlag(FLAGS_listen));
+  if (!listen.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--listen: ", listen.status().message()));
+  }
+  config.listen = *listen;
+
+  config.socket_path = absl::GetFlag(FLAGS_socket);
+  if (config.socket_path.empty()) config.socket_path = DefaultSocketPath();
+  if (config.socket_path.size() >= 108) {
+    return absl::InvalidArgumentError(
+        "--socket: path longer than 107 bytes (a Unix socket limit)");
+  }
+
+  config.max_workers = absl::GetFlag(FLAGS_max_workers);
+  if (config.max_workers < 1 || config.max_workers > 1024) {
+    return absl::InvalidArgumentError("--max_workers must be in 1..1024");
+  }
+  config.workers = absl::GetFlag(FLAGS_workers);
+  if (config.workers < 0 || config.workers > config.max_workers) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--workers must be in 0..--max_workers (", config.max_workers, ")"));
+  }
+
+  std::string command = absl::GetFlag(FLAGS_worker_cmd);
+  if (command.empty()) {
+    command = absl::StrCat(self_dir, "/fdbroker-http-worker");
+  }
+  absl::StatusOr<std::vector<std::string>> argv = SplitCommandLine(command);
+  if (!argv.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--worker_cmd: ", argv.status().message()));
+  }
+  config.worker_argv = *std::move(argv);
+  if (config.workers > 0 &&
+      config.worker_argv[0].find('/') != std::string::npos &&
+      ::access(config.worker_argv[0].c_str(), X_OK) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--worker_cmd: ", config.worker_argv[0], " is not an executable"));
+  }
+
+  config.policy = absl::GetFlag(FLAGS_policy);
+  if (absl::Status s = CreateBalancingPolicy(config.policy).status(); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--policy: ", s.message()));
+  }
+
+  config.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
+  config.heartbeat_interval = absl::GetFlag(FLAGS_heartbeat_interval);
+  config.heartbeat_timeout = absl::GetFlag(FLAGS_heartbeat_timeout);
+  config.worker_start_timeout = absl::GetFlag(FLAGS_worker_start_timeout);
+  config.pending_timeout = absl::GetFlag(FLAGS_pending_timeout);
+  const std::pair<const char*, absl::Duration> positive[] = {
+      {"--drain_timeout", config.drain_timeout},
+      {"--heartbeat_interval", config.heartbeat_interval},
+      {"--heartbeat_timeout", config.heartbeat_timeout},
+      {"--worker_start_timeout", config.worker_start_timeout},
+      {"--pending_timeout", config.pending_timeout}};
+  for (const auto& [name, value] : positive) {
+    if (value <= absl::ZeroDuration() || value == absl::InfiniteDuration()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " must be a positive duration such as 5s"));
+    }
+  }
+  if (config.heartbeat_interval < absl::Milliseconds(10) ||
+      config.heartbeat_timeout < 2 * config.heartbeat_interval) {
+    return absl::InvalidArgumentError(
+        "--heartbeat_timeout must be at least twice --heartbeat_interval "
+        "(and the interval at least 10ms)");
+  }
+  const int max_pending = absl::GetFlag(FLAGS_max_pending);
+  if (max_pending < 0) {
+    return absl::InvalidArgumentError("--max_pending must be >= 0");
+  }
+  config.max_pending = static_cast<size_t>(max_pending);
+  config.ready_file = absl::GetFlag(FLAGS_ready_file);
+  return config;
+}
+
+}  // namespace fdbroker

@@ -1,0 +1,41 @@
+#ifndef FDBROKER_BROKER_CONFIG_H_
+#define FDBROKER_BROKER_CONFIG_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "broker/socket_address.h"
+
+namespace fdbroker {
+
+// Everything the broker needs from its command line, validated.
+struct BrokerConfig {
+  SocketAddress listen;
+  std::string socket_path;
+  int workers = 0;
+  std::vector<std::string> worker_argv;
+  int max_workers = 64;
+  std::string policy;
+  absl::Duration drain_timeout;
+  absl::Duration heartbeat_interval;
+  absl::Duration heartbeat_timeout;
+  absl::Duration worker_start_timeout;
+  size_t max_pending = 0;
+  absl::Duration pending_timeout;
+  std::string ready_file;
+};
+
+// Parses argv into the absl flags. Unlike absl::ParseCommandLine, a bad flag
+// (unknown name, unparsable value, stray argument) prints one line and exits
+// with code 2, as the operator contract requires. --help works as usual.
+void ParseFlagsOrExit(int argc, char** argv);
+
+// Validates the parsed flags. `self_dir` is the directory of the running
+// binary (where the default worker lives).
+absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir);
+
+}  // namespace fdbroker
+
+#endif  // FDBROKER_BROKER_CONFIG_H_

@@ -1,0 +1,117 @@
+#ifndef FDBROKER_BROKER_CONNECTION_DISPATCHER_H_
+#define FDBROKER_BROKER_CONNECTION_DISPATCHER_H_
+
+#include <cstdint>
+#include <deque>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "broker/balancing_policy.h"
+#include "broker/event_loop.h"
+#include "broker/listener.h"
+#include "broker/worker_registry.h"
+#include "fdbroker/v1/handoff.pb.h"
+
+namespace fdbroker {
+
+// Owns every client connection between accept and the worker's Ack, and
+// places each on a worker. Loop thread only.
+//
+// Ownership rule: a connection's fd lives here (pending queue or in-flight
+// table) from accept until the worker that received it Acks it; only then is
+// the broker's copy closed. If the worker Rejects it, or its channel dies
+// first, the connection goes back to the front of the queue and is placed on
+// another worker. So at every moment exactly one process is responsible for
+// each accepted connection.
+class ConnectionDispatcher {
+ public:
+  struct Options {
+    // Connections waiting for a worker with room; past this they are closed.
+    size_t max_pending = 4096;
+    // Longest a connection waits for a worker before it is closed.
+    absl::Duration pending_timeout = absl::Seconds(10);
+    // A connection Rejected this many times is closed.
+    int max_attempts = 8;
+  };
+  struct Stats {
+    uint64_t dispatched = 0;
+    uint64_t handed_off = 0;  // Acked by a worker.
+    uint64_t replaced = 0;    // Re-placed after a Reject or a lost worker.
+    uint64_t rejected_overload = 0;
+    uint64_t rejected_shutdown = 0;
+    uint64_t failed_attempts = 0;  // Closed after max_attempts.
+    uint64_t send_would_block = 0;
+    uint64_t send_errors = 0;
+    uint64_t worker_lost = 0;  // Un-acked when a worker's channel died.
+  };
+
+  ConnectionDispatcher(EventLoop& loop, WorkerRegistry& registry,
+                       BalancingPolicy& policy, const Options& options);
+  ~ConnectionDispatcher();
+
+  // Takes a freshly accepted connection: hands it off now if a worker has
+  // room, else queues it (or closes it, counted, if the queue is full).
+  void Dispatch(AcceptedConnection connection);
+
+  // Worker messages. An error means a protocol violation (unknown id, id of
+  // another worker); the caller closes that worker's channel.
+  absl::Status OnAck(Worker& worker, const v1::Ack& ack);
+  absl::Status OnReject(Worker& worker, const v1::Reject& reject);
+  absl::Status OnClosed(Worker& worker, const v1::Closed& closed);
+
+  // `worker` will Ack nothing more (channel gone, or exited): its un-acked
+  // connections go back to the queue and are placed elsewhere.
+  void ReclaimUnacked(Worker& worker);
+
+  // Places queued connections while some worker has room. Call whenever a
+  // worker becomes available or gains room.
+  void PlacePending();
+
+  // Closes every queued connection (counted as `shutdown`), e.g. when the
+  // broker drains with nobody left to serve them.
+  void CloseAllPending();
+
+  // Stop placing queued connections (broker-wide drain); they stay queued.
+  void set_paused(bool paused);
+
+  size_t pending() const { return pending_.size(); }
+  size_t in_flight() const { return in_flight_.size(); }
+  const Stats& stats() const { return stats_; }
+
+ private:
+  struct Entry {
+    uint64_t id = 0;
+    AcceptedConnection connection;
+    uint64_t worker_id = 0;    // While in flight.
+    uint64_t excluded_id = 0;  // The worker that last rejected it.
+    int attempts = 0;
+  };
+
+  // Sends `entry` to the best available worker. On success it is moved into
+  // the in-flight table; on failure it is left untouched.
+  bool TryPlace(Entry& entry);
+  void Enqueue(Entry entry, bool front);
+  void ArmPendingTimer();
+  void ExpirePending();
+
+  EventLoop& loop_;
+  WorkerRegistry& registry_;
+  BalancingPolicy& policy_;
+  const Options options_;
+  uint64_t next_connection_id_ = 1;
+  bool paused_ = false;
+  std::deque<Entry> pending_;
+  absl::flat_hash_map<uint64_t, Entry> in_flight_;
+  EventLoop::TimerId pending_timer_ = 0;
+  // Reused per placement so the data path does not allocate.
+  std::vector<Worker*> candidates_;
+  v1::HandoffMessage message_;
+  Stats stats_;
+};
+
+}  // namespace fdbroker
+
+#endif  // FDBROKER_BROKER_CONNECTION_DISPATCHER_H_

@@ -1,0 +1,173 @@
+#include "broker/daemon.h"
+
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <fstream>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "spdlog/spdlog.h"
+#include "wire/sys_calls.h"
+
+namespace fdbroker {
+
+absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(
+    const BrokerConfig& config) {
+  std::unique_ptr<Daemon> daemon(new Daemon(config));
+  if (absl::Status s = daemon->Init(); !s.ok()) return s;
+  return daemon;
+}
+
+Daemon::Daemon(const BrokerConfig& config) : config_(config) {}
+
+Daemon::~Daemon() {
+  // Tear down in dependency order while the loop still exists.
+  listener_.reset();
+  handoff_server_.reset();
+  manager_.reset();
+  registry_ = WorkerRegistry();
+  supervisor_.reset();
+  dispatcher_.reset();
+  signal_watch_.reset();
+}
+
+absl::Status Daemon::Init() {
+  absl::StatusOr<std::unique_ptr<EventLoop>> loop = EventLoop::Create();
+  if (!loop.ok()) return loop.status();
+  loop_ = *std::move(loop);
+
+  // SIGTERM/SIGINT arrive through a signalfd (main() blocked them in every
+  // thread), so handling them is ordinary loop work.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  signal_fd_.Reset(::signalfd(-1, &signals, SFD_NONBLOCK | SFD_CLOEXEC));
+  if (!signal_fd_) return absl::ErrnoToStatus(errno, "signalfd");
+  absl::StatusOr<std::unique_ptr<IoWatch>> watch =
+      loop_->Watch(signal_fd_.get(), EPOLLIN, [this](uint32_t) { OnSignal(); });
+  if (!watch.ok()) return watch.status();
+  signal_watch_ = *std::move(watch);
+
+  wire::SysCalls& sys = wire::SysCalls::Real();
+  absl::StatusOr<std::unique_ptr<BalancingPolicy>> policy =
+      CreateBalancingPolicy(config_.policy);
+  if (!policy.ok()) return policy.status();
+  policy_ = *std::move(policy);
+
+  ConnectionDispatcher::Options dispatch_options;
+  dispatch_options.max_pending = config_.max_pending;
+  dispatch_options.pending_timeout = config_.pending_timeout;
+  dispatcher_ = std::make_unique<ConnectionDispatcher>(
+      *loop_, registry_, *policy_, dispatch_options);
+
+  supervisor_ = std::make_unique<Supervisor>(
+      *loop_, Supervisor::Options{config_.worker_argv, config_.socket_path},
+      [this](pid_t pid, int status) { manager_->OnChildExited(pid, status); });
+
+  WorkerManager::Options manager_options;
+  manager_options.target_workers = config_.workers;
+  manager_options.max_workers = config_.max_workers;
+  manager_options.drain_timeout = config_.drain_timeout;
+  manager_options.heartbeat_interval = config_.heartbeat_interval;
+  manager_options.heartbeat_timeout = config_.heartbeat_timeout;
+  manager_options.start_timeout = config_.worker_start_timeout;
+  manager_ = std::make_unique<WorkerManager>(
+      *loop_, registry_, *dispatcher_, *supervisor_, sys, manager_options);
+
+  absl::StatusOr<std::unique_ptr<HandoffServer>> server = HandoffServer::Create(
+      *loop_, config_.socket_path, HandoffServer::Options{}, sys,
+      [this](wire::UniqueFd socket, const ucred& peer) {
+        manager_->OnNewPeer(std::move(socket), peer);
+      });
+  if (!server.ok()) return server.status();
+  handoff_server_ = *std::move(server);
+
+  absl::StatusOr<std::unique_ptr<Listener>> listener =
+      Listener::Create(*loop_, config_.listen, Listener::Options{}, sys,
+                       [this](AcceptedConnection conn) {
+                         dispatcher_->Dispatch(std::move(conn));
+                       });
+  if (!listener.ok()) return listener.status();
+  listener_ = *std::move(listener);
+  return absl::OkStatus();
+}
+
+absl::Status Daemon::WriteReadyFile() const {
+  if (config_.ready_file.empty()) return absl::OkStatus();
+  const std::string tmp = absl::StrCat(config_.ready_file, ".tmp");
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << "listen=" << listener_->address().ToString() << "\n"
+        << "socket=" << handoff_server_->path() << "\n"
+        << "pid=" << ::getpid() << "\n";
+    if (!out.good()) return absl::InternalError("cannot write " + tmp);
+  }
+  // rename() is atomic: a reader sees the whole file or none of it.
+  if (std::rename(tmp.c_str(), config_.ready_file.c_str()) != 0) {
+    return absl::ErrnoToStatus(errno, "rename " + tmp);
+  }
+  return absl::OkStatus();
+}
+
+int Daemon::Run() {
+  manager_->Start();
+  spdlog::info(
+      "fdbroker listening on {}, hand-off socket {}, {} worker(s), "
+      "policy {}",
+      listener_->address().ToString(), handoff_server_->path(), config_.workers,
+      std::string(policy_->name()));
+  if (absl::Status s = WriteReadyFile(); !s.ok()) {
+    spdlog::error("--ready_file: {}", s.ToString());
+    return 1;
+  }
+  loop_->Run();
+  const ConnectionDispatcher::Stats& stats = dispatcher_->stats();
+  spdlog::info(
+      "fdbroker stopped: {} accepted, {} handed off, {} re-placed, "
+      "{} rejected (overload), {} closed at shutdown",
+      listener_ ? listener_->stats().accepted : 0, stats.handed_off,
+      stats.replaced, stats.rejected_overload,
+      stats.rejected_shutdown + dispatcher_->pending());
+  return 0;
+}
+
+void Daemon::OnSignal() {
+  signalfd_siginfo info;
+  while (::read(signal_fd_.get(), &info, sizeof(info)) == sizeof(info)) {
+    if (!shutting_down_) {
+      spdlog::info(
+          "received SIG{}: draining (deadline {}); send it again to "
+          "stop at once",
+          sigabbrev_np(static_cast<int>(info.ssi_signo)),
+          absl::FormatDuration(config_.drain_timeout));
+      BeginShutdown();
+    } else {
+      spdlog::warn("second signal: stopping now");
+      supervisor_->SignalAll(SIGKILL);
+      loop_->Stop();
+    }
+  }
+}
+
+void Daemon::BeginShutdown() {
+  shutting_down_ = true;
+  // Closing the listener refuses new clients at once rather than letting
+  // them wait in a backlog nobody will serve.
+  listener_.reset();
+  // Give queued connections to workers before they are told to drain; the
+  // channel's order guarantees each Connection arrives before the Drain.
+  dispatcher_->PlacePending();
+  dispatcher_->CloseAllPending();
+  manager_->DrainAll(config_.drain_timeout, [this] {
+    dispatcher_->CloseAllPending();
+    loop_->Stop();
+  });
+}
+
+}  // namespace fdbroker

@@ -1,0 +1,56 @@
+#ifndef FDBROKER_BROKER_DAEMON_H_
+#define FDBROKER_BROKER_DAEMON_H_
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "broker/balancing_policy.h"
+#include "broker/config.h"
+#include "broker/connection_dispatcher.h"
+#include "broker/event_loop.h"
+#include "broker/handoff_server.h"
+#include "broker/listener.h"
+#include "broker/supervisor.h"
+#include "broker/worker_manager.h"
+#include "broker/worker_registry.h"
+#include "wire/unique_fd.h"
+
+namespace fdbroker {
+
+// The composition root: builds the parts, wires their callbacks, runs the
+// event loop and sequences shutdown. It holds no data-plane logic itself.
+class Daemon {
+ public:
+  // Binds every socket; an error here is a start-up failure.
+  static absl::StatusOr<std::unique_ptr<Daemon>> Create(
+      const BrokerConfig& config);
+  ~Daemon();
+
+  // Runs until shut down; returns the process exit code.
+  int Run();
+
+ private:
+  explicit Daemon(const BrokerConfig& config);
+  absl::Status Init();
+  absl::Status WriteReadyFile() const;
+  void OnSignal();
+  void BeginShutdown();
+
+  const BrokerConfig config_;
+  // Declared first, destroyed last: everything below registers with it.
+  std::unique_ptr<EventLoop> loop_;
+  wire::UniqueFd signal_fd_;
+  std::unique_ptr<IoWatch> signal_watch_;
+  WorkerRegistry registry_;
+  std::unique_ptr<BalancingPolicy> policy_;
+  std::unique_ptr<ConnectionDispatcher> dispatcher_;
+  std::unique_ptr<Supervisor> supervisor_;
+  std::unique_ptr<WorkerManager> manager_;
+  std::unique_ptr<HandoffServer> handoff_server_;
+  std::unique_ptr<Listener> listener_;
+  bool shutting_down_ = false;
+};
+
+}  // namespace fdbroker
+
+#endif  // FDBROKER_BROKER_DAEMON_H_

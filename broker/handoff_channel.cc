@@ -1,0 +1,137 @@
+#include "broker/handoff_channel.h"
+
+#include <sys/epoll.h>
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "spdlog/spdlog.h"
+
+namespace fdbroker {
+namespace {
+
+// Most messages handled per wake-up, so that one chatty worker cannot starve
+// the listener and the other channels.
+constexpr int kMaxMessagesPerWake = 256;
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<HandoffChannel>> HandoffChannel::Create(
+    EventLoop& loop, wire::UniqueFd socket, const ucred& peer,
+    wire::SysCalls& sys, Delegate& delegate) {
+  std::unique_ptr<HandoffChannel> channel(
+      new HandoffChannel(loop, std::move(socket), peer, sys, delegate));
+  absl::Status status = channel->Init();
+  if (!status.ok()) return status;
+  return channel;
+}
+
+HandoffChannel::HandoffChannel(EventLoop& loop, wire::UniqueFd socket,
+                               const ucred& peer, wire::SysCalls& sys,
+                               Delegate& delegate)
+    : loop_(loop),
+      channel_(std::move(socket), sys),
+      peer_(peer),
+      delegate_(delegate),
+      last_received_nanos_(loop.NowNanos()),
+      last_sent_nanos_(loop.NowNanos()) {}
+
+HandoffChannel::~HandoffChannel() = default;
+
+absl::Status HandoffChannel::Init() {
+  absl::StatusOr<std::unique_ptr<IoWatch>> watch = loop_.Watch(
+      channel_.fd(), EPOLLIN, [this](uint32_t events) { OnEvents(events); });
+  if (!watch.ok()) return watch.status();
+  watch_ = *std::move(watch);
+  return absl::OkStatus();
+}
+
+void HandoffChannel::Close(const absl::Status& reason) {
+  if (closed_) return;
+  closed_ = true;
+  watch_.reset();
+  queue_.clear();
+  std::weak_ptr<bool> alive = alive_;
+  loop_.RunSoon([this, alive, reason] {
+    if (alive.lock()) delegate_.OnChannelClosed(*this, reason);
+  });
+}
+
+absl::StatusOr<wire::SendResult> HandoffChannel::SendConnection(
+    v1::HandoffMessage& message, int client_fd) {
+  if (closed_) return absl::UnavailableError("channel closed");
+  if (!queue_.empty()) return wire::SendResult::kWouldBlock;
+  absl::StatusOr<wire::SendResult> result = channel_.Send(message, client_fd);
+  if (result.ok()) {
+    if (*result == wire::SendResult::kSent) {
+      last_sent_nanos_ = loop_.NowNanos();
+    } else {
+      blocked_ = true;
+      UpdateWatch();
+    }
+  }
+  return result;
+}
+
+void HandoffChannel::SendControl(v1::HandoffMessage message) {
+  if (closed_) return;
+  queue_.push_back(std::move(message));
+  FlushQueue();
+}
+
+void HandoffChannel::FlushQueue() {
+  while (!queue_.empty() && !closed_) {
+    absl::StatusOr<wire::SendResult> result = channel_.Send(queue_.front());
+    if (!result.ok()) {
+      Close(absl::UnavailableError(
+          absl::StrCat("send failed: ", result.status().message())));
+      return;
+    }
+    if (*result == wire::SendResult::kWouldBlock) break;
+    last_sent_nanos_ = loop_.NowNanos();
+    queue_.pop_front();
+  }
+  if (!closed_) UpdateWatch();
+}
+
+void HandoffChannel::UpdateWatch() {
+  watch_->SetEvents(queue_.empty() && !blocked_ ? EPOLLIN
+                                                : (EPOLLIN | EPOLLOUT));
+}
+
+void HandoffChannel::OnEvents(uint32_t events) {
+  if (events & EPOLLOUT) {
+    const bool was_blocked = blocked_;
+    blocked_ = false;
+    FlushQueue();
+    if (closed_) return;
+    if (was_blocked && queue_.empty()) delegate_.OnWritable(*this);
+  }
+  if (closed_) return;
+  if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) ReadMessages();
+}
+
+void HandoffChannel::ReadMessages() {
+  for (int i = 0; i < kMaxMessagesPerWake && !closed_; ++i) {
+    wire::UniqueFd fd;
+    absl::StatusOr<wire::ReceiveResult> result =
+        channel_.Receive(incoming_, fd);
+    if (!result.ok()) {
+      Close(result.status());
+      return;
+    }
+    switch (*result) {
+      case wire::ReceiveResult::kWouldBlock:
+        return;
+      case wire::ReceiveResult::kPeerClosed:
+        Close(absl::UnavailableError("peer closed the channel"));
+        return;
+      case wire::ReceiveResult::kReceived:
+        last_received_nanos_ = loop_.NowNanos();
+        delegate_.OnMessage(*this, incoming_, std::move(fd));
+        break;
+    }
+  }
+}
+
+}  // namespace fdbroker

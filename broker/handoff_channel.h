@@ -1,0 +1,98 @@
+#ifndef FDBROKER_BROKER_HANDOFF_CHANNEL_H_
+#define FDBROKER_BROKER_HANDOFF_CHANNEL_H_
+
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "broker/event_loop.h"
+#include "fdbroker/v1/handoff.pb.h"
+#include "wire/message_channel.h"
+#include "wire/sys_calls.h"
+#include "wire/unique_fd.h"
+
+namespace fdbroker {
+
+// The broker's end of one worker's SOCK_SEQPACKET channel. Loop thread only.
+//
+// Connection messages are sent directly and never queued: if the worker's
+// socket buffer is full the send reports kWouldBlock and the caller places
+// the connection elsewhere (a worker that stops reading is bypassed, not
+// waited on). Control messages (Welcome, Drain, Heartbeat, ...) are queued
+// when the socket is full and flushed in order when it drains; while any are
+// queued, Connection sends report kWouldBlock so order is preserved.
+class HandoffChannel {
+ public:
+  class Delegate {
+   public:
+    virtual ~Delegate() = default;
+    // A valid message arrived; `fd` is set for Connection/Release bodies.
+    virtual void OnMessage(HandoffChannel& channel, v1::HandoffMessage& message,
+                           wire::UniqueFd fd) = 0;
+    // The channel is unusable (peer closed, protocol violation, I/O error).
+    // Called once, never re-entrantly: from the loop after the turn in which
+    // the channel closed (so a delegate that is sending on the channel never
+    // sees its own state change under it). The channel has stopped watching
+    // its socket; the delegate may destroy it inside this callback.
+    virtual void OnChannelClosed(HandoffChannel& channel,
+                                 const absl::Status& reason) = 0;
+    // A channel that reported kWouldBlock for a Connection can take more.
+    virtual void OnWritable(HandoffChannel& channel) = 0;
+  };
+
+  static absl::StatusOr<std::unique_ptr<HandoffChannel>> Create(
+      EventLoop& loop, wire::UniqueFd socket, const ucred& peer,
+      wire::SysCalls& sys, Delegate& delegate);
+  ~HandoffChannel();
+
+  // Sends a Connection body with the client fd (the broker keeps its copy).
+  absl::StatusOr<wire::SendResult> SendConnection(v1::HandoffMessage& message,
+                                                  int client_fd);
+  // Sends or queues a control message; a send error closes the channel
+  // (reported through the delegate, possibly later in the same turn).
+  void SendControl(v1::HandoffMessage message);
+
+  // Closes the channel with `reason` (logged and reported to the delegate).
+  void Close(const absl::Status& reason);
+
+  bool closed() const { return closed_; }
+  bool congested() const { return blocked_ || !queue_.empty(); }
+  const ucred& peer() const { return peer_; }
+  int64_t last_received_nanos() const { return last_received_nanos_; }
+  int64_t last_sent_nanos() const { return last_sent_nanos_; }
+
+  // Set by the owner once the peer is registered (0 before Welcome).
+  uint64_t worker_id = 0;
+
+ private:
+  HandoffChannel(EventLoop& loop, wire::UniqueFd socket, const ucred& peer,
+                 wire::SysCalls& sys, Delegate& delegate);
+  absl::Status Init();
+  void OnEvents(uint32_t events);
+  void ReadMessages();
+  void FlushQueue();
+  void UpdateWatch();
+
+  EventLoop& loop_;
+  wire::MessageChannel channel_;
+  const ucred peer_;
+  Delegate& delegate_;
+  std::unique_ptr<IoWatch> watch_;
+  std::deque<v1::HandoffMessage> queue_;
+  v1::HandoffMessage incoming_;  // Reused: parsing does not allocate anew.
+  bool closed_ = false;
+  bool blocked_ = false;  // A Connection send hit a full socket buffer.
+  // Lets a deferred OnChannelClosed notice that the channel was destroyed.
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+  int64_t last_received_nanos_;
+  int64_t last_sent_nanos_;
+};
+
+}  // namespace fdbroker
+
+#endif  // FDBROKER_BROKER_HANDOFF_CHANNEL_H_

@@ -1,0 +1,66 @@
+#ifndef FDBROKER_BROKER_HANDOFF_SERVER_H_
+#define FDBROKER_BROKER_HANDOFF_SERVER_H_
+
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "broker/event_loop.h"
+#include "wire/sys_calls.h"
+#include "wire/unique_fd.h"
+
+namespace fdbroker {
+
+// The hand-off socket workers connect to: a SOCK_SEQPACKET Unix socket at
+// --socket, created 0600. Loop thread only. Peers whose uid (SO_PEERCRED) is
+// not allowed get a Refusal and are closed here; allowed peers are handed
+// to the callback, which owns the socket from then on.
+class HandoffServer {
+ public:
+  using NewPeerCallback =
+      absl::AnyInvocable<void(wire::UniqueFd socket, const ucred& peer)>;
+  struct Options {
+    // Uids allowed to register; empty means only the broker's own uid.
+    std::vector<uid_t> allowed_uids;
+    absl::Duration exhaustion_pause = absl::Milliseconds(100);
+  };
+
+  // Binds `path`. A stale socket file (nobody listening) is replaced; a live
+  // one means another broker runs there, which is an error.
+  static absl::StatusOr<std::unique_ptr<HandoffServer>> Create(
+      EventLoop& loop, const std::string& path, const Options& options,
+      wire::SysCalls& sys, NewPeerCallback on_peer);
+  // Removes the socket file.
+  ~HandoffServer();
+
+  const std::string& path() const { return path_; }
+  uint64_t refused_credentials() const { return refused_credentials_; }
+
+ private:
+  HandoffServer(EventLoop& loop, std::string path, wire::UniqueFd socket,
+                const Options& options, wire::SysCalls& sys,
+                NewPeerCallback on_peer);
+  absl::Status Init();
+  void OnReadable();
+  bool Allowed(uid_t uid) const;
+
+  EventLoop& loop_;
+  const std::string path_;
+  wire::UniqueFd socket_;
+  const Options options_;
+  wire::SysCalls& sys_;
+  NewPeerCallback on_peer_;
+  std::unique_ptr<IoWatch> watch_;
+  EventLoop::TimerId resume_timer_ = 0;
+  uint64_t refused_credentials_ = 0;
+};
+
+}  // namespace fdbroker
+
+#endif  // FDBROKER_BROKER_HANDOFF_SERVER_H_

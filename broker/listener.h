@@ -1,0 +1,83 @@
+#ifndef FDBROKER_BROKER_LISTENER_H_
+#define FDBROKER_BROKER_LISTENER_H_
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "broker/event_loop.h"
+#include "broker/socket_address.h"
+#include "wire/sys_calls.h"
+#include "wire/unique_fd.h"
+
+namespace fdbroker {
+
+// A client connection the broker has accepted and not yet handed off.
+struct AcceptedConnection {
+  wire::UniqueFd fd;
+  SocketAddress peer;
+  SocketAddress local;
+  int64_t accept_unix_nanos = 0;
+  int64_t accept_mono_nanos = 0;
+};
+
+// The TCP listening socket. Loop thread only. Accepts in batches while the
+// socket is readable; on fd exhaustion (EMFILE/ENFILE/ENOBUFS/ENOMEM) it
+// stops watching the socket for `exhaustion_pause` instead of spinning, and
+// the connection stays in the kernel backlog.
+class Listener {
+ public:
+  using AcceptCallback = absl::AnyInvocable<void(AcceptedConnection)>;
+  struct Options {
+    int backlog = 4096;
+    absl::Duration exhaustion_pause = absl::Milliseconds(100);
+    // Most accepts per wake-up, so one busy listener cannot starve the
+    // hand-off channels of the same loop.
+    int max_accepts_per_wake = 64;
+  };
+  struct Stats {
+    uint64_t accepted = 0;
+    uint64_t exhaustion_pauses = 0;
+  };
+
+  // Binds and listens on `address` (port 0 picks a free port; see address()).
+  static absl::StatusOr<std::unique_ptr<Listener>> Create(
+      EventLoop& loop, const SocketAddress& address, const Options& options,
+      wire::SysCalls& sys, AcceptCallback on_accept);
+  ~Listener();
+
+  // The address actually bound.
+  const SocketAddress& address() const { return address_; }
+
+  // Stops taking connections; the socket stays bound, so clients queue in the
+  // backlog instead of being refused. Resume() takes them again.
+  void Pause();
+  void Resume();
+  bool accepting() const { return accepting_; }
+  const Stats& stats() const { return stats_; }
+
+ private:
+  Listener(EventLoop& loop, wire::UniqueFd socket, SocketAddress address,
+           const Options& options, wire::SysCalls& sys,
+           AcceptCallback on_accept);
+  absl::Status Init();
+  void OnReadable();
+  void UpdateWatch();
+
+  EventLoop& loop_;
+  wire::UniqueFd socket_;
+  SocketAddress address_;
+  const Options options_;
+  wire::SysCalls& sys_;
+  AcceptCallback on_accept_;
+  std::unique_ptr<IoWatch> watch_;
+  bool accepting_ = true;
+  EventLoop::TimerId resume_timer_ = 0;  // Non-zero while exhausted.
+  Stats stats_;
+};
+
+}  // namespace fdbroker
+
+#endif  // FDBROKER_BROKER_LISTENER_H_

@@ -1,0 +1,51 @@
+// fdbroker: accepts TCP connections and hands each one to a worker process.
+#include <limits.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <string>
+
+#include "broker/config.h"
+#include "broker/daemon.h"
+#include "spdlog/spdlog.h"
+
+namespace {
+
+std::string SelfDirectory() {
+  char path[PATH_MAX];
+  ssize_t n = ::readlink("/proc/self/exe", path, sizeof(path) - 1);
+  if (n <= 0) return ".";
+  std::string self(path, static_cast<size_t>(n));
+  return self.substr(0, self.rfind('/'));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  fdbroker::ParseFlagsOrExit(argc, argv);
+  absl::StatusOr<fdbroker::BrokerConfig> config =
+      fdbroker::ConfigFromFlags(SelfDirectory());
+  if (!config.ok()) {
+    std::fprintf(stderr, "fdbroker: %s\n",
+                 std::string(config.status().message()).c_str());
+    return 2;
+  }
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ fdbroker[%P] %v");
+  // Signals are taken from a signalfd by the event loop; block them before
+  // any thread exists so that every thread inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  ::pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+
+  absl::StatusOr<std::unique_ptr<fdbroker::Daemon>> daemon =
+      fdbroker::Daemon::Create(*config);
+  if (!daemon.ok()) {
+    spdlog::critical("cannot start: {}", daemon.status().ToString());
+    return 1;
+  }
+  return (*daemon)->Run();
+}

@@ -1,0 +1,72 @@
+#ifndef FDBROKER_BROKER_SUPERVISOR_H_
+#define FDBROKER_BROKER_SUPERVISOR_H_
+
+#include <sys/types.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "broker/event_loop.h"
+#include "wire/unique_fd.h"
+
+namespace fdbroker {
+
+// Splits a --worker_cmd command line into argv: whitespace separates words,
+// single and double quotes group them, backslash escapes one character. No
+// variables, globs or other shell features.
+absl::StatusOr<std::vector<std::string>> SplitCommandLine(
+    absl::string_view command);
+
+// Starts worker processes and reports when they exit. Mechanism only: when
+// to start or restart is the WorkerManager's business. Loop thread only.
+//
+// Children are started with posix_spawn: their own process group (a Ctrl-C
+// at the broker's terminal reaches only the broker, which then drains them),
+// default signal dispositions and mask, stdin from /dev/null, every fd above
+// 2 closed (nothing leaks even if some fd lacked CLOEXEC), and
+// FDBROKER_SOCKET set. Exits are observed through a pidfd per child and
+// reaped at once, so no zombie outlives its exit event.
+class Supervisor {
+ public:
+  // Called with the pid and the raw wait status.
+  using ExitCallback = absl::AnyInvocable<void(pid_t pid, int wait_status)>;
+  struct Options {
+    std::vector<std::string> argv;
+    std::string socket_path;
+  };
+
+  Supervisor(EventLoop& loop, Options options, ExitCallback on_exit);
+  ~Supervisor();
+
+  absl::StatusOr<pid_t> Spawn();
+  // Sends `signal` to a running child; unknown pids are ignored.
+  void Signal(pid_t pid, int signal);
+  void SignalAll(int signal);
+  size_t running() const { return children_.size(); }
+  const std::vector<std::string>& argv() const { return options_.argv; }
+
+ private:
+  struct Child {
+    wire::UniqueFd pidfd;
+    std::unique_ptr<IoWatch> watch;
+  };
+  void OnPidfdReadable(pid_t pid);
+
+  EventLoop& loop_;
+  const Options options_;
+  ExitCallback on_exit_;
+  std::string resolved_program_;
+  std::map<pid_t, Child> children_;
+};
+
+// "exit code 3", "killed by signal 9 (SIGKILL)".
+std::string DescribeWaitStatus(int wait_status);
+
+}  // namespace fdbroker
+
+#endif  // FDBROKER_BROKER_SUPERVISOR_H_

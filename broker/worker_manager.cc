@@ -1,0 +1,461 @@
+#include "broker/worker_manager.h"
+
+#include <signal.h>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <string>
+#include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "spdlog/spdlog.h"
+#include "wire/message_channel.h"
+
+namespace fdbroker {
+namespace {
+
+int64_t UnixNanos() { return absl::ToUnixNanos(absl::Now()); }
+
+// The parent of `pid` from /proc, or 0.
+pid_t ParentPid(pid_t pid) {
+  std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
+  std::string line;
+  if (!std::getline(stat, line)) return 0;
+  // "pid (comm) state ppid ...": comm may contain spaces and parentheses.
+  const size_t close = line.rfind(')');
+  if (close == std::string::npos) return 0;
+  std::vector<absl::string_view> fields = absl::StrSplit(
+      absl::string_view(line).substr(close + 1), ' ', absl::SkipEmpty());
+  int ppid = 0;
+  if (fields.size() < 2 || !absl::SimpleAtoi(fields[1], &ppid)) return 0;
+  return ppid;
+}
+
+}  // namespace
+
+WorkerManager::WorkerManager(EventLoop& loop, WorkerRegistry& registry,
+                             ConnectionDispatcher& dispatcher,
+                             Supervisor& supervisor, wire::SysCalls& sys,
+                             const Options& options)
+    : loop_(loop),
+      registry_(registry),
+      dispatcher_(dispatcher),
+      supervisor_(supervisor),
+      sys_(sys),
+      options_(options) {}
+
+WorkerManager::~WorkerManager() {
+  if (restart_timer_ != 0) loop_.Cancel(restart_timer_);
+  if (tick_timer_ != 0) loop_.Cancel(tick_timer_);
+}
+
+void WorkerManager::Start() {
+  Reconcile();
+  Tick();
+}
+
+// ---- Registration -------------------------------------------------------
+
+void WorkerManager::OnNewPeer(wire::UniqueFd socket, const ucred& peer) {
+  absl::StatusOr<std::unique_ptr<HandoffChannel>> channel =
+      HandoffChannel::Create(loop_, std::move(socket), peer, sys_, *this);
+  if (!channel.ok()) {
+    spdlog::error("cannot watch worker channel: {}",
+                  channel.status().ToString());
+    return;
+  }
+  HandoffChannel* key = channel->get();
+  unregistered_.emplace(key, *std::move(channel));
+}
+
+void WorkerManager::Refuse(HandoffChannel& channel, v1::RefusalReason reason,
+                           absl::string_view message) {
+  ++stats_.refused;
+  spdlog::warn("refused worker pid {}: {}", channel.peer().pid,
+               std::string(message));
+  v1::HandoffMessage refusal;
+  refusal.mutable_refusal()->set_reason(reason);
+  refusal.mutable_refusal()->set_message(std::string(message));
+  channel.SendControl(std::move(refusal));
+  channel.Close(absl::PermissionDeniedError(message));
+}
+
+Worker* WorkerManager::FindStartingAncestor(pid_t pid) {
+  // A --worker_cmd may be a wrapper (a shell script, an interpreter launcher)
+  // whose child registers: walk a few generations up to the spawned pid.
+  for (int depth = 0; depth < 4 && pid > 1; ++depth) {
+    Worker* worker = registry_.FindByPid(pid);
+    if (worker != nullptr) {
+      return worker->supervised && worker->state == WorkerState::kStarting
+                 ? worker
+                 : nullptr;
+    }
+    pid = ParentPid(pid);
+  }
+  return nullptr;
+}
+
+void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
+  const ucred& peer = channel.peer();
+  if (hello.version().major() != wire::kProtocolMajor) {
+    Refuse(channel, v1::REFUSAL_REASON_VERSION,
+           absl::StrCat("protocol major version ", hello.version().major(),
+                        " is not supported (broker speaks ",
+                        wire::kProtocolMajor, ".", wire::kProtocolMinor, ")"));
+    return;
+  }
+  if (shutting_down_) {
+    Refuse(channel, v1::REFUSAL_REASON_SHUTTING_DOWN,
+           "the broker is shutting down");
+    return;
+  }
+  if (hello.pid() != 0 && hello.pid() != peer.pid) {
+    // In another pid namespace the numbers differ; SO_PEERCRED is the truth.
+    spdlog::debug("hello pid {} differs from SO_PEERCRED pid {}", hello.pid(),
+                  peer.pid);
+  }
+  Worker* worker = FindStartingAncestor(peer.pid);
+  if (worker == nullptr) {
+    size_t registered = 0;
+    for (const auto& [id, w] : registry_.workers()) {
+      registered += w->state != WorkerState::kExited;
+    }
+    if (registered >= static_cast<size_t>(options_.max_workers)) {
+      Refuse(channel, v1::REFUSAL_REASON_TOO_MANY_WORKERS,
+             absl::StrCat("the broker already has --max_workers=",
+                          options_.max_workers, " workers"));
+      return;
+    }
+    worker =
+        &registry_.Add(peer.pid, /*supervised=*/false, WorkerState::kStarting,
+                       absl::Now(), loop_.NowNanos());
+  }
+  worker->pid = worker->supervised ? worker->pid : peer.pid;
+  worker->capacity = hello.capacity();
+  worker->labels.clear();
+  for (const auto& [key, value] : hello.labels()) worker->labels[key] = value;
+  if (hello.owned_connections_size() > 0) {
+    // Re-registration after a broker restart: the worker keeps serving them.
+    for (const v1::OwnedConnection& owned : hello.owned_connections()) {
+      worker->owned.insert(owned.connection_id());
+    }
+  }
+  auto it = unregistered_.find(&channel);
+  worker->channel = std::move(it->second);
+  unregistered_.erase(it);
+  worker->channel->worker_id = worker->id;
+  worker->state = WorkerState::kReady;
+  ++stats_.registered;
+
+  v1::HandoffMessage welcome;
+  v1::Welcome* body = welcome.mutable_welcome();
+  body->mutable_version()->set_major(wire::kProtocolMajor);
+  body->mutable_version()->set_minor(wire::kProtocolMinor);
+  body->set_worker_id(worker->id);
+  body->set_heartbeat_interval_ms(static_cast<uint32_t>(
+      absl::ToInt64Milliseconds(options_.heartbeat_interval)));
+  body->set_heartbeat_timeout_ms(static_cast<uint32_t>(
+      absl::ToInt64Milliseconds(options_.heartbeat_timeout)));
+  worker->channel->SendControl(std::move(welcome));
+  spdlog::info("worker {} registered: pid {}, {}, capacity {}", worker->id,
+               peer.pid, worker->supervised ? "supervised" : "external",
+               worker->capacity == 0 ? std::string("unlimited")
+                                     : absl::StrCat(worker->capacity));
+  dispatcher_.PlacePending();
+}
+
+// ---- Messages -----------------------------------------------------------
+
+void WorkerManager::OnMessage(HandoffChannel& channel,
+                              v1::HandoffMessage& message, wire::UniqueFd fd) {
+  if (channel.worker_id == 0) {
+    if (message.body_case() != v1::HandoffMessage::kHello) {
+      ++stats_.protocol_errors;
+      channel.Close(absl::InvalidArgumentError(
+          absl::StrCat("expected hello, got ", wire::BodyName(message))));
+      return;
+    }
+    OnHello(channel, message.hello());
+    return;
+  }
+  Worker* worker = registry_.Find(channel.worker_id);
+  if (worker == nullptr) return;  // Removed earlier in this turn.
+  absl::Status status = OnWorkerMessage(*worker, message);
+  if (!status.ok()) {
+    ++stats_.protocol_errors;
+    channel.Close(status);
+  }
+}
+
+absl::Status WorkerManager::OnWorkerMessage(Worker& worker,
+                                            v1::HandoffMessage& message) {
+  switch (message.body_case()) {
+    case v1::HandoffMessage::kAck:
+      return dispatcher_.OnAck(worker, message.ack());
+    case v1::HandoffMessage::kReject:
+      return dispatcher_.OnReject(worker, message.reject());
+    case v1::HandoffMessage::kClosed:
+      return dispatcher_.OnClosed(worker, message.closed());
+    case v1::HandoffMessage::kHeartbeat:
+      return absl::OkStatus();
+    case v1::HandoffMessage::kGoodbye:
+      spdlog::info("worker {} said goodbye ({})", worker.id,
+                   message.goodbye().reason());
+      worker.retiring = true;
+      if (worker.state != WorkerState::kDraining) {
+        worker.state = WorkerState::kDraining;
+        worker.drain_deadline_mono_nanos =
+            loop_.NowNanos() + absl::ToInt64Nanoseconds(options_.drain_timeout);
+      }
+      // Goodbye promises the worker owns nothing; whatever it still sent
+      // is handled by the channel close that follows.
+      worker.channel->Close(absl::OkStatus());
+      return absl::OkStatus();
+    case v1::HandoffMessage::kRelease:
+      return absl::UnimplementedError(
+          "release is not supported by this broker version");
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "unexpected ", wire::BodyName(message), " from a worker"));
+  }
+}
+
+void WorkerManager::OnWritable(HandoffChannel& channel) {
+  dispatcher_.PlacePending();
+}
+
+void WorkerManager::OnChannelClosed(HandoffChannel& channel,
+                                    const absl::Status& reason) {
+  if (channel.worker_id == 0) {
+    if (!reason.ok() && !absl::IsPermissionDenied(reason)) {
+      spdlog::warn("unregistered peer pid {} dropped: {}", channel.peer().pid,
+                   reason.ToString());
+    }
+    unregistered_.erase(&channel);
+    return;
+  }
+  Worker* worker = registry_.Find(channel.worker_id);
+  if (worker == nullptr) return;
+  if (worker->retiring && (reason.ok() || absl::IsUnavailable(reason))) {
+    spdlog::info("worker {} (pid {}) disconnected", worker->id, worker->pid);
+  } else {
+    spdlog::warn("worker {} (pid {}) channel closed: {}", worker->id,
+                 worker->pid, reason.ToString());
+  }
+  dispatcher_.ReclaimUnacked(*worker);
+  worker->channel.reset();  // Safe: the channel invokes us from a fresh turn.
+  if (!worker->supervised) {
+    RemoveWorker(*worker);
+    return;
+  }
+  // A supervised worker without a channel drains itself (SDK contract) and
+  // exits; if it does not by the deadline, Tick() ends it.
+  if (worker->state != WorkerState::kDraining) {
+    worker->state = WorkerState::kDraining;
+    worker->drain_deadline_mono_nanos =
+        loop_.NowNanos() + absl::ToInt64Nanoseconds(options_.drain_timeout);
+  }
+  Reconcile();
+}
+
+void WorkerManager::RemoveWorker(Worker& worker) {
+  if (!worker.owned.empty() && !worker.retiring) {
+    stats_.lost_with_worker += worker.owned.size();
+  }
+  registry_.Remove(worker.id);
+  MaybeFinishShutdown();
+}
+
+// ---- Supervision --------------------------------------------------------
+
+void WorkerManager::OnChildExited(pid_t pid, int wait_status) {
+  Worker* worker = registry_.FindByPid(pid);
+  if (worker == nullptr) return;
+  const bool crashed = !worker->retiring;
+  const int64_t lived = loop_.NowNanos() - worker->started_mono_nanos;
+  if (crashed) {
+    ++stats_.crashes;
+    spdlog::warn("worker {} (pid {}) crashed: {}", worker->id, pid,
+                 DescribeWaitStatus(wait_status));
+    if (lived >= absl::ToInt64Nanoseconds(options_.stable_after)) {
+      crash_streak_ = 0;
+    }
+    ++crash_streak_;
+  } else {
+    spdlog::info("worker {} (pid {}) exited: {}", worker->id, pid,
+                 DescribeWaitStatus(wait_status));
+  }
+  if (worker->channel != nullptr) {
+    // The exit was noticed before the channel's EOF.
+    dispatcher_.ReclaimUnacked(*worker);
+    worker->channel.reset();
+  }
+  RemoveWorker(*worker);
+  Reconcile();
+}
+
+void WorkerManager::Reconcile() {
+  if (shutting_down_) return;
+  int serving = 0;
+  for (const auto& [id, worker] : registry_.workers()) {
+    serving += worker->supervised && !worker->retiring &&
+               worker->state != WorkerState::kDraining &&
+               worker->state != WorkerState::kExited;
+  }
+  if (serving >= options_.target_workers || restart_timer_ != 0) return;
+  absl::Duration delay = absl::ZeroDuration();
+  if (crash_streak_ > 0) {
+    delay = std::min(options_.restart_backoff_max,
+                     options_.restart_backoff_initial *
+                         std::pow(2.0, std::min(crash_streak_ - 1, 30)));
+  }
+  if (delay == absl::ZeroDuration()) {
+    for (int i = serving; i < options_.target_workers; ++i) SpawnOne();
+    return;
+  }
+  spdlog::info("restarting worker(s) in {}", absl::FormatDuration(delay));
+  restart_timer_ = loop_.RunAfter(delay, [this] {
+    restart_timer_ = 0;
+    int serving = 0;
+    for (const auto& [id, worker] : registry_.workers()) {
+      serving += worker->supervised && !worker->retiring &&
+                 worker->state != WorkerState::kDraining &&
+                 worker->state != WorkerState::kExited;
+    }
+    if (shutting_down_ || serving >= options_.target_workers) return;
+    ++stats_.restarts;
+    SpawnOne();
+    // One at a time while crashing; Reconcile schedules the rest.
+    Reconcile();
+  });
+}
+
+void WorkerManager::SpawnOne() {
+  absl::StatusOr<pid_t> pid = supervisor_.Spawn();
+  if (!pid.ok()) {
+    spdlog::error("cannot start worker: {}", pid.status().ToString());
+    ++crash_streak_;
+    Reconcile();
+    return;
+  }
+  Worker& worker =
+      registry_.Add(*pid, /*supervised=*/true, WorkerState::kStarting,
+                    absl::Now(), loop_.NowNanos());
+  spdlog::info("worker {} started: pid {}", worker.id, *pid);
+}
+
+// ---- Heartbeats, deadlines, draining -------------------------------------
+
+void WorkerManager::Tick() {
+  tick_timer_ = loop_.RunAfter(
+      std::min(options_.heartbeat_interval / 2, absl::Milliseconds(500)),
+      [this] { Tick(); });
+  const int64_t now = EventLoop::MonotonicNanos();
+  const int64_t interval =
+      absl::ToInt64Nanoseconds(options_.heartbeat_interval);
+  const int64_t timeout = absl::ToInt64Nanoseconds(options_.heartbeat_timeout);
+  for (auto& [channel, owned] : unregistered_) {
+    if (now - channel->last_received_nanos() > timeout && !channel->closed()) {
+      channel->Close(absl::DeadlineExceededError("no hello in time"));
+    }
+  }
+  for (const auto& [id, worker] : registry_.workers()) {
+    if (worker->state == WorkerState::kStarting && worker->supervised &&
+        now - worker->started_mono_nanos >
+            absl::ToInt64Nanoseconds(options_.start_timeout)) {
+      spdlog::warn("worker {} (pid {}) did not register within {}; killing it",
+                   id, worker->pid,
+                   absl::FormatDuration(options_.start_timeout));
+      supervisor_.Signal(worker->pid, SIGKILL);
+    }
+    if (worker->state == WorkerState::kDraining &&
+        worker->drain_deadline_mono_nanos != 0 &&
+        now > worker->drain_deadline_mono_nanos) {
+      worker->drain_deadline_mono_nanos = 0;
+      if (worker->supervised) {
+        spdlog::warn(
+            "worker {} (pid {}) still running at its drain deadline; "
+            "killing it",
+            id, worker->pid);
+        supervisor_.Signal(worker->pid, SIGKILL);
+      } else if (worker->channel != nullptr) {
+        worker->channel->Close(
+            absl::DeadlineExceededError("drain deadline passed"));
+      }
+    }
+    HandoffChannel* channel = worker->channel.get();
+    if (channel == nullptr || channel->closed()) continue;
+    if (now - channel->last_received_nanos() > timeout) {
+      ++stats_.heartbeat_timeouts;
+      channel->Close(absl::DeadlineExceededError(absl::StrCat(
+          "no message for ", absl::FormatDuration(options_.heartbeat_timeout),
+          "; declared dead")));
+      if (worker->supervised) supervisor_.Signal(worker->pid, SIGKILL);
+      continue;
+    }
+    if (now - channel->last_sent_nanos() >= interval) {
+      v1::HandoffMessage heartbeat;
+      heartbeat.mutable_heartbeat()->set_sent_unix_nanos(UnixNanos());
+      channel->SendControl(std::move(heartbeat));
+    }
+  }
+  if (shutting_down_ && now > shutdown_deadline_nanos_) {
+    // Reaping had its grace period; whatever is left is not waited for.
+    spdlog::warn("shutdown deadline passed with {} worker(s) left",
+                 registry_.size());
+    supervisor_.SignalAll(SIGKILL);
+    if (shutdown_done_) std::exchange(shutdown_done_, nullptr)();
+  }
+}
+
+void WorkerManager::DrainWorker(Worker& worker, absl::Duration timeout) {
+  worker.retiring = true;
+  worker.state = WorkerState::kDraining;
+  worker.drain_deadline_mono_nanos =
+      loop_.NowNanos() + absl::ToInt64Nanoseconds(timeout);
+  if (worker.channel == nullptr) {
+    // Not registered yet: nothing to drain.
+    if (worker.supervised) supervisor_.Signal(worker.pid, SIGTERM);
+    return;
+  }
+  v1::HandoffMessage drain;
+  drain.mutable_drain()->set_deadline_unix_nanos(
+      absl::ToUnixNanos(absl::Now() + timeout));
+  worker.channel->SendControl(std::move(drain));
+  spdlog::info("worker {} (pid {}) draining, deadline in {}", worker.id,
+               worker.pid, absl::FormatDuration(timeout));
+}
+
+void WorkerManager::DrainAll(absl::Duration timeout,
+                             absl::AnyInvocable<void()> done) {
+  shutting_down_ = true;
+  shutdown_done_ = std::move(done);
+  // Kill stragglers at the deadline, then give reaping a moment.
+  shutdown_deadline_nanos_ = loop_.NowNanos() +
+                             absl::ToInt64Nanoseconds(timeout) +
+                             absl::ToInt64Nanoseconds(absl::Seconds(2));
+  if (restart_timer_ != 0) {
+    loop_.Cancel(restart_timer_);
+    restart_timer_ = 0;
+  }
+  for (const auto& [id, worker] : registry_.workers()) {
+    if (!worker->retiring) DrainWorker(*worker, timeout);
+  }
+  MaybeFinishShutdown();
+}
+
+void WorkerManager::MaybeFinishShutdown() {
+  if (!shutting_down_ || !registry_.workers().empty()) return;
+  if (supervisor_.running() > 0) return;
+  if (shutdown_done_) {
+    // Run outside whatever callback removed the last worker.
+    loop_.RunSoon([this] {
+      if (shutdown_done_) std::exchange(shutdown_done_, nullptr)();
+    });
+  }
+}
+
+}  // namespace fdbroker

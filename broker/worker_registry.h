@@ -1,0 +1,87 @@
+#ifndef FDBROKER_BROKER_WORKER_REGISTRY_H_
+#define FDBROKER_BROKER_WORKER_REGISTRY_H_
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "broker/handoff_channel.h"
+
+namespace fdbroker {
+
+enum class WorkerState {
+  kStarting,  // Spawned (supervised) and not registered yet.
+  kReady,     // Registered; takes connections.
+  kDraining,  // Told to drain (or its channel is gone while it still runs).
+  kExited,    // Gone; kept only until its record is removed.
+};
+
+absl::string_view WorkerStateName(WorkerState state);
+
+// One worker process as the broker sees it. Loop thread only.
+struct Worker {
+  uint64_t id = 0;
+  pid_t pid = 0;
+  WorkerState state = WorkerState::kStarting;
+  bool supervised = false;
+  // Most connections (owned + unacked) the worker wants; 0 means no limit.
+  uint32_t capacity = 0;
+  std::map<std::string, std::string> labels;
+  absl::Time started_at;
+  int64_t started_mono_nanos = 0;
+  // Null before Hello and after the channel closed.
+  std::unique_ptr<HandoffChannel> channel;
+  // Connections sent and neither Acked nor Rejected yet. The broker still
+  // holds their fds (see ConnectionDispatcher).
+  int64_t unacked = 0;
+  // Acked and not yet Closed: the worker owns these sockets.
+  absl::flat_hash_set<uint64_t> owned;
+  uint64_t handed_total = 0;
+  // Set once the broker sent Drain (or the worker said Goodbye): its exit is
+  // expected, not a crash.
+  bool retiring = false;
+  int64_t drain_deadline_mono_nanos = 0;
+
+  int64_t active() const { return static_cast<int64_t>(owned.size()); }
+  // What balancing compares: every connection the worker has or will have.
+  int64_t load() const { return active() + unacked; }
+  bool HasRoom() const { return capacity == 0 || load() < capacity; }
+  // Can take a new connection right now.
+  bool Available() const {
+    return state == WorkerState::kReady && channel != nullptr &&
+           !channel->closed() && !channel->congested() && HasRoom();
+  }
+};
+
+// The table of workers, by id (ids increase, so iteration follows start
+// order). Loop thread only; the control plane reads it through posted tasks.
+class WorkerRegistry {
+ public:
+  using Map = std::map<uint64_t, std::unique_ptr<Worker>>;
+
+  // Adds a worker with a fresh id.
+  Worker& Add(pid_t pid, bool supervised, WorkerState state, absl::Time now,
+              int64_t now_mono_nanos);
+  Worker* Find(uint64_t id);
+  Worker* FindByPid(pid_t pid);
+  void Remove(uint64_t id);
+
+  const Map& workers() const { return workers_; }
+  size_t size() const { return workers_.size(); }
+  size_t CountInState(WorkerState state) const;
+  int64_t TotalActive() const;
+
+ private:
+  Map workers_;
+  uint64_t next_id_ = 1;
+};
+
+}  // namespace fdbroker
+
+#endif  // FDBROKER_BROKER_WORKER_REGISTRY_H_
