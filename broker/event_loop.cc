@@ -211,6 +211,7 @@ void EventLoop::Run() {
     graveyard_.clear();
   }
   running_ = false;
+  stop_requested_.store(false);  // Run() may be called again.
   RunPosted();
 }
 

@@ -1,0 +1,295 @@
+#include "broker/connection_dispatcher.h"
+
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <memory>
+#include <set>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "wire/message_channel.h"
+
+namespace fdbroker {
+namespace {
+
+// Real syscalls, except that sendmsg on chosen fds fails with a chosen errno:
+// the seam that lets a test make one worker's channel look full or broken.
+class FailingSysCalls : public wire::SysCalls {
+ public:
+  ssize_t SendMsg(int fd, const msghdr* msg, int flags) override {
+    auto it = send_errno_.find(fd);
+    if (it != send_errno_.end()) {
+      errno = it->second;
+      return -1;
+    }
+    return ::sendmsg(fd, msg, flags);
+  }
+  ssize_t RecvMsg(int fd, msghdr* msg, int flags) override {
+    return ::recvmsg(fd, msg, flags);
+  }
+  int Accept4(int fd, sockaddr* addr, socklen_t* len, int flags) override {
+    return ::accept4(fd, addr, len, flags);
+  }
+  std::map<int, int> send_errno_;
+};
+
+class NullDelegate : public HandoffChannel::Delegate {
+ public:
+  void OnMessage(HandoffChannel&, v1::HandoffMessage&, wire::UniqueFd) override {}
+  void OnChannelClosed(HandoffChannel&, const absl::Status&) override {
+    ++closed;
+  }
+  void OnWritable(HandoffChannel&) override {}
+  int closed = 0;
+};
+
+// The worker's end of a channel, driven by the test.
+struct FakeWorker {
+  Worker* worker;
+  std::unique_ptr<wire::MessageChannel> end;
+  int broker_fd;  // The broker's end, owned by the HandoffChannel.
+
+  // The next Connection the broker sent, with its fd.
+  bool ReceiveConnection(v1::Connection& connection, wire::UniqueFd& fd) {
+    v1::HandoffMessage message;
+    absl::StatusOr<wire::ReceiveResult> r = end->Receive(message, fd);
+    if (!r.ok() || *r != wire::ReceiveResult::kReceived) return false;
+    if (message.body_case() != v1::HandoffMessage::kConnection) return false;
+    connection = message.connection();
+    return true;
+  }
+};
+
+class DispatcherTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    loop_ = *EventLoop::Create();
+    dispatcher_ = std::make_unique<ConnectionDispatcher>(*loop_, registry_,
+                                                         policy_, options_);
+  }
+
+  FakeWorker AddWorker(uint32_t capacity = 0) {
+    int sv[2];
+    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv), 0);
+    Worker& worker = registry_.Add(1000 + registry_.size(), false,
+                                   WorkerState::kReady, absl::Now(), 0);
+    worker.capacity = capacity;
+    ucred cred{};
+    worker.channel = *HandoffChannel::Create(*loop_, wire::UniqueFd(sv[0]),
+                                             cred, sys_, delegate_);
+    worker.channel->worker_id = worker.id;
+    return FakeWorker{
+        &worker,
+        std::make_unique<wire::MessageChannel>(wire::UniqueFd(sv[1])), sv[0]};
+  }
+
+  // A connected TCP-like pair: the broker gets one end as the "client
+  // socket"; the test keeps the other to observe when every copy is closed.
+  AcceptedConnection NewClient(wire::UniqueFd& client_end) {
+    int sv[2];
+    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    client_end.Reset(sv[1]);
+    AcceptedConnection conn;
+    conn.fd.Reset(sv[0]);
+    conn.peer = *SocketAddress::Parse("127.0.0.1:5555");
+    conn.local = *SocketAddress::Parse("127.0.0.1:8080");
+    conn.accept_mono_nanos = EventLoop::MonotonicNanos();
+    return conn;
+  }
+
+  static v1::Ack AckOf(uint64_t id) {
+    v1::Ack ack;
+    ack.add_connection_ids(id);
+    return ack;
+  }
+
+  // True once every copy of the server side is closed (client sees EOF).
+  static bool PeerClosed(const wire::UniqueFd& client_end) {
+    char c;
+    return ::recv(client_end.get(), &c, 1, MSG_DONTWAIT) == 0;
+  }
+
+  FailingSysCalls sys_;
+  NullDelegate delegate_;
+  std::unique_ptr<EventLoop> loop_;
+  WorkerRegistry registry_;
+  LeastConnectionsPolicy policy_;
+  ConnectionDispatcher::Options options_;
+  std::unique_ptr<ConnectionDispatcher> dispatcher_;
+};
+
+TEST_F(DispatcherTest, BrokerKeepsTheFdUntilAckThenClosesIt) {
+  FakeWorker w = AddWorker();
+  wire::UniqueFd client;
+  dispatcher_->Dispatch(NewClient(client));
+  v1::Connection connection;
+  wire::UniqueFd received;
+  ASSERT_TRUE(w.ReceiveConnection(connection, received));
+  EXPECT_EQ(connection.peer_address(), "127.0.0.1:5555");
+  EXPECT_EQ(connection.local_address(), "127.0.0.1:8080");
+  EXPECT_EQ(dispatcher_->in_flight(), 1u);
+  EXPECT_EQ(w.worker->load(), 1);
+
+  // The worker's copy is the same socket: bytes written by the client
+  // arrive through it.
+  ASSERT_EQ(::write(client.get(), "hi", 2), 2);
+  char buf[2];
+  ASSERT_EQ(::read(received.get(), buf, 2), 2);
+
+  // Worker closes its copy before acking: the broker's copy keeps it open.
+  received.Reset();
+  EXPECT_FALSE(PeerClosed(client));
+  ASSERT_TRUE(dispatcher_->OnAck(*w.worker, AckOf(connection.connection_id())).ok());
+  EXPECT_EQ(dispatcher_->in_flight(), 0u);
+  EXPECT_TRUE(PeerClosed(client)) << "broker closed its copy on Ack";
+  EXPECT_EQ(w.worker->active(), 1);
+  EXPECT_EQ(dispatcher_->stats().handed_off, 1u);
+
+  v1::Closed closed;
+  closed.add_connection_ids(connection.connection_id());
+  ASSERT_TRUE(dispatcher_->OnClosed(*w.worker, closed).ok());
+  EXPECT_EQ(w.worker->load(), 0);
+}
+
+TEST_F(DispatcherTest, UnackedConnectionsOfALostWorkerGoToAnother) {
+  FakeWorker a = AddWorker();
+  FakeWorker b = AddWorker();
+  wire::UniqueFd c1, c2;
+  dispatcher_->Dispatch(NewClient(c1));
+  dispatcher_->Dispatch(NewClient(c2));
+  // least_conn spreads them: one each.
+  v1::Connection ca, cb;
+  wire::UniqueFd fa, fb;
+  ASSERT_TRUE(a.ReceiveConnection(ca, fa));
+  ASSERT_TRUE(b.ReceiveConnection(cb, fb));
+
+  // Worker a dies before acking: its copy is gone, its channel closes.
+  fa.Reset();
+  a.end.reset();
+  a.worker->channel->Close(absl::UnavailableError("peer closed"));
+  dispatcher_->ReclaimUnacked(*a.worker);
+  EXPECT_EQ(a.worker->load(), 0);
+  EXPECT_EQ(dispatcher_->stats().worker_lost, 1u);
+
+  v1::Connection again;
+  wire::UniqueFd f_again;
+  ASSERT_TRUE(b.ReceiveConnection(again, f_again));
+  EXPECT_EQ(again.connection_id(), ca.connection_id());
+  ASSERT_EQ(::write(c1.get(), "x", 1), 1);
+  char ch;
+  EXPECT_EQ(::read(f_again.get(), &ch, 1), 1) << "same client socket";
+  EXPECT_FALSE(PeerClosed(c1));
+}
+
+TEST_F(DispatcherTest, FullWorkerChannelIsBypassedNotWaitedOn) {
+  FakeWorker a = AddWorker();
+  FakeWorker b = AddWorker();
+  // Worker a stopped reading: its socket buffer is full.
+  sys_.send_errno_[a.broker_fd] = EAGAIN;
+  wire::UniqueFd c1, c2;
+  dispatcher_->Dispatch(NewClient(c1));
+  dispatcher_->Dispatch(NewClient(c2));
+  EXPECT_EQ(b.worker->load(), 2);
+  EXPECT_EQ(a.worker->load(), 0);
+  EXPECT_TRUE(a.worker->channel->congested());
+  EXPECT_FALSE(a.worker->Available());
+  EXPECT_GE(dispatcher_->stats().send_would_block, 1u);
+  v1::Connection connection;
+  wire::UniqueFd fd;
+  EXPECT_TRUE(b.ReceiveConnection(connection, fd));
+  EXPECT_TRUE(b.ReceiveConnection(connection, fd));
+}
+
+TEST_F(DispatcherTest, BrokenWorkerChannelIsClosedAndTheConnectionPlaced) {
+  FakeWorker a = AddWorker();
+  FakeWorker b = AddWorker();
+  sys_.send_errno_[a.broker_fd] = EPIPE;
+  sys_.send_errno_[b.broker_fd] = EPIPE;
+  wire::UniqueFd client;
+  dispatcher_->Dispatch(NewClient(client));
+  // Both failed: closed, and the connection waits for a worker.
+  EXPECT_TRUE(a.worker->channel->closed());
+  EXPECT_TRUE(b.worker->channel->closed());
+  EXPECT_EQ(dispatcher_->pending(), 1u);
+  EXPECT_EQ(dispatcher_->stats().send_errors, 2u);
+  FakeWorker c = AddWorker();
+  dispatcher_->PlacePending();
+  v1::Connection connection;
+  wire::UniqueFd fd;
+  EXPECT_TRUE(c.ReceiveConnection(connection, fd));
+  EXPECT_EQ(dispatcher_->pending(), 0u);
+}
+
+TEST_F(DispatcherTest, RejectedConnectionGoesToAnotherWorker) {
+  FakeWorker a = AddWorker();
+  FakeWorker b = AddWorker();
+  wire::UniqueFd client;
+  dispatcher_->Dispatch(NewClient(client));
+  v1::Connection first;
+  wire::UniqueFd fd;
+  FakeWorker* got = a.ReceiveConnection(first, fd) ? &a : nullptr;
+  FakeWorker* other = &b;
+  if (got == nullptr) {
+    ASSERT_TRUE(b.ReceiveConnection(first, fd));
+    got = &b;
+    other = &a;
+  }
+  fd.Reset();
+  v1::Reject reject;
+  reject.add_connection_ids(first.connection_id());
+  ASSERT_TRUE(dispatcher_->OnReject(*got->worker, reject).ok());
+  v1::Connection second;
+  ASSERT_TRUE(other->ReceiveConnection(second, fd));
+  EXPECT_EQ(second.connection_id(), first.connection_id());
+  EXPECT_EQ(got->worker->load(), 0);
+  EXPECT_EQ(other->worker->load(), 1);
+}
+
+TEST_F(DispatcherTest, AckOrClosedForAConnectionNotSentThereIsAnError) {
+  FakeWorker a = AddWorker();
+  FakeWorker b = AddWorker();
+  wire::UniqueFd client;
+  dispatcher_->Dispatch(NewClient(client));
+  v1::Connection connection;
+  wire::UniqueFd fd;
+  FakeWorker* got = a.ReceiveConnection(connection, fd) ? &a : &b;
+  FakeWorker* other = got == &a ? &b : &a;
+  EXPECT_FALSE(dispatcher_->OnAck(*other->worker,
+                                  AckOf(connection.connection_id())).ok());
+  EXPECT_FALSE(dispatcher_->OnAck(*got->worker, AckOf(424242)).ok());
+  v1::Closed closed;
+  closed.add_connection_ids(connection.connection_id());
+  EXPECT_FALSE(dispatcher_->OnClosed(*got->worker, closed).ok())
+      << "not acked yet, so not owned";
+}
+
+TEST_F(DispatcherTest, CapacityQueuesAndTheQueueIsBounded) {
+  options_.max_pending = 2;
+  dispatcher_ = std::make_unique<ConnectionDispatcher>(*loop_, registry_,
+                                                       policy_, options_);
+  FakeWorker a = AddWorker(/*capacity=*/1);
+  wire::UniqueFd c[4];
+  for (auto& client : c) dispatcher_->Dispatch(NewClient(client));
+  // One sent, two queued, one closed as overload.
+  EXPECT_EQ(dispatcher_->in_flight(), 1u);
+  EXPECT_EQ(dispatcher_->pending(), 2u);
+  EXPECT_EQ(dispatcher_->stats().rejected_overload, 1u);
+  EXPECT_TRUE(PeerClosed(c[3]));
+
+  v1::Connection connection;
+  wire::UniqueFd fd;
+  ASSERT_TRUE(a.ReceiveConnection(connection, fd));
+  ASSERT_TRUE(dispatcher_->OnAck(*a.worker, AckOf(connection.connection_id())).ok());
+  EXPECT_EQ(dispatcher_->pending(), 2u) << "still at capacity";
+  v1::Closed closed;
+  closed.add_connection_ids(connection.connection_id());
+  ASSERT_TRUE(dispatcher_->OnClosed(*a.worker, closed).ok());
+  EXPECT_EQ(dispatcher_->pending(), 1u) << "room again: next one placed";
+  ASSERT_TRUE(a.ReceiveConnection(connection, fd));
+}
+
+}  // namespace
+}  // namespace fdbroker

@@ -1,0 +1,140 @@
+#include "broker/supervisor.h"
+
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "gtest/gtest.h"
+
+namespace fdbroker {
+namespace {
+
+TEST(SplitCommandLineTest, SplitsWordsAndHonoursQuotes) {
+  EXPECT_EQ(*SplitCommandLine("python3  worker.py --port=1"),
+            (std::vector<std::string>{"python3", "worker.py", "--port=1"}));
+  EXPECT_EQ(*SplitCommandLine(R"(sh -c 'echo "a b"' "x y" z\ w)"),
+            (std::vector<std::string>{"sh", "-c", "echo \"a b\"", "x y",
+                                      "z w"}));
+  EXPECT_EQ(*SplitCommandLine("a ''"), (std::vector<std::string>{"a", ""}));
+}
+
+TEST(SplitCommandLineTest, RejectsBadInput) {
+  EXPECT_FALSE(SplitCommandLine("").ok());
+  EXPECT_FALSE(SplitCommandLine("   ").ok());
+  EXPECT_FALSE(SplitCommandLine("sh -c 'oops").ok());
+  EXPECT_FALSE(SplitCommandLine("trailing\\").ok());
+}
+
+std::string Slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::vector<std::string> ListDir(const std::string& path) {
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(path)) {
+    names.push_back(entry.path().filename().string());
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+TEST(SupervisorTest, ChildGetsOnlyStdioTheSocketEnvAndItsOwnGroup) {
+  auto loop = *EventLoop::Create();
+  // A descriptor without CLOEXEC: a careless fork/exec would leak it.
+  int leaky = ::open("/dev/null", O_RDONLY);
+  ASSERT_GE(leaky, 3);
+  pid_t exited_pid = 0;
+  int exit_status = -1;
+  Supervisor supervisor(*loop,
+                        Supervisor::Options{{"/bin/sleep", "30"},
+                                            "/run/test.sock"},
+                        [&](pid_t pid, int status) {
+                          exited_pid = pid;
+                          exit_status = status;
+                          loop->Stop();
+                        });
+  absl::StatusOr<pid_t> pid = supervisor.Spawn();
+  ::close(leaky);
+  ASSERT_TRUE(pid.ok()) << pid.status();
+  EXPECT_EQ(supervisor.running(), 1u);
+  const std::string proc = "/proc/" + std::to_string(*pid);
+  // posix_spawn returns after exec, so /proc shows the new image already.
+  EXPECT_EQ(Slurp(proc + "/comm"), "sleep\n");
+  EXPECT_EQ(ListDir(proc + "/fd"), (std::vector<std::string>{"0", "1", "2"}));
+  const std::string environ = Slurp(proc + "/environ");
+  EXPECT_NE(environ.find(std::string("FDBROKER_SOCKET=/run/test.sock\0", 31)),
+            std::string::npos);
+  EXPECT_EQ(::getpgid(*pid), *pid) << "child leads its own process group";
+
+  supervisor.Signal(*pid, SIGTERM);
+  loop->RunAfter(absl::Seconds(20), [&] { loop->Stop(); });
+  loop->Run();
+  EXPECT_EQ(exited_pid, *pid);
+  EXPECT_EQ(DescribeWaitStatus(exit_status), "killed by signal 15 (SIGTERM)");
+  EXPECT_EQ(supervisor.running(), 0u);
+  // Reaped: no zombie left behind.
+  EXPECT_EQ(::waitpid(*pid, nullptr, WNOHANG), -1);
+}
+
+TEST(SupervisorTest, ExitCodeIsReported) {
+  auto loop = *EventLoop::Create();
+  int exit_status = -1;
+  Supervisor supervisor(
+      *loop, Supervisor::Options{{"/bin/sh", "-c", "exit 3"}, "/x"},
+      [&](pid_t, int status) {
+        exit_status = status;
+        loop->Stop();
+      });
+  ASSERT_TRUE(supervisor.Spawn().ok());
+  loop->RunAfter(absl::Seconds(20), [&] { loop->Stop(); });
+  loop->Run();
+  EXPECT_EQ(DescribeWaitStatus(exit_status), "exit code 3");
+}
+
+TEST(SupervisorTest, MissingProgramIsAClearError) {
+  auto loop = *EventLoop::Create();
+  Supervisor supervisor(*loop,
+                        Supervisor::Options{{"no-such-program-fdbroker"}, "/x"},
+                        [](pid_t, int) {});
+  absl::StatusOr<pid_t> pid = supervisor.Spawn();
+  ASSERT_FALSE(pid.ok());
+  EXPECT_NE(pid.status().message().find("no-such-program-fdbroker"),
+            absl::string_view::npos);
+}
+
+TEST(SupervisorTest, SignalKillsOnlyTheNamedChild) {
+  auto loop = *EventLoop::Create();
+  int exits = 0;
+  int last_status = 0;
+  Supervisor supervisor(*loop, Supervisor::Options{{"/bin/sleep", "30"}, "/x"},
+                        [&](pid_t, int status) {
+                          ++exits;
+                          last_status = status;
+                          loop->Stop();
+                        });
+  pid_t a = *supervisor.Spawn();
+  pid_t b = *supervisor.Spawn();
+  supervisor.Signal(a, SIGKILL);
+  loop->RunAfter(absl::Seconds(20), [&] { loop->Stop(); });
+  loop->Run();
+  EXPECT_EQ(exits, 1);
+  EXPECT_TRUE(WIFSIGNALED(last_status));
+  EXPECT_EQ(DescribeWaitStatus(last_status), "killed by signal 9 (SIGKILL)");
+  EXPECT_EQ(::kill(b, 0), 0) << "the other child still runs";
+  supervisor.Signal(b, SIGKILL);
+  loop->Run();
+  EXPECT_EQ(exits, 2);
+}
+
+}  // namespace
+}  // namespace fdbroker
