@@ -1,6 +1,7 @@
 #include "broker/handoff_channel.h"
 
 #include <sys/epoll.h>
+#include <sys/socket.h>
 
 #include <utility>
 
@@ -49,11 +50,28 @@ absl::Status HandoffChannel::Init() {
 void HandoffChannel::Close(const absl::Status& reason) {
   if (closed_) return;
   closed_ = true;
+  ::shutdown(channel_.fd(), SHUT_RD);
+  // Collect what the worker sent before the shutdown, up to the first
+  // invalid message (after which nothing it says can be trusted).
+  for (;;) {
+    v1::HandoffMessage message;
+    wire::UniqueFd fd;
+    absl::StatusOr<wire::ReceiveResult> result = channel_.Receive(message, fd);
+    if (!result.ok() || *result != wire::ReceiveResult::kReceived) break;
+    last_words_.emplace_back(std::move(message), std::move(fd));
+  }
   watch_.reset();
   queue_.clear();
+  // Deferred: the caller may be in the middle of using the delegate's state.
   std::weak_ptr<bool> alive = alive_;
   loop_.RunSoon([this, alive, reason] {
-    if (alive.lock()) delegate_.OnChannelClosed(*this, reason);
+    if (alive.lock() == nullptr) return;
+    for (auto& [message, fd] : last_words_) {
+      delegate_.OnMessage(*this, message, std::move(fd));
+      if (alive.lock() == nullptr) return;
+    }
+    last_words_.clear();
+    delegate_.OnChannelClosed(*this, reason);
   });
 }
 

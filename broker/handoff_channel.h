@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -57,7 +59,12 @@ class HandoffChannel {
   // (reported through the delegate, possibly later in the same turn).
   void SendControl(v1::HandoffMessage message);
 
-  // Closes the channel with `reason` (logged and reported to the delegate).
+  // Closes the channel with `reason` (reported to the delegate). Messages
+  // the worker sent before the close are still delivered first: an Ack
+  // already queued means the worker owns that connection, and re-placing it
+  // would give it two owners. shutdown(SHUT_RD) makes every later send of
+  // the worker fail (EPIPE), so the worker knows exactly which of its
+  // messages arrived.
   void Close(const absl::Status& reason);
 
   bool closed() const { return closed_; }
@@ -85,6 +92,8 @@ class HandoffChannel {
   std::unique_ptr<IoWatch> watch_;
   std::deque<v1::HandoffMessage> queue_;
   v1::HandoffMessage incoming_;  // Reused: parsing does not allocate anew.
+  // Read during Close(), delivered before OnChannelClosed.
+  std::vector<std::pair<v1::HandoffMessage, wire::UniqueFd>> last_words_;
   bool closed_ = false;
   bool blocked_ = false;  // A Connection send hit a full socket buffer.
   // Lets a deferred OnChannelClosed notice that the channel was destroyed.

@@ -8,6 +8,7 @@
 
 #include "broker/config.h"
 #include "broker/daemon.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 
 namespace {
@@ -31,6 +32,8 @@ int main(int argc, char** argv) {
                  std::string(config.status().message()).c_str());
     return 2;
   }
+  // Logs go to stderr (stdout stays free for the operator's own use).
+  spdlog::set_default_logger(spdlog::stderr_color_mt("fdbroker"));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ fdbroker[%P] %v");
   // Signals are taken from a signalfd by the event loop; block them before
   // any thread exists so that every thread inherits the mask.

@@ -172,6 +172,7 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
 void WorkerManager::OnMessage(HandoffChannel& channel,
                               v1::HandoffMessage& message, wire::UniqueFd fd) {
   if (channel.worker_id == 0) {
+    if (channel.closed()) return;  // Refused or timed out: too late.
     if (message.body_case() != v1::HandoffMessage::kHello) {
       ++stats_.protocol_errors;
       channel.Close(absl::InvalidArgumentError(

@@ -104,7 +104,8 @@ absl::StatusOr<ReceiveResult> ReceivePacket(SysCalls& sys, int socket,
     return ReceiveResult::kPeerClosed;
   }
   packet.data.resize(static_cast<size_t>(n));
-  if (msg.msg_flags & MSG_TRUNC) {
+  // The buffer has one spare byte: a packet that fills it is oversized too.
+  if ((msg.msg_flags & MSG_TRUNC) || packet.data.size() > kMaxPacketBytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         "packet larger than the limit of ", kMaxPacketBytes, " bytes"));
   }

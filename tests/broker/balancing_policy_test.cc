@@ -48,7 +48,8 @@ TEST_F(PolicyTest, LeastConnSpreadsEqualLoadEvenly) {
   LeastConnectionsPolicy policy;
   std::map<uint64_t, int> picks;
   // Connection-per-request traffic: each connection closes before the next.
-  for (int i = 0; i < 300; ++i) ++picks[candidates_[policy.Pick(candidates_, peer_)]->id];
+  for (int i = 0; i < 300; ++i)
+    ++picks[candidates_[policy.Pick(candidates_, peer_)]->id];
   EXPECT_EQ(picks[1], 100);
   EXPECT_EQ(picks[2], 100);
   EXPECT_EQ(picks[3], 100);

@@ -38,7 +38,8 @@ class FailingSysCalls : public wire::SysCalls {
 
 class NullDelegate : public HandoffChannel::Delegate {
  public:
-  void OnMessage(HandoffChannel&, v1::HandoffMessage&, wire::UniqueFd) override {}
+  void OnMessage(HandoffChannel&, v1::HandoffMessage&,
+                 wire::UniqueFd) override {}
   void OnChannelClosed(HandoffChannel&, const absl::Status&) override {
     ++closed;
   }
@@ -82,8 +83,8 @@ class DispatcherTest : public ::testing::Test {
                                              cred, sys_, delegate_);
     worker.channel->worker_id = worker.id;
     return FakeWorker{
-        &worker,
-        std::make_unique<wire::MessageChannel>(wire::UniqueFd(sv[1])), sv[0]};
+        &worker, std::make_unique<wire::MessageChannel>(wire::UniqueFd(sv[1])),
+        sv[0]};
   }
 
   // A connected TCP-like pair: the broker gets one end as the "client
@@ -142,7 +143,8 @@ TEST_F(DispatcherTest, BrokerKeepsTheFdUntilAckThenClosesIt) {
   // Worker closes its copy before acking: the broker's copy keeps it open.
   received.Reset();
   EXPECT_FALSE(PeerClosed(client));
-  ASSERT_TRUE(dispatcher_->OnAck(*w.worker, AckOf(connection.connection_id())).ok());
+  ASSERT_TRUE(
+      dispatcher_->OnAck(*w.worker, AckOf(connection.connection_id())).ok());
   EXPECT_EQ(dispatcher_->in_flight(), 0u);
   EXPECT_TRUE(PeerClosed(client)) << "broker closed its copy on Ack";
   EXPECT_EQ(w.worker->active(), 1);
@@ -257,8 +259,9 @@ TEST_F(DispatcherTest, AckOrClosedForAConnectionNotSentThereIsAnError) {
   wire::UniqueFd fd;
   FakeWorker* got = a.ReceiveConnection(connection, fd) ? &a : &b;
   FakeWorker* other = got == &a ? &b : &a;
-  EXPECT_FALSE(dispatcher_->OnAck(*other->worker,
-                                  AckOf(connection.connection_id())).ok());
+  EXPECT_FALSE(
+      dispatcher_->OnAck(*other->worker, AckOf(connection.connection_id()))
+          .ok());
   EXPECT_FALSE(dispatcher_->OnAck(*got->worker, AckOf(424242)).ok());
   v1::Closed closed;
   closed.add_connection_ids(connection.connection_id());
@@ -282,7 +285,8 @@ TEST_F(DispatcherTest, CapacityQueuesAndTheQueueIsBounded) {
   v1::Connection connection;
   wire::UniqueFd fd;
   ASSERT_TRUE(a.ReceiveConnection(connection, fd));
-  ASSERT_TRUE(dispatcher_->OnAck(*a.worker, AckOf(connection.connection_id())).ok());
+  ASSERT_TRUE(
+      dispatcher_->OnAck(*a.worker, AckOf(connection.connection_id())).ok());
   EXPECT_EQ(dispatcher_->pending(), 2u) << "still at capacity";
   v1::Closed closed;
   closed.add_connection_ids(connection.connection_id());

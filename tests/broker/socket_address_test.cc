@@ -16,9 +16,9 @@ TEST(SocketAddressTest, ParsesAndFormats) {
 }
 
 TEST(SocketAddressTest, RejectsBadInputWithAReason) {
-  for (const char* bad : {"8080", "127.0.0.1:", "127.0.0.1:65536",
-                          "127.0.0.1:-1", "example.com:80", "[::1:80",
-                          "1.2.3:80", "127.0.0.1:8o"}) {
+  for (const char* bad :
+       {"8080", "127.0.0.1:", "127.0.0.1:65536", "127.0.0.1:-1",
+        "example.com:80", "[::1:80", "1.2.3:80", "127.0.0.1:8o"}) {
     absl::StatusOr<SocketAddress> parsed = SocketAddress::Parse(bad);
     EXPECT_EQ(parsed.status().code(), absl::StatusCode::kInvalidArgument)
         << bad;

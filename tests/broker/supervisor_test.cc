@@ -19,9 +19,9 @@ namespace {
 TEST(SplitCommandLineTest, SplitsWordsAndHonoursQuotes) {
   EXPECT_EQ(*SplitCommandLine("python3  worker.py --port=1"),
             (std::vector<std::string>{"python3", "worker.py", "--port=1"}));
-  EXPECT_EQ(*SplitCommandLine(R"(sh -c 'echo "a b"' "x y" z\ w)"),
-            (std::vector<std::string>{"sh", "-c", "echo \"a b\"", "x y",
-                                      "z w"}));
+  EXPECT_EQ(
+      *SplitCommandLine(R"(sh -c 'echo "a b"' "x y" z\ w)"),
+      (std::vector<std::string>{"sh", "-c", "echo \"a b\"", "x y", "z w"}));
   EXPECT_EQ(*SplitCommandLine("a ''"), (std::vector<std::string>{"a", ""}));
 }
 
@@ -55,14 +55,13 @@ TEST(SupervisorTest, ChildGetsOnlyStdioTheSocketEnvAndItsOwnGroup) {
   ASSERT_GE(leaky, 3);
   pid_t exited_pid = 0;
   int exit_status = -1;
-  Supervisor supervisor(*loop,
-                        Supervisor::Options{{"/bin/sleep", "30"},
-                                            "/run/test.sock"},
-                        [&](pid_t pid, int status) {
-                          exited_pid = pid;
-                          exit_status = status;
-                          loop->Stop();
-                        });
+  Supervisor supervisor(
+      *loop, Supervisor::Options{{"/bin/sleep", "30"}, "/run/test.sock"},
+      [&](pid_t pid, int status) {
+        exited_pid = pid;
+        exit_status = status;
+        loop->Stop();
+      });
   absl::StatusOr<pid_t> pid = supervisor.Spawn();
   ::close(leaky);
   ASSERT_TRUE(pid.ok()) << pid.status();
@@ -89,12 +88,12 @@ TEST(SupervisorTest, ChildGetsOnlyStdioTheSocketEnvAndItsOwnGroup) {
 TEST(SupervisorTest, ExitCodeIsReported) {
   auto loop = *EventLoop::Create();
   int exit_status = -1;
-  Supervisor supervisor(
-      *loop, Supervisor::Options{{"/bin/sh", "-c", "exit 3"}, "/x"},
-      [&](pid_t, int status) {
-        exit_status = status;
-        loop->Stop();
-      });
+  Supervisor supervisor(*loop,
+                        Supervisor::Options{{"/bin/sh", "-c", "exit 3"}, "/x"},
+                        [&](pid_t, int status) {
+                          exit_status = status;
+                          loop->Stop();
+                        });
   ASSERT_TRUE(supervisor.Spawn().ok());
   loop->RunAfter(absl::Seconds(20), [&] { loop->Stop(); });
   loop->Run();

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Installs what fdbroker needs on Debian 12, and nothing that is already there.
+#
+#   deploy/setup.sh                build and run dependencies
+#   deploy/setup.sh --test-tools   also the tools the test suite drives
+#
+# Idempotent: when everything is installed it only asks dpkg and returns, so it
+# needs neither root nor the network. When something is missing it must run as
+# root (deploy/run.sh and tests/run.sh call it; so does deploy/Dockerfile).
+set -euo pipefail
+
+# The package lists live here and only here. A later feature that needs a tool
+# adds it to one of these lists (or to TEST_NPM_TOOLS), nothing else changes.
+BUILD_PACKAGES=(
+  build-essential cmake ninja-build pkg-config
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libabsl-dev prometheus-cpp-dev libspdlog-dev libgtest-dev libgmock-dev
+)
+TEST_PACKAGES=(
+  wrk curl python3 python3-protobuf clang-format procps
+)
+# npm packages for the tests ("name" or "name@version"), installed globally;
+# Debian's npm comes along automatically when this list is not empty.
+TEST_NPM_TOOLS=()
+
+usage() {
+  sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+}
+
+die() {
+  echo "setup.sh: $*" >&2
+  exit 1
+}
+
+with_test_tools=0
+for arg in "$@"; do
+  case "${arg}" in
+    --test-tools) with_test_tools=1 ;;
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    *) die "unknown argument '${arg}' (try --help)" ;;
+  esac
+done
+
+wanted=("${BUILD_PACKAGES[@]}")
+if ((with_test_tools)); then
+  wanted+=("${TEST_PACKAGES[@]}")
+  if ((${#TEST_NPM_TOOLS[@]})); then
+    wanted+=(npm)
+  fi
+fi
+
+command -v dpkg-query >/dev/null ||
+  die "dpkg-query not found: fdbroker's set-up supports Debian 12 only"
+
+# Prints the packages of "$@" that are not installed, one a line.
+missing_packages() {
+  local -A installed=()
+  local name status
+  # dpkg-query exits non-zero when it has never heard of a package; those are
+  # simply absent from its output, hence missing.
+  while read -r name status; do
+    [[ "${status}" == "install ok installed" ]] && installed["${name}"]=1
+  done < <(dpkg-query -W -f='${Package} ${Status}\n' "$@" 2>/dev/null || true)
+  for name in "$@"; do
+    [[ -n "${installed[${name}]:-}" ]] || echo "${name}"
+  done
+}
+
+mapfile -t missing < <(missing_packages "${wanted[@]}")
+
+if ((${#missing[@]})); then
+  if ((EUID != 0)); then
+    die "missing Debian packages: ${missing[*]}
+  install them as root: sudo ${BASH_SOURCE[0]} $*"
+  fi
+  echo "setup.sh: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# npm tools: installed only when the test suite asks for them and absent.
+if ((with_test_tools)) && ((${#TEST_NPM_TOOLS[@]})); then
+  npm_missing=()
+  for tool in "${TEST_NPM_TOOLS[@]}"; do
+    # "@scope/name@1.2.3" -> "@scope/name"
+    name="${tool%@*}"
+    [[ -n "${name}" ]] || name="${tool}"
+    npm ls --global --depth=0 "${name}" >/dev/null 2>&1 ||
+      npm_missing+=("${tool}")
+  done
+  if ((${#npm_missing[@]})); then
+    ((EUID == 0)) || die "missing npm tools: ${npm_missing[*]} (run as root)"
+    echo "setup.sh: installing npm ${npm_missing[*]}"
+    npm install --global --no-fund --no-audit --loglevel=error \
+      "${npm_missing[@]}" >/dev/null
+  fi
+fi

@@ -1,0 +1,361 @@
+// End-to-end tests: the real fdbroker and fdbroker-http-worker binaries on
+// loopback port 0, driven by real TCP clients.
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <map>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "gtest/gtest.h"
+#include "tests/integration/broker_process.h"
+#include "tests/util/subprocess.h"
+#include "tests/util/test_util.h"
+
+namespace fdbroker::testing {
+namespace {
+
+pid_t WorkerPid(const HttpResponse& response) {
+  auto it = response.headers.find("x-worker-pid");
+  int pid = 0;
+  if (it == response.headers.end() || !absl::SimpleAtoi(it->second, &pid)) {
+    return 0;
+  }
+  return pid;
+}
+
+struct LoadResult {
+  int ok = 0;
+  int failed = 0;
+  std::map<pid_t, int> by_worker;
+  std::string first_error;
+};
+
+// `threads` clients, each opening `connections` connections and sending
+// `requests_per_connection` requests on each (1 = connection per request).
+LoadResult RunLoad(int port, int threads, int connections,
+                   int requests_per_connection) {
+  std::vector<LoadResult> results(threads);
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t) {
+    workers.emplace_back([&, t] {
+      LoadResult& r = results[t];
+      for (int c = 0; c < connections; ++c) {
+        absl::StatusOr<wire::UniqueFd> fd = ConnectTcp("127.0.0.1", port);
+        if (!fd.ok()) {
+          ++r.failed;
+          if (r.first_error.empty()) r.first_error = fd.status().ToString();
+          continue;
+        }
+        for (int q = 0; q < requests_per_connection; ++q) {
+          const bool last = q + 1 == requests_per_connection;
+          absl::StatusOr<HttpResponse> response =
+              HttpGet(fd->get(), "/", /*keep_alive=*/!last);
+          if (!response.ok() || response->status != 200) {
+            ++r.failed;
+            if (r.first_error.empty()) {
+              r.first_error = response.ok()
+                                  ? absl::StrCat("status ", response->status)
+                                  : response.status().ToString();
+            }
+            break;
+          }
+          ++r.ok;
+          ++r.by_worker[WorkerPid(*response)];
+        }
+      }
+    });
+  }
+  for (std::thread& t : workers) t.join();
+  LoadResult total;
+  for (const LoadResult& r : results) {
+    total.ok += r.ok;
+    total.failed += r.failed;
+    for (const auto& [pid, n] : r.by_worker) total.by_worker[pid] += n;
+    if (total.first_error.empty()) total.first_error = r.first_error;
+  }
+  return total;
+}
+
+TEST(BrokerIntegrationTest, SeveralWorkersServeBothTrafficShapes) {
+  auto broker = BrokerProcess::Start({"--workers=3"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(3, absl::Seconds(30)))
+      << (*broker)->process().Output();
+  const std::vector<pid_t> pids = (*broker)->WorkerPids();
+
+  // Keep-alive: 8 clients x 5 connections x 50 requests.
+  LoadResult keep_alive = RunLoad((*broker)->port(), 8, 5, 50);
+  EXPECT_EQ(keep_alive.failed, 0) << keep_alive.first_error;
+  EXPECT_EQ(keep_alive.ok, 8 * 5 * 50);
+  // Connection per request: 4 clients x 250 connections.
+  LoadResult per_request = RunLoad((*broker)->port(), 4, 250, 1);
+  EXPECT_EQ(per_request.failed, 0) << per_request.first_error;
+  EXPECT_EQ(per_request.ok, 1000);
+
+  for (const LoadResult* load : {&keep_alive, &per_request}) {
+    ASSERT_EQ(load->by_worker.size(), 3u) << "every worker served";
+    for (const auto& [pid, n] : load->by_worker) {
+      EXPECT_NE(std::find(pids.begin(), pids.end(), pid), pids.end())
+          << pid << " is not a supervised worker";
+      // least_conn keeps the spread fair.
+      EXPECT_GT(n, load->ok / 6) << "worker " << pid;
+    }
+  }
+}
+
+TEST(BrokerIntegrationTest, SigkilledWorkerIsRespawnedAndServes) {
+  auto broker = BrokerProcess::Start({"--workers=2"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(2, absl::Seconds(30)));
+  const std::vector<pid_t> before = (*broker)->WorkerPids();
+  ASSERT_EQ(::kill(before[0], SIGKILL), 0);
+
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::vector<pid_t> now = (*broker)->WorkerPids();
+        return now.size() == 2 &&
+               std::find(now.begin(), now.end(), before[0]) == now.end();
+      },
+      absl::Seconds(20)))
+      << (*broker)->process().Output();
+  ASSERT_TRUE((*broker)->WaitForWorkers(2, absl::Seconds(20)));
+  const std::vector<pid_t> after = (*broker)->WorkerPids();
+  EXPECT_NE(std::find(after.begin(), after.end(), before[1]), after.end())
+      << "the healthy worker was left alone";
+  EXPECT_NE((*broker)->process().Stderr().find("crashed: killed by signal 9"),
+            std::string::npos);
+}
+
+TEST(BrokerIntegrationTest, WorkerDyingBeforeAckLosesNoConnection) {
+  // No supervised workers: the only worker is a fake one that dies as soon
+  // as it receives a connection, before acking it.
+  auto broker = BrokerProcess::Start({"--workers=0"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  Subprocess::Options env;
+  env.env["FDBROKER_SOCKET"] = (*broker)->socket_path();
+  auto fake = Subprocess::Start(
+      {BinaryPath("fdbroker-fake-worker"), "--mode=die_before_ack"}, env);
+  ASSERT_TRUE(fake.ok()) << fake.status();
+  ASSERT_TRUE(WaitFor([&] { return (*fake)->Stdout() == "registered\n"; },
+                      absl::Seconds(10)))
+      << (*fake)->Output();
+
+  // The client connects and sends its request; the fake receives the
+  // connection and dies without acking.
+  absl::StatusOr<wire::UniqueFd> client =
+      ConnectTcp("127.0.0.1", (*broker)->port());
+  ASSERT_TRUE(client.ok());
+  const std::string request = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+  ASSERT_EQ(::send(client->get(), request.data(), request.size(), 0),
+            static_cast<ssize_t>(request.size()));
+  absl::StatusOr<int> code = (*fake)->Wait(absl::Seconds(10));
+  ASSERT_TRUE(code.ok());
+  EXPECT_EQ(*code, 1) << (*fake)->Output();
+
+  // A real worker registers later and serves the very same connection,
+  // request bytes included: the broker kept its copy of the socket.
+  auto real = Subprocess::Start({BinaryPath("fdbroker-http-worker")}, env);
+  ASSERT_TRUE(real.ok()) << real.status();
+  char buf[4096];
+  std::string response;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        ssize_t n = ::recv(client->get(), buf, sizeof(buf), MSG_DONTWAIT);
+        if (n > 0) response.append(buf, static_cast<size_t>(n));
+        return response.find("\r\n\r\n") != std::string::npos;
+      },
+      absl::Seconds(10)))
+      << (*broker)->process().Output() << (*real)->Output();
+  EXPECT_EQ(response.rfind("HTTP/1.1 200", 0), 0u) << response;
+  EXPECT_NE(response.find(absl::StrCat("X-Worker-Pid: ", (*real)->pid())),
+            std::string::npos)
+      << response;
+  EXPECT_NE((*broker)->process().Stderr().find("re-queued"), std::string::npos);
+}
+
+TEST(BrokerIntegrationTest, SilentWorkerIsDeclaredDeadAndItsConnectionsMove) {
+  auto broker = BrokerProcess::Start({"--workers=1", "--policy=round_robin",
+                                      "--heartbeat_interval=100ms",
+                                      "--heartbeat_timeout=1s"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(1, absl::Seconds(30)));
+  Subprocess::Options env;
+  env.env["FDBROKER_SOCKET"] = (*broker)->socket_path();
+  // Registers, then never reads its channel again: connections sent to it
+  // are never acked and it sends no heartbeats.
+  auto stalled = Subprocess::Start(
+      {BinaryPath("fdbroker-fake-worker"), "--mode=stall"}, env);
+  ASSERT_TRUE(stalled.ok());
+  ASSERT_TRUE(WaitFor([&] { return (*stalled)->Stdout() == "registered\n"; },
+                      absl::Seconds(10)));
+  // Round robin sends every other connection to the silent worker. After
+  // the heartbeat timeout the broker drops it and hands what it never acked
+  // to the healthy worker: every request is answered, none is lost.
+  LoadResult load = RunLoad((*broker)->port(), 4, 10, 1);
+  EXPECT_EQ(load.failed, 0) << load.first_error;
+  EXPECT_EQ(load.ok, 40);
+  EXPECT_EQ(load.by_worker.size(), 1u);
+  EXPECT_NE((*broker)->process().Stderr().find("declared dead"),
+            std::string::npos);
+}
+
+TEST(BrokerIntegrationTest, OpenFdCountsReturnToBaselineAfterManyConnections) {
+  auto broker = BrokerProcess::Start({"--workers=2"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(2, absl::Seconds(30)));
+  const pid_t pid = (*broker)->pid();
+  // Warm up so that lazily created fds (none expected) exist.
+  ASSERT_EQ(RunLoad((*broker)->port(), 2, 50, 1).failed, 0);
+  auto fds_of = [](pid_t p) {
+    absl::StatusOr<int> n = CountOpenFds(p);
+    return n.ok() ? *n : -1;
+  };
+  std::map<pid_t, int> baseline;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        baseline.clear();
+        baseline[pid] = fds_of(pid);
+        for (pid_t w : (*broker)->WorkerPids()) baseline[w] = fds_of(w);
+        return baseline.size() == 3;
+      },
+      absl::Seconds(5)));
+
+  LoadResult per_request = RunLoad((*broker)->port(), 4, 2500, 1);
+  LoadResult keep_alive = RunLoad((*broker)->port(), 4, 25, 20);
+  EXPECT_EQ(per_request.failed + keep_alive.failed, 0)
+      << per_request.first_error << keep_alive.first_error;
+  EXPECT_EQ(per_request.ok, 10000);
+
+  std::map<pid_t, int> now;
+  const bool back = WaitFor(
+      [&] {
+        now.clear();
+        for (const auto& [p, n] : baseline) now[p] = fds_of(p);
+        return now == baseline;
+      },
+      absl::Seconds(10));
+  EXPECT_TRUE(back) << "broker fds " << baseline[pid] << " -> " << now[pid];
+}
+
+// True once the server side of the client's TCP connection has no unread
+// bytes and at least one request was sent (its rx_queue in /proc/net/tcp).
+bool ServerReadEverything(int client_fd) {
+  sockaddr_in local{}, remote{};
+  socklen_t len = sizeof(local);
+  ::getsockname(client_fd, reinterpret_cast<sockaddr*>(&local), &len);
+  len = sizeof(remote);
+  ::getpeername(client_fd, reinterpret_cast<sockaddr*>(&remote), &len);
+  absl::StatusOr<std::string> table = ReadFile("/proc/net/tcp");
+  if (!table.ok()) return false;
+  // Server side: local port = the broker's port, remote = the client's.
+  const std::string needle = absl::StrCat(
+      absl::StrFormat(":%04X ", ntohs(remote.sin_port)), "0100007F",
+      absl::StrFormat(":%04X ", ntohs(local.sin_port)));
+  size_t at = table->find(needle);
+  if (at == std::string::npos) return false;
+  // "... st tx_queue:rx_queue ...": the fields after the remote address.
+  std::istringstream fields(table->substr(at + needle.size(), 40));
+  std::string state, queues;
+  fields >> state >> queues;
+  return queues.size() == 17 && queues.substr(9) == "00000000";
+}
+
+TEST(BrokerIntegrationTest, SigtermLetsInFlightRequestsFinishAndExitsZero) {
+  auto broker = BrokerProcess::Start({"--workers=2", "--drain_timeout=10s"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(2, absl::Seconds(30)));
+  const std::vector<pid_t> workers = (*broker)->WorkerPids();
+
+  absl::StatusOr<wire::UniqueFd> slow =
+      ConnectTcp("127.0.0.1", (*broker)->port());
+  ASSERT_TRUE(slow.ok());
+  const std::string request = "GET /sleep?ms=700 HTTP/1.1\r\nHost: t\r\n\r\n";
+  ASSERT_EQ(::send(slow->get(), request.data(), request.size(), 0),
+            static_cast<ssize_t>(request.size()));
+  // An idle keep-alive connection, which the drain closes.
+  absl::StatusOr<wire::UniqueFd> idle =
+      ConnectTcp("127.0.0.1", (*broker)->port());
+  ASSERT_TRUE(idle.ok());
+  ASSERT_TRUE(HttpGet(idle->get(), "/", true).ok());
+  // The slow request must be in the worker's hands (read from the socket)
+  // before the signal; otherwise it is legitimately an idle connection.
+  ASSERT_TRUE(WaitFor([&] { return ServerReadEverything(slow->get()); },
+                      absl::Seconds(5)));
+  ASSERT_TRUE((*broker)->process().Signal(SIGTERM).ok());
+  // The in-flight request completes, then the draining worker closes.
+  std::string response;
+  char buf[4096];
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        ssize_t n = ::recv(slow->get(), buf, sizeof(buf), MSG_DONTWAIT);
+        if (n > 0) response.append(buf, static_cast<size_t>(n));
+        return n == 0;
+      },
+      absl::Seconds(10)));
+  EXPECT_EQ(response.rfind("HTTP/1.1 200", 0), 0u) << response;
+  absl::StatusOr<int> code = (*broker)->process().Wait(absl::Seconds(15));
+  ASSERT_TRUE(code.ok());
+  EXPECT_EQ(*code, 0) << (*broker)->process().Output();
+  char c;
+  EXPECT_EQ(::recv(idle->get(), &c, 1, 0), 0) << "idle connection closed";
+  for (pid_t w : workers) EXPECT_TRUE(ProcessGone(w)) << w;
+}
+
+TEST(BrokerIntegrationTest, BadFlagsAreOneLineErrorsWithExitCode2) {
+  const std::vector<std::vector<std::string>> bad = {
+      {"--workers=-1"},
+      {"--workers=65"},
+      {"--listen=nonsense"},
+      {"--listen=127.0.0.1:99999"},
+      {"--policy=random"},
+      {"--no_such_flag=1"},
+      {"--drain_timeout=soon"},
+      {"--drain_timeout=-1s"},
+      {"--worker_cmd=/nonexistent/worker", "--workers=1"},
+      {"--max_workers=0"},
+      {"stray-argument"},
+      {"--worker_cmd='unterminated", "--workers=1"},
+  };
+  for (const std::vector<std::string>& flags : bad) {
+    std::vector<std::string> argv = {BinaryPath("fdbroker"),
+                                     "--socket=/tmp/never-bound.sock"};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    auto process = Subprocess::Start(argv);
+    ASSERT_TRUE(process.ok());
+    absl::StatusOr<int> code = (*process)->Wait(absl::Seconds(10));
+    ASSERT_TRUE(code.ok());
+    EXPECT_EQ(*code, 2) << flags[0] << "\n" << (*process)->Output();
+    const std::string err = (*process)->Stderr();
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    EXPECT_EQ(err.rfind("fdbroker: ", 0), 0u) << err;
+  }
+}
+
+TEST(BrokerIntegrationTest, SecondBrokerOnTheSameSocketRefusesToStart) {
+  auto first = BrokerProcess::Start({"--workers=0"});
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second =
+      Subprocess::Start({BinaryPath("fdbroker"), "--listen=127.0.0.1:0",
+                         "--socket=" + (*first)->socket_path(), "--workers=0"});
+  ASSERT_TRUE(second.ok());
+  absl::StatusOr<int> code = (*second)->Wait(absl::Seconds(10));
+  ASSERT_TRUE(code.ok());
+  EXPECT_EQ(*code, 1);
+  EXPECT_NE((*second)->Stderr().find("another broker is listening"),
+            std::string::npos)
+      << (*second)->Output();
+  EXPECT_TRUE((*first)->process().Running());
+}
+
+}  // namespace
+}  // namespace fdbroker::testing

@@ -1,0 +1,87 @@
+#include "tests/integration/broker_process.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <set>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "tests/util/test_util.h"
+
+namespace fdbroker::testing {
+
+std::string BinaryPath(const std::string& name) {
+  return absl::StrCat(FDBROKER_BIN_DIR, "/", name);
+}
+
+absl::StatusOr<std::unique_ptr<BrokerProcess>> BrokerProcess::Start(
+    std::vector<std::string> extra_flags) {
+  std::unique_ptr<BrokerProcess> broker(new BrokerProcess());
+  broker->dir_ = MakeTempDir();
+  broker->socket_path_ = broker->dir_ + "/handoff.sock";
+  const std::string ready = broker->dir_ + "/ready";
+  std::vector<std::string> argv = {
+      BinaryPath("fdbroker"), "--listen=127.0.0.1:0",
+      "--socket=" + broker->socket_path_, "--ready_file=" + ready};
+  for (std::string& flag : extra_flags) argv.push_back(std::move(flag));
+  absl::StatusOr<std::unique_ptr<Subprocess>> process = Subprocess::Start(argv);
+  if (!process.ok()) return process.status();
+  broker->process_ = *std::move(process);
+  absl::StatusOr<std::map<std::string, std::string>> values;
+  const bool ready_seen = WaitFor(
+      [&] {
+        if (!broker->process_->Running()) return true;
+        values = ReadKeyValueFile(ready);
+        return values.ok();
+      },
+      absl::Seconds(20));
+  if (!ready_seen || !values.ok()) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "broker did not become ready\n", broker->process_->Output()));
+  }
+  absl::StatusOr<std::pair<std::string, int>> listen =
+      SplitHostPort((*values)["listen"]);
+  if (!listen.ok()) return listen.status();
+  broker->port_ = listen->second;
+  return broker;
+}
+
+BrokerProcess::~BrokerProcess() {
+  // A failed test may leave the broker running: make sure its workers die
+  // with it instead of lingering.
+  if (process_ != nullptr && process_->Running()) {
+    for (pid_t pid : WorkerPids()) process_->KillOnDestruction(pid);
+  }
+}
+
+std::vector<pid_t> BrokerProcess::WorkerPids() const {
+  return ChildPids(process_->pid());
+}
+
+bool BrokerProcess::WaitForWorkers(size_t n, absl::Duration timeout) {
+  return WaitFor(
+      [&] {
+        std::vector<pid_t> pids = WorkerPids();
+        if (pids.size() != n) return false;
+        // Every worker answers through the broker: poll with fresh
+        // connections until each pid has been seen.
+        std::set<pid_t> want(pids.begin(), pids.end()), seen;
+        for (int i = 0; i < 8 * static_cast<int>(n) + 8; ++i) {
+          absl::StatusOr<HttpResponse> r =
+              HttpGetOnce("127.0.0.1", port_, "/", absl::Seconds(2));
+          if (!r.ok() || r->status != 200) return false;
+          int pid = 0;
+          if (absl::SimpleAtoi(r->headers["x-worker-pid"], &pid)) {
+            seen.insert(pid);
+          }
+          if (seen == want) return true;
+        }
+        return false;
+      },
+      timeout, absl::Milliseconds(50));
+}
+
+}  // namespace fdbroker::testing

@@ -1,0 +1,48 @@
+#ifndef FDBROKER_TESTS_INTEGRATION_BROKER_PROCESS_H_
+#define FDBROKER_TESTS_INTEGRATION_BROKER_PROCESS_H_
+
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "tests/util/subprocess.h"
+
+namespace fdbroker::testing {
+
+// The real fdbroker binary on 127.0.0.1 port 0 with a private hand-off
+// socket, started and ready (listening) when Start() returns. Its workers
+// are killed with it if a test fails half-way.
+class BrokerProcess {
+ public:
+  static absl::StatusOr<std::unique_ptr<BrokerProcess>> Start(
+      std::vector<std::string> extra_flags);
+  ~BrokerProcess();
+
+  Subprocess& process() { return *process_; }
+  pid_t pid() const { return process_->pid(); }
+  int port() const { return port_; }
+  const std::string& socket_path() const { return socket_path_; }
+  const std::string& dir() const { return dir_; }
+
+  // Supervised worker pids (children of the broker) right now.
+  std::vector<pid_t> WorkerPids() const;
+  // Waits until exactly `n` workers run and each has registered (its pid
+  // answers through the broker).
+  bool WaitForWorkers(size_t n, absl::Duration timeout);
+
+ private:
+  BrokerProcess() = default;
+  std::unique_ptr<Subprocess> process_;
+  std::string dir_;
+  std::string socket_path_;
+  int port_ = 0;
+};
+
+std::string BinaryPath(const std::string& name);
+
+}  // namespace fdbroker::testing
+
+#endif  // FDBROKER_TESTS_INTEGRATION_BROKER_PROCESS_H_

@@ -1,0 +1,198 @@
+#include "tests/worker/fake_broker.h"
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+#include "tests/util/test_util.h"
+
+namespace fdbroker::testing {
+namespace {
+
+bool WaitReadable(int fd, absl::Time deadline) {
+  for (;;) {
+    const absl::Duration left = deadline - absl::Now();
+    const int ms =
+        left <= absl::ZeroDuration()
+            ? 0
+            : static_cast<int>(absl::ToInt64Milliseconds(
+                  absl::Ceil(left, absl::Milliseconds(1))));
+    pollfd p{fd, POLLIN, 0};
+    const int n = ::poll(&p, 1, ms);
+    if (n > 0) return true;
+    if (n == 0) return false;
+    if (errno != EINTR) return false;
+  }
+}
+
+}  // namespace
+
+FakeBroker::FakeBroker() : dir_(MakeTempDir()) {
+  socket_path_ = dir_ + "/handoff.sock";
+  listen_fd_.Reset(
+      ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  EXPECT_TRUE(listen_fd_.valid());
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  std::strncpy(address.sun_path, socket_path_.c_str(),
+               sizeof(address.sun_path) - 1);
+  EXPECT_EQ(::bind(listen_fd_.get(), reinterpret_cast<sockaddr*>(&address),
+                   sizeof(address)),
+            0)
+      << std::strerror(errno);
+  EXPECT_EQ(::listen(listen_fd_.get(), 16), 0) << std::strerror(errno);
+}
+
+FakeBroker::~FakeBroker() {
+  channel_.reset();
+  listen_fd_.Reset();
+  std::error_code ignored;
+  std::filesystem::remove_all(dir_, ignored);
+}
+
+absl::Status FakeBroker::Accept(absl::Duration timeout) {
+  if (!WaitReadable(listen_fd_.get(), absl::Now() + timeout)) {
+    return absl::DeadlineExceededError("no worker connected");
+  }
+  wire::UniqueFd fd(
+      ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+  if (!fd) return absl::ErrnoToStatus(errno, "accept4");
+  channel_ = std::make_unique<wire::MessageChannel>(std::move(fd));
+  sent_ = 0;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::HandoffMessage> FakeBroker::Receive(
+    absl::Duration timeout) {
+  if (channel_ == nullptr) return absl::FailedPreconditionError("no channel");
+  const absl::Time deadline = absl::Now() + timeout;
+  for (;;) {
+    v1::HandoffMessage message;
+    wire::UniqueFd fd;
+    absl::StatusOr<wire::ReceiveResult> received =
+        channel_->Receive(message, fd);
+    if (!received.ok()) return received.status();
+    switch (*received) {
+      case wire::ReceiveResult::kReceived:
+        return message;
+      case wire::ReceiveResult::kPeerClosed:
+        return absl::UnavailableError("the worker closed the channel");
+      case wire::ReceiveResult::kWouldBlock:
+        break;
+    }
+    if (!WaitReadable(channel_->fd(), deadline)) {
+      return absl::DeadlineExceededError("no message from the worker");
+    }
+  }
+}
+
+bool FakeBroker::WaitForClose(absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  for (;;) {
+    absl::StatusOr<v1::HandoffMessage> message =
+        Receive(deadline - absl::Now());
+    if (message.ok()) continue;
+    return absl::IsUnavailable(message.status());
+  }
+}
+
+absl::Status FakeBroker::Send(v1::HandoffMessage message, int fd) {
+  if (channel_ == nullptr) return absl::FailedPreconditionError("no channel");
+  absl::StatusOr<wire::SendResult> sent = channel_->Send(message, fd);
+  if (!sent.ok()) return sent.status();
+  if (*sent != wire::SendResult::kSent) {
+    return absl::ResourceExhaustedError("channel full");
+  }
+  ++sent_;
+  return absl::OkStatus();
+}
+
+absl::Status FakeBroker::SendWelcome(uint32_t heartbeat_interval_ms,
+                                     uint32_t heartbeat_timeout_ms,
+                                     uint64_t worker_id) {
+  v1::HandoffMessage message;
+  v1::Welcome& welcome = *message.mutable_welcome();
+  welcome.mutable_version()->set_major(wire::kProtocolMajor);
+  welcome.mutable_version()->set_minor(wire::kProtocolMinor);
+  welcome.set_worker_id(worker_id);
+  welcome.set_heartbeat_interval_ms(heartbeat_interval_ms);
+  welcome.set_heartbeat_timeout_ms(heartbeat_timeout_ms);
+  return Send(std::move(message));
+}
+
+absl::Status FakeBroker::SendRefusal(v1::RefusalReason reason,
+                                     const std::string& text) {
+  v1::HandoffMessage message;
+  message.mutable_refusal()->set_reason(reason);
+  message.mutable_refusal()->set_message(text);
+  return Send(std::move(message));
+}
+
+absl::Status FakeBroker::SendConnection(uint64_t id, int fd,
+                                        const std::string& initial_data) {
+  v1::HandoffMessage message;
+  v1::Connection& connection = *message.mutable_connection();
+  connection.set_connection_id(id);
+  connection.set_peer_address(absl::StrCat("192.0.2.1:", 40000 + id));
+  connection.set_local_address("198.51.100.1:8080");
+  connection.set_accept_time_unix_nanos(absl::ToUnixNanos(absl::Now()));
+  connection.set_initial_data(initial_data);
+  return Send(std::move(message), fd);
+}
+
+absl::Status FakeBroker::SendDrain(absl::Time deadline) {
+  v1::HandoffMessage message;
+  message.mutable_drain()->set_deadline_unix_nanos(
+      deadline == absl::InfiniteFuture() ? 0 : absl::ToUnixNanos(deadline));
+  return Send(std::move(message));
+}
+
+absl::Status FakeBroker::SendHeartbeat() {
+  v1::HandoffMessage message;
+  message.mutable_heartbeat()->set_sent_unix_nanos(
+      absl::ToUnixNanos(absl::Now()));
+  return Send(std::move(message));
+}
+
+absl::Status FakeBroker::SendRawPacket(const std::string& bytes,
+                                       const std::vector<int>& fds) {
+  if (channel_ == nullptr) return absl::FailedPreconditionError("no channel");
+  absl::StatusOr<wire::SendResult> sent =
+      wire::SendPacket(wire::SysCalls::Real(), channel_->fd(),
+                       {bytes.data(), bytes.size()}, fds);
+  if (!sent.ok()) return sent.status();
+  if (*sent != wire::SendResult::kSent) {
+    return absl::ResourceExhaustedError("channel full");
+  }
+  return absl::OkStatus();
+}
+
+void FakeBroker::CloseChannel() { channel_.reset(); }
+
+FakeClient MakeFakeClient() {
+  int fds[2];
+  EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
+  return FakeClient{wire::UniqueFd(fds[0]), wire::UniqueFd(fds[1])};
+}
+
+bool ReadsEof(int fd, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  char buffer[256];
+  for (;;) {
+    if (!WaitReadable(fd, deadline)) return false;
+    const ssize_t n = ::recv(fd, buffer, sizeof(buffer), MSG_DONTWAIT);
+    if (n == 0) return true;
+    if (n < 0 && errno != EAGAIN && errno != EINTR) return true;
+  }
+}
+
+}  // namespace fdbroker::testing

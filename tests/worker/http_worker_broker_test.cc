@@ -1,0 +1,261 @@
+// The real fdbroker-http-worker binary registered with a fake broker (the
+// test): real TCP connections are handed to it with SCM_RIGHTS, and the
+// test checks the protocol (Ack, Closed, Reject, Goodbye) and the HTTP.
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/util/subprocess.h"
+#include "tests/util/test_util.h"
+#include "tests/worker/fake_broker.h"
+#include "tests/worker/raw_http.h"
+
+namespace fdbroker::testing {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::UnorderedElementsAre;
+using v1::HandoffMessage;
+
+constexpr char kWorker[] = FDBROKER_BIN_DIR "/fdbroker-http-worker";
+
+class HttpWorkerBrokerTest : public ::testing::Test {
+ protected:
+  void TearDown() override {
+    worker_.reset();
+    std::error_code ignored;
+    std::filesystem::remove_all(dir_, ignored);
+  }
+
+  // Starts the worker (finding the broker through FDBROKER_SOCKET unless
+  // `args` say otherwise) and registers it.
+  void StartWorker(std::vector<std::string> args = {},
+                   bool through_env = true) {
+    std::vector<std::string> argv = {kWorker, "--ready_file=" + dir_ + "/ready"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    Subprocess::Options options;
+    options.env["FDBROKER_SOCKET"] = through_env ? broker_.socket_path() : "";
+    absl::StatusOr<std::unique_ptr<Subprocess>> process =
+        Subprocess::Start(argv, options);
+    ASSERT_TRUE(process.ok()) << process.status();
+    worker_ = *std::move(process);
+    ASSERT_TRUE(broker_.Accept(absl::Seconds(20)).ok()) << worker_->Output();
+    absl::StatusOr<HandoffMessage> hello = broker_.Receive();
+    ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+    hello_ = hello->hello();
+    ASSERT_TRUE(broker_.SendWelcome(/*heartbeat_interval_ms=*/1000,
+                                    /*heartbeat_timeout_ms=*/30000)
+                    .ok());
+    // The ready file appears once the worker serves.
+    ASSERT_TRUE(WaitFor(
+        [&] { return ReadKeyValueFile(dir_ + "/ready").ok(); },
+        absl::Seconds(20)))
+        << worker_->Output();
+    absl::StatusOr<std::map<std::string, std::string>> ready =
+        ReadKeyValueFile(dir_ + "/ready");
+    ASSERT_TRUE(ready.ok());
+    EXPECT_EQ((*ready)["mode"], "broker");
+    EXPECT_EQ((*ready)["worker_id"], "7");
+  }
+
+  // The broker's next message that is not a heartbeat.
+  absl::StatusOr<HandoffMessage> Receive() {
+    for (;;) {
+      absl::StatusOr<HandoffMessage> message =
+          broker_.Receive(absl::Seconds(10));
+      if (!message.ok() || !message->has_heartbeat()) return message;
+    }
+  }
+
+  // Hands a new TCP connection to the worker, as the broker does: send the
+  // accepted socket, wait for the Ack, close the broker's copy.
+  wire::UniqueFd HandOff(uint64_t id, const std::string& initial_data = "") {
+    absl::StatusOr<TcpPair> pair = MakeTcpPair();
+    EXPECT_TRUE(pair.ok()) << pair.status();
+    if (!pair.ok()) return wire::UniqueFd();
+    EXPECT_TRUE(
+        broker_.SendConnection(id, pair->server.get(), initial_data).ok());
+    absl::StatusOr<HandoffMessage> ack = Receive();
+    EXPECT_TRUE(ack.ok() && ack->has_ack()) << ack.status();
+    if (ack.ok()) {
+      EXPECT_THAT(std::vector<uint64_t>(ack->ack().connection_ids().begin(),
+                                        ack->ack().connection_ids().end()),
+                  ElementsAre(id));
+    }
+    return std::move(pair->client);
+  }
+
+  // Collects the ids of Closed messages until `count` arrived.
+  std::vector<uint64_t> ReceiveClosed(size_t count) {
+    std::vector<uint64_t> ids;
+    while (ids.size() < count) {
+      absl::StatusOr<HandoffMessage> message = Receive();
+      EXPECT_TRUE(message.ok() && message->has_closed())
+          << (message.ok() ? message->DebugString()
+                           : message.status().ToString());
+      if (!message.ok() || !message->has_closed()) break;
+      ids.insert(ids.end(), message->closed().connection_ids().begin(),
+                 message->closed().connection_ids().end());
+    }
+    return ids;
+  }
+
+  void ExpectGoodbyeAndCleanExit() {
+    absl::StatusOr<HandoffMessage> goodbye = Receive();
+    ASSERT_TRUE(goodbye.ok() && goodbye->has_goodbye())
+        << (goodbye.ok() ? goodbye->DebugString()
+                         : goodbye.status().ToString());
+    EXPECT_TRUE(broker_.WaitForClose());
+    ExpectCleanExit();
+  }
+
+  void ExpectCleanExit() {
+    absl::StatusOr<int> exit_code = worker_->Wait(absl::Seconds(10));
+    ASSERT_TRUE(exit_code.ok()) << exit_code.status();
+    EXPECT_EQ(*exit_code, 0) << worker_->Output();
+  }
+
+  std::string pid() const { return absl::StrCat(worker_->pid()); }
+
+  std::string dir_ = MakeTempDir();
+  FakeBroker broker_;
+  std::unique_ptr<Subprocess> worker_;
+  v1::Hello hello_;
+};
+
+TEST_F(HttpWorkerBrokerTest, RegistersAndServesHandedOffConnections) {
+  StartWorker();
+  EXPECT_EQ(hello_.pid(), worker_->pid());
+  EXPECT_EQ(hello_.capacity(), 0u);
+  EXPECT_EQ(hello_.labels().at("program"), "fdbroker-http-worker");
+
+  // Bytes a previous owner read are answered before anything is read from
+  // the socket (the client writes nothing here).
+  wire::UniqueFd replayed = HandOff(
+      1, "GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+         "GET /missing HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+  absl::StatusOr<std::string> stream = ReadUntilClose(replayed.get());
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  EXPECT_THAT(ResponseStatuses(*stream), ElementsAre(200, 404));
+  EXPECT_THAT(*stream, HasSubstr("X-Worker-Pid: " + pid()));
+  EXPECT_THAT(ReceiveClosed(1), ElementsAre(1u));
+
+  // Keep-alive over a handed-off socket.
+  wire::UniqueFd client = HandOff(2);
+  for (int i = 0; i < 3; ++i) {
+    absl::StatusOr<HttpResponse> response = HttpGet(client.get(), "/", true);
+    ASSERT_TRUE(response.ok()) << response.status();
+    EXPECT_EQ(response->status, 200);
+    EXPECT_EQ(response->headers["x-worker-pid"], pid());
+  }
+  client.Reset();  // The client leaves: the worker reports it.
+  EXPECT_THAT(ReceiveClosed(1), ElementsAre(2u));
+}
+
+TEST_F(HttpWorkerBrokerTest, SocketAndCapacityFlags) {
+  StartWorker({"--socket=" + broker_.socket_path(), "--capacity=3"},
+              /*through_env=*/false);
+  EXPECT_EQ(hello_.capacity(), 3u);
+}
+
+TEST_F(HttpWorkerBrokerTest, DrainFinishesInFlightRequestsThenSaysGoodbye) {
+  StartWorker();
+  wire::UniqueFd idle = HandOff(1);
+  absl::StatusOr<HttpResponse> served = HttpGet(idle.get(), "/", true);
+  ASSERT_TRUE(served.ok()) << served.status();
+  // A request in progress: answered once the worker has read both.
+  wire::UniqueFd busy = HandOff(
+      2, "GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+         "GET /sleep?ms=600 HTTP/1.1\r\nHost: t\r\n\r\n");
+  absl::StatusOr<std::string> first = ReadUntilContains(busy.get(), "pid ");
+  ASSERT_TRUE(first.ok()) << first.status();
+
+  ASSERT_TRUE(broker_.SendDrain(absl::Now() + absl::Seconds(20)).ok());
+  // The idle connection closes at once.
+  absl::StatusOr<std::string> idle_rest = ReadUntilClose(idle.get());
+  ASSERT_TRUE(idle_rest.ok()) << idle_rest.status();
+  EXPECT_EQ(*idle_rest, "");
+  EXPECT_THAT(ReceiveClosed(1), ElementsAre(1u));
+
+  // A connection offered now goes back to the broker.
+  absl::StatusOr<TcpPair> late = MakeTcpPair();
+  ASSERT_TRUE(late.ok());
+  ASSERT_TRUE(broker_.SendConnection(3, late->server.get()).ok());
+  absl::StatusOr<HandoffMessage> reject = Receive();
+  ASSERT_TRUE(reject.ok() && reject->has_reject()) << reject.status();
+  EXPECT_THAT(std::vector<uint64_t>(reject->reject().connection_ids().begin(),
+                                    reject->reject().connection_ids().end()),
+              ElementsAre(3u));
+
+  // The sleeping request completes, with Connection: close.
+  absl::StatusOr<std::string> busy_rest = ReadUntilClose(busy.get());
+  ASSERT_TRUE(busy_rest.ok()) << busy_rest.status();
+  EXPECT_THAT(ResponseStatuses(*busy_rest), ElementsAre(200));
+  EXPECT_THAT(*busy_rest, HasSubstr("Connection: close"));
+  EXPECT_THAT(*busy_rest, HasSubstr("slept 600 ms"));
+  EXPECT_THAT(ReceiveClosed(1), ElementsAre(2u));
+  ExpectGoodbyeAndCleanExit();
+}
+
+TEST_F(HttpWorkerBrokerTest, BrokerLossDrainsAndExits) {
+  StartWorker();
+  wire::UniqueFd idle = HandOff(1);
+  ASSERT_TRUE(HttpGet(idle.get(), "/", true).ok());
+  wire::UniqueFd busy = HandOff(
+      2, "GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+         "GET /sleep?ms=500 HTTP/1.1\r\nHost: t\r\n\r\n");
+  ASSERT_TRUE(ReadUntilContains(busy.get(), "pid ").ok());
+
+  broker_.CloseChannel();  // The broker crashed.
+  absl::StatusOr<std::string> idle_rest = ReadUntilClose(idle.get());
+  ASSERT_TRUE(idle_rest.ok()) << idle_rest.status();
+  EXPECT_EQ(*idle_rest, "");
+  absl::StatusOr<std::string> busy_rest = ReadUntilClose(busy.get());
+  ASSERT_TRUE(busy_rest.ok()) << busy_rest.status();
+  EXPECT_THAT(ResponseStatuses(*busy_rest), ElementsAre(200));
+  EXPECT_THAT(*busy_rest, HasSubstr("slept 500 ms"));
+  ExpectCleanExit();
+  EXPECT_THAT(worker_->Stderr(), HasSubstr("lost the broker channel"));
+}
+
+TEST_F(HttpWorkerBrokerTest, SigtermDrainsAndSaysGoodbye) {
+  StartWorker();
+  wire::UniqueFd idle = HandOff(1);
+  ASSERT_TRUE(HttpGet(idle.get(), "/", true).ok());
+  ASSERT_TRUE(worker_->Signal(SIGTERM).ok());
+  absl::StatusOr<std::string> idle_rest = ReadUntilClose(idle.get());
+  ASSERT_TRUE(idle_rest.ok()) << idle_rest.status();
+  EXPECT_THAT(ReceiveClosed(1), ElementsAre(1u));
+  ExpectGoodbyeAndCleanExit();
+}
+
+TEST_F(HttpWorkerBrokerTest, RefusedWorkerExitsWithTheReason) {
+  Subprocess::Options options;
+  options.env["FDBROKER_SOCKET"] = broker_.socket_path();
+  absl::StatusOr<std::unique_ptr<Subprocess>> process =
+      Subprocess::Start({kWorker}, options);
+  ASSERT_TRUE(process.ok()) << process.status();
+  worker_ = *std::move(process);
+  ASSERT_TRUE(broker_.Accept(absl::Seconds(20)).ok());
+  ASSERT_TRUE(broker_.Receive().ok());
+  ASSERT_TRUE(
+      broker_.SendRefusal(v1::REFUSAL_REASON_SHUTTING_DOWN, "going away").ok());
+  broker_.CloseChannel();
+  absl::StatusOr<int> exit_code = worker_->Wait(absl::Seconds(10));
+  ASSERT_TRUE(exit_code.ok()) << exit_code.status();
+  EXPECT_EQ(*exit_code, 1);
+  EXPECT_THAT(worker_->Stderr(), HasSubstr("going away"));
+}
+
+}  // namespace
+}  // namespace fdbroker::testing

@@ -1,0 +1,46 @@
+#ifndef FDBROKER_WORKER_HTTP_BROKER_SOURCE_H_
+#define FDBROKER_WORKER_HTTP_BROKER_SOURCE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "connection_source.h"
+#include "fdbroker/worker.h"
+
+namespace fdbroker::http {
+
+// Broker mode: connections come from the broker through the worker SDK in
+// event-loop mode. Drain and broker loss both arrive as OnDrain().
+class BrokerSource final : public ConnectionSource {
+ public:
+  // Registers with the broker (options.socket_path, or FDBROKER_SOCKET).
+  // The callbacks in `options` are replaced.
+  static absl::StatusOr<std::unique_ptr<BrokerSource>> Connect(
+      worker::Options options);
+
+  uint64_t worker_id() const { return worker_->worker_id(); }
+
+  std::string Describe() const override;
+  int pollable_fd() const override { return worker_->pollable_fd(); }
+  absl::Duration OnReadable(ConnectionSink& sink) override;
+  void StopTaking(ConnectionSink& sink) override;
+  void ConnectionClosed(uint64_t source_id) override {
+    worker_->ConnectionClosed(source_id);
+  }
+  bool Finished() const override { return worker_->finished(); }
+
+ private:
+  BrokerSource() = default;
+
+  std::unique_ptr<worker::Worker> worker_;
+  std::string socket_path_;
+  uint32_t capacity_ = 0;
+  // Set only while ProcessEvents() runs: the SDK's callbacks fire there.
+  ConnectionSink* sink_ = nullptr;
+};
+
+}  // namespace fdbroker::http
+
+#endif  // FDBROKER_WORKER_HTTP_BROKER_SOURCE_H_

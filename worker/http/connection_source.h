@@ -1,0 +1,57 @@
+#ifndef FDBROKER_WORKER_HTTP_CONNECTION_SOURCE_H_
+#define FDBROKER_WORKER_HTTP_CONNECTION_SOURCE_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/time/time.h"
+#include "wire/unique_fd.h"
+
+namespace fdbroker::http {
+
+// Where the HTTP server's client connections come from: the broker (through
+// the worker SDK) or its own SO_REUSEPORT listener (standalone). The server
+// is the same code either way, which is what makes the benchmark's "direct"
+// baseline fair.
+
+// What a source tells the server.
+class ConnectionSink {
+ public:
+  virtual ~ConnectionSink() = default;
+  // A new client socket, owned by the server from now on. `source_id` is
+  // what ConnectionSource::ConnectionClosed() takes back.
+  virtual void OnNewConnection(wire::UniqueFd fd, uint64_t source_id,
+                               std::string initial_data) = 0;
+  // Stop taking work: finish in-flight requests, close idle connections.
+  // `deadline` is InfiniteFuture() if there is none.
+  virtual void OnDrain(absl::Time deadline) = 0;
+};
+
+// Loop thread only.
+class ConnectionSource {
+ public:
+  virtual ~ConnectionSource() = default;
+
+  // For the startup log line: "standalone on 127.0.0.1:8080", ...
+  virtual std::string Describe() const = 0;
+  // The fd to poll (level-triggered, readable); -1 once there is nothing to
+  // poll (a standalone listener closes its socket in StopTaking(), and epoll
+  // forgets a closed fd by itself).
+  virtual int pollable_fd() const = 0;
+  // pollable_fd() is readable: deliver what arrived. Returns how long the
+  // server should stop polling the source (non-zero when accept() ran out of
+  // fds, so that the loop does not spin).
+  virtual absl::Duration OnReadable(ConnectionSink& sink) = 0;
+  // Stop taking connections (SIGTERM). Connections the source already
+  // accepted may still be delivered to `sink`.
+  virtual void StopTaking(ConnectionSink& sink) = 0;
+  // A delivered connection was closed by the server.
+  virtual void ConnectionClosed(uint64_t source_id) = 0;
+  // The source has nothing left to do once the server holds no connection
+  // (standalone: stopped; broker: Goodbye said or broker gone).
+  virtual bool Finished() const = 0;
+};
+
+}  // namespace fdbroker::http
+
+#endif  // FDBROKER_WORKER_HTTP_CONNECTION_SOURCE_H_

@@ -1,0 +1,146 @@
+#include "worker_flags.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/reflection.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "wire/unique_fd.h"
+
+ABSL_FLAG(std::string, listen, "",
+          "HOST:PORT: run standalone on this address with SO_REUSEPORT "
+          "instead of registering with a broker (port 0: any free port)");
+ABSL_FLAG(std::string, socket, "",
+          "the broker's hand-off socket (default: $FDBROKER_SOCKET)");
+ABSL_FLAG(uint32_t, capacity, 0,
+          "most connections this worker takes at once; 0 = unlimited");
+ABSL_FLAG(std::string, ready_file, "",
+          "once serving, write key=value lines here (pid, mode, listen or "
+          "worker_id)");
+
+namespace fdbroker::http {
+namespace {
+
+constexpr absl::string_view kFlagNames[] = {"listen", "socket", "capacity",
+                                            "ready_file"};
+
+bool IsOurFlag(absl::string_view name) {
+  for (absl::string_view known : kFlagNames) {
+    if (name == known) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+std::string WorkerUsage() {
+  return "usage: fdbroker-http-worker [--listen=HOST:PORT | --socket=PATH] "
+         "[--capacity=N] [--ready_file=PATH]\n"
+         "  An HTTP/1.1 keep-alive example worker for fdbroker.\n"
+         "  --listen=HOST:PORT  run standalone (SO_REUSEPORT), no broker\n"
+         "  --socket=PATH       register with the broker at PATH (default "
+         "$FDBROKER_SOCKET)\n"
+         "  --capacity=N        most connections at once (0 = unlimited)\n"
+         "  --ready_file=PATH   write pid/mode/address here once serving\n";
+}
+
+absl::StatusOr<WorkerConfig> ParseWorkerFlags(int argc, char** argv) {
+  WorkerConfig config;
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view arg = argv[i];
+    if (!absl::StartsWith(arg, "-") || arg == "-" || arg == "--") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unexpected argument '", arg, "'"));
+    }
+    arg.remove_prefix(absl::StartsWith(arg, "--") ? 2 : 1);
+    const size_t equals = arg.find('=');
+    const absl::string_view name = arg.substr(0, equals);
+    if (name == "help" || name == "helpfull") {
+      config.help = true;
+      return config;
+    }
+    if (!IsOurFlag(name)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown flag --", name, " (see --help)"));
+    }
+    absl::string_view value;
+    if (equals != absl::string_view::npos) {
+      value = arg.substr(equals + 1);
+    } else if (i + 1 < argc) {
+      value = argv[++i];
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("flag --", name, " needs a value"));
+    }
+    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    std::string error;
+    if (flag == nullptr || !flag->ParseFrom(value, &error)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "invalid value '", value, "' for --", name, ": ", error));
+    }
+  }
+
+  config.capacity = absl::GetFlag(FLAGS_capacity);
+  config.ready_file = absl::GetFlag(FLAGS_ready_file);
+  const std::string listen = absl::GetFlag(FLAGS_listen);
+  std::string socket_path = absl::GetFlag(FLAGS_socket);
+  if (!listen.empty()) {
+    if (!socket_path.empty()) {
+      return absl::InvalidArgumentError(
+          "--listen (standalone) and --socket (broker) exclude each other");
+    }
+    absl::StatusOr<HostPort> address = ParseHostPort(listen);
+    if (!address.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("invalid --listen: ", address.status().message()));
+    }
+    config.listen = *address;
+    return config;
+  }
+  if (socket_path.empty()) {
+    const char* from_env = std::getenv("FDBROKER_SOCKET");
+    if (from_env != nullptr) socket_path = from_env;
+  }
+  if (socket_path.empty()) {
+    return absl::InvalidArgumentError(
+        "no broker socket: pass --socket=PATH or set FDBROKER_SOCKET to "
+        "register with a broker, or --listen=HOST:PORT to run standalone");
+  }
+  config.socket_path = socket_path;
+  return config;
+}
+
+absl::Status WriteFileAtomically(const std::string& path,
+                                 const std::string& contents) {
+  const std::string temp = absl::StrCat(path, ".tmp.", ::getpid());
+  wire::UniqueFd fd(
+      ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd) return absl::ErrnoToStatus(errno, absl::StrCat("open ", temp));
+  size_t written = 0;
+  while (written < contents.size()) {
+    const ssize_t n =
+        ::write(fd.get(), contents.data() + written, contents.size() - written);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int error = errno;
+      ::unlink(temp.c_str());
+      return absl::ErrnoToStatus(error, absl::StrCat("write ", temp));
+    }
+    written += static_cast<size_t>(n);
+  }
+  fd.Reset();
+  if (::rename(temp.c_str(), path.c_str()) != 0) {
+    const int error = errno;
+    ::unlink(temp.c_str());
+    return absl::ErrnoToStatus(error, absl::StrCat("rename to ", path));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace fdbroker::http

@@ -1,0 +1,42 @@
+#ifndef FDBROKER_WORKER_HTTP_WORKER_FLAGS_H_
+#define FDBROKER_WORKER_HTTP_WORKER_FLAGS_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "listener_source.h"
+
+namespace fdbroker::http {
+
+// The validated command line of fdbroker-http-worker.
+struct WorkerConfig {
+  // --listen: standalone on this address; unset: register with a broker.
+  std::optional<HostPort> listen;
+  // --socket, else $FDBROKER_SOCKET (broker mode only).
+  std::string socket_path;
+  // --capacity: most connections at once, 0 = unlimited (broker mode).
+  uint32_t capacity = 0;
+  // --ready_file: written once serving (see WriteReadyFile).
+  std::string ready_file;
+  // --help was given.
+  bool help = false;
+};
+
+// Parses and validates argv. Any problem (unknown flag, bad value, missing
+// mode) is an InvalidArgument whose message is one line for the user; the
+// caller exits with code 2. Unlike absl::ParseCommandLine, this never exits.
+absl::StatusOr<WorkerConfig> ParseWorkerFlags(int argc, char** argv);
+
+// The --help text.
+std::string WorkerUsage();
+
+// Writes `contents` to `path` atomically (temp file + rename), so a poller
+// never sees half of it.
+absl::Status WriteFileAtomically(const std::string& path,
+                                 const std::string& contents);
+
+}  // namespace fdbroker::http
+
+#endif  // FDBROKER_WORKER_HTTP_WORKER_FLAGS_H_

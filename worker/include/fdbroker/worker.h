@@ -1,0 +1,169 @@
+#ifndef FDBROKER_WORKER_INCLUDE_FDBROKER_WORKER_H_
+#define FDBROKER_WORKER_INCLUDE_FDBROKER_WORKER_H_
+
+// The C++ worker SDK of fdbroker: registers with the broker over the hand-off
+// socket and turns its protocol (Hello/Welcome, Connection/Ack, Reject,
+// Closed, Drain/Goodbye, heartbeats) into "here is a new connection".
+//
+// Two ways to use it:
+//  - Event-loop mode: poll pollable_fd() for readability in your own loop
+//    (epoll, poll, libuv, asyncio...) and call ProcessEvents() when it is
+//    readable. New connections and the start of a drain arrive through the
+//    callbacks in Options; call ConnectionClosed() when you close one.
+//  - Thread-per-connection mode: ServeThreadPerConnection() blocks, runs each
+//    connection's handler on its own thread, and returns when the worker has
+//    drained.
+//
+// Ownership rule: a connection delivered to the application belongs to it
+// (the fd arrives as a UniqueFd) and the broker has been told so (Ack). A
+// connection that could not be acknowledged is closed by the SDK and never
+// delivered: the broker still holds its copy and places it elsewhere.
+//
+// Losing the broker (channel closed, malformed message, heartbeat timeout)
+// does not cost the application its connections: the SDK behaves as if the
+// broker had sent a Drain without deadline (cause kBrokerLost).
+//
+// The SDK logs through spdlog's default logger.
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "wire/sys_calls.h"
+#include "wire/unique_fd.h"
+
+namespace fdbroker::worker {
+
+// A client connection the broker handed to this worker.
+struct ClientConnection {
+  // The broker's id for the connection (what ConnectionClosed() takes).
+  uint64_t id = 0;
+  // The connected client socket, close-on-exec. Its O_NONBLOCK flag is the
+  // broker's choice in event-loop mode; in thread-per-connection mode the SDK
+  // makes it blocking. Use MSG_DONTWAIT if you need to be sure.
+  wire::UniqueFd fd;
+  // Client address "ip:port" ("[v6]:port") and the address it connected to.
+  std::string peer_address;
+  std::string local_address;
+  // When the broker accepted the connection.
+  absl::Time accept_time;
+  // Bytes a previous owner already read from the socket: process them as if
+  // they had been read first, before reading from the socket.
+  std::string initial_data;
+};
+
+// Why the worker drains.
+enum class DrainCause {
+  // The broker sent Drain (scale-down, rolling restart, broker shutdown).
+  kBrokerRequest,
+  // The broker channel closed, failed, sent garbage or fell silent.
+  kBrokerLost,
+  // The application called StartDrain() (e.g. on SIGTERM).
+  kLocal,
+};
+
+absl::string_view DrainCauseName(DrainCause cause);
+
+struct Options {
+  // The broker's hand-off socket. Empty: the FDBROKER_SOCKET environment
+  // variable; Connect() fails if neither is set.
+  std::string socket_path;
+  // The most connections this worker wants at once; 0 means no limit. Extra
+  // connections are returned to the broker (Reject).
+  uint32_t capacity = 0;
+  // Shown by the broker's control plane (ListWorkers).
+  std::map<std::string, std::string> labels;
+  // How long Connect() waits for the broker's Welcome.
+  absl::Duration connect_timeout = absl::Seconds(10);
+
+  // Event-loop mode callbacks, run on the thread that calls ProcessEvents(),
+  // never with an SDK lock held (they may call any Worker method).
+  // A new connection; the application owns it now and must eventually call
+  // ConnectionClosed(id). Required in event-loop mode.
+  absl::AnyInvocable<void(ClientConnection)> on_connection;
+  // The worker started draining: take no new work, finish in-flight
+  // requests, close idle connections. `deadline` is InfiniteFuture() unless
+  // the broker set one (it ends a supervised worker after it). Called once.
+  absl::AnyInvocable<void(DrainCause cause, absl::Time deadline)> on_drain;
+
+  // Test seam for sendmsg/recvmsg on the broker channel; nullptr means the
+  // real syscalls. Must outlive the Worker.
+  wire::SysCalls* syscalls = nullptr;
+};
+
+// A registered worker. Created by Connect(); destroying it closes the broker
+// channel (connections already delivered stay open: the application owns
+// them). Thread-safe, except that ProcessEvents() and
+// ServeThreadPerConnection() must not run on two threads at once.
+class Worker {
+ public:
+  // Runs a connection to completion on its own thread (it owns conn.fd).
+  // Called concurrently from several threads.
+  using ConnectionHandler = std::function<void(ClientConnection conn)>;
+
+  // Connects to the broker, sends Hello and waits (at most
+  // options.connect_timeout) for Welcome. Errors: InvalidArgument (no socket
+  // path), Unavailable (no broker listening), DeadlineExceeded, or the
+  // broker's refusal with its reason and message (PermissionDenied,
+  // ResourceExhausted, FailedPrecondition, ...).
+  static absl::StatusOr<std::unique_ptr<Worker>> Connect(Options options);
+
+  virtual ~Worker() = default;
+
+  // The broker's id for this worker (from Welcome).
+  virtual uint64_t worker_id() const = 0;
+
+  // --- Event-loop mode -----------------------------------------------------
+
+  // Readable (level-triggered) whenever ProcessEvents() has work: broker
+  // messages, a heartbeat due, a ConnectionClosed() to report. Valid for the
+  // Worker's lifetime, also after the broker is gone. Do not read it.
+  virtual int pollable_fd() const = 0;
+
+  // Handles everything that is ready, without blocking: receives and
+  // acknowledges connections (one Ack per batch) and delivers them through
+  // on_connection, reports closed connections, sends and checks heartbeats,
+  // and says Goodbye once a draining worker owns no connection.
+  virtual void ProcessEvents() = 0;
+
+  // The application closed (or otherwise finished) connection `id`. Reported
+  // to the broker at the next ProcessEvents(), batched; pollable_fd() becomes
+  // readable to make sure that happens. Callable from any thread.
+  virtual void ConnectionClosed(uint64_t id) = 0;
+
+  // Drains on the worker's own initiative: new connections are returned to
+  // the broker, and once the application owns none the worker says Goodbye
+  // and finished() becomes true. Callable from any thread.
+  virtual void StartDrain() = 0;
+
+  // True from the start of a drain (any cause).
+  virtual bool draining() const = 0;
+  // True when the worker has drained: it owns no connection and has said
+  // Goodbye (or lost the broker). The application should exit (supervised)
+  // or destroy the Worker.
+  virtual bool finished() const = 0;
+  // Connections delivered and not yet reported closed.
+  virtual size_t active_connections() const = 0;
+
+  // --- Thread-per-connection mode ------------------------------------------
+
+  // Serves until the worker has finished draining: each new connection runs
+  // `handler` on its own thread, Closed is reported when it returns.
+  // Handlers should poll draining() between requests and return when it is
+  // true and the connection is idle. Returns after every handler thread
+  // has been joined. Ignores options.on_connection (on_drain still fires).
+  virtual absl::Status ServeThreadPerConnection(ConnectionHandler handler) = 0;
+};
+
+}  // namespace fdbroker::worker
+
+#endif  // FDBROKER_WORKER_INCLUDE_FDBROKER_WORKER_H_

@@ -1,0 +1,45 @@
+#ifndef FDBROKER_WORKER_SRC_REGISTRATION_H_
+#define FDBROKER_WORKER_SRC_REGISTRATION_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "fdbroker/v1/handoff.pb.h"
+#include "wire/message_channel.h"
+#include "wire/sys_calls.h"
+
+// The first exchange on a broker channel: connect, Hello, Welcome or Refusal.
+// Kept apart from the running worker so that a later re-registration (after a
+// broker restart, with Hello.owned_connections) reuses it as is.
+namespace fdbroker::worker {
+
+// The environment variable a supervised worker finds the broker through.
+inline constexpr char kSocketEnvVar[] = "FDBROKER_SOCKET";
+
+// `configured` if set, else $FDBROKER_SOCKET; InvalidArgument if neither.
+absl::StatusOr<std::string> ResolveSocketPath(const std::string& configured);
+
+struct Registration {
+  std::unique_ptr<wire::MessageChannel> channel;
+  v1::Welcome welcome;
+};
+
+// Connects a SOCK_SEQPACKET socket to `socket_path`, sends `hello` and waits
+// until `timeout` for the broker's answer. A Refusal becomes an error status
+// carrying the broker's reason and message (RefusalToStatus).
+absl::StatusOr<Registration> Register(const std::string& socket_path,
+                                      v1::HandoffMessage hello,
+                                      absl::Duration timeout,
+                                      wire::SysCalls& sys);
+
+// The status a refusal turns into: the code follows the reason (credentials:
+// PermissionDenied, too many workers: ResourceExhausted, ...), the message
+// names the reason and quotes the broker's explanation.
+absl::Status RefusalToStatus(const v1::Refusal& refusal);
+
+}  // namespace fdbroker::worker
+
+#endif  // FDBROKER_WORKER_SRC_REGISTRATION_H_

@@ -1,0 +1,53 @@
+// Worker::Connect(): resolve the socket, register, build the running worker.
+
+#include "fdbroker/worker.h"
+
+#include <unistd.h>
+
+#include <utility>
+
+#include "registration.h"
+#include "wire/message_channel.h"
+#include "worker_impl.h"
+
+namespace fdbroker::worker {
+
+absl::string_view DrainCauseName(DrainCause cause) {
+  switch (cause) {
+    case DrainCause::kBrokerRequest:
+      return "broker request";
+    case DrainCause::kBrokerLost:
+      return "broker lost";
+    case DrainCause::kLocal:
+      return "local";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<std::unique_ptr<Worker>> Worker::Connect(Options options) {
+  absl::StatusOr<std::string> socket_path =
+      ResolveSocketPath(options.socket_path);
+  if (!socket_path.ok()) return socket_path.status();
+
+  v1::HandoffMessage hello;
+  v1::Hello& body = *hello.mutable_hello();
+  body.mutable_version()->set_major(wire::kProtocolMajor);
+  body.mutable_version()->set_minor(wire::kProtocolMinor);
+  body.set_pid(static_cast<int32_t>(::getpid()));
+  body.set_capacity(options.capacity);
+  for (const auto& [key, value] : options.labels) {
+    (*body.mutable_labels())[key] = value;
+  }
+
+  wire::SysCalls& sys =
+      options.syscalls != nullptr ? *options.syscalls : wire::SysCalls::Real();
+  absl::StatusOr<Registration> registration = Register(
+      *socket_path, std::move(hello), options.connect_timeout, sys);
+  if (!registration.ok()) return registration.status();
+  absl::StatusOr<std::unique_ptr<WorkerImpl>> worker =
+      WorkerImpl::Create(std::move(options), *std::move(registration));
+  if (!worker.ok()) return worker.status();
+  return std::unique_ptr<Worker>(*std::move(worker));
+}
+
+}  // namespace fdbroker::worker
