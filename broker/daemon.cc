@@ -131,8 +131,8 @@ int Daemon::Run() {
   spdlog::info(
       "fdbroker stopped: {} accepted, {} handed off, {} re-placed, "
       "{} rejected (overload), {} closed at shutdown",
-      listener_ ? listener_->stats().accepted : 0, stats.handed_off,
-      stats.replaced, stats.rejected_overload,
+      stats.dispatched, stats.handed_off, stats.replaced,
+      stats.rejected_overload,
       stats.rejected_shutdown + dispatcher_->pending());
   return 0;
 }

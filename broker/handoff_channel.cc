@@ -119,11 +119,11 @@ void HandoffChannel::UpdateWatch() {
 
 void HandoffChannel::OnEvents(uint32_t events) {
   if (events & EPOLLOUT) {
-    const bool was_blocked = blocked_;
+    const bool was_congested = congested();
     blocked_ = false;
     FlushQueue();
     if (closed_) return;
-    if (was_blocked && queue_.empty()) delegate_.OnWritable(*this);
+    if (was_congested && !congested()) delegate_.OnWritable(*this);
   }
   if (closed_) return;
   if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) ReadMessages();

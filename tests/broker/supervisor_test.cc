@@ -67,10 +67,16 @@ TEST(SupervisorTest, ChildGetsOnlyStdioTheSocketEnvAndItsOwnGroup) {
   ASSERT_TRUE(pid.ok()) << pid.status();
   EXPECT_EQ(supervisor.running(), 1u);
   const std::string proc = "/proc/" + std::to_string(*pid);
-  // posix_spawn returns after exec, so /proc shows the new image already.
+  // posix_spawn returns once exec has replaced the memory image, a moment
+  // before the kernel has set up the new environment: poll for it.
+  std::string environ;
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (environ.empty() && absl::Now() < deadline) {
+    environ = Slurp(proc + "/environ");
+    if (environ.empty()) absl::SleepFor(absl::Milliseconds(1));
+  }
   EXPECT_EQ(Slurp(proc + "/comm"), "sleep\n");
   EXPECT_EQ(ListDir(proc + "/fd"), (std::vector<std::string>{"0", "1", "2"}));
-  const std::string environ = Slurp(proc + "/environ");
   EXPECT_NE(environ.find(std::string("FDBROKER_SOCKET=/run/test.sock\0", 31)),
             std::string::npos);
   EXPECT_EQ(::getpgid(*pid), *pid) << "child leads its own process group";

@@ -21,11 +21,10 @@ namespace {
 bool WaitReadable(int fd, absl::Time deadline) {
   for (;;) {
     const absl::Duration left = deadline - absl::Now();
-    const int ms =
-        left <= absl::ZeroDuration()
-            ? 0
-            : static_cast<int>(absl::ToInt64Milliseconds(
-                  absl::Ceil(left, absl::Milliseconds(1))));
+    const int ms = left <= absl::ZeroDuration()
+                       ? 0
+                       : static_cast<int>(absl::ToInt64Milliseconds(
+                             absl::Ceil(left, absl::Milliseconds(1))));
     pollfd p{fd, POLLIN, 0};
     const int n = ::poll(&p, 1, ms);
     if (n > 0) return true;
@@ -71,8 +70,7 @@ absl::Status FakeBroker::Accept(absl::Duration timeout) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<v1::HandoffMessage> FakeBroker::Receive(
-    absl::Duration timeout) {
+absl::StatusOr<v1::HandoffMessage> FakeBroker::Receive(absl::Duration timeout) {
   if (channel_ == nullptr) return absl::FailedPreconditionError("no channel");
   const absl::Time deadline = absl::Now() + timeout;
   for (;;) {

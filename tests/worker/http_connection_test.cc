@@ -31,7 +31,8 @@ class HttpConnectionTest : public ::testing::Test {
   static std::vector<int> Statuses(absl::string_view out) {
     std::vector<int> statuses;
     for (absl::string_view part : absl::StrSplit(out, "HTTP/1.1 ")) {
-      if (part.size() >= 3) statuses.push_back(std::stoi(std::string(part.substr(0, 3))));
+      if (part.size() >= 3)
+        statuses.push_back(std::stoi(std::string(part.substr(0, 3))));
     }
     return statuses;
   }
@@ -155,7 +156,8 @@ TEST_F(HttpConnectionTest, Http10ClosesUnlessKeepAlive) {
 }
 
 TEST_F(HttpConnectionTest, MalformedRequestIs400AndCloses) {
-  connection_.OnData("GET / HTTP/1.1\r\n\r\nNONSENSE\r\n\r\nGET / HTTP/1.1\r\n\r\n");
+  connection_.OnData(
+      "GET / HTTP/1.1\r\n\r\nNONSENSE\r\n\r\nGET / HTTP/1.1\r\n\r\n");
   const std::string out = TakeOutput();
   EXPECT_THAT(Statuses(out), ElementsAre(200, 400));
   EXPECT_THAT(out, HasSubstr("\r\nConnection: close\r\n"));

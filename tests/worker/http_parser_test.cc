@@ -96,9 +96,9 @@ TEST(HttpParserTest, RequestSplitAtEveryByteOffset) {
   for (size_t split = 0; split < data.size(); ++split) {
     RequestParser parser;
     HttpRequest request;
-    ASSERT_EQ(parser.Parse(absl::string_view(data).substr(0, split), request)
-                  .status,
-              ParseStatus::kIncomplete)
+    ASSERT_EQ(
+        parser.Parse(absl::string_view(data).substr(0, split), request).status,
+        ParseStatus::kIncomplete)
         << "split " << split;
     const ParseResult result = parser.Parse(data, request);
     ASSERT_EQ(result.status, ParseStatus::kComplete) << "split " << split;

@@ -41,7 +41,8 @@ class HttpWorkerBrokerTest : public ::testing::Test {
   // `args` say otherwise) and registers it.
   void StartWorker(std::vector<std::string> args = {},
                    bool through_env = true) {
-    std::vector<std::string> argv = {kWorker, "--ready_file=" + dir_ + "/ready"};
+    std::vector<std::string> argv = {kWorker,
+                                     "--ready_file=" + dir_ + "/ready"};
     argv.insert(argv.end(), args.begin(), args.end());
     Subprocess::Options options;
     options.env["FDBROKER_SOCKET"] = through_env ? broker_.socket_path() : "";
@@ -53,13 +54,13 @@ class HttpWorkerBrokerTest : public ::testing::Test {
     absl::StatusOr<HandoffMessage> hello = broker_.Receive();
     ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
     hello_ = hello->hello();
-    ASSERT_TRUE(broker_.SendWelcome(/*heartbeat_interval_ms=*/1000,
-                                    /*heartbeat_timeout_ms=*/30000)
+    ASSERT_TRUE(broker_
+                    .SendWelcome(/*heartbeat_interval_ms=*/1000,
+                                 /*heartbeat_timeout_ms=*/30000)
                     .ok());
     // The ready file appears once the worker serves.
-    ASSERT_TRUE(WaitFor(
-        [&] { return ReadKeyValueFile(dir_ + "/ready").ok(); },
-        absl::Seconds(20)))
+    ASSERT_TRUE(WaitFor([&] { return ReadKeyValueFile(dir_ + "/ready").ok(); },
+                        absl::Seconds(20)))
         << worker_->Output();
     absl::StatusOr<std::map<std::string, std::string>> ready =
         ReadKeyValueFile(dir_ + "/ready");
@@ -141,9 +142,10 @@ TEST_F(HttpWorkerBrokerTest, RegistersAndServesHandedOffConnections) {
 
   // Bytes a previous owner read are answered before anything is read from
   // the socket (the client writes nothing here).
-  wire::UniqueFd replayed = HandOff(
-      1, "GET / HTTP/1.1\r\nHost: t\r\n\r\n"
-         "GET /missing HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+  wire::UniqueFd replayed =
+      HandOff(1,
+              "GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+              "GET /missing HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
   absl::StatusOr<std::string> stream = ReadUntilClose(replayed.get());
   ASSERT_TRUE(stream.ok()) << stream.status();
   EXPECT_THAT(ResponseStatuses(*stream), ElementsAre(200, 404));
@@ -174,9 +176,10 @@ TEST_F(HttpWorkerBrokerTest, DrainFinishesInFlightRequestsThenSaysGoodbye) {
   absl::StatusOr<HttpResponse> served = HttpGet(idle.get(), "/", true);
   ASSERT_TRUE(served.ok()) << served.status();
   // A request in progress: answered once the worker has read both.
-  wire::UniqueFd busy = HandOff(
-      2, "GET / HTTP/1.1\r\nHost: t\r\n\r\n"
-         "GET /sleep?ms=600 HTTP/1.1\r\nHost: t\r\n\r\n");
+  wire::UniqueFd busy =
+      HandOff(2,
+              "GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+              "GET /sleep?ms=600 HTTP/1.1\r\nHost: t\r\n\r\n");
   absl::StatusOr<std::string> first = ReadUntilContains(busy.get(), "pid ");
   ASSERT_TRUE(first.ok()) << first.status();
 
@@ -211,9 +214,10 @@ TEST_F(HttpWorkerBrokerTest, BrokerLossDrainsAndExits) {
   StartWorker();
   wire::UniqueFd idle = HandOff(1);
   ASSERT_TRUE(HttpGet(idle.get(), "/", true).ok());
-  wire::UniqueFd busy = HandOff(
-      2, "GET / HTTP/1.1\r\nHost: t\r\n\r\n"
-         "GET /sleep?ms=500 HTTP/1.1\r\nHost: t\r\n\r\n");
+  wire::UniqueFd busy =
+      HandOff(2,
+              "GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+              "GET /sleep?ms=500 HTTP/1.1\r\nHost: t\r\n\r\n");
   ASSERT_TRUE(ReadUntilContains(busy.get(), "pid ").ok());
 
   broker_.CloseChannel();  // The broker crashed.

@@ -154,8 +154,8 @@ TEST_F(HttpWorkerStandaloneTest, SleepWaitsAndValidatesItsArgument) {
   EXPECT_EQ(slept->status, 200);
   EXPECT_GE(absl::Now() - start, absl::Milliseconds(150));
   EXPECT_EQ(slept->body, "slept 150 ms\n");
-  for (const char* bad : {"/sleep?ms=60001", "/sleep?ms=-1", "/sleep?ms=abc",
-                          "/sleep"}) {
+  for (const char* bad :
+       {"/sleep?ms=60001", "/sleep?ms=-1", "/sleep?ms=abc", "/sleep"}) {
     absl::StatusOr<HttpResponse> response = HttpGet(fd.get(), bad, true);
     ASSERT_TRUE(response.ok()) << response.status();
     EXPECT_EQ(response->status, 400) << bad;
@@ -166,7 +166,8 @@ TEST_F(HttpWorkerStandaloneTest, SleepWaitsAndValidatesItsArgument) {
   EXPECT_EQ(after->status, 200);
 }
 
-TEST_F(HttpWorkerStandaloneTest, MalformedRequestGets400AndTheConnectionCloses) {
+TEST_F(HttpWorkerStandaloneTest,
+       MalformedRequestGets400AndTheConnectionCloses) {
   for (const char* bad :
        {"NONSENSE\r\n\r\n", "GET / HTTP/1.1\r\nBad Header\r\n\r\n",
         "GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"}) {
@@ -204,7 +205,7 @@ TEST_F(HttpWorkerStandaloneTest, TransferEncodingGets501) {
 TEST_F(HttpWorkerStandaloneTest, RequestBodiesAreConsumed) {
   wire::UniqueFd fd = worker_.Connect();
   ASSERT_TRUE(SendAll(fd.get(),
-                      "POST /form HTTP/1.1\r\nContent-Length: 13\r\n\r\n"
+                      "POST /form HTTP/1.1\r\nContent-Length: 14\r\n\r\n"
                       "GET / HTTP/1.1"  // Body bytes that look like a request.
                       "GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
                   .ok());
@@ -259,9 +260,9 @@ TEST_F(HttpWorkerStandaloneTest, SecondSigtermClosesEverythingAtOnce) {
   ASSERT_TRUE(worker_.process().Signal(SIGTERM).ok());
   // The first signal was handled once the listener is gone (two pending
   // SIGTERMs would merge into one).
-  ASSERT_TRUE(WaitFor(
-      [&] { return !ConnectTcp("127.0.0.1", worker_.port()).ok(); },
-      absl::Seconds(10)));
+  ASSERT_TRUE(
+      WaitFor([&] { return !ConnectTcp("127.0.0.1", worker_.port()).ok(); },
+              absl::Seconds(10)));
   const absl::Time signalled = absl::Now();
   ASSERT_TRUE(worker_.process().Signal(SIGTERM).ok());
   absl::StatusOr<int> exit_code = worker_.process().Wait(absl::Seconds(10));
@@ -312,8 +313,7 @@ TEST(HttpWorkerFlagsTest, BadFlagsExitWithCode2) {
     absl::StatusOr<int> exit_code = (*process)->Wait(absl::Seconds(10));
     ASSERT_TRUE(exit_code.ok()) << exit_code.status();
     const std::string stderr_text = (*process)->Stderr();
-    EXPECT_EQ(*exit_code, 2) << absl::StrJoin(args, " ") << ": "
-                             << stderr_text;
+    EXPECT_EQ(*exit_code, 2) << absl::StrJoin(args, " ") << ": " << stderr_text;
     EXPECT_EQ(std::count(stderr_text.begin(), stderr_text.end(), '\n'), 1)
         << stderr_text;
     EXPECT_THAT(stderr_text, HasSubstr("fdbroker-http-worker: "));

@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <cerrno>
-
 #include <functional>
 
 #include "absl/strings/match.h"
@@ -44,10 +43,9 @@ absl::StatusOr<std::string> ReadUntil(
           absl::StrCat("connection still open; received so far: ", out));
     }
     pollfd p{fd, POLLIN, 0};
-    const int ready = ::poll(
-        &p, 1,
-        static_cast<int>(absl::ToInt64Milliseconds(
-            absl::Ceil(left, absl::Milliseconds(1)))));
+    const int ready = ::poll(&p, 1,
+                             static_cast<int>(absl::ToInt64Milliseconds(
+                                 absl::Ceil(left, absl::Milliseconds(1)))));
     if (ready < 0 && errno != EINTR) return absl::ErrnoToStatus(errno, "poll");
     if (ready <= 0) continue;
     const ssize_t n = ::recv(fd, buffer, sizeof(buffer), MSG_DONTWAIT);
@@ -120,8 +118,8 @@ absl::StatusOr<TcpPair> MakeTcpPair() {
                 size) != 0) {
     return absl::ErrnoToStatus(errno, "connect");
   }
-  pair.server.Reset(
-      ::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+  pair.server.Reset(::accept4(listener.get(), nullptr, nullptr,
+                              SOCK_CLOEXEC | SOCK_NONBLOCK));
   if (!pair.server) return absl::ErrnoToStatus(errno, "accept4");
   return pair;
 }

@@ -41,7 +41,8 @@ using v1::HandoffMessage;
 
 int OwnFdCount() { return CountOpenFds(::getpid()).value_or(-1); }
 
-std::vector<uint64_t> Ids(const google::protobuf::RepeatedField<uint64_t>& ids) {
+std::vector<uint64_t> Ids(
+    const google::protobuf::RepeatedField<uint64_t>& ids) {
   return std::vector<uint64_t>(ids.begin(), ids.end());
 }
 
@@ -171,8 +172,7 @@ TEST_F(WorkerSdkTest, HelloCarriesVersionPidCapacityAndLabels) {
 TEST_F(WorkerSdkTest, SocketPathComesFromTheEnvironment) {
   Options options = DefaultOptions();
   options.socket_path.clear();
-  ASSERT_EQ(::setenv("FDBROKER_SOCKET", broker_->socket_path().c_str(), 1),
-            0);
+  ASSERT_EQ(::setenv("FDBROKER_SOCKET", broker_->socket_path().c_str(), 1), 0);
   Register(std::move(options));
   ::unsetenv("FDBROKER_SOCKET");
   EXPECT_NE(worker_, nullptr);
@@ -234,9 +234,9 @@ TEST_F(WorkerSdkTest, ConnectTimesOutWithoutWelcome) {
 TEST_F(WorkerSdkTest, ConnectionArrivesAsTheSameSocketAndIsAcked) {
   Register(DefaultOptions());
   FakeClient client = MakeFakeClient();
-  ASSERT_TRUE(broker_->SendConnection(42, client.broker_end.get(),
-                                      "GET / HTTP/1.1\r\n")
-                  .ok());
+  ASSERT_TRUE(
+      broker_->SendConnection(42, client.broker_end.get(), "GET / HTTP/1.1\r\n")
+          .ok());
   ASSERT_TRUE(PumpUntil([&] { return !delivered_.empty(); }));
 
   absl::StatusOr<HandoffMessage> ack = broker_->Receive();
@@ -583,38 +583,36 @@ INSTANTIATE_TEST_SUITE_P(
                       [](FakeBroker& broker, int fd) {
                         HandoffMessage heartbeat;
                         heartbeat.mutable_heartbeat();
-                        ASSERT_TRUE(broker
-                                        .SendRawPacket(
-                                            WithSequence(
-                                                heartbeat,
-                                                broker.next_sequence() + 5)
-                                                .SerializeAsString())
-                                        .ok());
+                        ASSERT_TRUE(
+                            broker
+                                .SendRawPacket(
+                                    WithSequence(heartbeat,
+                                                 broker.next_sequence() + 5)
+                                        .SerializeAsString())
+                                .ok());
                       }},
         MalformedCase{"ConnectionWithoutFd",
                       [](FakeBroker& broker, int fd) {
                         HandoffMessage connection;
                         connection.mutable_connection()->set_connection_id(9);
-                        ASSERT_TRUE(
-                            broker
-                                .SendRawPacket(
-                                    WithSequence(connection,
-                                                 broker.next_sequence())
-                                        .SerializeAsString())
-                                .ok());
+                        ASSERT_TRUE(broker
+                                        .SendRawPacket(
+                                            WithSequence(connection,
+                                                         broker.next_sequence())
+                                                .SerializeAsString())
+                                        .ok());
                       }},
         MalformedCase{"HeartbeatWithFd",
                       [](FakeBroker& broker, int fd) {
                         HandoffMessage heartbeat;
                         heartbeat.mutable_heartbeat();
-                        ASSERT_TRUE(
-                            broker
-                                .SendRawPacket(WithSequence(
-                                                   heartbeat,
-                                                   broker.next_sequence())
-                                                   .SerializeAsString(),
-                                               {fd})
-                                .ok());
+                        ASSERT_TRUE(broker
+                                        .SendRawPacket(
+                                            WithSequence(heartbeat,
+                                                         broker.next_sequence())
+                                                .SerializeAsString(),
+                                            {fd})
+                                        .ok());
                       }},
         MalformedCase{"UnexpectedWelcome",
                       [](FakeBroker& broker, int fd) {
@@ -641,15 +639,15 @@ TEST_F(WorkerSdkTest, ThreadPerConnectionServesTwoConnectionsConcurrently) {
     absl::MutexLock lock(&mu);
     ++inside;
     // Both handlers must be inside at the same time: proof of concurrency.
-    const bool both = mu.AwaitWithTimeout(
-        absl::Condition(+[](int* n) { return *n >= 2; }, &inside),
-        absl::Seconds(5));
+    const bool both =
+        mu.AwaitWithTimeout(absl::Condition(
+                                +[](int* n) { return *n >= 2; }, &inside),
+                            absl::Seconds(5));
     const char* answer = both ? "2" : "1";
     (void)!::write(connection.fd.get(), answer, 1);
   };
-  std::thread serving([&] {
-    EXPECT_TRUE(worker_->ServeThreadPerConnection(handler).ok());
-  });
+  std::thread serving(
+      [&] { EXPECT_TRUE(worker_->ServeThreadPerConnection(handler).ok()); });
 
   FakeClient a = MakeFakeClient();
   FakeClient b = MakeFakeClient();
@@ -700,9 +698,8 @@ TEST_F(WorkerSdkTest, ThreadPerConnectionWaitsForHandlersBeforeGoodbye) {
     }
     handler_returned = true;
   };
-  std::thread serving([&] {
-    EXPECT_TRUE(worker_->ServeThreadPerConnection(handler).ok());
-  });
+  std::thread serving(
+      [&] { EXPECT_TRUE(worker_->ServeThreadPerConnection(handler).ok()); });
   FakeClient client = MakeFakeClient();
   ASSERT_TRUE(broker_->SendConnection(1, client.broker_end.get()).ok());
   client.broker_end.Reset();

@@ -23,14 +23,13 @@ absl::StatusOr<std::unique_ptr<BrokerSource>> BrokerSource::Connect(
                                  std::move(connection.initial_data));
   };
   options.on_drain = [self](worker::DrainCause cause, absl::Time deadline) {
-    spdlog::info("draining ({}){}",
-                 std::string(worker::DrainCauseName(cause)),
-                 deadline == absl::InfiniteFuture()
-                     ? std::string()
-                     : absl::StrCat(", deadline in ",
-                                    absl::FormatDuration(absl::Trunc(
-                                        deadline - absl::Now(),
-                                        absl::Milliseconds(1)))));
+    spdlog::info(
+        "draining ({}){}", std::string(worker::DrainCauseName(cause)),
+        deadline == absl::InfiniteFuture()
+            ? std::string()
+            : absl::StrCat(", deadline in ", absl::FormatDuration(absl::Trunc(
+                                                 deadline - absl::Now(),
+                                                 absl::Milliseconds(1)))));
     if (self->sink_ != nullptr) self->sink_->OnDrain(deadline);
   };
   source->capacity_ = options.capacity;
@@ -43,12 +42,10 @@ absl::StatusOr<std::unique_ptr<BrokerSource>> BrokerSource::Connect(
 }
 
 std::string BrokerSource::Describe() const {
-  return absl::StrCat("registered with the broker",
-                      socket_path_.empty() ? "" : " at ", socket_path_,
-                      " as worker ", worker_->worker_id(), " (capacity ",
-                      capacity_ == 0 ? std::string("unlimited")
-                                     : absl::StrCat(capacity_),
-                      ")");
+  return absl::StrCat(
+      "registered with the broker", socket_path_.empty() ? "" : " at ",
+      socket_path_, " as worker ", worker_->worker_id(), " (capacity ",
+      capacity_ == 0 ? std::string("unlimited") : absl::StrCat(capacity_), ")");
 }
 
 absl::Duration BrokerSource::OnReadable(ConnectionSink& sink) {

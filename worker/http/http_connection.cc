@@ -80,13 +80,13 @@ void HttpConnection::Handle(const HttpRequest& request) {
   const bool head = request.method == Method::kHead;
   // Without 100-continue support the client may or may not send the body:
   // the connection cannot be reused safely.
-  const bool keep_alive = request.keep_alive && !draining_ && !peer_closed_ &&
-                          !(request.expect_continue &&
-                            request.content_length > 0);
-  const ConnectionHeader connection =
-      !keep_alive                   ? ConnectionHeader::kClose
-      : request.version_minor == 0 ? ConnectionHeader::kKeepAlive
-                                    : ConnectionHeader::kNone;
+  const bool keep_alive =
+      request.keep_alive && !draining_ && !peer_closed_ &&
+      !(request.expect_continue && request.content_length > 0);
+  const ConnectionHeader connection = !keep_alive ? ConnectionHeader::kClose
+                                      : request.version_minor == 0
+                                          ? ConnectionHeader::kKeepAlive
+                                          : ConnectionHeader::kNone;
   if (!keep_alive) state_ = State::kClosing;
 
   Reply reply = Reply::kNotFound;

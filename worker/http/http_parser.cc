@@ -101,8 +101,7 @@ void ParseConnectionHeader(absl::string_view value, ConnectionOptions& out) {
 
 }  // namespace
 
-ParseResult RequestParser::Parse(absl::string_view data,
-                                 HttpRequest& request) {
+ParseResult RequestParser::Parse(absl::string_view data, HttpRequest& request) {
   auto error = [this](int status) {
     Reset();
     return ParseResult{ParseStatus::kError, 0, status};
@@ -128,8 +127,7 @@ ParseResult RequestParser::Parse(absl::string_view data,
   size_t end = absl::string_view::npos;
   size_t pos = std::max(start, scanned_);
   while (pos < data.size()) {
-    const void* found =
-        std::memchr(data.data() + pos, '\n', data.size() - pos);
+    const void* found = std::memchr(data.data() + pos, '\n', data.size() - pos);
     if (found == nullptr) {
       pos = data.size();
       break;
@@ -192,8 +190,7 @@ ParseResult RequestParser::Parse(absl::string_view data,
   ConnectionOptions connection;
   bool have_length = false;
   bool chunked_or_other_coding = false;
-  for (size_t line_start = next; line_start < head.size();
-       line_start = next) {
+  for (size_t line_start = next; line_start < head.size(); line_start = next) {
     const absl::string_view line = LineAt(head, line_start, next);
     if (line.empty()) break;  // The end of the head.
     // Obsolete line folding is rejected (RFC 9112 5.2).

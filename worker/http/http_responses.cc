@@ -53,9 +53,9 @@ const char* ConnectionLine(ConnectionHeader connection) {
   return "";
 }
 
-constexpr ConnectionHeader kConnectionHeaders[] = {
-    ConnectionHeader::kNone, ConnectionHeader::kKeepAlive,
-    ConnectionHeader::kClose};
+constexpr ConnectionHeader kConnectionHeaders[] = {ConnectionHeader::kNone,
+                                                   ConnectionHeader::kKeepAlive,
+                                                   ConnectionHeader::kClose};
 
 }  // namespace
 
@@ -72,10 +72,9 @@ Responses::Responses(pid_t pid)
         Canned& canned = canned_[Index(reply, connection, head)];
         canned.before_date = info.status_line;
         canned.after_date = absl::StrCat(
-            "Server: fdbroker-http-worker\r\n", pid_header_,
-            info.extra_headers, "Content-Type: text/plain\r\nContent-Length: ",
-            body.size(), "\r\n", ConnectionLine(connection), "\r\n",
-            head ? "" : body);
+            "Server: fdbroker-http-worker\r\n", pid_header_, info.extra_headers,
+            "Content-Type: text/plain\r\nContent-Length: ", body.size(), "\r\n",
+            ConnectionLine(connection), "\r\n", head ? "" : body);
       }
     }
   }
@@ -101,8 +100,8 @@ void Responses::SetDate(std::time_t now) {
   char buffer[64];
   const int n = std::snprintf(
       buffer, sizeof(buffer), "Date: %s, %02d %s %04d %02d:%02d:%02d GMT\r\n",
-      kDays[utc.tm_wday], utc.tm_mday, kMonths[utc.tm_mon],
-      utc.tm_year + 1900, utc.tm_hour, utc.tm_min, utc.tm_sec);
+      kDays[utc.tm_wday], utc.tm_mday, kMonths[utc.tm_mon], utc.tm_year + 1900,
+      utc.tm_hour, utc.tm_min, utc.tm_sec);
   date_line_.assign(buffer, n > 0 ? static_cast<size_t>(n) : 0);
 }
 

@@ -49,7 +49,8 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Create(
   if (::pthread_sigmask(SIG_BLOCK, &signals, nullptr) != 0) {
     return absl::InternalError("pthread_sigmask failed");
   }
-  wire::UniqueFd signal_fd(::signalfd(-1, &signals, SFD_CLOEXEC | SFD_NONBLOCK));
+  wire::UniqueFd signal_fd(
+      ::signalfd(-1, &signals, SFD_CLOEXEC | SFD_NONBLOCK));
   if (!signal_fd) return absl::ErrnoToStatus(errno, "signalfd");
   epoll_event event{};
   event.events = EPOLLIN;
@@ -97,7 +98,8 @@ absl::Status HttpServer::Run() {
       return absl::ErrnoToStatus(errno, "epoll_wait");
     }
     RefreshClock();
-    for (int i = 0; i < count; ++i) Dispatch(events[i].data.u64, events[i].events);
+    for (int i = 0; i < count; ++i)
+      Dispatch(events[i].data.u64, events[i].events);
     RunTimers();
     RunDeferredReads();
   }
@@ -118,7 +120,8 @@ int HttpServer::NextTimeoutMillis() const {
   if (!deferred_reads_.empty()) return 0;
   MonoTime next = MonoTime::max();
   if (!timers_.empty()) next = timers_.top().at;
-  for (const auto& at : {source_paused_until_, drain_deadline_, forced_exit_at_}) {
+  for (const auto& at :
+       {source_paused_until_, drain_deadline_, forced_exit_at_}) {
     if (at.has_value()) next = std::min(next, *at);
   }
   if (next == MonoTime::max()) return -1;
@@ -202,8 +205,7 @@ void HttpServer::OnNewConnection(wire::UniqueFd fd, uint64_t source_id,
   epoll_event event{};
   event.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
   event.data.u64 = slot.key;
-  if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, slot.fd.get(), &event) !=
-      0) {
+  if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, slot.fd.get(), &event) != 0) {
     spdlog::error("epoll_ctl(ADD) of a client socket: {}",
                   std::strerror(errno));
     owned.reset();
@@ -218,19 +220,16 @@ void HttpServer::OnNewConnection(wire::UniqueFd fd, uint64_t source_id,
   Service(slot);
 }
 
-void HttpServer::OnDrain(absl::Time deadline) {
-  BeginDrain(deadline);
-}
+void HttpServer::OnDrain(absl::Time deadline) { BeginDrain(deadline); }
 
 void HttpServer::BeginDrain(absl::Time deadline) {
   if (deadline != absl::InfiniteFuture()) {
-    const absl::Duration left = std::max(deadline - absl::Now(),
-                                         absl::ZeroDuration());
+    const absl::Duration left =
+        std::max(deadline - absl::Now(), absl::ZeroDuration());
     const MonoTime at =
         now_ + std::chrono::nanoseconds(absl::ToInt64Nanoseconds(left));
-    drain_deadline_ = drain_deadline_.has_value()
-                          ? std::min(*drain_deadline_, at)
-                          : at;
+    drain_deadline_ =
+        drain_deadline_.has_value() ? std::min(*drain_deadline_, at) : at;
   }
   if (draining_) return;
   draining_ = true;
@@ -272,8 +271,8 @@ void HttpServer::OnReadable(Slot& slot) {
       slot.read_deferred = true;
       break;
     }
-    const ssize_t n = ::recv(slot.fd.get(), read_buffer_.get(),
-                             kReadBufferSize, MSG_DONTWAIT);
+    const ssize_t n = ::recv(slot.fd.get(), read_buffer_.get(), kReadBufferSize,
+                             MSG_DONTWAIT);
     if (n > 0) {
       slot.http.OnData(
           absl::string_view(read_buffer_.get(), static_cast<size_t>(n)));
@@ -299,8 +298,8 @@ void HttpServer::OnReadable(Slot& slot) {
 
 void HttpServer::DiscardInput(Slot& slot) {
   for (;;) {
-    const ssize_t n = ::recv(slot.fd.get(), read_buffer_.get(),
-                             kReadBufferSize, MSG_DONTWAIT);
+    const ssize_t n = ::recv(slot.fd.get(), read_buffer_.get(), kReadBufferSize,
+                             MSG_DONTWAIT);
     if (n > 0) continue;
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;

@@ -48,8 +48,8 @@ int Run(const fdbroker::http::WorkerConfig& config) {
       spdlog::error("cannot listen: {}", listener.status().ToString());
       return 1;
     }
-    absl::StrAppend(&ready, "mode=standalone\nlisten=",
-                    (*listener)->bound_address(), "\n");
+    absl::StrAppend(
+        &ready, "mode=standalone\nlisten=", (*listener)->bound_address(), "\n");
     source = *std::move(listener);
   } else {
     fdbroker::worker::Options options;

@@ -34,8 +34,7 @@ absl::Status EpollAdd(int epoll_fd, int fd, uint32_t events, uint64_t data) {
   return EpollControl(epoll_fd, EPOLL_CTL_ADD, fd, events, data);
 }
 
-absl::Status EpollModify(int epoll_fd, int fd, uint32_t events,
-                         uint64_t data) {
+absl::Status EpollModify(int epoll_fd, int fd, uint32_t events, uint64_t data) {
   return EpollControl(epoll_fd, EPOLL_CTL_MOD, fd, events, data);
 }
 

@@ -18,8 +18,7 @@ using MonoTime = std::chrono::steady_clock::time_point;
 absl::StatusOr<wire::UniqueFd> CreateEpoll();
 // epoll_ctl(ADD/MOD/DEL) with `data` as the event's u64.
 absl::Status EpollAdd(int epoll_fd, int fd, uint32_t events, uint64_t data);
-absl::Status EpollModify(int epoll_fd, int fd, uint32_t events,
-                         uint64_t data);
+absl::Status EpollModify(int epoll_fd, int fd, uint32_t events, uint64_t data);
 absl::Status EpollDelete(int epoll_fd, int fd);
 
 // A one-shot CLOCK_MONOTONIC timer (steady_clock is CLOCK_MONOTONIC on

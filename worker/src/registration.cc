@@ -24,10 +24,9 @@ absl::StatusOr<wire::UniqueFd> ConnectSocket(const std::string& path,
   sockaddr_un address{};
   address.sun_family = AF_UNIX;
   if (path.size() >= sizeof(address.sun_path)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("broker socket path is too long (", path.size(),
-                     " bytes, the limit is ", sizeof(address.sun_path) - 1,
-                     "): ", path));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "broker socket path is too long (", path.size(),
+        " bytes, the limit is ", sizeof(address.sun_path) - 1, "): ", path));
   }
   std::memcpy(address.sun_path, path.data(), path.size());
   wire::UniqueFd fd(
@@ -61,10 +60,9 @@ absl::StatusOr<std::string> ResolveSocketPath(const std::string& configured) {
 }
 
 absl::Status RefusalToStatus(const v1::Refusal& refusal) {
-  const std::string text =
-      absl::StrCat("the broker refused to register this worker (",
-                   v1::RefusalReason_Name(refusal.reason()),
-                   "): ", refusal.message());
+  const std::string text = absl::StrCat(
+      "the broker refused to register this worker (",
+      v1::RefusalReason_Name(refusal.reason()), "): ", refusal.message());
   switch (refusal.reason()) {
     case v1::REFUSAL_REASON_CREDENTIALS:
       return absl::PermissionDeniedError(text);
@@ -86,7 +84,8 @@ absl::StatusOr<Registration> Register(const std::string& socket_path,
   const absl::Time deadline = absl::Now() + timeout;
   absl::StatusOr<wire::UniqueFd> socket = ConnectSocket(socket_path, deadline);
   if (!socket.ok()) return socket.status();
-  auto channel = std::make_unique<wire::MessageChannel>(*std::move(socket), sys);
+  auto channel =
+      std::make_unique<wire::MessageChannel>(*std::move(socket), sys);
 
   // A fresh socket's send buffer is empty, so Hello cannot meet EAGAIN.
   absl::StatusOr<wire::SendResult> sent = channel->Send(hello);
@@ -136,7 +135,8 @@ absl::StatusOr<Registration> Register(const std::string& socket_path,
                        wire::BodyName(reply), " instead of Welcome"));
   }
   const v1::Welcome& welcome = reply.welcome();
-  if (welcome.has_version() && welcome.version().major() != wire::kProtocolMajor) {
+  if (welcome.has_version() &&
+      welcome.version().major() != wire::kProtocolMajor) {
     return absl::FailedPreconditionError(absl::StrCat(
         "the broker at ", socket_path, " speaks protocol ",
         welcome.version().major(), ".", welcome.version().minor(),

@@ -41,8 +41,8 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Connect(Options options) {
 
   wire::SysCalls& sys =
       options.syscalls != nullptr ? *options.syscalls : wire::SysCalls::Real();
-  absl::StatusOr<Registration> registration = Register(
-      *socket_path, std::move(hello), options.connect_timeout, sys);
+  absl::StatusOr<Registration> registration =
+      Register(*socket_path, std::move(hello), options.connect_timeout, sys);
   if (!registration.ok()) return registration.status();
   absl::StatusOr<std::unique_ptr<WorkerImpl>> worker =
       WorkerImpl::Create(std::move(options), *std::move(registration));

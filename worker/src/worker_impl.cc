@@ -38,15 +38,15 @@ absl::StatusOr<std::unique_ptr<WorkerImpl>> WorkerImpl::Create(
   if (!timer.ok()) return timer.status();
   absl::StatusOr<WakeFd> wake = WakeFd::Create();
   if (!wake.ok()) return wake.status();
-  for (auto [fd, tag] : {std::pair{registration.channel->fd(), kChannelTag},
-                         std::pair{timer->fd(), kTimerTag},
-                         std::pair{wake->fd(), kWakeTag}}) {
+  for (auto [fd, tag] :
+       {std::pair{registration.channel->fd(), kChannelTag},
+        std::pair{timer->fd(), kTimerTag}, std::pair{wake->fd(), kWakeTag}}) {
     absl::Status added = EpollAdd(epoll_fd->get(), fd, EPOLLIN, tag);
     if (!added.ok()) return added;
   }
-  std::unique_ptr<WorkerImpl> worker(
-      new WorkerImpl(std::move(options), std::move(registration),
-                     *std::move(epoll_fd), *std::move(timer), *std::move(wake)));
+  std::unique_ptr<WorkerImpl> worker(new WorkerImpl(
+      std::move(options), std::move(registration), *std::move(epoll_fd),
+      *std::move(timer), *std::move(wake)));
   {
     absl::MutexLock lock(&worker->mu_);
     worker->ArmTimerLocked();
@@ -173,9 +173,9 @@ void WorkerImpl::ReceiveLocked() {
               absl::StrCat("connection ", id, " offered twice by the broker"));
           break;
         }
-        const bool full = capacity_ > 0 && owned_.size() + unsent_acks_ +
-                                                   taken.size() >=
-                                               capacity_;
+        const bool full =
+            capacity_ > 0 &&
+            owned_.size() + unsent_acks_ + taken.size() >= capacity_;
         if (draining_ || full) {
           // Our copy closes here; the broker still holds the socket.
           fd.Reset();
@@ -194,17 +194,17 @@ void WorkerImpl::ReceiveLocked() {
       }
       case v1::HandoffMessage::kDrain:
         if (!draining_ || drain_cause_ != DrainCause::kBrokerRequest) {
-          spdlog::info("fdbroker worker: the broker asked this worker to drain");
+          spdlog::info(
+              "fdbroker worker: the broker asked this worker to drain");
         }
-        BeginDrainLocked(DrainCause::kBrokerRequest,
-                         DeadlineFromUnixNanos(
-                             incoming_.drain().deadline_unix_nanos()));
+        BeginDrainLocked(
+            DrainCause::kBrokerRequest,
+            DeadlineFromUnixNanos(incoming_.drain().deadline_unix_nanos()));
         break;
       case v1::HandoffMessage::kHeartbeat:
         break;
       default:
-        LoseChannelLocked(absl::StrCat("unexpected ",
-                                       wire::BodyName(incoming_),
+        LoseChannelLocked(absl::StrCat("unexpected ", wire::BodyName(incoming_),
                                        " message from the broker"));
         break;
     }
@@ -469,10 +469,9 @@ absl::Status WorkerImpl::ServeThreadPerConnection(ConnectionHandler handler) {
   }
   HandlerThreads threads(*this, std::move(handler));
   for (;;) {
-    ProcessEventsWith(
-        [&threads](ClientConnection connection) {
-          threads.Start(std::move(connection));
-        });
+    ProcessEventsWith([&threads](ClientConnection connection) {
+      threads.Start(std::move(connection));
+    });
     threads.JoinFinished();
     if (finished()) break;
     pollfd readable{epoll_fd_.get(), POLLIN, 0};
