@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds fdbroker (Release) and runs the broker in the
-# foreground with 4 supervised HTTP example workers:
-#   clients on 0.0.0.0:8080, gRPC control on 127.0.0.1:50051,
-#   metrics on 0.0.0.0:9464. Ctrl-C drains the workers and exits.
+# foreground with 4 supervised HTTP example workers, clients on 0.0.0.0:8080.
+# Ctrl-C drains the workers and exits (a second Ctrl-C stops at once).
 #
 #   deploy/run.sh [extra fdbroker flags...]    e.g. deploy/run.sh --workers=8
 #
