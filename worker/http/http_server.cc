@@ -149,7 +149,8 @@ void HttpServer::Dispatch(uint64_t key, uint32_t events) {
   Slot* slot = Find(key);
   // A connection closed earlier in this batch of events.
   if (slot == nullptr) return;
-  if ((events & EPOLLOUT) != 0 && slot->write_blocked) {
+  // An error or hang-up may come without EPOLLOUT: let the next send fail.
+  if ((events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) != 0 && slot->write_blocked) {
     OnWritable(*slot);
     slot = Find(key);
     if (slot == nullptr) return;
@@ -181,8 +182,7 @@ void HttpServer::OnSignal() {
     const char* name = info.ssi_signo == SIGINT ? "SIGINT" : "SIGTERM";
     if (!draining_) {
       spdlog::info("{}: draining {} connections", name, slots_.size());
-      BeginDrain(absl::InfiniteFuture());
-      source_->StopTaking(*this);
+      BeginDrain(absl::InfiniteFuture(), StopSource::kYes);
     } else if (!forced_exit_at_.has_value()) {
       spdlog::warn("second {}: closing {} connections now", name,
                    slots_.size());
@@ -220,9 +220,12 @@ void HttpServer::OnNewConnection(wire::UniqueFd fd, uint64_t source_id,
   Service(slot);
 }
 
-void HttpServer::OnDrain(absl::Time deadline) { BeginDrain(deadline); }
+void HttpServer::OnDrain(absl::Time deadline) {
+  // The source already stopped taking connections.
+  BeginDrain(deadline, StopSource::kNo);
+}
 
-void HttpServer::BeginDrain(absl::Time deadline) {
+void HttpServer::BeginDrain(absl::Time deadline, StopSource stop_source) {
   if (deadline != absl::InfiniteFuture()) {
     const absl::Duration left =
         std::max(deadline - absl::Now(), absl::ZeroDuration());
@@ -233,6 +236,10 @@ void HttpServer::BeginDrain(absl::Time deadline) {
   }
   if (draining_) return;
   draining_ = true;
+  // Stop the source before closing idle connections: a client that sees its
+  // connection closed must not be able to open a new one here. What the
+  // source still delivers arrives draining.
+  if (stop_source == StopSource::kYes) source_->StopTaking(*this);
   std::vector<uint64_t> keys;
   keys.reserve(slots_.size());
   for (const auto& [key, slot] : slots_) keys.push_back(key);

@@ -100,7 +100,8 @@ class HttpServer final : public ConnectionSink {
   void RunDeferredReads();
   int NextTimeoutMillis() const;
   void RefreshClock();
-  void BeginDrain(absl::Time deadline);
+  enum class StopSource { kNo, kYes };
+  void BeginDrain(absl::Time deadline, StopSource stop_source);
   void CloseAll();
   Slot* Find(uint64_t key);
 

@@ -193,10 +193,7 @@ void WorkerImpl::ReceiveLocked() {
         break;
       }
       case v1::HandoffMessage::kDrain:
-        if (!draining_ || drain_cause_ != DrainCause::kBrokerRequest) {
-          spdlog::info(
-              "fdbroker worker: the broker asked this worker to drain");
-        }
+        spdlog::debug("fdbroker worker: Drain from the broker");
         BeginDrainLocked(
             DrainCause::kBrokerRequest,
             DeadlineFromUnixNanos(incoming_.drain().deadline_unix_nanos()));
