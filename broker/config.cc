@@ -14,6 +14,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "broker/balancing_policy.h"
+#include "broker/control_server.h"
 #include "broker/supervisor.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:8080",
@@ -42,6 +43,16 @@ ABSL_FLAG(int, max_pending, 4096,
           "are closed and counted as overload.");
 ABSL_FLAG(absl::Duration, pending_timeout, absl::Seconds(10),
           "Longest a connection waits for a worker before it is closed.");
+ABSL_FLAG(std::string, control, "127.0.0.1:50051",
+          "Address of the gRPC control plane, HOST:PORT (port 0 picks one; "
+          "empty disables it).");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain for the control plane (enables TLS).");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls_cert.");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle: require and verify client certificates (mTLS).");
+ABSL_FLAG(bool, allow_insecure_control, false,
+          "Serve the control plane in plaintext on a non-loopback address.");
 ABSL_FLAG(std::string, ready_file, "",
           "Once listening, write key=value lines (listen=, socket=, pid=) to "
           "this file (atomically), for scripts and tests using port 0.");
@@ -196,6 +207,47 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   }
   config.max_pending = static_cast<size_t>(max_pending);
   config.ready_file = absl::GetFlag(FLAGS_ready_file);
+
+  config.control_address = absl::GetFlag(FLAGS_control);
+  if (!config.control_address.empty() &&
+      !absl::StartsWith(config.control_address, "localhost:")) {
+    absl::StatusOr<SocketAddress> control =
+        SocketAddress::Parse(config.control_address);
+    if (!control.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--control: ", control.status().message()));
+    }
+  }
+  config.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  config.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  config.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  config.allow_insecure_control = absl::GetFlag(FLAGS_allow_insecure_control);
+  if (config.tls_cert_file.empty() != config.tls_key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls_cert and --tls_key must be given together");
+  }
+  if (!config.tls_client_ca_file.empty() && config.tls_cert_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls_client_ca (mTLS) needs --tls_cert and --tls_key");
+  }
+  if (!config.control_address.empty() && config.tls_cert_file.empty() &&
+      !config.allow_insecure_control &&
+      !IsLoopbackAddress(config.control_address)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--control=", config.control_address,
+        " is not a loopback address: give --tls_cert and --tls_key, or "
+        "--allow_insecure_control to serve plaintext anyway"));
+  }
+  for (const auto& [flag, path] :
+       {std::pair<const char*, const std::string&>{"--tls_cert",
+                                                   config.tls_cert_file},
+        {"--tls_key", config.tls_key_file},
+        {"--tls_client_ca", config.tls_client_ca_file}}) {
+    if (!path.empty() && ::access(path.c_str(), R_OK) != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(flag, ": cannot read ", path));
+    }
+  }
   return config;
 }
 

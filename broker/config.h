@@ -25,6 +25,12 @@ struct BrokerConfig {
   size_t max_pending = 0;
   absl::Duration pending_timeout;
   std::string ready_file;
+  // Control plane; empty address disables it.
+  std::string control_address;
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
+  bool allow_insecure_control = false;
 };
 
 // Parses argv into the absl flags. Unlike absl::ParseCommandLine, a bad flag

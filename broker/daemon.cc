@@ -26,7 +26,12 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(
 Daemon::Daemon(const BrokerConfig& config) : config_(config) {}
 
 Daemon::~Daemon() {
-  // Tear down in dependency order while the loop still exists.
+  // Tear down in dependency order while the loop still exists. The control
+  // server goes first: its handlers post to the loop.
+  hub_.Close();
+  control_server_.reset();
+  control_service_.reset();
+  operations_.reset();
   listener_.reset();
   handoff_server_.reset();
   manager_.reset();
@@ -78,7 +83,8 @@ absl::Status Daemon::Init() {
   manager_options.heartbeat_timeout = config_.heartbeat_timeout;
   manager_options.start_timeout = config_.worker_start_timeout;
   manager_ = std::make_unique<WorkerManager>(
-      *loop_, registry_, *dispatcher_, *supervisor_, sys, manager_options);
+      *loop_, registry_, *dispatcher_, *supervisor_, sys, manager_options,
+      [this](const WorkerEvent& event) { OnEvent(event); });
 
   absl::StatusOr<std::unique_ptr<HandoffServer>> server = HandoffServer::Create(
       *loop_, config_.socket_path, HandoffServer::Options{}, sys,
@@ -95,7 +101,31 @@ absl::Status Daemon::Init() {
                        });
   if (!listener.ok()) return listener.status();
   listener_ = *std::move(listener);
+
+  operations_ = std::make_unique<DataPlaneOperations>(
+      *loop_, *listener_, registry_, *dispatcher_, *manager_,
+      [this](const WorkerEvent& event) { OnEvent(event); });
+  if (!config_.control_address.empty()) {
+    control_service_ =
+        std::make_unique<ControlService>(*loop_, *operations_, hub_);
+    ControlServer::Options control_options;
+    control_options.address = config_.control_address;
+    control_options.tls_cert_file = config_.tls_cert_file;
+    control_options.tls_key_file = config_.tls_key_file;
+    control_options.tls_client_ca_file = config_.tls_client_ca_file;
+    control_options.allow_insecure = config_.allow_insecure_control;
+    absl::StatusOr<std::unique_ptr<ControlServer>> control =
+        ControlServer::Start(control_options, *control_service_);
+    if (!control.ok()) return control.status();
+    control_server_ = *std::move(control);
+  }
   return absl::OkStatus();
+}
+
+void Daemon::OnEvent(const WorkerEvent& event) {
+  hub_.Publish(event);
+  // Readiness may have changed (a worker became ready or went away).
+  if (operations_ != nullptr) operations_->RefreshHealth();
 }
 
 absl::Status Daemon::WriteReadyFile() const {
@@ -106,6 +136,9 @@ absl::Status Daemon::WriteReadyFile() const {
     out << "listen=" << listener_->address().ToString() << "\n"
         << "socket=" << handoff_server_->path() << "\n"
         << "pid=" << ::getpid() << "\n";
+    if (control_server_ != nullptr) {
+      out << "control=" << control_server_->address() << "\n";
+    }
     if (!out.good()) return absl::InternalError("cannot write " + tmp);
   }
   // rename() is atomic: a reader sees the whole file or none of it.
@@ -117,6 +150,14 @@ absl::Status Daemon::WriteReadyFile() const {
 
 int Daemon::Run() {
   manager_->Start();
+  operations_->Start([this](bool serving) {
+    if (control_server_ != nullptr) control_server_->SetServing(serving);
+  });
+  if (control_server_ != nullptr) {
+    spdlog::info("control plane on {} ({}; reflection and health on)",
+                 control_server_->address(),
+                 control_server_->tls() ? "TLS" : "plaintext");
+  }
   spdlog::info(
       "fdbroker listening on {}, hand-off socket {}, {} worker(s), "
       "policy {}",
@@ -127,6 +168,11 @@ int Daemon::Run() {
     return 1;
   }
   loop_->Run();
+  // No RPC may wait on a loop that is gone: refuse new posts, end streams,
+  // then stop the gRPC server.
+  loop_->Close();
+  hub_.Close();
+  if (control_server_ != nullptr) control_server_->Shutdown();
   const ConnectionDispatcher::Stats& stats = dispatcher_->stats();
   spdlog::info(
       "fdbroker stopped: {} accepted, {} handed off, {} re-placed, "
@@ -159,7 +205,8 @@ void Daemon::BeginShutdown() {
   shutting_down_ = true;
   // Closing the listener refuses new clients at once rather than letting
   // them wait in a backlog nobody will serve.
-  listener_.reset();
+  listener_->Close();
+  operations_->RefreshHealth();
   // Give queued connections to workers before they are told to drain; the
   // channel's order guarantees each Connection arrives before the Drain.
   dispatcher_->PlacePending();

@@ -5,8 +5,12 @@
 
 #include "absl/status/statusor.h"
 #include "broker/balancing_policy.h"
+#include "broker/broker_operations.h"
 #include "broker/config.h"
 #include "broker/connection_dispatcher.h"
+#include "broker/control_server.h"
+#include "broker/control_service.h"
+#include "broker/event_hub.h"
 #include "broker/event_loop.h"
 #include "broker/handoff_server.h"
 #include "broker/listener.h"
@@ -34,6 +38,7 @@ class Daemon {
   absl::Status Init();
   absl::Status WriteReadyFile() const;
   void OnSignal();
+  void OnEvent(const WorkerEvent& event);
   void BeginShutdown();
 
   const BrokerConfig config_;
@@ -48,6 +53,10 @@ class Daemon {
   std::unique_ptr<WorkerManager> manager_;
   std::unique_ptr<HandoffServer> handoff_server_;
   std::unique_ptr<Listener> listener_;
+  EventHub hub_;
+  std::unique_ptr<DataPlaneOperations> operations_;
+  std::unique_ptr<ControlService> control_service_;
+  std::unique_ptr<ControlServer> control_server_;
   bool shutting_down_ = false;
 };
 

@@ -126,14 +126,24 @@ void EventLoop::RunSoon(Task task) {
   soon_.push_back(std::move(task));
 }
 
-void EventLoop::Post(Task task) {
+bool EventLoop::Post(Task task) {
   {
     absl::MutexLock lock(&post_mu_);
+    if (closed_) return false;
     posted_.push_back(std::move(task));
   }
   uint64_t one = 1;
   // EAGAIN means the counter is already non-zero: the loop will wake anyway.
   (void)::write(wakeup_.get(), &one, sizeof(one));
+  return true;
+}
+
+void EventLoop::Close() {
+  {
+    absl::MutexLock lock(&post_mu_);
+    closed_ = true;
+  }
+  RunPosted();
 }
 
 void EventLoop::Stop() {

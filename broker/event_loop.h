@@ -70,8 +70,12 @@ class EventLoop {
   // destroying the object whose callback is running).
   void RunSoon(Task task);
 
-  // Thread-safe: runs `task` on the loop thread soon.
-  void Post(Task task) ABSL_LOCKS_EXCLUDED(post_mu_);
+  // Thread-safe: runs `task` on the loop thread soon. Returns false (and
+  // drops the task) once the loop is closed.
+  bool Post(Task task) ABSL_LOCKS_EXCLUDED(post_mu_);
+  // Refuses further Post()s and runs what was posted before. Call on the
+  // loop's thread after Run() has returned for good.
+  void Close() ABSL_LOCKS_EXCLUDED(post_mu_);
 
   // Runs until Stop(). Binds the loop to the calling thread.
   void Run();
@@ -121,6 +125,7 @@ class EventLoop {
 
   absl::Mutex post_mu_;
   std::vector<Task> posted_ ABSL_GUARDED_BY(post_mu_);
+  bool closed_ ABSL_GUARDED_BY(post_mu_) = false;
 };
 
 }  // namespace fdbroker

@@ -65,12 +65,21 @@ absl::Status Listener::Init() {
 
 void Listener::Pause() {
   accepting_ = false;
-  UpdateWatch();
+  if (watch_ != nullptr) UpdateWatch();
 }
 
 void Listener::Resume() {
+  if (!socket_.valid()) return;
   accepting_ = true;
   UpdateWatch();
+}
+
+void Listener::Close() {
+  accepting_ = false;
+  if (resume_timer_ != 0) loop_.Cancel(resume_timer_);
+  resume_timer_ = 0;
+  watch_.reset();
+  socket_.Reset();
 }
 
 void Listener::UpdateWatch() {

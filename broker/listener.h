@@ -55,7 +55,9 @@ class Listener {
   // backlog instead of being refused. Resume() takes them again.
   void Pause();
   void Resume();
-  bool accepting() const { return accepting_; }
+  // Closes the socket for good (shutdown): clients are refused from now on.
+  void Close();
+  bool accepting() const { return accepting_ && socket_.valid(); }
   const Stats& stats() const { return stats_; }
 
  private:

@@ -39,13 +39,28 @@ pid_t ParentPid(pid_t pid) {
 WorkerManager::WorkerManager(EventLoop& loop, WorkerRegistry& registry,
                              ConnectionDispatcher& dispatcher,
                              Supervisor& supervisor, wire::SysCalls& sys,
-                             const Options& options)
+                             const Options& options, EventCallback on_event)
     : loop_(loop),
       registry_(registry),
       dispatcher_(dispatcher),
       supervisor_(supervisor),
       sys_(sys),
-      options_(options) {}
+      options_(options),
+      on_event_(std::move(on_event)) {}
+
+void WorkerManager::Emit(WorkerEvent::Type type, const Worker* worker,
+                         std::string detail, std::string exit_status) {
+  if (!on_event_) return;
+  WorkerEvent event;
+  event.type = type;
+  if (worker != nullptr) {
+    event.worker_id = worker->id;
+    event.pid = worker->pid;
+  }
+  event.detail = std::move(detail);
+  event.exit_status = std::move(exit_status);
+  on_event_(event);
+}
 
 WorkerManager::~WorkerManager() {
   if (restart_timer_ != 0) loop_.Cancel(restart_timer_);
@@ -83,16 +98,12 @@ void WorkerManager::Refuse(HandoffChannel& channel, v1::RefusalReason reason,
   channel.Close(absl::PermissionDeniedError(message));
 }
 
-Worker* WorkerManager::FindStartingAncestor(pid_t pid) {
+Worker* WorkerManager::FindSupervisedAncestor(pid_t pid) {
   // A --worker_cmd may be a wrapper (a shell script, an interpreter launcher)
   // whose child registers: walk a few generations up to the spawned pid.
   for (int depth = 0; depth < 4 && pid > 1; ++depth) {
     Worker* worker = registry_.FindByPid(pid);
-    if (worker != nullptr) {
-      return worker->supervised && worker->state == WorkerState::kStarting
-                 ? worker
-                 : nullptr;
-    }
+    if (worker != nullptr) return worker->supervised ? worker : nullptr;
     pid = ParentPid(pid);
   }
   return nullptr;
@@ -117,7 +128,14 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
     spdlog::debug("hello pid {} differs from SO_PEERCRED pid {}", hello.pid(),
                   peer.pid);
   }
-  Worker* worker = FindStartingAncestor(peer.pid);
+  Worker* worker = FindSupervisedAncestor(peer.pid);
+  if (worker != nullptr && worker->state != WorkerState::kStarting) {
+    Refuse(channel, v1::REFUSAL_REASON_OTHER,
+           worker->retiring
+               ? "this worker is being stopped"
+               : absl::StrCat("worker ", worker->id, " is already registered"));
+    return;
+  }
   if (worker == nullptr) {
     size_t registered = 0;
     for (const auto& [id, w] : registry_.workers()) {
@@ -164,7 +182,12 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
                peer.pid, worker->supervised ? "supervised" : "external",
                worker->capacity == 0 ? std::string("unlimited")
                                      : absl::StrCat(worker->capacity));
+  Emit(WorkerEvent::Type::kWorkerReady, worker,
+       worker->supervised ? "supervised" : "external");
   dispatcher_.PlacePending();
+  if (pending_replaces_.contains(worker->id)) {
+    OnReplacementDone(worker->id, absl::OkStatus());
+  }
 }
 
 // ---- Messages -----------------------------------------------------------
@@ -249,8 +272,18 @@ void WorkerManager::OnChannelClosed(HandoffChannel& channel,
   dispatcher_.ReclaimUnacked(*worker);
   worker->channel.reset();  // Safe: the channel invokes us from a fresh turn.
   if (!worker->supervised) {
+    if (worker->retiring) {
+      Emit(WorkerEvent::Type::kWorkerExited, worker, "unregistered");
+    } else {
+      Emit(WorkerEvent::Type::kWorkerCrashed, worker,
+           std::string(reason.message()));
+    }
     RemoveWorker(*worker);
     return;
+  }
+  if (worker->state != WorkerState::kDraining) {
+    Emit(WorkerEvent::Type::kWorkerDraining, worker,
+         absl::StrCat("channel lost: ", reason.message()));
   }
   // A supervised worker without a channel drains itself (SDK contract) and
   // exits; if it does not by the deadline, Tick() ends it.
@@ -294,18 +327,34 @@ void WorkerManager::OnChildExited(pid_t pid, int wait_status) {
     dispatcher_.ReclaimUnacked(*worker);
     worker->channel.reset();
   }
+  const uint64_t id = worker->id;
+  Emit(crashed ? WorkerEvent::Type::kWorkerCrashed
+               : WorkerEvent::Type::kWorkerExited,
+       worker, "", DescribeWaitStatus(wait_status));
   RemoveWorker(*worker);
+  if (pending_replaces_.contains(id)) {
+    OnReplacementDone(
+        id,
+        absl::UnavailableError(absl::StrCat(
+            "the replacement worker ", id, " (pid ", pid,
+            ") exited before registering: ", DescribeWaitStatus(wait_status))));
+  }
   Reconcile();
 }
 
-void WorkerManager::Reconcile() {
-  if (shutting_down_) return;
+int WorkerManager::CountServing() const {
   int serving = 0;
   for (const auto& [id, worker] : registry_.workers()) {
     serving += worker->supervised && !worker->retiring &&
                worker->state != WorkerState::kDraining &&
                worker->state != WorkerState::kExited;
   }
+  return serving;
+}
+
+void WorkerManager::Reconcile() {
+  if (shutting_down_ || pool_suspended_) return;
+  const int serving = CountServing();
   if (serving >= options_.target_workers || restart_timer_ != 0) return;
   absl::Duration delay = absl::ZeroDuration();
   if (crash_streak_ > 0) {
@@ -320,32 +369,187 @@ void WorkerManager::Reconcile() {
   spdlog::info("restarting worker(s) in {}", absl::FormatDuration(delay));
   restart_timer_ = loop_.RunAfter(delay, [this] {
     restart_timer_ = 0;
-    int serving = 0;
-    for (const auto& [id, worker] : registry_.workers()) {
-      serving += worker->supervised && !worker->retiring &&
-                 worker->state != WorkerState::kDraining &&
-                 worker->state != WorkerState::kExited;
+    if (shutting_down_ || pool_suspended_ ||
+        CountServing() >= options_.target_workers) {
+      return;
     }
-    if (shutting_down_ || serving >= options_.target_workers) return;
     ++stats_.restarts;
-    SpawnOne();
+    SpawnOne(/*restart=*/true);
     // One at a time while crashing; Reconcile schedules the rest.
     Reconcile();
   });
 }
 
-void WorkerManager::SpawnOne() {
+uint64_t WorkerManager::SpawnOne(bool restart) {
   absl::StatusOr<pid_t> pid = supervisor_.Spawn();
   if (!pid.ok()) {
     spdlog::error("cannot start worker: {}", pid.status().ToString());
     ++crash_streak_;
     Reconcile();
-    return;
+    return 0;
   }
   Worker& worker =
       registry_.Add(*pid, /*supervised=*/true, WorkerState::kStarting,
                     absl::Now(), loop_.NowNanos());
   spdlog::info("worker {} started: pid {}", worker.id, *pid);
+  Emit(restart ? WorkerEvent::Type::kWorkerRestarted
+               : WorkerEvent::Type::kWorkerStarted,
+       &worker);
+  return worker.id;
+}
+
+// ---- Control-plane operations --------------------------------------------
+
+absl::StatusOr<WorkerManager::ScaleResult> WorkerManager::Scale(
+    int count, absl::Duration drain_timeout) {
+  if (shutting_down_) {
+    return absl::FailedPreconditionError("the broker is shutting down");
+  }
+  if (count < 0 || count > options_.max_workers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("count must be in 0..", options_.max_workers,
+                     " (--max_workers), got ", count));
+  }
+  ScaleResult result;
+  result.previous_count = options_.target_workers;
+  result.count = count;
+  options_.target_workers = count;
+  std::vector<Worker*> serving;
+  for (const auto& [id, worker] : registry_.workers()) {
+    if (worker->supervised && !worker->retiring &&
+        worker->state != WorkerState::kDraining &&
+        worker->state != WorkerState::kExited) {
+      serving.push_back(worker.get());
+    }
+  }
+  const int have = static_cast<int>(serving.size());
+  if (have > count) {
+    // Unregistered workers first (they serve nobody), then the least loaded;
+    // among equals the youngest, so long-lived workers keep their caches.
+    std::sort(serving.begin(), serving.end(), [](Worker* a, Worker* b) {
+      const bool a_starting = a->state == WorkerState::kStarting;
+      const bool b_starting = b->state == WorkerState::kStarting;
+      if (a_starting != b_starting) return a_starting;
+      if (a->load() != b->load()) return a->load() < b->load();
+      return a->id > b->id;
+    });
+    for (int i = 0; i < have - count; ++i) {
+      DrainWorker(*serving[i], drain_timeout);
+      result.draining.push_back(serving[i]->id);
+    }
+  } else if (have < count && !pool_suspended_) {
+    // An operator asked: start now, without the crash back-off.
+    if (restart_timer_ != 0) {
+      loop_.Cancel(restart_timer_);
+      restart_timer_ = 0;
+    }
+    for (int i = have; i < count; ++i) {
+      const uint64_t id = SpawnOne();
+      if (id == 0) {
+        return absl::InternalError(absl::StrCat("could not start a worker (",
+                                                supervisor_.argv()[0],
+                                                "); see the broker's log"));
+      }
+      result.started.push_back(id);
+    }
+  }
+  Emit(WorkerEvent::Type::kScaleRequested, nullptr,
+       absl::StrCat("count ", result.previous_count, " -> ", count, ": ",
+                    result.started.size(), " started, ", result.draining.size(),
+                    " draining"));
+  return result;
+}
+
+void WorkerManager::DrainWorkerById(uint64_t id, absl::Duration timeout,
+                                    bool replace, DrainCallback done) {
+  Worker* worker = registry_.Find(id);
+  if (worker == nullptr || worker->state == WorkerState::kExited) {
+    done(absl::NotFoundError(absl::StrCat(
+        "no worker with id ", id, " (ListWorkers shows the current ids)")));
+    return;
+  }
+  if (shutting_down_) {
+    done(absl::FailedPreconditionError("the broker is shutting down"));
+    return;
+  }
+  if (worker->retiring || worker->state == WorkerState::kDraining) {
+    done(absl::FailedPreconditionError(
+        absl::StrCat("worker ", id, " is already draining")));
+    return;
+  }
+  if (replace && !worker->supervised) {
+    done(absl::FailedPreconditionError(absl::StrCat(
+        "worker ", id,
+        " is external: replace applies to supervised workers only (the "
+        "broker cannot start an external worker)")));
+    return;
+  }
+  Emit(WorkerEvent::Type::kWorkerDrainRequested, worker,
+       replace ? "with replacement" : "");
+  if (!replace) {
+    if (worker->supervised) {
+      // The operator removes this worker: the pool shrinks rather than
+      // restarting it.
+      options_.target_workers = std::max(0, options_.target_workers - 1);
+    }
+    DrainWorker(*worker, timeout);
+    done(DrainResult{id, 0});
+    return;
+  }
+  const uint64_t replacement = SpawnOne();
+  if (replacement == 0) {
+    done(
+        absl::InternalError("could not start the replacement worker; see "
+                            "the broker's log"));
+    return;
+  }
+  pending_replaces_.emplace(replacement,
+                            PendingReplace{id, timeout, std::move(done)});
+}
+
+void WorkerManager::OnReplacementDone(uint64_t replacement_id,
+                                      const absl::Status& status) {
+  auto it = pending_replaces_.find(replacement_id);
+  PendingReplace pending = std::move(it->second);
+  pending_replaces_.erase(it);
+  if (!status.ok()) {
+    pending.done(status);
+    return;
+  }
+  Worker* old = registry_.Find(pending.old_id);
+  if (old == nullptr || old->state == WorkerState::kExited) {
+    // It went away while its replacement started; the pool is whole.
+    pending.done(DrainResult{pending.old_id, replacement_id});
+    return;
+  }
+  if (!old->retiring) DrainWorker(*old, pending.timeout);
+  pending.done(DrainResult{pending.old_id, replacement_id});
+}
+
+std::vector<uint64_t> WorkerManager::SuspendPool(absl::Duration timeout) {
+  pool_suspended_ = true;
+  if (restart_timer_ != 0) {
+    loop_.Cancel(restart_timer_);
+    restart_timer_ = 0;
+  }
+  std::vector<uint64_t> draining;
+  for (const auto& [id, worker] : registry_.workers()) {
+    if (!worker->retiring && worker->state != WorkerState::kDraining) {
+      DrainWorker(*worker, timeout);
+      draining.push_back(id);
+    }
+  }
+  return draining;
+}
+
+std::vector<uint64_t> WorkerManager::ResumePool() {
+  pool_suspended_ = false;
+  std::vector<uint64_t> started;
+  for (int i = CountServing(); i < options_.target_workers; ++i) {
+    const uint64_t id = SpawnOne();
+    if (id != 0) started.push_back(id);
+  }
+  return started;
 }
 
 // ---- Heartbeats, deadlines, draining -------------------------------------
@@ -420,6 +624,8 @@ void WorkerManager::DrainWorker(Worker& worker, absl::Duration timeout) {
   if (worker.channel == nullptr) {
     // Not registered yet: nothing to drain.
     if (worker.supervised) supervisor_.Signal(worker.pid, SIGTERM);
+    Emit(WorkerEvent::Type::kWorkerDraining, &worker,
+         "stopped before it registered");
     return;
   }
   v1::HandoffMessage drain;
@@ -428,6 +634,8 @@ void WorkerManager::DrainWorker(Worker& worker, absl::Duration timeout) {
   worker.channel->SendControl(std::move(drain));
   spdlog::info("worker {} (pid {}) draining, deadline in {}", worker.id,
                worker.pid, absl::FormatDuration(timeout));
+  Emit(WorkerEvent::Type::kWorkerDraining, &worker,
+       absl::StrCat("deadline in ", absl::FormatDuration(timeout)));
 }
 
 void WorkerManager::DrainAll(absl::Duration timeout,

@@ -5,7 +5,9 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/functional/any_invocable.h"
@@ -15,6 +17,7 @@
 #include "broker/event_loop.h"
 #include "broker/handoff_channel.h"
 #include "broker/supervisor.h"
+#include "broker/worker_events.h"
 #include "broker/worker_registry.h"
 #include "wire/sys_calls.h"
 
@@ -49,9 +52,24 @@ class WorkerManager : public HandoffChannel::Delegate {
     uint64_t lost_with_worker = 0;  // Owned connections of crashed workers.
   };
 
+  using EventCallback = std::function<void(const WorkerEvent&)>;
+  struct ScaleResult {
+    int previous_count = 0;
+    int count = 0;
+    std::vector<uint64_t> started;
+    std::vector<uint64_t> draining;
+  };
+  struct DrainResult {
+    uint64_t worker_id = 0;
+    uint64_t replacement_id = 0;  // 0 unless replaced.
+  };
+  using DrainCallback =
+      absl::AnyInvocable<void(absl::StatusOr<DrainResult> result)>;
+
   WorkerManager(EventLoop& loop, WorkerRegistry& registry,
                 ConnectionDispatcher& dispatcher, Supervisor& supervisor,
-                wire::SysCalls& sys, const Options& options);
+                wire::SysCalls& sys, const Options& options,
+                EventCallback on_event = nullptr);
   ~WorkerManager() override;
 
   // Spawns the initial pool and starts the heartbeat ticker.
@@ -69,6 +87,27 @@ class WorkerManager : public HandoffChannel::Delegate {
   // (plus a short grace for reaping) has passed.
   void DrainAll(absl::Duration timeout, absl::AnyInvocable<void()> done);
 
+  // Sets the supervised pool size. Scale-up starts workers now (no
+  // back-off: an operator asked); scale-down drains the workers with the
+  // fewest connections first (unregistered ones before any). Idempotent.
+  absl::StatusOr<ScaleResult> Scale(int count, absl::Duration drain_timeout);
+  // Drains worker `id`. With `replace` (supervised only) a replacement is
+  // started first and `id` drains once it has registered; `done` runs then
+  // (or with the error if the replacement failed). Without `replace` a
+  // supervised pool shrinks by one. NotFound, FailedPrecondition on misuse.
+  void DrainWorkerById(uint64_t id, absl::Duration timeout, bool replace,
+                       DrainCallback done);
+  // Broker-wide Drain with a timeout: every worker drains and none is
+  // restarted until ResumePool(), which restores the pool (returns the ids
+  // of the workers it started).
+  std::vector<uint64_t> SuspendPool(absl::Duration timeout);
+  std::vector<uint64_t> ResumePool();
+  bool pool_suspended() const { return pool_suspended_; }
+  bool shutting_down() const { return shutting_down_; }
+  int target_workers() const { return options_.target_workers; }
+  int max_workers() const { return options_.max_workers; }
+  absl::Duration drain_timeout() const { return options_.drain_timeout; }
+
   const Stats& stats() const { return stats_; }
 
   // HandoffChannel::Delegate.
@@ -83,10 +122,16 @@ class WorkerManager : public HandoffChannel::Delegate {
   void Refuse(HandoffChannel& channel, v1::RefusalReason reason,
               absl::string_view message);
   absl::Status OnWorkerMessage(Worker& worker, v1::HandoffMessage& message);
-  Worker* FindStartingAncestor(pid_t pid);
+  // The supervised worker that is `pid` or one of its near ancestors.
+  Worker* FindSupervisedAncestor(pid_t pid);
   void RemoveWorker(Worker& worker);
   void Reconcile();
-  void SpawnOne();
+  // Starts one supervised worker; returns its id (0 on failure).
+  uint64_t SpawnOne(bool restart = false);
+  int CountServing() const;
+  void Emit(WorkerEvent::Type type, const Worker* worker,
+            std::string detail = "", std::string exit_status = "");
+  void OnReplacementDone(uint64_t replacement_id, const absl::Status& status);
   void Tick();
   void MaybeFinishShutdown();
 
@@ -103,6 +148,16 @@ class WorkerManager : public HandoffChannel::Delegate {
   EventLoop::TimerId restart_timer_ = 0;
   EventLoop::TimerId tick_timer_ = 0;
   bool shutting_down_ = false;
+  bool pool_suspended_ = false;
+  EventCallback on_event_;
+  // Rolling restarts waiting for their replacement: replacement id -> the
+  // worker to drain and the caller to answer.
+  struct PendingReplace {
+    uint64_t old_id;
+    absl::Duration timeout;
+    DrainCallback done;
+  };
+  absl::flat_hash_map<uint64_t, PendingReplace> pending_replaces_;
   int64_t shutdown_deadline_nanos_ = 0;
   absl::AnyInvocable<void()> shutdown_done_;
   Stats stats_;

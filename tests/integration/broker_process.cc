@@ -24,7 +24,7 @@ absl::StatusOr<std::unique_ptr<BrokerProcess>> BrokerProcess::Start(
   broker->socket_path_ = broker->dir_ + "/handoff.sock";
   const std::string ready = broker->dir_ + "/ready";
   std::vector<std::string> argv = {
-      BinaryPath("fdbroker"), "--listen=127.0.0.1:0",
+      BinaryPath("fdbroker"), "--listen=127.0.0.1:0", "--control=127.0.0.1:0",
       "--socket=" + broker->socket_path_, "--ready_file=" + ready};
   for (std::string& flag : extra_flags) argv.push_back(std::move(flag));
   absl::StatusOr<std::unique_ptr<Subprocess>> process = Subprocess::Start(argv);

@@ -1,0 +1,283 @@
+#include "broker/broker_operations.h"
+
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "spdlog/spdlog.h"
+
+namespace fdbroker {
+namespace {
+
+constexpr int64_t kRateWindowNanos = 10'000'000'000;
+
+v1::WorkerState StateToProto(WorkerState state) {
+  switch (state) {
+    case WorkerState::kStarting:
+      return v1::WORKER_STATE_STARTING;
+    case WorkerState::kReady:
+      return v1::WORKER_STATE_READY;
+    case WorkerState::kDraining:
+      return v1::WORKER_STATE_DRAINING;
+    case WorkerState::kExited:
+      return v1::WORKER_STATE_EXITED;
+  }
+  return v1::WORKER_STATE_UNSPECIFIED;
+}
+
+}  // namespace
+
+absl::StatusOr<absl::Duration> DurationField(
+    const google::protobuf::Duration& value, bool has_value,
+    absl::Duration fallback, absl::string_view field) {
+  if (!has_value || (value.seconds() == 0 && value.nanos() == 0)) {
+    return fallback;
+  }
+  if (value.nanos() <= -1000000000 || value.nanos() >= 1000000000 ||
+      (value.seconds() > 0 && value.nanos() < 0) ||
+      (value.seconds() < 0 && value.nanos() > 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " is not a valid duration"));
+  }
+  const absl::Duration d =
+      absl::Seconds(value.seconds()) + absl::Nanoseconds(value.nanos());
+  if (d < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " must not be negative, got ", absl::FormatDuration(d)));
+  }
+  if (d > absl::Hours(24)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " must be at most 24h, got ", absl::FormatDuration(d)));
+  }
+  return d;
+}
+
+DataPlaneOperations::DataPlaneOperations(
+    EventLoop& loop, Listener& listener, WorkerRegistry& registry,
+    ConnectionDispatcher& dispatcher, WorkerManager& manager,
+    std::function<void(const WorkerEvent&)> emit)
+    : loop_(loop),
+      listener_(listener),
+      registry_(registry),
+      dispatcher_(dispatcher),
+      manager_(manager),
+      emit_(std::move(emit)),
+      accepted_rate_(kRateWindowNanos),
+      handed_rate_(kRateWindowNanos) {}
+
+DataPlaneOperations::~DataPlaneOperations() {
+  if (tick_timer_ != 0) loop_.Cancel(tick_timer_);
+}
+
+void DataPlaneOperations::Start(HealthCallback on_health) {
+  on_health_ = std::move(on_health);
+  Tick();
+}
+
+void DataPlaneOperations::Tick() {
+  tick_timer_ = loop_.RunAfter(absl::Seconds(1), [this] { Tick(); });
+  const int64_t now = EventLoop::MonotonicNanos();
+  accepted_rate_.Sample(now, dispatcher_.stats().dispatched);
+  handed_rate_.Sample(now, dispatcher_.stats().handed_off);
+  absl::flat_hash_map<uint64_t, RateWindow> rates;
+  for (const auto& [id, worker] : registry_.workers()) {
+    auto it = worker_rates_.find(id);
+    RateWindow rate =
+        it == worker_rates_.end() ? RateWindow(kRateWindowNanos) : it->second;
+    rate.Sample(now, worker->handed_total);
+    rates.emplace(id, std::move(rate));
+  }
+  worker_rates_ = std::move(rates);  // Forgets workers that are gone.
+  RefreshHealth();
+}
+
+void DataPlaneOperations::RefreshHealth() {
+  bool serving = listener_.accepting() && !manager_.shutting_down() &&
+                 registry_.CountInState(WorkerState::kReady) > 0;
+  if (static_cast<int>(serving) == health_) return;
+  health_ = serving;
+  spdlog::info("health: {}", serving ? "SERVING" : "NOT_SERVING");
+  if (on_health_) on_health_(serving);
+}
+
+v1::Worker DataPlaneOperations::ToProto(const Worker& worker) const {
+  v1::Worker out;
+  out.set_id(worker.id);
+  out.set_pid(worker.pid);
+  out.set_state(StateToProto(worker.state));
+  out.set_active_connections(worker.active());
+  out.set_unacked_connections(worker.unacked);
+  out.set_handed_total(worker.handed_total);
+  out.set_supervised(worker.supervised);
+  out.set_capacity(worker.capacity);
+  const int64_t nanos = absl::ToUnixNanos(worker.started_at);
+  out.mutable_started_at()->set_seconds(nanos / 1000000000);
+  out.mutable_started_at()->set_nanos(static_cast<int32_t>(nanos % 1000000000));
+  for (const auto& [key, value] : worker.labels) {
+    (*out.mutable_labels())[key] = value;
+  }
+  return out;
+}
+
+v1::Worker DataPlaneOperations::ToProtoById(uint64_t id) const {
+  for (const auto& [worker_id, worker] : registry_.workers()) {
+    if (worker_id == id) return ToProto(*worker);
+  }
+  v1::Worker gone;
+  gone.set_id(id);
+  gone.set_state(v1::WORKER_STATE_EXITED);
+  return gone;
+}
+
+v1::ListWorkersResponse DataPlaneOperations::ListWorkers() {
+  v1::ListWorkersResponse response;
+  for (const auto& [id, worker] : registry_.workers()) {
+    *response.add_workers() = ToProto(*worker);
+  }
+  return response;
+}
+
+v1::GetLoadResponse DataPlaneOperations::GetLoad() {
+  const int64_t now = EventLoop::MonotonicNanos();
+  const ConnectionDispatcher::Stats& stats = dispatcher_.stats();
+  v1::GetLoadResponse response;
+  int64_t unacked = 0;
+  for (const auto& [id, worker] : registry_.workers()) {
+    v1::WorkerLoad* load = response.add_workers();
+    load->set_worker_id(id);
+    load->set_pid(worker->pid);
+    load->set_state(StateToProto(worker->state));
+    load->set_active_connections(worker->active());
+    load->set_unacked_connections(worker->unacked);
+    load->set_capacity(worker->capacity);
+    auto it = worker_rates_.find(id);
+    if (it != worker_rates_.end()) {
+      load->set_handed_per_second(
+          it->second.PerSecond(now, worker->handed_total));
+    }
+    unacked += worker->unacked;
+  }
+  response.set_active_connections(registry_.TotalActive());
+  response.set_unacked_connections(unacked);
+  response.set_accepted_total(stats.dispatched);
+  response.set_handed_off_total(stats.handed_off);
+  response.set_rejected_total(stats.rejected_overload +
+                              stats.rejected_shutdown + stats.failed_attempts);
+  response.set_pending_connections(static_cast<int64_t>(dispatcher_.pending()));
+  response.set_accepting(listener_.accepting() && !manager_.shutting_down());
+  response.set_accepted_per_second(
+      accepted_rate_.PerSecond(now, stats.dispatched));
+  response.set_handed_off_per_second(
+      handed_rate_.PerSecond(now, stats.handed_off));
+  return response;
+}
+
+absl::StatusOr<v1::ScaleWorkersResponse> DataPlaneOperations::ScaleWorkers(
+    const v1::ScaleWorkersRequest& request) {
+  if (request.count() < 0 || request.count() > manager_.max_workers()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("count must be in 0..", manager_.max_workers(),
+                     " (--max_workers), got ", request.count()));
+  }
+  absl::StatusOr<absl::Duration> timeout =
+      DurationField(request.drain_timeout(), request.has_drain_timeout(),
+                    manager_.drain_timeout(), "drain_timeout");
+  if (!timeout.ok()) return timeout.status();
+  absl::StatusOr<WorkerManager::ScaleResult> result =
+      manager_.Scale(request.count(), *timeout);
+  if (!result.ok()) return result.status();
+  v1::ScaleWorkersResponse response;
+  response.set_previous_count(result->previous_count);
+  response.set_count(result->count);
+  for (uint64_t id : result->started) *response.add_started() = ToProtoById(id);
+  for (uint64_t id : result->draining) {
+    *response.add_draining() = ToProtoById(id);
+  }
+  RefreshHealth();
+  return response;
+}
+
+void DataPlaneOperations::DrainWorker(const v1::DrainWorkerRequest& request,
+                                      DrainWorkerDone done) {
+  if (request.worker_id() == 0) {
+    done(absl::InvalidArgumentError(
+        "worker_id is required (ListWorkers shows the ids)"));
+    return;
+  }
+  absl::StatusOr<absl::Duration> timeout =
+      DurationField(request.timeout(), request.has_timeout(),
+                    manager_.drain_timeout(), "timeout");
+  if (!timeout.ok()) {
+    done(timeout.status());
+    return;
+  }
+  manager_.DrainWorkerById(
+      request.worker_id(), *timeout, request.replace(),
+      [this, done = std::move(done)](
+          absl::StatusOr<WorkerManager::DrainResult> result) mutable {
+        if (!result.ok()) {
+          done(result.status());
+          return;
+        }
+        v1::DrainWorkerResponse response;
+        *response.mutable_worker() = ToProtoById(result->worker_id);
+        if (result->replacement_id != 0) {
+          *response.mutable_replacement() = ToProtoById(result->replacement_id);
+        }
+        RefreshHealth();
+        done(std::move(response));
+      });
+}
+
+absl::StatusOr<v1::DrainResponse> DataPlaneOperations::Drain(
+    const v1::DrainRequest& request) {
+  if (manager_.shutting_down()) {
+    return absl::FailedPreconditionError("the broker is shutting down");
+  }
+  absl::StatusOr<absl::Duration> timeout =
+      DurationField(request.timeout(), request.has_timeout(),
+                    absl::ZeroDuration(), "timeout");
+  if (!timeout.ok()) return timeout.status();
+  // The socket stays bound: clients wait in the backlog until Resume.
+  listener_.Pause();
+  v1::DrainResponse response;
+  response.set_accepting(false);
+  response.set_pending_connections(static_cast<int64_t>(dispatcher_.pending()));
+  if (*timeout > absl::ZeroDuration()) {
+    for (uint64_t id : manager_.SuspendPool(*timeout)) {
+      *response.add_draining() = ToProtoById(id);
+    }
+  }
+  WorkerEvent event;
+  event.type = WorkerEvent::Type::kDrainRequested;
+  event.detail = *timeout > absl::ZeroDuration()
+                     ? absl::StrCat("workers drain within ",
+                                    absl::FormatDuration(*timeout))
+                     : "stopped accepting";
+  emit_(event);
+  RefreshHealth();
+  return response;
+}
+
+absl::StatusOr<v1::ResumeResponse> DataPlaneOperations::Resume(
+    const v1::ResumeRequest&) {
+  if (manager_.shutting_down()) {
+    return absl::FailedPreconditionError("the broker is shutting down");
+  }
+  v1::ResumeResponse response;
+  if (manager_.pool_suspended()) {
+    for (uint64_t id : manager_.ResumePool()) {
+      *response.add_started() = ToProtoById(id);
+    }
+  }
+  listener_.Resume();
+  response.set_accepting(true);
+  WorkerEvent event;
+  event.type = WorkerEvent::Type::kResumeRequested;
+  emit_(event);
+  RefreshHealth();
+  return response;
+}
+
+}  // namespace fdbroker

@@ -1,0 +1,55 @@
+#ifndef FDBROKER_BROKER_CONTROL_SERVER_H_
+#define FDBROKER_BROKER_CONTROL_SERVER_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "broker/control_service.h"
+
+namespace fdbroker {
+
+// The gRPC server on --control: BrokerService, server reflection and
+// grpc.health.v1.Health. Runs on gRPC's own threads.
+class ControlServer {
+ public:
+  struct Options {
+    std::string address;  // HOST:PORT; port 0 picks one.
+    std::string tls_cert_file;
+    std::string tls_key_file;
+    std::string tls_client_ca_file;  // Set: mTLS (client certs required).
+    // Plaintext on a non-loopback address must be asked for explicitly.
+    bool allow_insecure = false;
+  };
+
+  // Binds and starts. Errors: bad TLS files, insecure non-loopback address
+  // without allow_insecure, address in use.
+  static absl::StatusOr<std::unique_ptr<ControlServer>> Start(
+      const Options& options, ControlService& service);
+  ~ControlServer();
+
+  // "host:port" actually bound.
+  const std::string& address() const { return address_; }
+  bool tls() const { return tls_; }
+
+  // Thread-safe. Sets the health of "" and "fdbroker.v1.BrokerService".
+  void SetServing(bool serving);
+
+  // Stops taking RPCs and waits (briefly) for running ones.
+  void Shutdown();
+
+ private:
+  ControlServer() = default;
+  std::unique_ptr<grpc::Server> server_;
+  std::string address_;
+  bool tls_ = false;
+};
+
+// True for 127.0.0.0/8, ::1 and "localhost".
+bool IsLoopbackAddress(const std::string& host_port);
+
+}  // namespace fdbroker
+
+#endif  // FDBROKER_BROKER_CONTROL_SERVER_H_

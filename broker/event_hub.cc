@@ -1,0 +1,85 @@
+#include "broker/event_hub.h"
+
+#include <utility>
+
+namespace fdbroker {
+
+v1::WatchEventsResponse EventHub::ToProto(const WorkerEvent& event) {
+  v1::WatchEventsResponse out;
+  const int64_t nanos = absl::ToUnixNanos(event.time);
+  out.mutable_time()->set_seconds(nanos / 1000000000);
+  out.mutable_time()->set_nanos(static_cast<int32_t>(nanos % 1000000000));
+  using Type = WorkerEvent::Type;
+  switch (event.type) {
+    case Type::kWorkerStarted:
+      out.set_type(v1::EVENT_TYPE_WORKER_STARTED);
+      break;
+    case Type::kWorkerReady:
+      out.set_type(v1::EVENT_TYPE_WORKER_READY);
+      break;
+    case Type::kWorkerDraining:
+      out.set_type(v1::EVENT_TYPE_WORKER_DRAINING);
+      break;
+    case Type::kWorkerExited:
+      out.set_type(v1::EVENT_TYPE_WORKER_EXITED);
+      break;
+    case Type::kWorkerCrashed:
+      out.set_type(v1::EVENT_TYPE_WORKER_CRASHED);
+      break;
+    case Type::kWorkerRestarted:
+      out.set_type(v1::EVENT_TYPE_WORKER_RESTARTED);
+      break;
+    case Type::kScaleRequested:
+      out.set_type(v1::EVENT_TYPE_SCALE_REQUESTED);
+      break;
+    case Type::kWorkerDrainRequested:
+      out.set_type(v1::EVENT_TYPE_WORKER_DRAIN_REQUESTED);
+      break;
+    case Type::kDrainRequested:
+      out.set_type(v1::EVENT_TYPE_DRAIN_REQUESTED);
+      break;
+    case Type::kResumeRequested:
+      out.set_type(v1::EVENT_TYPE_RESUME_REQUESTED);
+      break;
+  }
+  out.set_worker_id(event.worker_id);
+  out.set_pid(event.pid);
+  out.set_exit_status(event.exit_status);
+  out.set_detail(event.detail);
+  return out;
+}
+
+uint64_t EventHub::Subscribe(Subscriber subscriber, OnClose on_close) {
+  absl::MutexLock lock(&mu_);
+  if (closed_) return 0;
+  const uint64_t id = next_id_++;
+  subscribers_.emplace(id, Entry{std::move(subscriber), std::move(on_close)});
+  return id;
+}
+
+void EventHub::Unsubscribe(uint64_t id) {
+  absl::MutexLock lock(&mu_);
+  subscribers_.erase(id);
+}
+
+void EventHub::Publish(const WorkerEvent& event) {
+  const v1::WatchEventsResponse proto = ToProto(event);
+  absl::MutexLock lock(&mu_);
+  for (auto& [id, entry] : subscribers_) entry.subscriber(proto);
+}
+
+void EventHub::Close() {
+  // Under the lock, like Publish: a stream unsubscribes (under this lock)
+  // before it is destroyed, so no callback can reach a destroyed stream.
+  absl::MutexLock lock(&mu_);
+  closed_ = true;
+  for (auto& [id, entry] : subscribers_) entry.on_close();
+  subscribers_.clear();
+}
+
+size_t EventHub::subscribers() const {
+  absl::MutexLock lock(&mu_);
+  return subscribers_.size();
+}
+
+}  // namespace fdbroker
