@@ -285,6 +285,9 @@ void WorkerManager::OnChannelClosed(HandoffChannel& channel,
     Emit(WorkerEvent::Type::kWorkerDraining, worker,
          absl::StrCat("channel lost: ", reason.message()));
   }
+  // Replaced now (with back-off), not when it finally exits: until then it
+  // only finishes the connections it has.
+  if (!worker->retiring) NoteFailure(*worker);
   // A supervised worker without a channel drains itself (SDK contract) and
   // exits; if it does not by the deadline, Tick() ends it.
   if (worker->state != WorkerState::kDraining) {
@@ -305,19 +308,26 @@ void WorkerManager::RemoveWorker(Worker& worker) {
 
 // ---- Supervision --------------------------------------------------------
 
+void WorkerManager::NoteFailure(Worker& worker) {
+  if (worker.failed) return;  // Channel loss and exit: one failure.
+  worker.failed = true;
+  const int64_t lived = loop_.NowNanos() - worker.started_mono_nanos;
+  if (lived >= absl::ToInt64Nanoseconds(options_.stable_after)) {
+    crash_streak_ = 0;
+  }
+  ++crash_streak_;
+  ++pending_restarts_;
+}
+
 void WorkerManager::OnChildExited(pid_t pid, int wait_status) {
   Worker* worker = registry_.FindByPid(pid);
   if (worker == nullptr) return;
   const bool crashed = !worker->retiring;
-  const int64_t lived = loop_.NowNanos() - worker->started_mono_nanos;
   if (crashed) {
     ++stats_.crashes;
     spdlog::warn("worker {} (pid {}) crashed: {}", worker->id, pid,
                  DescribeWaitStatus(wait_status));
-    if (lived >= absl::ToInt64Nanoseconds(options_.stable_after)) {
-      crash_streak_ = 0;
-    }
-    ++crash_streak_;
+    NoteFailure(*worker);
   } else {
     spdlog::info("worker {} (pid {}) exited: {}", worker->id, pid,
                  DescribeWaitStatus(wait_status));
@@ -355,7 +365,11 @@ int WorkerManager::CountServing() const {
 void WorkerManager::Reconcile() {
   if (shutting_down_ || pool_suspended_) return;
   const int serving = CountServing();
-  if (serving >= options_.target_workers || restart_timer_ != 0) return;
+  if (serving >= options_.target_workers) {
+    pending_restarts_ = 0;  // Scaling made up for the failures.
+    return;
+  }
+  if (restart_timer_ != 0) return;
   absl::Duration delay = absl::ZeroDuration();
   if (crash_streak_ > 0) {
     delay = std::min(options_.restart_backoff_max,
@@ -363,7 +377,9 @@ void WorkerManager::Reconcile() {
                          std::pow(2.0, std::min(crash_streak_ - 1, 30)));
   }
   if (delay == absl::ZeroDuration()) {
-    for (int i = serving; i < options_.target_workers; ++i) SpawnOne();
+    for (int i = serving; i < options_.target_workers; ++i) {
+      SpawnOne(/*restart=*/pending_restarts_ > 0);
+    }
     return;
   }
   spdlog::info("restarting worker(s) in {}", absl::FormatDuration(delay));
@@ -373,8 +389,7 @@ void WorkerManager::Reconcile() {
         CountServing() >= options_.target_workers) {
       return;
     }
-    ++stats_.restarts;
-    SpawnOne(/*restart=*/true);
+    SpawnOne(/*restart=*/pending_restarts_ > 0);
     // One at a time while crashing; Reconcile schedules the rest.
     Reconcile();
   });
@@ -391,7 +406,12 @@ uint64_t WorkerManager::SpawnOne(bool restart) {
   Worker& worker =
       registry_.Add(*pid, /*supervised=*/true, WorkerState::kStarting,
                     absl::Now(), loop_.NowNanos());
-  spdlog::info("worker {} started: pid {}", worker.id, *pid);
+  spdlog::info("worker {} {}: pid {}", worker.id,
+               restart ? "started (restart)" : "started", *pid);
+  if (restart) {
+    --pending_restarts_;
+    ++stats_.restarts;
+  }
   Emit(restart ? WorkerEvent::Type::kWorkerRestarted
                : WorkerEvent::Type::kWorkerStarted,
        &worker);

@@ -125,6 +125,9 @@ class WorkerManager : public HandoffChannel::Delegate {
   // The supervised worker that is `pid` or one of its near ancestors.
   Worker* FindSupervisedAncestor(pid_t pid);
   void RemoveWorker(Worker& worker);
+  // Counts an unexpected loss (crash or lost channel) once per worker, for
+  // the restart back-off.
+  void NoteFailure(Worker& worker);
   void Reconcile();
   // Starts one supervised worker; returns its id (0 on failure).
   uint64_t SpawnOne(bool restart = false);
@@ -145,6 +148,8 @@ class WorkerManager : public HandoffChannel::Delegate {
   absl::flat_hash_map<HandoffChannel*, std::unique_ptr<HandoffChannel>>
       unregistered_;
   int crash_streak_ = 0;
+  // Failed workers not yet replaced (their replacements are "restarts").
+  int pending_restarts_ = 0;
   EventLoop::TimerId restart_timer_ = 0;
   EventLoop::TimerId tick_timer_ = 0;
   bool shutting_down_ = false;

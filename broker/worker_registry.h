@@ -46,6 +46,8 @@ struct Worker {
   // Set once the broker sent Drain (or the worker said Goodbye): its exit is
   // expected, not a crash.
   bool retiring = false;
+  // Its loss was counted as a failure (see WorkerManager::NoteFailure).
+  bool failed = false;
   int64_t drain_deadline_mono_nanos = 0;
 
   int64_t active() const { return static_cast<int64_t>(owned.size()); }

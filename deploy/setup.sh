@@ -17,11 +17,13 @@ BUILD_PACKAGES=(
   libabsl-dev prometheus-cpp-dev libspdlog-dev libgtest-dev libgmock-dev
 )
 TEST_PACKAGES=(
-  wrk curl python3 python3-protobuf clang-format procps
+  wrk curl python3 python3-protobuf clang-format procps openssl
 )
 # npm packages for the tests ("name" or "name@version"), installed globally;
 # Debian's npm comes along automatically when this list is not empty.
-TEST_NPM_TOOLS=()
+TEST_NPM_TOOLS=(
+  @bufbuild/buf@1.47.2 # buf lint (protos) and buf curl (gRPC via reflection)
+)
 
 usage() {
   sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
@@ -47,7 +49,9 @@ done
 wanted=("${BUILD_PACKAGES[@]}")
 if ((with_test_tools)); then
   wanted+=("${TEST_PACKAGES[@]}")
-  if ((${#TEST_NPM_TOOLS[@]})); then
+  # Debian's npm only if no npm is there (a Node.js distribution may bring
+  # its own, which Debian's npm package would conflict with).
+  if ((${#TEST_NPM_TOOLS[@]})) && ! command -v npm >/dev/null; then
     wanted+=(npm)
   fi
 fi
@@ -86,10 +90,8 @@ fi
 if ((with_test_tools)) && ((${#TEST_NPM_TOOLS[@]})); then
   npm_missing=()
   for tool in "${TEST_NPM_TOOLS[@]}"; do
-    # "@scope/name@1.2.3" -> "@scope/name"
-    name="${tool%@*}"
-    [[ -n "${name}" ]] || name="${tool}"
-    npm ls --global --depth=0 "${name}" >/dev/null 2>&1 ||
+    # Installed at exactly the pinned version, or (re)installed.
+    npm ls --global --depth=0 "${tool}" >/dev/null 2>&1 ||
       npm_missing+=("${tool}")
   done
   if ((${#npm_missing[@]})); then

@@ -47,6 +47,11 @@ else
   echo "${#sources[@]} files clean"
 fi
 
+section "buf lint"
+# The protos follow buf's STANDARD rules (proto/buf.yaml).
+lint_ok=1
+(cd proto && buf lint) && echo "proto/ clean" || lint_ok=0
+
 section "test"
 # shellcheck disable=SC2206  # word splitting of the env var is intended
 extra_args=(${FDBROKER_CTEST_ARGS:-})
@@ -56,5 +61,6 @@ ctest --test-dir "${build_dir}" --output-on-failure --no-tests=error \
 
 section "summary ($((SECONDS - start))s)"
 ((format_ok)) && echo "format: ok" || echo "format: FAILED (${#unformatted[@]} files)"
+((lint_ok)) && echo "lint:   ok" || echo "lint:   FAILED"
 ((tests_ok)) && echo "tests:  ok" || echo "tests:  FAILED"
-((format_ok && tests_ok))
+((format_ok && lint_ok && tests_ok))

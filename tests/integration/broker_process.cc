@@ -46,6 +46,7 @@ absl::StatusOr<std::unique_ptr<BrokerProcess>> BrokerProcess::Start(
       SplitHostPort((*values)["listen"]);
   if (!listen.ok()) return listen.status();
   broker->port_ = listen->second;
+  broker->control_address_ = (*values)["control"];
   return broker;
 }
 

@@ -25,6 +25,8 @@ class BrokerProcess {
   pid_t pid() const { return process_->pid(); }
   int port() const { return port_; }
   const std::string& socket_path() const { return socket_path_; }
+  // "127.0.0.1:PORT" of the control plane ("" if disabled).
+  const std::string& control_address() const { return control_address_; }
   const std::string& dir() const { return dir_; }
 
   // Supervised worker pids (children of the broker) right now.
@@ -38,6 +40,7 @@ class BrokerProcess {
   std::unique_ptr<Subprocess> process_;
   std::string dir_;
   std::string socket_path_;
+  std::string control_address_;
   int port_ = 0;
 };
 

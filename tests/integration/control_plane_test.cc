@@ -1,0 +1,647 @@
+// The control plane against the real broker and real workers, through the
+// generated C++ stub (and, in ReflectionWithBufCurl, through reflection only).
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "fdbroker/v1/broker.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "tests/integration/broker_process.h"
+#include "tests/util/subprocess.h"
+#include "tests/util/test_util.h"
+
+namespace fdbroker::testing {
+namespace {
+
+using ::grpc::health::v1::HealthCheckRequest;
+using ::grpc::health::v1::HealthCheckResponse;
+
+std::unique_ptr<grpc::ClientContext> Context() {
+  auto context = std::make_unique<grpc::ClientContext>();
+  context->set_deadline(std::chrono::system_clock::now() +
+                        std::chrono::seconds(20));
+  return context;
+}
+
+class ControlPlaneTest : public ::testing::Test {
+ protected:
+  void StartBroker(std::vector<std::string> flags) {
+    auto broker = BrokerProcess::Start(std::move(flags));
+    ASSERT_TRUE(broker.ok()) << broker.status();
+    broker_ = *std::move(broker);
+    channel_ = grpc::CreateChannel(broker_->control_address(),
+                                   grpc::InsecureChannelCredentials());
+    stub_ = v1::BrokerService::NewStub(channel_);
+    health_ = grpc::health::v1::Health::NewStub(channel_);
+  }
+
+  std::vector<v1::Worker> Workers() {
+    v1::ListWorkersResponse response;
+    grpc::Status status = stub_->ListWorkers(
+        Context().get(), v1::ListWorkersRequest(), &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return {response.workers().begin(), response.workers().end()};
+  }
+
+  // Supervised workers that serve (ready and not draining).
+  std::set<int> ReadyPids() {
+    std::set<int> pids;
+    for (const v1::Worker& w : Workers()) {
+      if (w.state() == v1::WORKER_STATE_READY) pids.insert(w.pid());
+    }
+    return pids;
+  }
+
+  bool WaitForProcessCount(size_t n) {
+    return WaitFor([&] { return broker_->WorkerPids().size() == n; },
+                   absl::Seconds(20));
+  }
+
+  HealthCheckResponse::ServingStatus Health(const std::string& service) {
+    HealthCheckRequest request;
+    request.set_service(service);
+    HealthCheckResponse response;
+    grpc::Status status = health_->Check(Context().get(), request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response.status();
+  }
+
+  grpc::Status Scale(int count, v1::ScaleWorkersResponse* response) {
+    v1::ScaleWorkersRequest request;
+    request.set_count(count);
+    return stub_->ScaleWorkers(Context().get(), request, response);
+  }
+
+  std::unique_ptr<BrokerProcess> broker_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::BrokerService::Stub> stub_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+};
+
+int PidOf(const HttpResponse& response) {
+  auto it = response.headers.find("x-worker-pid");
+  int pid = 0;
+  if (it != response.headers.end()) (void)absl::SimpleAtoi(it->second, &pid);
+  return pid;
+}
+
+TEST_F(ControlPlaneTest, ListWorkersAndHealthFollowTheWorkers) {
+  StartBroker({"--workers=2"});
+  ASSERT_TRUE(broker_->WaitForWorkers(2, absl::Seconds(30)));
+  std::vector<pid_t> children = broker_->WorkerPids();
+  std::set<int> expected(children.begin(), children.end());
+  ASSERT_TRUE(
+      WaitFor([&] { return ReadyPids() == expected; }, absl::Seconds(10)));
+  for (const v1::Worker& w : Workers()) {
+    EXPECT_TRUE(w.supervised());
+    EXPECT_GT(w.id(), 0u);
+    EXPECT_GT(w.started_at().seconds(), 0);
+    EXPECT_EQ(w.labels().at("program"), "fdbroker-http-worker");
+  }
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return Health("") == HealthCheckResponse::SERVING &&
+               Health("fdbroker.v1.BrokerService") ==
+                   HealthCheckResponse::SERVING;
+      },
+      absl::Seconds(10)));
+
+  // No ready worker: NOT_SERVING.
+  v1::ScaleWorkersResponse scaled;
+  ASSERT_TRUE(Scale(0, &scaled).ok());
+  EXPECT_TRUE(
+      WaitFor([&] { return Health("") == HealthCheckResponse::NOT_SERVING; },
+              absl::Seconds(10)));
+}
+
+TEST_F(ControlPlaneTest, ScaleUpAndDownChangesTheProcessesThatServe) {
+  StartBroker({"--workers=2"});
+  ASSERT_TRUE(broker_->WaitForWorkers(2, absl::Seconds(30)));
+
+  v1::ScaleWorkersResponse up;
+  ASSERT_TRUE(Scale(4, &up).ok());
+  EXPECT_EQ(up.previous_count(), 2);
+  EXPECT_EQ(up.count(), 4);
+  EXPECT_EQ(up.started_size(), 2);
+  EXPECT_EQ(up.draining_size(), 0);
+  ASSERT_TRUE(broker_->WaitForWorkers(4, absl::Seconds(30)));
+  EXPECT_EQ(ReadyPids().size(), 4u);
+
+  // Idempotent: asking again changes nothing.
+  v1::ScaleWorkersResponse again;
+  ASSERT_TRUE(Scale(4, &again).ok());
+  EXPECT_EQ(again.started_size(), 0);
+  EXPECT_EQ(again.draining_size(), 0);
+
+  // One keep-alive connection makes its worker the most loaded: scaling
+  // down to 1 must keep exactly that one (the least loaded drain first).
+  absl::StatusOr<wire::UniqueFd> held =
+      ConnectTcp("127.0.0.1", broker_->port());
+  ASSERT_TRUE(held.ok());
+  absl::StatusOr<HttpResponse> first = HttpGet(held->get(), "/", true);
+  ASSERT_TRUE(first.ok());
+  const int busy_pid = PidOf(*first);
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        for (const v1::Worker& w : Workers()) {
+          if (w.pid() == busy_pid) return w.active_connections() == 1;
+        }
+        return false;
+      },
+      absl::Seconds(5)));
+  v1::ScaleWorkersResponse down;
+  ASSERT_TRUE(Scale(1, &down).ok());
+  EXPECT_EQ(down.previous_count(), 4);
+  EXPECT_EQ(down.draining_size(), 3);
+  for (const v1::Worker& w : down.draining()) {
+    EXPECT_NE(w.pid(), busy_pid) << "the loaded worker was drained";
+  }
+  ASSERT_TRUE(WaitForProcessCount(1));
+  EXPECT_EQ(broker_->WorkerPids()[0], busy_pid);
+  // The held connection still works: its worker was kept.
+  absl::StatusOr<HttpResponse> r = HttpGet(held->get(), "/", true);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(PidOf(*r), busy_pid);
+}
+
+TEST_F(ControlPlaneTest, ConcurrentScaleRequestsEndInTheLastAppliedCount) {
+  StartBroker({"--workers=1", "--max_workers=8"});
+  ASSERT_TRUE(broker_->WaitForWorkers(1, absl::Seconds(30)));
+  // Distinct and never 1 (the start), so every previous_count is unique.
+  const std::vector<int> counts = {3, 5, 2, 4, 6, 7};
+  std::vector<v1::ScaleWorkersResponse> responses(counts.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    threads.emplace_back(
+        [&, i] { ASSERT_TRUE(Scale(counts[i], &responses[i]).ok()); });
+  }
+  for (std::thread& t : threads) t.join();
+  // The loop applied them one at a time: previous_count links them into one
+  // chain from 1; its end is the final count.
+  std::map<int, int> next;  // previous -> count
+  for (const auto& r : responses) next[r.previous_count()] = r.count();
+  int final_count = 1;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    ASSERT_TRUE(next.count(final_count)) << "broken chain at " << final_count;
+    final_count = next[final_count];
+  }
+  ASSERT_TRUE(WaitForProcessCount(static_cast<size_t>(final_count)));
+  ASSERT_TRUE(WaitFor(
+      [&] { return ReadyPids().size() == static_cast<size_t>(final_count); },
+      absl::Seconds(20)));
+}
+
+TEST_F(ControlPlaneTest, EveryErrorPathHasTheRightCodeAndAMessage) {
+  StartBroker({"--workers=1"});
+  ASSERT_TRUE(broker_->WaitForWorkers(1, absl::Seconds(30)));
+  v1::ScaleWorkersResponse scaled;
+  for (int bad : {-1, 65, 100000}) {
+    grpc::Status s = Scale(bad, &scaled);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    EXPECT_NE(s.error_message().find("count must be in 0..64"),
+              std::string::npos)
+        << s.error_message();
+  }
+  v1::ScaleWorkersRequest negative;
+  negative.set_count(1);
+  negative.mutable_drain_timeout()->set_seconds(-5);
+  EXPECT_EQ(
+      stub_->ScaleWorkers(Context().get(), negative, &scaled).error_code(),
+      grpc::StatusCode::INVALID_ARGUMENT);
+  v1::ScaleWorkersRequest malformed;
+  malformed.set_count(1);
+  malformed.mutable_drain_timeout()->set_seconds(1);
+  malformed.mutable_drain_timeout()->set_nanos(-5);
+  EXPECT_EQ(
+      stub_->ScaleWorkers(Context().get(), malformed, &scaled).error_code(),
+      grpc::StatusCode::INVALID_ARGUMENT);
+
+  v1::DrainWorkerResponse drained;
+  v1::DrainWorkerRequest unknown;
+  unknown.set_worker_id(424242);
+  grpc::Status s = stub_->DrainWorker(Context().get(), unknown, &drained);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_NE(s.error_message().find("424242"), std::string::npos);
+  v1::DrainWorkerRequest zero;
+  EXPECT_EQ(stub_->DrainWorker(Context().get(), zero, &drained).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  v1::DrainWorkerRequest too_long;
+  too_long.set_worker_id(Workers()[0].id());
+  too_long.mutable_timeout()->set_seconds(7 * 24 * 3600);
+  EXPECT_EQ(
+      stub_->DrainWorker(Context().get(), too_long, &drained).error_code(),
+      grpc::StatusCode::INVALID_ARGUMENT);
+
+  // Draining a worker twice is a precondition failure. A worker that never
+  // reads its channel stays draining until its deadline, so the second
+  // request meets it for sure.
+  Subprocess::Options env;
+  env.env["FDBROKER_SOCKET"] = broker_->socket_path();
+  auto stalled = Subprocess::Start(
+      {BinaryPath("fdbroker-fake-worker"), "--mode=stall"}, env);
+  ASSERT_TRUE(stalled.ok());
+  ASSERT_TRUE(WaitFor([&] { return (*stalled)->Stdout() == "registered\n"; },
+                      absl::Seconds(10)));
+  uint64_t stalled_id = 0;
+  for (const v1::Worker& w : Workers()) {
+    if (w.pid() == (*stalled)->pid()) stalled_id = w.id();
+  }
+  ASSERT_NE(stalled_id, 0u);
+  v1::DrainWorkerRequest once;
+  once.set_worker_id(stalled_id);
+  once.mutable_timeout()->set_seconds(60);
+  ASSERT_TRUE(stub_->DrainWorker(Context().get(), once, &drained).ok());
+  s = stub_->DrainWorker(Context().get(), once, &drained);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(s.error_message().find("already draining"), std::string::npos);
+
+  v1::DrainRequest drain;
+  drain.mutable_timeout()->set_seconds(-1);
+  v1::DrainResponse drain_response;
+  EXPECT_EQ(stub_->Drain(Context().get(), drain, &drain_response).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(ControlPlaneTest, DrainWorkerWithReplaceIsARollingRestart) {
+  StartBroker({"--workers=2"});
+  ASSERT_TRUE(broker_->WaitForWorkers(2, absl::Seconds(30)));
+  const v1::Worker old = Workers()[0];
+  v1::DrainWorkerRequest request;
+  request.set_worker_id(old.id());
+  request.set_replace(true);
+  v1::DrainWorkerResponse response;
+  grpc::Status s = stub_->DrainWorker(Context().get(), request, &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(response.worker().id(), old.id());
+  EXPECT_EQ(response.worker().state(), v1::WORKER_STATE_DRAINING);
+  // The replacement had registered before the old worker was drained.
+  EXPECT_EQ(response.replacement().state(), v1::WORKER_STATE_READY);
+  EXPECT_NE(response.replacement().pid(), old.pid());
+  ASSERT_TRUE(
+      WaitFor([&] { return ProcessGone(old.pid()); }, absl::Seconds(20)));
+  ASSERT_TRUE(broker_->WaitForWorkers(2, absl::Seconds(20)));
+  std::set<int> ready = ReadyPids();
+  EXPECT_TRUE(ready.count(response.replacement().pid()));
+  EXPECT_FALSE(ready.count(old.pid()));
+}
+
+TEST_F(ControlPlaneTest, DrainWorkerOnAnExternalWorkerUnregistersIt) {
+  StartBroker({"--workers=1"});
+  ASSERT_TRUE(broker_->WaitForWorkers(1, absl::Seconds(30)));
+  Subprocess::Options env;
+  env.env["FDBROKER_SOCKET"] = broker_->socket_path();
+  auto external = Subprocess::Start({BinaryPath("fdbroker-http-worker")}, env);
+  ASSERT_TRUE(external.ok());
+  v1::Worker ext;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        for (const v1::Worker& w : Workers()) {
+          if (!w.supervised() && w.state() == v1::WORKER_STATE_READY) {
+            ext = w;
+            return true;
+          }
+        }
+        return false;
+      },
+      absl::Seconds(10)));
+  EXPECT_EQ(ext.pid(), (*external)->pid());
+
+  v1::DrainWorkerRequest replace;
+  replace.set_worker_id(ext.id());
+  replace.set_replace(true);
+  v1::DrainWorkerResponse response;
+  grpc::Status s = stub_->DrainWorker(Context().get(), replace, &response);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(s.error_message().find("external"), std::string::npos);
+
+  v1::DrainWorkerRequest drain;
+  drain.set_worker_id(ext.id());
+  ASSERT_TRUE(stub_->DrainWorker(Context().get(), drain, &response).ok());
+  absl::StatusOr<int> code = (*external)->Wait(absl::Seconds(10));
+  ASSERT_TRUE(code.ok());
+  EXPECT_EQ(*code, 0);
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        for (const v1::Worker& w : Workers()) {
+          if (w.id() == ext.id()) return false;
+        }
+        return true;
+      },
+      absl::Seconds(10)));
+}
+
+TEST_F(ControlPlaneTest, DrainQueuesNewClientsAndResumeServesThem) {
+  StartBroker({"--workers=1"});
+  ASSERT_TRUE(broker_->WaitForWorkers(1, absl::Seconds(30)));
+  v1::DrainResponse drained;
+  ASSERT_TRUE(stub_->Drain(Context().get(), v1::DrainRequest(), &drained).ok());
+  EXPECT_FALSE(drained.accepting());
+  EXPECT_TRUE(
+      WaitFor([&] { return Health("") == HealthCheckResponse::NOT_SERVING; },
+              absl::Seconds(5)));
+  v1::GetLoadResponse load;
+  ASSERT_TRUE(
+      stub_->GetLoad(Context().get(), v1::GetLoadRequest(), &load).ok());
+  EXPECT_FALSE(load.accepting());
+
+  // The listening socket is still bound: the connect succeeds (backlog) and
+  // the request waits instead of being refused.
+  absl::StatusOr<wire::UniqueFd> client =
+      ConnectTcp("127.0.0.1", broker_->port());
+  ASSERT_TRUE(client.ok()) << client.status();
+  const std::string request = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+  ASSERT_EQ(::send(client->get(), request.data(), request.size(), 0),
+            static_cast<ssize_t>(request.size()));
+  // Not served while drained (a bounded look, then Resume proves it waited).
+  char c;
+  timeval tv{0, 300000};
+  ::setsockopt(client->get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  EXPECT_EQ(::recv(client->get(), &c, 1, MSG_PEEK), -1);
+  EXPECT_EQ(errno, EAGAIN);
+
+  v1::ResumeResponse resumed;
+  ASSERT_TRUE(
+      stub_->Resume(Context().get(), v1::ResumeRequest(), &resumed).ok());
+  EXPECT_TRUE(resumed.accepting());
+  std::string response;
+  char buf[4096];
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        ssize_t n = ::recv(client->get(), buf, sizeof(buf), MSG_DONTWAIT);
+        if (n > 0) response.append(buf, static_cast<size_t>(n));
+        return response.find("\r\n\r\n") != std::string::npos;
+      },
+      absl::Seconds(10)));
+  EXPECT_EQ(response.rfind("HTTP/1.1 200", 0), 0u) << response;
+  EXPECT_TRUE(
+      WaitFor([&] { return Health("") == HealthCheckResponse::SERVING; },
+              absl::Seconds(5)));
+}
+
+TEST_F(ControlPlaneTest, DrainWithTimeoutStopsWorkersAndResumeRestoresThem) {
+  StartBroker({"--workers=2"});
+  ASSERT_TRUE(broker_->WaitForWorkers(2, absl::Seconds(30)));
+  v1::DrainRequest drain;
+  drain.mutable_timeout()->set_seconds(5);
+  v1::DrainResponse drained;
+  ASSERT_TRUE(stub_->Drain(Context().get(), drain, &drained).ok());
+  EXPECT_EQ(drained.draining_size(), 2);
+  ASSERT_TRUE(WaitForProcessCount(0)) << "nobody restarts them";
+  v1::ResumeResponse resumed;
+  ASSERT_TRUE(
+      stub_->Resume(Context().get(), v1::ResumeRequest(), &resumed).ok());
+  EXPECT_EQ(resumed.started_size(), 2);
+  ASSERT_TRUE(broker_->WaitForWorkers(2, absl::Seconds(30)));
+}
+
+TEST_F(ControlPlaneTest, GetLoadMatchesTheTrafficSent) {
+  StartBroker({"--workers=2"});
+  ASSERT_TRUE(broker_->WaitForWorkers(2, absl::Seconds(30)));
+  v1::GetLoadResponse before;
+  ASSERT_TRUE(
+      stub_->GetLoad(Context().get(), v1::GetLoadRequest(), &before).ok());
+  constexpr int kRequests = 300;
+  for (int i = 0; i < kRequests; ++i) {
+    absl::StatusOr<HttpResponse> r =
+        HttpGetOnce("127.0.0.1", broker_->port(), "/");
+    ASSERT_TRUE(r.ok() && r->status == 200);
+  }
+  constexpr int kHeld = 7;
+  std::vector<wire::UniqueFd> held;
+  for (int i = 0; i < kHeld; ++i) {
+    absl::StatusOr<wire::UniqueFd> fd =
+        ConnectTcp("127.0.0.1", broker_->port());
+    ASSERT_TRUE(fd.ok());
+    ASSERT_TRUE(HttpGet(fd->get(), "/", true).ok());
+    held.push_back(*std::move(fd));
+  }
+  v1::GetLoadResponse load;
+  // Closed reports trail the responses slightly: poll for the exact figure.
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        load.Clear();
+        return stub_->GetLoad(Context().get(), v1::GetLoadRequest(), &load)
+                   .ok() &&
+               load.active_connections() == kHeld;
+      },
+      absl::Seconds(10)))
+      << load.ShortDebugString();
+  EXPECT_EQ(load.accepted_total() - before.accepted_total(),
+            static_cast<uint64_t>(kRequests + kHeld));
+  EXPECT_EQ(load.handed_off_total() - before.handed_off_total(),
+            static_cast<uint64_t>(kRequests + kHeld));
+  EXPECT_EQ(load.pending_connections(), 0);
+  EXPECT_EQ(load.unacked_connections(), 0);
+  EXPECT_TRUE(load.accepting());
+  ASSERT_EQ(load.workers_size(), 2);
+  int64_t per_worker = 0;
+  for (const v1::WorkerLoad& w : load.workers()) {
+    per_worker += w.active_connections();
+  }
+  EXPECT_EQ(per_worker, kHeld);
+  // The rates come from once-a-second samples (over the history there is,
+  // up to 10 s): positive once traffic has been sampled.
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        load.Clear();
+        return stub_->GetLoad(Context().get(), v1::GetLoadRequest(), &load)
+                   .ok() &&
+               load.accepted_per_second() > 0;
+      },
+      absl::Seconds(5)));
+}
+
+TEST_F(ControlPlaneTest, WatchEventsSeesACrashAndTheRestart) {
+  StartBroker({"--workers=1"});
+  ASSERT_TRUE(broker_->WaitForWorkers(1, absl::Seconds(30)));
+  const pid_t victim = broker_->WorkerPids()[0];
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::seconds(30));
+  std::unique_ptr<grpc::ClientReader<v1::WatchEventsResponse>> reader =
+      stub_->WatchEvents(&context, v1::WatchEventsRequest());
+  // A scale request shows up as an event too, and proves the stream is up
+  // before the crash happens.
+  v1::ScaleWorkersResponse scaled;
+  ASSERT_TRUE(Scale(1, &scaled).ok());
+  v1::WatchEventsResponse event;
+  ASSERT_TRUE(reader->Read(&event));
+  EXPECT_EQ(event.type(), v1::EVENT_TYPE_SCALE_REQUESTED);
+
+  ASSERT_EQ(::kill(victim, SIGKILL), 0);
+  std::vector<v1::EventType> seen;
+  pid_t restarted_pid = 0;
+  while (reader->Read(&event)) {
+    seen.push_back(event.type());
+    if (event.type() == v1::EVENT_TYPE_WORKER_CRASHED) {
+      EXPECT_EQ(event.pid(), victim);
+      EXPECT_EQ(event.exit_status(), "killed by signal 9 (SIGKILL)");
+    }
+    if (event.type() == v1::EVENT_TYPE_WORKER_RESTARTED) {
+      restarted_pid = event.pid();
+    }
+    if (event.type() == v1::EVENT_TYPE_WORKER_READY &&
+        event.pid() == restarted_pid) {
+      break;
+    }
+  }
+  context.TryCancel();
+  // The lost channel (draining) and the exit (crashed) may come in either
+  // order; both are reported.
+  EXPECT_NE(std::find(seen.begin(), seen.end(), v1::EVENT_TYPE_WORKER_CRASHED),
+            seen.end());
+  EXPECT_NE(
+      std::find(seen.begin(), seen.end(), v1::EVENT_TYPE_WORKER_RESTARTED),
+      seen.end());
+  EXPECT_NE(restarted_pid, 0);
+}
+
+TEST_F(ControlPlaneTest, PlaintextControlOffLoopbackNeedsAnExplicitFlag) {
+  auto process = Subprocess::Start(
+      {BinaryPath("fdbroker"), "--listen=127.0.0.1:0", "--control=0.0.0.0:0",
+       "--socket=" + MakeTempDir() + "/s.sock"});
+  ASSERT_TRUE(process.ok());
+  absl::StatusOr<int> code = (*process)->Wait(absl::Seconds(10));
+  ASSERT_TRUE(code.ok());
+  EXPECT_EQ(*code, 2);
+  EXPECT_NE((*process)->Stderr().find("--allow_insecure_control"),
+            std::string::npos)
+      << (*process)->Output();
+}
+
+// Creates a CA, a server certificate for 127.0.0.1 and a client certificate
+// with openssl; returns the directory.
+std::string MakeCertificates() {
+  const std::string dir = MakeTempDir();
+  const std::string script = absl::StrCat(
+      "set -e; cd ", dir,
+      "; openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=test-ca "
+      "-keyout ca.key -out ca.pem 2>/dev/null;"
+      " printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext;"
+      " openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 "
+      "-keyout server.key -out server.csr 2>/dev/null;"
+      " openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key "
+      "-CAcreateserial -days 2 -extfile san.ext -out server.pem 2>/dev/null;"
+      " openssl req -newkey rsa:2048 -nodes -subj /CN=operator "
+      "-keyout client.key -out client.csr 2>/dev/null;"
+      " openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key "
+      "-CAcreateserial -days 2 -out client.pem 2>/dev/null");
+  EXPECT_EQ(std::system(script.c_str()), 0);
+  return dir;
+}
+
+std::string Slurp(const std::string& path) {
+  absl::StatusOr<std::string> text = ReadFile(path);
+  return text.ok() ? *text : "";
+}
+
+TEST_F(ControlPlaneTest, MutualTlsRequiresAClientCertificate) {
+  const std::string certs = MakeCertificates();
+  auto broker = BrokerProcess::Start({"--workers=0",
+                                      "--tls_cert=" + certs + "/server.pem",
+                                      "--tls_key=" + certs + "/server.key",
+                                      "--tls_client_ca=" + certs + "/ca.pem"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+
+  grpc::SslCredentialsOptions with_cert;
+  with_cert.pem_root_certs = Slurp(certs + "/ca.pem");
+  with_cert.pem_private_key = Slurp(certs + "/client.key");
+  with_cert.pem_cert_chain = Slurp(certs + "/client.pem");
+  auto stub = v1::BrokerService::NewStub(grpc::CreateChannel(
+      (*broker)->control_address(), grpc::SslCredentials(with_cert)));
+  v1::ListWorkersResponse response;
+  grpc::Status ok =
+      stub->ListWorkers(Context().get(), v1::ListWorkersRequest(), &response);
+  EXPECT_TRUE(ok.ok()) << ok.error_message();
+  // A mutating call is audited with the certificate's subject.
+  v1::ScaleWorkersRequest scale;
+  scale.set_count(0);
+  v1::ScaleWorkersResponse scaled;
+  EXPECT_TRUE(stub->ScaleWorkers(Context().get(), scale, &scaled).ok());
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return (*broker)->process().Stderr().find(
+                   "audit: caller=\"CN=operator\" method=ScaleWorkers") !=
+               std::string::npos;
+      },
+      absl::Seconds(5)))
+      << (*broker)->process().Stderr();
+
+  grpc::SslCredentialsOptions without_cert;
+  without_cert.pem_root_certs = with_cert.pem_root_certs;
+  auto anonymous = v1::BrokerService::NewStub(grpc::CreateChannel(
+      (*broker)->control_address(), grpc::SslCredentials(without_cert)));
+  grpc::Status refused = anonymous->ListWorkers(
+      Context().get(), v1::ListWorkersRequest(), &response);
+  EXPECT_FALSE(refused.ok());
+
+  auto plaintext = v1::BrokerService::NewStub(grpc::CreateChannel(
+      (*broker)->control_address(), grpc::InsecureChannelCredentials()));
+  EXPECT_FALSE(
+      plaintext
+          ->ListWorkers(Context().get(), v1::ListWorkersRequest(), &response)
+          .ok());
+}
+
+// Reflection proven end to end: buf curl knows nothing about our protos and
+// learns everything from the server, like grpcurl.
+std::string BufPath() {
+  if (const char* env = std::getenv("FDBROKER_BUF")) return env;
+  return "buf";
+}
+
+TEST_F(ControlPlaneTest, ReflectionWithBufCurl) {
+  StartBroker({"--workers=1"});
+  ASSERT_TRUE(broker_->WaitForWorkers(1, absl::Seconds(30)));
+  const std::string url = "http://" + broker_->control_address();
+  auto run = [&](std::vector<std::string> args) {
+    std::vector<std::string> argv = {BufPath(), "curl", "--protocol", "grpc",
+                                     "--http2-prior-knowledge"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    auto process = Subprocess::Start(argv);
+    EXPECT_TRUE(process.ok())
+        << process.status() << " (tests/run.sh installs buf from npm)";
+    if (!process.ok()) return std::make_pair(-1, std::string());
+    absl::StatusOr<int> code = (*process)->Wait(absl::Seconds(30));
+    return std::make_pair(code.ok() ? *code : -1,
+                          (*process)->Stdout() + (*process)->Stderr());
+  };
+  auto [list_code, list] = run({"--list-methods", url});
+  EXPECT_EQ(list_code, 0) << list;
+  EXPECT_NE(list.find("fdbroker.v1.BrokerService/ScaleWorkers"),
+            std::string::npos)
+      << list;
+  EXPECT_NE(list.find("grpc.health.v1.Health/Check"), std::string::npos)
+      << list;
+
+  auto [workers_code, workers] =
+      run({url + "/fdbroker.v1.BrokerService/ListWorkers"});
+  EXPECT_EQ(workers_code, 0) << workers;
+  EXPECT_NE(workers.find("WORKER_STATE_READY"), std::string::npos) << workers;
+
+  auto [health_code, health] = run({url + "/grpc.health.v1.Health/Check"});
+  EXPECT_EQ(health_code, 0) << health;
+  EXPECT_NE(health.find("SERVING"), std::string::npos) << health;
+
+  auto [bad_code, bad] = run({"-d", "{\"count\": -1}",
+                              url + "/fdbroker.v1.BrokerService/ScaleWorkers"});
+  EXPECT_NE(bad_code, 0);
+  EXPECT_NE(bad.find("invalid_argument"), std::string::npos) << bad;
+}
+
+}  // namespace
+}  // namespace fdbroker::testing
