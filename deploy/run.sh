@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds fdbroker (Release) and runs the broker in the
-# foreground with 4 supervised HTTP example workers, clients on 0.0.0.0:8080.
+# foreground with 4 supervised HTTP example workers: clients on 0.0.0.0:8080,
+# gRPC control plane on 127.0.0.1:50051.
 # Ctrl-C drains the workers and exits (a second Ctrl-C stops at once).
 #
 #   deploy/run.sh [extra fdbroker flags...]    e.g. deploy/run.sh --workers=8
