@@ -311,6 +311,29 @@ TEST(BrokerIntegrationTest, SigtermLetsInFlightRequestsFinishAndExitsZero) {
   for (pid_t w : workers) EXPECT_TRUE(ProcessGone(w)) << w;
 }
 
+TEST(BrokerIntegrationTest, CrashingWorkersAreRestartedWithGrowingBackoff) {
+  // A worker command that exits at once: the broker must not spin, but wait
+  // 100 ms, 200 ms, 400 ms, ... (capped at 10 s) between restarts.
+  auto broker =
+      BrokerProcess::Start({"--workers=1", "--worker_cmd=/bin/false"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  const absl::Time start = absl::Now();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        return (*broker)->process().Stderr().find(
+                   "restarting worker(s) in 800ms") != std::string::npos;
+      },
+      absl::Seconds(20)))
+      << (*broker)->process().Stderr();
+  // 100 + 200 + 400 ms of back-off had to pass first.
+  EXPECT_GE(absl::Now() - start, absl::Milliseconds(700));
+  const std::string log = (*broker)->process().Stderr();
+  for (const char* step : {"in 100ms", "in 200ms", "in 400ms"}) {
+    EXPECT_NE(log.find(step), std::string::npos) << step;
+  }
+  EXPECT_NE(log.find("crashed: exit code 1"), std::string::npos);
+}
+
 TEST(BrokerIntegrationTest, BadFlagsAreOneLineErrorsWithExitCode2) {
   const std::vector<std::vector<std::string>> bad = {
       {"--workers=-1"},
