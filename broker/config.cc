@@ -43,6 +43,9 @@ ABSL_FLAG(int, max_pending, 4096,
           "are closed and counted as overload.");
 ABSL_FLAG(absl::Duration, pending_timeout, absl::Seconds(10),
           "Longest a connection waits for a worker before it is closed.");
+ABSL_FLAG(std::string, metrics, "0.0.0.0:9464",
+          "Address of the Prometheus endpoint (GET /metrics), HOST:PORT "
+          "(port 0 picks one; empty disables it).");
 ABSL_FLAG(std::string, control, "127.0.0.1:50051",
           "Address of the gRPC control plane, HOST:PORT (port 0 picks one; "
           "empty disables it).");
@@ -208,6 +211,15 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   config.max_pending = static_cast<size_t>(max_pending);
   config.ready_file = absl::GetFlag(FLAGS_ready_file);
 
+  config.metrics_address = absl::GetFlag(FLAGS_metrics);
+  if (!config.metrics_address.empty()) {
+    absl::StatusOr<SocketAddress> metrics =
+        SocketAddress::Parse(config.metrics_address);
+    if (!metrics.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--metrics: ", metrics.status().message()));
+    }
+  }
   config.control_address = absl::GetFlag(FLAGS_control);
   if (!config.control_address.empty() &&
       !absl::StartsWith(config.control_address, "localhost:")) {

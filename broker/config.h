@@ -25,6 +25,8 @@ struct BrokerConfig {
   size_t max_pending = 0;
   absl::Duration pending_timeout;
   std::string ready_file;
+  // Prometheus endpoint (/metrics); empty disables it.
+  std::string metrics_address;
   // Control plane; empty address disables it.
   std::string control_address;
   std::string tls_cert_file;

@@ -88,6 +88,8 @@ absl::Status ConnectionDispatcher::OnAck(Worker& worker, const v1::Ack& ack) {
       return absl::InvalidArgumentError(
           absl::StrCat("ack for connection ", id, " not sent to this worker"));
     }
+    latency_.Observe(loop_.NowNanos() -
+                     it->second.connection.accept_mono_nanos);
     // The worker owns the socket now; the broker's copy closes here.
     in_flight_.erase(it);
     --worker.unacked;
@@ -109,6 +111,7 @@ absl::Status ConnectionDispatcher::OnReject(Worker& worker,
     Entry entry = std::move(it->second);
     in_flight_.erase(it);
     --worker.unacked;
+    ++stats_.rejected_by_worker;
     if (entry.attempts >= options_.max_attempts) {
       ++stats_.failed_attempts;
       spdlog::warn("connection {} rejected {} times; closing it", id,

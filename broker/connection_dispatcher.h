@@ -11,6 +11,7 @@
 #include "absl/time/time.h"
 #include "broker/balancing_policy.h"
 #include "broker/event_loop.h"
+#include "broker/latency_histogram.h"
 #include "broker/listener.h"
 #include "broker/worker_registry.h"
 #include "fdbroker/v1/handoff.pb.h"
@@ -40,6 +41,7 @@ class ConnectionDispatcher {
     uint64_t dispatched = 0;
     uint64_t handed_off = 0;  // Acked by a worker.
     uint64_t replaced = 0;    // Re-placed after a Reject or a lost worker.
+    uint64_t rejected_by_worker = 0;  // Reject messages, per connection.
     uint64_t rejected_overload = 0;
     uint64_t rejected_shutdown = 0;
     uint64_t failed_attempts = 0;  // Closed after max_attempts.
@@ -80,6 +82,8 @@ class ConnectionDispatcher {
   size_t pending() const { return pending_.size(); }
   size_t in_flight() const { return in_flight_.size(); }
   const Stats& stats() const { return stats_; }
+  // Accept to Ack, for every handed-off connection.
+  const LatencyHistogram& latency() const { return latency_; }
 
  private:
   struct Entry {
@@ -110,6 +114,7 @@ class ConnectionDispatcher {
   std::vector<Worker*> candidates_;
   v1::HandoffMessage message_;
   Stats stats_;
+  LatencyHistogram latency_;
 };
 
 }  // namespace fdbroker

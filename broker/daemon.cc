@@ -32,6 +32,8 @@ Daemon::~Daemon() {
   control_server_.reset();
   control_service_.reset();
   operations_.reset();
+  metrics_server_.reset();
+  if (metrics_timer_ != 0) loop_->Cancel(metrics_timer_);
   listener_.reset();
   handoff_server_.reset();
   manager_.reset();
@@ -105,9 +107,24 @@ absl::Status Daemon::Init() {
   operations_ = std::make_unique<DataPlaneOperations>(
       *loop_, *listener_, registry_, *dispatcher_, *manager_,
       [this](const WorkerEvent& event) { OnEvent(event); });
+  metrics_registry_ = std::make_shared<prometheus::Registry>();
+  metrics_ = std::make_unique<BrokerMetrics>(*metrics_registry_);
+  process_metrics_ = std::make_shared<ProcessMetrics>();
+  if (!config_.metrics_address.empty()) {
+    absl::StatusOr<std::unique_ptr<MetricsServer>> metrics =
+        MetricsServer::Start(config_.metrics_address, metrics_registry_);
+    if (!metrics.ok()) return metrics.status();
+    metrics_server_ = *std::move(metrics);
+    // The ProcessMetrics collectable is registered beside the registry.
+    metrics_server_->Register(process_metrics_);
+  }
   if (!config_.control_address.empty()) {
-    control_service_ =
-        std::make_unique<ControlService>(*loop_, *operations_, hub_);
+    control_service_ = std::make_unique<ControlService>(
+        *loop_, *operations_, hub_,
+        [metrics = metrics_.get()](absl::string_view method,
+                                   grpc::StatusCode code) {
+          metrics->CountControlRequest(method, static_cast<int>(code));
+        });
     ControlServer::Options control_options;
     control_options.address = config_.control_address;
     control_options.tls_cert_file = config_.tls_cert_file;
@@ -120,6 +137,12 @@ absl::Status Daemon::Init() {
     control_server_ = *std::move(control);
   }
   return absl::OkStatus();
+}
+
+void Daemon::SyncMetrics() {
+  metrics_timer_ =
+      loop_->RunAfter(absl::Milliseconds(500), [this] { SyncMetrics(); });
+  metrics_->Sync(*listener_, registry_, *dispatcher_, *manager_);
 }
 
 void Daemon::OnEvent(const WorkerEvent& event) {
@@ -139,6 +162,9 @@ absl::Status Daemon::WriteReadyFile() const {
     if (control_server_ != nullptr) {
       out << "control=" << control_server_->address() << "\n";
     }
+    if (metrics_server_ != nullptr) {
+      out << "metrics=" << metrics_server_->address() << "\n";
+    }
     if (!out.good()) return absl::InternalError("cannot write " + tmp);
   }
   // rename() is atomic: a reader sees the whole file or none of it.
@@ -153,6 +179,10 @@ int Daemon::Run() {
   operations_->Start([this](bool serving) {
     if (control_server_ != nullptr) control_server_->SetServing(serving);
   });
+  SyncMetrics();
+  if (metrics_server_ != nullptr) {
+    spdlog::info("metrics on http://{}/metrics", metrics_server_->address());
+  }
   if (control_server_ != nullptr) {
     spdlog::info("control plane on {} ({}; reflection and health on)",
                  control_server_->address(),

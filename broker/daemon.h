@@ -14,6 +14,8 @@
 #include "broker/event_loop.h"
 #include "broker/handoff_server.h"
 #include "broker/listener.h"
+#include "broker/metrics.h"
+#include "broker/process_metrics.h"
 #include "broker/supervisor.h"
 #include "broker/worker_manager.h"
 #include "broker/worker_registry.h"
@@ -39,6 +41,7 @@ class Daemon {
   absl::Status WriteReadyFile() const;
   void OnSignal();
   void OnEvent(const WorkerEvent& event);
+  void SyncMetrics();
   void BeginShutdown();
 
   const BrokerConfig config_;
@@ -54,6 +57,11 @@ class Daemon {
   std::unique_ptr<HandoffServer> handoff_server_;
   std::unique_ptr<Listener> listener_;
   EventHub hub_;
+  std::shared_ptr<prometheus::Registry> metrics_registry_;
+  std::unique_ptr<BrokerMetrics> metrics_;
+  std::shared_ptr<ProcessMetrics> process_metrics_;
+  std::unique_ptr<MetricsServer> metrics_server_;
+  EventLoop::TimerId metrics_timer_ = 0;
   std::unique_ptr<DataPlaneOperations> operations_;
   std::unique_ptr<ControlService> control_service_;
   std::unique_ptr<ControlServer> control_server_;

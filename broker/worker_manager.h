@@ -103,6 +103,8 @@ class WorkerManager : public HandoffChannel::Delegate {
   std::vector<uint64_t> SuspendPool(absl::Duration timeout);
   std::vector<uint64_t> ResumePool();
   bool pool_suspended() const { return pool_suspended_; }
+  // Consecutive quick failures; restarts back off while it is above zero.
+  int crash_streak() const { return crash_streak_; }
   bool shutting_down() const { return shutting_down_; }
   int target_workers() const { return options_.target_workers; }
   int max_workers() const { return options_.max_workers; }
