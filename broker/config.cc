@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -54,6 +55,10 @@ ABSL_FLAG(std::string, tls_cert, "",
 ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls_cert.");
 ABSL_FLAG(std::string, tls_client_ca, "",
           "PEM CA bundle: require and verify client certificates (mTLS).");
+ABSL_FLAG(std::vector<std::string>, admin_subjects, {},
+          "With --tls_client_ca: comma-separated client-certificate subjects "
+          "(e.g. CN=ops) allowed to call mutating RPCs; any verified client "
+          "may call the read-only ones.");
 ABSL_FLAG(bool, allow_insecure_control, false,
           "Serve the control plane in plaintext on a non-loopback address.");
 ABSL_FLAG(std::string, ready_file, "",
@@ -234,6 +239,12 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   config.tls_key_file = absl::GetFlag(FLAGS_tls_key);
   config.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
   config.allow_insecure_control = absl::GetFlag(FLAGS_allow_insecure_control);
+  config.admin_subjects = absl::GetFlag(FLAGS_admin_subjects);
+  if (!config.admin_subjects.empty() && config.tls_client_ca_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--admin_subjects needs mTLS (--tls_client_ca): without client "
+        "certificates there is no subject to check");
+  }
   if (config.tls_cert_file.empty() != config.tls_key_file.empty()) {
     return absl::InvalidArgumentError(
         "--tls_cert and --tls_key must be given together");

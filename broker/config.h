@@ -33,6 +33,8 @@ struct BrokerConfig {
   std::string tls_key_file;
   std::string tls_client_ca_file;
   bool allow_insecure_control = false;
+  // With mTLS, the client-certificate subjects allowed to mutate.
+  std::vector<std::string> admin_subjects;
 };
 
 // Parses argv into the absl flags. Unlike absl::ParseCommandLine, a bad flag

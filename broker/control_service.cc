@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "spdlog/spdlog.h"
 
@@ -112,11 +113,13 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
 }
 
 ControlService::ControlService(EventLoop& loop, BrokerOperations& operations,
-                               EventHub& hub, RequestObserver observer)
+                               EventHub& hub, RequestObserver observer,
+                               Authorization authorization)
     : loop_(loop),
       operations_(operations),
       hub_(hub),
-      observer_(std::move(observer)) {}
+      observer_(std::move(observer)),
+      authorization_(std::move(authorization)) {}
 
 grpc::ServerUnaryReactor* ControlService::Run(
     grpc::CallbackServerContext* context, absl::string_view method,
@@ -138,6 +141,13 @@ grpc::ServerUnaryReactor* ControlService::Run(
     }
     reactor->Finish(ToGrpcStatus(status));
   };
+  if (mutating == Mutating::kYes && authorization_.require_admin_subject &&
+      authorization_.admin_subjects.count(Caller(context)) == 0) {
+    finish(absl::PermissionDeniedError(
+        absl::StrCat("\"", Caller(context), "\" may not call ", method,
+                     ": its certificate subject is not in --admin_subjects")));
+    return reactor;
+  }
   auto shared_finish = std::make_shared<Completion>(std::move(finish));
   if (!loop_.Post([work = std::move(work), shared_finish]() mutable {
         work(std::move(*shared_finish));

@@ -4,6 +4,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <functional>
+#include <set>
 #include <string>
 
 #include "absl/functional/any_invocable.h"
@@ -29,8 +30,17 @@ class ControlService final : public v1::BrokerService::CallbackService {
   using RequestObserver =
       std::function<void(absl::string_view method, grpc::StatusCode code)>;
 
+  // Who may call the mutating RPCs (ScaleWorkers, DrainWorker, Drain,
+  // Resume). With mTLS every caller has a verified certificate; then only
+  // subjects listed here ("CN=ops,O=example" as gRPC reports the subject)
+  // may mutate. Without mTLS there is no identity, and everyone may.
+  struct Authorization {
+    bool require_admin_subject = false;
+    std::set<std::string> admin_subjects;
+  };
+
   ControlService(EventLoop& loop, BrokerOperations& operations, EventHub& hub,
-                 RequestObserver observer = nullptr);
+                 RequestObserver observer, Authorization authorization);
 
   grpc::ServerUnaryReactor* ListWorkers(
       grpc::CallbackServerContext* context,
@@ -71,6 +81,7 @@ class ControlService final : public v1::BrokerService::CallbackService {
   BrokerOperations& operations_;
   EventHub& hub_;
   RequestObserver observer_;
+  const Authorization authorization_;
 };
 
 }  // namespace fdbroker

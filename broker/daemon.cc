@@ -124,7 +124,15 @@ absl::Status Daemon::Init() {
         [metrics = metrics_.get()](absl::string_view method,
                                    grpc::StatusCode code) {
           metrics->CountControlRequest(method, static_cast<int>(code));
-        });
+        },
+        ControlService::Authorization{
+            !config_.tls_client_ca_file.empty(),
+            {config_.admin_subjects.begin(), config_.admin_subjects.end()}});
+    if (!config_.tls_client_ca_file.empty() && config_.admin_subjects.empty()) {
+      spdlog::warn(
+          "mTLS without --admin_subjects: every mutating RPC will be "
+          "refused (read-only RPCs work)");
+    }
     ControlServer::Options control_options;
     control_options.address = config_.control_address;
     control_options.tls_cert_file = config_.tls_cert_file;

@@ -536,10 +536,11 @@ std::string MakeCertificates() {
       "-keyout server.key -out server.csr 2>/dev/null;"
       " openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key "
       "-CAcreateserial -days 2 -extfile san.ext -out server.pem 2>/dev/null;"
-      " openssl req -newkey rsa:2048 -nodes -subj /CN=operator "
-      "-keyout client.key -out client.csr 2>/dev/null;"
-      " openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key "
-      "-CAcreateserial -days 2 -out client.pem 2>/dev/null");
+      " for who in operator viewer; do"
+      " openssl req -newkey rsa:2048 -nodes -subj /CN=$who "
+      "-keyout $who.key -out $who.csr 2>/dev/null;"
+      " openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key "
+      "-CAcreateserial -days 2 -out $who.pem 2>/dev/null; done");
   EXPECT_EQ(std::system(script.c_str()), 0);
   return dir;
 }
@@ -549,46 +550,69 @@ std::string Slurp(const std::string& path) {
   return text.ok() ? *text : "";
 }
 
-TEST_F(ControlPlaneTest, MutualTlsRequiresAClientCertificate) {
-  const std::string certs = MakeCertificates();
-  auto broker = BrokerProcess::Start({"--workers=0",
-                                      "--tls_cert=" + certs + "/server.pem",
-                                      "--tls_key=" + certs + "/server.key",
-                                      "--tls_client_ca=" + certs + "/ca.pem"});
-  ASSERT_TRUE(broker.ok()) << broker.status();
+grpc::SslCredentialsOptions ClientCredentials(const std::string& certs,
+                                              const std::string& who) {
+  grpc::SslCredentialsOptions options;
+  options.pem_root_certs = Slurp(certs + "/ca.pem");
+  if (!who.empty()) {
+    options.pem_private_key = Slurp(certs + "/" + who + ".key");
+    options.pem_cert_chain = Slurp(certs + "/" + who + ".pem");
+  }
+  return options;
+}
 
-  grpc::SslCredentialsOptions with_cert;
-  with_cert.pem_root_certs = Slurp(certs + "/ca.pem");
-  with_cert.pem_private_key = Slurp(certs + "/client.key");
-  with_cert.pem_cert_chain = Slurp(certs + "/client.pem");
-  auto stub = v1::BrokerService::NewStub(grpc::CreateChannel(
-      (*broker)->control_address(), grpc::SslCredentials(with_cert)));
+TEST_F(ControlPlaneTest, MutualTlsChecksCertificatesAndAdminSubjects) {
+  const std::string certs = MakeCertificates();
+  auto broker = BrokerProcess::Start(
+      {"--workers=0", "--tls_cert=" + certs + "/server.pem",
+       "--tls_key=" + certs + "/server.key",
+       "--tls_client_ca=" + certs + "/ca.pem", "--admin_subjects=CN=operator"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  auto stub_as = [&](const std::string& who) {
+    return v1::BrokerService::NewStub(grpc::CreateChannel(
+        (*broker)->control_address(),
+        grpc::SslCredentials(ClientCredentials(certs, who))));
+  };
   v1::ListWorkersResponse response;
-  grpc::Status ok =
-      stub->ListWorkers(Context().get(), v1::ListWorkersRequest(), &response);
-  EXPECT_TRUE(ok.ok()) << ok.error_message();
-  // A mutating call is audited with the certificate's subject.
   v1::ScaleWorkersRequest scale;
   scale.set_count(0);
   v1::ScaleWorkersResponse scaled;
-  EXPECT_TRUE(stub->ScaleWorkers(Context().get(), scale, &scaled).ok());
+
+  // An admin may read and mutate; the call is audited with its subject.
+  auto operator_stub = stub_as("operator");
+  grpc::Status ok = operator_stub->ListWorkers(
+      Context().get(), v1::ListWorkersRequest(), &response);
+  EXPECT_TRUE(ok.ok()) << ok.error_message();
+  EXPECT_TRUE(
+      operator_stub->ScaleWorkers(Context().get(), scale, &scaled).ok());
   EXPECT_TRUE(WaitFor(
       [&] {
         return (*broker)->process().Stderr().find(
-                   "audit: caller=\"CN=operator\" method=ScaleWorkers") !=
-               std::string::npos;
+                   "audit: caller=\"CN=operator\" method=ScaleWorkers "
+                   "request={} result=OK") != std::string::npos;
       },
       absl::Seconds(5)))
       << (*broker)->process().Stderr();
 
-  grpc::SslCredentialsOptions without_cert;
-  without_cert.pem_root_certs = with_cert.pem_root_certs;
-  auto anonymous = v1::BrokerService::NewStub(grpc::CreateChannel(
-      (*broker)->control_address(), grpc::SslCredentials(without_cert)));
-  grpc::Status refused = anonymous->ListWorkers(
-      Context().get(), v1::ListWorkersRequest(), &response);
-  EXPECT_FALSE(refused.ok());
+  // Any verified client may read; only admins may mutate.
+  auto viewer_stub = stub_as("viewer");
+  EXPECT_TRUE(
+      viewer_stub
+          ->ListWorkers(Context().get(), v1::ListWorkersRequest(), &response)
+          .ok());
+  grpc::Status denied =
+      viewer_stub->ScaleWorkers(Context().get(), scale, &scaled);
+  EXPECT_EQ(denied.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_NE(denied.error_message().find("--admin_subjects"), std::string::npos);
+  EXPECT_NE((*broker)->process().Stderr().find(
+                "audit: caller=\"CN=viewer\" method=ScaleWorkers"),
+            std::string::npos);
 
+  // No client certificate, or no TLS at all: refused at the handshake.
+  EXPECT_FALSE(
+      stub_as("")
+          ->ListWorkers(Context().get(), v1::ListWorkersRequest(), &response)
+          .ok());
   auto plaintext = v1::BrokerService::NewStub(grpc::CreateChannel(
       (*broker)->control_address(), grpc::InsecureChannelCredentials()));
   EXPECT_FALSE(
