@@ -61,6 +61,13 @@ ABSL_FLAG(std::vector<std::string>, admin_subjects, {},
           "may call the read-only ones.");
 ABSL_FLAG(bool, allow_insecure_control, false,
           "Serve the control plane in plaintext on a non-loopback address.");
+ABSL_FLAG(bool, upgrade, false,
+          "Planned upgrade: take the listening sockets and the workers over "
+          "from the broker running on --socket, which then exits.");
+ABSL_FLAG(absl::Duration, adopt_grace, absl::Seconds(2),
+          "After a broker crash (stale --socket) or with --upgrade: how long "
+          "to wait for the previous broker's workers to re-register before "
+          "starting new ones.");
 ABSL_FLAG(std::string, ready_file, "",
           "Once listening, write key=value lines (listen=, socket=, pid=) to "
           "this file (atomically), for scripts and tests using port 0.");
@@ -215,6 +222,12 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   }
   config.max_pending = static_cast<size_t>(max_pending);
   config.ready_file = absl::GetFlag(FLAGS_ready_file);
+  config.upgrade = absl::GetFlag(FLAGS_upgrade);
+  config.adopt_grace = absl::GetFlag(FLAGS_adopt_grace);
+  if (config.adopt_grace < absl::ZeroDuration() ||
+      config.adopt_grace > absl::Minutes(10)) {
+    return absl::InvalidArgumentError("--adopt_grace must be in 0s..10m");
+  }
 
   config.metrics_address = absl::GetFlag(FLAGS_metrics);
   if (!config.metrics_address.empty()) {

@@ -25,6 +25,11 @@ struct BrokerConfig {
   size_t max_pending = 0;
   absl::Duration pending_timeout;
   std::string ready_file;
+  // Take the sockets over from the broker running on socket_path.
+  bool upgrade = false;
+  // How long a broker that replaces another waits for re-registering
+  // workers before starting its own.
+  absl::Duration adopt_grace;
   // Prometheus endpoint (/metrics); empty disables it.
   std::string metrics_address;
   // Control plane; empty address disables it.

@@ -12,7 +12,16 @@ ConnectionDispatcher::ConnectionDispatcher(EventLoop& loop,
                                            WorkerRegistry& registry,
                                            BalancingPolicy& policy,
                                            const Options& options)
-    : loop_(loop), registry_(registry), policy_(policy), options_(options) {}
+    : loop_(loop),
+      registry_(registry),
+      policy_(policy),
+      options_(options),
+      // Start above anything an earlier broker on this host handed out
+      // (seconds since the epoch in the high bits), so ids stay unique
+      // across restarts even before ReserveIdsAbove() learns of them.
+      next_connection_id_(
+          (static_cast<uint64_t>(absl::ToUnixSeconds(absl::Now())) << 24) +
+          1) {}
 
 ConnectionDispatcher::~ConnectionDispatcher() {
   if (pending_timer_ != 0) loop_.Cancel(pending_timer_);
@@ -24,7 +33,7 @@ void ConnectionDispatcher::Dispatch(AcceptedConnection connection) {
   entry.id = next_connection_id_++;
   entry.connection = std::move(connection);
   // Earlier arrivals go first: only place directly when nobody is waiting.
-  if (pending_.empty() && !paused_ && TryPlace(entry)) return;
+  if (pending_.empty() && TryPlace(entry)) return;
   Enqueue(std::move(entry), /*front=*/false);
   PlacePending();
 }
@@ -163,13 +172,7 @@ void ConnectionDispatcher::ReclaimUnacked(Worker& worker) {
 }
 
 void ConnectionDispatcher::PlacePending() {
-  if (paused_) return;
   while (!pending_.empty() && TryPlace(pending_.front())) pending_.pop_front();
-}
-
-void ConnectionDispatcher::set_paused(bool paused) {
-  paused_ = paused;
-  if (!paused_) PlacePending();
 }
 
 void ConnectionDispatcher::CloseAllPending() {

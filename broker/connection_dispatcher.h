@@ -1,6 +1,7 @@
 #ifndef FDBROKER_BROKER_CONNECTION_DISPATCHER_H_
 #define FDBROKER_BROKER_CONNECTION_DISPATCHER_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <vector>
@@ -76,8 +77,11 @@ class ConnectionDispatcher {
   // broker drains with nobody left to serve them.
   void CloseAllPending();
 
-  // Stop placing queued connections (broker-wide drain); they stay queued.
-  void set_paused(bool paused);
+  // Ids from now on are above `id` (a re-registering worker owns
+  // connections numbered by a previous broker; new ids must not collide).
+  void ReserveIdsAbove(uint64_t id) {
+    next_connection_id_ = std::max(next_connection_id_, id + 1);
+  }
 
   size_t pending() const { return pending_.size(); }
   size_t in_flight() const { return in_flight_.size(); }
@@ -105,8 +109,7 @@ class ConnectionDispatcher {
   WorkerRegistry& registry_;
   BalancingPolicy& policy_;
   const Options options_;
-  uint64_t next_connection_id_ = 1;
-  bool paused_ = false;
+  uint64_t next_connection_id_;
   std::deque<Entry> pending_;
   absl::flat_hash_map<uint64_t, Entry> in_flight_;
   EventLoop::TimerId pending_timer_ = 0;

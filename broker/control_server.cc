@@ -112,6 +112,8 @@ absl::StatusOr<std::unique_ptr<ControlServer>> ControlServer::Start(
 ControlServer::~ControlServer() { Shutdown(); }
 
 void ControlServer::SetServing(bool serving) {
+  absl::MutexLock lock(&shutdown_mu_);
+  if (shut_down_) return;
   grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
   if (health == nullptr) return;
   health->SetServingStatus(serving);
@@ -119,10 +121,11 @@ void ControlServer::SetServing(bool serving) {
 }
 
 void ControlServer::Shutdown() {
-  if (server_ == nullptr) return;
+  absl::MutexLock lock(&shutdown_mu_);
+  if (shut_down_) return;
+  shut_down_ = true;
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   server_->Wait();
-  server_.reset();
 }
 
 }  // namespace fdbroker

@@ -6,7 +6,9 @@
 #include <memory>
 #include <string>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "broker/control_service.h"
 
 namespace fdbroker {
@@ -35,14 +37,18 @@ class ControlServer {
   bool tls() const { return tls_; }
 
   // Thread-safe. Sets the health of "" and "fdbroker.v1.BrokerService".
-  void SetServing(bool serving);
+  void SetServing(bool serving) ABSL_LOCKS_EXCLUDED(shutdown_mu_);
 
-  // Stops taking RPCs and waits (briefly) for running ones.
-  void Shutdown();
+  // Stops taking RPCs and waits (briefly) for running ones. Thread-safe
+  // and idempotent; must not run on the event loop's thread (handlers may
+  // be waiting for the loop).
+  void Shutdown() ABSL_LOCKS_EXCLUDED(shutdown_mu_);
 
  private:
   ControlServer() = default;
   std::unique_ptr<grpc::Server> server_;
+  absl::Mutex shutdown_mu_;
+  bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
   std::string address_;
   bool tls_ = false;
 };

@@ -12,9 +12,25 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "spdlog/spdlog.h"
+#include "broker/upgrade.h"
+#include "wire/message_channel.h"
 #include "wire/sys_calls.h"
 
 namespace fdbroker {
+
+// During an upgrade the previous broker frees its control and metrics ports
+// a moment after the hand-over: retry binding them for a while.
+template <typename Start>
+auto Daemon::RetryWhileUpgrading(Start start) -> decltype(start()) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  for (;;) {
+    auto result = start();
+    if (result.ok() || !config_.upgrade || absl::Now() > deadline) {
+      return result;
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+}
 
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(
     const BrokerConfig& config) {
@@ -29,6 +45,7 @@ Daemon::~Daemon() {
   // Tear down in dependency order while the loop still exists. The control
   // server goes first: its handlers post to the loop.
   hub_.Close();
+  if (control_shutdown_.joinable()) control_shutdown_.join();
   control_server_.reset();
   control_service_.reset();
   operations_.reset();
@@ -88,21 +105,50 @@ absl::Status Daemon::Init() {
       *loop_, registry_, *dispatcher_, *supervisor_, sys, manager_options,
       [this](const WorkerEvent& event) { OnEvent(event); });
 
-  absl::StatusOr<std::unique_ptr<HandoffServer>> server = HandoffServer::Create(
-      *loop_, config_.socket_path, HandoffServer::Options{}, sys,
-      [this](wire::UniqueFd socket, const ucred& peer) {
-        manager_->OnNewPeer(std::move(socket), peer);
-      });
+  auto on_peer = [this](wire::UniqueFd socket, const ucred& peer) {
+    manager_->OnNewPeer(std::move(socket), peer);
+  };
+  auto on_accept = [this](AcceptedConnection conn) {
+    dispatcher_->Dispatch(std::move(conn));
+  };
+  absl::StatusOr<std::unique_ptr<HandoffServer>> server;
+  absl::StatusOr<std::unique_ptr<Listener>> listener;
+  if (config_.upgrade) {
+    // Take both listening sockets over from the running broker: they never
+    // close, so no client connect and no worker reconnect is refused.
+    absl::StatusOr<UpgradeSockets> sockets =
+        RequestUpgrade(config_.socket_path, absl::Seconds(10));
+    if (!sockets.ok()) return sockets.status();
+    server = HandoffServer::Adopt(*loop_, config_.socket_path,
+                                  std::move(sockets->handoff),
+                                  HandoffServer::Options{}, sys, on_peer);
+    if (server.ok()) {
+      listener = Listener::Adopt(*loop_, std::move(sockets->listener),
+                                 Listener::Options{}, sys, on_accept);
+    }
+  } else {
+    server = HandoffServer::Create(*loop_, config_.socket_path,
+                                   HandoffServer::Options{}, sys, on_peer);
+    absl::StatusOr<wire::UniqueFd> activated = TakeActivatedListener();
+    if (!activated.ok()) return activated.status();
+    if (server.ok()) {
+      listener =
+          activated->valid()
+              ? Listener::Adopt(*loop_, *std::move(activated),
+                                Listener::Options{}, sys, on_accept)
+              : Listener::Create(*loop_, config_.listen, Listener::Options{},
+                                 sys, on_accept);
+    }
+  }
   if (!server.ok()) return server.status();
   handoff_server_ = *std::move(server);
-
-  absl::StatusOr<std::unique_ptr<Listener>> listener =
-      Listener::Create(*loop_, config_.listen, Listener::Options{}, sys,
-                       [this](AcceptedConnection conn) {
-                         dispatcher_->Dispatch(std::move(conn));
-                       });
   if (!listener.ok()) return listener.status();
   listener_ = *std::move(listener);
+  manager_->set_upgrade_handler(
+      [this](std::unique_ptr<HandoffChannel> channel,
+             const v1::UpgradeRequest& request) {
+        OnUpgradeRequest(std::move(channel), request);
+      });
 
   operations_ = std::make_unique<DataPlaneOperations>(
       *loop_, *listener_, registry_, *dispatcher_, *manager_,
@@ -112,7 +158,10 @@ absl::Status Daemon::Init() {
   process_metrics_ = std::make_shared<ProcessMetrics>();
   if (!config_.metrics_address.empty()) {
     absl::StatusOr<std::unique_ptr<MetricsServer>> metrics =
-        MetricsServer::Start(config_.metrics_address, metrics_registry_);
+        RetryWhileUpgrading([&] {
+          return MetricsServer::Start(config_.metrics_address,
+                                      metrics_registry_);
+        });
     if (!metrics.ok()) return metrics.status();
     metrics_server_ = *std::move(metrics);
     // The ProcessMetrics collectable is registered beside the registry.
@@ -140,7 +189,9 @@ absl::Status Daemon::Init() {
     control_options.tls_client_ca_file = config_.tls_client_ca_file;
     control_options.allow_insecure = config_.allow_insecure_control;
     absl::StatusOr<std::unique_ptr<ControlServer>> control =
-        ControlServer::Start(control_options, *control_service_);
+        RetryWhileUpgrading([&] {
+          return ControlServer::Start(control_options, *control_service_);
+        });
     if (!control.ok()) return control.status();
     control_server_ = *std::move(control);
   }
@@ -183,7 +234,11 @@ absl::Status Daemon::WriteReadyFile() const {
 }
 
 int Daemon::Run() {
-  manager_->Start();
+  // After a crash (stale socket) or during an upgrade, workers of the
+  // previous broker come back: let them count toward --workers first.
+  manager_->Start(config_.upgrade || handoff_server_->replaced_stale_socket()
+                      ? config_.adopt_grace
+                      : absl::ZeroDuration());
   operations_->Start([this](bool serving) {
     if (control_server_ != nullptr) control_server_->SetServing(serving);
   });
@@ -210,6 +265,7 @@ int Daemon::Run() {
   // then stop the gRPC server.
   loop_->Close();
   hub_.Close();
+  if (control_shutdown_.joinable()) control_shutdown_.join();
   if (control_server_ != nullptr) control_server_->Shutdown();
   const ConnectionDispatcher::Stats& stats = dispatcher_->stats();
   spdlog::info(
@@ -219,6 +275,81 @@ int Daemon::Run() {
       stats.rejected_overload,
       stats.rejected_shutdown + dispatcher_->pending());
   return 0;
+}
+
+void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
+                              const v1::UpgradeRequest& request) {
+  const pid_t pid = channel->peer().pid;
+  if (shutting_down_ || upgrade_channel_ != nullptr) {
+    spdlog::warn("refused an upgrade request from pid {}: {}", pid,
+                 shutting_down_ ? "shutting down" : "already upgrading");
+    v1::HandoffMessage refusal;
+    refusal.mutable_refusal()->set_reason(v1::REFUSAL_REASON_SHUTTING_DOWN);
+    refusal.mutable_refusal()->set_message(
+        shutting_down_ ? "the broker is shutting down"
+                       : "another upgrade is in progress");
+    channel->SendControl(std::move(refusal));
+    channel->Close(absl::OkStatus());
+    refused_upgrades_.push_back(std::move(channel));
+    return;
+  }
+  if (request.version().major() != wire::kProtocolMajor) {
+    spdlog::warn("refused an upgrade from pid {}: protocol major {}", pid,
+                 request.version().major());
+    channel->Close(absl::OkStatus());
+    refused_upgrades_.push_back(std::move(channel));
+    return;
+  }
+  v1::HandoffMessage handover;
+  v1::UpgradeHandover* body = handover.mutable_upgrade_handover();
+  body->set_listen_address(listener_->address().ToString());
+  body->set_socket_path(handoff_server_->path());
+  const int fds[] = {listener_->fd(), handoff_server_->fd()};
+  if (absl::Status s = channel->SendWithFds(handover, fds); !s.ok()) {
+    spdlog::error("upgrade hand-over to pid {} failed ({}); still serving",
+                  pid, s.ToString());
+    return;
+  }
+  spdlog::info("upgrade: handed the listening sockets to the new broker "
+               "(pid {}); finishing hand-offs, then exiting",
+               pid);
+  upgrade_channel_ = std::move(channel);
+  // The new broker accepts clients and workers from now on (the sockets
+  // themselves never close). This broker only finishes what it holds.
+  listener_->Close();
+  handoff_server_->Release();
+  manager_->PrepareForUpgrade();
+  metrics_server_.reset();  // Frees the port for the new broker.
+  if (control_server_ != nullptr) {
+    // Not on the loop thread: shutting gRPC down waits for handlers, and a
+    // handler may be waiting for the loop.
+    control_shutdown_ = std::thread([server = control_server_.get()] {
+      server->Shutdown();
+    });
+  }
+  operations_->RefreshHealth();
+  const int64_t deadline =
+      EventLoop::MonotonicNanos() + absl::ToInt64Nanoseconds(absl::Seconds(5));
+  FinishUpgrade(deadline);
+}
+
+void Daemon::FinishUpgrade(int64_t deadline_nanos) {
+  dispatcher_->PlacePending();
+  const bool done = dispatcher_->in_flight() == 0 && dispatcher_->pending() == 0;
+  if (!done && EventLoop::MonotonicNanos() < deadline_nanos) {
+    loop_->RunAfter(absl::Milliseconds(5),
+                    [this, deadline_nanos] { FinishUpgrade(deadline_nanos); });
+    return;
+  }
+  if (!done) {
+    spdlog::warn("upgrade: {} connection(s) still waiting for a worker; they "
+                 "are closed",
+                 dispatcher_->in_flight() + dispatcher_->pending());
+  }
+  // Every hand-off is acked: closing the worker channels (at exit) loses
+  // nothing, and the workers re-register with the new broker.
+  spdlog::info("upgrade complete: exiting; workers move to the new broker");
+  loop_->Stop();
 }
 
 void Daemon::OnSignal() {

@@ -2,6 +2,8 @@
 #define FDBROKER_BROKER_DAEMON_H_
 
 #include <memory>
+#include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "broker/balancing_policy.h"
@@ -41,6 +43,13 @@ class Daemon {
   absl::Status WriteReadyFile() const;
   void OnSignal();
   void OnEvent(const WorkerEvent& event);
+  // Planned upgrade, running side: hand the sockets over, finish the
+  // hand-offs in flight, exit.
+  void OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
+                        const v1::UpgradeRequest& request);
+  void FinishUpgrade(int64_t deadline_nanos);
+  template <typename Start>
+  auto RetryWhileUpgrading(Start start) -> decltype(start());
   void SyncMetrics();
   void BeginShutdown();
 
@@ -66,6 +75,9 @@ class Daemon {
   std::unique_ptr<ControlService> control_service_;
   std::unique_ptr<ControlServer> control_server_;
   bool shutting_down_ = false;
+  std::unique_ptr<HandoffChannel> upgrade_channel_;
+  std::vector<std::unique_ptr<HandoffChannel>> refused_upgrades_;
+  std::thread control_shutdown_;
 };
 
 }  // namespace fdbroker

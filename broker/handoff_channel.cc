@@ -91,6 +91,19 @@ absl::StatusOr<wire::SendResult> HandoffChannel::SendConnection(
   return result;
 }
 
+absl::Status HandoffChannel::SendWithFds(v1::HandoffMessage& message,
+                                         absl::Span<const int> fds) {
+  if (closed_) return absl::UnavailableError("channel closed");
+  if (!queue_.empty()) return absl::UnavailableError("channel congested");
+  absl::StatusOr<wire::SendResult> result = channel_.SendWithFds(message, fds);
+  if (!result.ok()) return result.status();
+  if (*result != wire::SendResult::kSent) {
+    return absl::UnavailableError("channel full");
+  }
+  last_sent_nanos_ = loop_.NowNanos();
+  return absl::OkStatus();
+}
+
 void HandoffChannel::SendControl(v1::HandoffMessage message) {
   if (closed_) return;
   queue_.push_back(std::move(message));

@@ -55,6 +55,10 @@ class HandoffChannel {
   // Sends a Connection body with the client fd (the broker keeps its copy).
   absl::StatusOr<wire::SendResult> SendConnection(v1::HandoffMessage& message,
                                                   int client_fd);
+  // Sends a message that carries fds (UpgradeHandover) right now; a full
+  // socket is an error here (it is only used on a fresh channel).
+  absl::Status SendWithFds(v1::HandoffMessage& message,
+                           absl::Span<const int> fds);
   // Sends or queues a control message; a send error closes the channel
   // (reported through the delegate, possibly later in the same turn).
   void SendControl(v1::HandoffMessage message);

@@ -1,5 +1,6 @@
 #include "broker/handoff_server.h"
 
+#include <fcntl.h>
 #include <sys/epoll.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -32,12 +33,12 @@ absl::StatusOr<sockaddr_un> UnixAddress(const std::string& path) {
 }
 
 // Removes `path` if it is a socket nobody listens on (left by a crashed
-// broker). Any other file, or a live socket, is an error.
-absl::Status RemoveStaleSocket(const std::string& path,
-                               const sockaddr_un& addr) {
+// broker); true if it did. Any other file, or a live socket, is an error.
+absl::StatusOr<bool> RemoveStaleSocket(const std::string& path,
+                                       const sockaddr_un& addr) {
   struct stat st;
   if (::lstat(path.c_str(), &st) != 0) {
-    if (errno == ENOENT) return absl::OkStatus();
+    if (errno == ENOENT) return false;
     return absl::ErrnoToStatus(errno, absl::StrCat("stat ", path));
   }
   if (!S_ISSOCK(st.st_mode)) {
@@ -59,7 +60,7 @@ absl::Status RemoveStaleSocket(const std::string& path,
     return absl::ErrnoToStatus(errno, absl::StrCat("unlink stale ", path));
   }
   spdlog::info("removed stale hand-off socket {}", path);
-  return absl::OkStatus();
+  return true;
 }
 
 }  // namespace
@@ -69,7 +70,8 @@ absl::StatusOr<std::unique_ptr<HandoffServer>> HandoffServer::Create(
     wire::SysCalls& sys, NewPeerCallback on_peer) {
   absl::StatusOr<sockaddr_un> addr = UnixAddress(path);
   if (!addr.ok()) return addr.status();
-  if (absl::Status s = RemoveStaleSocket(path, *addr); !s.ok()) return s;
+  absl::StatusOr<bool> stale = RemoveStaleSocket(path, *addr);
+  if (!stale.ok()) return stale.status();
   wire::UniqueFd socket(
       ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!socket) return absl::ErrnoToStatus(errno, "socket(AF_UNIX)");
@@ -90,8 +92,35 @@ absl::StatusOr<std::unique_ptr<HandoffServer>> HandoffServer::Create(
   }
   std::unique_ptr<HandoffServer> server(new HandoffServer(
       loop, path, std::move(socket), options, sys, std::move(on_peer)));
+  server->replaced_stale_socket_ = *stale;
   if (absl::Status s = server->Init(); !s.ok()) return s;
   return server;
+}
+
+absl::StatusOr<std::unique_ptr<HandoffServer>> HandoffServer::Adopt(
+    EventLoop& loop, const std::string& path, wire::UniqueFd socket,
+    const Options& options, wire::SysCalls& sys, NewPeerCallback on_peer) {
+  int type = 0;
+  socklen_t len = sizeof(type);
+  if (::getsockopt(socket.get(), SOL_SOCKET, SO_TYPE, &type, &len) != 0 ||
+      type != SOCK_SEQPACKET) {
+    return absl::InvalidArgumentError(
+        "the handed-over hand-off socket is not SOCK_SEQPACKET");
+  }
+  const int flags = ::fcntl(socket.get(), F_GETFL);
+  ::fcntl(socket.get(), F_SETFL, flags | O_NONBLOCK);
+  std::unique_ptr<HandoffServer> server(new HandoffServer(
+      loop, path, std::move(socket), options, sys, std::move(on_peer)));
+  if (absl::Status s = server->Init(); !s.ok()) return s;
+  return server;
+}
+
+void HandoffServer::Release() {
+  released_ = true;
+  if (resume_timer_ != 0) loop_.Cancel(resume_timer_);
+  resume_timer_ = 0;
+  watch_.reset();
+  socket_.Reset();
 }
 
 HandoffServer::HandoffServer(EventLoop& loop, std::string path,
@@ -107,7 +136,7 @@ HandoffServer::HandoffServer(EventLoop& loop, std::string path,
 HandoffServer::~HandoffServer() {
   if (resume_timer_ != 0) loop_.Cancel(resume_timer_);
   watch_.reset();
-  ::unlink(path_.c_str());
+  if (!released_) ::unlink(path_.c_str());
 }
 
 absl::Status HandoffServer::Init() {

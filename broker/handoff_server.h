@@ -36,10 +36,22 @@ class HandoffServer {
   static absl::StatusOr<std::unique_ptr<HandoffServer>> Create(
       EventLoop& loop, const std::string& path, const Options& options,
       wire::SysCalls& sys, NewPeerCallback on_peer);
-  // Removes the socket file.
+  // Takes over an already listening hand-off socket bound at `path` (from
+  // the previous broker during an upgrade).
+  static absl::StatusOr<std::unique_ptr<HandoffServer>> Adopt(
+      EventLoop& loop, const std::string& path, wire::UniqueFd socket,
+      const Options& options, wire::SysCalls& sys, NewPeerCallback on_peer);
+  // Removes the socket file, unless Release() was called.
   ~HandoffServer();
 
   const std::string& path() const { return path_; }
+  int fd() const { return socket_.get(); }
+  // Create() found a socket file nobody listened on: a broker died there,
+  // and its workers may come back to re-register.
+  bool replaced_stale_socket() const { return replaced_stale_socket_; }
+  // Stops accepting and closes this copy of the socket, leaving the file
+  // (another process now listens on it: upgrade hand-over).
+  void Release();
   uint64_t refused_credentials() const { return refused_credentials_; }
 
  private:
@@ -59,6 +71,8 @@ class HandoffServer {
   std::unique_ptr<IoWatch> watch_;
   EventLoop::TimerId resume_timer_ = 0;
   uint64_t refused_credentials_ = 0;
+  bool replaced_stale_socket_ = false;
+  bool released_ = false;
 };
 
 }  // namespace fdbroker

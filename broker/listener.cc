@@ -1,6 +1,7 @@
 #include "broker/listener.h"
 
 #include <netinet/in.h>
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -29,10 +30,32 @@ absl::StatusOr<std::unique_ptr<Listener>> Listener::Create(
   if (::listen(socket.get(), options.backlog) != 0) {
     return absl::ErrnoToStatus(errno, "listen");
   }
+  return Adopt(loop, std::move(socket), options, sys, std::move(on_accept));
+}
+
+absl::StatusOr<std::unique_ptr<Listener>> Listener::Adopt(
+    EventLoop& loop, wire::UniqueFd socket, const Options& options,
+    wire::SysCalls& sys, AcceptCallback on_accept) {
+  int listening = 0;
+  socklen_t len = sizeof(listening);
+  if (::getsockopt(socket.get(), SOL_SOCKET, SO_ACCEPTCONN, &listening,
+                   &len) != 0 ||
+      !listening) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("fd ", socket.get(), " is not a listening socket"));
+  }
+  // An inherited socket may lack these; the broker relies on both.
+  const int flags = ::fcntl(socket.get(), F_GETFL);
+  ::fcntl(socket.get(), F_SETFL, flags | O_NONBLOCK);
+  ::fcntl(socket.get(), F_SETFD, FD_CLOEXEC);
   SocketAddress bound;
   bound.length = sizeof(bound.storage);
   if (::getsockname(socket.get(), bound.mutable_addr(), &bound.length) != 0) {
     return absl::ErrnoToStatus(errno, "getsockname");
+  }
+  if (bound.family() != AF_INET && bound.family() != AF_INET6) {
+    return absl::InvalidArgumentError(
+        "the inherited listening socket is not TCP over IPv4 or IPv6");
   }
   std::unique_ptr<Listener> listener(new Listener(
       loop, std::move(socket), bound, options, sys, std::move(on_accept)));

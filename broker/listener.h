@@ -46,7 +46,15 @@ class Listener {
   static absl::StatusOr<std::unique_ptr<Listener>> Create(
       EventLoop& loop, const SocketAddress& address, const Options& options,
       wire::SysCalls& sys, AcceptCallback on_accept);
+  // Takes over an already listening socket (systemd socket activation, or
+  // one handed over by the previous broker during an upgrade).
+  static absl::StatusOr<std::unique_ptr<Listener>> Adopt(
+      EventLoop& loop, wire::UniqueFd socket, const Options& options,
+      wire::SysCalls& sys, AcceptCallback on_accept);
   ~Listener();
+
+  // The listening socket, for handing it over (the caller dups it).
+  int fd() const { return socket_.get(); }
 
   // The address actually bound.
   const SocketAddress& address() const { return address_; }

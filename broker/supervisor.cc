@@ -99,6 +99,9 @@ absl::StatusOr<std::string> ResolveProgram(const std::string& program) {
 }  // namespace
 
 std::string DescribeWaitStatus(int status) {
+  if (status == Supervisor::kUnknownStatus) {
+    return "exited (not a child of this broker: status unknown)";
+  }
   if (WIFEXITED(status)) return absl::StrCat("exit code ", WEXITSTATUS(status));
   if (WIFSIGNALED(status)) {
     const char* name = sigabbrev_np(WTERMSIG(status));
@@ -168,22 +171,49 @@ absl::StatusOr<pid_t> Supervisor::Spawn() {
     ::waitpid(pid, nullptr, 0);
     return absl::ErrnoToStatus(err, "pidfd_open");
   }
+  if (absl::Status s = WatchChild(pid, std::move(pidfd), false); !s.ok()) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+    return s;
+  }
+  return pid;
+}
+
+absl::Status Supervisor::Adopt(pid_t pid) {
+  if (children_.count(pid) != 0) return absl::OkStatus();
+  wire::UniqueFd pidfd(PidfdOpen(pid));
+  if (!pidfd) {
+    return absl::ErrnoToStatus(errno, absl::StrCat("pidfd_open(", pid, ")"));
+  }
+  return WatchChild(pid, std::move(pidfd), true);
+}
+
+absl::Status Supervisor::WatchChild(pid_t pid, wire::UniqueFd pidfd,
+                                    bool adopted) {
   Child& child = children_[pid];
   child.pidfd = std::move(pidfd);
+  child.adopted = adopted;
   absl::StatusOr<std::unique_ptr<IoWatch>> watch =
       loop_.Watch(child.pidfd.get(), EPOLLIN,
                   [this, pid](uint32_t) { OnPidfdReadable(pid); });
   if (!watch.ok()) {
-    ::kill(pid, SIGKILL);
-    ::waitpid(pid, nullptr, 0);
     children_.erase(pid);
     return watch.status();
   }
   child.watch = *std::move(watch);
-  return pid;
+  return absl::OkStatus();
 }
 
 void Supervisor::OnPidfdReadable(pid_t pid) {
+  auto it = children_.find(pid);
+  if (it == children_.end()) return;
+  if (it->second.adopted) {
+    // A readable pidfd means the process has exited; only its parent (not
+    // us) can collect the status.
+    children_.erase(it);
+    on_exit_(pid, kUnknownStatus);
+    return;
+  }
   int status = 0;
   pid_t rc;
   do {

@@ -44,6 +44,11 @@ class Supervisor {
   ~Supervisor();
 
   absl::StatusOr<pid_t> Spawn();
+  // Watches a process this broker did not start (a worker adopted after a
+  // broker restart or upgrade). Its exit is reported with kUnknownStatus: a
+  // non-child cannot be waited for.
+  absl::Status Adopt(pid_t pid);
+  static constexpr int kUnknownStatus = -1;
   // Sends `signal` to a running child; unknown pids are ignored.
   void Signal(pid_t pid, int signal);
   void SignalAll(int signal);
@@ -54,7 +59,9 @@ class Supervisor {
   struct Child {
     wire::UniqueFd pidfd;
     std::unique_ptr<IoWatch> watch;
+    bool adopted = false;
   };
+  absl::Status WatchChild(pid_t pid, wire::UniqueFd pidfd, bool adopted);
   void OnPidfdReadable(pid_t pid);
 
   EventLoop& loop_;
@@ -64,7 +71,8 @@ class Supervisor {
   std::map<pid_t, Child> children_;
 };
 
-// "exit code 3", "killed by signal 9 (SIGKILL)".
+// "exit code 3", "killed by signal 9 (SIGKILL)", or for kUnknownStatus
+// "exited (not a child of this broker: status unknown)".
 std::string DescribeWaitStatus(int wait_status);
 
 }  // namespace fdbroker

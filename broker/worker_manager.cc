@@ -67,9 +67,22 @@ WorkerManager::~WorkerManager() {
   if (tick_timer_ != 0) loop_.Cancel(tick_timer_);
 }
 
-void WorkerManager::Start() {
-  Reconcile();
+void WorkerManager::Start(absl::Duration adopt_grace) {
   Tick();
+  if (adopt_grace <= absl::ZeroDuration()) {
+    Reconcile();
+    return;
+  }
+  // Workers of a previous broker may be about to re-register: give them the
+  // chance to count toward --workers before starting new ones.
+  adopting_ = true;
+  spdlog::info("waiting up to {} for workers of the previous broker to "
+               "re-register",
+               absl::FormatDuration(adopt_grace));
+  loop_.RunAfter(adopt_grace, [this] {
+    adopting_ = false;
+    Reconcile();
+  });
 }
 
 // ---- Registration -------------------------------------------------------
@@ -147,19 +160,30 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
                           options_.max_workers, " workers"));
       return;
     }
-    worker =
-        &registry_.Add(peer.pid, /*supervised=*/false, WorkerState::kStarting,
-                       absl::Now(), loop_.NowNanos());
+    // A worker whose previous broker supervised it joins the supervised
+    // pool (adopted: not our child, watched through a pidfd).
+    const bool adopt = hello.was_supervised();
+    if (adopt) {
+      if (absl::Status s = supervisor_.Adopt(peer.pid); !s.ok()) {
+        Refuse(channel, v1::REFUSAL_REASON_OTHER,
+               absl::StrCat("cannot watch the process: ", s.message()));
+        return;
+      }
+    }
+    worker = &registry_.Add(peer.pid, /*supervised=*/adopt,
+                            WorkerState::kStarting, absl::Now(),
+                            loop_.NowNanos());
+    worker->adopted = adopt;
   }
   worker->pid = worker->supervised ? worker->pid : peer.pid;
   worker->capacity = hello.capacity();
   worker->labels.clear();
   for (const auto& [key, value] : hello.labels()) worker->labels[key] = value;
-  if (hello.owned_connections_size() > 0) {
-    // Re-registration after a broker restart: the worker keeps serving them.
-    for (const v1::OwnedConnection& owned : hello.owned_connections()) {
-      worker->owned.insert(owned.connection_id());
-    }
+  // Re-registration after a broker restart or upgrade: the worker keeps
+  // serving these; our own ids must not collide with them.
+  for (const v1::OwnedConnection& owned : hello.owned_connections()) {
+    worker->owned.insert(owned.connection_id());
+    dispatcher_.ReserveIdsAbove(owned.connection_id());
   }
   auto it = unregistered_.find(&channel);
   worker->channel = std::move(it->second);
@@ -173,17 +197,27 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
   body->mutable_version()->set_major(wire::kProtocolMajor);
   body->mutable_version()->set_minor(wire::kProtocolMinor);
   body->set_worker_id(worker->id);
+  body->set_supervised(worker->supervised);
   body->set_heartbeat_interval_ms(static_cast<uint32_t>(
       absl::ToInt64Milliseconds(options_.heartbeat_interval)));
   body->set_heartbeat_timeout_ms(static_cast<uint32_t>(
       absl::ToInt64Milliseconds(options_.heartbeat_timeout)));
   worker->channel->SendControl(std::move(welcome));
-  spdlog::info("worker {} registered: pid {}, {}, capacity {}", worker->id,
-               peer.pid, worker->supervised ? "supervised" : "external",
+  spdlog::info("worker {} registered: pid {}, {}, capacity {}{}", worker->id,
+               peer.pid,
+               worker->adopted      ? "adopted"
+               : worker->supervised ? "supervised"
+                                    : "external",
                worker->capacity == 0 ? std::string("unlimited")
-                                     : absl::StrCat(worker->capacity));
+                                     : absl::StrCat(worker->capacity),
+               worker->owned.empty()
+                   ? std::string()
+                   : absl::StrCat(", ", worker->owned.size(),
+                                  " connection(s) it still owns"));
   Emit(WorkerEvent::Type::kWorkerReady, worker,
-       worker->supervised ? "supervised" : "external");
+       worker->adopted      ? "adopted"
+       : worker->supervised ? "supervised"
+                            : "external");
   dispatcher_.PlacePending();
   if (pending_replaces_.contains(worker->id)) {
     OnReplacementDone(worker->id, absl::OkStatus());
@@ -196,6 +230,17 @@ void WorkerManager::OnMessage(HandoffChannel& channel,
                               v1::HandoffMessage& message, wire::UniqueFd fd) {
   if (channel.worker_id == 0) {
     if (channel.closed()) return;  // Refused or timed out: too late.
+    if (message.body_case() == v1::HandoffMessage::kUpgradeRequest &&
+        on_upgrade_) {
+      auto it = unregistered_.find(&channel);
+      if (it == unregistered_.end()) return;
+      std::unique_ptr<HandoffChannel> owned = std::move(it->second);
+      unregistered_.erase(it);
+      // Not a worker: later callbacks for it find no registry entry.
+      owned->worker_id = kUpgradePeerId;
+      on_upgrade_(std::move(owned), message.upgrade_request());
+      return;
+    }
     if (message.body_case() != v1::HandoffMessage::kHello) {
       ++stats_.protocol_errors;
       channel.Close(absl::InvalidArgumentError(
@@ -363,7 +408,7 @@ int WorkerManager::CountServing() const {
 }
 
 void WorkerManager::Reconcile() {
-  if (shutting_down_ || pool_suspended_) return;
+  if (shutting_down_ || pool_suspended_ || adopting_ || handing_over_) return;
   const int serving = CountServing();
   if (serving >= options_.target_workers) {
     pending_restarts_ = 0;  // Scaling made up for the failures.
@@ -385,7 +430,7 @@ void WorkerManager::Reconcile() {
   spdlog::info("restarting worker(s) in {}", absl::FormatDuration(delay));
   restart_timer_ = loop_.RunAfter(delay, [this] {
     restart_timer_ = 0;
-    if (shutting_down_ || pool_suspended_ ||
+    if (shutting_down_ || pool_suspended_ || adopting_ || handing_over_ ||
         CountServing() >= options_.target_workers) {
       return;
     }
@@ -560,6 +605,14 @@ std::vector<uint64_t> WorkerManager::SuspendPool(absl::Duration timeout) {
     }
   }
   return draining;
+}
+
+void WorkerManager::PrepareForUpgrade() {
+  handing_over_ = true;
+  if (restart_timer_ != 0) {
+    loop_.Cancel(restart_timer_);
+    restart_timer_ = 0;
+  }
 }
 
 std::vector<uint64_t> WorkerManager::ResumePool() {

@@ -72,8 +72,20 @@ class WorkerManager : public HandoffChannel::Delegate {
                 EventCallback on_event = nullptr);
   ~WorkerManager() override;
 
-  // Spawns the initial pool and starts the heartbeat ticker.
-  void Start();
+  // Starts the heartbeat ticker and the initial pool; with `adopt_grace`,
+  // the pool waits that long for re-registering workers of a previous
+  // broker, which count toward the target.
+  void Start(absl::Duration adopt_grace = absl::ZeroDuration());
+
+  // Called when a peer asks for an upgrade hand-over (UpgradeRequest instead
+  // of Hello); the callback owns the channel from then on.
+  using UpgradeCallback = std::function<void(
+      std::unique_ptr<HandoffChannel> channel, const v1::UpgradeRequest&)>;
+  static constexpr uint64_t kUpgradePeerId = ~uint64_t{0};
+  void set_upgrade_handler(UpgradeCallback callback) {
+    on_upgrade_ = std::move(callback);
+  }
+
 
   // A peer connected to the hand-off socket (credentials already checked).
   void OnNewPeer(wire::UniqueFd socket, const ucred& peer);
@@ -101,6 +113,9 @@ class WorkerManager : public HandoffChannel::Delegate {
   // restarted until ResumePool(), which restores the pool (returns the ids
   // of the workers it started).
   std::vector<uint64_t> SuspendPool(absl::Duration timeout);
+  // The broker hands its workers to a new broker (upgrade): no restarts from
+  // now on; the workers keep running and re-register there.
+  void PrepareForUpgrade();
   std::vector<uint64_t> ResumePool();
   bool pool_suspended() const { return pool_suspended_; }
   // Consecutive quick failures; restarts back off while it is above zero.
@@ -156,6 +171,9 @@ class WorkerManager : public HandoffChannel::Delegate {
   EventLoop::TimerId tick_timer_ = 0;
   bool shutting_down_ = false;
   bool pool_suspended_ = false;
+  bool adopting_ = false;
+  bool handing_over_ = false;
+  UpgradeCallback on_upgrade_;
   EventCallback on_event_;
   // Rolling restarts waiting for their replacement: replacement id -> the
   // worker to drain and the caller to answer.

@@ -30,6 +30,8 @@ struct Worker {
   pid_t pid = 0;
   WorkerState state = WorkerState::kStarting;
   bool supervised = false;
+  // Supervised, but started by a previous broker (not our child).
+  bool adopted = false;
   // Most connections (owned + unacked) the worker wants; 0 means no limit.
   uint32_t capacity = 0;
   std::map<std::string, std::string> labels;

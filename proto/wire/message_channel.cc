@@ -12,6 +12,8 @@ size_t RequiredFds(const v1::HandoffMessage& message) {
     case v1::HandoffMessage::kConnection:
     case v1::HandoffMessage::kRelease:
       return 1;
+    case v1::HandoffMessage::kUpgradeHandover:
+      return 2;
     default:
       return 0;
   }
@@ -41,6 +43,10 @@ absl::string_view BodyName(const v1::HandoffMessage& message) {
       return "goodbye";
     case v1::HandoffMessage::kHeartbeat:
       return "heartbeat";
+    case v1::HandoffMessage::kUpgradeRequest:
+      return "upgrade_request";
+    case v1::HandoffMessage::kUpgradeHandover:
+      return "upgrade_handover";
     case v1::HandoffMessage::BODY_NOT_SET:
       break;
   }
@@ -50,6 +56,15 @@ absl::string_view BodyName(const v1::HandoffMessage& message) {
 absl::Status MessageDecoder::Decode(Packet& packet, v1::HandoffMessage& message,
                                     UniqueFd& fd) {
   fd.Reset();
+  std::vector<UniqueFd> fds;
+  absl::Status status = Decode(packet, message, fds);
+  if (status.ok() && fds.size() == 1) fd = std::move(fds.front());
+  return status;
+}
+
+absl::Status MessageDecoder::Decode(Packet& packet, v1::HandoffMessage& message,
+                                    std::vector<UniqueFd>& fds) {
+  fds.clear();
   if (!message.ParseFromArray(packet.data.data(),
                               static_cast<int>(packet.data.size()))) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -71,7 +86,7 @@ absl::Status MessageDecoder::Decode(Packet& packet, v1::HandoffMessage& message,
                      packet.fds.size(), " fds, expected ", required));
   }
   ++next_sequence_;
-  if (required == 1) fd = std::move(packet.fds.front());
+  fds = std::move(packet.fds);
   packet.fds.clear();
   return absl::OkStatus();
 }
@@ -81,18 +96,22 @@ MessageChannel::MessageChannel(UniqueFd socket, SysCalls& sys)
 
 absl::StatusOr<SendResult> MessageChannel::Send(v1::HandoffMessage& message,
                                                 int attached_fd) {
-  const bool has_fd = attached_fd >= 0;
-  if (RequiredFds(message) != (has_fd ? 1u : 0u)) {
-    return absl::InternalError(absl::StrCat(
-        "bug: ", BodyName(message), " sent with ", has_fd ? 1 : 0, " fds"));
+  if (attached_fd < 0) return SendWithFds(message, {});
+  return SendWithFds(message, {&attached_fd, 1});
+}
+
+absl::StatusOr<SendResult> MessageChannel::SendWithFds(
+    v1::HandoffMessage& message, absl::Span<const int> fds) {
+  if (RequiredFds(message) != fds.size()) {
+    return absl::InternalError(absl::StrCat("bug: ", BodyName(message),
+                                            " sent with ", fds.size(), " fds"));
   }
   message.set_sequence(next_send_sequence_);
   if (!message.SerializeToString(&send_buffer_)) {
     return absl::InternalError("cannot serialize message");
   }
   absl::StatusOr<SendResult> result =
-      has_fd ? SendPacket(sys_, socket_.get(), send_buffer_, {&attached_fd, 1})
-             : SendPacket(sys_, socket_.get(), send_buffer_, {});
+      SendPacket(sys_, socket_.get(), send_buffer_, fds);
   if (result.ok() && *result == SendResult::kSent) ++next_send_sequence_;
   return result;
 }
@@ -103,6 +122,18 @@ absl::StatusOr<ReceiveResult> MessageChannel::Receive(
       ReceivePacket(sys_, socket_.get(), receive_packet_);
   if (!result.ok() || *result != ReceiveResult::kReceived) return result;
   absl::Status decoded = decoder_.Decode(receive_packet_, message, attached_fd);
+  receive_packet_.fds.clear();
+  if (!decoded.ok()) return decoded;
+  return ReceiveResult::kReceived;
+}
+
+absl::StatusOr<ReceiveResult> MessageChannel::Receive(
+    v1::HandoffMessage& message, std::vector<UniqueFd>& fds) {
+  fds.clear();
+  absl::StatusOr<ReceiveResult> result =
+      ReceivePacket(sys_, socket_.get(), receive_packet_);
+  if (!result.ok() || *result != ReceiveResult::kReceived) return result;
+  absl::Status decoded = decoder_.Decode(receive_packet_, message, fds);
   receive_packet_.fds.clear();
   if (!decoded.ok()) return decoded;
   return ReceiveResult::kReceived;

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -30,9 +31,13 @@ absl::string_view BodyName(const v1::HandoffMessage& message);
 // the channel must then be closed (the packet's fds close with it).
 class MessageDecoder {
  public:
-  // On success `message` holds the message and `fd` its fd (if any).
+  // On success `message` holds the message and `fd` its fd (if any; for the
+  // two-fd UpgradeHandover use the vector form).
   absl::Status Decode(Packet& packet, v1::HandoffMessage& message,
                       UniqueFd& fd);
+  // On success `fds` holds exactly RequiredFds(message) fds.
+  absl::Status Decode(Packet& packet, v1::HandoffMessage& message,
+                      std::vector<UniqueFd>& fds);
   uint64_t next_sequence() const { return next_sequence_; }
 
  private:
@@ -53,10 +58,15 @@ class MessageChannel {
   // sequence number is not consumed, so the same message can be retried.
   absl::StatusOr<SendResult> Send(v1::HandoffMessage& message,
                                   int attached_fd = -1);
+  // Same, with any number of fds (UpgradeHandover carries two).
+  absl::StatusOr<SendResult> SendWithFds(v1::HandoffMessage& message,
+                                         absl::Span<const int> fds);
 
   // Receives and validates one message (see MessageDecoder).
   absl::StatusOr<ReceiveResult> Receive(v1::HandoffMessage& message,
                                         UniqueFd& attached_fd);
+  absl::StatusOr<ReceiveResult> Receive(v1::HandoffMessage& message,
+                                        std::vector<UniqueFd>& fds);
 
  private:
   UniqueFd socket_;
