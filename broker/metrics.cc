@@ -93,6 +93,13 @@ BrokerMetrics::BrokerMetrics(prometheus::Registry& registry)
                    .Help("Supervised workers that exited unexpectedly.")
                    .Register(registry)
                    .Add({})),
+      lost_(BuildCounter()
+                .Name("fdbroker_connections_lost_total")
+                .Help("Connections a worker owned when it crashed (the "
+                      "only way an accepted connection can go unserved "
+                      "besides rejected_total).")
+                .Register(registry)
+                .Add({})),
       accept_pauses_(BuildCounter()
                          .Name("fdbroker_accept_pauses_total")
                          .Help("Times accepting paused for lack of fds "
@@ -173,6 +180,7 @@ void BrokerMetrics::Sync(const Listener& listener,
   const WorkerManager::Stats& m = manager.stats();
   Advance(restarts_, m.restarts, last_.restarts);
   Advance(crashes_, m.crashes, last_.crashes);
+  Advance(lost_, m.lost_with_worker, last_.lost);
   Advance(protocol_errors_, m.protocol_errors, last_.protocol_errors);
   Advance(accept_pauses_, listener.stats().exhaustion_pauses,
           last_.accept_pauses);

@@ -1,0 +1,378 @@
+// Nothing lost: the broker's own crash, planned upgrades under load, socket
+// activation and hostile peers on the hand-off socket. Real binaries, real
+// sockets.
+#include <fcntl.h>
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "fdbroker/v1/broker.grpc.pb.h"
+#include "fdbroker/v1/handoff.pb.h"
+#include "gtest/gtest.h"
+#include "tests/integration/broker_process.h"
+#include "tests/util/subprocess.h"
+#include "tests/util/test_util.h"
+#include "wire/message_channel.h"
+
+namespace fdbroker::testing {
+namespace {
+
+int PidOf(const HttpResponse& response) {
+  auto it = response.headers.find("x-worker-pid");
+  int pid = 0;
+  if (it != response.headers.end()) (void)absl::SimpleAtoi(it->second, &pid);
+  return pid;
+}
+
+std::vector<v1::Worker> ListWorkers(const std::string& control) {
+  auto stub = v1::BrokerService::NewStub(
+      grpc::CreateChannel(control, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::seconds(5));
+  v1::ListWorkersResponse response;
+  if (!stub->ListWorkers(&context, v1::ListWorkersRequest(), &response).ok()) {
+    return {};
+  }
+  return {response.workers().begin(), response.workers().end()};
+}
+
+std::set<int> ReadyPids(const std::string& control) {
+  std::set<int> pids;
+  for (const v1::Worker& w : ListWorkers(control)) {
+    if (w.state() == v1::WORKER_STATE_READY) pids.insert(w.pid());
+  }
+  return pids;
+}
+
+// A second broker on the same socket (after a crash, or --upgrade).
+absl::StatusOr<std::unique_ptr<Subprocess>> StartSecondBroker(
+    const BrokerProcess& first, const std::string& ready_file,
+    std::vector<std::string> extra) {
+  std::vector<std::string> argv = {BinaryPath("fdbroker"),
+                                   "--listen=127.0.0.1:0",
+                                   "--control=127.0.0.1:0",
+                                   "--metrics=",
+                                   "--socket=" + first.socket_path(),
+                                   "--ready_file=" + ready_file};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  return Subprocess::Start(argv);
+}
+
+std::string WaitForReadyValue(const std::string& ready_file,
+                              const std::string& key) {
+  std::string value;
+  WaitFor(
+      [&] {
+        auto values = ReadKeyValueFile(ready_file);
+        if (!values.ok()) return false;
+        value = (*values)[key];
+        return !value.empty();
+      },
+      absl::Seconds(20));
+  return value;
+}
+
+TEST(LifecycleTest, BrokerSigkillCostsNoEstablishedConnection) {
+  auto broker = BrokerProcess::Start({"--workers=2"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(2, absl::Seconds(30)));
+  const std::vector<pid_t> workers = (*broker)->WorkerPids();
+  // The workers outlive the broker on purpose: make sure the test cleans up.
+  for (pid_t w : workers) (*broker)->process().KillOnDestruction(w);
+
+  std::vector<wire::UniqueFd> clients;
+  std::set<int> serving;
+  for (int i = 0; i < 10; ++i) {
+    absl::StatusOr<wire::UniqueFd> fd =
+        ConnectTcp("127.0.0.1", (*broker)->port());
+    ASSERT_TRUE(fd.ok());
+    absl::StatusOr<HttpResponse> r = HttpGet(fd->get(), "/", true);
+    ASSERT_TRUE(r.ok() && r->status == 200);
+    serving.insert(PidOf(*r));
+    clients.push_back(*std::move(fd));
+  }
+  ASSERT_EQ(serving.size(), 2u);
+
+  ASSERT_TRUE((*broker)->process().Signal(SIGKILL).ok());
+  ASSERT_TRUE((*broker)->process().Wait(absl::Seconds(10)).ok());
+  // Established connections belong to the workers: they keep working.
+  for (wire::UniqueFd& fd : clients) {
+    absl::StatusOr<HttpResponse> r = HttpGet(fd.get(), "/", true);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->status, 200);
+  }
+
+  // A new broker on the same socket adopts the surviving workers: they count
+  // toward --workers, so it starts none of its own.
+  const std::string ready = (*broker)->dir() + "/ready2";
+  auto second = StartSecondBroker(**broker, ready, {"--workers=2"});
+  ASSERT_TRUE(second.ok());
+  for (pid_t w : workers) (*second)->KillOnDestruction(w);
+  const std::string control = WaitForReadyValue(ready, "control");
+  ASSERT_FALSE(control.empty()) << (*second)->Output();
+  const std::set<int> survivors(workers.begin(), workers.end());
+  ASSERT_TRUE(WaitFor([&] { return ReadyPids(control) == survivors; },
+                      absl::Seconds(20)))
+      << (*second)->Output();
+  for (const v1::Worker& w : ListWorkers(control)) {
+    EXPECT_TRUE(w.supervised()) << "adopted into the pool";
+    EXPECT_EQ(w.labels().at("program"), "fdbroker-http-worker");
+  }
+  // Past the adoption grace: still exactly the two survivors, no spawns.
+  absl::StatusOr<int> grace_over = (*second)->Wait(absl::Seconds(3));
+  EXPECT_FALSE(grace_over.ok()) << "the new broker keeps running";
+  EXPECT_TRUE(ChildPids((*second)->pid()).empty());
+  EXPECT_EQ(ReadyPids(control), survivors);
+  // Old connections keep working; the adopted workers report their closes
+  // to the new broker, which counted them as active.
+  int64_t active = 0;
+  for (const v1::Worker& w : ListWorkers(control)) {
+    active += w.active_connections();
+  }
+  EXPECT_EQ(active, 10);
+  for (wire::UniqueFd& fd : clients) {
+    absl::StatusOr<HttpResponse> r = HttpGet(fd.get(), "/", true);
+    ASSERT_TRUE(r.ok()) << r.status();
+  }
+  clients.clear();
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        int64_t now = 0;
+        for (const v1::Worker& w : ListWorkers(control)) {
+          now += w.active_connections();
+        }
+        return now == 0;
+      },
+      absl::Seconds(10)));
+}
+
+TEST(LifecycleTest, UpgradeUnderLoadLosesNothing) {
+  auto broker = BrokerProcess::Start({"--workers=2"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(2, absl::Seconds(30)));
+  const std::vector<pid_t> workers = (*broker)->WorkerPids();
+  for (pid_t w : workers) (*broker)->process().KillOnDestruction(w);
+  const int port = (*broker)->port();
+
+  // wrk keeps 16 keep-alive connections busy; in-test clients open a new
+  // connection per request. Both run through the whole upgrade.
+  auto wrk = Subprocess::Start({"wrk", "-t1", "-c16", "-d6s",
+                                absl::StrCat("http://127.0.0.1:", port, "/")});
+  ASSERT_TRUE(wrk.ok()) << wrk.status();
+  std::atomic<bool> stop{false};
+  std::atomic<int> ok{0}, failed{0};
+  std::vector<std::thread> clients;
+  for (int t = 0; t < 2; ++t) {
+    clients.emplace_back([&] {
+      while (!stop) {
+        absl::StatusOr<HttpResponse> r =
+            HttpGetOnce("127.0.0.1", port, "/", absl::Seconds(10));
+        (r.ok() && r->status == 200 ? ok : failed)++;
+      }
+    });
+  }
+  ASSERT_TRUE(WaitFor([&] { return ok > 200; }, absl::Seconds(10)));
+
+  const std::string ready = (*broker)->dir() + "/ready-upgrade";
+  auto upgraded =
+      StartSecondBroker(**broker, ready, {"--upgrade", "--workers=2"});
+  ASSERT_TRUE(upgraded.ok());
+  for (pid_t w : workers) (*upgraded)->KillOnDestruction(w);
+  // The old broker finishes its hand-offs and exits cleanly.
+  absl::StatusOr<int> old_exit = (*broker)->process().Wait(absl::Seconds(20));
+  ASSERT_TRUE(old_exit.ok());
+  EXPECT_EQ(*old_exit, 0) << (*broker)->process().Output();
+  const std::string control = WaitForReadyValue(ready, "control");
+  ASSERT_FALSE(control.empty()) << (*upgraded)->Output();
+  const std::set<int> survivors(workers.begin(), workers.end());
+  ASSERT_TRUE(WaitFor([&] { return ReadyPids(control) == survivors; },
+                      absl::Seconds(20)))
+      << (*upgraded)->Output();
+  const int before = ok;
+  ASSERT_TRUE(WaitFor([&] { return ok > before + 200; }, absl::Seconds(10)));
+  stop = true;
+  for (std::thread& t : clients) t.join();
+
+  absl::StatusOr<int> wrk_exit = (*wrk)->Wait(absl::Seconds(30));
+  ASSERT_TRUE(wrk_exit.ok());
+  const std::string report = (*wrk)->Stdout();
+  EXPECT_EQ(report.find("Socket errors"), std::string::npos) << report;
+  EXPECT_EQ(report.find("Non-2xx"), std::string::npos) << report;
+  EXPECT_NE(report.find("requests in"), std::string::npos) << report;
+  EXPECT_EQ(failed, 0) << "connection-per-request clients failed";
+  EXPECT_GT(ok, 400);
+}
+
+TEST(LifecycleTest, SocketActivationServesOnTheInheritedSocket) {
+  const std::string dir = MakeTempDir();
+  // A minimal systemd stand-in: binds, puts the socket at fd 3, sets
+  // LISTEN_PID/LISTEN_FDS for the process it becomes (exec keeps the pid).
+  const std::string script = dir + "/activate.py";
+  {
+    std::ofstream(script)
+        << "import os, socket, sys\n"
+           "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(128)\n"
+           "open(sys.argv[1] + '.tmp', 'w').write(str(s.getsockname()[1]))\n"
+           "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+           "os.dup2(s.fileno(), 3); os.set_inheritable(3, True)\n"
+           "os.environ['LISTEN_FDS'] = '1'\n"
+           "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+           "os.execv(sys.argv[2], sys.argv[2:])\n";
+  }
+  auto broker = Subprocess::Start(
+      {"/usr/bin/python3", script, dir + "/port", BinaryPath("fdbroker"),
+       "--listen=127.0.0.1:1", "--workers=1",
+       "--control=", "--metrics=", "--socket=" + dir + "/s.sock"});
+  ASSERT_TRUE(broker.ok());
+  absl::StatusOr<std::string> port_text;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        port_text = ReadFile(dir + "/port");
+        return port_text.ok();
+      },
+      absl::Seconds(10)));
+  int port = 0;
+  ASSERT_TRUE(absl::SimpleAtoi(*port_text, &port));
+  absl::StatusOr<HttpResponse> r;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        r = HttpGetOnce("127.0.0.1", port, "/");
+        return r.ok() && r->status == 200;
+      },
+      absl::Seconds(20)))
+      << (*broker)->Output();
+  // The worker did not inherit the activation variables.
+  const int worker = PidOf(*r);
+  absl::StatusOr<std::string> environ =
+      ReadFile(absl::StrCat("/proc/", worker, "/environ"));
+  ASSERT_TRUE(environ.ok());
+  EXPECT_EQ(environ->find("LISTEN_PID"), std::string::npos);
+  EXPECT_EQ(environ->find("LISTEN_FDS"), std::string::npos);
+}
+
+// Connects to `path` as another user and says Hello; returns the refusal
+// reason the broker answered with (or -1).
+int HelloAsOtherUser(const std::string& path, uid_t uid) {
+  pid_t child = ::fork();
+  if (child == 0) {
+    if (::setgid(uid) != 0 || ::setuid(uid) != 0) ::_exit(101);
+    int fd = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      ::_exit(102);
+    }
+    wire::MessageChannel channel{wire::UniqueFd(fd)};
+    v1::HandoffMessage hello;
+    hello.mutable_hello()->mutable_version()->set_major(1);
+    (void)channel.Send(hello);
+    timeval tv{5, 0};
+    ::setsockopt(channel.fd(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    for (int i = 0; i < 100; ++i) {
+      v1::HandoffMessage reply;
+      wire::UniqueFd none;
+      absl::StatusOr<wire::ReceiveResult> r = channel.Receive(reply, none);
+      if (r.ok() && *r == wire::ReceiveResult::kReceived) {
+        ::_exit(reply.has_refusal() ? reply.refusal().reason() : 103);
+      }
+      if (!r.ok() || *r == wire::ReceiveResult::kPeerClosed) ::_exit(104);
+      ::usleep(10000);
+    }
+    ::_exit(105);
+  }
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+TEST(LifecycleTest, GarbageAndAWrongUidPeerDoNotDisturbServing) {
+  if (::geteuid() != 0) {
+    GTEST_SKIP() << "needs root to act as another uid (CI runs as root)";
+  }
+  auto broker = BrokerProcess::Start({"--workers=1"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(1, absl::Seconds(30)));
+  const std::string path = (*broker)->socket_path();
+  struct stat st;
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u) << "hand-off socket is owner-only";
+  // With 0600 another user cannot even connect.
+  EXPECT_EQ(HelloAsOtherUser(path, 65534), 102);
+  // Loosen the file (an operator mistake): SO_PEERCRED still refuses.
+  ASSERT_EQ(::chmod(path.c_str(), 0666), 0);
+  EXPECT_EQ(HelloAsOtherUser(path, 65534), v1::REFUSAL_REASON_CREDENTIALS);
+
+  // Garbage, an oversized packet, a wrong sequence, and a stray fd.
+  for (int kind = 0; kind < 4; ++kind) {
+    wire::UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+    ASSERT_EQ(
+        ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)),
+        0);
+    if (kind == 0) {
+      const std::string garbage = "\x08\x01\x52\xff\xff\xff garbage";
+      ::send(fd.get(), garbage.data(), garbage.size(), 0);
+    } else if (kind == 1) {
+      int big = 1 << 20;
+      ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDBUF, &big, sizeof(big));
+      std::string huge(200000, 'x');
+      ::send(fd.get(), huge.data(), huge.size(), 0);
+    } else if (kind == 2) {
+      v1::HandoffMessage hello;
+      hello.set_sequence(7);
+      hello.mutable_hello()->mutable_version()->set_major(1);
+      std::string bytes = hello.SerializeAsString();
+      ::send(fd.get(), bytes.data(), bytes.size(), 0);
+    } else {
+      wire::MessageChannel channel(std::move(fd));
+      v1::HandoffMessage hello;
+      hello.mutable_hello()->mutable_version()->set_major(1);
+      wire::UniqueFd stray(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+      const int fds[] = {stray.get()};
+      // Hello with an fd attached: the sender's library refuses, so craft
+      // the packet by hand.
+      std::string bytes;
+      hello.set_sequence(1);
+      hello.SerializeToString(&bytes);
+      (void)wire::SendPacket(wire::SysCalls::Real(), channel.fd(), bytes, fds);
+      char c;
+      timeval tv{5, 0};
+      ::setsockopt(channel.fd(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+      EXPECT_EQ(::recv(channel.fd(), &c, 1, 0), 0) << "peer dropped";
+      continue;
+    }
+    char c;
+    timeval tv{5, 0};
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    EXPECT_EQ(::recv(fd.get(), &c, 1, 0), 0) << "peer dropped, kind " << kind;
+  }
+  // Still serving, and the broker's fds are back where they were.
+  absl::StatusOr<HttpResponse> r =
+      HttpGetOnce("127.0.0.1", (*broker)->port(), "/");
+  ASSERT_TRUE(r.ok() && r->status == 200);
+  const std::string log = (*broker)->process().Stderr();
+  EXPECT_NE(log.find("uid 65534"), std::string::npos) << log;
+  EXPECT_NE(log.find("malformed message"), std::string::npos) << log;
+}
+
+}  // namespace
+}  // namespace fdbroker::testing
