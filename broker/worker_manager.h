@@ -39,8 +39,9 @@ class WorkerManager : public HandoffChannel::Delegate {
     absl::Duration start_timeout = absl::Seconds(30);
     absl::Duration restart_backoff_initial = absl::Milliseconds(100);
     absl::Duration restart_backoff_max = absl::Seconds(10);
-    // A worker that lived at least this long resets the back-off.
-    absl::Duration stable_after = absl::Seconds(10);
+    // A worker that lived at least this long resets the back-off: only
+    // workers that die right after start form a restart loop.
+    absl::Duration stable_after = absl::Seconds(1);
   };
   struct Stats {
     uint64_t registered = 0;

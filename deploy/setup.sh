@@ -3,6 +3,9 @@
 #
 #   deploy/setup.sh                build and run dependencies
 #   deploy/setup.sh --test-tools   also the tools the test suite drives
+#   deploy/setup.sh --runtime      only what the built binaries need to run
+#                                  (deploy/Dockerfile's runtime stage)
+#   deploy/setup.sh --list ...     print the packages it would want, install none
 #
 # Idempotent: when everything is installed it only asks dpkg and returns, so it
 # needs neither root nor the network. When something is missing it must run as
@@ -18,6 +21,17 @@ BUILD_PACKAGES=(
 )
 TEST_PACKAGES=(
   wrk curl python3 python3-protobuf clang-format procps openssl
+  prometheus docker-compose python3-yaml
+  # clang 14 for the fuzz and sanitizer builds: libclang-rt-14-dev has the
+  # ASan/UBSan/TSan/LSan and libFuzzer runtimes, llvm-14 the symbolizer.
+  clang libclang-rt-14-dev llvm-14
+)
+# The shared libraries fdbroker and fdbroker-http-worker link (the -dev
+# packages above depend on them), and curl for the image's HEALTHCHECK.
+RUNTIME_PACKAGES=(
+  libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623
+  libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 libspdlog1.10 libfmt9
+  curl
 )
 # npm packages for the tests ("name" or "name@version"), installed globally;
 # Debian's npm comes along automatically when this list is not empty.
@@ -26,7 +40,7 @@ TEST_NPM_TOOLS=(
 )
 
 usage() {
-  sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+  sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 die() {
@@ -35,9 +49,13 @@ die() {
 }
 
 with_test_tools=0
+runtime_only=0
+list_only=0
 for arg in "$@"; do
   case "${arg}" in
     --test-tools) with_test_tools=1 ;;
+    --runtime) runtime_only=1 ;;
+    --list) list_only=1 ;;
     -h | --help)
       usage
       exit 0
@@ -46,7 +64,14 @@ for arg in "$@"; do
   esac
 done
 
-wanted=("${BUILD_PACKAGES[@]}")
+((runtime_only && with_test_tools)) &&
+  die "--runtime and --test-tools do not go together"
+
+if ((runtime_only)); then
+  wanted=("${RUNTIME_PACKAGES[@]}")
+else
+  wanted=("${BUILD_PACKAGES[@]}")
+fi
 if ((with_test_tools)); then
   wanted+=("${TEST_PACKAGES[@]}")
   # Debian's npm only if no npm is there (a Node.js distribution may bring
@@ -54,6 +79,11 @@ if ((with_test_tools)); then
   if ((${#TEST_NPM_TOOLS[@]})) && ! command -v npm >/dev/null; then
     wanted+=(npm)
   fi
+fi
+
+if ((list_only)); then
+  printf '%s\n' "${wanted[@]}"
+  exit 0
 fi
 
 command -v dpkg-query >/dev/null ||

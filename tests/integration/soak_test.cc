@@ -107,11 +107,13 @@ TEST(SoakTest, RandomWorkerKillsLoseNothingSilentlyAndLeakNothing) {
   int kills = 0;
   std::thread killer([&] {
     std::mt19937 random(20261125);
-    std::uniform_int_distribution<int> pause_ms(100, 600);
+    std::uniform_int_distribution<int> pause_ms(200, 900);
     while (!done) {
       absl::SleepFor(absl::Milliseconds(pause_ms(random)));
+      // Kill only while the pool is complete, so that it never collapses
+      // (a collapse would only show the restart back-off, not losses).
       std::vector<pid_t> workers = (*broker)->WorkerPids();
-      if (workers.empty() || done) continue;
+      if (workers.size() != kWorkers || done) continue;
       ::kill(workers[random() % workers.size()], SIGKILL);
       ++kills;
     }
