@@ -94,6 +94,7 @@ void DataPlaneOperations::Tick() {
 
 void DataPlaneOperations::RefreshHealth() {
   bool serving = listener_.accepting() && !manager_.shutting_down() &&
+                 !manager_.in_restart_loop() &&
                  registry_.CountInState(WorkerState::kReady) > 0;
   if (static_cast<int>(serving) == health_) return;
   health_ = serving;

@@ -53,7 +53,7 @@ absl::StatusOr<absl::Duration> DurationField(
 class DataPlaneOperations final : public BrokerOperations {
  public:
   // Called on the loop thread when "serving" changes: accepting, not
-  // shutting down, and at least one ready worker.
+  // shutting down, not in a restart loop, and at least one ready worker.
   using HealthCallback = std::function<void(bool serving)>;
 
   DataPlaneOperations(EventLoop& loop, Listener& listener,

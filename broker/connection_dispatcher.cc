@@ -20,8 +20,8 @@ ConnectionDispatcher::ConnectionDispatcher(EventLoop& loop,
       // (seconds since the epoch in the high bits), so ids stay unique
       // across restarts even before ReserveIdsAbove() learns of them.
       next_connection_id_(
-          (static_cast<uint64_t>(absl::ToUnixSeconds(absl::Now())) << 24) +
-          1) {}
+          (static_cast<uint64_t>(absl::ToUnixSeconds(absl::Now())) << 24) + 1) {
+}
 
 ConnectionDispatcher::~ConnectionDispatcher() {
   if (pending_timer_ != 0) loop_.Cancel(pending_timer_);

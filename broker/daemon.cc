@@ -11,8 +11,8 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "spdlog/spdlog.h"
 #include "broker/upgrade.h"
+#include "spdlog/spdlog.h"
 #include "wire/message_channel.h"
 #include "wire/sys_calls.h"
 
@@ -132,23 +132,21 @@ absl::Status Daemon::Init() {
     absl::StatusOr<wire::UniqueFd> activated = TakeActivatedListener();
     if (!activated.ok()) return activated.status();
     if (server.ok()) {
-      listener =
-          activated->valid()
-              ? Listener::Adopt(*loop_, *std::move(activated),
-                                Listener::Options{}, sys, on_accept)
-              : Listener::Create(*loop_, config_.listen, Listener::Options{},
-                                 sys, on_accept);
+      listener = activated->valid()
+                     ? Listener::Adopt(*loop_, *std::move(activated),
+                                       Listener::Options{}, sys, on_accept)
+                     : Listener::Create(*loop_, config_.listen,
+                                        Listener::Options{}, sys, on_accept);
     }
   }
   if (!server.ok()) return server.status();
   handoff_server_ = *std::move(server);
   if (!listener.ok()) return listener.status();
   listener_ = *std::move(listener);
-  manager_->set_upgrade_handler(
-      [this](std::unique_ptr<HandoffChannel> channel,
-             const v1::UpgradeRequest& request) {
-        OnUpgradeRequest(std::move(channel), request);
-      });
+  manager_->set_upgrade_handler([this](std::unique_ptr<HandoffChannel> channel,
+                                       const v1::UpgradeRequest& request) {
+    OnUpgradeRequest(std::move(channel), request);
+  });
 
   operations_ = std::make_unique<DataPlaneOperations>(
       *loop_, *listener_, registry_, *dispatcher_, *manager_,
@@ -306,13 +304,14 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
   body->set_socket_path(handoff_server_->path());
   const int fds[] = {listener_->fd(), handoff_server_->fd()};
   if (absl::Status s = channel->SendWithFds(handover, fds); !s.ok()) {
-    spdlog::error("upgrade hand-over to pid {} failed ({}); still serving",
-                  pid, s.ToString());
+    spdlog::error("upgrade hand-over to pid {} failed ({}); still serving", pid,
+                  s.ToString());
     return;
   }
-  spdlog::info("upgrade: handed the listening sockets to the new broker "
-               "(pid {}); finishing hand-offs, then exiting",
-               pid);
+  spdlog::info(
+      "upgrade: handed the listening sockets to the new broker "
+      "(pid {}); finishing hand-offs, then exiting",
+      pid);
   upgrade_channel_ = std::move(channel);
   // The new broker accepts clients and workers from now on (the sockets
   // themselves never close). This broker only finishes what it holds.
@@ -323,9 +322,8 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
   if (control_server_ != nullptr) {
     // Not on the loop thread: shutting gRPC down waits for handlers, and a
     // handler may be waiting for the loop.
-    control_shutdown_ = std::thread([server = control_server_.get()] {
-      server->Shutdown();
-    });
+    control_shutdown_ =
+        std::thread([server = control_server_.get()] { server->Shutdown(); });
   }
   operations_->RefreshHealth();
   const int64_t deadline =
@@ -335,16 +333,18 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
 
 void Daemon::FinishUpgrade(int64_t deadline_nanos) {
   dispatcher_->PlacePending();
-  const bool done = dispatcher_->in_flight() == 0 && dispatcher_->pending() == 0;
+  const bool done =
+      dispatcher_->in_flight() == 0 && dispatcher_->pending() == 0;
   if (!done && EventLoop::MonotonicNanos() < deadline_nanos) {
     loop_->RunAfter(absl::Milliseconds(5),
                     [this, deadline_nanos] { FinishUpgrade(deadline_nanos); });
     return;
   }
   if (!done) {
-    spdlog::warn("upgrade: {} connection(s) still waiting for a worker; they "
-                 "are closed",
-                 dispatcher_->in_flight() + dispatcher_->pending());
+    spdlog::warn(
+        "upgrade: {} connection(s) still waiting for a worker; they "
+        "are closed",
+        dispatcher_->in_flight() + dispatcher_->pending());
   }
   // Every hand-off is acked: closing the worker channels (at exit) loses
   // nothing, and the workers re-register with the new broker.

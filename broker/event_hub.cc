@@ -41,6 +41,9 @@ v1::WatchEventsResponse EventHub::ToProto(const WorkerEvent& event) {
     case Type::kResumeRequested:
       out.set_type(v1::EVENT_TYPE_RESUME_REQUESTED);
       break;
+    case Type::kRestartLoop:
+      out.set_type(v1::EVENT_TYPE_RESTART_LOOP);
+      break;
   }
   out.set_worker_id(event.worker_id);
   out.set_pid(event.pid);

@@ -1,7 +1,7 @@
 #include "broker/listener.h"
 
-#include <netinet/in.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -38,8 +38,8 @@ absl::StatusOr<std::unique_ptr<Listener>> Listener::Adopt(
     wire::SysCalls& sys, AcceptCallback on_accept) {
   int listening = 0;
   socklen_t len = sizeof(listening);
-  if (::getsockopt(socket.get(), SOL_SOCKET, SO_ACCEPTCONN, &listening,
-                   &len) != 0 ||
+  if (::getsockopt(socket.get(), SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) !=
+          0 ||
       !listening) {
     return absl::InvalidArgumentError(
         absl::StrCat("fd ", socket.get(), " is not a listening socket"));

@@ -225,7 +225,7 @@ void BrokerMetrics::Sync(const Listener& listener,
   unacked_.Set(static_cast<double>(unacked));
   pending_.Set(static_cast<double>(dispatcher.pending()));
   accepting_.Set(listener.accepting() && !manager.shutting_down() ? 1 : 0);
-  restart_loop_.Set(manager.crash_streak() >= 3 ? 1 : 0);
+  restart_loop_.Set(manager.in_restart_loop() ? 1 : 0);
   workers_starting_.Set(
       static_cast<double>(registry.CountInState(WorkerState::kStarting)));
   workers_ready_.Set(

@@ -55,8 +55,8 @@ absl::StatusOr<UpgradeSockets> RequestUpgrade(const std::string& socket_path,
     }
     if (*received == wire::ReceiveResult::kReceived) {
       if (reply.has_refusal()) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "--upgrade refused: ", reply.refusal().message()));
+        return absl::FailedPreconditionError(
+            absl::StrCat("--upgrade refused: ", reply.refusal().message()));
       }
       if (reply.has_upgrade_handover()) {
         UpgradeSockets sockets;

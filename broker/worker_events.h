@@ -23,6 +23,7 @@ struct WorkerEvent {
     kWorkerDrainRequested,
     kDrainRequested,
     kResumeRequested,
+    kRestartLoop,
   };
   Type type;
   uint64_t worker_id = 0;

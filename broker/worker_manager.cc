@@ -76,9 +76,10 @@ void WorkerManager::Start(absl::Duration adopt_grace) {
   // Workers of a previous broker may be about to re-register: give them the
   // chance to count toward --workers before starting new ones.
   adopting_ = true;
-  spdlog::info("waiting up to {} for workers of the previous broker to "
-               "re-register",
-               absl::FormatDuration(adopt_grace));
+  spdlog::info(
+      "waiting up to {} for workers of the previous broker to "
+      "re-register",
+      absl::FormatDuration(adopt_grace));
   loop_.RunAfter(adopt_grace, [this] {
     adopting_ = false;
     Reconcile();
@@ -170,9 +171,9 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
         return;
       }
     }
-    worker = &registry_.Add(peer.pid, /*supervised=*/adopt,
-                            WorkerState::kStarting, absl::Now(),
-                            loop_.NowNanos());
+    worker =
+        &registry_.Add(peer.pid, /*supervised=*/adopt, WorkerState::kStarting,
+                       absl::Now(), loop_.NowNanos());
     worker->adopted = adopt;
   }
   worker->pid = worker->supervised ? worker->pid : peer.pid;
@@ -203,17 +204,16 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
   body->set_heartbeat_timeout_ms(static_cast<uint32_t>(
       absl::ToInt64Milliseconds(options_.heartbeat_timeout)));
   worker->channel->SendControl(std::move(welcome));
-  spdlog::info("worker {} registered: pid {}, {}, capacity {}{}", worker->id,
-               peer.pid,
-               worker->adopted      ? "adopted"
-               : worker->supervised ? "supervised"
-                                    : "external",
-               worker->capacity == 0 ? std::string("unlimited")
-                                     : absl::StrCat(worker->capacity),
-               worker->owned.empty()
-                   ? std::string()
-                   : absl::StrCat(", ", worker->owned.size(),
-                                  " connection(s) it still owns"));
+  spdlog::info(
+      "worker {} registered: pid {}, {}, capacity {}{}", worker->id, peer.pid,
+      worker->adopted      ? "adopted"
+      : worker->supervised ? "supervised"
+                           : "external",
+      worker->capacity == 0 ? std::string("unlimited")
+                            : absl::StrCat(worker->capacity),
+      worker->owned.empty() ? std::string()
+                            : absl::StrCat(", ", worker->owned.size(),
+                                           " connection(s) it still owns"));
   Emit(WorkerEvent::Type::kWorkerReady, worker,
        worker->adopted      ? "adopted"
        : worker->supervised ? "supervised"
@@ -362,6 +362,36 @@ void WorkerManager::NoteFailure(Worker& worker) {
   }
   ++crash_streak_;
   ++pending_restarts_;
+  last_failure_nanos_ = loop_.NowNanos();
+  if (crash_streak_ == kRestartLoopStreak) {
+    ++stats_.restart_loops;
+    spdlog::error(
+        "restart loop: {} workers in a row died within {} of "
+        "starting; restarts back off (up to {})",
+        crash_streak_, absl::FormatDuration(options_.stable_after),
+        absl::FormatDuration(options_.restart_backoff_max));
+    Emit(WorkerEvent::Type::kRestartLoop, &worker,
+         absl::StrCat(crash_streak_, " workers in a row died within ",
+                      absl::FormatDuration(options_.stable_after),
+                      " of starting"));
+  }
+}
+
+void WorkerManager::MaybeEndRestartLoop(int64_t now) {
+  if (crash_streak_ == 0) return;
+  // A worker started after the last failure has stayed up long enough.
+  for (const auto& [id, worker] : registry_.workers()) {
+    if (worker->state == WorkerState::kReady &&
+        worker->started_mono_nanos >= last_failure_nanos_ &&
+        now - worker->started_mono_nanos >=
+            absl::ToInt64Nanoseconds(options_.stable_after)) {
+      if (crash_streak_ >= kRestartLoopStreak) {
+        spdlog::info("restart loop over: worker {} has stayed up", id);
+      }
+      crash_streak_ = 0;
+      return;
+    }
+  }
 }
 
 void WorkerManager::OnChildExited(pid_t pid, int wait_status) {
@@ -372,7 +402,6 @@ void WorkerManager::OnChildExited(pid_t pid, int wait_status) {
     ++stats_.crashes;
     spdlog::warn("worker {} (pid {}) crashed: {}", worker->id, pid,
                  DescribeWaitStatus(wait_status));
-    NoteFailure(*worker);
   } else {
     spdlog::info("worker {} (pid {}) exited: {}", worker->id, pid,
                  DescribeWaitStatus(wait_status));
@@ -386,6 +415,7 @@ void WorkerManager::OnChildExited(pid_t pid, int wait_status) {
   Emit(crashed ? WorkerEvent::Type::kWorkerCrashed
                : WorkerEvent::Type::kWorkerExited,
        worker, "", DescribeWaitStatus(wait_status));
+  if (crashed) NoteFailure(*worker);  // After the event: may report a loop.
   RemoveWorker(*worker);
   if (pending_replaces_.contains(id)) {
     OnReplacementDone(
@@ -635,6 +665,7 @@ void WorkerManager::Tick() {
   const int64_t interval =
       absl::ToInt64Nanoseconds(options_.heartbeat_interval);
   const int64_t timeout = absl::ToInt64Nanoseconds(options_.heartbeat_timeout);
+  MaybeEndRestartLoop(now);
   for (auto& [channel, owned] : unregistered_) {
     if (now - channel->last_received_nanos() > timeout && !channel->closed()) {
       channel->Close(absl::DeadlineExceededError("no hello in time"));

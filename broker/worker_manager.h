@@ -51,6 +51,7 @@ class WorkerManager : public HandoffChannel::Delegate {
     uint64_t protocol_errors = 0;
     uint64_t heartbeat_timeouts = 0;
     uint64_t lost_with_worker = 0;  // Owned connections of crashed workers.
+    uint64_t restart_loops = 0;
   };
 
   using EventCallback = std::function<void(const WorkerEvent&)>;
@@ -87,7 +88,6 @@ class WorkerManager : public HandoffChannel::Delegate {
     on_upgrade_ = std::move(callback);
   }
 
-
   // A peer connected to the hand-off socket (credentials already checked).
   void OnNewPeer(wire::UniqueFd socket, const ucred& peer);
   // A supervised child exited (from the Supervisor).
@@ -121,6 +121,10 @@ class WorkerManager : public HandoffChannel::Delegate {
   bool pool_suspended() const { return pool_suspended_; }
   // Consecutive quick failures; restarts back off while it is above zero.
   int crash_streak() const { return crash_streak_; }
+  // Workers keep dying right after start (the streak reached 3): counted,
+  // streamed as an event, and the broker reports NOT_SERVING.
+  static constexpr int kRestartLoopStreak = 3;
+  bool in_restart_loop() const { return crash_streak_ >= kRestartLoopStreak; }
   bool shutting_down() const { return shutting_down_; }
   int target_workers() const { return options_.target_workers; }
   int max_workers() const { return options_.max_workers; }
@@ -146,6 +150,7 @@ class WorkerManager : public HandoffChannel::Delegate {
   // Counts an unexpected loss (crash or lost channel) once per worker, for
   // the restart back-off.
   void NoteFailure(Worker& worker);
+  void MaybeEndRestartLoop(int64_t now);
   void Reconcile();
   // Starts one supervised worker; returns its id (0 on failure).
   uint64_t SpawnOne(bool restart = false);
@@ -166,6 +171,7 @@ class WorkerManager : public HandoffChannel::Delegate {
   absl::flat_hash_map<HandoffChannel*, std::unique_ptr<HandoffChannel>>
       unregistered_;
   int crash_streak_ = 0;
+  int64_t last_failure_nanos_ = 0;
   // Failed workers not yet replaced (their replacements are "restarts").
   int pending_restarts_ = 0;
   EventLoop::TimerId restart_timer_ = 0;

@@ -23,9 +23,12 @@ absl::StatusOr<std::unique_ptr<BrokerProcess>> BrokerProcess::Start(
   broker->dir_ = MakeTempDir();
   broker->socket_path_ = broker->dir_ + "/handoff.sock";
   const std::string ready = broker->dir_ + "/ready";
-  std::vector<std::string> argv = {
-      BinaryPath("fdbroker"), "--listen=127.0.0.1:0", "--control=127.0.0.1:0",
-      "--socket=" + broker->socket_path_, "--ready_file=" + ready};
+  std::vector<std::string> argv = {BinaryPath("fdbroker"),
+                                   "--listen=127.0.0.1:0",
+                                   "--control=127.0.0.1:0",
+                                   "--metrics=127.0.0.1:0",
+                                   "--socket=" + broker->socket_path_,
+                                   "--ready_file=" + ready};
   for (std::string& flag : extra_flags) argv.push_back(std::move(flag));
   absl::StatusOr<std::unique_ptr<Subprocess>> process = Subprocess::Start(argv);
   if (!process.ok()) return process.status();
@@ -40,7 +43,9 @@ absl::StatusOr<std::unique_ptr<BrokerProcess>> BrokerProcess::Start(
       absl::Seconds(20));
   if (!ready_seen || !values.ok()) {
     return absl::DeadlineExceededError(absl::StrCat(
-        "broker did not become ready\n", broker->process_->Output()));
+        broker->process_->Running() ? "broker did not become ready\n"
+                                    : "broker exited before it was ready\n",
+        broker->process_->Output()));
   }
   absl::StatusOr<std::pair<std::string, int>> listen =
       SplitHostPort((*values)["listen"]);

@@ -510,6 +510,32 @@ TEST_F(ControlPlaneTest, WatchEventsSeesACrashAndTheRestart) {
   EXPECT_NE(restarted_pid, 0);
 }
 
+TEST_F(ControlPlaneTest, RestartLoopIsStreamedAndMakesTheBrokerUnhealthy) {
+  // The supervised command dies at once, again and again. The pool starts
+  // only once the stream is up, so every event is seen.
+  StartBroker({"--workers=0", "--worker_cmd=/bin/false"});
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::seconds(30));
+  auto reader = stub_->WatchEvents(&context, v1::WatchEventsRequest());
+  v1::ScaleWorkersResponse scaled;
+  ASSERT_TRUE(Scale(1, &scaled).ok());
+  v1::WatchEventsResponse event;
+  int crashes = 0;
+  bool loop = false;
+  while (!loop && reader->Read(&event)) {
+    crashes += event.type() == v1::EVENT_TYPE_WORKER_CRASHED;
+    loop = event.type() == v1::EVENT_TYPE_RESTART_LOOP;
+  }
+  context.TryCancel();
+  ASSERT_TRUE(loop);
+  EXPECT_EQ(crashes, 3);
+  EXPECT_NE(event.detail().find("in a row"), std::string::npos);
+  EXPECT_TRUE(
+      WaitFor([&] { return Health("") == HealthCheckResponse::NOT_SERVING; },
+              absl::Seconds(5)));
+}
+
 TEST_F(ControlPlaneTest, PlaintextControlOffLoopbackNeedsAnExplicitFlag) {
   auto process = Subprocess::Start(
       {BinaryPath("fdbroker"), "--listen=127.0.0.1:0", "--control=0.0.0.0:0",

@@ -315,7 +315,9 @@ TEST(LifecycleTest, GarbageAndAWrongUidPeerDoNotDisturbServing) {
   EXPECT_EQ(st.st_mode & 0777, 0600u) << "hand-off socket is owner-only";
   // With 0600 another user cannot even connect.
   EXPECT_EQ(HelloAsOtherUser(path, 65534), 102);
-  // Loosen the file (an operator mistake): SO_PEERCRED still refuses.
+  // Loosen the file and its directory (an operator mistake): SO_PEERCRED
+  // still refuses.
+  ASSERT_EQ(::chmod((*broker)->dir().c_str(), 0755), 0);
   ASSERT_EQ(::chmod(path.c_str(), 0666), 0);
   EXPECT_EQ(HelloAsOtherUser(path, 65534), v1::REFUSAL_REASON_CREDENTIALS);
 
