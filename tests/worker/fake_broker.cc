@@ -37,6 +37,10 @@ bool WaitReadable(int fd, absl::Time deadline) {
 
 FakeBroker::FakeBroker() : dir_(MakeTempDir()) {
   socket_path_ = dir_ + "/handoff.sock";
+  Listen();
+}
+
+void FakeBroker::Listen() {
   listen_fd_.Reset(
       ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   EXPECT_TRUE(listen_fd_.valid());
@@ -59,6 +63,8 @@ FakeBroker::~FakeBroker() {
 }
 
 absl::Status FakeBroker::Accept(absl::Duration timeout) {
+  if (!listen_fd_.valid())
+    return absl::FailedPreconditionError("not listening");
   if (!WaitReadable(listen_fd_.get(), absl::Now() + timeout)) {
     return absl::DeadlineExceededError("no worker connected");
   }
@@ -116,7 +122,7 @@ absl::Status FakeBroker::Send(v1::HandoffMessage message, int fd) {
 
 absl::Status FakeBroker::SendWelcome(uint32_t heartbeat_interval_ms,
                                      uint32_t heartbeat_timeout_ms,
-                                     uint64_t worker_id) {
+                                     uint64_t worker_id, bool supervised) {
   v1::HandoffMessage message;
   v1::Welcome& welcome = *message.mutable_welcome();
   welcome.mutable_version()->set_major(wire::kProtocolMajor);
@@ -124,6 +130,7 @@ absl::Status FakeBroker::SendWelcome(uint32_t heartbeat_interval_ms,
   welcome.set_worker_id(worker_id);
   welcome.set_heartbeat_interval_ms(heartbeat_interval_ms);
   welcome.set_heartbeat_timeout_ms(heartbeat_timeout_ms);
+  welcome.set_supervised(supervised);
   return Send(std::move(message));
 }
 
@@ -175,6 +182,17 @@ absl::Status FakeBroker::SendRawPacket(const std::string& bytes,
 }
 
 void FakeBroker::CloseChannel() { channel_.reset(); }
+
+void FakeBroker::StopListening() {
+  listen_fd_.Reset();
+  EXPECT_EQ(::unlink(socket_path_.c_str()), 0) << std::strerror(errno);
+}
+
+void FakeBroker::Restart() {
+  CloseChannel();
+  StopListening();
+  Listen();
+}
 
 FakeClient MakeFakeClient() {
   int fds[2];

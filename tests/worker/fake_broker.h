@@ -38,7 +38,7 @@ class FakeBroker {
   absl::Status Send(v1::HandoffMessage message, int fd = -1);
   absl::Status SendWelcome(uint32_t heartbeat_interval_ms = 10000,
                            uint32_t heartbeat_timeout_ms = 60000,
-                           uint64_t worker_id = 7);
+                           uint64_t worker_id = 7, bool supervised = false);
   absl::Status SendRefusal(v1::RefusalReason reason,
                            const std::string& message);
   absl::Status SendConnection(uint64_t id, int fd,
@@ -54,6 +54,16 @@ class FakeBroker {
 
   // Closes the channel to the worker (a broker crash, as the worker sees it).
   void CloseChannel();
+  // Closes the listening socket and removes the socket file (no broker at
+  // the path any more; the channel, if any, stays).
+  void StopListening();
+  // Binds and listens on the same path again (a new broker on the same
+  // --socket). The path must be free (StopListening()).
+  void Listen();
+  // A broker crash and a new broker on the same path: CloseChannel(),
+  // StopListening(), Listen().
+  void Restart();
+  bool listening() const { return listen_fd_.valid(); }
   bool connected() const { return channel_ != nullptr; }
 
  private:

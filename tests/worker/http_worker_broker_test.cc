@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
@@ -24,6 +25,7 @@ namespace {
 
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::UnorderedElementsAre;
 using v1::HandoffMessage;
 
@@ -210,8 +212,8 @@ TEST_F(HttpWorkerBrokerTest, DrainFinishesInFlightRequestsThenSaysGoodbye) {
   ExpectGoodbyeAndCleanExit();
 }
 
-TEST_F(HttpWorkerBrokerTest, BrokerLossDrainsAndExits) {
-  StartWorker();
+TEST_F(HttpWorkerBrokerTest, WithoutReconnectBrokerLossDrainsAndExits) {
+  StartWorker({"--reconnect_timeout=0"});
   wire::UniqueFd idle = HandOff(1);
   ASSERT_TRUE(HttpGet(idle.get(), "/", true).ok());
   wire::UniqueFd busy =
@@ -230,6 +232,105 @@ TEST_F(HttpWorkerBrokerTest, BrokerLossDrainsAndExits) {
   EXPECT_THAT(*busy_rest, HasSubstr("slept 500 ms"));
   ExpectCleanExit();
   EXPECT_THAT(worker_->Stderr(), HasSubstr("lost the broker channel"));
+}
+
+// (f) The broker crashes while a keep-alive client is connected: the client
+// sees nothing, and the worker re-registers with the broker that comes up on
+// the same path, listing that connection.
+TEST_F(HttpWorkerBrokerTest, BrokerCrashKeepsKeepAliveClientsAndReRegisters) {
+  StartWorker();
+  wire::UniqueFd client = HandOff(1);
+  absl::StatusOr<HttpResponse> response = HttpGet(client.get(), "/", true);
+  ASSERT_TRUE(response.ok()) << response.status();
+  EXPECT_EQ(response->status, 200);
+
+  // The broker dies; for a while nobody listens on the path.
+  broker_.CloseChannel();
+  broker_.StopListening();
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        return absl::StrContains(worker_->Stderr(), "lost the broker channel");
+      },
+      absl::Seconds(10)))
+      << worker_->Output();
+  // The next request on the same TCP connection is served meanwhile.
+  response = HttpGet(client.get(), "/", true);
+  ASSERT_TRUE(response.ok()) << response.status() << worker_->Output();
+  EXPECT_EQ(response->status, 200);
+
+  // A new broker on the same path: the worker registers with it, listing
+  // the connection it kept.
+  broker_.Listen();
+  ASSERT_TRUE(broker_.Accept(absl::Seconds(10)).ok()) << worker_->Output();
+  absl::StatusOr<HandoffMessage> hello = broker_.Receive();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  EXPECT_EQ(hello->hello().pid(), worker_->pid());
+  EXPECT_EQ(hello->hello().labels().at("program"), "fdbroker-http-worker");
+  ASSERT_EQ(hello->hello().owned_connections_size(), 1) << hello->DebugString();
+  EXPECT_EQ(hello->hello().owned_connections(0).connection_id(), 1u);
+  EXPECT_EQ(hello->hello().owned_connections(0).peer_address(),
+            "192.0.2.1:40001");
+  ASSERT_TRUE(broker_
+                  .SendWelcome(/*heartbeat_interval_ms=*/1000,
+                               /*heartbeat_timeout_ms=*/30000,
+                               /*worker_id=*/8)
+                  .ok());
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        return absl::StrContains(worker_->Stderr(),
+                                 "reconnected to the broker");
+      },
+      absl::Seconds(10)))
+      << worker_->Output();
+
+  // Still the same connection, still served; new connections come from the
+  // new broker and are served too (the server did not start draining).
+  response = HttpGet(client.get(), "/", true);
+  ASSERT_TRUE(response.ok()) << response.status();
+  EXPECT_EQ(response->status, 200);
+  EXPECT_EQ(response->headers["x-worker-pid"], pid());
+  EXPECT_THAT(response->headers["connection"], Not(HasSubstr("close")));
+  wire::UniqueFd fresh = HandOff(100);
+  response = HttpGet(fresh.get(), "/", true);
+  ASSERT_TRUE(response.ok()) << response.status();
+  EXPECT_EQ(response->status, 200);
+  EXPECT_THAT(worker_->Stderr(), Not(HasSubstr("draining")));
+
+  // The adopted connection's close is reported to the new broker.
+  client.Reset();
+  EXPECT_THAT(ReceiveClosed(1), ElementsAre(1u));
+  fresh.Reset();
+  EXPECT_THAT(ReceiveClosed(1), ElementsAre(100u));
+  // And the new broker's Drain ends it cleanly.
+  ASSERT_TRUE(broker_.SendDrain(absl::Now() + absl::Seconds(20)).ok());
+  ExpectGoodbyeAndCleanExit();
+}
+
+TEST_F(HttpWorkerBrokerTest, NoBrokerWithinReconnectTimeoutDrainsAndExits) {
+  StartWorker({"--reconnect_timeout=300ms"});
+  wire::UniqueFd idle = HandOff(1);
+  ASSERT_TRUE(HttpGet(idle.get(), "/", true).ok());
+  broker_.CloseChannel();
+  broker_.StopListening();
+  // Once it gives up, the idle keep-alive connection is closed and the
+  // worker exits.
+  absl::StatusOr<std::string> idle_rest = ReadUntilClose(idle.get());
+  ASSERT_TRUE(idle_rest.ok()) << idle_rest.status();
+  EXPECT_EQ(*idle_rest, "");
+  ExpectCleanExit();
+  EXPECT_THAT(worker_->Stderr(), HasSubstr("gave up reconnecting"));
+  EXPECT_THAT(worker_->Stderr(), HasSubstr("draining (broker lost)"));
+}
+
+TEST_F(HttpWorkerBrokerTest, NegativeReconnectTimeoutIsABadCommandLine) {
+  absl::StatusOr<std::unique_ptr<Subprocess>> process = Subprocess::Start(
+      {kWorker, "--socket=/nonexistent", "--reconnect_timeout=-1s"});
+  ASSERT_TRUE(process.ok()) << process.status();
+  worker_ = *std::move(process);
+  absl::StatusOr<int> exit_code = worker_->Wait(absl::Seconds(10));
+  ASSERT_TRUE(exit_code.ok()) << exit_code.status();
+  EXPECT_EQ(*exit_code, 2);
+  EXPECT_THAT(worker_->Stderr(), HasSubstr("--reconnect_timeout"));
 }
 
 TEST_F(HttpWorkerBrokerTest, SigtermDrainsAndSaysGoodbye) {

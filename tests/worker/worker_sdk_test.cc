@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "fdbroker/worker.h"
@@ -33,6 +34,7 @@ using ::fdbroker::testing::FakeBroker;
 using ::fdbroker::testing::FakeClient;
 using ::fdbroker::testing::MakeFakeClient;
 using ::fdbroker::testing::ReadsEof;
+using ::fdbroker::testing::WaitFor;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::Pair;
@@ -141,6 +143,52 @@ class WorkerSdkTest : public ::testing::Test {
       }
       if (absl::Now() >= deadline) return message.status();
     }
+  }
+
+  // Pumps the worker until it connects to the broker's listener again (a
+  // re-registration attempt) and returns the Hello it sent.
+  absl::StatusOr<HandoffMessage> PumpUntilReconnected(
+      absl::Duration timeout = absl::Seconds(5)) {
+    const absl::Time deadline = absl::Now() + timeout;
+    for (;;) {
+      worker_->ProcessEvents();
+      if (broker_->Accept(absl::Milliseconds(10)).ok()) break;
+      if (absl::Now() >= deadline) {
+        return absl::DeadlineExceededError("the worker did not reconnect");
+      }
+    }
+    return broker_->Receive();
+  }
+
+  // Hands connections `ids` to the worker and waits for their delivery and
+  // the Ack; the test's ends are in `clients`.
+  void DeliverConnections(const std::vector<uint64_t>& ids,
+                          std::vector<FakeClient>& clients) {
+    const size_t before = delivered_.size();
+    for (uint64_t id : ids) {
+      clients.push_back(MakeFakeClient());
+      ASSERT_TRUE(
+          broker_->SendConnection(id, clients.back().broker_end.get()).ok());
+      clients.back().broker_end.Reset();  // The broker's copy: acked, gone.
+    }
+    ASSERT_TRUE(
+        PumpUntil([&] { return delivered_.size() == before + ids.size(); }));
+    std::vector<uint64_t> acked;
+    while (acked.size() < ids.size()) {
+      absl::StatusOr<HandoffMessage> ack = PumpAndReceive();
+      ASSERT_TRUE(ack.ok() && ack->has_ack()) << ack.status();
+      acked.insert(acked.end(), ack->ack().connection_ids().begin(),
+                   ack->ack().connection_ids().end());
+    }
+    EXPECT_EQ(acked, ids);
+  }
+
+  // The delivered connection `id`.
+  ClientConnection* Delivered(uint64_t id) {
+    for (ClientConnection& connection : delivered_) {
+      if (connection.id == id) return &connection;
+    }
+    return nullptr;
   }
 
   int baseline_fds_ = 0;
@@ -424,7 +472,9 @@ TEST_F(WorkerSdkTest, HeartbeatIsSentWhenIdle) {
 }
 
 TEST_F(WorkerSdkTest, SilentBrokerIsDeclaredDeadAndConnectionsAreKept) {
-  Register(DefaultOptions(), /*interval_ms=*/20, /*timeout_ms=*/200);
+  Options options = DefaultOptions();
+  options.reconnect_timeout = absl::ZeroDuration();
+  Register(std::move(options), /*interval_ms=*/20, /*timeout_ms=*/200);
   FakeClient client = MakeFakeClient();
   ASSERT_TRUE(broker_->SendConnection(1, client.broker_end.get()).ok());
   ASSERT_TRUE(PumpUntil([&] { return delivered_.size() == 1; }));
@@ -447,6 +497,29 @@ TEST_F(WorkerSdkTest, SilentBrokerIsDeclaredDeadAndConnectionsAreKept) {
   EXPECT_TRUE(PumpUntil([&] { return worker_->finished(); }));
 }
 
+TEST_F(WorkerSdkTest, SilentBrokerIsDeclaredDeadAndTheWorkerReRegisters) {
+  Register(DefaultOptions(), /*interval_ms=*/20, /*timeout_ms=*/200);
+  std::vector<FakeClient> clients;
+  DeliverConnections({1}, clients);
+  const absl::Time silent_since = absl::Now();
+  // The broker says nothing; the worker gives up on this channel...
+  ASSERT_TRUE(PumpUntil([&] { return !worker_->registered(); }));
+  EXPECT_GE(absl::Now() - silent_since, absl::Milliseconds(150));
+  EXPECT_TRUE(broker_->WaitForClose());
+  // ... and registers again at the same socket (here: the same broker),
+  // bringing its connection along. Nothing reached the application.
+  absl::StatusOr<HandoffMessage> hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  ASSERT_EQ(hello->hello().owned_connections_size(), 1);
+  EXPECT_EQ(hello->hello().owned_connections(0).connection_id(), 1u);
+  EXPECT_FALSE(worker_->draining());
+  EXPECT_TRUE(drain_causes_.empty());
+  ASSERT_TRUE(broker_->SendWelcome(10000, 60000, /*worker_id=*/8).ok());
+  ASSERT_TRUE(PumpUntil([&] { return worker_->registered(); }));
+  EXPECT_EQ(worker_->worker_id(), 8u);
+  EXPECT_EQ(worker_->active_connections(), 1u);
+}
+
 TEST_F(WorkerSdkTest, HeartbeatsFromTheBrokerKeepTheChannelAlive) {
   Register(DefaultOptions(), /*interval_ms=*/20, /*timeout_ms=*/150);
   const absl::Time until = absl::Now() + absl::Milliseconds(500);
@@ -459,8 +532,12 @@ TEST_F(WorkerSdkTest, HeartbeatsFromTheBrokerKeepTheChannelAlive) {
   EXPECT_FALSE(worker_->draining());
 }
 
-TEST_F(WorkerSdkTest, BrokerCrashKeepsConnectionsAndDrains) {
-  Register(DefaultOptions());
+// reconnect_timeout = 0: losing the broker drains at once (the behaviour
+// before re-registration existed).
+TEST_F(WorkerSdkTest, WithoutReconnectBrokerCrashKeepsConnectionsAndDrains) {
+  Options options = DefaultOptions();
+  options.reconnect_timeout = absl::ZeroDuration();
+  Register(std::move(options));
   FakeClient client = MakeFakeClient();
   ASSERT_TRUE(broker_->SendConnection(1, client.broker_end.get()).ok());
   ASSERT_TRUE(PumpUntil([&] { return delivered_.size() == 1; }));
@@ -476,10 +553,15 @@ TEST_F(WorkerSdkTest, BrokerCrashKeepsConnectionsAndDrains) {
   EXPECT_EQ(::read(delivered_[0].fd.get(), &byte, 1), 1);
   worker_->ConnectionClosed(1);
   EXPECT_TRUE(PumpUntil([&] { return worker_->finished(); }));
+  // It never tried to reconnect.
+  EXPECT_TRUE(
+      absl::IsDeadlineExceeded(broker_->Accept(absl::Milliseconds(100))));
 }
 
 TEST_F(WorkerSdkTest, ChannelDeathBeforeAckClosesTheConnectionUndelivered) {
-  Register(DefaultOptions());
+  Options options = DefaultOptions();
+  options.reconnect_timeout = absl::ZeroDuration();
+  Register(std::move(options));
   FakeClient client = MakeFakeClient();
   ASSERT_TRUE(broker_->SendConnection(1, client.broker_end.get()).ok());
   client.broker_end.Reset();
@@ -495,6 +577,7 @@ TEST_F(WorkerSdkTest, FailedAckClosesTheConnectionUndelivered) {
   FlakySysCalls sys;
   Options options = DefaultOptions();
   options.syscalls = &sys;
+  options.reconnect_timeout = absl::ZeroDuration();
   Register(std::move(options));
   FakeClient client = MakeFakeClient();
   ASSERT_TRUE(broker_->SendConnection(1, client.broker_end.get()).ok());
@@ -548,15 +631,26 @@ TEST_P(WorkerSdkMalformedTest, IsTreatedAsChannelLoss) {
   FakeClient spare = MakeFakeClient();
   GetParam().send(*broker_, spare.broker_end.get());
   spare.broker_end.Reset();
-  ASSERT_TRUE(PumpUntil([&] { return worker_->draining(); }));
-  EXPECT_THAT(drain_causes_, ElementsAre(DrainCause::kBrokerLost));
+  ASSERT_TRUE(PumpUntil([&] { return !worker_->registered(); }));
   EXPECT_TRUE(broker_->WaitForClose());
   // Any fd that came with the bad message was closed, not delivered.
   EXPECT_TRUE(ReadsEof(spare.client.get()));
   EXPECT_EQ(delivered_.size(), 1u);
   EXPECT_EQ(worker_->active_connections(), 1u);
+  // The worker registers again (the broker is still there), listing the
+  // connection it kept; the application was never told to drain.
+  absl::StatusOr<HandoffMessage> hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  ASSERT_EQ(hello->hello().owned_connections_size(), 1);
+  EXPECT_EQ(hello->hello().owned_connections(0).connection_id(), 1u);
+  EXPECT_TRUE(drain_causes_.empty());
+  EXPECT_FALSE(worker_->draining());
+  ASSERT_TRUE(broker_->SendWelcome().ok());
+  ASSERT_TRUE(PumpUntil([&] { return worker_->registered(); }));
   worker_->ConnectionClosed(1);
-  EXPECT_TRUE(PumpUntil([&] { return worker_->finished(); }));
+  absl::StatusOr<HandoffMessage> closed = PumpAndReceive();
+  ASSERT_TRUE(closed.ok() && closed->has_closed()) << closed.status();
+  EXPECT_THAT(Ids(closed->closed().connection_ids()), ElementsAre(1u));
 }
 
 HandoffMessage WithSequence(HandoffMessage message, uint64_t sequence) {
@@ -716,6 +810,515 @@ TEST_F(WorkerSdkTest, ThreadPerConnectionWaitsForHandlersBeforeGoodbye) {
   ASSERT_TRUE(goodbye.ok() && goodbye->has_goodbye()) << goodbye.status();
   serving.join();
   EXPECT_TRUE(handler_returned);
+}
+
+// --- Losing the broker and re-registering -----------------------------------
+
+// (a) The broker crashes while the application owns two connections (and one
+// more is on its way, not acked yet); a new broker starts on the same path.
+TEST_F(WorkerSdkTest, ReRegistersWithANewBrokerListingTheConnectionsItOwns) {
+  Options options = DefaultOptions();
+  options.capacity = 5;
+  options.labels = {{"lang", "c++"}};
+  Register(std::move(options));
+  std::vector<FakeClient> clients;
+  DeliverConnections({1, 2}, clients);
+  // Connection 3 is queued behind the crash: never acked, so the worker
+  // closes its copy untouched (the dead broker's copy was the other one).
+  FakeClient unacked = MakeFakeClient();
+  ASSERT_TRUE(broker_->SendConnection(3, unacked.broker_end.get()).ok());
+  unacked.broker_end.Reset();
+
+  broker_->Restart();  // Crash; a new broker listens on the same path.
+  const absl::Time lost_at = absl::Now();
+  absl::StatusOr<HandoffMessage> hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok()) << hello.status();
+  ASSERT_TRUE(hello->has_hello()) << hello->DebugString();
+  // First retry after about 50 ms, not at once and not seconds later.
+  EXPECT_GE(absl::Now() - lost_at, absl::Milliseconds(40));
+  EXPECT_LT(absl::Now() - lost_at, absl::Seconds(2));
+  EXPECT_EQ(hello->sequence(), 1u);  // A new channel counts from 1.
+  EXPECT_EQ(hello->hello().version().major(), 1u);
+  EXPECT_EQ(hello->hello().pid(), ::getpid());
+  EXPECT_EQ(hello->hello().capacity(), 5u);
+  EXPECT_THAT(hello->hello().labels(), ElementsAre(Pair("lang", "c++")));
+  std::vector<std::pair<uint64_t, std::string>> owned;
+  for (const v1::OwnedConnection& c : hello->hello().owned_connections()) {
+    owned.emplace_back(c.connection_id(), c.peer_address());
+  }
+  EXPECT_THAT(owned, UnorderedElementsAre(Pair(1u, "192.0.2.1:40001"),
+                                          Pair(2u, "192.0.2.1:40002")));
+  EXPECT_TRUE(ReadsEof(unacked.client.get()));
+  EXPECT_EQ(delivered_.size(), 2u);
+  EXPECT_FALSE(worker_->registered());
+  EXPECT_FALSE(worker_->draining());
+
+  ASSERT_TRUE(broker_
+                  ->SendWelcome(/*heartbeat_interval_ms=*/50,
+                                /*heartbeat_timeout_ms=*/60000,
+                                /*worker_id=*/8)
+                  .ok());
+  ASSERT_TRUE(PumpUntil([&] { return worker_->registered(); }));
+  EXPECT_EQ(worker_->worker_id(), 8u);
+  EXPECT_FALSE(worker_->draining());
+  EXPECT_FALSE(worker_->finished());
+  EXPECT_EQ(worker_->active_connections(), 2u);
+
+  // The adopted connections never noticed.
+  for (uint64_t id : {1u, 2u}) {
+    ASSERT_EQ(::write(clients[id - 1].client.get(), "x", 1), 1);
+    char byte;
+    EXPECT_EQ(::read(Delivered(id)->fd.get(), &byte, 1), 1);
+  }
+  // New connections come from the new broker, with its ids.
+  DeliverConnections({10}, clients);
+  EXPECT_EQ(worker_->active_connections(), 3u);
+  // Closing an adopted connection is reported to the new broker.
+  worker_->ConnectionClosed(1);
+  absl::StatusOr<HandoffMessage> closed = PumpAndReceive();
+  ASSERT_TRUE(closed.ok() && closed->has_closed()) << closed.status();
+  EXPECT_THAT(Ids(closed->closed().connection_ids()), ElementsAre(1u));
+  // Heartbeats follow the new Welcome (50 ms instead of 10 s).
+  absl::StatusOr<HandoffMessage> heartbeat = PumpAndReceive(true);
+  ASSERT_TRUE(heartbeat.ok() && heartbeat->has_heartbeat())
+      << heartbeat.status();
+  EXPECT_TRUE(drain_causes_.empty());
+
+  // A new broker's Drain still works as usual.
+  ASSERT_TRUE(broker_->SendDrain(absl::InfiniteFuture()).ok());
+  ASSERT_TRUE(PumpUntil([&] { return !drain_causes_.empty(); }));
+  EXPECT_THAT(drain_causes_, ElementsAre(DrainCause::kBrokerRequest));
+  worker_->ConnectionClosed(2);
+  worker_->ConnectionClosed(10);
+  ASSERT_TRUE(PumpUntil([&] { return worker_->finished(); }));
+  std::vector<uint64_t> last_closed;
+  for (;;) {
+    absl::StatusOr<HandoffMessage> message = broker_->Receive();
+    ASSERT_TRUE(message.ok()) << message.status();
+    if (message->has_goodbye()) break;
+    for (uint64_t id : message->closed().connection_ids()) {
+      last_closed.push_back(id);
+    }
+  }
+  EXPECT_THAT(last_closed, UnorderedElementsAre(2u, 10u));
+}
+
+// A broker that supervised the worker (Welcome.supervised) makes the next
+// re-registration say so (Hello.was_supervised), so that the new broker
+// adopts it into its pool; the latest Welcome decides.
+TEST_F(WorkerSdkTest, ReRegistrationSaysWhetherTheWorkerWasSupervised) {
+  Options options = DefaultOptions();
+  auto connecting = std::async(std::launch::async, [&options] {
+    return Worker::Connect(std::move(options));
+  });
+  ASSERT_TRUE(broker_->Accept().ok());
+  absl::StatusOr<HandoffMessage> hello = broker_->Receive();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  EXPECT_FALSE(hello->hello().was_supervised());
+  ASSERT_TRUE(broker_->SendWelcome(10000, 60000, 7, /*supervised=*/true).ok());
+  absl::StatusOr<std::unique_ptr<Worker>> worker = connecting.get();
+  ASSERT_TRUE(worker.ok()) << worker.status();
+  worker_ = *std::move(worker);
+
+  broker_->Restart();
+  hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  EXPECT_TRUE(hello->hello().was_supervised());
+  ASSERT_TRUE(broker_->SendWelcome(10000, 60000, 8, /*supervised=*/false).ok());
+  ASSERT_TRUE(PumpUntil([&] { return worker_->registered(); }));
+
+  broker_->Restart();
+  hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  EXPECT_FALSE(hello->hello().was_supervised());
+}
+
+// (b) A connection closed while no broker is there is simply forgotten.
+TEST_F(WorkerSdkTest, ConnectionClosedWhileDisconnectedIsNotReRegistered) {
+  Register(DefaultOptions());
+  std::vector<FakeClient> clients;
+  DeliverConnections({1, 2}, clients);
+  broker_->CloseChannel();
+  broker_->StopListening();
+  ASSERT_TRUE(PumpUntil([&] { return !worker_->registered(); }));
+  worker_->ConnectionClosed(1);
+  EXPECT_EQ(worker_->active_connections(), 1u);
+  // A few attempts fail while nobody listens (back-off); then a broker.
+  PumpUntil([] { return false; }, absl::Milliseconds(200));
+  broker_->Listen();
+  absl::StatusOr<HandoffMessage> hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  ASSERT_EQ(hello->hello().owned_connections_size(), 1);
+  EXPECT_EQ(hello->hello().owned_connections(0).connection_id(), 2u);
+  ASSERT_TRUE(broker_->SendWelcome().ok());
+  ASSERT_TRUE(PumpUntil([&] { return worker_->registered(); }));
+  // The new broker never hears of connection 1.
+  worker_->ConnectionClosed(2);
+  absl::StatusOr<HandoffMessage> closed = PumpAndReceive();
+  ASSERT_TRUE(closed.ok() && closed->has_closed()) << closed.status();
+  EXPECT_THAT(Ids(closed->closed().connection_ids()), ElementsAre(2u));
+  EXPECT_TRUE(drain_causes_.empty());
+}
+
+// A connection closed after the Hello that lists it went out, before the
+// Welcome: the new broker counts it, so it is told once registered.
+TEST_F(WorkerSdkTest, ConnectionClosedBeforeTheWelcomeIsReportedAfterIt) {
+  Register(DefaultOptions());
+  std::vector<FakeClient> clients;
+  DeliverConnections({1, 2}, clients);
+  broker_->Restart();
+  absl::StatusOr<HandoffMessage> hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  ASSERT_EQ(hello->hello().owned_connections_size(), 2);
+  worker_->ConnectionClosed(2);
+  worker_->ProcessEvents();
+  ASSERT_TRUE(broker_->SendWelcome().ok());
+  absl::StatusOr<HandoffMessage> closed = PumpAndReceive();
+  ASSERT_TRUE(closed.ok() && closed->has_closed()) << closed.status();
+  EXPECT_THAT(Ids(closed->closed().connection_ids()), ElementsAre(2u));
+  EXPECT_TRUE(worker_->registered());
+}
+
+// An attempt whose broker goes away before its Welcome fails; the next one,
+// to the next broker, lists the connections again.
+TEST_F(WorkerSdkTest, AttemptThatEndsBeforeTheWelcomeIsRetried) {
+  Register(DefaultOptions());
+  std::vector<FakeClient> clients;
+  DeliverConnections({4}, clients);
+  broker_->Restart();
+  absl::StatusOr<HandoffMessage> hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  broker_->Restart();  // This one dies too, without answering.
+  hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  ASSERT_EQ(hello->hello().owned_connections_size(), 1);
+  EXPECT_EQ(hello->hello().owned_connections(0).connection_id(), 4u);
+  ASSERT_TRUE(broker_->SendWelcome(10000, 60000, 9).ok());
+  ASSERT_TRUE(PumpUntil([&] { return worker_->registered(); }));
+  EXPECT_EQ(worker_->worker_id(), 9u);
+  EXPECT_TRUE(drain_causes_.empty());
+}
+
+// (c) No broker comes back within reconnect_timeout: drain, then finish.
+TEST_F(WorkerSdkTest, NoBrokerWithinReconnectTimeoutDrains) {
+  Options options = DefaultOptions();
+  options.reconnect_timeout = absl::Milliseconds(300);
+  Register(std::move(options));
+  std::vector<FakeClient> clients;
+  DeliverConnections({1}, clients);
+  broker_->CloseChannel();
+  broker_->StopListening();
+  const absl::Time lost_at = absl::Now();
+  ASSERT_TRUE(PumpUntil([&] { return !worker_->registered(); }));
+  EXPECT_FALSE(worker_->draining());
+  ASSERT_TRUE(PumpUntil([&] { return !drain_causes_.empty(); }));
+  EXPECT_GE(absl::Now() - lost_at, absl::Milliseconds(250));
+  EXPECT_THAT(drain_causes_, ElementsAre(DrainCause::kBrokerLost));
+  EXPECT_EQ(drain_deadline_, absl::InfiniteFuture());
+  EXPECT_TRUE(worker_->draining());
+  EXPECT_FALSE(worker_->finished());
+  // The connection is still served until the application closes it.
+  ASSERT_EQ(::write(clients[0].client.get(), "x", 1), 1);
+  char byte;
+  EXPECT_EQ(::read(Delivered(1)->fd.get(), &byte, 1), 1);
+  worker_->ConnectionClosed(1);
+  EXPECT_TRUE(PumpUntil([&] { return worker_->finished(); }));
+  EXPECT_THAT(drain_causes_, ElementsAre(DrainCause::kBrokerLost));
+  // And it does not try again.
+  broker_->Listen();
+  PumpUntil([] { return false; }, absl::Milliseconds(100));
+  EXPECT_TRUE(
+      absl::IsDeadlineExceeded(broker_->Accept(absl::Milliseconds(50))));
+}
+
+// Nothing owned and no broker: not finished while it still tries.
+TEST_F(WorkerSdkTest, IdleWorkerKeepsTryingUntilTheTimeout) {
+  Options options = DefaultOptions();
+  options.reconnect_timeout = absl::Milliseconds(300);
+  Register(std::move(options));
+  broker_->CloseChannel();
+  broker_->StopListening();
+  ASSERT_TRUE(PumpUntil([&] { return !worker_->registered(); }));
+  EXPECT_FALSE(worker_->finished());
+  EXPECT_TRUE(PumpUntil([&] { return worker_->finished(); }));
+  EXPECT_THAT(drain_causes_, ElementsAre(DrainCause::kBrokerLost));
+}
+
+// (d) The new broker refuses the re-registration: drain.
+TEST_F(WorkerSdkTest, RefusedReRegistrationDrains) {
+  Register(DefaultOptions());
+  std::vector<FakeClient> clients;
+  DeliverConnections({1}, clients);
+  broker_->Restart();
+  absl::StatusOr<HandoffMessage> hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  ASSERT_TRUE(broker_
+                  ->SendRefusal(v1::REFUSAL_REASON_TOO_MANY_WORKERS,
+                                "already 2 workers")
+                  .ok());
+  broker_->CloseChannel();
+  ASSERT_TRUE(PumpUntil([&] { return !drain_causes_.empty(); }));
+  EXPECT_THAT(drain_causes_, ElementsAre(DrainCause::kBrokerLost));
+  EXPECT_TRUE(worker_->draining());
+  EXPECT_FALSE(worker_->registered());
+  EXPECT_FALSE(worker_->finished());
+  worker_->ConnectionClosed(1);
+  EXPECT_TRUE(PumpUntil([&] { return worker_->finished(); }));
+  // No further attempt.
+  EXPECT_TRUE(
+      absl::IsDeadlineExceeded(broker_->Accept(absl::Milliseconds(100))));
+}
+
+// A worker the broker was draining when it died does not come back.
+TEST_F(WorkerSdkTest, DrainingWorkerDoesNotReRegister) {
+  Register(DefaultOptions());
+  std::vector<FakeClient> clients;
+  DeliverConnections({1}, clients);
+  ASSERT_TRUE(broker_->SendDrain(absl::InfiniteFuture()).ok());
+  ASSERT_TRUE(PumpUntil([&] { return !drain_causes_.empty(); }));
+  broker_->CloseChannel();
+  ASSERT_TRUE(PumpUntil([&] { return !worker_->registered(); }));
+  EXPECT_THAT(drain_causes_, ElementsAre(DrainCause::kBrokerRequest));
+  PumpUntil([] { return false; }, absl::Milliseconds(150));
+  EXPECT_TRUE(
+      absl::IsDeadlineExceeded(broker_->Accept(absl::Milliseconds(50))));
+  worker_->ConnectionClosed(1);
+  EXPECT_TRUE(PumpUntil([&] { return worker_->finished(); }));
+}
+
+// StartDrain() while reconnecting stops reconnecting.
+TEST_F(WorkerSdkTest, LocalDrainWhileReconnectingStopsReconnecting) {
+  Register(DefaultOptions());
+  std::vector<FakeClient> clients;
+  DeliverConnections({1}, clients);
+  broker_->CloseChannel();
+  broker_->StopListening();
+  ASSERT_TRUE(PumpUntil([&] { return !worker_->registered(); }));
+  worker_->StartDrain();
+  ASSERT_TRUE(PumpUntil([&] { return !drain_causes_.empty(); }));
+  EXPECT_THAT(drain_causes_, ElementsAre(DrainCause::kLocal));
+  broker_->Listen();
+  PumpUntil([] { return false; }, absl::Milliseconds(150));
+  EXPECT_TRUE(
+      absl::IsDeadlineExceeded(broker_->Accept(absl::Milliseconds(50))));
+  worker_->ConnectionClosed(1);
+  EXPECT_TRUE(PumpUntil([&] { return worker_->finished(); }));
+}
+
+// The new broker offers an id the worker already owns: a protocol error,
+// as with any broker (here it leads to the next re-registration).
+TEST_F(WorkerSdkTest, NewBrokerOfferingAnOwnedIdIsAProtocolError) {
+  Register(DefaultOptions());
+  std::vector<FakeClient> clients;
+  DeliverConnections({1}, clients);
+  broker_->Restart();
+  ASSERT_TRUE(PumpUntilReconnected().ok());
+  ASSERT_TRUE(broker_->SendWelcome().ok());
+  ASSERT_TRUE(PumpUntil([&] { return worker_->registered(); }));
+  FakeClient clash = MakeFakeClient();
+  ASSERT_TRUE(broker_->SendConnection(1, clash.broker_end.get()).ok());
+  clash.broker_end.Reset();
+  ASSERT_TRUE(PumpUntil([&] { return !worker_->registered(); }));
+  EXPECT_TRUE(ReadsEof(clash.client.get()));
+  EXPECT_EQ(delivered_.size(), 1u);
+  EXPECT_TRUE(broker_->WaitForClose());
+  absl::StatusOr<HandoffMessage> hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  ASSERT_EQ(hello->hello().owned_connections_size(), 1);
+  EXPECT_TRUE(drain_causes_.empty());
+}
+
+// A Hello listing every owned connection must still fit in one packet
+// (64 KiB): the peer addresses of the lowest ids are left out first.
+TEST_F(WorkerSdkTest, OversizedReRegistrationHelloDropsPeerAddressesFirst) {
+  Register(DefaultOptions());
+  constexpr int kCount = 80;
+  const std::string long_peer(1000, 'p');  // 80 KB of addresses in all.
+  std::vector<FakeClient> clients;
+  for (uint64_t id = 1; id <= kCount; ++id) {
+    clients.push_back(MakeFakeClient());
+    HandoffMessage message;
+    message.mutable_connection()->set_connection_id(id);
+    message.mutable_connection()->set_peer_address(
+        absl::StrCat(id, "-", long_peer));
+    ASSERT_TRUE(
+        broker_->Send(std::move(message), clients.back().broker_end.get())
+            .ok());
+    clients.back().broker_end.Reset();
+  }
+  ASSERT_TRUE(PumpUntil([&] { return delivered_.size() == kCount; }));
+  broker_->Restart();
+  absl::StatusOr<HandoffMessage> hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  EXPECT_LE(hello->ByteSizeLong(), 64u * 1024);
+  ASSERT_EQ(hello->hello().owned_connections_size(), kCount);
+  int with_peer = 0;
+  uint64_t lowest_with_peer = 0;
+  for (int i = 0; i < kCount; ++i) {
+    const v1::OwnedConnection& c = hello->hello().owned_connections(i);
+    EXPECT_EQ(c.connection_id(), static_cast<uint64_t>(i + 1));
+    if (c.peer_address().empty()) {
+      EXPECT_EQ(with_peer, 0) << "a lower id kept its address, id " << i + 1;
+    } else {
+      if (with_peer++ == 0) lowest_with_peer = c.connection_id();
+      EXPECT_EQ(c.peer_address(), absl::StrCat(i + 1, "-", long_peer));
+    }
+  }
+  EXPECT_GT(with_peer, 40);
+  EXPECT_GT(lowest_with_peer, 1u);
+  ASSERT_TRUE(broker_->SendWelcome().ok());
+  ASSERT_TRUE(PumpUntil([&] { return worker_->registered(); }));
+  // Every listed connection's close is reported.
+  worker_->ConnectionClosed(1);
+  absl::StatusOr<HandoffMessage> closed = PumpAndReceive();
+  ASSERT_TRUE(closed.ok() && closed->has_closed()) << closed.status();
+  EXPECT_THAT(Ids(closed->closed().connection_ids()), ElementsAre(1u));
+}
+
+// When even ids alone do not fit, the lowest ids are left out; the highest
+// stays listed, and closes of the unlisted ones are not reported. (Huge
+// labels leave little room, so a few hundred connections are enough.)
+TEST_F(WorkerSdkTest, OversizedReRegistrationHelloLeavesOutTheLowestIds) {
+  Options options = DefaultOptions();
+  options.labels["big"] = std::string(63500, 'l');
+  Register(std::move(options));
+  constexpr uint64_t kCount = 250;
+  std::vector<FakeClient> clients;
+  for (uint64_t id = 1; id <= kCount; ++id) {
+    clients.push_back(MakeFakeClient());
+    ASSERT_TRUE(
+        broker_->SendConnection(id, clients.back().broker_end.get()).ok());
+    clients.back().broker_end.Reset();
+    clients.back().client.Reset();  // Not needed: keeps the fd count low.
+  }
+  ASSERT_TRUE(PumpUntil([&] { return delivered_.size() == kCount; }));
+  broker_->Restart();
+  absl::StatusOr<HandoffMessage> hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  EXPECT_LE(hello->ByteSizeLong(), 64u * 1024);
+  const auto& listed = hello->hello().owned_connections();
+  ASSERT_GT(listed.size(), 100);
+  ASSERT_LT(listed.size(), static_cast<int>(kCount));
+  // A contiguous run of the highest ids, without addresses.
+  const uint64_t lowest = kCount - listed.size() + 1;
+  for (int i = 0; i < listed.size(); ++i) {
+    EXPECT_EQ(listed[i].connection_id(), lowest + i);
+    EXPECT_EQ(listed[i].peer_address(), "");
+  }
+  ASSERT_TRUE(broker_->SendWelcome().ok());
+  ASSERT_TRUE(PumpUntil([&] { return worker_->registered(); }));
+  EXPECT_EQ(worker_->active_connections(), kCount);
+  worker_->ConnectionClosed(1);  // Unknown to this broker: not reported.
+  worker_->ConnectionClosed(kCount);
+  absl::StatusOr<HandoffMessage> closed = PumpAndReceive();
+  ASSERT_TRUE(closed.ok() && closed->has_closed()) << closed.status();
+  EXPECT_THAT(Ids(closed->closed().connection_ids()), ElementsAre(kCount));
+  EXPECT_EQ(worker_->active_connections(), kCount - 2);
+}
+
+// Thread-per-connection mode: handlers keep running through the loss, the
+// worker re-registers, and new connections get threads.
+TEST_F(WorkerSdkTest, ThreadPerConnectionReRegistersAfterBrokerLoss) {
+  Options options = DefaultOptions();
+  options.on_connection = nullptr;
+  Register(std::move(options));
+  // Echoes bytes until the client leaves.
+  Worker::ConnectionHandler handler = [](ClientConnection connection) {
+    char byte;
+    while (::read(connection.fd.get(), &byte, 1) == 1) {
+      if (::write(connection.fd.get(), &byte, 1) != 1) return;
+    }
+  };
+  std::thread serving(
+      [&] { EXPECT_TRUE(worker_->ServeThreadPerConnection(handler).ok()); });
+  const auto echo = [](int fd, char c) {
+    char back = 0;
+    return ::write(fd, &c, 1) == 1 && ::read(fd, &back, 1) == 1 && back == c;
+  };
+  FakeClient first = MakeFakeClient();
+  ASSERT_TRUE(broker_->SendConnection(1, first.broker_end.get()).ok());
+  first.broker_end.Reset();
+  absl::StatusOr<HandoffMessage> ack = broker_->Receive();
+  ASSERT_TRUE(ack.ok() && ack->has_ack()) << ack.status();
+  EXPECT_TRUE(echo(first.client.get(), 'a'));
+
+  broker_->Restart();
+  EXPECT_TRUE(echo(first.client.get(), 'b'));  // Served while disconnected.
+  ASSERT_TRUE(broker_->Accept().ok());
+  absl::StatusOr<HandoffMessage> hello = broker_->Receive();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  ASSERT_EQ(hello->hello().owned_connections_size(), 1);
+  EXPECT_EQ(hello->hello().owned_connections(0).connection_id(), 1u);
+  ASSERT_TRUE(broker_->SendWelcome(10000, 60000, 8).ok());
+  EXPECT_TRUE(WaitFor([&] { return worker_->registered(); }, absl::Seconds(5)));
+
+  // The new broker reuses id 2... and 1 once it is closed.
+  FakeClient second = MakeFakeClient();
+  ASSERT_TRUE(broker_->SendConnection(2, second.broker_end.get()).ok());
+  second.broker_end.Reset();
+  ack = broker_->Receive();
+  ASSERT_TRUE(ack.ok() && ack->has_ack()) << ack.status();
+  EXPECT_TRUE(echo(second.client.get(), 'c'));
+  first.client.Reset();
+  absl::StatusOr<HandoffMessage> closed = broker_->Receive();
+  ASSERT_TRUE(closed.ok() && closed->has_closed()) << closed.status();
+  EXPECT_THAT(Ids(closed->closed().connection_ids()), ElementsAre(1u));
+  FakeClient again = MakeFakeClient();
+  ASSERT_TRUE(broker_->SendConnection(1, again.broker_end.get()).ok());
+  again.broker_end.Reset();
+  ack = broker_->Receive();
+  ASSERT_TRUE(ack.ok() && ack->has_ack()) << ack.status();
+  EXPECT_TRUE(echo(again.client.get(), 'd'));
+
+  second.client.Reset();
+  again.client.Reset();
+  std::vector<uint64_t> closed_ids;
+  while (closed_ids.size() < 2) {
+    absl::StatusOr<HandoffMessage> message = broker_->Receive();
+    ASSERT_TRUE(message.ok() && message->has_closed()) << message.status();
+    closed_ids.insert(closed_ids.end(),
+                      message->closed().connection_ids().begin(),
+                      message->closed().connection_ids().end());
+  }
+  EXPECT_THAT(closed_ids, UnorderedElementsAre(1u, 2u));
+  ASSERT_TRUE(broker_->SendDrain(absl::InfiniteFuture()).ok());
+  absl::StatusOr<HandoffMessage> goodbye = broker_->Receive();
+  ASSERT_TRUE(goodbye.ok() && goodbye->has_goodbye()) << goodbye.status();
+  serving.join();
+  EXPECT_THAT(drain_causes_, ElementsAre(DrainCause::kBrokerRequest));
+}
+
+// Thread-per-connection mode, no broker comes back: handlers finish, then
+// ServeThreadPerConnection() returns.
+TEST_F(WorkerSdkTest, ThreadPerConnectionGivesUpAfterReconnectTimeout) {
+  Options options = DefaultOptions();
+  options.on_connection = nullptr;
+  options.reconnect_timeout = absl::Milliseconds(200);
+  Register(std::move(options));
+  Worker::ConnectionHandler handler = [](ClientConnection connection) {
+    char byte;
+    while (::read(connection.fd.get(), &byte, 1) == 1) {
+    }
+  };
+  std::promise<void> returned;
+  std::thread serving([&] {
+    EXPECT_TRUE(worker_->ServeThreadPerConnection(handler).ok());
+    returned.set_value();
+  });
+  FakeClient client = MakeFakeClient();
+  ASSERT_TRUE(broker_->SendConnection(1, client.broker_end.get()).ok());
+  client.broker_end.Reset();
+  ASSERT_TRUE(broker_->Receive().ok());  // Ack.
+  broker_->CloseChannel();
+  broker_->StopListening();
+  EXPECT_TRUE(WaitFor([&] { return worker_->draining(); }, absl::Seconds(5)));
+  // Still serving its connection.
+  EXPECT_EQ(returned.get_future().wait_for(std::chrono::milliseconds(50)),
+            std::future_status::timeout);
+  client.client.Reset();
+  serving.join();
+  EXPECT_TRUE(worker_->finished());
+  EXPECT_THAT(drain_causes_, ElementsAre(DrainCause::kBrokerLost));
 }
 
 }  // namespace

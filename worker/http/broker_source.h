@@ -12,7 +12,10 @@
 namespace fdbroker::http {
 
 // Broker mode: connections come from the broker through the worker SDK in
-// event-loop mode. Drain and broker loss both arrive as OnDrain().
+// event-loop mode. The broker's Drain arrives as OnDrain(); losing the broker
+// does not: the SDK keeps the server's connections, reconnects and
+// re-registers them (options.reconnect_timeout), and only if that gives up
+// does OnDrain() come (cause "broker lost").
 class BrokerSource final : public ConnectionSource {
  public:
   // Registers with the broker (options.socket_path, or FDBROKER_SOCKET).

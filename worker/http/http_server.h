@@ -27,7 +27,9 @@ namespace fdbroker::http {
 // (edge-triggered). It owns every client fd from OnNewConnection() until it
 // closes it and tells the source (ConnectionClosed).
 //
-// Drain (SIGTERM, or the broker's Drain / loss through the source): stop
+// Drain (SIGTERM, or the broker's Drain through the source, or the source
+// giving up on a lost broker; a broker that is lost and re-registered with
+// is not a drain and is invisible here): stop
 // taking connections, close idle keep-alive connections at once, let busy
 // ones finish the request in progress (its response says Connection:
 // close), give a connection that has not sent its first request a short

@@ -55,6 +55,7 @@ int Run(const fdbroker::http::WorkerConfig& config) {
     fdbroker::worker::Options options;
     options.socket_path = config.socket_path;
     options.capacity = config.capacity;
+    options.reconnect_timeout = config.reconnect_timeout;
     options.labels["program"] = "fdbroker-http-worker";
     absl::StatusOr<std::unique_ptr<BrokerSource>> broker =
         BrokerSource::Connect(std::move(options));

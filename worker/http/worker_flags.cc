@@ -20,6 +20,10 @@ ABSL_FLAG(std::string, socket, "",
           "the broker's hand-off socket (default: $FDBROKER_SOCKET)");
 ABSL_FLAG(uint32_t, capacity, 0,
           "most connections this worker takes at once; 0 = unlimited");
+ABSL_FLAG(absl::Duration, reconnect_timeout, absl::Seconds(30),
+          "after losing the broker, keep serving and try this long to "
+          "reconnect and re-register (with the connections still owned) "
+          "before draining; 0 = drain at once");
 ABSL_FLAG(std::string, ready_file, "",
           "once serving, write key=value lines here (pid, mode, listen or "
           "worker_id)");
@@ -28,7 +32,7 @@ namespace fdbroker::http {
 namespace {
 
 constexpr absl::string_view kFlagNames[] = {"listen", "socket", "capacity",
-                                            "ready_file"};
+                                            "reconnect_timeout", "ready_file"};
 
 bool IsOurFlag(absl::string_view name) {
   for (absl::string_view known : kFlagNames) {
@@ -41,12 +45,16 @@ bool IsOurFlag(absl::string_view name) {
 
 std::string WorkerUsage() {
   return "usage: fdbroker-http-worker [--listen=HOST:PORT | --socket=PATH] "
-         "[--capacity=N] [--ready_file=PATH]\n"
+         "[--capacity=N] [--reconnect_timeout=DURATION] "
+         "[--ready_file=PATH]\n"
          "  An HTTP/1.1 keep-alive example worker for fdbroker.\n"
          "  --listen=HOST:PORT  run standalone (SO_REUSEPORT), no broker\n"
          "  --socket=PATH       register with the broker at PATH (default "
          "$FDBROKER_SOCKET)\n"
          "  --capacity=N        most connections at once (0 = unlimited)\n"
+         "  --reconnect_timeout=D  after losing the broker, keep serving and "
+         "re-register\n"
+         "                      within D (default 30s; 0: drain at once)\n"
          "  --ready_file=PATH   write pid/mode/address here once serving\n";
 }
 
@@ -87,6 +95,11 @@ absl::StatusOr<WorkerConfig> ParseWorkerFlags(int argc, char** argv) {
   }
 
   config.capacity = absl::GetFlag(FLAGS_capacity);
+  config.reconnect_timeout = absl::GetFlag(FLAGS_reconnect_timeout);
+  if (config.reconnect_timeout < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        "invalid --reconnect_timeout: must not be negative");
+  }
   config.ready_file = absl::GetFlag(FLAGS_ready_file);
   const std::string listen = absl::GetFlag(FLAGS_listen);
   std::string socket_path = absl::GetFlag(FLAGS_socket);

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "listener_source.h"
 
 namespace fdbroker::http {
@@ -18,6 +19,9 @@ struct WorkerConfig {
   std::string socket_path;
   // --capacity: most connections at once, 0 = unlimited (broker mode).
   uint32_t capacity = 0;
+  // --reconnect_timeout: after losing the broker, how long to try to
+  // re-register before draining; zero: drain at once (broker mode).
+  absl::Duration reconnect_timeout = absl::Seconds(30);
   // --ready_file: written once serving (see WriteReadyFile).
   std::string ready_file;
   // --help was given.

@@ -12,6 +12,7 @@ namespace fdbroker::worker {
 
 struct HandlerThreads::Task {
   HandlerThreads* threads;
+  uint64_t key;
   ClientConnection connection;
 };
 
@@ -28,7 +29,8 @@ void HandlerThreads::Start(ClientConnection connection) {
     (void)::fcntl(connection.fd.get(), F_SETFL, flags & ~O_NONBLOCK);
   }
   const uint64_t id = connection.id;
-  auto task = std::make_unique<Task>(Task{this, std::move(connection)});
+  const uint64_t key = next_key_++;
+  auto task = std::make_unique<Task>(Task{this, key, std::move(connection)});
   pthread_t thread;
   const int error = ::pthread_create(&thread, nullptr, &RunTask, task.get());
   if (error != 0) {
@@ -41,18 +43,19 @@ void HandlerThreads::Start(ClientConnection connection) {
     return;
   }
   (void)task.release();  // RunTask owns it now.
-  running_.emplace(id, thread);
+  running_.emplace(key, thread);
 }
 
 void* HandlerThreads::RunTask(void* arg) {
   std::unique_ptr<Task> task(static_cast<Task*>(arg));
   HandlerThreads& self = *task->threads;
   const uint64_t id = task->connection.id;
+  const uint64_t key = task->key;
   self.handler_(std::move(task->connection));
   task.reset();  // Closes the fd if the handler left it with us.
   self.worker_.ConnectionClosed(id);
   absl::MutexLock lock(&self.mu_);
-  self.finished_.push_back(id);
+  self.finished_.push_back(key);
   return nullptr;
 }
 
@@ -62,8 +65,8 @@ void HandlerThreads::JoinFinished() {
     absl::MutexLock lock(&mu_);
     finished.swap(finished_);
   }
-  for (uint64_t id : finished) {
-    auto it = running_.find(id);
+  for (uint64_t key : finished) {
+    auto it = running_.find(key);
     if (it == running_.end()) continue;
     ::pthread_join(it->second, nullptr);
     running_.erase(it);

@@ -42,10 +42,13 @@ class HandlerThreads {
 
   Worker& worker_;
   const Worker::ConnectionHandler handler_;
-  // Loop thread only: connection id -> its thread.
+  // Loop thread only: thread key -> its thread. Keys are our own serial
+  // numbers, not connection ids: after a re-registration a new broker may
+  // hand out an id whose previous connection's thread has not been joined.
   absl::flat_hash_map<uint64_t, pthread_t> running_;
+  uint64_t next_key_ = 1;
   absl::Mutex mu_;
-  // Connections whose handler thread is about to exit.
+  // Keys of the threads about to exit.
   std::vector<uint64_t> finished_ ABSL_GUARDED_BY(mu_);
 };
 

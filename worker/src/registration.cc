@@ -77,16 +77,14 @@ absl::Status RefusalToStatus(const v1::Refusal& refusal) {
   }
 }
 
-absl::StatusOr<Registration> Register(const std::string& socket_path,
-                                      v1::HandoffMessage hello,
-                                      absl::Duration timeout,
-                                      wire::SysCalls& sys) {
-  const absl::Time deadline = absl::Now() + timeout;
-  absl::StatusOr<wire::UniqueFd> socket = ConnectSocket(socket_path, deadline);
+absl::StatusOr<std::unique_ptr<wire::MessageChannel>> SendHello(
+    const std::string& socket_path, v1::HandoffMessage& hello,
+    absl::Time connect_deadline, wire::SysCalls& sys) {
+  absl::StatusOr<wire::UniqueFd> socket =
+      ConnectSocket(socket_path, connect_deadline);
   if (!socket.ok()) return socket.status();
   auto channel =
       std::make_unique<wire::MessageChannel>(*std::move(socket), sys);
-
   // A fresh socket's send buffer is empty, so Hello cannot meet EAGAIN.
   absl::StatusOr<wire::SendResult> sent = channel->Send(hello);
   if (!sent.ok() || *sent != wire::SendResult::kSent) {
@@ -94,6 +92,41 @@ absl::StatusOr<Registration> Register(const std::string& socket_path,
         "cannot send Hello to the broker at ", socket_path, ": ",
         sent.ok() ? "socket buffer full" : sent.status().ToString()));
   }
+  return channel;
+}
+
+absl::StatusOr<v1::Welcome> WelcomeFrom(const std::string& socket_path,
+                                        const v1::HandoffMessage& reply) {
+  switch (reply.body_case()) {
+    case v1::HandoffMessage::kWelcome:
+      break;
+    case v1::HandoffMessage::kRefusal:
+      return RefusalToStatus(reply.refusal());
+    default:
+      return absl::UnavailableError(
+          absl::StrCat("the broker at ", socket_path, " answered Hello with ",
+                       wire::BodyName(reply), " instead of Welcome"));
+  }
+  const v1::Welcome& welcome = reply.welcome();
+  if (welcome.has_version() &&
+      welcome.version().major() != wire::kProtocolMajor) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the broker at ", socket_path, " speaks protocol ",
+        welcome.version().major(), ".", welcome.version().minor(),
+        ", this worker ", wire::kProtocolMajor, ".", wire::kProtocolMinor));
+  }
+  return welcome;
+}
+
+absl::StatusOr<Registration> Register(const std::string& socket_path,
+                                      v1::HandoffMessage hello,
+                                      absl::Duration timeout,
+                                      wire::SysCalls& sys) {
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::StatusOr<std::unique_ptr<wire::MessageChannel>> sent =
+      SendHello(socket_path, hello, deadline, sys);
+  if (!sent.ok()) return sent.status();
+  std::unique_ptr<wire::MessageChannel> channel = *std::move(sent);
 
   v1::HandoffMessage reply;
   wire::UniqueFd unexpected_fd;
@@ -124,27 +157,11 @@ absl::StatusOr<Registration> Register(const std::string& socket_path,
     }
   }
 
-  switch (reply.body_case()) {
-    case v1::HandoffMessage::kWelcome:
-      break;
-    case v1::HandoffMessage::kRefusal:
-      return RefusalToStatus(reply.refusal());
-    default:
-      return absl::UnavailableError(
-          absl::StrCat("the broker at ", socket_path, " answered Hello with ",
-                       wire::BodyName(reply), " instead of Welcome"));
-  }
-  const v1::Welcome& welcome = reply.welcome();
-  if (welcome.has_version() &&
-      welcome.version().major() != wire::kProtocolMajor) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the broker at ", socket_path, " speaks protocol ",
-        welcome.version().major(), ".", welcome.version().minor(),
-        ", this worker ", wire::kProtocolMajor, ".", wire::kProtocolMinor));
-  }
+  absl::StatusOr<v1::Welcome> welcome = WelcomeFrom(socket_path, reply);
+  if (!welcome.ok()) return welcome.status();
   Registration registration;
   registration.channel = std::move(channel);
-  registration.welcome = welcome;
+  registration.welcome = *std::move(welcome);
   return registration;
 }
 

@@ -12,8 +12,9 @@
 #include "wire/sys_calls.h"
 
 // The first exchange on a broker channel: connect, Hello, Welcome or Refusal.
-// Kept apart from the running worker so that a later re-registration (after a
-// broker restart, with Hello.owned_connections) reuses it as is.
+// Kept apart from the running worker: Connect() uses the blocking Register(),
+// a re-registration after broker loss (Hello.owned_connections) the
+// non-blocking halves SendHello() and WelcomeFrom() from the event loop.
 namespace fdbroker::worker {
 
 // The environment variable a supervised worker finds the broker through.
@@ -34,6 +35,22 @@ absl::StatusOr<Registration> Register(const std::string& socket_path,
                                       v1::HandoffMessage hello,
                                       absl::Duration timeout,
                                       wire::SysCalls& sys);
+
+// The two halves of Register(), for a caller that cannot block (a worker
+// re-registering from its event loop).
+//
+// Connects (non-blocking) and sends `hello`. A full listen backlog (EAGAIN)
+// is retried until `connect_deadline`; pass absl::Now() to fail at once.
+// Unavailable if nobody listens at `socket_path`.
+absl::StatusOr<std::unique_ptr<wire::MessageChannel>> SendHello(
+    const std::string& socket_path, v1::HandoffMessage& hello,
+    absl::Time connect_deadline, wire::SysCalls& sys);
+
+// Checks the broker's first message on a channel. Welcome: its body, if the
+// major version matches (else FailedPrecondition). Refusal:
+// RefusalToStatus(). Anything else: Unavailable.
+absl::StatusOr<v1::Welcome> WelcomeFrom(const std::string& socket_path,
+                                        const v1::HandoffMessage& reply);
 
 // The status a refusal turns into: the code follows the reason (credentials:
 // PermissionDenied, too many workers: ResourceExhausted, ...), the message

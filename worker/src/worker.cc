@@ -42,10 +42,12 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Connect(Options options) {
   wire::SysCalls& sys =
       options.syscalls != nullptr ? *options.syscalls : wire::SysCalls::Real();
   absl::StatusOr<Registration> registration =
-      Register(*socket_path, std::move(hello), options.connect_timeout, sys);
+      Register(*socket_path, hello, options.connect_timeout, sys);
   if (!registration.ok()) return registration.status();
+  // The same Hello (and path) serve a re-registration after broker loss.
   absl::StatusOr<std::unique_ptr<WorkerImpl>> worker =
-      WorkerImpl::Create(std::move(options), *std::move(registration));
+      WorkerImpl::Create(std::move(options), *std::move(socket_path),
+                         std::move(hello), *std::move(registration));
   if (!worker.ok()) return worker.status();
   return std::unique_ptr<Worker>(*std::move(worker));
 }

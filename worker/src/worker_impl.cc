@@ -7,10 +7,12 @@
 #include <cerrno>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "google/protobuf/io/coded_stream.h"
 #include "handler_threads.h"
 #include "spdlog/spdlog.h"
 
@@ -22,16 +24,41 @@ namespace {
 // stays readable while more are queued.
 constexpr int kMaxMessagesPerTurn = 256;
 
+// Reconnect back-off: the first attempt this long after the loss, then
+// doubling up to the cap. Short, because a restarted broker waits only
+// about 2 s for its old workers before it starts new ones.
+constexpr std::chrono::milliseconds kFirstRetryDelay(50);
+constexpr std::chrono::milliseconds kMaxRetryDelay(1000);
+// Failed attempts logged one by one; later ones are silent until the
+// outcome (reconnected or gave up).
+constexpr int kLoggedAttempts = 3;
+// Room kept free in a re-registration Hello's packet.
+constexpr size_t kHelloSlack = 1024;
+// Durations beyond this count as forever (and cannot overflow MonoTime).
+constexpr std::chrono::hours kForever(24 * 365 * 100);
+
 std::string_view View(absl::string_view s) { return {s.data(), s.size()}; }
 
 absl::Time DeadlineFromUnixNanos(int64_t nanos) {
   return nanos > 0 ? absl::FromUnixNanos(nanos) : absl::InfiniteFuture();
 }
 
+std::chrono::nanoseconds ToChrono(absl::Duration duration) {
+  if (duration <= absl::ZeroDuration()) return std::chrono::nanoseconds(0);
+  if (duration >= absl::FromChrono(kForever)) return kForever;
+  return absl::ToChronoNanoseconds(duration);
+}
+
+int64_t Millis(std::chrono::nanoseconds duration) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(duration)
+      .count();
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<WorkerImpl>> WorkerImpl::Create(
-    Options options, Registration registration) {
+    Options options, std::string socket_path, v1::HandoffMessage hello,
+    Registration registration) {
   absl::StatusOr<wire::UniqueFd> epoll_fd = CreateEpoll();
   if (!epoll_fd.ok()) return epoll_fd.status();
   absl::StatusOr<TimerFd> timer = TimerFd::Create();
@@ -44,9 +71,12 @@ absl::StatusOr<std::unique_ptr<WorkerImpl>> WorkerImpl::Create(
     absl::Status added = EpollAdd(epoll_fd->get(), fd, EPOLLIN, tag);
     if (!added.ok()) return added;
   }
+  hello.clear_sequence();
+  hello.mutable_hello()->clear_owned_connections();
   std::unique_ptr<WorkerImpl> worker(new WorkerImpl(
-      std::move(options), std::move(registration), *std::move(epoll_fd),
-      *std::move(timer), *std::move(wake)));
+      std::move(options), std::move(socket_path), std::move(hello),
+      std::move(registration), *std::move(epoll_fd), *std::move(timer),
+      *std::move(wake)));
   {
     absl::MutexLock lock(&worker->mu_);
     worker->ArmTimerLocked();
@@ -54,20 +84,29 @@ absl::StatusOr<std::unique_ptr<WorkerImpl>> WorkerImpl::Create(
   return worker;
 }
 
-WorkerImpl::WorkerImpl(Options options, Registration registration,
+WorkerImpl::WorkerImpl(Options options, std::string socket_path,
+                       v1::HandoffMessage hello, Registration registration,
                        wire::UniqueFd epoll_fd, TimerFd timer, WakeFd wake)
     : capacity_(options.capacity),
-      worker_id_(registration.welcome.worker_id()),
-      heartbeat_interval_(registration.welcome.heartbeat_interval_ms()),
-      heartbeat_timeout_(registration.welcome.heartbeat_timeout_ms()),
+      socket_path_(std::move(socket_path)),
+      hello_(std::move(hello)),
+      reconnect_timeout_(ToChrono(options.reconnect_timeout)),
+      attempt_timeout_(ToChrono(options.connect_timeout)),
+      sys_(options.syscalls != nullptr ? *options.syscalls
+                                       : wire::SysCalls::Real()),
       on_connection_(std::move(options.on_connection)),
       on_drain_(std::move(options.on_drain)),
       epoll_fd_(std::move(epoll_fd)),
       timer_(std::move(timer)),
       wake_(std::move(wake)),
+      worker_id_(registration.welcome.worker_id()),
+      heartbeat_interval_(registration.welcome.heartbeat_interval_ms()),
+      heartbeat_timeout_(registration.welcome.heartbeat_timeout_ms()),
+      supervised_(registration.welcome.supervised()),
       channel_(std::move(registration.channel)),
       last_sent_(std::chrono::steady_clock::now()),
-      last_received_(last_sent_) {}
+      last_received_(last_sent_),
+      retry_delay_(kFirstRetryDelay) {}
 
 WorkerImpl::~WorkerImpl() {
   absl::MutexLock lock(&mu_);
@@ -78,7 +117,18 @@ WorkerImpl::~WorkerImpl() {
     goodbye.mutable_goodbye()->set_reason("worker shut down");
     (void)channel_->Send(goodbye);
   }
-  // Undelivered connections (outbox_, ready_) close with their UniqueFds.
+  // Undelivered connections (outbox_, ready_) close with their UniqueFds;
+  // an attempt in progress (registering_) closes with its channel.
+}
+
+uint64_t WorkerImpl::worker_id() const {
+  absl::MutexLock lock(&mu_);
+  return worker_id_;
+}
+
+bool WorkerImpl::registered() const {
+  absl::MutexLock lock(&mu_);
+  return channel_ != nullptr;
 }
 
 void WorkerImpl::ProcessEvents() {
@@ -104,9 +154,10 @@ void WorkerImpl::ProcessEventsWith(
   absl::Time deadline = absl::InfiniteFuture();
   {
     absl::MutexLock lock(&mu_);
-    epoll_event events[3];
-    const int count = ::epoll_wait(epoll_fd_.get(), events, 3, 0);
+    epoll_event events[4];
+    const int count = ::epoll_wait(epoll_fd_.get(), events, 4, 0);
     bool readable = false;
+    bool answer_readable = false;
     bool writable = false;
     bool timer_fired = false;
     for (int i = 0; i < count; ++i) {
@@ -122,11 +173,15 @@ void WorkerImpl::ProcessEventsWith(
           wake_.Consume();
           wake_signalled_ = false;
           break;
+        case kRegisterTag:
+          answer_readable = true;
+          break;
       }
     }
     if (writable) FlushOutboxLocked();
     if (readable) ReceiveLocked();
-    if (timer_fired) CheckHeartbeatLocked();
+    if (answer_readable) ReceiveRegistrationAnswerLocked();
+    if (timer_fired) OnTimerLocked();
     ReportClosedLocked();
     SayGoodbyeIfDrainedLocked();
     ready.swap(ready_);
@@ -328,6 +383,16 @@ void WorkerImpl::CheckHeartbeatLocked() {
 }
 
 void WorkerImpl::ArmTimerLocked() {
+  if (reconnecting_) {
+    const MonoTime next = std::min(reconnect_deadline_, registering_ != nullptr
+                                                            ? attempt_deadline_
+                                                            : next_attempt_at_);
+    absl::Status armed = timer_.ArmAt(next);
+    if (!armed.ok()) {
+      spdlog::error("fdbroker worker: reconnect timer: {}", armed.ToString());
+    }
+    return;
+  }
   if (channel_ == nullptr) return;
   MonoTime next = MonoTime::max();
   // While the outbox is blocked we are not silent, just stalled: the flush
@@ -374,19 +439,272 @@ void WorkerImpl::BeginDrainLocked(DrainCause cause, absl::Time deadline) {
 
 void WorkerImpl::LoseChannelLocked(absl::string_view reason) {
   if (channel_ == nullptr) return;
+  const bool reconnect = !draining_ && reconnect_timeout_.count() > 0;
   if (goodbye_sent_) {
     spdlog::debug("fdbroker worker: broker channel ended after Goodbye: {}",
                   View(reason));
+  } else if (reconnect) {
+    spdlog::warn(
+        "fdbroker worker: lost the broker channel (worker {}): {}; keeping {} "
+        "active connections, reconnecting to {} for up to {} ms",
+        worker_id_, View(reason), owned_.size(), socket_path_,
+        Millis(reconnect_timeout_));
   } else {
     spdlog::warn(
-        "fdbroker worker: lost the broker channel: {}; keeping {} active "
-        "connections, taking no new ones",
-        View(reason), owned_.size());
+        "fdbroker worker: lost the broker channel (worker {}): {}; keeping {} "
+        "active connections, taking no new ones",
+        worker_id_, View(reason), owned_.size());
   }
   CloseChannelLocked();
   outbox_.clear();  // Closes the fds of connections whose Ack was not sent.
   unsent_acks_ = 0;
+  // Closes the old broker was not told about die with it: the ids are no
+  // longer owned, so no re-registration lists them.
   closed_to_report_.clear();
+  unlisted_.clear();
+  if (reconnect) {
+    StartReconnectingLocked();
+    return;
+  }
+  BeginDrainLocked(DrainCause::kBrokerLost, absl::InfiniteFuture());
+}
+
+void WorkerImpl::OnTimerLocked() {
+  if (!reconnecting_) {
+    CheckHeartbeatLocked();
+    return;
+  }
+  const MonoTime now = std::chrono::steady_clock::now();
+  if (now >= reconnect_deadline_) {
+    GiveUpReconnectingLocked(absl::StrCat(
+        "no broker took the worker back within ", Millis(reconnect_timeout_),
+        " ms (", attempts_, " attempts)"));
+    return;
+  }
+  if (registering_ != nullptr) {
+    if (now >= attempt_deadline_) {
+      FailAttemptLocked(
+          absl::StrCat("no Welcome within ", Millis(attempt_timeout_), " ms"));
+    } else {
+      ArmTimerLocked();
+    }
+    return;
+  }
+  if (now >= next_attempt_at_) {
+    TryRegisterLocked();
+  } else {
+    ArmTimerLocked();
+  }
+}
+
+void WorkerImpl::StartReconnectingLocked() {
+  reconnecting_ = true;
+  attempts_ = 0;
+  lost_at_ = std::chrono::steady_clock::now();
+  reconnect_deadline_ = lost_at_ + reconnect_timeout_;
+  next_attempt_at_ = lost_at_ + kFirstRetryDelay;
+  retry_delay_ = std::min(2 * kFirstRetryDelay, kMaxRetryDelay);
+  ArmTimerLocked();
+}
+
+void WorkerImpl::TryRegisterLocked() {
+  ++attempts_;
+  v1::HandoffMessage hello = hello_;
+  hello.mutable_hello()->set_was_supervised(supervised_);
+  ListOwnedLocked(*hello.mutable_hello());
+  registering_owned_ = hello.hello().owned_connections_size();
+  closed_to_report_.clear();
+  absl::StatusOr<std::unique_ptr<wire::MessageChannel>> channel =
+      SendHello(socket_path_, hello, absl::Now(), sys_);
+  if (!channel.ok()) {
+    FailAttemptLocked(channel.status().message());
+    return;
+  }
+  absl::Status added =
+      EpollAdd(epoll_fd_.get(), (*channel)->fd(), EPOLLIN, kRegisterTag);
+  if (!added.ok()) {
+    FailAttemptLocked(added.ToString());
+    return;
+  }
+  registering_ = *std::move(channel);
+  attempt_deadline_ = std::chrono::steady_clock::now() + attempt_timeout_;
+  spdlog::debug(
+      "fdbroker worker: re-registration attempt {}: Hello sent to {} with {} "
+      "owned connections",
+      attempts_, socket_path_, registering_owned_);
+  ArmTimerLocked();
+}
+
+void WorkerImpl::ListOwnedLocked(v1::Hello& hello) {
+  unlisted_.clear();
+  struct Entry {
+    v1::OwnedConnection listed;
+    size_t full_size;     // Encoded in the Hello, with the peer address.
+    size_t id_only_size;  // Without it.
+    bool keep_peer = true;
+    bool keep = true;
+  };
+  const auto encoded = [](const v1::OwnedConnection& c) {
+    const size_t size = c.ByteSizeLong();
+    // Field tag, length, body.
+    return 1 + google::protobuf::io::CodedOutputStream::VarintSize64(size) +
+           size;
+  };
+  std::vector<Entry> entries(owned_.size());
+  size_t i = 0;
+  for (const auto& [id, peer] : owned_) {
+    entries[i].listed.set_connection_id(id);
+    entries[i].id_only_size = encoded(entries[i].listed);
+    entries[i].listed.set_peer_address(peer);
+    entries[i].full_size = encoded(entries[i].listed);
+    ++i;
+  }
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    return a.listed.connection_id() < b.listed.connection_id();
+  });
+  // The Hello must fit in one packet. Lowest ids give way first: peer
+  // addresses (informational) before the entries themselves. The highest id
+  // always stays listed, which keeps the ids the new broker hands out (it
+  // allocates above the adopted ones) clear of every id still owned here.
+  constexpr size_t kLimit = wire::kMaxPacketBytes - kHelloSlack;
+  size_t total = hello.ByteSizeLong();
+  for (const Entry& entry : entries) total += entry.full_size;
+  size_t stripped = 0;
+  for (size_t k = 0; k < entries.size() && total > kLimit; ++k, ++stripped) {
+    total -= entries[k].full_size - entries[k].id_only_size;
+    entries[k].keep_peer = false;
+  }
+  for (size_t k = 0; k + 1 < entries.size() && total > kLimit; ++k) {
+    total -= entries[k].id_only_size;
+    entries[k].keep = false;
+    unlisted_.insert(entries[k].listed.connection_id());
+  }
+  hello.mutable_owned_connections()->Reserve(
+      static_cast<int>(entries.size() - unlisted_.size()));
+  for (Entry& entry : entries) {
+    if (!entry.keep) continue;
+    if (!entry.keep_peer) entry.listed.clear_peer_address();
+    *hello.add_owned_connections() = std::move(entry.listed);
+  }
+  if (attempts_ > 1) return;  // Said once per loss.
+  if (!unlisted_.empty()) {
+    spdlog::warn(
+        "fdbroker worker: {} of {} owned connections do not fit in the Hello: "
+        "the broker will not count them (their closes go unreported)",
+        unlisted_.size(), entries.size());
+  } else if (stripped > 0) {
+    spdlog::warn(
+        "fdbroker worker: the Hello lists {} of {} owned connections without "
+        "their peer addresses, to fit in one packet",
+        stripped, entries.size());
+  }
+}
+
+void WorkerImpl::ReceiveRegistrationAnswerLocked() {
+  if (registering_ == nullptr) return;
+  v1::HandoffMessage reply;
+  wire::UniqueFd stray_fd;  // Closed on return: nothing comes with an answer.
+  absl::StatusOr<wire::ReceiveResult> received =
+      registering_->Receive(reply, stray_fd);
+  if (!received.ok()) {
+    FailAttemptLocked(
+        absl::StrCat("bad answer to Hello: ", received.status().message()));
+    return;
+  }
+  if (*received == wire::ReceiveResult::kWouldBlock) return;
+  if (*received == wire::ReceiveResult::kPeerClosed) {
+    FailAttemptLocked("the broker closed the channel before Welcome");
+    return;
+  }
+  if (reply.has_refusal()) {
+    GiveUpReconnectingLocked(RefusalToStatus(reply.refusal()).message());
+    return;
+  }
+  absl::StatusOr<v1::Welcome> welcome = WelcomeFrom(socket_path_, reply);
+  if (!welcome.ok()) {
+    // Another major version: retrying cannot help.
+    if (absl::IsUnavailable(welcome.status())) {
+      FailAttemptLocked(welcome.status().message());
+    } else {
+      GiveUpReconnectingLocked(welcome.status().message());
+    }
+    return;
+  }
+  RegisteredLocked(*welcome);
+}
+
+void WorkerImpl::RegisteredLocked(const v1::Welcome& welcome) {
+  absl::Status modified =
+      EpollModify(epoll_fd_.get(), registering_->fd(), EPOLLIN, kChannelTag);
+  if (!modified.ok()) {
+    FailAttemptLocked(modified.ToString());
+    return;
+  }
+  const uint64_t old_id = worker_id_;
+  channel_ = std::move(registering_);
+  reconnecting_ = false;
+  want_writable_ = false;
+  worker_id_ = welcome.worker_id();
+  supervised_ = welcome.supervised();
+  heartbeat_interval_ =
+      std::chrono::milliseconds(welcome.heartbeat_interval_ms());
+  heartbeat_timeout_ =
+      std::chrono::milliseconds(welcome.heartbeat_timeout_ms());
+  last_sent_ = last_received_ = std::chrono::steady_clock::now();
+  spdlog::info(
+      "fdbroker worker: reconnected to the broker at {} as worker {} (was "
+      "{}) with {} owned connections, {} ms after losing it (attempt {})",
+      socket_path_, worker_id_, old_id, registering_owned_,
+      Millis(last_received_ - lost_at_), attempts_);
+  ArmTimerLocked();
+  // Connections may have come right behind the Welcome.
+  ReceiveLocked();
+}
+
+void WorkerImpl::FailAttemptLocked(absl::string_view reason) {
+  if (registering_ != nullptr) {
+    (void)EpollDelete(epoll_fd_.get(), registering_->fd());
+    registering_.reset();
+  }
+  // The ids closed meanwhile were in that Hello only; the next one leaves
+  // them out.
+  closed_to_report_.clear();
+  unlisted_.clear();
+  const MonoTime now = std::chrono::steady_clock::now();
+  next_attempt_at_ = now + retry_delay_;
+  if (attempts_ <= kLoggedAttempts) {
+    spdlog::info(
+        "fdbroker worker: reconnect attempt {} failed: {}; next in {} ms{}",
+        attempts_, View(reason), retry_delay_.count(),
+        attempts_ == kLoggedAttempts ? " (further attempts are not logged)"
+                                     : "");
+  } else {
+    spdlog::debug("fdbroker worker: reconnect attempt {} failed: {}", attempts_,
+                  View(reason));
+  }
+  retry_delay_ = std::min(2 * retry_delay_, kMaxRetryDelay);
+  ArmTimerLocked();
+}
+
+void WorkerImpl::StopReconnectingLocked() {
+  if (!reconnecting_) return;
+  if (registering_ != nullptr) {
+    (void)EpollDelete(epoll_fd_.get(), registering_->fd());
+    registering_.reset();
+  }
+  reconnecting_ = false;
+  closed_to_report_.clear();
+  unlisted_.clear();
+  (void)timer_.Disarm();
+  WakeLocked();
+}
+
+void WorkerImpl::GiveUpReconnectingLocked(absl::string_view reason) {
+  spdlog::error(
+      "fdbroker worker: gave up reconnecting to the broker at {}: {}; "
+      "draining {} active connections",
+      socket_path_, View(reason), owned_.size());
+  StopReconnectingLocked();
   BeginDrainLocked(DrainCause::kBrokerLost, absl::InfiniteFuture());
 }
 
@@ -430,12 +748,24 @@ void WorkerImpl::ConnectionClosed(uint64_t id) {
         id);
     return;
   }
-  if (channel_ != nullptr) closed_to_report_.push_back(id);
+  // Reported only to a broker that knows the id: the current one, or the
+  // one whose answer to a Hello listing it is awaited. Without a channel
+  // it is just forgotten.
+  const bool known = unlisted_.erase(id) == 0;
+  if (known && (channel_ != nullptr || registering_ != nullptr)) {
+    closed_to_report_.push_back(id);
+  }
   WakeLocked();
 }
 
 void WorkerImpl::StartDrain() {
   absl::MutexLock lock(&mu_);
+  if (reconnecting_) {
+    spdlog::info(
+        "fdbroker worker: draining: stopped reconnecting to the broker at {}",
+        socket_path_);
+    StopReconnectingLocked();
+  }
   BeginDrainLocked(DrainCause::kLocal, absl::InfiniteFuture());
   WakeLocked();
 }
@@ -447,7 +777,7 @@ bool WorkerImpl::draining() const {
 
 bool WorkerImpl::finished() const {
   absl::MutexLock lock(&mu_);
-  return draining_ && channel_ == nullptr && owned_.empty();
+  return draining_ && channel_ == nullptr && !reconnecting_ && owned_.empty();
 }
 
 size_t WorkerImpl::active_connections() const {

@@ -10,6 +10,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
@@ -38,13 +39,28 @@ namespace fdbroker::worker {
 // sent, then by ready_ until it is delivered to the application. If the
 // channel dies before the Ack is sent, the fd is closed with its Outgoing and
 // never delivered: the broker still holds its copy and re-places it.
+//
+// Broker loss (see worker.h): the channel is closed (with the outbox and the
+// un-acked fds in it) and, unless draining or disabled, the worker
+// reconnects: `reconnecting_` is set, the timer fires at the next attempt,
+// and an attempt connects and sends Hello without blocking. Its channel is
+// `registering_` (epoll tag kRegisterTag) until the broker's answer arrives:
+// Welcome makes it channel_ again, a Refusal or the reconnect deadline
+// drains the worker (kBrokerLost), anything else fails the attempt and the
+// next one is scheduled (back-off). Ids closed while no channel exists are
+// forgotten; ids closed while `registering_` waits were listed in its Hello
+// and are reported after the Welcome.
 class WorkerImpl final : public Worker {
  public:
+  // `socket_path` is the resolved broker socket, `hello` the Hello that
+  // registered (without owned connections): re-registration reuses both.
   static absl::StatusOr<std::unique_ptr<WorkerImpl>> Create(
-      Options options, Registration registration);
+      Options options, std::string socket_path, v1::HandoffMessage hello,
+      Registration registration);
   ~WorkerImpl() override;
 
-  uint64_t worker_id() const override { return worker_id_; }
+  uint64_t worker_id() const override;
+  bool registered() const override;
   int pollable_fd() const override { return epoll_fd_.get(); }
   void ProcessEvents() override;
   void ConnectionClosed(uint64_t id) override;
@@ -56,7 +72,7 @@ class WorkerImpl final : public Worker {
 
  private:
   // epoll data of the fds in epoll_fd_.
-  enum FdTag : uint64_t { kChannelTag = 1, kTimerTag, kWakeTag };
+  enum FdTag : uint64_t { kChannelTag = 1, kTimerTag, kWakeTag, kRegisterTag };
 
   // A message waiting for room in the socket's send buffer.
   struct Outgoing {
@@ -65,8 +81,9 @@ class WorkerImpl final : public Worker {
     std::vector<ClientConnection> acked;
   };
 
-  WorkerImpl(Options options, Registration registration,
-             wire::UniqueFd epoll_fd, TimerFd timer, WakeFd wake);
+  WorkerImpl(Options options, std::string socket_path, v1::HandoffMessage hello,
+             Registration registration, wire::UniqueFd epoll_fd, TimerFd timer,
+             WakeFd wake);
 
   // The body of ProcessEvents(); `deliver` gets each new connection, after
   // mu_ is released.
@@ -85,17 +102,41 @@ class WorkerImpl final : public Worker {
   void BeginDrainLocked(DrainCause cause, absl::Time deadline)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Closes the channel after an error: un-acked connections are closed
-  // undelivered, owned ones stay with the application, the worker drains.
+  // undelivered, owned ones stay with the application, and the worker
+  // reconnects (or drains, if it was draining or reconnecting is disabled).
   void LoseChannelLocked(absl::string_view reason)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The timer fired: heartbeats when connected, else the reconnect steps.
+  void OnTimerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void StartReconnectingLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // One attempt: connect and send Hello (non-blocking).
+  void TryRegisterLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Hello.owned_connections for a re-registration; fills unlisted_.
+  void ListOwnedLocked(v1::Hello& hello) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // registering_ is readable: Welcome, Refusal, or a failed attempt.
+  void ReceiveRegistrationAnswerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RegisteredLocked(const v1::Welcome& welcome)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Closes the attempt's channel and schedules the next attempt.
+  void FailAttemptLocked(absl::string_view reason)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Stops reconnecting (closes an attempt in progress).
+  void StopReconnectingLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Stops reconnecting and drains with kBrokerLost.
+  void GiveUpReconnectingLocked(absl::string_view reason)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CloseChannelLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SetWritableInterestLocked(bool want) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void WakeLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const uint32_t capacity_;
-  const uint64_t worker_id_;
-  const std::chrono::milliseconds heartbeat_interval_;  // 0: never send
-  const std::chrono::milliseconds heartbeat_timeout_;   // 0: never expire
+  // What re-registration needs: where, the first Hello (no owned
+  // connections), how long to try, how long an attempt waits for Welcome.
+  const std::string socket_path_;
+  const v1::HandoffMessage hello_;
+  const std::chrono::nanoseconds reconnect_timeout_;  // 0: never reconnect
+  const std::chrono::nanoseconds attempt_timeout_;
+  wire::SysCalls& sys_;
   // Loop thread only (see the class comment).
   absl::AnyInvocable<void(ClientConnection)> on_connection_;
   absl::AnyInvocable<void(DrainCause, absl::Time)> on_drain_;
@@ -105,6 +146,13 @@ class WorkerImpl final : public Worker {
   WakeFd wake_;
 
   mutable absl::Mutex mu_;
+  // From the latest Welcome. Heartbeat interval/timeout 0: never send/expire.
+  uint64_t worker_id_ ABSL_GUARDED_BY(mu_);
+  std::chrono::milliseconds heartbeat_interval_ ABSL_GUARDED_BY(mu_);
+  std::chrono::milliseconds heartbeat_timeout_ ABSL_GUARDED_BY(mu_);
+  // The broker counts this worker in its supervised pool (Welcome.supervised);
+  // a re-registration says so (Hello.was_supervised) to be adopted there.
+  bool supervised_ ABSL_GUARDED_BY(mu_);
   // Null once the channel is closed (lost, or after Goodbye).
   std::unique_ptr<wire::MessageChannel> channel_ ABSL_GUARDED_BY(mu_);
   bool want_writable_ ABSL_GUARDED_BY(mu_) = false;
@@ -114,6 +162,9 @@ class WorkerImpl final : public Worker {
   // Acked and not reported closed: id -> peer address (what a re-registering
   // Hello lists in owned_connections).
   absl::flat_hash_map<uint64_t, std::string> owned_ ABSL_GUARDED_BY(mu_);
+  // Owned ids the current broker does not know (left out of a Hello that
+  // would not fit in a packet): their Closed is not sent.
+  absl::flat_hash_set<uint64_t> unlisted_ ABSL_GUARDED_BY(mu_);
   // Acked, waiting to be delivered at the end of ProcessEvents().
   std::vector<ClientConnection> ready_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> closed_to_report_ ABSL_GUARDED_BY(mu_);
@@ -127,6 +178,19 @@ class WorkerImpl final : public Worker {
   MonoTime last_sent_ ABSL_GUARDED_BY(mu_);
   MonoTime last_received_ ABSL_GUARDED_BY(mu_);
   bool serving_threads_ ABSL_GUARDED_BY(mu_) = false;
+
+  // Reconnecting after losing the broker (never while draining).
+  bool reconnecting_ ABSL_GUARDED_BY(mu_) = false;
+  // The attempt waiting for the broker's answer to its Hello.
+  std::unique_ptr<wire::MessageChannel> registering_ ABSL_GUARDED_BY(mu_);
+  // Owned connections listed in registering_'s Hello.
+  size_t registering_owned_ ABSL_GUARDED_BY(mu_) = 0;
+  MonoTime lost_at_ ABSL_GUARDED_BY(mu_);
+  MonoTime reconnect_deadline_ ABSL_GUARDED_BY(mu_);
+  MonoTime next_attempt_at_ ABSL_GUARDED_BY(mu_);
+  MonoTime attempt_deadline_ ABSL_GUARDED_BY(mu_);
+  std::chrono::milliseconds retry_delay_ ABSL_GUARDED_BY(mu_);
+  int attempts_ ABSL_GUARDED_BY(mu_) = 0;
   // Reused between receives so that steady traffic does not allocate.
   v1::HandoffMessage incoming_ ABSL_GUARDED_BY(mu_);
 };

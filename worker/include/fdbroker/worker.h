@@ -20,8 +20,24 @@
 // delivered: the broker still holds its copy and places it elsewhere.
 //
 // Losing the broker (channel closed, malformed message, heartbeat timeout)
-// does not cost the application its connections: the SDK behaves as if the
-// broker had sent a Drain without deadline (cause kBrokerLost).
+// does not cost the application its connections. The SDK closes the
+// connections it had not acknowledged yet (the broker still owned them),
+// keeps serving the acknowledged ones and reconnects to the same socket with
+// capped exponential back-off (50 ms doubling up to 1 s) for up to
+// Options::reconnect_timeout. Each attempt sends a fresh Hello that lists
+// every connection the application still owns (Hello.owned_connections; if
+// that would not fit in one packet, the lowest ids lose their peer address
+// first, then their entry, see worker/README.md) and says whether the last
+// broker supervised the worker (Hello.was_supervised). A broker that answers
+// Welcome adopts them, and the worker carries on as before under its new
+// worker_id(): new connections arrive, Closed for an adopted connection goes
+// to the new broker. Nothing reaches the application during all this:
+// on_drain is not called, draining() stays false.
+// Only if reconnecting fails (the timeout passes, or the new broker sends a
+// Refusal) does the worker drain with cause kBrokerLost. A worker that was
+// already draining (broker Drain, StartDrain()) when it lost the broker does
+// not reconnect: it finishes its connections and is done. With
+// reconnect_timeout zero, losing the broker drains at once (kBrokerLost).
 //
 // The SDK logs through spdlog's default logger.
 
@@ -65,7 +81,9 @@ struct ClientConnection {
 enum class DrainCause {
   // The broker sent Drain (scale-down, rolling restart, broker shutdown).
   kBrokerRequest,
-  // The broker channel closed, failed, sent garbage or fell silent.
+  // The broker channel closed, failed, sent garbage or fell silent, and
+  // reconnecting gave up (Options::reconnect_timeout passed, or the broker
+  // refused the re-registration), or reconnecting is disabled.
   kBrokerLost,
   // The application called StartDrain() (e.g. on SIGTERM).
   kLocal,
@@ -82,8 +100,13 @@ struct Options {
   uint32_t capacity = 0;
   // Shown by the broker's control plane (ListWorkers).
   std::map<std::string, std::string> labels;
-  // How long Connect() waits for the broker's Welcome.
+  // How long Connect() waits for the broker's Welcome (also the most a
+  // re-registration attempt waits for it).
   absl::Duration connect_timeout = absl::Seconds(10);
+  // After losing the broker, how long to keep trying to reconnect and
+  // re-register (same socket path) before draining with kBrokerLost. Zero
+  // disables reconnecting: losing the broker drains at once.
+  absl::Duration reconnect_timeout = absl::Seconds(30);
 
   // Event-loop mode callbacks, run on the thread that calls ProcessEvents(),
   // never with an SDK lock held (they may call any Worker method).
@@ -93,6 +116,8 @@ struct Options {
   // The worker started draining: take no new work, finish in-flight
   // requests, close idle connections. `deadline` is InfiniteFuture() unless
   // the broker set one (it ends a supervised worker after it). Called once.
+  // Not called while the SDK reconnects after losing the broker, only if
+  // that gives up (kBrokerLost).
   absl::AnyInvocable<void(DrainCause cause, absl::Time deadline)> on_drain;
 
   // Test seam for sendmsg/recvmsg on the broker channel; nullptr means the
@@ -119,37 +144,49 @@ class Worker {
 
   virtual ~Worker() = default;
 
-  // The broker's id for this worker (from Welcome).
+  // The broker's id for this worker (from the latest Welcome: it changes
+  // when the worker re-registers with a new broker).
   virtual uint64_t worker_id() const = 0;
+
+  // True while registered with a broker; false while reconnecting after
+  // losing it, and once the channel is closed for good.
+  virtual bool registered() const = 0;
 
   // --- Event-loop mode -----------------------------------------------------
 
   // Readable (level-triggered) whenever ProcessEvents() has work: broker
-  // messages, a heartbeat due, a ConnectionClosed() to report. Valid for the
-  // Worker's lifetime, also after the broker is gone. Do not read it.
+  // messages, a heartbeat due, a ConnectionClosed() to report, a reconnect
+  // attempt due. Valid for the Worker's lifetime, also while reconnecting
+  // and after the broker is gone. Do not read it.
   virtual int pollable_fd() const = 0;
 
   // Handles everything that is ready, without blocking: receives and
   // acknowledges connections (one Ack per batch) and delivers them through
   // on_connection, reports closed connections, sends and checks heartbeats,
-  // and says Goodbye once a draining worker owns no connection.
+  // reconnects after losing the broker (a non-blocking connect and Hello per
+  // attempt; the Welcome is read when it arrives), and says Goodbye once a
+  // draining worker owns no connection.
   virtual void ProcessEvents() = 0;
 
   // The application closed (or otherwise finished) connection `id`. Reported
   // to the broker at the next ProcessEvents(), batched; pollable_fd() becomes
-  // readable to make sure that happens. Callable from any thread.
+  // readable to make sure that happens. While the broker is lost the id is
+  // just forgotten (it is not listed in the next re-registration). Callable
+  // from any thread.
   virtual void ConnectionClosed(uint64_t id) = 0;
 
   // Drains on the worker's own initiative: new connections are returned to
   // the broker, and once the application owns none the worker says Goodbye
-  // and finished() becomes true. Callable from any thread.
+  // and finished() becomes true. While reconnecting after losing the
+  // broker, it stops reconnecting. Callable from any thread.
   virtual void StartDrain() = 0;
 
-  // True from the start of a drain (any cause).
+  // True from the start of a drain (any cause). Not while reconnecting.
   virtual bool draining() const = 0;
   // True when the worker has drained: it owns no connection and has said
-  // Goodbye (or lost the broker). The application should exit (supervised)
-  // or destroy the Worker.
+  // Goodbye (or lost the broker for good). The application should exit
+  // (supervised) or destroy the Worker. Never true while reconnecting, even
+  // with no connection left.
   virtual bool finished() const = 0;
   // Connections delivered and not yet reported closed.
   virtual size_t active_connections() const = 0;
@@ -157,7 +194,8 @@ class Worker {
   // --- Thread-per-connection mode ------------------------------------------
 
   // Serves until the worker has finished draining: each new connection runs
-  // `handler` on its own thread, Closed is reported when it returns.
+  // `handler` on its own thread, Closed is reported when it returns. Broker
+  // loss and reconnection work as in event-loop mode (handlers keep running).
   // Handlers should poll draining() between requests and return when it is
   // true and the connection is idle. Returns after every handler thread
   // has been joined. Ignores options.on_connection (on_drain still fires).
