@@ -43,6 +43,9 @@ class EventStream final
     }
     absl::MutexLock lock(&mu_);
     subscription_ = id;
+    // Initial metadata tells the client that it is subscribed: every event
+    // from now on reaches it (clients may WaitForInitialMetadata()).
+    StartSendInitialMetadata();
   }
 
   void OnWriteDone(bool ok) override {

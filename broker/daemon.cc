@@ -105,8 +105,9 @@ absl::Status Daemon::Init() {
       *loop_, registry_, *dispatcher_, *supervisor_, sys, manager_options,
       [this](const WorkerEvent& event) { OnEvent(event); });
 
-  auto on_peer = [this](wire::UniqueFd socket, const ucred& peer) {
-    manager_->OnNewPeer(std::move(socket), peer);
+  auto on_peer = [this](wire::UniqueFd socket, const ucred& peer,
+                        bool allowed) {
+    manager_->OnNewPeer(std::move(socket), peer, allowed);
   };
   auto on_accept = [this](AcceptedConnection conn) {
     dispatcher_->Dispatch(std::move(conn));

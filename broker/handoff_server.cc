@@ -180,19 +180,13 @@ void HandoffServer::OnReadable() {
       spdlog::warn("SO_PEERCRED: {}; dropping peer", strerror(errno));
       continue;
     }
-    if (!Allowed(cred.uid)) {
-      ++refused_credentials_;
-      spdlog::warn("refused worker pid {} uid {}: uid not allowed", cred.pid,
-                   cred.uid);
-      wire::MessageChannel channel(std::move(peer_socket), sys_);
-      v1::HandoffMessage refusal;
-      refusal.mutable_refusal()->set_reason(v1::REFUSAL_REASON_CREDENTIALS);
-      refusal.mutable_refusal()->set_message(
-          absl::StrCat("uid ", cred.uid, " may not register with this broker"));
-      (void)channel.Send(refusal);  // Best effort; the channel closes now.
-      continue;
-    }
-    on_peer_(std::move(peer_socket), cred);
+    const bool allowed = Allowed(cred.uid);
+    if (!allowed) ++refused_credentials_;
+    // A refused peer still gets a channel: the refusal is sent in answer to
+    // its Hello, and the channel's orderly close reads what the peer sent
+    // first. Closing a socket with unread data would reset the connection
+    // and the peer would never see why it was refused.
+    on_peer_(std::move(peer_socket), cred, allowed);
   }
 }
 

@@ -18,13 +18,13 @@
 namespace fdbroker {
 
 // The hand-off socket workers connect to: a SOCK_SEQPACKET Unix socket at
-// --socket, created 0600. Loop thread only. Peers whose uid (SO_PEERCRED) is
-// not allowed get a Refusal and are closed here; allowed peers are handed
-// to the callback, which owns the socket from then on.
+// --socket, created 0600. Loop thread only. Every peer is handed to the
+// callback with its credentials (SO_PEERCRED) and whether its uid is
+// allowed; the callback owns the socket and refuses disallowed peers.
 class HandoffServer {
  public:
-  using NewPeerCallback =
-      absl::AnyInvocable<void(wire::UniqueFd socket, const ucred& peer)>;
+  using NewPeerCallback = absl::AnyInvocable<void(
+      wire::UniqueFd socket, const ucred& peer, bool allowed)>;
   struct Options {
     // Uids allowed to register; empty means only the broker's own uid.
     std::vector<uid_t> allowed_uids;

@@ -88,7 +88,8 @@ void WorkerManager::Start(absl::Duration adopt_grace) {
 
 // ---- Registration -------------------------------------------------------
 
-void WorkerManager::OnNewPeer(wire::UniqueFd socket, const ucred& peer) {
+void WorkerManager::OnNewPeer(wire::UniqueFd socket, const ucred& peer,
+                              bool allowed) {
   absl::StatusOr<std::unique_ptr<HandoffChannel>> channel =
       HandoffChannel::Create(loop_, std::move(socket), peer, sys_, *this);
   if (!channel.ok()) {
@@ -97,6 +98,7 @@ void WorkerManager::OnNewPeer(wire::UniqueFd socket, const ucred& peer) {
     return;
   }
   HandoffChannel* key = channel->get();
+  if (!allowed) disallowed_.insert(key);
   unregistered_.emplace(key, *std::move(channel));
 }
 
@@ -230,6 +232,13 @@ void WorkerManager::OnMessage(HandoffChannel& channel,
                               v1::HandoffMessage& message, wire::UniqueFd fd) {
   if (channel.worker_id == 0) {
     if (channel.closed()) return;  // Refused or timed out: too late.
+    if (disallowed_.contains(&channel)) {
+      ++stats_.refused_credentials;
+      Refuse(channel, v1::REFUSAL_REASON_CREDENTIALS,
+             absl::StrCat("uid ", channel.peer().uid,
+                          " may not register with this broker"));
+      return;
+    }
     if (message.body_case() == v1::HandoffMessage::kUpgradeRequest &&
         on_upgrade_) {
       auto it = unregistered_.find(&channel);
@@ -303,6 +312,7 @@ void WorkerManager::OnChannelClosed(HandoffChannel& channel,
       spdlog::warn("unregistered peer pid {} dropped: {}", channel.peer().pid,
                    reason.ToString());
     }
+    disallowed_.erase(&channel);
     unregistered_.erase(&channel);
     return;
   }
@@ -333,8 +343,9 @@ void WorkerManager::OnChannelClosed(HandoffChannel& channel,
   // Replaced now (with back-off), not when it finally exits: until then it
   // only finishes the connections it has.
   if (!worker->retiring) NoteFailure(*worker);
-  // A supervised worker without a channel drains itself (SDK contract) and
-  // exits; if it does not by the deadline, Tick() ends it.
+  // A supervised worker without a channel finishes its connections; if it
+  // tries to re-register here it is refused (its replacement is already
+  // started), so it drains and exits. Past the deadline Tick() ends it.
   if (worker->state != WorkerState::kDraining) {
     worker->state = WorkerState::kDraining;
     worker->drain_deadline_mono_nanos =

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -46,6 +47,7 @@ class WorkerManager : public HandoffChannel::Delegate {
   struct Stats {
     uint64_t registered = 0;
     uint64_t refused = 0;
+    uint64_t refused_credentials = 0;
     uint64_t crashes = 0;
     uint64_t restarts = 0;
     uint64_t protocol_errors = 0;
@@ -88,8 +90,9 @@ class WorkerManager : public HandoffChannel::Delegate {
     on_upgrade_ = std::move(callback);
   }
 
-  // A peer connected to the hand-off socket (credentials already checked).
-  void OnNewPeer(wire::UniqueFd socket, const ucred& peer);
+  // A peer connected to the hand-off socket; `allowed` says whether its
+  // uid may register (if not, its Hello is answered with a Refusal).
+  void OnNewPeer(wire::UniqueFd socket, const ucred& peer, bool allowed);
   // A supervised child exited (from the Supervisor).
   void OnChildExited(pid_t pid, int wait_status);
 
@@ -170,6 +173,8 @@ class WorkerManager : public HandoffChannel::Delegate {
   // Channels that have not said Hello yet, with their arrival time.
   absl::flat_hash_map<HandoffChannel*, std::unique_ptr<HandoffChannel>>
       unregistered_;
+  // Unregistered channels whose peer's uid is not allowed.
+  absl::flat_hash_set<HandoffChannel*> disallowed_;
   int crash_streak_ = 0;
   int64_t last_failure_nanos_ = 0;
   // Failed workers not yet replaced (their replacements are "restarts").

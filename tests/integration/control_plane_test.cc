@@ -474,8 +474,9 @@ TEST_F(ControlPlaneTest, WatchEventsSeesACrashAndTheRestart) {
                        std::chrono::seconds(30));
   std::unique_ptr<grpc::ClientReader<v1::WatchEventsResponse>> reader =
       stub_->WatchEvents(&context, v1::WatchEventsRequest());
-  // A scale request shows up as an event too, and proves the stream is up
-  // before the crash happens.
+  // Initial metadata arrives once the stream is subscribed.
+  reader->WaitForInitialMetadata();
+  // A scale request shows up as an event too.
   v1::ScaleWorkersResponse scaled;
   ASSERT_TRUE(Scale(1, &scaled).ok());
   v1::WatchEventsResponse event;
@@ -518,6 +519,7 @@ TEST_F(ControlPlaneTest, RestartLoopIsStreamedAndMakesTheBrokerUnhealthy) {
   context.set_deadline(std::chrono::system_clock::now() +
                        std::chrono::seconds(30));
   auto reader = stub_->WatchEvents(&context, v1::WatchEventsRequest());
+  reader->WaitForInitialMetadata();
   v1::ScaleWorkersResponse scaled;
   ASSERT_TRUE(Scale(1, &scaled).ok());
   v1::WatchEventsResponse event;
