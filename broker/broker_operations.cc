@@ -5,6 +5,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/util/time_util.h"
 #include "spdlog/spdlog.h"
 
 namespace fdbroker {
@@ -112,9 +113,9 @@ v1::Worker DataPlaneOperations::ToProto(const Worker& worker) const {
   out.set_handed_total(worker.handed_total);
   out.set_supervised(worker.supervised);
   out.set_capacity(worker.capacity);
-  const int64_t nanos = absl::ToUnixNanos(worker.started_at);
-  out.mutable_started_at()->set_seconds(nanos / 1000000000);
-  out.mutable_started_at()->set_nanos(static_cast<int32_t>(nanos % 1000000000));
+  *out.mutable_started_at() =
+      google::protobuf::util::TimeUtil::NanosecondsToTimestamp(
+          absl::ToUnixNanos(worker.started_at));
   for (const auto& [key, value] : worker.labels) {
     (*out.mutable_labels())[key] = value;
   }

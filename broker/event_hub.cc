@@ -2,13 +2,15 @@
 
 #include <utility>
 
+#include "google/protobuf/util/time_util.h"
+
 namespace fdbroker {
 
 v1::WatchEventsResponse EventHub::ToProto(const WorkerEvent& event) {
   v1::WatchEventsResponse out;
-  const int64_t nanos = absl::ToUnixNanos(event.time);
-  out.mutable_time()->set_seconds(nanos / 1000000000);
-  out.mutable_time()->set_nanos(static_cast<int32_t>(nanos % 1000000000));
+  *out.mutable_time() =
+      google::protobuf::util::TimeUtil::NanosecondsToTimestamp(
+          absl::ToUnixNanos(event.time));
   using Type = WorkerEvent::Type;
   switch (event.type) {
     case Type::kWorkerStarted:

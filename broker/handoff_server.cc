@@ -181,7 +181,6 @@ void HandoffServer::OnReadable() {
       continue;
     }
     const bool allowed = Allowed(cred.uid);
-    if (!allowed) ++refused_credentials_;
     // A refused peer still gets a channel: the refusal is sent in answer to
     // its Hello, and the channel's orderly close reads what the peer sent
     // first. Closing a socket with unread data would reset the connection

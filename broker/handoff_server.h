@@ -52,7 +52,6 @@ class HandoffServer {
   // Stops accepting and closes this copy of the socket, leaving the file
   // (another process now listens on it: upgrade hand-over).
   void Release();
-  uint64_t refused_credentials() const { return refused_credentials_; }
 
  private:
   HandoffServer(EventLoop& loop, std::string path, wire::UniqueFd socket,
@@ -70,7 +69,6 @@ class HandoffServer {
   NewPeerCallback on_peer_;
   std::unique_ptr<IoWatch> watch_;
   EventLoop::TimerId resume_timer_ = 0;
-  uint64_t refused_credentials_ = 0;
   bool replaced_stale_socket_ = false;
   bool released_ = false;
 };

@@ -64,8 +64,7 @@ prometheus::Family<prometheus::Gauge>& Workers(prometheus::Registry& r) {
 }  // namespace
 
 BrokerMetrics::BrokerMetrics(prometheus::Registry& registry)
-    : registry_(registry),
-      accepted_(BuildCounter()
+    : accepted_(BuildCounter()
                     .Name("fdbroker_connections_accepted_total")
                     .Help("Client connections accepted.")
                     .Register(registry)

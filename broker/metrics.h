@@ -46,7 +46,6 @@ class BrokerMetrics {
   static void Advance(prometheus::Counter& counter, uint64_t now,
                       uint64_t& last);
 
-  prometheus::Registry& registry_;
   prometheus::Counter& accepted_;
   prometheus::Counter& handed_off_;
   prometheus::Family<prometheus::Counter>& failures_;

@@ -233,7 +233,6 @@ void WorkerManager::OnMessage(HandoffChannel& channel,
   if (channel.worker_id == 0) {
     if (channel.closed()) return;  // Refused or timed out: too late.
     if (disallowed_.contains(&channel)) {
-      ++stats_.refused_credentials;
       Refuse(channel, v1::REFUSAL_REASON_CREDENTIALS,
              absl::StrCat("uid ", channel.peer().uid,
                           " may not register with this broker"));
@@ -438,12 +437,16 @@ void WorkerManager::OnChildExited(pid_t pid, int wait_status) {
   Reconcile();
 }
 
+bool WorkerManager::Serving(const Worker& worker) {
+  return worker.supervised && !worker.retiring &&
+         worker.state != WorkerState::kDraining &&
+         worker.state != WorkerState::kExited;
+}
+
 int WorkerManager::CountServing() const {
   int serving = 0;
   for (const auto& [id, worker] : registry_.workers()) {
-    serving += worker->supervised && !worker->retiring &&
-               worker->state != WorkerState::kDraining &&
-               worker->state != WorkerState::kExited;
+    serving += Serving(*worker);
   }
   return serving;
 }
@@ -522,11 +525,7 @@ absl::StatusOr<WorkerManager::ScaleResult> WorkerManager::Scale(
   options_.target_workers = count;
   std::vector<Worker*> serving;
   for (const auto& [id, worker] : registry_.workers()) {
-    if (worker->supervised && !worker->retiring &&
-        worker->state != WorkerState::kDraining &&
-        worker->state != WorkerState::kExited) {
-      serving.push_back(worker.get());
-    }
+    if (Serving(*worker)) serving.push_back(worker.get());
   }
   const int have = static_cast<int>(serving.size());
   if (have > count) {

@@ -47,7 +47,6 @@ class WorkerManager : public HandoffChannel::Delegate {
   struct Stats {
     uint64_t registered = 0;
     uint64_t refused = 0;
-    uint64_t refused_credentials = 0;
     uint64_t crashes = 0;
     uint64_t restarts = 0;
     uint64_t protocol_errors = 0;
@@ -157,6 +156,9 @@ class WorkerManager : public HandoffChannel::Delegate {
   void Reconcile();
   // Starts one supervised worker; returns its id (0 on failure).
   uint64_t SpawnOne(bool restart = false);
+  // A supervised worker that counts toward the pool target: not retiring,
+  // draining or gone.
+  static bool Serving(const Worker& worker);
   int CountServing() const;
   void Emit(WorkerEvent::Type type, const Worker* worker,
             std::string detail = "", std::string exit_status = "");
