@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "tests/util/test_util.h"
 
 namespace fdbroker::testing {
@@ -65,6 +66,32 @@ BrokerProcess::~BrokerProcess() {
 
 std::vector<pid_t> BrokerProcess::WorkerPids() const {
   return ChildPids(process_->pid());
+}
+
+absl::StatusOr<std::string> ScrapeMetrics(const std::string& address) {
+  absl::StatusOr<std::pair<std::string, int>> hp = SplitHostPort(address);
+  if (!hp.ok()) return hp.status();
+  absl::StatusOr<HttpResponse> r =
+      HttpGetOnce(hp->first, hp->second, "/metrics", absl::Seconds(5));
+  if (!r.ok()) return r.status();
+  if (r->status != 200) {
+    return absl::InternalError(absl::StrCat("/metrics answered ", r->status));
+  }
+  return r->body;
+}
+
+std::map<std::string, double> MetricSamples(const std::string& text) {
+  std::map<std::string, double> samples;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (line.empty() || line[0] == '#') continue;
+    const size_t space = line.rfind(' ');
+    double value = 0;
+    if (space != absl::string_view::npos &&
+        absl::SimpleAtod(line.substr(space + 1), &value)) {
+      samples[std::string(line.substr(0, space))] = value;
+    }
+  }
+  return samples;
 }
 
 bool BrokerProcess::WaitForWorkers(size_t n, absl::Duration timeout) {

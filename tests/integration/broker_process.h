@@ -3,6 +3,7 @@
 
 #include <sys/types.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -45,6 +46,11 @@ class BrokerProcess {
 };
 
 std::string BinaryPath(const std::string& name);
+
+// GET /metrics from a broker's --metrics address ("host:port").
+absl::StatusOr<std::string> ScrapeMetrics(const std::string& address);
+// "name{labels}" -> value for every sample line of a Prometheus text scrape.
+std::map<std::string, double> MetricSamples(const std::string& text);
 
 }  // namespace fdbroker::testing
 

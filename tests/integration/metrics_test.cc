@@ -21,35 +21,6 @@
 namespace fdbroker::testing {
 namespace {
 
-// GET /metrics over a plain socket (HTTP/1.0, read to EOF).
-absl::StatusOr<std::string> Scrape(const std::string& address) {
-  absl::StatusOr<std::pair<std::string, int>> hp = SplitHostPort(address);
-  if (!hp.ok()) return hp.status();
-  absl::StatusOr<HttpResponse> r =
-      HttpGetOnce(hp->first, hp->second, "/metrics", absl::Seconds(5));
-  if (!r.ok()) return r.status();
-  if (r->status != 200) {
-    return absl::InternalError(absl::StrCat("status ", r->status));
-  }
-  return r->body;
-}
-
-// "name{labels}" -> value, for every sample line.
-std::map<std::string, double> Samples(const std::string& text) {
-  std::map<std::string, double> samples;
-  for (absl::string_view line : absl::StrSplit(text, '\n')) {
-    if (line.empty() || line[0] == '#') continue;
-    const size_t space = line.rfind(' ');
-    double value = 0;
-    if (space == absl::string_view::npos ||
-        !absl::SimpleAtod(line.substr(space + 1), &value)) {
-      continue;
-    }
-    samples[std::string(line.substr(0, space))] = value;
-  }
-  return samples;
-}
-
 class MetricsTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -66,9 +37,9 @@ class MetricsTest : public ::testing::Test {
   }
 
   double Value(const std::string& series) {
-    absl::StatusOr<std::string> text = Scrape(metrics_);
+    absl::StatusOr<std::string> text = ScrapeMetrics(metrics_);
     if (!text.ok()) return -1;
-    auto samples = Samples(*text);
+    auto samples = MetricSamples(*text);
     auto it = samples.find(series);
     return it == samples.end() ? -1 : it->second;
   }
@@ -114,10 +85,10 @@ TEST_F(MetricsTest, CountersMatchTheTrafficAndPromtoolAcceptsTheScrape) {
   std::string text;
   ASSERT_TRUE(WaitFor(
       [&] {
-        absl::StatusOr<std::string> scraped = Scrape(metrics_);
+        absl::StatusOr<std::string> scraped = ScrapeMetrics(metrics_);
         if (!scraped.ok()) return false;
         text = *scraped;
-        s = Samples(text);
+        s = MetricSamples(text);
         return s["fdbroker_connections_accepted_total"] ==
                    before + kRequests + 5 &&
                s["fdbroker_connections_active"] == 5;

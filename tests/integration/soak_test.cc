@@ -26,23 +26,9 @@ constexpr int kConnections = 200000;
 constexpr int kClientThreads = 4;
 constexpr int kWorkers = 4;
 
+// Every sample of the broker's scrape; empty if the scrape failed.
 std::map<std::string, double> Scrape(const std::string& address) {
-  std::map<std::string, double> samples;
-  absl::StatusOr<std::pair<std::string, int>> hp = SplitHostPort(address);
-  if (!hp.ok()) return samples;
-  absl::StatusOr<HttpResponse> r =
-      HttpGetOnce(hp->first, hp->second, "/metrics", absl::Seconds(5));
-  if (!r.ok()) return samples;
-  for (absl::string_view line : absl::StrSplit(r->body, '\n')) {
-    if (line.empty() || line[0] == '#') continue;
-    const size_t space = line.rfind(' ');
-    double value = 0;
-    if (space != absl::string_view::npos &&
-        absl::SimpleAtod(line.substr(space + 1), &value)) {
-      samples[std::string(line.substr(0, space))] = value;
-    }
-  }
-  return samples;
+  return MetricSamples(ScrapeMetrics(address).value_or(""));
 }
 
 int64_t RssKiB(pid_t pid) {
