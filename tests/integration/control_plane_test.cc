@@ -100,7 +100,7 @@ int PidOf(const HttpResponse& response) {
 }
 
 TEST_F(ControlPlaneTest, ListWorkersAndHealthFollowTheWorkers) {
-  StartBroker({"--workers=2"});
+  ASSERT_NO_FATAL_FAILURE(StartBroker({"--workers=2"}));
   ASSERT_TRUE(broker_->WaitForWorkers(2, absl::Seconds(30)));
   std::vector<pid_t> children = broker_->WorkerPids();
   std::set<int> expected(children.begin(), children.end());
@@ -129,7 +129,7 @@ TEST_F(ControlPlaneTest, ListWorkersAndHealthFollowTheWorkers) {
 }
 
 TEST_F(ControlPlaneTest, ScaleUpAndDownChangesTheProcessesThatServe) {
-  StartBroker({"--workers=2"});
+  ASSERT_NO_FATAL_FAILURE(StartBroker({"--workers=2"}));
   ASSERT_TRUE(broker_->WaitForWorkers(2, absl::Seconds(30)));
 
   v1::ScaleWorkersResponse up;
@@ -179,7 +179,7 @@ TEST_F(ControlPlaneTest, ScaleUpAndDownChangesTheProcessesThatServe) {
 }
 
 TEST_F(ControlPlaneTest, ConcurrentScaleRequestsEndInTheLastAppliedCount) {
-  StartBroker({"--workers=1", "--max_workers=8"});
+  ASSERT_NO_FATAL_FAILURE(StartBroker({"--workers=1", "--max_workers=8"}));
   ASSERT_TRUE(broker_->WaitForWorkers(1, absl::Seconds(30)));
   // Distinct and never 1 (the start), so every previous_count is unique.
   const std::vector<int> counts = {3, 5, 2, 4, 6, 7};
@@ -206,7 +206,7 @@ TEST_F(ControlPlaneTest, ConcurrentScaleRequestsEndInTheLastAppliedCount) {
 }
 
 TEST_F(ControlPlaneTest, EveryErrorPathHasTheRightCodeAndAMessage) {
-  StartBroker({"--workers=1"});
+  ASSERT_NO_FATAL_FAILURE(StartBroker({"--workers=1"}));
   ASSERT_TRUE(broker_->WaitForWorkers(1, absl::Seconds(30)));
   v1::ScaleWorkersResponse scaled;
   for (int bad : {-1, 65, 100000}) {
@@ -277,7 +277,7 @@ TEST_F(ControlPlaneTest, EveryErrorPathHasTheRightCodeAndAMessage) {
 }
 
 TEST_F(ControlPlaneTest, DrainWorkerWithReplaceIsARollingRestart) {
-  StartBroker({"--workers=2"});
+  ASSERT_NO_FATAL_FAILURE(StartBroker({"--workers=2"}));
   ASSERT_TRUE(broker_->WaitForWorkers(2, absl::Seconds(30)));
   const v1::Worker old = Workers()[0];
   v1::DrainWorkerRequest request;
@@ -300,7 +300,7 @@ TEST_F(ControlPlaneTest, DrainWorkerWithReplaceIsARollingRestart) {
 }
 
 TEST_F(ControlPlaneTest, DrainWorkerOnAnExternalWorkerUnregistersIt) {
-  StartBroker({"--workers=1"});
+  ASSERT_NO_FATAL_FAILURE(StartBroker({"--workers=1"}));
   ASSERT_TRUE(broker_->WaitForWorkers(1, absl::Seconds(30)));
   Subprocess::Options env;
   env.env["FDBROKER_SOCKET"] = broker_->socket_path();
@@ -345,7 +345,7 @@ TEST_F(ControlPlaneTest, DrainWorkerOnAnExternalWorkerUnregistersIt) {
 }
 
 TEST_F(ControlPlaneTest, DrainQueuesNewClientsAndResumeServesThem) {
-  StartBroker({"--workers=1"});
+  ASSERT_NO_FATAL_FAILURE(StartBroker({"--workers=1"}));
   ASSERT_TRUE(broker_->WaitForWorkers(1, absl::Seconds(30)));
   v1::DrainResponse drained;
   ASSERT_TRUE(stub_->Drain(Context().get(), v1::DrainRequest(), &drained).ok());
@@ -393,7 +393,7 @@ TEST_F(ControlPlaneTest, DrainQueuesNewClientsAndResumeServesThem) {
 }
 
 TEST_F(ControlPlaneTest, DrainWithTimeoutStopsWorkersAndResumeRestoresThem) {
-  StartBroker({"--workers=2"});
+  ASSERT_NO_FATAL_FAILURE(StartBroker({"--workers=2"}));
   ASSERT_TRUE(broker_->WaitForWorkers(2, absl::Seconds(30)));
   v1::DrainRequest drain;
   drain.mutable_timeout()->set_seconds(5);
@@ -409,7 +409,7 @@ TEST_F(ControlPlaneTest, DrainWithTimeoutStopsWorkersAndResumeRestoresThem) {
 }
 
 TEST_F(ControlPlaneTest, GetLoadMatchesTheTrafficSent) {
-  StartBroker({"--workers=2"});
+  ASSERT_NO_FATAL_FAILURE(StartBroker({"--workers=2"}));
   ASSERT_TRUE(broker_->WaitForWorkers(2, absl::Seconds(30)));
   v1::GetLoadResponse before;
   ASSERT_TRUE(
@@ -466,7 +466,7 @@ TEST_F(ControlPlaneTest, GetLoadMatchesTheTrafficSent) {
 }
 
 TEST_F(ControlPlaneTest, WatchEventsSeesACrashAndTheRestart) {
-  StartBroker({"--workers=1"});
+  ASSERT_NO_FATAL_FAILURE(StartBroker({"--workers=1"}));
   ASSERT_TRUE(broker_->WaitForWorkers(1, absl::Seconds(30)));
   const pid_t victim = broker_->WorkerPids()[0];
   grpc::ClientContext context;
@@ -514,7 +514,8 @@ TEST_F(ControlPlaneTest, WatchEventsSeesACrashAndTheRestart) {
 TEST_F(ControlPlaneTest, RestartLoopIsStreamedAndMakesTheBrokerUnhealthy) {
   // The supervised command dies at once, again and again. The pool starts
   // only once the stream is up, so every event is seen.
-  StartBroker({"--workers=0", "--worker_cmd=/bin/false"});
+  ASSERT_NO_FATAL_FAILURE(
+      StartBroker({"--workers=0", "--worker_cmd=/bin/false"}));
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() +
                        std::chrono::seconds(30));
@@ -657,7 +658,7 @@ std::string BufPath() {
 }
 
 TEST_F(ControlPlaneTest, ReflectionWithBufCurl) {
-  StartBroker({"--workers=1"});
+  ASSERT_NO_FATAL_FAILURE(StartBroker({"--workers=1"}));
   ASSERT_TRUE(broker_->WaitForWorkers(1, absl::Seconds(30)));
   const std::string url = "http://" + broker_->control_address();
   auto run = [&](std::vector<std::string> args) {
