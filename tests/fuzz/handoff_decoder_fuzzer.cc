@@ -73,8 +73,8 @@ namespace {
 using ::google::protobuf::util::MessageDifferencer;
 using v1::HandoffMessage;
 
-// Between packets; unlikely inside a small protobuf message (0xff/0xfe are
-// never a field tag a HandoffMessage uses, nor a short varint).
+// Between packets. It can occur inside a message (a long varint): that only
+// splits the input differently, which is one more input.
 constexpr absl::string_view kSeparator("\xff\xfe\xfd\xfc", 4);
 constexpr size_t kMaxPackets = 16;
 constexpr uint8_t kFdCountMask = 0x03;
