@@ -3,6 +3,7 @@
 #
 #   deploy/setup.sh                build and run dependencies
 #   deploy/setup.sh --test-tools   also the tools the test suite drives
+#   deploy/setup.sh --bench-tools  also the benchmark's (tests/bench/run.sh)
 #   deploy/setup.sh --runtime      only what the built binaries need to run
 #                                  (deploy/Dockerfile's runtime stage)
 #   deploy/setup.sh --list ...     print the packages it would want, install none
@@ -26,6 +27,10 @@ TEST_PACKAGES=(
   # ASan/UBSan/TSan/LSan and libFuzzer runtimes, llvm-14 the symbolizer.
   clang libclang-rt-14-dev llvm-14
 )
+# tests/bench/run.sh: the HAProxy baseline, the chart, the broker's profile.
+# Part of --test-tools too, since ctest runs a short smoke of the benchmark.
+# The Node.js baseline needs `node`; Debian's nodejs only if none is there.
+BENCH_PACKAGES=(wrk procps haproxy gnuplot-nox linux-perf)
 # The shared libraries fdbroker and fdbroker-http-worker link (the -dev
 # packages above depend on them), and curl for the image's HEALTHCHECK.
 RUNTIME_PACKAGES=(
@@ -40,7 +45,7 @@ TEST_NPM_TOOLS=(
 )
 
 usage() {
-  sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+  sed -n '2,13s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 die() {
@@ -49,11 +54,13 @@ die() {
 }
 
 with_test_tools=0
+with_bench_tools=0
 runtime_only=0
 list_only=0
 for arg in "$@"; do
   case "${arg}" in
     --test-tools) with_test_tools=1 ;;
+    --bench-tools) with_bench_tools=1 ;;
     --runtime) runtime_only=1 ;;
     --list) list_only=1 ;;
     -h | --help)
@@ -64,8 +71,8 @@ for arg in "$@"; do
   esac
 done
 
-((runtime_only && with_test_tools)) &&
-  die "--runtime and --test-tools do not go together"
+((runtime_only && (with_test_tools || with_bench_tools))) &&
+  die "--runtime does not go with --test-tools or --bench-tools"
 
 if ((runtime_only)); then
   wanted=("${RUNTIME_PACKAGES[@]}")
@@ -79,6 +86,11 @@ if ((with_test_tools)); then
   if ((${#TEST_NPM_TOOLS[@]})) && ! command -v npm >/dev/null; then
     wanted+=(npm)
   fi
+fi
+
+if ((with_test_tools || with_bench_tools)); then
+  wanted+=("${BENCH_PACKAGES[@]}")
+  command -v node >/dev/null || wanted+=(nodejs)
 fi
 
 if ((list_only)); then
