@@ -1,0 +1,108 @@
+"""The broker side of the hand-off protocol, driven step by step by a test:
+a real SOCK_SEQPACKET listener in a private temp directory. Every wait is
+bounded."""
+
+import os
+import select
+import socket
+import tempfile
+from typing import Optional
+
+from fdbroker_worker._proto import pb
+
+WAIT = 5.0  # seconds; generous bound for every wait
+
+
+class FakeBroker:
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="fdbroker-pytest-")
+        self.socket_path = os.path.join(self._dir.name, "handoff.sock")
+        self.listening_socket: Optional[socket.socket] = None
+        self.channel: Optional[socket.socket] = None
+        self._sent = 0
+        self._received = 0
+        self.listen()
+
+    def listen(self) -> None:
+        """(Again) listens on socket_path: a new broker on the same path."""
+        self.listening_socket = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listening_socket.bind(self.socket_path)
+        self.listening_socket.listen(8)
+
+    def stop_listening(self) -> None:
+        self.listening_socket.close()
+        os.unlink(self.socket_path)
+
+    def accept(self, timeout: float = WAIT) -> None:
+        self.listening_socket.settimeout(timeout)
+        if self.channel is not None:
+            self.channel.close()
+        self.channel, _ = self.listening_socket.accept()
+        self._sent = self._received = 0
+
+    def receive(self, timeout: float = WAIT) -> "pb.HandoffMessage":
+        """The next message; TimeoutError if none, EOFError on close."""
+        if not select.select([self.channel], [], [], timeout)[0]:
+            raise TimeoutError("no message from the worker")
+        data, fds, _, _ = socket.recv_fds(self.channel, 65537, 253)
+        for fd in fds:
+            os.close(fd)
+        if not data:
+            raise EOFError("the worker closed the channel")
+        message = pb.HandoffMessage.FromString(data)
+        self._received += 1
+        assert message.sequence == self._received, message
+        return message
+
+    def receive_body(self, body: str, timeout: float = WAIT):
+        """The next message that is not a Heartbeat; asserts its body."""
+        while True:
+            message = self.receive(timeout)
+            kind = message.WhichOneof("body")
+            if kind != "heartbeat":
+                assert kind == body, f"expected {body}, got {message}"
+                return getattr(message, body)
+
+    def wait_for_close(self, timeout: float = WAIT) -> bool:
+        try:
+            while True:
+                self.receive(timeout)
+        except EOFError:
+            return True
+        except TimeoutError:
+            return False
+
+    def send(self, fd: Optional[int] = None, **body) -> None:
+        self._sent += 1
+        data = pb.HandoffMessage(sequence=self._sent, **body).SerializeToString()
+        socket.send_fds(self.channel, [data], [fd] if fd is not None else [])
+
+    def send_raw(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        socket.send_fds(self.channel, [data], list(fds))
+
+    def welcome(self, interval_ms: int = 10000, timeout_ms: int = 60000,
+                worker_id: int = 7, supervised: bool = False) -> None:
+        self.send(welcome=pb.Welcome(
+            version=pb.ProtocolVersion(major=1), worker_id=worker_id,
+            heartbeat_interval_ms=interval_ms,
+            heartbeat_timeout_ms=timeout_ms, supervised=supervised))
+
+    def offer(self, connection_id: int, sock: socket.socket,
+              initial_data: bytes = b"") -> None:
+        self.send(fd=sock.fileno(), connection=pb.Connection(
+            connection_id=connection_id, peer_address="127.0.0.1:1",
+            local_address="127.0.0.1:2", initial_data=initial_data))
+
+    def close_channel(self) -> None:
+        self.channel.close()
+        self.channel = None
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        self.listening_socket.close()
+        self._dir.cleanup()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))

@@ -1,0 +1,127 @@
+"""The broker channel: framing of docs/protocol.md sections 2 to 4.
+
+One serialized HandoffMessage per SOCK_SEQPACKET packet, at most 65536
+bytes; fds as SCM_RIGHTS on the packet of their message (exactly one on
+Connection and Release, none elsewhere); each side numbers its own messages
+from 1. Any violation is a ProtocolError, after which the channel is useless:
+the caller closes it (it never resynchronises).
+"""
+
+import os
+import socket
+from typing import Optional
+
+from ._proto import DecodeError, pb
+
+MAX_PACKET_BYTES = 65536
+# The kernel's SCM_MAX_FD: a control buffer this big shows every fd sent.
+_MAX_FDS = 253
+# Bodies that carry exactly one fd; every other body carries none.
+_FD_BODIES = frozenset({"connection", "release"})
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the channel must be closed."""
+
+
+class ChannelClosed(Exception):
+    """The peer closed the channel (a read of 0 bytes and no fds)."""
+
+
+class Channel:
+    """A connected, non-blocking hand-off channel; owns its socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._sent = 0
+        self._received = 0
+
+    @classmethod
+    def connect(cls, path: str) -> "Channel":
+        """Connects to the broker at `path`; OSError if nobody listens."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.setblocking(False)
+            sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, message: "pb.HandoffMessage",
+             fd: Optional[int] = None) -> bool:
+        """Numbers and sends `message` (with `fd` attached, if given).
+
+        False if the socket buffer is full (EAGAIN): nothing was sent and the
+        number is not used, so the same message may be sent again later.
+        OSError (EPIPE, ...) if the channel is broken.
+        """
+        message.sequence = self._sent + 1
+        data = message.SerializeToString()
+        if len(data) > MAX_PACKET_BYTES:
+            raise ProtocolError(
+                f"{message.WhichOneof('body')} of {len(data)} bytes exceeds "
+                f"{MAX_PACKET_BYTES}")
+        try:
+            if fd is None:
+                self.sock.send(data, socket.MSG_NOSIGNAL)
+            else:
+                socket.send_fds(self.sock, [data], [fd], socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return False
+        self._sent += 1
+        return True
+
+    def receive(self) -> Optional[tuple["pb.HandoffMessage", Optional[int]]]:
+        """The next message and its fd (owned by the caller), or None if
+        nothing is queued. ChannelClosed on EOF, ProtocolError on a bad
+        packet (its fds already closed), OSError on a socket error."""
+        try:
+            data, fds, flags, _ = socket.recv_fds(
+                self.sock, MAX_PACKET_BYTES + 1, _MAX_FDS,
+                socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return None
+        try:
+            if not data and not fds:
+                raise ChannelClosed("the broker closed the channel")
+            return self._validate(data, fds, flags)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    def _validate(self, data: bytes, fds: list[int],
+                  flags: int) -> tuple["pb.HandoffMessage", Optional[int]]:
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError("truncated control data (MSG_CTRUNC)")
+        if flags & socket.MSG_TRUNC or len(data) > MAX_PACKET_BYTES:
+            raise ProtocolError(f"packet over {MAX_PACKET_BYTES} bytes")
+        message = pb.HandoffMessage()
+        try:
+            message.ParseFromString(data)
+        except DecodeError as error:
+            raise ProtocolError(f"unparseable packet: {error}") from None
+        body = message.WhichOneof("body")
+        if body is None:
+            raise ProtocolError(
+                f"message #{message.sequence} has no (known) body")
+        if message.sequence != self._received + 1:
+            raise ProtocolError(
+                f"{body} has sequence {message.sequence}, expected "
+                f"{self._received + 1}")
+        want_fds = 1 if body in _FD_BODIES else 0
+        if len(fds) != want_fds:
+            raise ProtocolError(
+                f"{body} #{message.sequence} carries {len(fds)} fds, "
+                f"expected {want_fds}")
+        self._received += 1
+        return message, (fds[0] if fds else None)
+

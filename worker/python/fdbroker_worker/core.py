@@ -1,0 +1,700 @@
+"""The worker side of the hand-off protocol, independent of any event loop.
+
+WorkerCore is the Python twin of the C++ SDK's WorkerImpl
+(worker/src/worker_impl.cc); worker/README.md describes the behaviour both
+share. It never blocks and never runs application code: a driver (aio.py,
+blocking.py) polls fileno() for readability, calls process_events() when it
+is readable or when deadline() has passed, hands the returned connections to
+the application, and reports closes with connection_closed().
+
+Threads: every method runs on the driver's thread.
+
+Ownership of a client socket: from recv_fds until its Ack is sent it is in
+the batch being received, then in the _Outgoing that acks it; once the Ack
+is out it is listed in _owned and returned by process_events(), and the
+application owns it. If the channel dies before the Ack is sent the socket is
+closed untouched and never delivered: the broker still holds its copy and
+places the client elsewhere.
+
+Connection bookkeeping is by broker id only (_owned: id -> peer address), so
+that giving a connection back (Release, issue 8) is one more way out of
+_owned: pop the id, send Release with the fd attached, send no Closed.
+"""
+
+import collections
+import dataclasses
+import enum
+import logging
+import os
+import select
+import socket
+import time
+from typing import Callable, Optional
+
+from . import channel as channel_lib
+from ._proto import pb
+from .channel import Channel, ChannelClosed, ProtocolError
+
+log = logging.getLogger("fdbroker_worker")
+
+PROTOCOL_MAJOR = 1
+PROTOCOL_MINOR = 0
+# The environment variable a supervised worker finds the broker through.
+SOCKET_ENV_VAR = "FDBROKER_SOCKET"
+
+# At most this many broker messages per process_events(), so that a flood of
+# connections cannot starve the application. epoll stays readable meanwhile.
+_MAX_MESSAGES_PER_TURN = 256
+# Reconnect back-off, as in the C++ SDK: short, because a restarted broker
+# waits only about 2 s (--adopt_grace) for its old workers.
+_FIRST_RETRY_DELAY = 0.05
+_MAX_RETRY_DELAY = 1.0
+_LOGGED_ATTEMPTS = 3
+# Room kept free in a re-registration Hello's packet.
+_HELLO_SLACK = 1024
+# Drivers close idle connections on drain by half-closing their read side;
+# one delivered less than this long ago (seconds) is left reading until it
+# is this old: its first request may still be on the way.
+FIRST_REQUEST_GRACE = 2.0
+
+
+class DrainCause(enum.Enum):
+    """Why the worker drains."""
+    BROKER_REQUEST = "broker request"  # Drain from the broker
+    BROKER_LOST = "broker lost"  # reconnecting gave up, or is disabled
+    LOCAL = "local"  # the application asked (start_drain(), e.g. SIGTERM)
+
+
+class RegistrationError(ConnectionError):
+    """The first registration failed: nobody listens, no Welcome in time,
+    or a Refusal (`reason` is then the RefusalReason name)."""
+
+    def __init__(self, message: str, reason: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class Options:
+    # The broker's hand-off socket; None: $FDBROKER_SOCKET.
+    socket_path: Optional[str] = None
+    # The most connections at once (sent in Hello); 0 means no limit. Beyond
+    # it connections are returned to the broker (Reject).
+    capacity: int = 0
+    # Shown by the broker's control plane (ListWorkers).
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Seconds to wait for the Welcome (first registration and each attempt).
+    connect_timeout: float = 10.0
+    # After losing the broker, seconds to keep trying to re-register before
+    # draining (DrainCause.BROKER_LOST); 0 drains at once.
+    reconnect_timeout: float = 30.0
+
+
+@dataclasses.dataclass
+class Connection:
+    """A client connection the broker handed over (and that was acked)."""
+    id: int
+    # Connected TCP socket, close-on-exec; its blocking mode is the driver's.
+    socket: socket.socket
+    peer_address: str
+    local_address: str
+    accept_time_unix_nanos: int
+    # Bytes a previous owner already read: process them before the socket's.
+    initial_data: bytes
+
+
+@dataclasses.dataclass
+class Drain:
+    cause: DrainCause
+    # Unix time (seconds) at which the broker ends the worker, if it set one.
+    deadline: Optional[float]
+
+
+@dataclasses.dataclass
+class Events:
+    """What process_events() has for the application, in this order."""
+    connections: list[Connection]
+    drain: Optional[Drain]
+
+
+@dataclasses.dataclass
+class _Outgoing:
+    message: "pb.HandoffMessage"
+    # The connections this message acks: sockets not yet the application's.
+    acked: list[Connection] = dataclasses.field(default_factory=list)
+
+    def discard(self) -> None:
+        """The message will never be sent: its connections close untouched."""
+        for connection in self.acked:
+            connection.socket.close()
+        self.acked.clear()
+
+
+def resolve_socket_path(configured: Optional[str]) -> str:
+    path = configured or os.environ.get(SOCKET_ENV_VAR)
+    if not path:
+        raise RegistrationError(
+            f"no broker socket: pass socket_path or set ${SOCKET_ENV_VAR}")
+    return path
+
+
+def _varint_len(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _encoded_len(entry: "pb.OwnedConnection") -> int:
+    """Bytes `entry` takes in a Hello: tag, length, body."""
+    size = entry.ByteSize()
+    return 1 + _varint_len(size) + size
+
+
+class WorkerCore:
+    """One worker's registration with the broker, and its connections."""
+
+    def __init__(self, options: Options,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._options = options
+        self._path = resolve_socket_path(options.socket_path)
+        self._clock = clock
+        self._epoll = select.epoll()
+        self._channel: Optional[Channel] = None
+        # The attempt (first or re-registration) waiting for the answer to
+        # its Hello; its deadline.
+        self._registering: Optional[Channel] = None
+        self._attempt_deadline = 0.0
+        self._first = True
+        self.error: Optional[RegistrationError] = None
+        # From the latest Welcome. Heartbeat 0: never send / never expire.
+        self.worker_id = 0
+        self._supervised = False
+        self._heartbeat_interval = 0.0
+        self._heartbeat_timeout = 0.0
+        self._last_sent = self._last_received = clock()
+        self._want_writable = False
+        self._outbox: collections.deque[_Outgoing] = collections.deque()
+        self._unsent_acks = 0  # connections covered by Acks in _outbox
+        # Acked and not reported closed: id -> peer address (what a
+        # re-registering Hello lists).
+        self._owned: dict[int, str] = {}
+        # Owned ids the current broker does not know (left out of a Hello
+        # that would not fit in a packet): no Closed is sent for them.
+        self._unlisted: set[int] = set()
+        self._ready: list[Connection] = []
+        self._closed_to_report: list[int] = []
+        self.draining = False
+        self._drain: Optional[Drain] = None
+        self._drain_to_announce = False
+        # Goodbye sent or queued: nothing else is sent after it.
+        self._goodbye_sent = False
+        # Reconnecting after losing the broker (never while draining).
+        self._reconnecting = False
+        self._lost_at = 0.0
+        self._reconnect_deadline = 0.0
+        self._next_attempt_at = 0.0
+        self._retry_delay = _FIRST_RETRY_DELAY
+        self._attempts = 0
+
+    # --- State ------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """Readable whenever process_events() has channel work."""
+        return self._epoll.fileno()
+
+    @property
+    def registered(self) -> bool:
+        return self._channel is not None
+
+    @property
+    def finished(self) -> bool:
+        """Drained: owns no connection and said Goodbye (or lost the broker
+        for good). The application should exit (supervised) or stop."""
+        return (self.draining and self._channel is None and
+                self._registering is None and not self._owned)
+
+    @property
+    def active_connections(self) -> int:
+        return len(self._owned)
+
+    def deadline(self) -> Optional[float]:
+        """The clock() time by which process_events() must run again."""
+        if self._registering is not None:
+            limit = self._attempt_deadline
+            return min(limit, self._reconnect_deadline) if (
+                self._reconnecting) else limit
+        if self._reconnecting:
+            return min(self._next_attempt_at, self._reconnect_deadline)
+        if self._channel is None or self._goodbye_sent:
+            return None
+        times = []
+        if self._heartbeat_interval > 0 and not self._outbox:
+            times.append(self._last_sent + self._heartbeat_interval)
+        if self._heartbeat_timeout > 0:
+            times.append(self._last_received + self._heartbeat_timeout)
+        return min(times, default=None)
+
+    # --- Entry points -----------------------------------------------------
+
+    def start(self) -> None:
+        """Connects and sends the first Hello; the Welcome is read by
+        process_events() (then `registered`; on failure `error`).
+        RegistrationError at once if nobody listens."""
+        try:
+            self._send_hello(self._hello())
+        except OSError as error:
+            raise RegistrationError(
+                f"cannot connect to the broker at {self._path}: "
+                f"{error.strerror or error}") from None
+
+    def process_events(self) -> Events:
+        """Does everything that is ready, without blocking."""
+        for fd, mask in self._epoll.poll(0):
+            if self._channel is not None and fd == self._channel.fileno():
+                if mask & select.EPOLLOUT:
+                    self._flush()
+                if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                    self._receive()
+            elif (self._registering is not None and
+                  fd == self._registering.fileno()):
+                self._receive_answer()
+        self._on_time()
+        self._report_closed()
+        self._say_goodbye_if_drained()
+        ready, self._ready = self._ready, []
+        drain = None
+        if self._drain_to_announce:
+            self._drain_to_announce = False
+            drain = self._drain
+        return Events(ready, drain)
+
+    def connection_closed(self, connection_id: int) -> None:
+        """The application closed an acked connection; reported (batched) at
+        the next process_events(). Forgotten while there is no broker."""
+        if self._owned.pop(connection_id, None) is None:
+            log.warning("connection_closed(%d): not an active connection",
+                        connection_id)
+            return
+        known = connection_id not in self._unlisted
+        self._unlisted.discard(connection_id)
+        # Only a broker that knows the id hears of it: the current one, or
+        # the one answering a Hello that listed it.
+        if known and (self._channel is not None or
+                      self._registering is not None):
+            self._closed_to_report.append(connection_id)
+
+    def start_drain(self) -> None:
+        """Drain on the worker's own initiative (stops reconnecting)."""
+        if self._reconnecting:
+            log.info("draining: stopped reconnecting to the broker at %s",
+                     self._path)
+            self._stop_reconnecting()
+        self._begin_drain(DrainCause.LOCAL, None)
+
+    def close(self) -> None:
+        """Closes the channel; connections already delivered stay open."""
+        if (self._channel is not None and not self._goodbye_sent and
+                not self._owned and not self._outbox):
+            # Best effort: tells the broker this was an orderly exit.
+            try:
+                self._channel.send(pb.HandoffMessage(
+                    goodbye=pb.Goodbye(reason="worker shut down")))
+            except (OSError, ProtocolError):
+                pass
+        self._close_channel()
+        self._stop_reconnecting()
+        for outgoing in self._outbox:
+            outgoing.discard()
+        self._outbox.clear()
+        for connection in self._ready:
+            connection.socket.close()
+        self._ready.clear()
+        self._epoll.close()
+
+    # --- Registration -----------------------------------------------------
+
+    def _hello(self) -> "pb.HandoffMessage":
+        return pb.HandoffMessage(hello=pb.Hello(
+            version=pb.ProtocolVersion(major=PROTOCOL_MAJOR,
+                                       minor=PROTOCOL_MINOR),
+            pid=os.getpid(), capacity=self._options.capacity,
+            labels=self._options.labels, was_supervised=self._supervised))
+
+    def _send_hello(self, hello: "pb.HandoffMessage") -> None:
+        attempt = Channel.connect(self._path)
+        try:
+            if not attempt.send(hello):
+                raise BlockingIOError("the new channel's buffer is full")
+            self._epoll.register(attempt.fileno(), select.EPOLLIN)
+        except BaseException:
+            attempt.close()
+            raise
+        self._registering = attempt
+        self._attempt_deadline = self._clock() + self._options.connect_timeout
+
+    def _receive_answer(self) -> None:
+        try:
+            received = self._registering.receive()
+        except ChannelClosed:
+            return self._fail_attempt(
+                "the broker closed the channel before Welcome")
+        except (ProtocolError, OSError) as error:
+            return self._fail_attempt(f"bad answer to Hello: {error}")
+        if received is None:
+            return
+        message, _ = received  # a valid answer carries no fd
+        body = message.WhichOneof("body")
+        if body == "refusal":
+            reason = pb.RefusalReason.Name(message.refusal.reason)
+            return self._give_up(
+                f"the broker refused the worker ({reason}): "
+                f"{message.refusal.message}", reason)
+        if body != "welcome":
+            return self._fail_attempt(f"{body} instead of Welcome")
+        if message.welcome.version.major != PROTOCOL_MAJOR:
+            return self._give_up(
+                f"the broker speaks protocol {message.welcome.version.major}"
+                f".x, this worker {PROTOCOL_MAJOR}.x")
+        self._registered(message.welcome)
+
+    def _registered(self, welcome: "pb.Welcome") -> None:
+        old_id = self.worker_id
+        self._channel, self._registering = self._registering, None
+        self.worker_id = welcome.worker_id
+        self._supervised = welcome.supervised
+        self._heartbeat_interval = welcome.heartbeat_interval_ms / 1000
+        self._heartbeat_timeout = welcome.heartbeat_timeout_ms / 1000
+        self._last_sent = self._last_received = self._clock()
+        if self._reconnecting:
+            self._reconnecting = False
+            log.info("reconnected to the broker at %s as worker %d (was %d) "
+                     "with %d owned connections, %.0f ms after losing it "
+                     "(attempt %d)", self._path, self.worker_id, old_id,
+                     len(self._owned),
+                     (self._last_received - self._lost_at) * 1000,
+                     self._attempts)
+        self._first = False
+        # Connections may have come right behind the Welcome.
+        self._receive()
+
+    def _fail_attempt(self, reason: str) -> None:
+        self._close_registering()
+        if self._first:
+            self.error = RegistrationError(
+                f"cannot register with the broker at {self._path}: {reason}")
+            return
+        # The ids closed meanwhile were in that Hello only.
+        self._closed_to_report.clear()
+        self._unlisted.clear()
+        self._next_attempt_at = self._clock() + self._retry_delay
+        if self._attempts <= _LOGGED_ATTEMPTS:
+            log.info("reconnect attempt %d failed: %s; next in %.0f ms%s",
+                     self._attempts, reason, self._retry_delay * 1000,
+                     " (further attempts are not logged)"
+                     if self._attempts == _LOGGED_ATTEMPTS else "")
+        self._retry_delay = min(2 * self._retry_delay, _MAX_RETRY_DELAY)
+
+    def _give_up(self, reason: str, refusal: Optional[str] = None) -> None:
+        """A Refusal, a foreign major version, or the reconnect deadline."""
+        if self._first:
+            self._close_registering()
+            self.error = RegistrationError(
+                f"cannot register with the broker at {self._path}: {reason}",
+                refusal)
+            return
+        log.error("gave up reconnecting to the broker at %s: %s; draining %d "
+                  "active connections", self._path, reason, len(self._owned))
+        self._stop_reconnecting()
+        self._begin_drain(DrainCause.BROKER_LOST, None)
+
+    def _close_registering(self) -> None:
+        if self._registering is not None:
+            self._epoll.unregister(self._registering.fileno())
+            self._registering.close()
+            self._registering = None
+
+    # --- Losing the broker, and reconnecting ------------------------------
+
+    def _lose_channel(self, reason: str) -> None:
+        if self._channel is None:
+            return
+        reconnect = (not self.draining and
+                     self._options.reconnect_timeout > 0)
+        if self._goodbye_sent:
+            log.debug("broker channel ended after Goodbye: %s", reason)
+        elif reconnect:
+            log.warning("lost the broker channel (worker %d): %s; keeping %d "
+                        "active connections, reconnecting to %s for up to "
+                        "%g s", self.worker_id, reason, len(self._owned),
+                        self._path, self._options.reconnect_timeout)
+        else:
+            log.warning("lost the broker channel (worker %d): %s; keeping %d "
+                        "active connections, taking no new ones",
+                        self.worker_id, reason, len(self._owned))
+        self._close_channel()
+        for outgoing in self._outbox:
+            outgoing.discard()  # not acked: the broker re-places them
+        self._outbox.clear()
+        self._unsent_acks = 0
+        # Closes the old broker was not told about die with it.
+        self._closed_to_report.clear()
+        self._unlisted.clear()
+        if reconnect:
+            self._reconnecting = True
+            self._attempts = 0
+            self._lost_at = self._clock()
+            self._reconnect_deadline = (self._lost_at +
+                                        self._options.reconnect_timeout)
+            self._next_attempt_at = self._lost_at + _FIRST_RETRY_DELAY
+            self._retry_delay = min(2 * _FIRST_RETRY_DELAY, _MAX_RETRY_DELAY)
+        else:
+            self._begin_drain(DrainCause.BROKER_LOST, None)
+
+    def _try_register(self) -> None:
+        self._attempts += 1
+        hello = self._hello()
+        self._list_owned(hello.hello)
+        self._closed_to_report.clear()
+        try:
+            self._send_hello(hello)
+        except (OSError, ProtocolError) as error:
+            return self._fail_attempt(str(error))
+        log.debug("re-registration attempt %d: Hello sent to %s with %d "
+                  "owned connections", self._attempts, self._path,
+                  len(hello.hello.owned_connections))
+
+    def _list_owned(self, hello: "pb.Hello") -> None:
+        """Fills Hello.owned_connections (and _unlisted). The Hello must fit
+        in one packet: the lowest ids give way first, peer addresses before
+        entries. The highest id always stays, which keeps the ids the new
+        broker hands out (above every adopted one) clear of all owned here."""
+        self._unlisted.clear()
+        entries = [pb.OwnedConnection(connection_id=cid, peer_address=peer)
+                   for cid, peer in sorted(self._owned.items())]
+        limit = channel_lib.MAX_PACKET_BYTES - _HELLO_SLACK
+        total = hello.ByteSize() + sum(map(_encoded_len, entries))
+        stripped = 0
+        for entry in entries:
+            if total <= limit:
+                break
+            total -= _encoded_len(entry)
+            entry.ClearField("peer_address")
+            total += _encoded_len(entry)
+            stripped += 1
+        kept = entries
+        if total > limit:
+            kept = []
+            for index, entry in enumerate(entries):
+                if total > limit and index + 1 < len(entries):
+                    total -= _encoded_len(entry)
+                    self._unlisted.add(entry.connection_id)
+                else:
+                    kept.append(entry)
+        hello.owned_connections.extend(kept)
+        if self._attempts > 1:
+            return  # said once per loss
+        if self._unlisted:
+            log.warning("%d of %d owned connections do not fit in the Hello: "
+                        "the broker will not count them", len(self._unlisted),
+                        len(entries))
+        elif stripped:
+            log.warning("the Hello lists %d of %d owned connections without "
+                        "their peer addresses, to fit in one packet",
+                        stripped, len(entries))
+
+    def _stop_reconnecting(self) -> None:
+        self._close_registering()
+        self._reconnecting = False
+        self._closed_to_report.clear()
+        self._unlisted.clear()
+
+    def _on_time(self) -> None:
+        now = self._clock()
+        if self._first:
+            if self._registering is not None and now >= self._attempt_deadline:
+                self._fail_attempt(
+                    f"no Welcome within {self._options.connect_timeout:g} s")
+        elif self._reconnecting:
+            if now >= self._reconnect_deadline:
+                self._give_up(
+                    f"no broker took the worker back within "
+                    f"{self._options.reconnect_timeout:g} s "
+                    f"({self._attempts} attempts)")
+            elif self._registering is not None:
+                if now >= self._attempt_deadline:
+                    self._fail_attempt(
+                        f"no Welcome within {self._options.connect_timeout:g}"
+                        " s")
+            elif now >= self._next_attempt_at:
+                self._try_register()
+        else:
+            self._check_heartbeat(now)
+
+    def _check_heartbeat(self, now: float) -> None:
+        if self._channel is None or self._goodbye_sent:
+            return
+        if (self._heartbeat_timeout > 0 and
+                now - self._last_received >= self._heartbeat_timeout):
+            return self._lose_channel(
+                f"nothing heard from the broker for "
+                f"{(now - self._last_received) * 1000:.0f} ms (heartbeat "
+                f"timeout {self._heartbeat_timeout * 1000:.0f} ms)")
+        if (self._heartbeat_interval > 0 and not self._outbox and
+                now - self._last_sent >= self._heartbeat_interval):
+            self._send(_Outgoing(pb.HandoffMessage(heartbeat=pb.Heartbeat(
+                sent_unix_nanos=time.time_ns()))))
+
+    # --- The registered channel ------------------------------------------
+
+    def _receive(self) -> None:
+        taken: list[Connection] = []
+        rejected: list[int] = []
+        for _ in range(_MAX_MESSAGES_PER_TURN):
+            if self._channel is None or self._goodbye_sent:
+                break
+            try:
+                received = self._channel.receive()
+            except (ChannelClosed, ProtocolError, OSError) as error:
+                self._lose_channel(str(error))
+                break
+            if received is None:
+                break
+            message, fd = received
+            self._last_received = self._clock()
+            body = message.WhichOneof("body")
+            if body == "connection":
+                offered = message.connection
+                cid = offered.connection_id
+                if cid in self._owned or any(c.id == cid for c in taken):
+                    os.close(fd)
+                    self._lose_channel(
+                        f"connection {cid} offered twice by the broker")
+                    break
+                capacity = self._options.capacity
+                full = capacity > 0 and (len(self._owned) + self._unsent_acks
+                                         + len(taken)) >= capacity
+                if self.draining or full:
+                    os.close(fd)  # the broker still holds the socket
+                    rejected.append(cid)
+                    continue
+                taken.append(Connection(
+                    cid, socket.socket(fileno=fd), offered.peer_address,
+                    offered.local_address, offered.accept_time_unix_nanos,
+                    offered.initial_data))
+            elif body == "drain":
+                deadline = message.drain.deadline_unix_nanos
+                self._begin_drain(DrainCause.BROKER_REQUEST,
+                                  deadline / 1e9 if deadline > 0 else None)
+            elif body != "heartbeat":
+                if fd is not None:
+                    os.close(fd)
+                self._lose_channel(f"unexpected {body} from the broker")
+                break
+        if self._channel is None:
+            # Nothing can be acked: these close, the broker re-places them.
+            _Outgoing(pb.HandoffMessage(), taken).discard()
+            return
+        if self.draining:
+            # A Drain in the same batch also returns the connections before it.
+            rejected.extend(connection.id for connection in taken)
+            _Outgoing(pb.HandoffMessage(), taken).discard()
+            taken = []
+        if rejected:
+            reason = ("worker is draining" if self.draining else
+                      f"worker is at capacity ({self._options.capacity} "
+                      "connections)")
+            self._send(_Outgoing(pb.HandoffMessage(reject=pb.Reject(
+                connection_ids=rejected, reason=reason))))
+        if taken:
+            self._send(_Outgoing(pb.HandoffMessage(ack=pb.Ack(
+                connection_ids=[c.id for c in taken])), taken))
+
+    def _send(self, outgoing: _Outgoing) -> None:
+        """Sends now if nothing is queued and the socket has room, else
+        queues (and waits for writability)."""
+        if self._channel is None:
+            return outgoing.discard()
+        if not self._outbox:
+            try:
+                if self._channel.send(outgoing.message):
+                    return self._on_sent(outgoing)
+            except (OSError, ProtocolError) as error:
+                outgoing.discard()
+                return self._lose_channel(
+                    f"cannot send {outgoing.message.WhichOneof('body')}: "
+                    f"{error}")
+        self._unsent_acks += len(outgoing.acked)
+        self._outbox.append(outgoing)
+        self._set_writable_interest(True)
+
+    def _flush(self) -> None:
+        while self._channel is not None and self._outbox:
+            outgoing = self._outbox[0]
+            try:
+                if not self._channel.send(outgoing.message):
+                    return
+            except (OSError, ProtocolError) as error:
+                return self._lose_channel(
+                    f"cannot send {outgoing.message.WhichOneof('body')}: "
+                    f"{error}")
+            self._outbox.popleft()
+            self._unsent_acks -= len(outgoing.acked)
+            self._on_sent(outgoing)
+        if self._channel is None:
+            return
+        self._set_writable_interest(False)
+        if self._goodbye_sent:
+            self._close_channel()
+
+    def _on_sent(self, outgoing: _Outgoing) -> None:
+        self._last_sent = self._clock()
+        for connection in outgoing.acked:
+            self._owned[connection.id] = connection.peer_address
+        self._ready.extend(outgoing.acked)
+        outgoing.acked = []
+
+    def _report_closed(self) -> None:
+        if (not self._closed_to_report or self._channel is None or
+                self._goodbye_sent):
+            return
+        ids, self._closed_to_report = self._closed_to_report, []
+        self._send(_Outgoing(pb.HandoffMessage(
+            closed=pb.Closed(connection_ids=ids))))
+
+    def _begin_drain(self, cause: DrainCause,
+                     deadline: Optional[float]) -> None:
+        if self.draining:
+            # A later Drain may bring the deadline closer; announce once.
+            if deadline is not None and (self._drain.deadline is None or
+                                         deadline < self._drain.deadline):
+                self._drain.deadline = deadline
+            return
+        self.draining = True
+        self._drain = Drain(cause, deadline)
+        self._drain_to_announce = True
+
+    def _say_goodbye_if_drained(self) -> None:
+        if (not self.draining or self._channel is None or
+                self._goodbye_sent or self._owned or self._unsent_acks or
+                self._closed_to_report):
+            return
+        self._goodbye_sent = True
+        self._send(_Outgoing(pb.HandoffMessage(goodbye=pb.Goodbye(
+            reason=f"drained ({self._drain.cause.value})"))))
+        # Once Goodbye is out the channel is closed; if it is still queued,
+        # _flush() closes it.
+        if self._channel is not None and not self._outbox:
+            self._close_channel()
+
+    def _close_channel(self) -> None:
+        if self._channel is None:
+            return
+        self._epoll.unregister(self._channel.fileno())
+        self._channel.close()
+        self._channel = None
+        self._want_writable = False
+
+    def _set_writable_interest(self, want: bool) -> None:
+        if self._channel is None or want == self._want_writable:
+            return
+        mask = select.EPOLLIN | (select.EPOLLOUT if want else 0)
+        self._epoll.modify(self._channel.fileno(), mask)
+        self._want_writable = want
