@@ -1,0 +1,752 @@
+#!/usr/bin/python3
+"""The fdbroker benchmark (tests/bench/run.sh builds, then runs this).
+
+Four ways to serve the same HTTP workload with N worker processes, measured
+interleaved (A B C D A B C D ...) so that drift on a shared machine hits each
+variant alike:
+
+  direct        N fdbroker-http-worker --listen, one port, SO_REUSEPORT
+  fdbroker      fdbroker --workers=N with the same worker binary (supervised)
+  haproxy       HAProxy, mode tcp, roundrobin, in front of N standalone
+                workers on their own ports
+  node-cluster  Node.js cluster, SCHED_RR: the primary accepts and hands each
+                connection to one of N node http workers
+
+Two workloads, the same wrk settings for every variant: keep-alive, and one
+connection per request (Connection: close). Each measured run follows a
+warm-up run of the same kind. See docs/benchmarks.md for the method.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (  # noqa: E402
+    BenchError,
+    Processes,
+    children,
+    cpu_seconds,
+    free_port,
+    histogram_delta,
+    histogram_quantile,
+    http_ok,
+    read_key_values,
+    run_main,
+    scrape,
+    scrape_settled,
+    wait_for,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+HOST = "127.0.0.1"
+VARIANTS = ["direct", "fdbroker", "haproxy", "node-cluster"]
+WORKLOADS = ["keepalive", "close"]
+
+
+# --- the variants ----------------------------------------------------------------
+
+
+class Variant:
+    """One way of serving; start() leaves it ready on self.port."""
+
+    name = ""
+    front_name = None  # the process in front of the workers, if any
+
+    def __init__(self, args, procs, workdir):
+        self.args, self.procs = args, procs
+        self.dir = os.path.join(workdir, self.name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.port = None
+        self.front = None  # Popen of the front process
+        self.workers = []  # Popen of workers we started ourselves
+
+    def worker_bin(self):
+        return os.path.join(self.args.bin_dir, "fdbroker-http-worker")
+
+    def start_standalone_worker(self, port, index):
+        ready = os.path.join(self.dir, f"worker{index}.ready")
+        proc = self.procs.start(
+            [self.worker_bin(), f"--listen={HOST}:{port}", f"--ready_file={ready}"],
+            os.path.join(self.dir, f"worker{index}.log"),
+        )
+        self.workers.append(proc)
+        values = wait_for(
+            lambda: read_key_values(ready),
+            20,
+            f"{self.name}: worker {index} ready file",
+            alive=lambda: proc.poll() is None,
+        )
+        return int(values["listen"].rsplit(":", 1)[1])
+
+    def start_front(self, launch):
+        """launch(port) starts the front process on a port picked free a
+        moment before and waits until it serves; another port if it lost
+        that port to someone else (it exited), three tries."""
+        for attempt in range(3):
+            self.port = free_port()
+            try:
+                launch(self.port)
+                return
+            except BenchError:
+                if self.front is None or self.front.poll() is None or attempt == 2:
+                    raise
+                self.front = None
+
+    def front_pid(self):
+        return self.front.pid if self.front else None
+
+    def worker_pids(self):
+        return [p.pid for p in self.workers]
+
+    def wait_serving(self):
+        front = self.front
+        wait_for(
+            lambda: http_ok(HOST, self.port),
+            20,
+            f"{self.name}: GET / (logs: {self.dir})",
+            alive=lambda: front is None or front.poll() is None,
+        )
+
+    def stop(self):
+        for proc in self.workers:
+            self.procs.stop(proc)
+        if self.front:
+            self.procs.stop(self.front, extra_pids=self.child_pids())
+        self.workers, self.front = [], None
+
+    def child_pids(self):
+        return []
+
+    # Hooks around a measured run (the broker's metrics).
+    def before_run(self):
+        return None
+
+    def after_run(self, before, result):
+        pass
+
+
+class Direct(Variant):
+    name = "direct"
+
+    def start(self):
+        # The first worker picks the port, the others share it (SO_REUSEPORT).
+        self.port = self.start_standalone_worker(0, 0)
+        for i in range(1, self.args.workers):
+            self.start_standalone_worker(self.port, i)
+        self.wait_serving()
+
+
+class Fdbroker(Variant):
+    name = "fdbroker"
+    front_name = "broker"
+
+    def start(self):
+        ready = os.path.join(self.dir, "broker.ready")
+        argv = [
+            os.path.join(self.args.bin_dir, "fdbroker"),
+            f"--listen={HOST}:0",
+            f"--control={HOST}:0",
+            f"--metrics={HOST}:0",
+            f"--socket={os.path.join(self.dir, 'handoff.sock')}",
+            f"--workers={self.args.workers}",
+            f"--worker_cmd={self.worker_bin()}",
+            "--drain_timeout=3s",
+            f"--ready_file={ready}",
+        ] + self.args.broker_flag
+        self.front = self.procs.start(argv, os.path.join(self.dir, "broker.log"))
+        values = wait_for(
+            lambda: read_key_values(ready),
+            30,
+            "fdbroker: ready file",
+            alive=lambda: self.front.poll() is None,
+        )
+        self.port = int(values["listen"].rsplit(":", 1)[1])
+        self.metrics = values["metrics"]
+        wait_for(
+            lambda: scrape(self.metrics).get('fdbroker_workers{state="ready"}')
+            == self.args.workers,
+            30,
+            f"fdbroker: {self.args.workers} ready workers",
+            alive=lambda: self.front.poll() is None,
+        )
+        self.wait_serving()
+
+    def worker_pids(self):
+        return children(self.front.pid)
+
+    def child_pids(self):
+        return children(self.front.pid) if self.front else []
+
+    def before_run(self):
+        return scrape_settled(self.metrics)
+
+    def after_run(self, before, result):
+        after = scrape_settled(self.metrics)
+        handed = after["fdbroker_connections_handed_off_total"] - before.get(
+            "fdbroker_connections_handed_off_total", 0.0
+        )
+        result["handed_off"] = handed
+        buckets = histogram_delta(before, after)
+        result["handoff_latency_count"] = buckets[-1][1] if buckets else 0
+        for q in (0.5, 0.99):
+            value = histogram_quantile(q, buckets)
+            result[f"handoff_p{round(q * 100)}_us"] = (
+                None if value is None else value * 1e6
+            )
+        result["handoff_buckets"] = [
+            [("+Inf" if b == float("inf") else b), c] for b, c in buckets
+        ]
+        failures = sum(
+            v - before.get(k, 0.0)
+            for k, v in after.items()
+            if k.startswith("fdbroker_handoff_failures_total")
+        )
+        result["handoff_failures"] = failures
+        if handed > 0 and result["front_cpu_s"] is not None:
+            result["broker_cpu_per_handoff_us"] = result["front_cpu_s"] / handed * 1e6
+
+
+class Haproxy(Variant):
+    name = "haproxy"
+    front_name = "haproxy"
+
+    def start(self):
+        backends = [self.start_standalone_worker(0, i) for i in range(self.args.workers)]
+
+        def launch(port):
+            config = os.path.join(self.dir, "haproxy.cfg")
+            with open(config, "w") as f:
+                f.write(self.config(backends, port))
+            self.front = self.procs.start(
+                ["haproxy", "-db", "-f", config], os.path.join(self.dir, "haproxy.log")
+            )
+            self.wait_serving()
+
+        self.start_front(launch)
+
+    def config(self, backends, port):
+        # Debian's defaults otherwise (threads: one per CPU); tcp mode, so
+        # HAProxy splices bytes and never parses HTTP, like a broker that
+        # would proxy instead of handing the socket over.
+        servers = "\n".join(
+            f"    server w{i} {HOST}:{port}" for i, port in enumerate(backends)
+        )
+        # No global maxconn: HAProxy derives it from RLIMIT_NOFILE.
+        return f"""defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend bench
+    bind {HOST}:{port}
+    default_backend workers
+backend workers
+    balance roundrobin
+{servers}
+"""
+
+
+class NodeCluster(Variant):
+    name = "node-cluster"
+    front_name = "primary"
+
+    def start(self):
+        ready = os.path.join(self.dir, "node.ready")
+
+        def launch(port):
+            if os.path.exists(ready):
+                os.unlink(ready)
+            script = os.path.join(HERE, "node_cluster.js")
+            self.front = self.procs.start(
+                [self.args.node, script, HOST, str(port), str(self.args.workers), ready],
+                os.path.join(self.dir, "node.log"),
+            )
+            wait_for(
+                lambda: read_key_values(ready),
+                30,
+                "node-cluster: ready file",
+                alive=lambda: self.front.poll() is None,
+            )
+            self.wait_serving()
+
+        self.start_front(launch)
+
+    def worker_pids(self):
+        return children(self.front.pid)
+
+    def child_pids(self):
+        return children(self.front.pid) if self.front else []
+
+
+VARIANT_CLASSES = {c.name: c for c in (Direct, Fdbroker, Haproxy, NodeCluster)}
+
+
+# --- wrk -----------------------------------------------------------------------------
+
+
+def wrk_argv(args, port, workload, duration):
+    argv = [
+        "wrk",
+        f"-t{args.wrk_threads}",
+        f"-c{args.connections}",
+        f"-d{duration}s",
+        "--latency",
+    ]
+    if workload == "close":
+        argv += ["-H", "Connection: close"]
+    return argv + [f"http://{HOST}:{port}/"]
+
+
+_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def _seconds(text):
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    return float(m.group(1)) * _UNIT[m.group(2)] if m else None
+
+
+def parse_wrk(text):
+    out = {"errors": 0, "non_2xx": 0}
+    m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", text)
+    if not m:
+        raise BenchError(f"wrk printed no summary:\n{text}")
+    out["requests"] = int(m.group(1))
+    out["elapsed_s"] = _seconds(m.group(2) + m.group(3))
+    out["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}%\s+(\S+)", text, re.M)
+        if m:
+            out[f"wrk_latency_p{pct}_us"] = _seconds(m.group(1)) * 1e6
+    m = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
+    )
+    if m:
+        out["errors"] = sum(int(g) for g in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if m:
+        out["non_2xx"] = int(m.group(1))
+    return out
+
+
+def run_wrk(args, port, workload, duration):
+    argv = wrk_argv(args, port, workload, duration)
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=duration + 30, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} failed:\n{done.stdout}{done.stderr}")
+    return parse_wrk(done.stdout)
+
+
+# --- one measured run -------------------------------------------------------------
+
+
+def cpu_snapshot(variant):
+    front = variant.front_pid()
+    workers = {pid: cpu_seconds(pid) for pid in variant.worker_pids()}
+    return {
+        "front": cpu_seconds(front) if front else None,
+        "workers": workers,
+    }
+
+
+def measure(args, variant, workload):
+    if args.warmup > 0:
+        run_wrk(args, variant.port, workload, args.warmup)
+    metrics_before = variant.before_run()
+    cpu_before = cpu_snapshot(variant)
+    result = run_wrk(args, variant.port, workload, args.duration)
+    cpu_after = cpu_snapshot(variant)
+    front = None
+    if cpu_before["front"] is not None and cpu_after["front"] is not None:
+        front = cpu_after["front"] - cpu_before["front"]
+    workers = 0.0
+    for pid, before in cpu_before["workers"].items():
+        after = cpu_after["workers"].get(pid)
+        if before is not None and after is not None:
+            workers += after - before
+    # A worker that restarted during the run would hide its CPU: say so.
+    result["worker_set_changed"] = set(cpu_before["workers"]) != set(
+        cpu_after["workers"]
+    )
+    result["front_cpu_s"] = front
+    result["workers_cpu_s"] = workers
+    result["total_cpu_s"] = workers + (front or 0.0)
+    requests = result["requests"]
+    if requests:
+        result["cpu_per_request_us"] = result["total_cpu_s"] / requests * 1e6
+        if workload == "close":
+            # One connection per request: wrk's completed requests are the
+            # connections served (the few cut off at the end are noise).
+            result["cpu_per_connection_us"] = result["cpu_per_request_us"]
+            if front is not None:
+                result["front_cpu_per_connection_us"] = front / requests * 1e6
+    variant.after_run(metrics_before, result)
+    return result
+
+
+# --- summary ------------------------------------------------------------------------
+
+SUMMARY_KEYS = [
+    "rps",
+    "cpu_per_request_us",
+    "cpu_per_connection_us",
+    "front_cpu_per_connection_us",
+    "broker_cpu_per_handoff_us",
+    "handoff_p50_us",
+    "handoff_p99_us",
+    "wrk_latency_p50_us",
+    "wrk_latency_p99_us",
+    "errors",
+    "non_2xx",
+]
+
+
+def medians(runs):
+    out = {}
+    for run in runs:
+        cell = out.setdefault(run["variant"], {}).setdefault(run["workload"], {})
+        for key in SUMMARY_KEYS:
+            if run.get(key) is not None:
+                cell.setdefault(key, []).append(run[key])
+    for variant in out.values():
+        for workload, cell in variant.items():
+            variant[workload] = {k: statistics.median(v) for k, v in cell.items()}
+            variant[workload]["rounds"] = max(len(v) for v in cell.values())
+    return out
+
+
+def get(med, variant, workload, key):
+    return med.get(variant, {}).get(workload, {}).get(key)
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def ratios(med):
+    out = {}
+    for workload in WORKLOADS:
+        for variant in VARIANTS:
+            if variant == "direct":
+                continue
+            out[f"{variant}/direct {workload} rps"] = ratio(
+                get(med, variant, workload, "rps"), get(med, "direct", workload, "rps")
+            )
+            out[f"{variant}/direct {workload} cpu_per_request"] = ratio(
+                get(med, variant, workload, "cpu_per_request_us"),
+                get(med, "direct", workload, "cpu_per_request_us"),
+            )
+        out[f"fdbroker/haproxy {workload} rps"] = ratio(
+            get(med, "fdbroker", workload, "rps"), get(med, "haproxy", workload, "rps")
+        )
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def targets(med, rat, idle):
+    """(name, value, goal, PASS|MISS|n/a) for every target of issue 6."""
+
+    def check(name, value, op, goal, unit=""):
+        if value is None:
+            verdict = "n/a"
+        else:
+            verdict = "PASS" if (value >= goal if op == ">=" else value <= goal) else "MISS"
+        return {"target": name, "value": value, "goal": f"{op} {goal}{unit}", "verdict": verdict}
+
+    rss = idle.get("broker_rss_mib") if idle else None
+    return [
+        check("keep-alive throughput vs direct", rat.get("fdbroker/direct keepalive rps"), ">=", 0.95, "x"),
+        check("connection-per-request throughput vs direct", rat.get("fdbroker/direct close rps"), ">=", 0.85, "x"),
+        check("total server CPU per new connection vs direct", rat.get("fdbroker/direct close cpu_per_request"), "<=", 1.3, "x"),
+        check("broker CPU per handed-off connection", get(med, "fdbroker", "close", "broker_cpu_per_handoff_us"), "<=", 10, " us"),
+        check("keep-alive throughput vs HAProxy", rat.get("fdbroker/haproxy keepalive rps"), ">=", 1.6, "x"),
+        check("connection-per-request throughput vs HAProxy", rat.get("fdbroker/haproxy close rps"), ">=", 1.6, "x"),
+        check("hand-off latency p99 (connection per request)", get(med, "fdbroker", "close", "handoff_p99_us"), "<=", 200, " us"),
+        check(f"idle connections ({idle.get('connections') if idle else '100k'}): broker RSS", rss, "<=", 64, " MiB"),
+    ]
+
+
+def fmt(value, digits=1):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def print_summary(med, rat, tgt, args):
+    print(f"\n== medians over {args.rounds} round(s), {args.duration} s each, N={args.workers} workers")
+    cols = [
+        ("req/s", "rps", 0),
+        ("CPU us/req", "cpu_per_request_us", 1),
+        ("front us/conn", "front_cpu_per_connection_us", 1),
+        ("wrk p50 us", "wrk_latency_p50_us", 0),
+        ("wrk p99 us", "wrk_latency_p99_us", 0),
+        ("errors", "errors", 0),
+    ]
+    header = f"{'variant':<14}{'workload':<11}" + "".join(f"{c[0]:>15}" for c in cols)
+    print(header)
+    for workload in WORKLOADS:
+        for variant in VARIANTS:
+            if variant not in med or workload not in med[variant]:
+                continue
+            cell = med[variant][workload]
+            print(
+                f"{variant:<14}{workload:<11}"
+                + "".join(f"{fmt(cell.get(c[1]), c[2]):>15}" for c in cols)
+            )
+    close = med.get("fdbroker", {}).get("close", {})
+    if close:
+        print(
+            f"fdbroker hand-off latency (close): p50 {fmt(close.get('handoff_p50_us'))} us, "
+            f"p99 {fmt(close.get('handoff_p99_us'))} us; broker CPU "
+            f"{fmt(close.get('broker_cpu_per_handoff_us'), 2)} us per handed-off connection"
+        )
+    print("\n== ratios (medians)")
+    for key, value in rat.items():
+        print(f"  {key:<46}{value:8.3f}")
+    print("\n== targets")
+    for t in tgt:
+        print(f"  {t['verdict']:<5} {t['target']:<50} {fmt(t['value'], 3):>10}  (goal {t['goal']})")
+
+
+# --- machine, chart, profile -----------------------------------------------------------
+
+
+def command_output(argv):
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        return (done.stdout + done.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def machine_info(args):
+    model = None
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "wrk": command_output(["wrk", "-v"]),
+        "haproxy": command_output(["haproxy", "-v"]),
+        "node": command_output([args.node, "--version"]),
+        "python": platform.python_version(),
+        "fdbroker_commit": command_output(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]),
+        "loadavg_at_start": open("/proc/loadavg").read().split()[:3],
+    }
+
+
+def draw_chart(med, path, args):
+    """Two panels: throughput and server CPU per request, per workload."""
+    if not shutil.which("gnuplot"):
+        print("chart: gnuplot not found (deploy/setup.sh --bench-tools installs it); skipped")
+        return False
+    with tempfile.NamedTemporaryFile("w", suffix=".dat", delete=False) as f:
+        data = f.name
+        # Columns: variant, keep-alive req/s, close req/s, keep-alive CPU, close CPU.
+        for v in VARIANTS:
+            row = [
+                get(med, v, "keepalive", "rps"),
+                get(med, v, "close", "rps"),
+                get(med, v, "keepalive", "cpu_per_request_us"),
+                get(med, v, "close", "cpu_per_request_us"),
+            ]
+            f.write(v + " " + " ".join("NaN" if x is None else f"{x:.3f}" for x in row) + "\n")
+    title = f"N={args.workers} workers, wrk -t{args.wrk_threads} -c{args.connections}, median of {args.rounds} x {args.duration} s"
+    script = f"""
+set terminal pngcairo size 1200,500 font ",10"
+set output "{path}"
+set multiplot layout 1,2 title "fdbroker benchmark: {title}"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set boxwidth 0.9
+set key top left
+set grid ytics
+set yrange [0:*]
+set title "throughput (requests/s, higher is better)"
+plot "{data}" using 2:xtic(1) title "keep-alive", "" using 3 title "connection per request"
+set title "server CPU per request (us, front + workers, lower is better)"
+plot "{data}" using 4:xtic(1) title "keep-alive", "" using 5 title "connection per request"
+unset multiplot
+"""
+    try:
+        done = subprocess.run(["gnuplot"], input=script, text=True, capture_output=True, timeout=60)
+    finally:
+        os.unlink(data)
+    if done.returncode != 0:
+        raise BenchError(f"gnuplot failed: {done.stderr}")
+    print(f"chart: {path}")
+    return True
+
+
+def profile_broker(args, variant, out_prefix):
+    """perf record -g of the broker under connection-per-request load; the
+    top symbols of perf report --no-children."""
+    if not shutil.which("perf"):
+        print("profile: perf not found (deploy/setup.sh --bench-tools installs linux-perf); skipped")
+        return None
+    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    data = out_prefix + ".perf.data"
+    seconds = max(2, min(args.duration, 10))
+    perf = subprocess.Popen(
+        ["perf", "record", "-g", "-F", "999", "-p", str(variant.front_pid()), "-o", data, "--", "sleep", str(seconds)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        load = run_wrk(args, variant.port, "close", seconds)
+    finally:
+        _, err = perf.communicate(timeout=seconds + 60)
+    if perf.returncode != 0:
+        print(f"profile: perf record failed: {err.strip()}")
+        return None
+    report = subprocess.run(
+        ["perf", "report", "-i", data, "--no-children", "--stdio", "--sort", "symbol", "-g", "none", "--percent-limit", "0.01"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [l for l in report.stdout.splitlines() if l.strip() and not l.startswith("#")]
+    top = lines[:15]
+    with open(out_prefix + ".perf.txt", "w") as f:
+        f.write(f"perf record -g -F 999 -p <broker> under wrk -t{args.wrk_threads} -c{args.connections} -H 'Connection: close' for {seconds} s ({load['rps']:.0f} req/s)\n")
+        f.write("perf report --no-children --sort symbol (top 15)\n")
+        f.write("\n".join(top) + "\n")
+    os.unlink(data)
+    print(f"profile: {out_prefix}.perf.txt")
+    return {"seconds": seconds, "rps": load["rps"], "top": top}
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bin-dir", required=True, help="directory with fdbroker and fdbroker-http-worker")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of warm-up before each run (0: none)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--wrk-threads", type=int, default=2)
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--broker-flag", action="append", default=[], help="extra fdbroker flag (repeatable)")
+    p.add_argument("--node", default="/usr/bin/node")
+    p.add_argument("--json", required=True, help="where to write the results")
+    p.add_argument("--chart", default="", help="PNG path ('' : no chart)")
+    p.add_argument("--profile", default="", help="path prefix for the perf profile ('' : none)")
+    p.add_argument("--idle-json", default="", help="results of idle.py to fold into the summary")
+    args = p.parse_args()
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    for v in args.variants:
+        if v not in VARIANT_CLASSES:
+            p.error(f"unknown variant {v} (one of {', '.join(VARIANTS)})")
+    for w in args.workloads:
+        if w not in WORKLOADS:
+            p.error(f"unknown workload {w} (one of {', '.join(WORKLOADS)})")
+    if args.rounds < 1 or args.duration < 1 or args.workers < 1:
+        p.error("--rounds, --duration and --workers must be at least 1")
+    return args
+
+
+def main():
+    args = parse_args()
+    procs = Processes()
+    workdir = tempfile.mkdtemp(prefix="fdbroker-bench.")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    runs, variants, profile = [], {}, None
+    try:
+        info = machine_info(args)
+        print(f"machine: {info['nproc']} CPUs, {info['cpu_model']}, kernel {info['kernel']}, load {' '.join(info['loadavg_at_start'])}")
+        for name in args.variants:
+            if name == "node-cluster" and not os.access(args.node, os.X_OK):
+                print(f"node-cluster: {args.node} not found; variant skipped")
+                continue
+            if name == "haproxy" and not shutil.which("haproxy"):
+                print("haproxy: not found (deploy/setup.sh --bench-tools); variant skipped")
+                continue
+            variant = VARIANT_CLASSES[name](args, procs, workdir)
+            variant.start()
+            variants[name] = variant
+            print(f"{name}: serving on {HOST}:{variant.port}")
+        for rnd in range(1, args.rounds + 1):
+            for workload in args.workloads:
+                for name, variant in variants.items():
+                    result = measure(args, variant, workload)
+                    result.update(variant=name, workload=workload, round=rnd)
+                    runs.append(result)
+                    extra = ""
+                    if workload == "close" and result.get("handoff_p99_us") is not None:
+                        extra = f", hand-off p99 {result['handoff_p99_us']:.0f} us"
+                    print(
+                        f"round {rnd} {workload:<9} {name:<13} {result['rps']:>10,.0f} req/s, "
+                        f"{result.get('cpu_per_request_us', 0):6.1f} us CPU/req, errors {result['errors']}{extra}",
+                        flush=True,
+                    )
+        if args.profile and "fdbroker" in variants:
+            profile = profile_broker(args, variants["fdbroker"], args.profile)
+    finally:
+        for variant in variants.values():
+            variant.stop()
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    idle = None
+    if args.idle_json and os.path.exists(args.idle_json):
+        with open(args.idle_json) as f:
+            idle = json.load(f)
+    med = medians(runs)
+    rat = ratios(med)
+    tgt = targets(med, rat, idle)
+    print_summary(med, rat, tgt, args)
+    result = {
+        "started": started.isoformat(timespec="seconds"),
+        "machine": info,
+        "settings": {
+            "rounds": args.rounds,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "workers": args.workers,
+            "wrk_threads": args.wrk_threads,
+            "wrk_connections": args.connections,
+            "wrk_keepalive": " ".join(wrk_argv(args, 0, "keepalive", args.duration)),
+            "wrk_close": " ".join(wrk_argv(args, 0, "close", args.duration)),
+            "broker_flags": args.broker_flag,
+            "variants": list(variants),
+        },
+        "runs": runs,
+        "medians": med,
+        "ratios": rat,
+        "targets": tgt,
+        "idle": idle,
+        "profile": profile,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nresults: {args.json}")
+    if args.chart:
+        draw_chart(med, args.chart, args)
+
+
+if __name__ == "__main__":
+    run_main(main)
