@@ -7,6 +7,7 @@ from 1. Any violation is a ProtocolError, after which the channel is useless:
 the caller closes it (it never resynchronises).
 """
 
+import array
 import os
 import socket
 from typing import Optional
@@ -14,8 +15,8 @@ from typing import Optional
 from ._proto import DecodeError, pb
 
 MAX_PACKET_BYTES = 65536
-# The kernel's SCM_MAX_FD: a control buffer this big shows every fd sent.
-_MAX_FDS = 253
+# Room for the kernel's SCM_MAX_FD (253) fds: shows every fd that was sent.
+_CONTROL_BYTES = socket.CMSG_SPACE(253 * array.array("i").itemsize)
 # Bodies that carry exactly one fd; every other body carries none.
 _FD_BODIES = frozenset({"connection", "release"})
 
@@ -83,16 +84,28 @@ class Channel:
         """The next message and its fd (owned by the caller), or None if
         nothing is queued. ChannelClosed on EOF, ProtocolError on a bad
         packet (its fds already closed), OSError on a socket error."""
+        # Not socket.recv_fds(): in 3.11 it drops its flags argument (no
+        # MSG_CMSG_CLOEXEC) and ignores foreign ancillary data.
         try:
-            data, fds, flags, _ = socket.recv_fds(
-                self.sock, MAX_PACKET_BYTES + 1, _MAX_FDS,
-                socket.MSG_CMSG_CLOEXEC)
+            data, ancillary, flags, _ = self.sock.recvmsg(
+                MAX_PACKET_BYTES + 1, _CONTROL_BYTES, socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return None
+        fds = array.array("i")
+        foreign = 0
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) -
+                                      len(payload) % fds.itemsize])
+            else:
+                foreign += 1
         try:
+            if foreign:
+                raise ProtocolError(
+                    f"{foreign} ancillary messages other than SCM_RIGHTS")
             if not data and not fds:
                 raise ChannelClosed("the broker closed the channel")
-            return self._validate(data, fds, flags)
+            return self._validate(data, list(fds), flags)
         except BaseException:
             for fd in fds:
                 os.close(fd)
