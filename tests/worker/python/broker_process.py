@@ -3,6 +3,7 @@ tests: 127.0.0.1 port 0, a private hand-off socket, readiness by polling its
 --ready_file. Only processes the test started are killed, by pid."""
 
 import http.client
+import json
 import os
 import pathlib
 import signal
@@ -98,6 +99,7 @@ class Broker:
         if self.process.poll() is not None:
             raise AssertionError(f"broker exited: {self.log()}")
         self.port = int(values["listen"].rsplit(":", 1)[1])
+        self.control = values["control"]
 
     def log(self) -> str:
         with open(self.log_path) as log:
@@ -145,6 +147,18 @@ class Broker:
         wait_for(lambda: open_fds(self.pid) == baseline, timeout,
                  f"broker fd count back to {baseline} "
                  f"(now {open_fds(self.pid)})")
+
+    def rpc(self, method: str, request: Optional[dict] = None) -> str:
+        """Calls BrokerService.`method` with `buf curl` (gRPC, server
+        reflection); the JSON answer."""
+        done = subprocess.run(
+            ["buf", "curl", "--protocol", "grpc", "--http2-prior-knowledge",
+             "-d", json.dumps(request or {}),
+             f"http://{self.control}/fdbroker.v1.BrokerService/{method}"],
+            capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise AssertionError(f"{method}: {done.stderr}")
+        return done.stdout
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Signals the broker and waits for it; its exit code."""

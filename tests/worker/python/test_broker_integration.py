@@ -2,12 +2,15 @@
 the real fdbroker: load, crashes, drain and a broker restart."""
 
 import http.client
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import unittest
+from typing import Optional
 
 from broker_process import Broker, child_pids, open_fds, wait_for
 
@@ -33,8 +36,11 @@ class BrokerIntegrationTest(unittest.TestCase):
         self.assertNotIn("Socket errors", wrk.stdout)
         requests = int(re.search(r"(\d+) requests in", wrk.stdout).group(1))
         self.assertGreater(requests, 1000, wrk.stdout)
-        # Every process answers: concurrent connections go to each worker.
-        self.assertEqual(broker.serving_pids(9), pids)
+        # Every process answers: concurrent connections go to each worker
+        # (once the workers' Closed for wrk's connections are in, least_conn
+        # spreads new ones evenly again).
+        wait_for(lambda: broker.serving_pids(9) == pids, 10,
+                 "all three workers answering")
         broker.wait_for_fds(baseline)
         self.assertEqual(broker.stop(), 0, broker.log())
 
@@ -51,9 +57,13 @@ class BrokerIntegrationTest(unittest.TestCase):
             client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             self.assertIn(b"200 OK", client.recv(4096))
         os.kill(victim, signal.SIGKILL)
-        new_pids = wait_for(
-            lambda: (lambda p: p if len(p) == 3 and victim not in p else None)(
-                broker.worker_pids()), 20, "a replacement worker")
+        def replaced() -> Optional[set[int]]:
+            current = broker.worker_pids()
+            if len(current) == 3 and victim not in current:
+                return current
+            return None
+
+        new_pids = wait_for(replaced, 20, "a replacement worker")
         self.assertEqual(broker.wait_for_workers(3), new_pids)
         for client in clients:
             client.close()
@@ -89,6 +99,40 @@ class BrokerIntegrationTest(unittest.TestCase):
         idle.close()
         self.assertEqual(broker.process.wait(30), 0, broker.log())
         self.assertRegex(broker.log(), r"exited: exit code 0")
+
+    @unittest.skipUnless(shutil.which("buf"), "needs buf (deploy/setup.sh "
+                         "--test-tools installs it)")
+    def test_drain_worker_rpc_replaces_a_worker_after_its_request(self
+                                                                  ) -> None:
+        broker = self.start_broker(2)
+        pids = broker.wait_for_workers(2)
+        busy = socket.create_connection(("127.0.0.1", broker.port),
+                                        timeout=10)
+        busy.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        owner = int(re.search(rb"X-Worker-Pid: (\d+)",
+                              busy.recv(4096)).group(1))
+        busy.sendall(b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n")
+        workers = json.loads(broker.rpc("ListWorkers"))["workers"]
+        worker_id = next(w["id"] for w in workers if w["pid"] == owner)
+        broker.rpc("DrainWorker", {"worker_id": worker_id, "replace": True})
+        response = b""
+        while b"slept\n" not in response:
+            chunk = busy.recv(4096)
+            self.assertTrue(chunk, f"connection closed after {response!r}")
+            response += chunk
+        self.assertIn(b"200 OK", response)
+        self.assertEqual(busy.recv(4096), b"")  # closed after it
+        busy.close()
+
+        def replaced() -> Optional[set[int]]:
+            current = broker.worker_pids()
+            return None if owner in current else current
+
+        wait_for(replaced, 20, "the drained worker's exit")
+        after = broker.wait_for_workers(2)
+        self.assertEqual(len(after - pids), 1)  # one replacement
+        self.assertNotIn(owner, after)
+        self.assertIn(f"(pid {owner}) exited: exit code 0", broker.log())
 
     def test_workers_re_register_with_a_restarted_broker(self) -> None:
         first = self.start_broker(2)
