@@ -323,7 +323,7 @@ def parse_wrk(text):
     out["requests"] = int(m.group(1))
     out["elapsed_s"] = _seconds(m.group(2) + m.group(3))
     out["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-    for pct in ("50", "99"):
+    for pct in ("50", "99"):  # wrk --latency percentiles
         m = re.search(rf"^\s+{pct}%\s+(\S+)", text, re.M)
         if m:
             out[f"wrk_latency_p{pct}_us"] = _seconds(m.group(1)) * 1e6
@@ -520,6 +520,43 @@ def print_summary(med, rat, tgt, args):
         print(f"  {t['verdict']:<5} {t['target']:<50} {fmt(t['value'], 3):>10}  (goal {t['goal']})")
 
 
+def markdown(med, rat, tgt, args):
+    """The tables of docs/benchmarks.md, for pasting."""
+    out = [
+        f"Medians of {args.rounds} round(s) x {args.duration} s, N={args.workers} workers, "
+        f"wrk -t{args.wrk_threads} -c{args.connections}.",
+        "",
+        "| variant | workload | req/s | vs direct | server CPU us/req | front CPU us/conn | wrk p50 / p99 ms |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for workload in WORKLOADS:
+        for variant in VARIANTS:
+            cell = med.get(variant, {}).get(workload)
+            if not cell:
+                continue
+            vs = rat.get(f"{variant}/direct {workload} rps", 1.0 if variant == "direct" else None)
+            p50, p99 = cell.get("wrk_latency_p50_us"), cell.get("wrk_latency_p99_us")
+            out.append(
+                f"| {variant} | {'keep-alive' if workload == 'keepalive' else 'connection per request'} "
+                f"| {fmt(cell.get('rps'), 0)} | {fmt(vs, 2)} | {fmt(cell.get('cpu_per_request_us'))} "
+                f"| {fmt(cell.get('front_cpu_per_connection_us'))} "
+                f"| {fmt(p50 and p50 / 1000, 2)} / {fmt(p99 and p99 / 1000, 2)} |"
+            )
+    close = med.get("fdbroker", {}).get("close", {})
+    out += [
+        "",
+        f"fdbroker under connection per request: hand-off latency (accept to Ack) p50 "
+        f"{fmt(close.get('handoff_p50_us'))} us, p99 {fmt(close.get('handoff_p99_us'))} us; "
+        f"broker CPU {fmt(close.get('broker_cpu_per_handoff_us'), 2)} us per handed-off connection.",
+        "",
+        "| target | goal | measured | |",
+        "| --- | --- | ---: | --- |",
+    ]
+    for t in tgt:
+        out.append(f"| {t['target']} | {t['goal']} | {fmt(t['value'], 3)} | {t['verdict']} |")
+    return "\n".join(out) + "\n"
+
+
 # --- machine, chart, profile -----------------------------------------------------------
 
 
@@ -546,7 +583,7 @@ def machine_info(args):
         "haproxy": command_output(["haproxy", "-v"]),
         "node": command_output([args.node, "--version"]),
         "python": platform.python_version(),
-        "fdbroker_commit": command_output(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]),
+        "fdbroker_commit": command_output(["git", "-C", ROOT, "describe", "--always", "--dirty"]),
         "loadavg_at_start": open("/proc/loadavg").read().split()[:3],
     }
 
@@ -618,20 +655,27 @@ def profile_broker(args, variant, out_prefix):
         print(f"profile: perf record failed: {err.strip()}")
         return None
     report = subprocess.run(
-        ["perf", "report", "-i", data, "--no-children", "--stdio", "--sort", "symbol", "-g", "none", "--percent-limit", "0.01"],
+        ["perf", "report", "-i", data, "--no-children", "--stdio", "--sort", "dso,symbol", "-g", "none"],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    lines = [l for l in report.stdout.splitlines() if l.strip() and not l.startswith("#")]
+    # Drop perf's empty trailing columns ("-  -") and the padding.
+    lines = [
+        re.sub(r"(\s+-)*\s*$", "", l)
+        for l in report.stdout.splitlines()
+        if l.strip() and not l.startswith("#")
+    ]
     top = lines[:15]
+    m = re.search(r"^# Samples: (\S+)\s+of event '([^']+)'", report.stdout, re.M)
+    samples = f"{m.group(1)} samples of {m.group(2)}" if m else "samples: ?"
     with open(out_prefix + ".perf.txt", "w") as f:
         f.write(f"perf record -g -F 999 -p <broker> under wrk -t{args.wrk_threads} -c{args.connections} -H 'Connection: close' for {seconds} s ({load['rps']:.0f} req/s)\n")
-        f.write("perf report --no-children --sort symbol (top 15)\n")
+        f.write(f"perf report --no-children --sort dso,symbol (top 15 of {samples})\n")
         f.write("\n".join(top) + "\n")
     os.unlink(data)
     print(f"profile: {out_prefix}.perf.txt")
-    return {"seconds": seconds, "rps": load["rps"], "top": top}
+    return {"seconds": seconds, "rps": load["rps"], "samples": samples, "top": top}
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -743,7 +787,10 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\nresults: {args.json}")
+    table = os.path.splitext(args.json)[0] + ".md"
+    with open(table, "w") as f:
+        f.write(markdown(med, rat, tgt, args))
+    print(f"\nresults: {args.json} (tables: {table})")
     if args.chart:
         draw_chart(med, args.chart, args)
 
