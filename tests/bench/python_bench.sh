@@ -111,14 +111,23 @@ done
   exit 1
 }
 
+# cpu_ticks PID: user + system CPU time of PID so far, in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
 # measure NAME PORT: a warm-up, then one measured wrk run; appends req/s to
-# workdir/NAME.rps.
+# workdir/NAME.rps (and, for the broker, its CPU share to broker.cpu).
 measure() {
-  local name=$1 port=$2 out="${workdir}/$1.wrk"
+  local name=$1 port=$2 out="${workdir}/$1.wrk" before
   wrk -t"${threads}" -c"${connections}" -d"${warmup}s" \
     "http://127.0.0.1:${port}/" >/dev/null
+  before=$(cpu_ticks "${broker_pid}")
   wrk -t"${threads}" -c"${connections}" -d"${duration}s" \
     "http://127.0.0.1:${port}/" >"${out}"
+  if [[ "${name}" == fdbroker ]]; then
+    echo "$(($(cpu_ticks "${broker_pid}") - before))" \
+      "$(getconf CLK_TCK)" "${duration}" |
+      awk '{ printf "%.2f\n", 100 * $1 / $2 / $3 }' >>"${workdir}/broker.cpu"
+  fi
   if grep -q 'Non-2xx\|Socket errors' "${out}"; then
     echo "python_bench.sh: ${name} had errors:" >&2
     cat "${out}" >&2
@@ -151,3 +160,5 @@ printf 'median: 1 process direct %.0f req/s; %d workers via fdbroker %.0f req/s\
   "${direct}" "${workers}" "${brokered}"
 awk -v a="${brokered}" -v b="${direct}" \
   'BEGIN { printf "speed-up: %.2fx\n", a / b }'
+echo "broker CPU during the fdbroker runs: $(paste -sd' ' "${workdir}/broker.cpu")" \
+  "(% of one core)"
