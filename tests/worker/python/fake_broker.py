@@ -25,7 +25,8 @@ class FakeBroker:
 
     def listen(self) -> None:
         """(Again) listens on socket_path: a new broker on the same path."""
-        self.listening_socket = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listening_socket = socket.socket(socket.AF_UNIX,
+                                              socket.SOCK_SEQPACKET)
         self.listening_socket.bind(self.socket_path)
         self.listening_socket.listen(8)
 
@@ -74,8 +75,9 @@ class FakeBroker:
 
     def send(self, fd: Optional[int] = None, **body) -> None:
         self._sent += 1
-        data = pb.HandoffMessage(sequence=self._sent, **body).SerializeToString()
-        socket.send_fds(self.channel, [data], [fd] if fd is not None else [])
+        message = pb.HandoffMessage(sequence=self._sent, **body)
+        socket.send_fds(self.channel, [message.SerializeToString()],
+                        [fd] if fd is not None else [])
 
     def send_raw(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
         socket.send_fds(self.channel, [data], list(fds))
