@@ -23,6 +23,19 @@ class BrokerIntegrationTest(unittest.TestCase):
         self.addCleanup(broker.cleanup)
         return broker
 
+    def assert_last_response_then_closed(self, busy: socket.socket) -> None:
+        """The /sleep request in flight on `busy` is answered, as the last
+        one on its connection, which the draining worker then closes."""
+        response = b""
+        while b"slept\n" not in response:
+            chunk = busy.recv(4096)
+            self.assertTrue(chunk, f"connection closed after {response!r}")
+            response += chunk
+        self.assertIn(b"HTTP/1.1 200 OK", response)
+        self.assertIn(b"Connection: close", response)
+        self.assertEqual(busy.recv(4096), b"")
+        busy.close()
+
     def test_three_workers_serve_keep_alive_load(self) -> None:
         broker = self.start_broker(3)
         pids = broker.wait_for_workers(3)
@@ -84,15 +97,7 @@ class BrokerIntegrationTest(unittest.TestCase):
         busy.sendall(b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n")
         # SIGTERM drains the broker and its workers.
         broker.process.send_signal(signal.SIGTERM)
-        response = b""
-        while b"slept\n" not in response:
-            chunk = busy.recv(4096)
-            self.assertTrue(chunk, f"connection closed after {response!r}")
-            response += chunk
-        self.assertIn(b"HTTP/1.1 200 OK", response)
-        self.assertIn(b"Connection: close", response)
-        self.assertEqual(busy.recv(4096), b"")  # then closed
-        busy.close()
+        self.assert_last_response_then_closed(busy)
         # The idle keep-alive connection was closed by the drain.
         idle.sock.settimeout(10)
         self.assertEqual(idle.sock.recv(4096), b"")
@@ -115,14 +120,7 @@ class BrokerIntegrationTest(unittest.TestCase):
         workers = json.loads(broker.rpc("ListWorkers"))["workers"]
         worker_id = next(w["id"] for w in workers if w["pid"] == owner)
         broker.rpc("DrainWorker", {"worker_id": worker_id, "replace": True})
-        response = b""
-        while b"slept\n" not in response:
-            chunk = busy.recv(4096)
-            self.assertTrue(chunk, f"connection closed after {response!r}")
-            response += chunk
-        self.assertIn(b"200 OK", response)
-        self.assertEqual(busy.recv(4096), b"")  # closed after it
-        busy.close()
+        self.assert_last_response_then_closed(busy)
 
         def replaced() -> Optional[set[int]]:
             current = broker.worker_pids()
