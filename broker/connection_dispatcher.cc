@@ -52,6 +52,14 @@ void ConnectionDispatcher::Enqueue(Entry entry, bool front) {
   ArmPendingTimer();
 }
 
+void ConnectionDispatcher::FormatConnection(const Entry& entry,
+                                            v1::Connection& body) {
+  body.set_connection_id(entry.id);
+  entry.connection.peer.Format(*body.mutable_peer_address());
+  entry.connection.local.Format(*body.mutable_local_address());
+  body.set_accept_time_unix_nanos(entry.connection.accept_unix_nanos);
+}
+
 bool ConnectionDispatcher::TryPlace(Entry& entry) {
   candidates_.clear();
   for (const auto& [id, worker] : registry_.workers()) {
@@ -62,13 +70,25 @@ bool ConnectionDispatcher::TryPlace(Entry& entry) {
   while (!candidates_.empty()) {
     const size_t pick = policy_.Pick(candidates_, entry.connection.peer);
     Worker& worker = *candidates_[pick];
-    v1::Connection* body = message_.mutable_connection();
-    body->set_connection_id(entry.id);
-    entry.connection.peer.Format(*body->mutable_peer_address());
-    entry.connection.local.Format(*body->mutable_local_address());
-    body->set_accept_time_unix_nanos(entry.connection.accept_unix_nanos);
+    if (worker.max_connections_per_message > 1) {
+      ++worker.unacked;
+      ++entry.attempts;
+      entry.worker_id = worker.id;
+      entry.staged = true;
+      const uint64_t id = entry.id;
+      in_flight_.emplace(id, std::move(entry));
+      std::vector<uint64_t>& batch = batches_[worker.id];
+      batch.push_back(id);
+      if (batch.size() >= worker.max_connections_per_message) {
+        SendBatch(worker.id, batch);
+      }
+      ScheduleFlush();
+      return true;
+    }
+    FormatConnection(entry, *message_.mutable_connection());
+    const int fd = entry.connection.fd.get();
     absl::StatusOr<wire::SendResult> sent =
-        worker.channel->SendConnection(message_, entry.connection.fd.get());
+        worker.channel->SendConnections(message_, {&fd, 1});
     if (sent.ok() && *sent == wire::SendResult::kSent) {
       ++worker.unacked;
       ++entry.attempts;
@@ -90,10 +110,106 @@ bool ConnectionDispatcher::TryPlace(Entry& entry) {
   return false;
 }
 
+void ConnectionDispatcher::SendBatch(uint64_t worker_id,
+                                     std::vector<uint64_t>& ids) {
+  batch_entries_.clear();
+  for (uint64_t id : ids) {
+    // Entries re-queued meanwhile (channel lost) are no longer ours to send.
+    auto it = in_flight_.find(id);
+    if (it != in_flight_.end() && it->second.staged &&
+        it->second.worker_id == worker_id) {
+      batch_entries_.push_back(&it->second);
+    }
+  }
+  ids.clear();
+  if (batch_entries_.empty()) return;
+  Worker* worker = registry_.Find(worker_id);
+  absl::StatusOr<wire::SendResult> sent = absl::UnavailableError("worker gone");
+  if (worker != nullptr && worker->channel != nullptr) {
+    batch_fds_.clear();
+    if (batch_entries_.size() == 1) {
+      FormatConnection(*batch_entries_.front(), *message_.mutable_connection());
+    } else {
+      v1::ConnectionBatch& batch = *message_.mutable_connection_batch();
+      // Reuses the Connection objects (and their strings) of earlier batches.
+      while (batch.connections_size() >
+             static_cast<int>(batch_entries_.size())) {
+        batch.mutable_connections()->RemoveLast();
+      }
+      for (size_t i = 0; i < batch_entries_.size(); ++i) {
+        FormatConnection(*batch_entries_[i],
+                         i < static_cast<size_t>(batch.connections_size())
+                             ? *batch.mutable_connections(static_cast<int>(i))
+                             : *batch.add_connections());
+      }
+    }
+    for (const Entry* entry : batch_entries_) {
+      batch_fds_.push_back(entry->connection.fd.get());
+    }
+    sent = worker->channel->SendConnections(message_, batch_fds_);
+  }
+  if (sent.ok() && *sent == wire::SendResult::kSent) {
+    for (Entry* entry : batch_entries_) entry->staged = false;
+    if (batch_entries_.size() > 1) ++stats_.batches_sent;
+    return;
+  }
+  if (sent.ok()) {
+    // The worker is not reading its channel (it is congested now, so the
+    // re-placement passes it by).
+    ++stats_.send_would_block;
+  } else if (worker != nullptr && worker->channel != nullptr) {
+    ++stats_.send_errors;
+    worker->channel->Close(absl::UnavailableError(
+        absl::StrCat("hand-off failed: ", sent.status().message())));
+  }
+  for (Entry* entry : batch_entries_) {
+    if (worker != nullptr) --worker->unacked;
+    const uint64_t id = entry->id;
+    auto it = in_flight_.find(id);
+    failed_.push_back(std::move(it->second));
+    in_flight_.erase(it);
+    failed_.back().staged = false;
+    failed_.back().worker_id = 0;
+    // Not the connection's fault: this attempt does not count.
+    --failed_.back().attempts;
+  }
+  ScheduleFlush();
+}
+
+void ConnectionDispatcher::ScheduleFlush() {
+  if (flush_scheduled_) return;
+  flush_scheduled_ = true;
+  loop_.RunSoon([this] {
+    flush_scheduled_ = false;
+    FlushBatches();
+  });
+}
+
+void ConnectionDispatcher::FlushBatches() {
+  for (auto it = batches_.begin(); it != batches_.end();) {
+    if (!it->second.empty()) SendBatch(it->first, it->second);
+    // Forget removed workers; keep the others' vectors (and capacity).
+    if (registry_.Find(it->first) == nullptr) {
+      batches_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+  if (failed_.empty()) return;
+  // Back to the front in their original order, then placed anew (the
+  // worker they failed on is congested or closed, so it is passed by).
+  for (auto it = failed_.rbegin(); it != failed_.rend(); ++it) {
+    Enqueue(std::move(*it), /*front=*/true);
+  }
+  failed_.clear();
+  PlacePending();
+}
+
 absl::Status ConnectionDispatcher::OnAck(Worker& worker, const v1::Ack& ack) {
   for (uint64_t id : ack.connection_ids()) {
     auto it = in_flight_.find(id);
-    if (it == in_flight_.end() || it->second.worker_id != worker.id) {
+    if (it == in_flight_.end() || it->second.worker_id != worker.id ||
+        it->second.staged) {
       return absl::InvalidArgumentError(
           absl::StrCat("ack for connection ", id, " not sent to this worker"));
     }
@@ -113,7 +229,8 @@ absl::Status ConnectionDispatcher::OnReject(Worker& worker,
                                             const v1::Reject& reject) {
   for (uint64_t id : reject.connection_ids()) {
     auto it = in_flight_.find(id);
-    if (it == in_flight_.end() || it->second.worker_id != worker.id) {
+    if (it == in_flight_.end() || it->second.worker_id != worker.id ||
+        it->second.staged) {
       return absl::InvalidArgumentError(absl::StrCat(
           "reject for connection ", id, " not sent to this worker"));
     }
@@ -161,6 +278,7 @@ void ConnectionDispatcher::ReclaimUnacked(Worker& worker) {
     Entry entry = std::move(it->second);
     in_flight_.erase(it);
     entry.worker_id = 0;
+    entry.staged = false;
     ++stats_.worker_lost;
     ++stats_.replaced;
     Enqueue(std::move(entry), /*front=*/true);

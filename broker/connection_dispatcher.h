@@ -28,8 +28,19 @@ namespace fdbroker {
 // first, the connection goes back to the front of the queue and is placed on
 // another worker. So at every moment exactly one process is responsible for
 // each accepted connection.
+//
+// Batching: connections placed on a worker that declared
+// max_connections_per_message > 1 are staged (in the in-flight table, fd
+// held, counted in the worker's load) and sent together at the end of the
+// loop turn, or as soon as the worker's batch is full: one sendmsg and one
+// worker wake-up for a burst of accepts. A batch that cannot be sent goes
+// back to the front of the queue, like a Reject.
 class ConnectionDispatcher {
  public:
+  // The broker's cap on a worker's max_connections_per_message (fds per
+  // packet; the kernel allows 253).
+  static constexpr uint32_t kMaxConnectionsPerMessage = 64;
+
   struct Options {
     // Connections waiting for a worker with room; past this they are closed.
     size_t max_pending = 4096;
@@ -46,6 +57,7 @@ class ConnectionDispatcher {
     uint64_t rejected_overload = 0;
     uint64_t rejected_shutdown = 0;
     uint64_t failed_attempts = 0;  // Closed after max_attempts.
+    uint64_t batches_sent = 0;     // Packets with more than one connection.
     uint64_t send_would_block = 0;
     uint64_t send_errors = 0;
     uint64_t worker_lost = 0;  // Un-acked when a worker's channel died.
@@ -96,11 +108,21 @@ class ConnectionDispatcher {
     uint64_t worker_id = 0;    // While in flight.
     uint64_t excluded_id = 0;  // The worker that last rejected it.
     int attempts = 0;
+    bool staged = false;  // In flight but not sent yet (see Batching).
   };
 
-  // Sends `entry` to the best available worker. On success it is moved into
-  // the in-flight table; on failure it is left untouched.
+  // Gives `entry` to the best available worker: sent now, or staged in the
+  // worker's batch. On success it is moved into the in-flight table; on
+  // failure it is left untouched.
   bool TryPlace(Entry& entry);
+  // Sends `worker_id`'s staged connections (`ids`, cleared). What cannot be
+  // sent goes to failed_ and is re-placed by FlushBatches().
+  void SendBatch(uint64_t worker_id, std::vector<uint64_t>& ids);
+  // End of the loop turn: sends every staged batch, re-places failures.
+  void FlushBatches();
+  void ScheduleFlush();
+  // Fills message_ with a Connection body for `entry`.
+  void FormatConnection(const Entry& entry, v1::Connection& body);
   void Enqueue(Entry entry, bool front);
   void ArmPendingTimer();
   void ExpirePending();
@@ -113,8 +135,15 @@ class ConnectionDispatcher {
   std::deque<Entry> pending_;
   absl::flat_hash_map<uint64_t, Entry> in_flight_;
   EventLoop::TimerId pending_timer_ = 0;
+  // Staged connection ids per worker id, in placement order.
+  absl::flat_hash_map<uint64_t, std::vector<uint64_t>> batches_;
+  bool flush_scheduled_ = false;
+  // Staged entries whose batch could not be sent, to re-place.
+  std::vector<Entry> failed_;
   // Reused per placement so the data path does not allocate.
   std::vector<Worker*> candidates_;
+  std::vector<Entry*> batch_entries_;
+  std::vector<int> batch_fds_;
   v1::HandoffMessage message_;
   Stats stats_;
   LatencyHistogram latency_;

@@ -122,6 +122,7 @@ class EventLoop {
   absl::flat_hash_map<TimerId, Task> timer_tasks_;
   TimerId next_timer_id_ = 1;
   std::vector<Task> soon_;
+  std::vector<Task> soon_running_;  // The batch of soon_ being run.
 
   absl::Mutex post_mu_;
   std::vector<Task> posted_ ABSL_GUARDED_BY(post_mu_);

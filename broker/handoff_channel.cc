@@ -75,11 +75,12 @@ void HandoffChannel::Close(const absl::Status& reason) {
   });
 }
 
-absl::StatusOr<wire::SendResult> HandoffChannel::SendConnection(
-    v1::HandoffMessage& message, int client_fd) {
+absl::StatusOr<wire::SendResult> HandoffChannel::SendConnections(
+    v1::HandoffMessage& message, absl::Span<const int> client_fds) {
   if (closed_) return absl::UnavailableError("channel closed");
   if (!queue_.empty()) return wire::SendResult::kWouldBlock;
-  absl::StatusOr<wire::SendResult> result = channel_.Send(message, client_fd);
+  absl::StatusOr<wire::SendResult> result =
+      channel_.SendWithFds(message, client_fds);
   if (result.ok()) {
     if (*result == wire::SendResult::kSent) {
       last_sent_nanos_ = loop_.NowNanos();

@@ -22,12 +22,12 @@ namespace fdbroker {
 
 // The broker's end of one worker's SOCK_SEQPACKET channel. Loop thread only.
 //
-// Connection messages are sent directly and never queued: if the worker's
-// socket buffer is full the send reports kWouldBlock and the caller places
-// the connection elsewhere (a worker that stops reading is bypassed, not
-// waited on). Control messages (Welcome, Drain, Heartbeat, ...) are queued
-// when the socket is full and flushed in order when it drains; while any are
-// queued, Connection sends report kWouldBlock so order is preserved.
+// Connection (and ConnectionBatch) messages are sent directly and never queued:
+// if the worker's socket buffer is full the send reports kWouldBlock and the
+// caller places the connection elsewhere (a worker that stops reading is
+// bypassed, not waited on). Control messages (Welcome, Drain, Heartbeat, ...)
+// are queued when the socket is full and flushed in order when it drains; while
+// any are queued, Connection sends report kWouldBlock so order is preserved.
 class HandoffChannel {
  public:
   class Delegate {
@@ -52,9 +52,10 @@ class HandoffChannel {
       wire::SysCalls& sys, Delegate& delegate);
   ~HandoffChannel();
 
-  // Sends a Connection body with the client fd (the broker keeps its copy).
-  absl::StatusOr<wire::SendResult> SendConnection(v1::HandoffMessage& message,
-                                                  int client_fd);
+  // Sends a Connection or ConnectionBatch body with its client fds (the
+  // broker keeps its copies).
+  absl::StatusOr<wire::SendResult> SendConnections(
+      v1::HandoffMessage& message, absl::Span<const int> client_fds);
   // Sends a message that carries fds (UpgradeHandover) right now; a full
   // socket is an error here (it is only used on a fresh channel).
   absl::Status SendWithFds(v1::HandoffMessage& message,

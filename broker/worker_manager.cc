@@ -180,6 +180,9 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
   }
   worker->pid = worker->supervised ? worker->pid : peer.pid;
   worker->capacity = hello.capacity();
+  worker->max_connections_per_message =
+      std::clamp<uint32_t>(hello.max_connections_per_message(), 1,
+                           ConnectionDispatcher::kMaxConnectionsPerMessage);
   worker->labels.clear();
   for (const auto& [key, value] : hello.labels()) worker->labels[key] = value;
   // Re-registration after a broker restart or upgrade: the worker keeps

@@ -34,6 +34,9 @@ struct Worker {
   bool adopted = false;
   // Most connections (owned + unacked) the worker wants; 0 means no limit.
   uint32_t capacity = 0;
+  // Most connections per hand-off packet (Hello.max_connections_per_message,
+  // capped by the broker); 1: single Connection messages only.
+  uint32_t max_connections_per_message = 1;
   std::map<std::string, std::string> labels;
   absl::Time started_at;
   int64_t started_mono_nanos = 0;

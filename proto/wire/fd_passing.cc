@@ -62,9 +62,13 @@ absl::StatusOr<SendResult> SendPacket(SysCalls& sys, int socket,
 absl::StatusOr<ReceiveResult> ReceivePacket(SysCalls& sys, int socket,
                                             Packet& packet) {
   packet.fds.clear();
+  packet.data.clear();
   // One spare byte so that an oversized packet shows up as MSG_TRUNC.
-  packet.data.resize(kMaxPacketBytes + 1);
-  iovec iov{packet.data.data(), packet.data.size()};
+  constexpr size_t kBufferBytes = kMaxPacketBytes + 1;
+  if (packet.receive_buffer == nullptr) {
+    packet.receive_buffer.reset(new char[kBufferBytes]);
+  }
+  iovec iov{packet.receive_buffer.get(), kBufferBytes};
   ControlBuffer control;
   msghdr msg{};
   msg.msg_iov = &iov;
@@ -76,7 +80,6 @@ absl::StatusOr<ReceiveResult> ReceivePacket(SysCalls& sys, int socket,
     n = sys.RecvMsg(socket, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
     if (n >= 0) break;
     if (errno == EINTR) continue;
-    packet.data.clear();
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
       return ReceiveResult::kWouldBlock;
     }
@@ -100,12 +103,11 @@ absl::StatusOr<ReceiveResult> ReceivePacket(SysCalls& sys, int socket,
   if (n == 0 && packet.fds.empty() && !unexpected_control) {
     // SOCK_SEQPACKET reports an orderly shutdown as a zero-length read; a
     // zero-length packet is never sent by this protocol.
-    packet.data.clear();
     return ReceiveResult::kPeerClosed;
   }
-  packet.data.resize(static_cast<size_t>(n));
+  packet.data.assign(packet.receive_buffer.get(), static_cast<size_t>(n));
   // The buffer has one spare byte: a packet that fills it is oversized too.
-  if ((msg.msg_flags & MSG_TRUNC) || packet.data.size() > kMaxPacketBytes) {
+  if ((msg.msg_flags & MSG_TRUNC) || static_cast<size_t>(n) > kMaxPacketBytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         "packet larger than the limit of ", kMaxPacketBytes, " bytes"));
   }

@@ -2,6 +2,7 @@
 #define FDBROKER_PROTO_WIRE_FD_PASSING_H_
 
 #include <cstddef>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,10 @@ enum class ReceiveResult { kReceived, kWouldBlock, kPeerClosed };
 struct Packet {
   std::string data;
   std::vector<UniqueFd> fds;
+  // Where ReceivePacket() lands a packet before copying its few bytes to
+  // `data`: allocated once and never zero-filled (re-growing `data` to the
+  // packet limit on every call would memset 64 KiB per message).
+  std::unique_ptr<char[]> receive_buffer;
 };
 
 // Sends `data` as one packet with `fds` attached (SCM_RIGHTS). The caller

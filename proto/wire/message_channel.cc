@@ -14,6 +14,8 @@ size_t RequiredFds(const v1::HandoffMessage& message) {
       return 1;
     case v1::HandoffMessage::kUpgradeHandover:
       return 2;
+    case v1::HandoffMessage::kConnectionBatch:
+      return static_cast<size_t>(message.connection_batch().connections_size());
     default:
       return 0;
   }
@@ -47,6 +49,8 @@ absl::string_view BodyName(const v1::HandoffMessage& message) {
       return "upgrade_request";
     case v1::HandoffMessage::kUpgradeHandover:
       return "upgrade_handover";
+    case v1::HandoffMessage::kConnectionBatch:
+      return "connection_batch";
     case v1::HandoffMessage::BODY_NOT_SET:
       break;
   }
@@ -78,6 +82,10 @@ absl::Status MessageDecoder::Decode(Packet& packet, v1::HandoffMessage& message,
     return absl::InvalidArgumentError(
         absl::StrCat("out-of-order ", BodyName(message), ": sequence ",
                      message.sequence(), ", expected ", next_sequence_));
+  }
+  if (message.body_case() == v1::HandoffMessage::kConnectionBatch &&
+      message.connection_batch().connections_size() == 0) {
+    return absl::InvalidArgumentError("connection_batch without connections");
   }
   const size_t required = RequiredFds(message);
   if (packet.fds.size() != required) {

@@ -16,10 +16,10 @@ namespace fdbroker::wire {
 
 // The protocol version this code speaks (see handoff.proto).
 inline constexpr uint32_t kProtocolMajor = 1;
-inline constexpr uint32_t kProtocolMinor = 0;
+inline constexpr uint32_t kProtocolMinor = 1;
 
-// How many fds a message must arrive with: 1 for Connection and Release,
-// 0 for everything else.
+// How many fds a message must arrive with: 1 for Connection and Release, 2
+// for UpgradeHandover, one per connection for ConnectionBatch, 0 for the rest.
 size_t RequiredFds(const v1::HandoffMessage& message);
 
 // The body's name ("hello", "ack", ...) for logs; "none" when unset.
@@ -31,8 +31,8 @@ absl::string_view BodyName(const v1::HandoffMessage& message);
 // the channel must then be closed (the packet's fds close with it).
 class MessageDecoder {
  public:
-  // On success `message` holds the message and `fd` its fd (if any; for the
-  // two-fd UpgradeHandover use the vector form).
+  // On success `message` holds the message and `fd` its fd (if any; for
+  // UpgradeHandover and ConnectionBatch use the vector form).
   absl::Status Decode(Packet& packet, v1::HandoffMessage& message,
                       UniqueFd& fd);
   // On success `fds` holds exactly RequiredFds(message) fds.

@@ -53,6 +53,26 @@ struct FakeWorker {
   std::unique_ptr<wire::MessageChannel> end;
   int broker_fd;  // The broker's end, owned by the HandoffChannel.
 
+  // The next ConnectionBatch the broker sent, with its fds.
+  bool ReceiveBatch(v1::ConnectionBatch& batch,
+                    std::vector<wire::UniqueFd>& fds) {
+    v1::HandoffMessage message;
+    absl::StatusOr<wire::ReceiveResult> r = end->Receive(message, fds);
+    if (!r.ok() || *r != wire::ReceiveResult::kReceived) return false;
+    if (message.body_case() != v1::HandoffMessage::kConnectionBatch) {
+      return false;
+    }
+    batch = message.connection_batch();
+    return true;
+  }
+  // Nothing more was sent.
+  bool Quiet() {
+    v1::HandoffMessage message;
+    std::vector<wire::UniqueFd> fds;
+    absl::StatusOr<wire::ReceiveResult> r = end->Receive(message, fds);
+    return r.ok() && *r == wire::ReceiveResult::kWouldBlock;
+  }
+
   // The next Connection the broker sent, with its fd.
   bool ReceiveConnection(v1::Connection& connection, wire::UniqueFd& fd) {
     v1::HandoffMessage message;
@@ -70,6 +90,12 @@ class DispatcherTest : public ::testing::Test {
     loop_ = *EventLoop::Create();
     dispatcher_ = std::make_unique<ConnectionDispatcher>(*loop_, registry_,
                                                          policy_, options_);
+  }
+
+  // Runs what the loop does at the end of a turn (batches are sent there).
+  void EndTurn() {
+    loop_->RunSoon([this] { loop_->Stop(); });
+    loop_->Run();
   }
 
   FakeWorker AddWorker(uint32_t capacity = 0) {
@@ -293,6 +319,104 @@ TEST_F(DispatcherTest, CapacityQueuesAndTheQueueIsBounded) {
   ASSERT_TRUE(dispatcher_->OnClosed(*a.worker, closed).ok());
   EXPECT_EQ(dispatcher_->pending(), 1u) << "room again: next one placed";
   ASSERT_TRUE(a.ReceiveConnection(connection, fd));
+}
+
+TEST_F(DispatcherTest, ABurstGoesToABatchingWorkerInOnePacket) {
+  FakeWorker w = AddWorker();
+  w.worker->max_connections_per_message = 8;
+  wire::UniqueFd clients[5];
+  for (auto& client : clients) dispatcher_->Dispatch(NewClient(client));
+  // Staged: counted in the load and held, but not sent before the turn ends.
+  EXPECT_EQ(w.worker->load(), 5);
+  EXPECT_EQ(dispatcher_->in_flight(), 5u);
+  EXPECT_TRUE(w.Quiet());
+  // An Ack cannot name a connection the worker was never sent.
+  v1::Ack early;
+  early.add_connection_ids(424242);
+  EXPECT_FALSE(dispatcher_->OnAck(*w.worker, early).ok());
+
+  EndTurn();
+  v1::ConnectionBatch batch;
+  std::vector<wire::UniqueFd> fds;
+  ASSERT_TRUE(w.ReceiveBatch(batch, fds));
+  ASSERT_EQ(batch.connections_size(), 5);
+  ASSERT_EQ(fds.size(), 5u);
+  EXPECT_TRUE(w.Quiet());
+  EXPECT_EQ(dispatcher_->stats().batches_sent, 1u);
+  // Each fd is the socket its Connection names, in order.
+  v1::Ack ack;
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_EQ(::write(clients[i].get(), &i, 1), 1);
+    char got;
+    ASSERT_EQ(::read(fds[i].get(), &got, 1), 1);
+    EXPECT_EQ(got, static_cast<char>(i));
+    EXPECT_EQ(batch.connections(i).peer_address(), "127.0.0.1:5555");
+    ack.add_connection_ids(batch.connections(i).connection_id());
+  }
+  ASSERT_TRUE(dispatcher_->OnAck(*w.worker, ack).ok());
+  EXPECT_EQ(dispatcher_->in_flight(), 0u);
+  EXPECT_EQ(w.worker->active(), 5);
+}
+
+TEST_F(DispatcherTest, AFullBatchIsSentAtOnceAndASingleOneAsConnection) {
+  FakeWorker w = AddWorker();
+  w.worker->max_connections_per_message = 2;
+  wire::UniqueFd clients[3];
+  for (auto& client : clients) dispatcher_->Dispatch(NewClient(client));
+  v1::ConnectionBatch batch;
+  std::vector<wire::UniqueFd> fds;
+  ASSERT_TRUE(w.ReceiveBatch(batch, fds)) << "sent when the batch filled";
+  EXPECT_EQ(batch.connections_size(), 2);
+  EXPECT_TRUE(w.Quiet());
+  EndTurn();
+  v1::Connection connection;
+  wire::UniqueFd fd;
+  ASSERT_TRUE(w.ReceiveConnection(connection, fd)) << "the lone third";
+  EXPECT_EQ(w.worker->load(), 3);
+}
+
+TEST_F(DispatcherTest, ABatchThatCannotBeSentIsPlacedElsewhere) {
+  FakeWorker a = AddWorker();
+  FakeWorker b = AddWorker();
+  a.worker->max_connections_per_message = 8;
+  b.worker->max_connections_per_message = 8;
+  sys_.send_errno_[a.broker_fd] = EAGAIN;  // a stopped reading.
+  wire::UniqueFd clients[4];
+  for (auto& client : clients) dispatcher_->Dispatch(NewClient(client));
+  EXPECT_EQ(a.worker->load(), 2);  // least_conn staged two on each.
+  EndTurn();
+  EXPECT_EQ(a.worker->load(), 0);
+  EXPECT_TRUE(a.worker->channel->congested());
+  EXPECT_EQ(b.worker->load(), 4);
+  EXPECT_EQ(dispatcher_->in_flight(), 4u);
+  EXPECT_EQ(dispatcher_->pending(), 0u);
+  // b got its own two first, then a's two in a second batch.
+  v1::ConnectionBatch batch;
+  std::vector<wire::UniqueFd> fds;
+  size_t received = 0;
+  while (b.ReceiveBatch(batch, fds)) received += fds.size();
+  EXPECT_EQ(received, 4u);
+  for (auto& client : clients) EXPECT_FALSE(PeerClosed(client));
+}
+
+TEST_F(DispatcherTest, StagedConnectionsOfALostWorkerAreNotSentToIt) {
+  FakeWorker a = AddWorker();
+  FakeWorker b = AddWorker();
+  a.worker->max_connections_per_message = 8;
+  wire::UniqueFd clients[2];
+  for (auto& client : clients) dispatcher_->Dispatch(NewClient(client));
+  ASSERT_EQ(a.worker->load(), 1);
+  // a's channel dies before the turn ends: its staged connection is
+  // re-queued and placed on b, and never sent to a.
+  a.worker->channel->Close(absl::UnavailableError("peer closed"));
+  dispatcher_->ReclaimUnacked(*a.worker);
+  EndTurn();
+  EXPECT_EQ(b.worker->load(), 2);
+  v1::Connection connection;
+  wire::UniqueFd fd;
+  EXPECT_TRUE(b.ReceiveConnection(connection, fd));
+  EXPECT_TRUE(b.ReceiveConnection(connection, fd));
+  for (auto& client : clients) EXPECT_FALSE(PeerClosed(client));
 }
 
 }  // namespace

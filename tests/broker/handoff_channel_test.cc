@@ -111,7 +111,8 @@ TEST_F(HandoffChannelTest, ControlMessagesQueueWhileTheSocketIsFull) {
   int sv[2];
   ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
   wire::UniqueFd a(sv[0]), b(sv[1]);
-  EXPECT_EQ(*channel_->SendConnection(connection, a.get()),
+  const int fd = a.get();
+  EXPECT_EQ(*channel_->SendConnections(connection, {&fd, 1}),
             wire::SendResult::kWouldBlock);
   // The worker reads everything: the queue flushes in order.
   int64_t expected = 0;

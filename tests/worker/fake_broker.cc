@@ -142,16 +142,41 @@ absl::Status FakeBroker::SendRefusal(v1::RefusalReason reason,
   return Send(std::move(message));
 }
 
-absl::Status FakeBroker::SendConnection(uint64_t id, int fd,
-                                        const std::string& initial_data) {
-  v1::HandoffMessage message;
-  v1::Connection& connection = *message.mutable_connection();
+namespace {
+
+void FillConnection(uint64_t id, const std::string& initial_data,
+                    v1::Connection& connection) {
   connection.set_connection_id(id);
   connection.set_peer_address(absl::StrCat("192.0.2.1:", 40000 + id));
   connection.set_local_address("198.51.100.1:8080");
   connection.set_accept_time_unix_nanos(absl::ToUnixNanos(absl::Now()));
   connection.set_initial_data(initial_data);
+}
+
+}  // namespace
+
+absl::Status FakeBroker::SendConnection(uint64_t id, int fd,
+                                        const std::string& initial_data) {
+  v1::HandoffMessage message;
+  FillConnection(id, initial_data, *message.mutable_connection());
   return Send(std::move(message), fd);
+}
+
+absl::Status FakeBroker::SendConnectionBatch(const std::vector<uint64_t>& ids,
+                                             const std::vector<int>& fds) {
+  if (channel_ == nullptr) return absl::FailedPreconditionError("no channel");
+  v1::HandoffMessage message;
+  for (uint64_t id : ids) {
+    FillConnection(id, "",
+                   *message.mutable_connection_batch()->add_connections());
+  }
+  absl::StatusOr<wire::SendResult> sent = channel_->SendWithFds(message, fds);
+  if (!sent.ok()) return sent.status();
+  if (*sent != wire::SendResult::kSent) {
+    return absl::ResourceExhaustedError("channel full");
+  }
+  ++sent_;
+  return absl::OkStatus();
 }
 
 absl::Status FakeBroker::SendDrain(absl::Time deadline) {

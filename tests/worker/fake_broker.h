@@ -43,6 +43,9 @@ class FakeBroker {
                            const std::string& message);
   absl::Status SendConnection(uint64_t id, int fd,
                               const std::string& initial_data = "");
+  // One ConnectionBatch: connection ids[i] carries fds[i].
+  absl::Status SendConnectionBatch(const std::vector<uint64_t>& ids,
+                                   const std::vector<int>& fds);
   absl::Status SendDrain(absl::Time deadline);
   absl::Status SendHeartbeat();
   // Sends bytes as one packet, bypassing the channel's checks (a

@@ -206,7 +206,8 @@ TEST_F(WorkerSdkTest, HelloCarriesVersionPidCapacityAndLabels) {
   options.labels = {{"lang", "c++"}, {"zone", "a"}};
   Register(std::move(options));
   EXPECT_EQ(hello_.version().major(), 1u);
-  EXPECT_EQ(hello_.version().minor(), 0u);
+  EXPECT_EQ(hello_.version().minor(), wire::kProtocolMinor);
+  EXPECT_EQ(hello_.max_connections_per_message(), 32u);
   EXPECT_EQ(hello_.pid(), ::getpid());
   EXPECT_EQ(hello_.capacity(), 12u);
   EXPECT_THAT(hello_.labels(),
@@ -334,6 +335,55 @@ TEST_F(WorkerSdkTest, SeveralConnectionsAreAckedInOneBatch) {
   // ... and nothing else was sent.
   EXPECT_TRUE(absl::IsDeadlineExceeded(
       broker_->Receive(absl::Milliseconds(100)).status()));
+}
+
+TEST_F(WorkerSdkTest, ConnectionBatchIsDeliveredAndAckedTogether) {
+  Register(DefaultOptions());
+  std::vector<FakeClient> clients;
+  std::vector<int> fds;
+  for (int i = 0; i < 3; ++i) {
+    clients.push_back(MakeFakeClient());
+    fds.push_back(clients.back().broker_end.get());
+  }
+  ASSERT_TRUE(broker_->SendConnectionBatch({11, 12, 13}, fds).ok());
+  ASSERT_TRUE(PumpUntil([&] { return delivered_.size() == 3; }));
+  absl::StatusOr<HandoffMessage> ack = broker_->Receive();
+  ASSERT_TRUE(ack.ok() && ack->has_ack()) << ack.status();
+  EXPECT_THAT(Ids(ack->ack().connection_ids()), ElementsAre(11u, 12u, 13u));
+  // Connection i got fd i: bytes from client i arrive on it.
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(delivered_[i].id, 11 + i);
+    EXPECT_EQ(delivered_[i].peer_address,
+              absl::StrCat("192.0.2.1:", 40011 + i));
+    const char byte = static_cast<char>('a' + i);
+    ASSERT_EQ(::write(clients[i].client.get(), &byte, 1), 1);
+    char got = 0;
+    ASSERT_EQ(::read(delivered_[i].fd.get(), &got, 1), 1);
+    EXPECT_EQ(got, byte);
+  }
+}
+
+TEST_F(WorkerSdkTest, BatchBiggerThanDeclaredLosesTheChannel) {
+  Options options = DefaultOptions();
+  options.max_connections_per_message = 2;
+  options.reconnect_timeout = absl::ZeroDuration();
+  Register(std::move(options));
+  EXPECT_EQ(hello_.max_connections_per_message(), 2u);
+  std::vector<FakeClient> clients;
+  std::vector<int> fds;
+  for (int i = 0; i < 3; ++i) {
+    clients.push_back(MakeFakeClient());
+    fds.push_back(clients.back().broker_end.get());
+  }
+  ASSERT_TRUE(broker_->SendConnectionBatch({1, 2, 3}, fds).ok());
+  ASSERT_TRUE(PumpUntil([&] { return worker_->finished(); }));
+  EXPECT_TRUE(broker_->WaitForClose());
+  EXPECT_TRUE(delivered_.empty());
+  // The worker closed its copies: only the test's ends remain open.
+  for (FakeClient& client : clients) client.broker_end.Reset();
+  for (FakeClient& client : clients) {
+    EXPECT_TRUE(ReadsEof(client.client.get(), absl::Seconds(5)));
+  }
 }
 
 TEST_F(WorkerSdkTest, ClosedConnectionsAreReportedInOneBatch) {

@@ -29,6 +29,7 @@ class BrokerSource final : public ConnectionSource {
   int pollable_fd() const override { return worker_->pollable_fd(); }
   absl::Duration OnReadable(ConnectionSink& sink) override;
   void StopTaking(ConnectionSink& sink) override;
+  bool SharesSockets() const override { return true; }
   void ConnectionClosed(uint64_t source_id) override {
     worker_->ConnectionClosed(source_id);
   }

@@ -389,9 +389,13 @@ void HttpServer::CloseGracefully(Slot& slot) {
 void HttpServer::Close(Slot& slot) {
   const uint64_t key = slot.key;
   const uint64_t source_id = slot.source_id;
-  // Explicit removal: a broker may still hold a copy of this socket for a
-  // moment, and epoll forgets an fd only when every copy is closed.
-  (void)::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, slot.fd.get(), nullptr);
+  if (source_->SharesSockets()) {
+    // The broker may still hold a copy for a moment: epoll forgets an fd
+    // only when every copy is closed, and the client would see our FIN only
+    // then (and the broker would pay for the teardown). Say it now.
+    (void)::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, slot.fd.get(), nullptr);
+    if (!slot.lingering) (void)::shutdown(slot.fd.get(), SHUT_RDWR);
+  }
   slots_.erase(key);  // Closes the fd.
   source_->ConnectionClosed(source_id);
 }

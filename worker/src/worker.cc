@@ -35,6 +35,7 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Connect(Options options) {
   body.mutable_version()->set_minor(wire::kProtocolMinor);
   body.set_pid(static_cast<int32_t>(::getpid()));
   body.set_capacity(options.capacity);
+  body.set_max_connections_per_message(options.max_connections_per_message);
   for (const auto& [key, value] : options.labels) {
     (*body.mutable_labels())[key] = value;
   }

@@ -88,6 +88,7 @@ WorkerImpl::WorkerImpl(Options options, std::string socket_path,
                        v1::HandoffMessage hello, Registration registration,
                        wire::UniqueFd epoll_fd, TimerFd timer, WakeFd wake)
     : capacity_(options.capacity),
+      max_connections_per_message_(options.max_connections_per_message),
       socket_path_(std::move(socket_path)),
       hello_(std::move(hello)),
       reconnect_timeout_(ToChrono(options.reconnect_timeout)),
@@ -200,11 +201,40 @@ void WorkerImpl::ProcessEventsWith(
 void WorkerImpl::ReceiveLocked() {
   std::vector<ClientConnection> taken;
   std::vector<uint64_t> rejected;
-  wire::UniqueFd fd;
+  // One offered connection (from a Connection or a ConnectionBatch); false
+  // if the broker broke the protocol (the channel is then lost).
+  auto offer = [&](v1::Connection& offered, wire::UniqueFd fd) {
+    const uint64_t id = offered.connection_id();
+    const bool duplicate =
+        owned_.contains(id) ||
+        std::any_of(taken.begin(), taken.end(),
+                    [id](const ClientConnection& c) { return c.id == id; });
+    if (duplicate) {
+      LoseChannelLocked(
+          absl::StrCat("connection ", id, " offered twice by the broker"));
+      return false;
+    }
+    const bool full = capacity_ > 0 &&
+                      owned_.size() + unsent_acks_ + taken.size() >= capacity_;
+    if (draining_ || full) {
+      // Our copy closes here; the broker still holds the socket.
+      rejected.push_back(id);
+      return true;
+    }
+    ClientConnection& connection = taken.emplace_back();
+    connection.id = id;
+    connection.fd = std::move(fd);
+    connection.peer_address = std::move(*offered.mutable_peer_address());
+    connection.local_address = std::move(*offered.mutable_local_address());
+    connection.accept_time =
+        absl::FromUnixNanos(offered.accept_time_unix_nanos());
+    connection.initial_data = std::move(*offered.mutable_initial_data());
+    return true;
+  };
   for (int i = 0; i < kMaxMessagesPerTurn; ++i) {
     if (channel_ == nullptr || goodbye_sent_) break;
     absl::StatusOr<wire::ReceiveResult> received =
-        channel_->Receive(incoming_, fd);
+        channel_->Receive(incoming_, incoming_fds_);
     if (!received.ok()) {
       LoseChannelLocked(received.status().message());
       break;
@@ -216,35 +246,23 @@ void WorkerImpl::ReceiveLocked() {
     }
     last_received_ = std::chrono::steady_clock::now();
     switch (incoming_.body_case()) {
-      case v1::HandoffMessage::kConnection: {
-        v1::Connection& offered = *incoming_.mutable_connection();
-        const uint64_t id = offered.connection_id();
-        const bool duplicate =
-            owned_.contains(id) ||
-            std::any_of(taken.begin(), taken.end(),
-                        [id](const ClientConnection& c) { return c.id == id; });
-        if (duplicate) {
-          LoseChannelLocked(
-              absl::StrCat("connection ", id, " offered twice by the broker"));
+      case v1::HandoffMessage::kConnection:
+        offer(*incoming_.mutable_connection(), std::move(incoming_fds_[0]));
+        break;
+      case v1::HandoffMessage::kConnectionBatch: {
+        auto& batch =
+            *incoming_.mutable_connection_batch()->mutable_connections();
+        if (static_cast<uint32_t>(batch.size()) >
+            max_connections_per_message_) {
+          LoseChannelLocked(absl::StrCat(
+              "connection_batch of ", batch.size(), " connections exceeds our ",
+              "max_connections_per_message ", max_connections_per_message_));
           break;
         }
-        const bool full =
-            capacity_ > 0 &&
-            owned_.size() + unsent_acks_ + taken.size() >= capacity_;
-        if (draining_ || full) {
-          // Our copy closes here; the broker still holds the socket.
-          fd.Reset();
-          rejected.push_back(id);
-          break;
+        // The decoder checked: one fd per connection, in order.
+        for (int k = 0; k < batch.size(); ++k) {
+          if (!offer(batch[k], std::move(incoming_fds_[k]))) break;
         }
-        ClientConnection& connection = taken.emplace_back();
-        connection.id = id;
-        connection.fd = std::move(fd);
-        connection.peer_address = std::move(*offered.mutable_peer_address());
-        connection.local_address = std::move(*offered.mutable_local_address());
-        connection.accept_time =
-            absl::FromUnixNanos(offered.accept_time_unix_nanos());
-        connection.initial_data = std::move(*offered.mutable_initial_data());
         break;
       }
       case v1::HandoffMessage::kDrain:
@@ -260,6 +278,7 @@ void WorkerImpl::ReceiveLocked() {
                                        " message from the broker"));
         break;
     }
+    incoming_fds_.clear();  // Closes the copies of rejected connections.
   }
   // Without a channel nothing can be acked: `taken` closes undelivered and
   // the broker re-places those connections.

@@ -130,6 +130,8 @@ class WorkerImpl final : public Worker {
   void WakeLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const uint32_t capacity_;
+  // What our Hello declared; a bigger ConnectionBatch is a protocol error.
+  const uint32_t max_connections_per_message_;
   // What re-registration needs: where, the first Hello (no owned
   // connections), how long to try, how long an attempt waits for Welcome.
   const std::string socket_path_;
@@ -193,6 +195,7 @@ class WorkerImpl final : public Worker {
   int attempts_ ABSL_GUARDED_BY(mu_) = 0;
   // Reused between receives so that steady traffic does not allocate.
   v1::HandoffMessage incoming_ ABSL_GUARDED_BY(mu_);
+  std::vector<wire::UniqueFd> incoming_fds_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace fdbroker::worker

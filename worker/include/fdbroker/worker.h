@@ -98,6 +98,10 @@ struct Options {
   // The most connections this worker wants at once; 0 means no limit. Extra
   // connections are returned to the broker (Reject).
   uint32_t capacity = 0;
+  // The most connections the broker may send in one packet (a burst of
+  // accepts then costs both sides one message instead of one each). 1
+  // disables batching; the broker caps it at 64.
+  uint32_t max_connections_per_message = 32;
   // Shown by the broker's control plane (ListWorkers).
   std::map<std::string, std::string> labels;
   // How long Connect() waits for the broker's Welcome (also the most a
