@@ -16,7 +16,7 @@ namespace fdbroker::wire {
 
 // The protocol version this code speaks (see handoff.proto).
 inline constexpr uint32_t kProtocolMajor = 1;
-inline constexpr uint32_t kProtocolMinor = 1;
+inline constexpr uint32_t kProtocolMinor = 2;
 
 // How many fds a message must arrive with: 1 for Connection and Release, 2
 // for UpgradeHandover, one per connection for ConnectionBatch, 0 for the rest.
