@@ -24,6 +24,16 @@ absl::string_view DrainCauseName(DrainCause cause) {
   return "unknown";
 }
 
+absl::string_view ReleaseReasonName(ReleaseReason reason) {
+  switch (reason) {
+    case ReleaseReason::kRebalance:
+      return "rebalance";
+    case ReleaseReason::kDrain:
+      return "drain";
+  }
+  return "unknown";
+}
+
 absl::StatusOr<std::unique_ptr<Worker>> Worker::Connect(Options options) {
   absl::StatusOr<std::string> socket_path =
       ResolveSocketPath(options.socket_path);
@@ -36,6 +46,7 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Connect(Options options) {
   body.set_pid(static_cast<int32_t>(::getpid()));
   body.set_capacity(options.capacity);
   body.set_max_connections_per_message(options.max_connections_per_message);
+  body.set_supports_release(static_cast<bool>(options.on_release_request));
   for (const auto& [key, value] : options.labels) {
     (*body.mutable_labels())[key] = value;
   }

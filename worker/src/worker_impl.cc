@@ -43,6 +43,16 @@ absl::Time DeadlineFromUnixNanos(int64_t nanos) {
   return nanos > 0 ? absl::FromUnixNanos(nanos) : absl::InfiniteFuture();
 }
 
+ReleaseReason ReasonFromProto(v1::ReleaseReason reason) {
+  return reason == v1::RELEASE_REASON_DRAIN ? ReleaseReason::kDrain
+                                            : ReleaseReason::kRebalance;
+}
+
+v1::ReleaseReason ReasonToProto(ReleaseReason reason) {
+  return reason == ReleaseReason::kDrain ? v1::RELEASE_REASON_DRAIN
+                                         : v1::RELEASE_REASON_REBALANCE;
+}
+
 std::chrono::nanoseconds ToChrono(absl::Duration duration) {
   if (duration <= absl::ZeroDuration()) return std::chrono::nanoseconds(0);
   if (duration >= absl::FromChrono(kForever)) return kForever;
@@ -97,6 +107,8 @@ WorkerImpl::WorkerImpl(Options options, std::string socket_path,
                                        : wire::SysCalls::Real()),
       on_connection_(std::move(options.on_connection)),
       on_drain_(std::move(options.on_drain)),
+      on_release_request_(std::move(options.on_release_request)),
+      supports_release_(static_cast<bool>(on_release_request_)),
       epoll_fd_(std::move(epoll_fd)),
       timer_(std::move(timer)),
       wake_(std::move(wake)),
@@ -150,6 +162,7 @@ void WorkerImpl::ProcessEvents() {
 void WorkerImpl::ProcessEventsWith(
     absl::FunctionRef<void(ClientConnection)> deliver) {
   std::vector<ClientConnection> ready;
+  std::vector<std::pair<uint32_t, ReleaseReason>> release_requests;
   bool announce_drain = false;
   DrainCause cause = DrainCause::kLocal;
   absl::Time deadline = absl::InfiniteFuture();
@@ -186,6 +199,7 @@ void WorkerImpl::ProcessEventsWith(
     ReportClosedLocked();
     SayGoodbyeIfDrainedLocked();
     ready.swap(ready_);
+    release_requests.swap(release_requests_);
     if (drain_to_announce_) {
       drain_to_announce_ = false;
       announce_drain = true;
@@ -196,6 +210,9 @@ void WorkerImpl::ProcessEventsWith(
   // Connections first, so that the application's drain pass sees them all.
   for (ClientConnection& connection : ready) deliver(std::move(connection));
   if (announce_drain && on_drain_) on_drain_(cause, deadline);
+  for (const auto& [max_connections, reason] : release_requests) {
+    on_release_request_(max_connections, reason);
+  }
 }
 
 void WorkerImpl::ReceiveLocked() {
@@ -266,11 +283,31 @@ void WorkerImpl::ReceiveLocked() {
         break;
       }
       case v1::HandoffMessage::kDrain:
-        spdlog::debug("fdbroker worker: Drain from the broker");
+        spdlog::debug(
+            "fdbroker worker: Drain from the broker{}",
+            incoming_.drain().release_idle() ? " (release idle)" : "");
+        if (!draining_) {
+          release_on_drain_ =
+              supports_release_ && incoming_.drain().release_idle();
+        }
         BeginDrainLocked(
             DrainCause::kBrokerRequest,
             DeadlineFromUnixNanos(incoming_.drain().deadline_unix_nanos()));
         break;
+      case v1::HandoffMessage::kReleaseRequest: {
+        const v1::ReleaseRequest& request = incoming_.release_request();
+        if (!supports_release_ || request.max_connections() == 0) {
+          // Harmless: nothing to give back. Not worth losing the channel.
+          spdlog::warn(
+              "fdbroker worker: ignoring a ReleaseRequest for {} connections "
+              "(we {}support release)",
+              request.max_connections(), supports_release_ ? "" : "do not ");
+          break;
+        }
+        release_requests_.emplace_back(request.max_connections(),
+                                       ReasonFromProto(request.reason()));
+        break;
+      }
       case v1::HandoffMessage::kHeartbeat:
         break;
       default:
@@ -315,7 +352,7 @@ void WorkerImpl::SendLocked(Outgoing outgoing) {
   // to ack close undelivered with it.
   if (channel_ == nullptr) return;
   if (outbox_.empty()) {
-    absl::StatusOr<wire::SendResult> sent = channel_->Send(outgoing.message);
+    absl::StatusOr<wire::SendResult> sent = SendNowLocked(outgoing);
     if (!sent.ok()) {
       LoseChannelLocked(absl::StrCat("cannot send ",
                                      wire::BodyName(outgoing.message), ": ",
@@ -332,10 +369,15 @@ void WorkerImpl::SendLocked(Outgoing outgoing) {
   SetWritableInterestLocked(true);
 }
 
+absl::StatusOr<wire::SendResult> WorkerImpl::SendNowLocked(Outgoing& outgoing) {
+  return channel_->Send(outgoing.message, outgoing.released.has_value()
+                                              ? outgoing.released->fd.get()
+                                              : -1);
+}
+
 void WorkerImpl::FlushOutboxLocked() {
   while (channel_ != nullptr && !outbox_.empty()) {
-    absl::StatusOr<wire::SendResult> sent =
-        channel_->Send(outbox_.front().message);
+    absl::StatusOr<wire::SendResult> sent = SendNowLocked(outbox_.front());
     if (!sent.ok()) {
       LoseChannelLocked(absl::StrCat("cannot send ",
                                      wire::BodyName(outbox_.front().message),
@@ -365,6 +407,13 @@ void WorkerImpl::OnSentLocked(Outgoing& outgoing) {
     ready_.push_back(std::move(connection));
   }
   outgoing.acked.clear();
+  if (outgoing.released.has_value()) {
+    // The broker owns the connection now; our copy closes untouched.
+    owned_.erase(outgoing.released->id);
+    releasing_.erase(outgoing.released->id);
+    outgoing.released.reset();
+    if (draining_) WakeLocked();  // Goodbye may be due.
+  }
 }
 
 void WorkerImpl::ReportClosedLocked() {
@@ -475,6 +524,18 @@ void WorkerImpl::LoseChannelLocked(absl::string_view reason) {
         worker_id_, View(reason), owned_.size());
   }
   CloseChannelLocked();
+  // Releases that did not go out: the connections are still ours, give them
+  // back to the application.
+  for (Outgoing& outgoing : outbox_) {
+    if (!outgoing.released.has_value()) continue;
+    releasing_.erase(outgoing.released->id);
+    ready_.push_back(*std::move(outgoing.released));
+  }
+  if (!releasing_.empty()) {
+    spdlog::error("fdbroker worker: {} releases not found in the outbox",
+                  releasing_.size());
+    releasing_.clear();
+  }
   outbox_.clear();  // Closes the fds of connections whose Ack was not sent.
   unsent_acks_ = 0;
   // Closes the old broker was not told about die with it: the ids are no
@@ -760,6 +821,13 @@ void WorkerImpl::WakeLocked() {
 
 void WorkerImpl::ConnectionClosed(uint64_t id) {
   absl::MutexLock lock(&mu_);
+  if (releasing_.contains(id)) {
+    spdlog::warn(
+        "fdbroker worker: ConnectionClosed({}) for a connection being "
+        "released: ignored",
+        id);
+    return;
+  }
   if (owned_.erase(id) == 0) {
     spdlog::warn(
         "fdbroker worker: ConnectionClosed({}) for a connection that is not "
@@ -794,6 +862,74 @@ bool WorkerImpl::draining() const {
   return draining_;
 }
 
+bool WorkerImpl::release_on_drain() const {
+  absl::MutexLock lock(&mu_);
+  return draining_ && release_on_drain_ && channel_ != nullptr &&
+         !goodbye_sent_;
+}
+
+absl::Status WorkerImpl::Release(uint64_t id, wire::UniqueFd& fd,
+                                 std::string unread_data,
+                                 ReleaseReason reason) {
+  absl::MutexLock lock(&mu_);
+  if (!supports_release_) {
+    return absl::FailedPreconditionError(
+        "Release() needs Options::on_release_request (Hello.supports_release)");
+  }
+  if (!fd.valid()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Release(", id, ") without an fd"));
+  }
+  const auto owned = owned_.find(id);
+  if (owned == owned_.end() || releasing_.contains(id)) {
+    return absl::NotFoundError(
+        absl::StrCat("Release(", id, "): not an active connection"));
+  }
+  if (channel_ == nullptr || goodbye_sent_) {
+    return absl::UnavailableError(absl::StrCat(
+        "Release(", id, "): not registered with a broker (reconnecting)"));
+  }
+  if (unlisted_.contains(id)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Release(", id, "): the broker does not know this connection"));
+  }
+  Outgoing release;
+  v1::Release& body = *release.message.mutable_release();
+  body.set_connection_id(id);
+  body.set_unread_data(unread_data);
+  body.set_reason(ReasonToProto(reason));
+  if (outbox_.empty()) {
+    absl::StatusOr<wire::SendResult> sent =
+        channel_->Send(release.message, fd.get());
+    if (!sent.ok()) {
+      const std::string reason_text =
+          absl::StrCat("cannot send release: ", sent.status().message());
+      LoseChannelLocked(reason_text);
+      // Nothing went out: the connection stays the caller's.
+      return absl::UnavailableError(reason_text);
+    }
+    if (*sent == wire::SendResult::kSent) {
+      last_sent_ = std::chrono::steady_clock::now();
+      owned_.erase(owned);
+      fd.Reset();                   // The broker holds the socket now.
+      if (draining_) WakeLocked();  // Goodbye may be due.
+      return absl::OkStatus();
+    }
+  }
+  // Queued behind a full socket buffer: the SDK owns the fd until it is
+  // sent, or gives the connection back (ready_) if the channel dies first.
+  ClientConnection& connection = release.released.emplace();
+  connection.id = id;
+  connection.fd = std::move(fd);
+  connection.peer_address = owned->second;
+  connection.accept_time = absl::Now();
+  connection.initial_data = std::move(unread_data);
+  releasing_.insert(id);
+  outbox_.push_back(std::move(release));
+  SetWritableInterestLocked(true);
+  return absl::OkStatus();
+}
+
 bool WorkerImpl::finished() const {
   absl::MutexLock lock(&mu_);
   return draining_ && channel_ == nullptr && !reconnecting_ && owned_.empty();
@@ -807,6 +943,11 @@ size_t WorkerImpl::active_connections() const {
 absl::Status WorkerImpl::ServeThreadPerConnection(ConnectionHandler handler) {
   {
     absl::MutexLock lock(&mu_);
+    if (supports_release_) {
+      return absl::FailedPreconditionError(
+          "ServeThreadPerConnection() does not support releasing connections: "
+          "leave Options::on_release_request unset");
+    }
     if (serving_threads_) {
       return absl::FailedPreconditionError(
           "ServeThreadPerConnection() is already running");

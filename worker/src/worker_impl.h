@@ -5,7 +5,9 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -50,6 +52,11 @@ namespace fdbroker::worker {
 // next one is scheduled (back-off). Ids closed while no channel exists are
 // forgotten; ids closed while `registering_` waits were listed in its Hello
 // and are reported after the Welcome.
+//
+// Release: an id being released stays in owned_ (and in releasing_) until
+// its Release is sent, so that Goodbye waits for it and a re-registration
+// lists it; its fd is owned by the Outgoing. If the channel dies first, the
+// connection moves to ready_ and is delivered again (never lost).
 class WorkerImpl final : public Worker {
  public:
   // `socket_path` is the resolved broker socket, `hello` the Hello that
@@ -66,6 +73,9 @@ class WorkerImpl final : public Worker {
   void ConnectionClosed(uint64_t id) override;
   void StartDrain() override;
   bool draining() const override;
+  bool release_on_drain() const override;
+  absl::Status Release(uint64_t id, wire::UniqueFd& fd, std::string unread_data,
+                       ReleaseReason reason) override;
   bool finished() const override;
   size_t active_connections() const override;
   absl::Status ServeThreadPerConnection(ConnectionHandler handler) override;
@@ -79,6 +89,8 @@ class WorkerImpl final : public Worker {
     v1::HandoffMessage message;
     // The connections this message Acks (empty for other messages).
     std::vector<ClientConnection> acked;
+    // Release only: the connection given back; its fd is attached.
+    std::optional<ClientConnection> released;
   };
 
   WorkerImpl(Options options, std::string socket_path, v1::HandoffMessage hello,
@@ -93,6 +105,9 @@ class WorkerImpl final : public Worker {
   void ReceiveLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Sends now if nothing is queued and the socket has room, else queues.
   void SendLocked(Outgoing outgoing) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // One send attempt of `outgoing`, with its fd if it is a Release.
+  absl::StatusOr<wire::SendResult> SendNowLocked(Outgoing& outgoing)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FlushOutboxLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OnSentLocked(Outgoing& outgoing) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReportClosedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -142,6 +157,9 @@ class WorkerImpl final : public Worker {
   // Loop thread only (see the class comment).
   absl::AnyInvocable<void(ClientConnection)> on_connection_;
   absl::AnyInvocable<void(DrainCause, absl::Time)> on_drain_;
+  absl::AnyInvocable<void(uint32_t, ReleaseReason)> on_release_request_;
+  // Hello.supports_release (on_release_request_ is set).
+  const bool supports_release_;
 
   const wire::UniqueFd epoll_fd_;
   TimerFd timer_;
@@ -175,6 +193,14 @@ class WorkerImpl final : public Worker {
   DrainCause drain_cause_ ABSL_GUARDED_BY(mu_) = DrainCause::kLocal;
   absl::Time drain_deadline_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   bool drain_to_announce_ ABSL_GUARDED_BY(mu_) = false;
+  // The broker's Drain asked for release_idle (and we support it).
+  bool release_on_drain_ ABSL_GUARDED_BY(mu_) = false;
+  // ReleaseRequests received, passed to on_release_request_ at the end of
+  // ProcessEvents().
+  std::vector<std::pair<uint32_t, ReleaseReason>> release_requests_
+      ABSL_GUARDED_BY(mu_);
+  // Owned ids whose Release is queued in outbox_.
+  absl::flat_hash_set<uint64_t> releasing_ ABSL_GUARDED_BY(mu_);
   // Goodbye sent or queued: nothing else is sent or received after it.
   bool goodbye_sent_ ABSL_GUARDED_BY(mu_) = false;
   MonoTime last_sent_ ABSL_GUARDED_BY(mu_);

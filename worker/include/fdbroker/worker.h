@@ -3,7 +3,8 @@
 
 // The C++ worker SDK of fdbroker: registers with the broker over the hand-off
 // socket and turns its protocol (Hello/Welcome, Connection/Ack, Reject,
-// Closed, Drain/Goodbye, heartbeats) into "here is a new connection".
+// Closed, Drain/Goodbye, heartbeats, and on request Release) into "here is a
+// new connection".
 //
 // Two ways to use it:
 //  - Event-loop mode: poll pollable_fd() for readability in your own loop
@@ -38,6 +39,21 @@
 // already draining (broker Drain, StartDrain()) when it lost the broker does
 // not reconnect: it finishes its connections and is done. With
 // reconnect_timeout zero, losing the broker drains at once (kBrokerLost).
+//
+// Releasing connections (opt-in, event-loop mode only: set
+// Options::on_release_request). The broker may ask the worker to give idle
+// connections back (ReleaseRequest: rebalancing) or, when it drains the
+// worker while others remain, to release them instead of closing them
+// (release_on_drain()). The application calls Release() for a connection
+// that is between requests with nothing half-written; the broker places it
+// on another worker, passing `unread_data` along. Rule for failures: a
+// connection is never lost. Release() either returns OK (the SDK owns the fd
+// now; the application forgets the connection and never calls
+// ConnectionClosed() for it) or fails and leaves the fd with the caller. A
+// Release that was accepted but queued behind a full socket buffer and then
+// lost with the channel comes back through on_connection (same id and
+// peer_address, initial_data = the unread_data given to Release(), no
+// local_address); the application owns it again.
 //
 // The SDK logs through spdlog's default logger.
 
@@ -91,6 +107,16 @@ enum class DrainCause {
 
 absl::string_view DrainCauseName(DrainCause cause);
 
+// Why the broker asks for connections back (Release.reason echoes it).
+enum class ReleaseReason {
+  // Rebalance: this worker holds more than its share.
+  kRebalance,
+  // The worker is draining and other workers remain (release_on_drain()).
+  kDrain,
+};
+
+absl::string_view ReleaseReasonName(ReleaseReason reason);
+
 struct Options {
   // The broker's hand-off socket. Empty: the FDBROKER_SOCKET environment
   // variable; Connect() fails if neither is set.
@@ -123,6 +149,13 @@ struct Options {
   // Not called while the SDK reconnects after losing the broker, only if
   // that gives up (kBrokerLost).
   absl::AnyInvocable<void(DrainCause cause, absl::Time deadline)> on_drain;
+  // Opts into connection migration (Hello.supports_release): the broker asks
+  // for up to `max_connections` idle connections back; call Release() for
+  // each one that is idle (fewer, or none, is fine: the broker does not
+  // wait). Event-loop mode only: with it set, ServeThreadPerConnection()
+  // fails. Unset, the broker never asks and never drains by releasing.
+  absl::AnyInvocable<void(uint32_t max_connections, ReleaseReason reason)>
+      on_release_request;
 
   // Test seam for sendmsg/recvmsg on the broker channel; nullptr means the
   // real syscalls. Must outlive the Worker.
@@ -187,6 +220,35 @@ class Worker {
 
   // True from the start of a drain (any cause). Not while reconnecting.
   virtual bool draining() const = 0;
+  // True while draining on a broker Drain that asked for release_idle (only
+  // with on_release_request set), as long as the channel is up: Release()
+  // idle connections (ReleaseReason::kDrain) instead of closing them, and
+  // each busy one as soon as its current response is out. Already true
+  // inside on_drain. Should a Release() fail (the broker went away), close
+  // idle connections as in an ordinary drain.
+  virtual bool release_on_drain() const = 0;
+
+  // Gives connection `id` back to the broker (Release, with the fd attached)
+  // so that another worker serves its next request. Only for a connection
+  // that is idle: no request being processed, nothing half-written, no
+  // partial request read. `unread_data` is what the application read from
+  // the socket and did not consume (a whole pipelined request); the next
+  // owner processes it first. Remove the fd from your epoll set first: the
+  // broker's copy keeps the socket open, and epoll would keep reporting it.
+  // OK: the SDK took `fd` (it is closed once the message is out, without
+  // touching the socket), the id is no longer the application's, and no
+  // Closed is sent for it (if the channel dies before a queued Release went
+  // out, the connection comes back through on_connection, see above). Any
+  // error leaves `fd` with the caller, who still owns the connection:
+  // FailedPrecondition (on_release_request unset, or a connection the
+  // current broker does not know), NotFound (not an active connection),
+  // InvalidArgument (no fd), Unavailable (not registered: reconnecting,
+  // Goodbye said, or the channel failed during this send). Callable from
+  // any thread; usually from on_release_request or the loop.
+  virtual absl::Status Release(uint64_t id, wire::UniqueFd& fd,
+                               std::string unread_data,
+                               ReleaseReason reason) = 0;
+
   // True when the worker has drained: it owns no connection and has said
   // Goodbye (or lost the broker for good). The application should exit
   // (supervised) or destroy the Worker. Never true while reconnecting, even
@@ -203,6 +265,9 @@ class Worker {
   // Handlers should poll draining() between requests and return when it is
   // true and the connection is idle. Returns after every handler thread
   // has been joined. Ignores options.on_connection (on_drain still fires).
+  // Releasing is not supported in this mode: FailedPrecondition if
+  // options.on_release_request is set (so such a worker never tells the
+  // broker it supports_release).
   virtual absl::Status ServeThreadPerConnection(ConnectionHandler handler) = 0;
 };
 
