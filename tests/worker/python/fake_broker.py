@@ -42,18 +42,45 @@ class FakeBroker:
         self._sent = self._received = 0
 
     def receive(self, timeout: float = WAIT) -> "pb.HandoffMessage":
-        """The next message; TimeoutError if none, EOFError on close."""
+        """The next message (its fds closed); TimeoutError if none, EOFError
+        on close."""
+        message, fds = self.receive_with_fds(timeout)
+        for fd in fds:
+            os.close(fd)
+        return message
+
+    def receive_with_fds(self, timeout: float = WAIT
+                         ) -> tuple["pb.HandoffMessage", list[int]]:
+        """The next message and the fds it carried (the caller's)."""
         if not select.select([self.channel], [], [], timeout)[0]:
             raise TimeoutError("no message from the worker")
         data, fds, _, _ = socket.recv_fds(self.channel, 65537, 253)
-        for fd in fds:
-            os.close(fd)
         if not data:
+            for fd in fds:
+                os.close(fd)
             raise EOFError("the worker closed the channel")
         message = pb.HandoffMessage.FromString(data)
         self._received += 1
         assert message.sequence == self._received, message
-        return message
+        return message, fds
+
+    def receive_release(self, timeout: float = WAIT
+                        ) -> tuple["pb.Release", socket.socket]:
+        """The next message that is not a Heartbeat must be a Release with
+        one fd: (the Release, the released connection as a socket)."""
+        while True:
+            message, fds = self.receive_with_fds(timeout)
+            kind = message.WhichOneof("body")
+            if kind != "heartbeat":
+                break
+        try:
+            assert kind == "release", f"expected release, got {message}"
+            assert len(fds) == 1, f"release with {len(fds)} fds"
+        except AssertionError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return message.release, socket.socket(fileno=fds[0])
 
     def receive_body(self, body: str, timeout: float = WAIT):
         """The next message that is not a Heartbeat; asserts its body."""
@@ -108,3 +135,8 @@ class FakeBroker:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def same_socket(a: socket.socket, b: socket.socket) -> bool:
+    """Both fds refer to the same open socket (same inode)."""
+    return os.fstat(a.fileno()).st_ino == os.fstat(b.fileno()).st_ino

@@ -20,7 +20,7 @@ class BlockingWorkerTest(unittest.TestCase):
     def connect(self, **kwargs) -> BlockingWorker:
         def broker_side() -> None:
             self.broker.accept()
-            self.broker.receive_body("hello")
+            self.hello = self.broker.receive_body("hello")
             self.broker.welcome()
 
         welcomer = threading.Thread(target=broker_side)

@@ -22,6 +22,7 @@ class Driver:
         self.core = core
         self.connections: list[core_lib.Connection] = []
         self.drains: list[core_lib.Drain] = []
+        self.release_requests: list[core_lib.ReleaseRequest] = []
 
     def run_until(self, done: Callable[[], bool], timeout: float = WAIT
                   ) -> None:
@@ -31,6 +32,7 @@ class Driver:
             self.connections += events.connections
             if events.drain is not None:
                 self.drains.append(events.drain)
+            self.release_requests += events.release_requests
             if done():
                 return
             if time.monotonic() > end:

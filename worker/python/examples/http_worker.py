@@ -15,10 +15,19 @@ carries X-Worker-Pid and Date. Keep-alive and pipelining (in order);
 "Connection: close" and HTTP/1.0 without keep-alive close after the
 response; request bodies (Content-Length) are skipped.
 
+Connection migration (on unless --no_release): when the broker asks
+(ReleaseRequest, when rebalancing), connections idle between requests are
+given back to it, and another worker serves their next request on the same
+TCP connection. Only a connection with nothing of its next request read and
+nothing left to write is released; pipelined requests already read are
+answered first.
+
 Drain (from the broker, or SIGTERM/SIGINT): idle keep-alive connections are
 closed, a request in progress is answered ("Connection: close"), then the
-worker says Goodbye and exits 0. A second signal exits at once. Standalone,
-SIGTERM/SIGINT just stop the server. Exit codes: 0 clean, 1 registration
+worker says Goodbye and exits 0. When the broker's Drain says release_idle
+(other workers remain), idle connections are released instead, and busy
+ones once their response is sent: no client sees a close. A second signal
+exits at once. Standalone, SIGTERM/SIGINT just stop the server. Exit codes: 0 clean, 1 registration
 failed, 2 bad command line.
 """
 
@@ -42,8 +51,12 @@ class App:
     """Per-process HTTP state shared by every connection."""
 
     def __init__(self) -> None:
-        # Set when the worker drains: responses close their connection.
+        # Set when the worker drains: responses close their connection
+        # (unless it is to be released instead).
         self.draining = False
+        # writer -> its fdbroker_worker.BrokeredConnection, or None
+        # (standalone, or release disabled).
+        self.connection_of = lambda writer: None
         self._date_second = -1
         self._date = b""
 
@@ -66,19 +79,27 @@ class App:
 
     async def handle_client(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
+        conn = self.connection_of(writer)
         try:
-            while await self._serve_one(reader, writer):
+            while await self._serve_one(reader, writer, conn):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away mid-request
+            # The client went away mid-request, or the connection was given
+            # back to the broker (fdbroker_worker.ConnectionReleased).
+            pass
         finally:
             writer.close()
 
     async def _serve_one(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> bool:
+                         writer: asyncio.StreamWriter, conn) -> bool:
         """Serves one request; False when the connection should close."""
+        read = reader.readuntil(b"\r\n\r\n")
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
+            # Between requests: the SDK may release the connection here
+            # (then ConnectionReleased), only while nothing of the next
+            # request has been read.
+            head = await (read if conn is None else
+                          conn.between_requests(read))
         except asyncio.IncompleteReadError as eof:
             if eof.partial:
                 writer.write(self.response("400 Bad Request", b"truncated\n",
@@ -122,7 +143,11 @@ class App:
         if int(length):
             await reader.readexactly(int(length))
         status, body, extra = await self._route(method, target)
-        keep_alive = keep_alive and not self.draining
+        # A draining worker closes the connection after the response,
+        # unless it moves it to another worker (release_idle).
+        keep_alive = keep_alive and not (
+            self.draining and not (conn is not None and
+                                   conn.release_requested))
         writer.write(self.response(status, body, keep_alive,
                                    head_only=method == b"HEAD", extra=extra))
         await writer.drain()
@@ -184,12 +209,15 @@ async def serve_brokered(app: App, args: argparse.Namespace) -> int:
                  deadline: Optional[float]) -> None:
         app.draining = True
 
+    if not args.no_release:
+        app.connection_of = fdbroker_worker.connection
     try:
         server = await fdbroker_worker.start_server(
             app.handle_client, socket_path=args.socket,
             capacity=args.capacity, labels={"program": "http_worker.py",
                                             "lang": "python"},
-            reconnect_timeout=args.reconnect_timeout, on_drain=on_drain)
+            reconnect_timeout=args.reconnect_timeout, on_drain=on_drain,
+            release=not args.no_release)
     except fdbroker_worker.RegistrationError as error:
         print(f"http_worker.py: {error}", file=sys.stderr)
         return 1
@@ -231,6 +259,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         metavar="SECONDS",
                         help="after losing the broker, try this long to "
                         "re-register (0: drain at once)")
+    parser.add_argument("--no_release", action="store_true",
+                        help="never give idle connections back to the "
+                        "broker (no migration; drain closes them)")
     parser.add_argument("--ready_file", metavar="PATH",
                         help="once serving, write pid, mode and address here")
     args = parser.parse_args(argv)

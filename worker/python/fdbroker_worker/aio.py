@@ -6,18 +6,104 @@ client_connected_cb(reader, writer), exactly as asyncio.start_server()
 would call it for an accepted socket. The hand-off protocol runs on the same
 loop: the WorkerCore's epoll fd is watched with loop.add_reader(), its
 deadlines with loop.call_at().
+
+Release (start_server(release=True)): only the handler knows when its
+connection is idle, so giving one back is cooperative. connection(writer)
+returns the handler's BrokeredConnection; the handler wraps its read of the
+next request in `await conn.between_requests(read)`, and checks
+`conn.release_requested` after each response. A connection waiting in
+between_requests() with nothing buffered is released by the SDK when the
+broker asks (ReleaseRequest, Drain.release_idle), and the read raises
+ConnectionReleased; after a response, `await conn.release()` gives it back
+(True) or keeps it (False: serve on). Releasing pauses the transport's
+reading, sends a dup of the fd with the reader's buffered bytes, and once
+the Release is sent aborts the transport: that closes only this process's
+fd (asyncio never calls shutdown()), so the client sees nothing.
 """
 
 import asyncio
+import os
 import socket
-from typing import Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Optional, TypeVar
 
+from ._proto import pb
 from .core import (FIRST_REQUEST_GRACE, Connection, Drain, DrainCause,
-                   Options, RegistrationError, WorkerCore)
+                   Options, RegistrationError, ReleaseRequest, WorkerCore)
+
+T = TypeVar("T")
 
 ClientConnectedCallback = Callable[
     [asyncio.StreamReader, asyncio.StreamWriter], Optional[Awaitable[None]]]
 DrainCallback = Callable[[DrainCause, Optional[float]], None]
+
+
+class ConnectionReleased(ConnectionError):
+    """The connection was given back to the broker: another worker serves
+    the client now. Raised by between_requests(); a handler just returns
+    (closing the writer is harmless: the transport is closed already)."""
+
+
+class BrokeredConnection:
+    """A handler's view of its brokered connection: connection(writer)."""
+
+    def __init__(self, server: "Server", protocol: "_BrokeredProtocol"
+                 ) -> None:
+        self._server = server
+        self._protocol = protocol
+        self.id = protocol.connection_id
+        self.peer_address = protocol.peer_address
+        # Waiting in between_requests() (the next byte starts a request).
+        self._idle = False
+        self._releasing = False
+        self.released = False
+        self._reason = pb.RELEASE_REASON_REBALANCE
+        self._requested = False
+
+    @property
+    def release_requested(self) -> bool:
+        """The broker wants this connection back (a draining worker with
+        release_idle): call release() as soon as it is idle."""
+        return self._requested and not self.released
+
+    def _request(self, reason: int) -> None:
+        self._requested, self._reason = True, reason
+
+    def idle_now(self) -> bool:
+        """Waiting for the next request, with nothing of it read."""
+        protocol = self._protocol
+        return (self._idle and not self._releasing and not self.released
+                and not protocol.reader._buffer and
+                protocol.transport is not None and
+                not protocol.transport.is_closing() and
+                not protocol.transport.get_write_buffer_size())
+
+    async def between_requests(self, read: Awaitable[T]) -> T:
+        """Awaits `read`, the read of the next request (e.g.
+        reader.readuntil(b"\r\n\r\n")), as an idle point: while nothing
+        of the request has arrived the SDK may release the connection, and
+        `read` then raises ConnectionReleased. A release already requested
+        (drain) happens first, if nothing is buffered."""
+        if self.release_requested and not self._protocol.reader._buffer:
+            if await self.release(b""):
+                if asyncio.iscoroutine(read):
+                    read.close()
+                raise ConnectionReleased(f"connection {self.id} released")
+        self._idle = True
+        try:
+            return await read
+        finally:
+            self._idle = False
+
+    async def release(self, unread: Optional[bytes] = None) -> bool:
+        """Gives the connection back to the broker, which places it on
+        another worker; call it between requests, with nothing half-written.
+        `unread`: bytes read but not consumed, passed to the next owner
+        (default: whatever the reader has buffered, which must then be
+        whole requests not started; never release with a request half-read).
+        True: released, the transport is closed, stop using reader and
+        writer. False: not released (no broker now, not opted in, bytes
+        still being written...): the connection is still yours."""
+        return await self._server._release(self, unread)
 
 
 class _BrokeredProtocol(asyncio.StreamReaderProtocol):
@@ -28,9 +114,12 @@ class _BrokeredProtocol(asyncio.StreamReaderProtocol):
                  client_connected_cb: ClientConnectedCallback) -> None:
         super().__init__(reader, client_connected_cb)
         self.connection_id = connection.id
+        self.peer_address = connection.peer_address
         self.delivered_at = server.loop.time()
         self.transport: Optional[asyncio.Transport] = None
+        self.reader = reader
         self._server = server
+        self.handle = BrokeredConnection(server, self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -43,8 +132,11 @@ class _BrokeredProtocol(asyncio.StreamReaderProtocol):
     def stop_reading(self) -> None:
         """Half-closes the read side: a handler waiting for the next request
         reads EOF at once, one answering a request finishes it first (what
-        is already queued is still read; writing is untouched)."""
-        if self.transport is None or self.transport.is_closing():
+        is already queued is still read; writing is untouched). Never on a
+        connection being released: shutdown() would end it for its next
+        owner too."""
+        if (self.transport is None or self.transport.is_closing() or
+                self.handle._releasing or self.handle.released):
             return
         try:
             self.transport.get_extra_info("socket").shutdown(socket.SHUT_RD)
@@ -70,6 +162,8 @@ class Server:
         self._registered = self.loop.create_future()
         self._finished = self.loop.create_future()
         self._tasks: set[asyncio.Task] = set()
+        # Draining by releasing idle connections (Drain.release_idle).
+        self._drain_releases = False
         self.loop.add_reader(core.fileno(), self._process)
 
     # --- Public API -------------------------------------------------------
@@ -91,6 +185,12 @@ class Server:
     @property
     def active_connections(self) -> int:
         return self._core.active_connections
+
+    @property
+    def drain_releases(self) -> bool:
+        """The current drain gives idle connections back to the broker
+        (release_requested is set on each) instead of closing them."""
+        return self._drain_releases
 
     def is_serving(self) -> bool:
         """True until the worker starts draining."""
@@ -143,6 +243,14 @@ class Server:
             self._adopt(connection)
         if events.drain is not None:
             self._drain_started(events.drain)
+        for request in events.release_requests:
+            self._release_requested(request)
+        if self._drain_releases and not self._core.registered:
+            # No broker to release to: close idle connections instead.
+            self._drain_releases = False
+            for protocol in list(self._live.values()):
+                protocol.handle._requested = False
+                self._schedule_stop_reading(protocol)
         if not self._registered.done():
             if self._core.error is not None:
                 self._registered.set_exception(self._core.error)
@@ -195,19 +303,96 @@ class Server:
                 self._connection_lost(connection.id)
 
     def _connection_lost(self, connection_id: int) -> None:
-        if self._live.pop(connection_id, None) is not None:
+        protocol = self._live.pop(connection_id, None)
+        if protocol is not None and not protocol.handle.released:
             self._core.connection_closed(connection_id)
             self._process_soon()
 
     def _drain_started(self, drain: Drain) -> None:
+        self._drain_releases = drain.release_idle
+        if drain.release_idle:
+            # Busy connections are released by their handlers once idle.
+            for protocol in self._live.values():
+                protocol.handle._request(pb.RELEASE_REASON_DRAIN)
         if self._on_drain is not None:
             self._on_drain(drain.cause, drain.deadline)
         for protocol in list(self._live.values()):
-            self._schedule_stop_reading(protocol)
+            if drain.release_idle:
+                if protocol.handle.idle_now():
+                    self._release_idle(protocol.handle)
+            else:
+                self._schedule_stop_reading(protocol)
+
+    def _release_requested(self, request: ReleaseRequest) -> None:
+        """Releases up to max_connections connections idle right now (the
+        broker does not wait for the others)."""
+        left = request.max_connections
+        for protocol in list(self._live.values()):
+            if left <= 0:
+                break
+            if protocol.handle.idle_now():
+                protocol.handle._reason = request.reason
+                self._release_idle(protocol.handle)
+                left -= 1
 
     def _schedule_stop_reading(self, protocol: _BrokeredProtocol) -> None:
         self.loop.call_at(protocol.delivered_at + FIRST_REQUEST_GRACE,
                           protocol.stop_reading)
+
+    def _release_idle(self, handle: BrokeredConnection) -> None:
+        """Releases a connection waiting in between_requests(); its read
+        raises ConnectionReleased once the Release is sent."""
+        self._start_release(handle, b"")
+
+    async def _release(self, handle: BrokeredConnection,
+                       unread: Optional[bytes]) -> bool:
+        return await self._start_release(handle, unread)
+
+    def _start_release(self, handle: BrokeredConnection,
+                       unread: Optional[bytes]) -> "asyncio.Future[bool]":
+        """Pauses reading and hands a dup of the fd to the core; the future
+        gets the outcome. Synchronous up to the core's send, so that two
+        requests in one turn never pick the same connection."""
+        result = self.loop.create_future()
+        protocol = handle._protocol
+        transport = protocol.transport
+        if (handle._releasing or handle.released or transport is None or
+                transport.is_closing() or
+                transport.get_write_buffer_size() or
+                transport.get_extra_info("sslcontext") is not None):
+            result.set_result(False)
+            return result
+        handle._releasing = True
+        # Nothing more is read from the socket from here on: what the
+        # reader holds is all this process has taken from it.
+        was_reading = transport.is_reading()
+        transport.pause_reading()
+        if unread is None:
+            unread = bytes(protocol.reader._buffer)
+
+        def finish(released: bool) -> None:
+            handle._releasing = False
+            if released:
+                handle.released = True
+                # Wakes a handler waiting in between_requests(). The abort
+                # closes this process's fd only: no shutdown(), and the
+                # broker holds another copy, so no FIN and no RST.
+                protocol.reader.set_exception(
+                    ConnectionReleased(f"connection {handle.id} released"))
+                transport.abort()
+            elif was_reading and not transport.is_closing():
+                transport.resume_reading()
+            result.set_result(released)
+
+        try:
+            copy = socket.socket(fileno=os.dup(
+                transport.get_extra_info("socket").fileno()))
+        except OSError:
+            finish(False)
+            return result
+        self._core.release(handle.id, copy, unread, handle._reason, finish)
+        self._process_soon()  # a queued Release goes out when writable
+        return result
 
 
 async def start_server(
@@ -216,7 +401,8 @@ async def start_server(
         labels: Optional[dict[str, str]] = None,
         connect_timeout: float = 10.0, reconnect_timeout: float = 30.0,
         limit: int = 2**16,
-        on_drain: Optional[DrainCallback] = None) -> Server:
+        on_drain: Optional[DrainCallback] = None,
+        release: bool = False) -> Server:
     """Registers with the broker and serves the connections it hands over
     with client_connected_cb(reader, writer), like asyncio.start_server().
 
@@ -225,11 +411,13 @@ async def start_server(
     (a ConnectionError) if nobody listens, the broker refuses, or no
     Welcome comes within connect_timeout seconds. on_drain(cause,
     deadline) is called once when draining starts (deadline: Unix time the
-    broker ends the worker, or None).
+    broker ends the worker, or None). release=True tells the broker the
+    handlers give idle connections back (see connection()): it may then ask
+    for them (rebalancing) and drains by moving them to other workers.
     """
     loop = asyncio.get_running_loop()
     core = WorkerCore(Options(socket_path, capacity, dict(labels or {}),
-                              connect_timeout, reconnect_timeout),
+                              connect_timeout, reconnect_timeout, release),
                       clock=loop.time)
     try:
         core.start()
@@ -241,3 +429,11 @@ async def start_server(
     await server._registered
     return server
 
+
+
+def connection(writer: asyncio.StreamWriter) -> Optional[BrokeredConnection]:
+    """The BrokeredConnection behind a handler's writer; None if the
+    connection did not come from fdbroker_worker (e.g. asyncio's own
+    start_server), so the same handler serves both."""
+    protocol = writer.transport.get_protocol()
+    return protocol.handle if isinstance(protocol, _BrokeredProtocol) else None

@@ -9,8 +9,16 @@ flowing however long the application takes between two iterations. Each
 connection comes as a BrokeredSocket (a socket.socket, blocking) whose
 close() tells the broker (Closed): close every socket you get, e.g. with
 `with sock:`.
+
+Release (connect(release=True)): between requests, a handler waits with
+sock.wait_for_request() instead of blocking in recv(); it returns False when
+the broker wants the connection back (ReleaseRequest, Drain.release_idle),
+and sock.release() then gives it back (True: the socket is closed, without
+shutdown, and no Closed is sent; False: still yours, serve on).
 """
 
+import concurrent.futures
+import os
 import queue
 import select
 import socket
@@ -18,8 +26,12 @@ import threading
 import time
 from typing import Callable, Iterator, Optional
 
+from ._proto import pb
 from .core import (FIRST_REQUEST_GRACE, Connection, Drain, DrainCause,
                    Options, WorkerCore)
+
+# wait_for_request() looks at release_requested this often (seconds).
+_RELEASE_POLL = 0.05
 
 DrainCallback = Callable[[DrainCause, Optional[float]], None]
 
@@ -33,7 +45,31 @@ class BrokeredSocket(socket.socket):
     # Bytes a previous owner already read: process them before recv().
     initial_data: bytes
     delivered_at: float  # time.monotonic()
+    # The broker wants this connection back: release() it when idle.
+    release_requested: bool = False
+    _release_reason: int = 0
+    _releasing: bool = False
     _worker: "BlockingWorker"
+
+    def release(self, unread: bytes = b"") -> bool:
+        """worker.release(self, unread)."""
+        worker = getattr(self, "_worker", None)
+        return worker is not None and worker.release(self, unread)
+
+    def wait_for_request(self, timeout: Optional[float] = None) -> bool:
+        """Waits, between requests, until the socket is readable (True: a
+        request or EOF is there) or the broker wants the connection back
+        (False: call release()), or `timeout` seconds (False)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.release_requested:
+            wait = _RELEASE_POLL
+            if end is not None:
+                wait = min(wait, end - time.monotonic())
+                if wait <= 0:
+                    return False
+            if select.select([self], [], [], wait)[0]:
+                return True
+        return False
 
     def close(self) -> None:
         worker = getattr(self, "_worker", None)
@@ -64,6 +100,12 @@ class BlockingWorker:
         self._lock = threading.Lock()
         self._live: dict[int, BrokeredSocket] = {}
         self._closed_ids: list[int] = []
+        # release() calls waiting for the background thread: (socket, its
+        # fd's copy for the core, unread bytes, result).
+        self._releases: list[tuple[BrokeredSocket, socket.socket, bytes,
+                                   concurrent.futures.Future]] = []
+        self._drain_releases = False
+        self._stopped = False  # the background thread is done
         self._drain_requested = False
         # Sockets still to be half-closed for a drain: (when, socket).
         self._stop_reading_at: list[tuple[float, BrokeredSocket]] = []
@@ -82,13 +124,16 @@ class BlockingWorker:
                 capacity: int = 0, labels: Optional[dict[str, str]] = None,
                 connect_timeout: float = 10.0,
                 reconnect_timeout: float = 30.0,
-                on_drain: Optional[DrainCallback] = None
-                ) -> "BlockingWorker":
+                on_drain: Optional[DrainCallback] = None,
+                release: bool = False) -> "BlockingWorker":
         """Registers with the broker (socket_path: default
         $FDBROKER_SOCKET); RegistrationError if that fails. on_drain(cause,
-        deadline) runs on the background thread when draining starts."""
+        deadline) runs on the background thread when draining starts.
+        release=True: handlers give connections back when asked (module
+        docstring)."""
         core = WorkerCore(Options(socket_path, capacity, dict(labels or {}),
-                                  connect_timeout, reconnect_timeout))
+                                  connect_timeout, reconnect_timeout,
+                                  release))
         try:
             core.start()
         except BaseException:
@@ -120,6 +165,34 @@ class BlockingWorker:
         drained (every socket closed, Goodbye said)."""
         while (sock := self._sockets.get()) is not None:
             yield sock
+
+    def release(self, sock: BrokeredSocket, unread: bytes = b"") -> bool:
+        """Gives `sock` back to the broker, which places it on another
+        worker. Call it from the socket's handler between requests, with
+        nothing half-written; `unread`: bytes received but not consumed
+        (whole requests not started, never half a request). Blocks until
+        the Release is sent (True: the socket is closed, no Closed is
+        reported) or cannot be (False: the socket is still yours). Not from
+        on_drain (the background thread)."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("release() from the worker's own thread")
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if (sock.connection_id not in self._live or sock._releasing or
+                    self._stopped):
+                return False
+            sock._releasing = True
+            copy = socket.socket(fileno=os.dup(sock.fileno()))
+            self._releases.append((sock, copy, unread, result))
+        self._wake()
+        released = result.result()
+        if released:
+            # The broker holds the connection: close this copy only.
+            sock._worker = None
+            socket.socket.close(sock)
+        else:
+            sock._releasing = False
+        return released
 
     def start_drain(self) -> None:
         """Drains on the worker's own initiative; callable from any thread
@@ -159,6 +232,11 @@ class BlockingWorker:
                     self._deliver(connection)
                 if events.drain is not None:
                     self._drain_started(events.drain)
+                for request in events.release_requests:
+                    self._flag(request.max_connections, request.reason)
+                if self._drain_releases and not core.registered:
+                    self._drain_releases = False  # nobody to release to
+                    self._close_idle()
                 self._stop_reading_due()
                 if not self._registered.is_set() and (
                         core.registered or core.error is not None):
@@ -169,7 +247,13 @@ class BlockingWorker:
                     return
                 poller.poll(self._timeout_ms())
         finally:
-            core.close()
+            core.close()  # a queued Release fails: its socket is kept
+            with self._lock:
+                self._stopped = True  # no release() waits for us any more
+                releases, self._releases = self._releases, []
+            for sock, copy, _, result in releases:
+                copy.close()
+                result.set_result(False)
             self._registered.set()
             self._sockets.put(None)
 
@@ -182,10 +266,39 @@ class BlockingWorker:
         with self._lock:
             closed, self._closed_ids = self._closed_ids, []
             drain = self._drain_requested and not self._core.draining
+            releases, self._releases = self._releases, []
         for connection_id in closed:
             self._core.connection_closed(connection_id)
+        for sock, copy, unread, result in releases:
+            self._core.release(sock.connection_id, copy, unread,
+                               sock._release_reason or
+                               pb.RELEASE_REASON_REBALANCE,
+                               self._release_done(sock, result))
         if drain:
             self._core.start_drain()
+
+    def _release_done(self, sock: BrokeredSocket,
+                      result: concurrent.futures.Future
+                      ) -> Callable[[bool], None]:
+        def done(released: bool) -> None:
+            if released:
+                with self._lock:
+                    self._live.pop(sock.connection_id, None)
+            result.set_result(released)
+        return done
+
+    def _flag(self, count: Optional[int], reason: int) -> None:
+        """Asks the handlers of up to `count` connections (all if None) to
+        release them at their next idle point."""
+        with self._lock:
+            for sock in self._live.values():
+                if count is not None and count <= 0:
+                    break
+                if not sock.release_requested:
+                    sock._release_reason = reason
+                    sock.release_requested = True
+                    if count is not None:
+                        count -= 1
 
     def _timeout_ms(self) -> int:
         times = [when for when, _ in self._stop_reading_at]
@@ -215,11 +328,20 @@ class BlockingWorker:
             (sock.delivered_at + FIRST_REQUEST_GRACE, sock))
 
     def _drain_started(self, drain: Drain) -> None:
+        if drain.release_idle:
+            # Handlers release each connection once idle.
+            self._drain_releases = True
+            self._flag(None, pb.RELEASE_REASON_DRAIN)
         if self._on_drain is not None:
             self._on_drain(drain.cause, drain.deadline)
+        if not drain.release_idle:
+            self._close_idle()
+
+    def _close_idle(self) -> None:
         with self._lock:
             live = list(self._live.values())
         for sock in live:
+            sock.release_requested = False
             self._stop_reading_later(sock)
 
     def _stop_reading_due(self) -> None:
@@ -232,7 +354,9 @@ class BlockingWorker:
                                  self._stop_reading_at if when > now]
         with self._lock:
             for sock in due:
-                if sock.connection_id in self._live:
+                # Never a socket being released: shutdown() would end the
+                # connection for its next owner too.
+                if sock.connection_id in self._live and not sock._releasing:
                     try:
                         sock.shutdown(socket.SHUT_RD)
                     except OSError:

@@ -16,9 +16,20 @@ application owns it. If the channel dies before the Ack is sent the socket is
 closed untouched and never delivered: the broker still holds its copy and
 places the client elsewhere.
 
-Connection bookkeeping is by broker id only (_owned: id -> peer address), so
-that giving a connection back (Release, issue 8) is one more way out of
+Connection bookkeeping is by broker id only (_owned: id -> peer address).
+Giving a connection back (release(), protocol 1.2) is one more way out of
 _owned: pop the id, send Release with the fd attached, send no Closed.
+
+The release rule: a connection is either the broker's or the
+application's, never lost between them. release() takes a copy of the
+connection's fd (a dup) and the id leaves _owned; the Release is sent at
+once or queued. Once it is sent, the broker owns the connection: on_result
+(True), and the application closes its own copy without shutdown() (other
+copies keep the TCP connection open: no FIN, no RST). If it cannot be sent
+(no channel, reconnecting, draining to Goodbye, the channel dies with it
+queued, close()), the id goes back to _owned and on_result(False): the
+connection is still the application's, which keeps serving it. The core
+closes the copy it was given in both cases.
 """
 
 import collections
@@ -38,7 +49,7 @@ from .channel import Channel, ChannelClosed, ProtocolError
 log = logging.getLogger("fdbroker_worker")
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 2
 # The environment variable a supervised worker finds the broker through.
 SOCKET_ENV_VAR = "FDBROKER_SOCKET"
 
@@ -52,6 +63,9 @@ _MAX_RETRY_DELAY = 1.0
 _LOGGED_ATTEMPTS = 3
 # Room kept free in a re-registration Hello's packet.
 _HELLO_SLACK = 1024
+# Release.unread_data above this many bytes is refused (the packet limit is
+# 64 KiB; a whole pipelined request is far smaller).
+MAX_UNREAD_BYTES = 32 * 1024
 # Drivers close idle connections on drain by half-closing their read side;
 # one delivered less than this long ago (seconds) is left reading until it
 # is this old: its first request may still be on the way.
@@ -88,6 +102,10 @@ class Options:
     # After losing the broker, seconds to keep trying to re-register before
     # draining (DrainCause.BROKER_LOST); 0 drains at once.
     reconnect_timeout: float = 30.0
+    # The application gives idle connections back when asked (release()):
+    # Hello.supports_release, so the broker may send ReleaseRequest and
+    # Drain.release_idle.
+    supports_release: bool = False
 
 
 @dataclasses.dataclass
@@ -108,6 +126,17 @@ class Drain:
     cause: DrainCause
     # Unix time (seconds) at which the broker ends the worker, if it set one.
     deadline: Optional[float]
+    # Release idle connections (release(), reason DRAIN) instead of closing
+    # them, and busy ones once idle (Drain.release_idle; other workers
+    # remain).
+    release_idle: bool = False
+
+
+@dataclasses.dataclass
+class ReleaseRequest:
+    """The broker asks for up to max_connections idle connections now."""
+    max_connections: int
+    reason: int  # pb.ReleaseReason
 
 
 @dataclasses.dataclass
@@ -115,6 +144,20 @@ class Events:
     """What process_events() has for the application, in this order."""
     connections: list[Connection]
     drain: Optional[Drain]
+    release_requests: list[ReleaseRequest] = dataclasses.field(
+        default_factory=list)
+
+
+ReleaseCallback = Callable[[bool], None]
+
+
+@dataclasses.dataclass
+class _Release:
+    """A Release not yet sent: the core's copy of the connection's fd."""
+    connection_id: int
+    peer_address: str
+    socket: socket.socket
+    on_result: ReleaseCallback
 
 
 @dataclasses.dataclass
@@ -122,12 +165,11 @@ class _Outgoing:
     message: "pb.HandoffMessage"
     # The connections this message acks: sockets not yet the application's.
     acked: list[Connection] = dataclasses.field(default_factory=list)
+    # The connection this Release gives back (its fd is attached).
+    release: Optional[_Release] = None
 
-    def discard(self) -> None:
-        """The message will never be sent: its connections close untouched."""
-        for connection in self.acked:
-            connection.socket.close()
-        self.acked.clear()
+    def fd(self) -> Optional[int]:
+        return self.release.socket.fileno() if self.release else None
 
 
 def resolve_socket_path(configured: Optional[str]) -> str:
@@ -173,6 +215,8 @@ class WorkerCore:
         self._want_writable = False
         self._outbox: collections.deque[_Outgoing] = collections.deque()
         self._unsent_acks = 0  # connections covered by Acks in _outbox
+        self._pending_releases = 0  # Releases in _outbox
+        self._release_requests: list[ReleaseRequest] = []
         # Acked and not reported closed: id -> peer address (what a
         # re-registering Hello lists).
         self._owned: dict[int, str] = {}
@@ -264,7 +308,8 @@ class WorkerCore:
         if self._drain_to_announce:
             self._drain_to_announce = False
             drain = self._drain
-        return Events(ready, drain)
+        requests, self._release_requests = self._release_requests, []
+        return Events(ready, drain, requests)
 
     def connection_closed(self, connection_id: int) -> None:
         """The application closed an acked connection; reported (batched) at
@@ -280,6 +325,41 @@ class WorkerCore:
         if known and (self._channel is not None or
                       self._registering is not None):
             self._closed_to_report.append(connection_id)
+
+    def release(self, connection_id: int, sock: socket.socket,
+                unread_data: bytes, reason: int,
+                on_result: ReleaseCallback) -> None:
+        """Gives the acked connection `connection_id` back to the broker
+        (Release with `sock`'s fd attached, `unread_data`: bytes read from it
+        but not consumed). The caller guarantees it is idle: between
+        requests, nothing half-written, reading paused. Takes `sock` (a copy
+        of the fd, e.g. a dup) and closes it in every case. on_result(True)
+        once the Release is sent (the broker owns the connection: close your
+        copy without shutdown(), send nothing on it), on_result(False) if it
+        cannot be sent (the connection is still yours); either from this
+        call or from a later process_events()/close()."""
+        why = None
+        if not self._options.supports_release:
+            why = "the worker did not opt into release"
+        elif connection_id not in self._owned:
+            why = "not an active connection"
+        elif connection_id in self._unlisted:
+            why = "the broker does not know this connection"
+        elif self._channel is None or self._goodbye_sent:
+            why = "not registered with a broker"
+        elif len(unread_data) > MAX_UNREAD_BYTES:
+            why = f"{len(unread_data)} unread bytes (> {MAX_UNREAD_BYTES})"
+        if why is not None:
+            log.debug("connection %d kept: %s", connection_id, why)
+            sock.close()
+            return on_result(False)
+        peer = self._owned.pop(connection_id)
+        self._pending_releases += 1
+        self._send(_Outgoing(
+            pb.HandoffMessage(release=pb.Release(
+                connection_id=connection_id, unread_data=unread_data,
+                reason=reason)),
+            release=_Release(connection_id, peer, sock, on_result)))
 
     def start_drain(self) -> None:
         """Drain on the worker's own initiative (stops reconnecting)."""
@@ -302,7 +382,7 @@ class WorkerCore:
         self._close_channel()
         self._stop_reconnecting()
         for outgoing in self._outbox:
-            outgoing.discard()
+            self._discard(outgoing)
         self._outbox.clear()
         for connection in self._ready:
             connection.socket.close()
@@ -316,7 +396,8 @@ class WorkerCore:
             version=pb.ProtocolVersion(major=PROTOCOL_MAJOR,
                                        minor=PROTOCOL_MINOR),
             pid=os.getpid(), capacity=self._options.capacity,
-            labels=self._options.labels, was_supervised=self._supervised))
+            labels=self._options.labels, was_supervised=self._supervised,
+            supports_release=self._options.supports_release))
 
     def _send_hello(self, hello: "pb.HandoffMessage") -> None:
         attempt = Channel.connect(self._path)
@@ -431,7 +512,8 @@ class WorkerCore:
                         self.worker_id, reason, len(self._owned))
         self._close_channel()
         for outgoing in self._outbox:
-            outgoing.discard()  # not acked: the broker re-places them
+            # Not acked: the broker re-places them. Not released: still ours.
+            self._discard(outgoing)
         self._outbox.clear()
         self._unsent_acks = 0
         # Closes the old broker was not told about die with it.
@@ -582,7 +664,15 @@ class WorkerCore:
             elif body == "drain":
                 deadline = message.drain.deadline_unix_nanos
                 self._begin_drain(DrainCause.BROKER_REQUEST,
-                                  deadline / 1e9 if deadline > 0 else None)
+                                  deadline / 1e9 if deadline > 0 else None,
+                                  message.drain.release_idle and
+                                  self._options.supports_release)
+            elif (body == "release_request" and
+                  self._options.supports_release):
+                request = message.release_request
+                self._release_requests.append(ReleaseRequest(
+                    request.max_connections, request.reason or
+                    pb.RELEASE_REASON_REBALANCE))
             elif body != "heartbeat":
                 if fd is not None:
                     os.close(fd)
@@ -590,12 +680,12 @@ class WorkerCore:
                 break
         if self._channel is None:
             # Nothing can be acked: these close, the broker re-places them.
-            _Outgoing(pb.HandoffMessage(), taken).discard()
+            self._discard(_Outgoing(pb.HandoffMessage(), taken))
             return
         if self.draining:
             # A Drain in the same batch also returns the connections before it.
             rejected.extend(connection.id for connection in taken)
-            _Outgoing(pb.HandoffMessage(), taken).discard()
+            self._discard(_Outgoing(pb.HandoffMessage(), taken))
             taken = []
         if rejected:
             reason = ("worker is draining" if self.draining else
@@ -607,17 +697,32 @@ class WorkerCore:
             self._send(_Outgoing(pb.HandoffMessage(ack=pb.Ack(
                 connection_ids=[c.id for c in taken])), taken))
 
+    def _discard(self, outgoing: _Outgoing) -> None:
+        """The message will never be sent: the connections it acks close
+        untouched (the broker re-places them); the one it releases is the
+        application's again."""
+        for connection in outgoing.acked:
+            connection.socket.close()
+        outgoing.acked.clear()
+        if outgoing.release is not None:
+            release, outgoing.release = outgoing.release, None
+            self._pending_releases -= 1
+            release.socket.close()
+            # A re-registering Hello lists it again, like any owned one.
+            self._owned[release.connection_id] = release.peer_address
+            release.on_result(False)
+
     def _send(self, outgoing: _Outgoing) -> None:
         """Sends now if nothing is queued and the socket has room, else
         queues (and waits for writability)."""
         if self._channel is None:
-            return outgoing.discard()
+            return self._discard(outgoing)
         if not self._outbox:
             try:
-                if self._channel.send(outgoing.message):
+                if self._channel.send(outgoing.message, outgoing.fd()):
                     return self._on_sent(outgoing)
             except (OSError, ProtocolError) as error:
-                outgoing.discard()
+                self._discard(outgoing)
                 return self._lose_channel(
                     f"cannot send {outgoing.message.WhichOneof('body')}: "
                     f"{error}")
@@ -629,7 +734,7 @@ class WorkerCore:
         while self._channel is not None and self._outbox:
             outgoing = self._outbox[0]
             try:
-                if not self._channel.send(outgoing.message):
+                if not self._channel.send(outgoing.message, outgoing.fd()):
                     return
             except (OSError, ProtocolError) as error:
                 return self._lose_channel(
@@ -650,6 +755,13 @@ class WorkerCore:
             self._owned[connection.id] = connection.peer_address
         self._ready.extend(outgoing.acked)
         outgoing.acked = []
+        if outgoing.release is not None:
+            release, outgoing.release = outgoing.release, None
+            self._pending_releases -= 1
+            # The broker holds the connection now (the fd is in its queue):
+            # closing this copy leaves the TCP connection untouched.
+            release.socket.close()
+            release.on_result(True)
 
     def _report_closed(self) -> None:
         if (not self._closed_to_report or self._channel is None or
@@ -659,8 +771,8 @@ class WorkerCore:
         self._send(_Outgoing(pb.HandoffMessage(
             closed=pb.Closed(connection_ids=ids))))
 
-    def _begin_drain(self, cause: DrainCause,
-                     deadline: Optional[float]) -> None:
+    def _begin_drain(self, cause: DrainCause, deadline: Optional[float],
+                     release_idle: bool = False) -> None:
         if self.draining:
             # A later Drain may bring the deadline closer; announce once.
             if deadline is not None and (self._drain.deadline is None or
@@ -668,13 +780,13 @@ class WorkerCore:
                 self._drain.deadline = deadline
             return
         self.draining = True
-        self._drain = Drain(cause, deadline)
+        self._drain = Drain(cause, deadline, release_idle)
         self._drain_to_announce = True
 
     def _say_goodbye_if_drained(self) -> None:
         if (not self.draining or self._channel is None or
                 self._goodbye_sent or self._owned or self._unsent_acks or
-                self._closed_to_report):
+                self._pending_releases or self._closed_to_report):
             return
         self._goodbye_sent = True
         self._send(_Outgoing(pb.HandoffMessage(goodbye=pb.Goodbye(
