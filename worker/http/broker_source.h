@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "absl/status/statusor.h"
 #include "connection_source.h"
@@ -15,7 +16,9 @@ namespace fdbroker::http {
 // event-loop mode. The broker's Drain arrives as OnDrain(); losing the broker
 // does not: the SDK keeps the server's connections, reconnects and
 // re-registers them (options.reconnect_timeout), and only if that gives up
-// does OnDrain() come (cause "broker lost").
+// does OnDrain() come (cause "broker lost"). It opts into migration: the
+// broker's ReleaseRequest arrives as OnReleaseRequest(), and a Drain with
+// release_idle makes ReleaseOnDrain() true.
 class BrokerSource final : public ConnectionSource {
  public:
   // Registers with the broker (options.socket_path, or FDBROKER_SOCKET).
@@ -34,6 +37,12 @@ class BrokerSource final : public ConnectionSource {
     worker_->ConnectionClosed(source_id);
   }
   bool Finished() const override { return worker_->finished(); }
+  bool ReleaseOnDrain() const override { return worker_->release_on_drain(); }
+  absl::Status Release(uint64_t source_id, wire::UniqueFd& fd,
+                       std::string unread_data,
+                       worker::ReleaseReason reason) override {
+    return worker_->Release(source_id, fd, std::move(unread_data), reason);
+  }
 
  private:
   BrokerSource() = default;

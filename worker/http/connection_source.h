@@ -4,7 +4,9 @@
 #include <cstdint>
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "fdbroker/worker.h"
 #include "wire/unique_fd.h"
 
 namespace fdbroker::http {
@@ -24,7 +26,13 @@ class ConnectionSink {
                                std::string initial_data) = 0;
   // Stop taking work: finish in-flight requests, close idle connections.
   // `deadline` is InfiniteFuture() if there is none.
+  // If the source says ReleaseOnDrain(), idle connections are released
+  // instead (and busy ones once idle).
   virtual void OnDrain(absl::Time deadline) = 0;
+  // The broker asks for up to `max_connections` idle connections back
+  // (ConnectionSource::Release()); fewer or none is fine.
+  virtual void OnReleaseRequest(uint32_t max_connections,
+                                worker::ReleaseReason reason) = 0;
 };
 
 // Loop thread only.
@@ -54,6 +62,19 @@ class ConnectionSource {
   // The source has nothing left to do once the server holds no connection
   // (standalone: stopped; broker: Goodbye said or broker gone).
   virtual bool Finished() const = 0;
+
+  // Migration (broker mode only; the defaults are a source that cannot).
+  // While the server drains: release idle connections rather than close
+  // them (worker::Worker::release_on_drain()).
+  virtual bool ReleaseOnDrain() const { return false; }
+  // Hands an idle delivered connection back (worker::Worker::Release()):
+  // OK takes `fd` and the server forgets the connection (no
+  // ConnectionClosed); an error leaves `fd` and the connection with it.
+  virtual absl::Status Release(uint64_t source_id, wire::UniqueFd& fd,
+                               std::string unread_data,
+                               worker::ReleaseReason reason) {
+    return absl::UnimplementedError("this source cannot release connections");
+  }
 };
 
 }  // namespace fdbroker::http

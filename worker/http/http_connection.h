@@ -61,6 +61,10 @@ class HttpConnection {
   bool ShouldClose() const;
   // Between requests: nothing buffered, no body or sleep pending, no output.
   bool idle() const;
+  // Can be handed to another worker as it is: idle (so no request or part
+  // of one is buffered, nothing is left to write), not draining (nothing
+  // promised "Connection: close"), and the client has not half-closed.
+  bool releasable() const { return idle() && !draining_ && !peer_closed_; }
   // The client may still be sending (a body, pipelined requests, an error's
   // rest): close with a lingering half-close instead of an RST.
   bool needs_linger() const;

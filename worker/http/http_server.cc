@@ -102,6 +102,7 @@ absl::Status HttpServer::Run() {
       Dispatch(events[i].data.u64, events[i].events);
     RunTimers();
     RunDeferredReads();
+    RunPendingServices();
   }
   spdlog::info("drained, exiting");
   return absl::OkStatus();
@@ -117,7 +118,7 @@ void HttpServer::RefreshClock() {
 }
 
 int HttpServer::NextTimeoutMillis() const {
-  if (!deferred_reads_.empty()) return 0;
+  if (!deferred_reads_.empty() || !to_service_.empty()) return 0;
   MonoTime next = MonoTime::max();
   if (!timers_.empty()) next = timers_.top().at;
   for (const auto& at :
@@ -202,27 +203,113 @@ void HttpServer::OnNewConnection(wire::UniqueFd fd, uint64_t source_id,
   slot.key = next_key_++;
   slot.fd = std::move(fd);
   slot.source_id = source_id;
-  epoll_event event{};
-  event.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-  event.data.u64 = slot.key;
-  if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, slot.fd.get(), &event) != 0) {
-    spdlog::error("epoll_ctl(ADD) of a client socket: {}",
-                  std::strerror(errno));
+  if (!Watch(slot)) {
     owned.reset();
     source_->ConnectionClosed(source_id);
     return;
   }
   slots_.emplace(slot.key, std::move(owned));
-  if (draining_) slot.http.StartDrain();
+  // (In a release drain it is released once idle, like the others.)
+  if (draining_ && !release_drain_) slot.http.StartDrain();
   // Bytes a previous owner read come before anything on the socket; the
   // socket's own readiness arrives as an event (EPOLL_CTL_ADD reports it).
   if (!initial_data.empty()) slot.http.OnData(initial_data);
   Service(slot);
 }
 
+bool HttpServer::Watch(const Slot& slot) {
+  epoll_event event{};
+  event.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+  event.data.u64 = slot.key;
+  if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, slot.fd.get(), &event) != 0) {
+    spdlog::error("epoll_ctl(ADD) of a client socket: {}",
+                  std::strerror(errno));
+    return false;
+  }
+  return true;
+}
+
 void HttpServer::OnDrain(absl::Time deadline) {
   // The source already stopped taking connections.
+  if (!draining_ && source_->ReleaseOnDrain()) {
+    spdlog::info("draining by releasing {} connections to other workers",
+                 slots_.size());
+    release_drain_ = true;
+  }
   BeginDrain(deadline, StopSource::kNo);
+}
+
+void HttpServer::OnReleaseRequest(uint32_t max_connections,
+                                  worker::ReleaseReason reason) {
+  std::vector<uint64_t> keys;
+  for (const auto& [key, slot] : slots_) {
+    if (keys.size() >= max_connections) break;
+    if (Releasable(*slot)) keys.push_back(key);
+  }
+  uint32_t released = 0;
+  for (uint64_t key : keys) {
+    Slot* slot = Find(key);
+    if (slot == nullptr) continue;
+    const ReleaseResult result = TryRelease(*slot, reason);
+    if (result == ReleaseResult::kReleased) ++released;
+    // The source refused (the broker is gone): the rest would fail too.
+    if (result == ReleaseResult::kKept) break;
+  }
+  spdlog::info("released {} idle connections ({} asked for up to {}), {} left",
+               released, std::string(worker::ReleaseReasonName(reason)),
+               max_connections, slots_.size());
+}
+
+bool HttpServer::Releasable(const Slot& slot) const {
+  return !slot.lingering && !slot.write_blocked && slot.http.releasable();
+}
+
+HttpServer::ReleaseResult HttpServer::TryRelease(Slot& slot,
+                                                 worker::ReleaseReason reason) {
+  // epoll forgets an fd only when every copy of its file is closed, and the
+  // broker's copy keeps it open: take it out first.
+  if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, slot.fd.get(), nullptr) !=
+      0) {
+    spdlog::error("epoll_ctl(DEL) of a client socket: {}",
+                  std::strerror(errno));
+    return ReleaseResult::kKept;
+  }
+  absl::Status released =
+      source_->Release(slot.source_id, slot.fd, std::string(), reason);
+  if (released.ok()) {
+    slots_.erase(slot.key);  // The source has the fd; nothing to report.
+    return ReleaseResult::kReleased;
+  }
+  spdlog::warn("cannot release connection {}: {}", slot.source_id,
+               released.ToString());
+  // Still ours. Adding it back reports its current readiness: no input edge
+  // is lost.
+  if (!Watch(slot)) {
+    Close(slot);
+    return ReleaseResult::kClosed;
+  }
+  return ReleaseResult::kKept;
+}
+
+void HttpServer::StopReleasing() {
+  if (!release_drain_) return;
+  release_drain_ = false;
+  spdlog::warn("cannot release connections any more: closing {} instead",
+               slots_.size());
+  for (const auto& [key, slot] : slots_) {
+    if (slot->lingering) continue;
+    slot->http.StartDrain();
+    to_service_.push_back(key);
+  }
+}
+
+void HttpServer::RunPendingServices() {
+  if (to_service_.empty()) return;
+  std::vector<uint64_t> keys;
+  keys.swap(to_service_);
+  for (uint64_t key : keys) {
+    if (Slot* slot = Find(key)) Service(*slot);
+  }
 }
 
 void HttpServer::BeginDrain(absl::Time deadline, StopSource stop_source) {
@@ -246,7 +333,7 @@ void HttpServer::BeginDrain(absl::Time deadline, StopSource stop_source) {
   for (uint64_t key : keys) {
     Slot* slot = Find(key);
     if (slot == nullptr || slot->lingering) continue;
-    slot->http.StartDrain();
+    if (!release_drain_) slot->http.StartDrain();
     Service(*slot);
   }
 }
@@ -357,6 +444,13 @@ void HttpServer::Service(Slot& slot) {
       ScheduleTimer(slot, TimerKind::kSleep,
                     now_ + std::chrono::milliseconds(slot.http.sleep_millis()));
     }
+    return;
+  }
+  if (release_drain_ && Releasable(slot)) {
+    const ReleaseResult result =
+        TryRelease(slot, worker::ReleaseReason::kDrain);
+    if (result != ReleaseResult::kKept) return;  // `slot` is gone.
+    StopReleasing();  // Serviced again, draining, at the end of the turn.
     return;
   }
   if (draining_ && slot.http.idle() && slot.http.requests() == 0 &&

@@ -36,6 +36,20 @@ namespace fdbroker::http {
 // grace, and return from Run() once no connection is left and the source is
 // finished. A second signal or the broker's drain deadline closes whatever
 // is left at once.
+//
+// Migration (broker mode): a connection is released to the broker only when
+// it is idle: no request being processed or sleeping, no response pending or
+// unflushed, not lingering, and an empty input buffer. A partly received
+// request is therefore never released; whole requests are answered as they
+// arrive, so a released connection never has unread bytes to pass along
+// (unread_data is always empty; bytes still in the kernel's socket buffer
+// travel with the socket). The fd leaves epoll before the Release; once the
+// SDK took it the server forgets the connection (no ConnectionClosed). A
+// ReleaseRequest releases up to N such connections. A drain with
+// ReleaseOnDrain() releases idle connections at once and busy ones as soon
+// as their response is out (one whose client asked for Connection: close
+// closes as usual); if a Release fails (the broker is gone) the drain
+// continues the ordinary way, closing.
 class HttpServer final : public ConnectionSink {
  public:
   // Blocks SIGTERM and SIGINT in the calling thread (they are read from a
@@ -50,6 +64,8 @@ class HttpServer final : public ConnectionSink {
   void OnNewConnection(wire::UniqueFd fd, uint64_t source_id,
                        std::string initial_data) override;
   void OnDrain(absl::Time deadline) override;
+  void OnReleaseRequest(uint32_t max_connections,
+                        worker::ReleaseReason reason) override;
 
  private:
   using MonoTime = std::chrono::steady_clock::time_point;
@@ -83,6 +99,9 @@ class HttpServer final : public ConnectionSink {
   HttpServer(std::unique_ptr<ConnectionSource> source, wire::UniqueFd epoll_fd,
              wire::UniqueFd signal_fd);
 
+  // Adds the slot's socket to epoll (edge-triggered, in and out); false if
+  // it cannot be watched.
+  bool Watch(const Slot& slot);
   void Dispatch(uint64_t key, uint32_t events);
   void OnSignal();
   void OnSourceReadable();
@@ -95,6 +114,18 @@ class HttpServer final : public ConnectionSink {
   void Service(Slot& slot);
   // Writes pending output; false if the connection was closed on an error.
   bool Flush(Slot& slot);
+  // Whether `slot` may be handed to another worker now (see the class
+  // comment).
+  bool Releasable(const Slot& slot) const;
+  enum class ReleaseResult { kReleased, kKept, kClosed };
+  // Releases `slot` to the source. kReleased and kClosed: `slot` is gone
+  // (closed if it could not be put back into epoll); kKept: the source
+  // refused, the connection is served as before.
+  ReleaseResult TryRelease(Slot& slot, worker::ReleaseReason reason);
+  // A release drain that cannot release any more turns into an ordinary
+  // one: every connection drains and is serviced at the end of the turn.
+  void StopReleasing();
+  void RunPendingServices();
   void CloseGracefully(Slot& slot);
   void Close(Slot& slot);
   void ScheduleTimer(Slot& slot, TimerKind kind, MonoTime at);
@@ -120,10 +151,14 @@ class HttpServer final : public ConnectionSink {
   // Connections to read from at the end of the loop turn (read_deferred
   // and able to take input again).
   std::vector<uint64_t> deferred_reads_;
+  // Connections to Service() at the end of the loop turn.
+  std::vector<uint64_t> to_service_;
   std::unique_ptr<char[]> read_buffer_;
   MonoTime now_;
   std::time_t date_second_ = 0;
   bool draining_ = false;
+  // Draining by releasing idle connections (ReleaseOnDrain()).
+  bool release_drain_ = false;
   std::optional<MonoTime> drain_deadline_;
   // Set by a second signal or the drain deadline: everything was closed,
   // the source gets this long to say Goodbye.

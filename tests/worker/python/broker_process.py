@@ -77,7 +77,8 @@ class Broker:
     """A running fdbroker; stop() (or the test's cleanup) ends it."""
 
     def __init__(self, workers: int, socket_path: Optional[str] = None,
-                 extra_flags: tuple[str, ...] = ()) -> None:
+                 extra_flags: tuple[str, ...] = (),
+                 worker_args: str = "") -> None:
         self.dir = tempfile.mkdtemp(prefix="fdbroker-pyit-")
         self.socket_path = socket_path or os.path.join(self.dir, "h.sock")
         ready = os.path.join(self.dir, "ready")
@@ -87,7 +88,8 @@ class Broker:
                 [str(bin_dir() / "fdbroker"), "--listen=127.0.0.1:0",
                  "--control=127.0.0.1:0", "--metrics=", f"--workers={workers}",
                  f"--socket={self.socket_path}", f"--ready_file={ready}",
-                 f"--worker_cmd={WORKER_CMD}", *extra_flags],
+                 f"--worker_cmd={WORKER_CMD} {worker_args}".rstrip(),
+                 *extra_flags],
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
         self.pid = self.process.pid
         # Workers seen (to kill them if the test fails half-way, even once

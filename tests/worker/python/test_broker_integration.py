@@ -109,7 +109,9 @@ class BrokerIntegrationTest(unittest.TestCase):
                          "--test-tools installs it)")
     def test_drain_worker_rpc_replaces_a_worker_after_its_request(self
                                                                   ) -> None:
-        broker = self.start_broker(2)
+        # Workers that do not release: the drain closes the connection
+        # (test_broker_release_integration has the releasing ones).
+        broker = self.start_broker(2, worker_args="--no_release")
         pids = broker.wait_for_workers(2)
         busy = socket.create_connection(("127.0.0.1", broker.port),
                                         timeout=10)
