@@ -61,13 +61,15 @@ class BrokeredSocket(socket.socket):
         request or EOF is there) or the broker wants the connection back
         (False: call release()), or `timeout` seconds (False)."""
         end = None if timeout is None else time.monotonic() + timeout
+        poller = select.poll()  # not select(): fds above 1023 are common
+        poller.register(self, select.POLLIN)
         while not self.release_requested:
             wait = _RELEASE_POLL
             if end is not None:
                 wait = min(wait, end - time.monotonic())
                 if wait <= 0:
                     return False
-            if select.select([self], [], [], wait)[0]:
+            if poller.poll(int(wait * 1000) + 1):
                 return True
         return False
 
