@@ -30,7 +30,9 @@ ABSL_FLAG(std::string, worker_cmd, "",
 ABSL_FLAG(int, max_workers, 64,
           "Upper bound on registered workers (supervised and external).");
 ABSL_FLAG(std::string, policy, "least_conn",
-          "Balancing policy: least_conn or round_robin.");
+          "Balancing policy: least_conn, round_robin (smooth weighted), p2c "
+          "(less loaded of two random picks) or ip_hash (sticky by client "
+          "IP). Workers weigh by the capacity they declare.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "How long a draining worker may take before it is ended.");
 ABSL_FLAG(absl::Duration, heartbeat_interval, absl::Seconds(1),
