@@ -8,7 +8,7 @@
 namespace fdbroker::http {
 
 absl::StatusOr<std::unique_ptr<BrokerSource>> BrokerSource::Connect(
-    worker::Options options) {
+    worker::Options options, Migration migration) {
   std::unique_ptr<BrokerSource> source(new BrokerSource());
   BrokerSource* self = source.get();
   options.on_connection = [self](worker::ClientConnection connection) {
@@ -32,12 +32,15 @@ absl::StatusOr<std::unique_ptr<BrokerSource>> BrokerSource::Connect(
                                                  absl::Milliseconds(1)))));
     if (self->sink_ != nullptr) self->sink_->OnDrain(deadline);
   };
-  options.on_release_request = [self](uint32_t max_connections,
-                                      worker::ReleaseReason reason) {
-    if (self->sink_ != nullptr) {
-      self->sink_->OnReleaseRequest(max_connections, reason);
-    }
-  };
+  options.on_release_request = nullptr;
+  if (migration == Migration::kOn) {
+    options.on_release_request = [self](uint32_t max_connections,
+                                        worker::ReleaseReason reason) {
+      if (self->sink_ != nullptr) {
+        self->sink_->OnReleaseRequest(max_connections, reason);
+      }
+    };
+  }
   source->capacity_ = options.capacity;
   source->socket_path_ = options.socket_path;
   absl::StatusOr<std::unique_ptr<worker::Worker>> worker =

@@ -22,9 +22,11 @@ namespace fdbroker::http {
 class BrokerSource final : public ConnectionSource {
  public:
   // Registers with the broker (options.socket_path, or FDBROKER_SOCKET).
-  // The callbacks in `options` are replaced.
+  // The callbacks in `options` are replaced; with Migration::kOff the worker
+  // does not opt into migration (a drain closes idle connections).
+  enum class Migration { kOn, kOff };
   static absl::StatusOr<std::unique_ptr<BrokerSource>> Connect(
-      worker::Options options);
+      worker::Options options, Migration migration = Migration::kOn);
 
   uint64_t worker_id() const { return worker_->worker_id(); }
 

@@ -58,7 +58,9 @@ int Run(const fdbroker::http::WorkerConfig& config) {
     options.reconnect_timeout = config.reconnect_timeout;
     options.labels["program"] = "fdbroker-http-worker";
     absl::StatusOr<std::unique_ptr<BrokerSource>> broker =
-        BrokerSource::Connect(std::move(options));
+        BrokerSource::Connect(std::move(options),
+                              config.release ? BrokerSource::Migration::kOn
+                                             : BrokerSource::Migration::kOff);
     if (!broker.ok()) {
       spdlog::error("cannot register with the broker: {}",
                     broker.status().ToString());

@@ -24,6 +24,9 @@ ABSL_FLAG(absl::Duration, reconnect_timeout, absl::Seconds(30),
           "after losing the broker, keep serving and try this long to "
           "reconnect and re-register (with the connections still owned) "
           "before draining; 0 = drain at once");
+ABSL_FLAG(bool, no_release, false,
+          "never give connections back to the broker (no Hello."
+          "supports_release): a drain closes idle connections");
 ABSL_FLAG(std::string, ready_file, "",
           "once serving, write key=value lines here (pid, mode, listen or "
           "worker_id)");
@@ -31,8 +34,9 @@ ABSL_FLAG(std::string, ready_file, "",
 namespace fdbroker::http {
 namespace {
 
-constexpr absl::string_view kFlagNames[] = {"listen", "socket", "capacity",
-                                            "reconnect_timeout", "ready_file"};
+constexpr absl::string_view kFlagNames[] = {"listen",     "socket",
+                                            "capacity",   "reconnect_timeout",
+                                            "no_release", "ready_file"};
 
 bool IsOurFlag(absl::string_view name) {
   for (absl::string_view known : kFlagNames) {
@@ -45,7 +49,7 @@ bool IsOurFlag(absl::string_view name) {
 
 std::string WorkerUsage() {
   return "usage: fdbroker-http-worker [--listen=HOST:PORT | --socket=PATH] "
-         "[--capacity=N] [--reconnect_timeout=DURATION] "
+         "[--capacity=N] [--reconnect_timeout=DURATION] [--no_release] "
          "[--ready_file=PATH]\n"
          "  An HTTP/1.1 keep-alive example worker for fdbroker.\n"
          "  --listen=HOST:PORT  run standalone (SO_REUSEPORT), no broker\n"
@@ -55,6 +59,8 @@ std::string WorkerUsage() {
          "  --reconnect_timeout=D  after losing the broker, keep serving and "
          "re-register\n"
          "                      within D (default 30s; 0: drain at once)\n"
+         "  --no_release        never release idle connections to the broker "
+         "(drain closes them)\n"
          "  --ready_file=PATH   write pid/mode/address here once serving\n";
 }
 
@@ -77,16 +83,18 @@ absl::StatusOr<WorkerConfig> ParseWorkerFlags(int argc, char** argv) {
       return absl::InvalidArgumentError(
           absl::StrCat("unknown flag --", name, " (see --help)"));
     }
+    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
     absl::string_view value;
     if (equals != absl::string_view::npos) {
       value = arg.substr(equals + 1);
+    } else if (flag != nullptr && flag->IsOfType<bool>()) {
+      value = "true";  // --no_release alone.
     } else if (i + 1 < argc) {
       value = argv[++i];
     } else {
       return absl::InvalidArgumentError(
           absl::StrCat("flag --", name, " needs a value"));
     }
-    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
     std::string error;
     if (flag == nullptr || !flag->ParseFrom(value, &error)) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -100,6 +108,7 @@ absl::StatusOr<WorkerConfig> ParseWorkerFlags(int argc, char** argv) {
     return absl::InvalidArgumentError(
         "invalid --reconnect_timeout: must not be negative");
   }
+  config.release = !absl::GetFlag(FLAGS_no_release);
   config.ready_file = absl::GetFlag(FLAGS_ready_file);
   const std::string listen = absl::GetFlag(FLAGS_listen);
   std::string socket_path = absl::GetFlag(FLAGS_socket);

@@ -22,6 +22,9 @@ struct WorkerConfig {
   // --reconnect_timeout: after losing the broker, how long to try to
   // re-register before draining; zero: drain at once (broker mode).
   absl::Duration reconnect_timeout = absl::Seconds(30);
+  // Not --no_release: give idle connections back when the broker asks
+  // (broker mode).
+  bool release = true;
   // --ready_file: written once serving (see WriteReadyFile).
   std::string ready_file;
   // --help was given.
