@@ -77,11 +77,17 @@ absl::Status FakeBroker::Accept(absl::Duration timeout) {
 }
 
 absl::StatusOr<v1::HandoffMessage> FakeBroker::Receive(absl::Duration timeout) {
+  wire::UniqueFd fd;  // Closed on return.
+  return Receive(timeout, fd);
+}
+
+absl::StatusOr<v1::HandoffMessage> FakeBroker::Receive(absl::Duration timeout,
+                                                       wire::UniqueFd& fd) {
   if (channel_ == nullptr) return absl::FailedPreconditionError("no channel");
   const absl::Time deadline = absl::Now() + timeout;
   for (;;) {
     v1::HandoffMessage message;
-    wire::UniqueFd fd;
+    fd.Reset();
     absl::StatusOr<wire::ReceiveResult> received =
         channel_->Receive(message, fd);
     if (!received.ok()) return received.status();
@@ -179,10 +185,19 @@ absl::Status FakeBroker::SendConnectionBatch(const std::vector<uint64_t>& ids,
   return absl::OkStatus();
 }
 
-absl::Status FakeBroker::SendDrain(absl::Time deadline) {
+absl::Status FakeBroker::SendDrain(absl::Time deadline, bool release_idle) {
   v1::HandoffMessage message;
   message.mutable_drain()->set_deadline_unix_nanos(
       deadline == absl::InfiniteFuture() ? 0 : absl::ToUnixNanos(deadline));
+  message.mutable_drain()->set_release_idle(release_idle);
+  return Send(std::move(message));
+}
+
+absl::Status FakeBroker::SendReleaseRequest(uint32_t max_connections,
+                                            v1::ReleaseReason reason) {
+  v1::HandoffMessage message;
+  message.mutable_release_request()->set_max_connections(max_connections);
+  message.mutable_release_request()->set_reason(reason);
   return Send(std::move(message));
 }
 

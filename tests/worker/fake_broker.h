@@ -31,6 +31,9 @@ class FakeBroker {
   // Unavailable if the worker closed the channel.
   absl::StatusOr<v1::HandoffMessage> Receive(
       absl::Duration timeout = absl::Seconds(5));
+  // Same, keeping the fd that came with the message (a Release's) in `fd`.
+  absl::StatusOr<v1::HandoffMessage> Receive(absl::Duration timeout,
+                                             wire::UniqueFd& fd);
   // True once the worker has closed the channel (messages before that are
   // discarded) within `timeout`.
   bool WaitForClose(absl::Duration timeout = absl::Seconds(5));
@@ -46,7 +49,10 @@ class FakeBroker {
   // One ConnectionBatch: connection ids[i] carries fds[i].
   absl::Status SendConnectionBatch(const std::vector<uint64_t>& ids,
                                    const std::vector<int>& fds);
-  absl::Status SendDrain(absl::Time deadline);
+  absl::Status SendDrain(absl::Time deadline, bool release_idle = false);
+  absl::Status SendReleaseRequest(
+      uint32_t max_connections,
+      v1::ReleaseReason reason = v1::RELEASE_REASON_REBALANCE);
   absl::Status SendHeartbeat();
   // Sends bytes as one packet, bypassing the channel's checks (a
   // misbehaving broker). Does not count as a sent message.

@@ -3,9 +3,11 @@
 // test checks the protocol (Ack, Closed, Reject, Goodbye) and the HTTP.
 
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -43,29 +45,38 @@ class HttpWorkerBrokerTest : public ::testing::Test {
   // `args` say otherwise) and registers it.
   void StartWorker(std::vector<std::string> args = {},
                    bool through_env = true) {
-    std::vector<std::string> argv = {kWorker,
-                                     "--ready_file=" + dir_ + "/ready"};
+    StartWorkerOn(broker_, "ready", worker_, args, through_env);
+  }
+
+  // Starts a worker registered with `broker` into `process`; its ready file
+  // is dir_/`ready_name`.
+  void StartWorkerOn(FakeBroker& broker, const std::string& ready_name,
+                     std::unique_ptr<Subprocess>& process,
+                     std::vector<std::string> args = {},
+                     bool through_env = true) {
+    const std::string ready_file = dir_ + "/" + ready_name;
+    std::vector<std::string> argv = {kWorker, "--ready_file=" + ready_file};
     argv.insert(argv.end(), args.begin(), args.end());
     Subprocess::Options options;
-    options.env["FDBROKER_SOCKET"] = through_env ? broker_.socket_path() : "";
-    absl::StatusOr<std::unique_ptr<Subprocess>> process =
+    options.env["FDBROKER_SOCKET"] = through_env ? broker.socket_path() : "";
+    absl::StatusOr<std::unique_ptr<Subprocess>> started =
         Subprocess::Start(argv, options);
-    ASSERT_TRUE(process.ok()) << process.status();
-    worker_ = *std::move(process);
-    ASSERT_TRUE(broker_.Accept(absl::Seconds(20)).ok()) << worker_->Output();
-    absl::StatusOr<HandoffMessage> hello = broker_.Receive();
+    ASSERT_TRUE(started.ok()) << started.status();
+    process = *std::move(started);
+    ASSERT_TRUE(broker.Accept(absl::Seconds(20)).ok()) << process->Output();
+    absl::StatusOr<HandoffMessage> hello = broker.Receive();
     ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
     hello_ = hello->hello();
-    ASSERT_TRUE(broker_
+    ASSERT_TRUE(broker
                     .SendWelcome(/*heartbeat_interval_ms=*/1000,
                                  /*heartbeat_timeout_ms=*/30000)
                     .ok());
     // The ready file appears once the worker serves.
-    ASSERT_TRUE(WaitFor([&] { return ReadKeyValueFile(dir_ + "/ready").ok(); },
+    ASSERT_TRUE(WaitFor([&] { return ReadKeyValueFile(ready_file).ok(); },
                         absl::Seconds(20)))
-        << worker_->Output();
+        << process->Output();
     absl::StatusOr<std::map<std::string, std::string>> ready =
-        ReadKeyValueFile(dir_ + "/ready");
+        ReadKeyValueFile(ready_file);
     ASSERT_TRUE(ready.ok());
     EXPECT_EQ((*ready)["mode"], "broker");
     EXPECT_EQ((*ready)["worker_id"], "7");
@@ -73,9 +84,16 @@ class HttpWorkerBrokerTest : public ::testing::Test {
 
   // The broker's next message that is not a heartbeat.
   absl::StatusOr<HandoffMessage> Receive() {
+    wire::UniqueFd fd;  // None expected.
+    return ReceiveWithFd(fd);
+  }
+  // Same, keeping the fd that came with it (a Release's).
+  absl::StatusOr<HandoffMessage> ReceiveWithFd(
+      wire::UniqueFd& fd, absl::Duration timeout = absl::Seconds(10)) {
+    const absl::Time deadline = absl::Now() + timeout;
     for (;;) {
       absl::StatusOr<HandoffMessage> message =
-          broker_.Receive(absl::Seconds(10));
+          broker_.Receive(deadline - absl::Now(), fd);
       if (!message.ok() || !message->has_heartbeat()) return message;
     }
   }
@@ -170,6 +188,13 @@ TEST_F(HttpWorkerBrokerTest, SocketAndCapacityFlags) {
   StartWorker({"--socket=" + broker_.socket_path(), "--capacity=3"},
               /*through_env=*/false);
   EXPECT_EQ(hello_.capacity(), 3u);
+  EXPECT_TRUE(hello_.supports_release());
+}
+
+TEST_F(HttpWorkerBrokerTest, NoReleaseFlagOptsOutOfMigration) {
+  StartWorker({"--no_release", "--capacity=2"});
+  EXPECT_FALSE(hello_.supports_release());
+  EXPECT_EQ(hello_.capacity(), 2u);
 }
 
 TEST_F(HttpWorkerBrokerTest, DrainFinishesInFlightRequestsThenSaysGoodbye) {
@@ -360,6 +385,146 @@ TEST_F(HttpWorkerBrokerTest, RefusedWorkerExitsWithTheReason) {
   ASSERT_TRUE(exit_code.ok()) << exit_code.status();
   EXPECT_EQ(*exit_code, 1);
   EXPECT_THAT(worker_->Stderr(), HasSubstr("going away"));
+}
+
+// --- Releasing connections (migration) ---------------------------------------
+
+// The worker releases an idle keep-alive connection when the broker asks,
+// and the socket it gives back serves the client's next request at another
+// worker; a connection with half a request read is kept.
+TEST_F(HttpWorkerBrokerTest, IdleConnectionIsReleasedAndServedByTheNextOwner) {
+  StartWorker();
+  EXPECT_TRUE(hello_.supports_release());
+  wire::UniqueFd idle = HandOff(1);
+  absl::StatusOr<HttpResponse> response = HttpGet(idle.get(), "/", true);
+  ASSERT_TRUE(response.ok()) << response.status();
+  EXPECT_EQ(response->headers["x-worker-pid"], pid());
+  // One write: a whole request (answered, which shows the worker read the
+  // write) and the start of the next one, left in its input buffer.
+  wire::UniqueFd half = HandOff(2);
+  ASSERT_TRUE(
+      SendAll(half.get(), "GET / HTTP/1.1\r\nHost: t\r\n\r\nGET / HTT").ok());
+  ASSERT_TRUE(ReadUntilContains(half.get(), "pid ").ok());
+
+  ASSERT_TRUE(broker_.SendReleaseRequest(10).ok());
+  wire::UniqueFd released;
+  absl::StatusOr<HandoffMessage> release = ReceiveWithFd(released);
+  ASSERT_TRUE(release.ok() && release->has_release())
+      << (release.ok() ? release->DebugString() : release.status().ToString());
+  EXPECT_EQ(release->release().connection_id(), 1u);
+  EXPECT_EQ(release->release().reason(), v1::RELEASE_REASON_REBALANCE);
+  EXPECT_EQ(release->release().unread_data(), "");
+  ASSERT_TRUE(released.valid());
+  // That was all: the half-read connection stayed (the log says how many
+  // went, so this is not a race against a late Release).
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        return absl::StrContains(worker_->Stderr(),
+                                 "released 1 idle connections");
+      },
+      absl::Seconds(10)))
+      << worker_->Output();
+  wire::UniqueFd none;
+  absl::StatusOr<HandoffMessage> more =
+      ReceiveWithFd(none, absl::Milliseconds(200));
+  EXPECT_TRUE(absl::IsDeadlineExceeded(more.status()))
+      << (more.ok() ? more->DebugString() : more.status().ToString());
+
+  // The next owner, another worker process, serves the client's next
+  // request on the same TCP connection.
+  FakeBroker other_broker;
+  std::unique_ptr<Subprocess> other;
+  StartWorkerOn(other_broker, "ready-other", other);
+  ASSERT_TRUE(
+      other_broker
+          .SendConnection(1, released.get(), release->release().unread_data())
+          .ok());
+  absl::StatusOr<HandoffMessage> ack = other_broker.Receive();
+  ASSERT_TRUE(ack.ok() && ack->has_ack()) << ack.status();
+  released.Reset();
+  response = HttpGet(idle.get(), "/", true);
+  ASSERT_TRUE(response.ok()) << response.status() << other->Output();
+  EXPECT_EQ(response->status, 200);
+  EXPECT_EQ(response->headers["x-worker-pid"], absl::StrCat(other->pid()));
+
+  // The kept connection finishes its request at the first worker.
+  ASSERT_TRUE(SendAll(half.get(), "P/1.1\r\nHost: t\r\n\r\n").ok());
+  absl::StatusOr<std::string> second = ReadUntilContains(half.get(), "pid ");
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_THAT(*second, HasSubstr("X-Worker-Pid: " + pid()));
+
+  // Released means forgotten: the drain reports only connection 2.
+  ASSERT_TRUE(broker_.SendDrain(absl::Now() + absl::Seconds(20)).ok());
+  EXPECT_THAT(ReceiveClosed(1), ElementsAre(2u));
+  ExpectGoodbyeAndCleanExit();
+}
+
+// Drain with release_idle: idle connections go back to the broker at once,
+// a busy one right after its (keep-alive) response, one whose client asked
+// for Connection: close closes; then Goodbye.
+TEST_F(HttpWorkerBrokerTest, ReleaseDrainReleasesIdleAtOnceAndBusyAfterwards) {
+  StartWorker();
+  std::vector<wire::UniqueFd> idle;
+  for (uint64_t id = 1; id <= 3; ++id) {
+    idle.push_back(HandOff(id));
+    ASSERT_TRUE(HttpGet(idle.back().get(), "/", true).ok());
+  }
+  // Delivered (and so sleeping) before the Ack we wait for is answered.
+  wire::UniqueFd busy =
+      HandOff(10, "GET /sleep?ms=600 HTTP/1.1\r\nHost: t\r\n\r\n");
+  wire::UniqueFd closing = HandOff(11,
+                                   "GET /sleep?ms=300 HTTP/1.1\r\nHost: t\r\n"
+                                   "Connection: close\r\n\r\n");
+
+  const absl::Time start = absl::Now();
+  ASSERT_TRUE(broker_.SendDrain(start + absl::Seconds(20), true).ok());
+  std::map<uint64_t, wire::UniqueFd> released;
+  std::map<uint64_t, absl::Duration> released_after;
+  std::vector<uint64_t> closed;
+  for (;;) {
+    wire::UniqueFd fd;
+    absl::StatusOr<HandoffMessage> message = ReceiveWithFd(fd);
+    ASSERT_TRUE(message.ok()) << message.status() << worker_->Output();
+    if (message->has_goodbye()) break;
+    if (message->has_closed()) {
+      closed.insert(closed.end(), message->closed().connection_ids().begin(),
+                    message->closed().connection_ids().end());
+      continue;
+    }
+    ASSERT_TRUE(message->has_release()) << message->DebugString();
+    EXPECT_EQ(message->release().reason(), v1::RELEASE_REASON_DRAIN);
+    released_after[message->release().connection_id()] = absl::Now() - start;
+    released[message->release().connection_id()] = std::move(fd);
+  }
+  EXPECT_TRUE(broker_.WaitForClose());
+  ExpectCleanExit();
+  EXPECT_THAT(closed, ElementsAre(11u));
+  ASSERT_EQ(released.size(), 4u);
+  for (uint64_t id : {1u, 2u, 3u}) {
+    EXPECT_LT(released_after[id], absl::Milliseconds(500)) << id;
+  }
+  EXPECT_GE(released_after[10], absl::Milliseconds(500));
+
+  // The busy client got its whole response, keep-alive, and its socket went
+  // back to the broker intact: its next bytes arrive at the released fd.
+  absl::StatusOr<std::string> slept = ReadUntilContains(busy.get(), "slept");
+  ASSERT_TRUE(slept.ok()) << slept.status();
+  EXPECT_THAT(ResponseStatuses(*slept), ElementsAre(200));
+  EXPECT_THAT(*slept, Not(HasSubstr("Connection: close")));
+  for (auto& [id, fd] : released) {
+    const int client = id == 10 ? busy.get() : idle[id - 1].get();
+    ASSERT_TRUE(SendAll(client, "next").ok());
+    char buffer[8];
+    ASSERT_TRUE(WaitFor(
+        [&] {
+          return ::recv(fd.get(), buffer, 4, MSG_PEEK | MSG_DONTWAIT) == 4;
+        },
+        absl::Seconds(5)));
+    EXPECT_EQ(::recv(fd.get(), buffer, sizeof(buffer), MSG_DONTWAIT), 4);
+  }
+  absl::StatusOr<std::string> closed_rest = ReadUntilClose(closing.get());
+  ASSERT_TRUE(closed_rest.ok()) << closed_rest.status();
+  EXPECT_THAT(*closed_rest, HasSubstr("Connection: close"));
 }
 
 }  // namespace

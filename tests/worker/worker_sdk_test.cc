@@ -15,6 +15,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -42,6 +43,16 @@ using ::testing::UnorderedElementsAre;
 using v1::HandoffMessage;
 
 int OwnFdCount() { return CountOpenFds(::getpid()).value_or(-1); }
+
+// Bytes written at `client` can be read from `fd`: the same socket.
+void ExpectSameSocket(int client, int fd) {
+  ASSERT_EQ(::write(client, "ping", 4), 4);
+  char buffer[8];
+  pollfd p{fd, POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 5000), 1);
+  ASSERT_EQ(::recv(fd, buffer, sizeof(buffer), MSG_DONTWAIT), 4);
+  EXPECT_EQ(std::string(buffer, 4), "ping");
+}
 
 std::vector<uint64_t> Ids(
     const google::protobuf::RepeatedField<uint64_t>& ids) {
@@ -191,7 +202,52 @@ class WorkerSdkTest : public ::testing::Test {
     return nullptr;
   }
 
+  // DefaultOptions() plus on_release_request, which records each request.
+  Options ReleasingOptions() {
+    Options options = DefaultOptions();
+    options.on_release_request = [this](uint32_t max_connections,
+                                        ReleaseReason reason) {
+      release_requests_.emplace_back(max_connections, reason);
+    };
+    options.on_drain = [this](DrainCause cause, absl::Time deadline) {
+      drain_causes_.push_back(cause);
+      drain_deadline_ = deadline;
+      release_on_drain_in_callback_ = worker_->release_on_drain();
+    };
+    return options;
+  }
+
+  // Registers with ReleasingOptions() and flaky_sys_ as the syscalls, and
+  // delivers connection 1 (its client end in `clients`).
+  void RegisterWithOneConnection(absl::Duration reconnect_timeout,
+                                 std::vector<FakeClient>& clients) {
+    Options options = ReleasingOptions();
+    options.syscalls = &flaky_sys_;
+    options.reconnect_timeout = reconnect_timeout;
+    Register(std::move(options));
+    DeliverConnections({1}, clients);
+  }
+
+  // Like PumpAndReceive(), keeping the fd that came with the message.
+  absl::StatusOr<HandoffMessage> PumpAndReceiveFd(wire::UniqueFd& fd) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(5);
+    for (;;) {
+      worker_->ProcessEvents();
+      absl::StatusOr<HandoffMessage> message =
+          broker_->Receive(absl::Milliseconds(10), fd);
+      if (message.ok() && message->has_heartbeat()) continue;
+      if (message.ok() || !absl::IsDeadlineExceeded(message.status())) {
+        return message;
+      }
+      if (absl::Now() >= deadline) return message.status();
+    }
+  }
+
   int baseline_fds_ = 0;
+  // Outlives worker_ (whose destructor may still send through it).
+  FlakySysCalls flaky_sys_;
+  std::vector<std::pair<uint32_t, ReleaseReason>> release_requests_;
+  bool release_on_drain_in_callback_ = false;
   std::unique_ptr<FakeBroker> broker_;
   std::unique_ptr<Worker> worker_;
   v1::Hello hello_;
@@ -1369,6 +1425,221 @@ TEST_F(WorkerSdkTest, ThreadPerConnectionGivesUpAfterReconnectTimeout) {
   serving.join();
   EXPECT_TRUE(worker_->finished());
   EXPECT_THAT(drain_causes_, ElementsAre(DrainCause::kBrokerLost));
+}
+
+// --- Releasing connections (migration) ---------------------------------------
+
+TEST_F(WorkerSdkTest, HelloSupportsReleaseOnlyWithTheHandler) {
+  Register(DefaultOptions());
+  EXPECT_FALSE(hello_.supports_release());
+  std::vector<FakeClient> clients;
+  DeliverConnections({1}, clients);
+  // Without the handler: Release() is refused and the fd stays ours, and a
+  // ReleaseRequest (the broker should not send one) is ignored.
+  absl::Status released =
+      worker_->Release(1, delivered_[0].fd, "", ReleaseReason::kRebalance);
+  EXPECT_TRUE(absl::IsFailedPrecondition(released)) << released;
+  ASSERT_TRUE(delivered_[0].fd.valid());
+  ASSERT_TRUE(broker_->SendReleaseRequest(1).ok());
+  ASSERT_TRUE(broker_->SendHeartbeat().ok());
+  EXPECT_TRUE(absl::IsDeadlineExceeded(
+      PumpAndReceive(false, absl::Milliseconds(200)).status()));
+  EXPECT_TRUE(worker_->registered());
+  EXPECT_EQ(worker_->active_connections(), 1u);
+}
+
+TEST_F(WorkerSdkTest, HelloSupportsReleaseWithTheHandler) {
+  Register(ReleasingOptions());
+  EXPECT_TRUE(hello_.supports_release());
+}
+
+TEST_F(WorkerSdkTest, ReleaseRequestGivesTheSameSocketsBackWithoutClosed) {
+  Options options = ReleasingOptions();
+  // The application releases from inside the callback, the usual way.
+  options.on_release_request = [this](uint32_t max_connections,
+                                      ReleaseReason reason) {
+    release_requests_.emplace_back(max_connections, reason);
+    for (ClientConnection& connection : delivered_) {
+      if (max_connections == 0) break;
+      if (connection.id == 3) continue;  // Busy, say.
+      std::string unread = connection.id == 1 ? "GET /next HTTP/1.1\r\n" : "";
+      ASSERT_TRUE(
+          worker_
+              ->Release(connection.id, connection.fd, std::move(unread), reason)
+              .ok());
+      EXPECT_FALSE(connection.fd.valid()) << "the SDK takes the fd";
+      --max_connections;
+    }
+  };
+  Register(std::move(options));
+  std::vector<FakeClient> clients;
+  DeliverConnections({1, 2, 3}, clients);
+
+  ASSERT_TRUE(
+      broker_->SendReleaseRequest(5, v1::RELEASE_REASON_REBALANCE).ok());
+  std::vector<wire::UniqueFd> released;  // The broker's copies.
+  for (uint64_t expected : {1u, 2u}) {
+    wire::UniqueFd fd;
+    absl::StatusOr<HandoffMessage> release = PumpAndReceiveFd(fd);
+    ASSERT_TRUE(release.ok() && release->has_release()) << release.status();
+    EXPECT_EQ(release->release().connection_id(), expected);
+    EXPECT_EQ(release->release().reason(), v1::RELEASE_REASON_REBALANCE);
+    EXPECT_EQ(release->release().unread_data(),
+              expected == 1 ? "GET /next HTTP/1.1\r\n" : "");
+    // The fd that came with it is the client's socket: the next owner reads
+    // what the client writes.
+    ASSERT_TRUE(fd.valid());
+    ExpectSameSocket(clients[expected - 1].client.get(), fd.get());
+    released.push_back(std::move(fd));
+  }
+  ASSERT_EQ(release_requests_.size(), 1u);
+  EXPECT_EQ(release_requests_[0].first, 5u);
+  EXPECT_EQ(release_requests_[0].second, ReleaseReason::kRebalance);
+  EXPECT_EQ(worker_->active_connections(), 1u);
+  // The worker closed its copies untouched (the broker's keep the sockets
+  // open: no EOF, no shutdown).
+  EXPECT_FALSE(ReadsEof(clients[0].client.get(), absl::Milliseconds(50)));
+  EXPECT_FALSE(ReadsEof(clients[1].client.get(), absl::Milliseconds(50)));
+  // Released ids are no longer ours: a second Release is NotFound, and a
+  // drain sends Closed for the last connection only, then Goodbye.
+  EXPECT_TRUE(absl::IsNotFound(
+      worker_->Release(1, clients[0].client, "", ReleaseReason::kRebalance)));
+  ASSERT_TRUE(clients[0].client.valid());
+  worker_->StartDrain();
+  worker_->ConnectionClosed(3);
+  absl::StatusOr<HandoffMessage> closed = PumpAndReceive();
+  ASSERT_TRUE(closed.ok() && closed->has_closed()) << closed.status();
+  EXPECT_THAT(Ids(closed->closed().connection_ids()), ElementsAre(3u));
+  absl::StatusOr<HandoffMessage> goodbye = broker_->Receive();
+  ASSERT_TRUE(goodbye.ok() && goodbye->has_goodbye()) << goodbye.status();
+  EXPECT_TRUE(PumpUntil([&] { return worker_->finished(); }));
+}
+
+TEST_F(WorkerSdkTest, DrainWithReleaseIdleReleasesThenSaysGoodbye) {
+  Register(ReleasingOptions());
+  std::vector<FakeClient> clients;
+  DeliverConnections({1, 2}, clients);
+  ASSERT_TRUE(broker_->SendDrain(absl::InfiniteFuture(), true).ok());
+  ASSERT_TRUE(PumpUntil([&] { return !drain_causes_.empty(); }));
+  EXPECT_THAT(drain_causes_, ElementsAre(DrainCause::kBrokerRequest));
+  EXPECT_TRUE(release_on_drain_in_callback_);
+  EXPECT_TRUE(worker_->release_on_drain());
+
+  // Connection 1 is idle: released at once. Connection 2 was busy and is
+  // released when its response is out. Goodbye follows the last one.
+  ASSERT_TRUE(
+      worker_->Release(1, Delivered(1)->fd, "", ReleaseReason::kDrain).ok());
+  wire::UniqueFd fd;
+  absl::StatusOr<HandoffMessage> release = PumpAndReceiveFd(fd);
+  ASSERT_TRUE(release.ok() && release->has_release()) << release.status();
+  EXPECT_EQ(release->release().connection_id(), 1u);
+  EXPECT_EQ(release->release().reason(), v1::RELEASE_REASON_DRAIN);
+  ExpectSameSocket(clients[0].client.get(), fd.get());
+  // No Goodbye while connection 2 is ours.
+  EXPECT_TRUE(absl::IsDeadlineExceeded(
+      PumpAndReceive(false, absl::Milliseconds(200)).status()));
+  ASSERT_TRUE(
+      worker_->Release(2, Delivered(2)->fd, "", ReleaseReason::kDrain).ok());
+  release = PumpAndReceiveFd(fd);
+  ASSERT_TRUE(release.ok() && release->has_release()) << release.status();
+  EXPECT_EQ(release->release().connection_id(), 2u);
+  ExpectSameSocket(clients[1].client.get(), fd.get());
+  absl::StatusOr<HandoffMessage> goodbye = PumpAndReceive();
+  ASSERT_TRUE(goodbye.ok() && goodbye->has_goodbye()) << goodbye.status();
+  EXPECT_TRUE(broker_->WaitForClose());
+  EXPECT_TRUE(PumpUntil([&] { return worker_->finished(); }));
+  EXPECT_FALSE(worker_->release_on_drain());
+}
+
+TEST_F(WorkerSdkTest, DrainWithoutReleaseIdleDoesNotRelease) {
+  Register(ReleasingOptions());
+  ASSERT_TRUE(broker_->SendDrain(absl::InfiniteFuture()).ok());
+  ASSERT_TRUE(PumpUntil([&] { return !drain_causes_.empty(); }));
+  EXPECT_FALSE(release_on_drain_in_callback_);
+}
+
+TEST_F(WorkerSdkTest, ReleaseWhileReconnectingFailsAndTheAppKeepsIt) {
+  Register(ReleasingOptions());
+  std::vector<FakeClient> clients;
+  DeliverConnections({1}, clients);
+  broker_->CloseChannel();
+  ASSERT_TRUE(PumpUntil([&] { return !worker_->registered(); }));
+  absl::Status released =
+      worker_->Release(1, delivered_[0].fd, "", ReleaseReason::kRebalance);
+  EXPECT_TRUE(absl::IsUnavailable(released)) << released;
+  ASSERT_TRUE(delivered_[0].fd.valid());
+  ExpectSameSocket(clients[0].client.get(), delivered_[0].fd.get());
+  EXPECT_EQ(worker_->active_connections(), 1u);
+  // Still listed when it registers again.
+  absl::StatusOr<HandoffMessage> hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  ASSERT_EQ(hello->hello().owned_connections_size(), 1);
+  EXPECT_TRUE(hello->hello().supports_release());
+}
+
+TEST_F(WorkerSdkTest, ReleaseThatFailsToSendLeavesTheFdWithTheCaller) {
+  std::vector<FakeClient> clients;
+  RegisterWithOneConnection(absl::ZeroDuration(), clients);
+  flaky_sys_.fail_errno = EPIPE;
+  absl::Status released =
+      worker_->Release(1, delivered_[0].fd, "", ReleaseReason::kRebalance);
+  EXPECT_TRUE(absl::IsUnavailable(released)) << released;
+  ASSERT_TRUE(delivered_[0].fd.valid());
+  ExpectSameSocket(clients[0].client.get(), delivered_[0].fd.get());
+  EXPECT_EQ(worker_->active_connections(), 1u);
+}
+
+TEST_F(WorkerSdkTest, ReleaseThatWouldBlockGoesOutOnceWritable) {
+  std::vector<FakeClient> clients;
+  RegisterWithOneConnection(absl::Seconds(30), clients);
+  flaky_sys_.fail_errno = EAGAIN;
+  ASSERT_TRUE(
+      worker_->Release(1, delivered_[0].fd, "abc", ReleaseReason::kRebalance)
+          .ok());
+  EXPECT_FALSE(delivered_[0].fd.valid());
+  EXPECT_EQ(worker_->active_connections(), 1u) << "ours until it is sent";
+  flaky_sys_.fail_errno = 0;
+  wire::UniqueFd fd;
+  absl::StatusOr<HandoffMessage> release = PumpAndReceiveFd(fd);
+  ASSERT_TRUE(release.ok() && release->has_release()) << release.status();
+  EXPECT_EQ(release->release().unread_data(), "abc");
+  ExpectSameSocket(clients[0].client.get(), fd.get());
+  EXPECT_EQ(worker_->active_connections(), 0u);
+}
+
+TEST_F(WorkerSdkTest, QueuedReleaseLostWithTheChannelComesBack) {
+  std::vector<FakeClient> clients;
+  RegisterWithOneConnection(absl::Seconds(30), clients);
+  flaky_sys_.fail_errno = EAGAIN;
+  ASSERT_TRUE(worker_
+                  ->Release(1, delivered_[0].fd, "GET / HTTP/1.1\r\n\r\n",
+                            ReleaseReason::kRebalance)
+                  .ok());
+  // The channel dies with the Release still queued: the connection is
+  // delivered again, with the bytes the application had not consumed.
+  flaky_sys_.fail_errno = EPIPE;
+  ASSERT_TRUE(PumpUntil([&] { return delivered_.size() == 2; }));
+  ClientConnection& back = delivered_[1];
+  EXPECT_EQ(back.id, 1u);
+  EXPECT_EQ(back.peer_address, "192.0.2.1:40001");
+  EXPECT_EQ(back.initial_data, "GET / HTTP/1.1\r\n\r\n");
+  ASSERT_TRUE(back.fd.valid());
+  ExpectSameSocket(clients[0].client.get(), back.fd.get());
+  EXPECT_EQ(worker_->active_connections(), 1u);
+  EXPECT_TRUE(drain_causes_.empty());
+  // It is still ours for the next broker too.
+  flaky_sys_.fail_errno = 0;
+  absl::StatusOr<HandoffMessage> hello = PumpUntilReconnected();
+  ASSERT_TRUE(hello.ok() && hello->has_hello()) << hello.status();
+  ASSERT_EQ(hello->hello().owned_connections_size(), 1);
+  EXPECT_EQ(hello->hello().owned_connections(0).connection_id(), 1u);
+}
+
+TEST_F(WorkerSdkTest, ThreadPerConnectionRefusesTheReleaseHandler) {
+  Register(ReleasingOptions());
+  absl::Status served =
+      worker_->ServeThreadPerConnection([](ClientConnection) {});
+  EXPECT_TRUE(absl::IsFailedPrecondition(served)) << served;
 }
 
 }  // namespace
