@@ -275,5 +275,33 @@ TEST_F(HttpConnectionTest, BackPressureHoldsRequestsUntilOutputDrains) {
   EXPECT_TRUE(connection_.idle());
 }
 
+// Releasable: only between requests, with nothing buffered either way.
+TEST_F(HttpConnectionTest, ReleasableOnlyWhenNothingIsInFlight) {
+  EXPECT_TRUE(connection_.releasable());  // No request yet.
+  connection_.OnData("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_FALSE(connection_.releasable()) << "response not written yet";
+  TakeOutput();
+  EXPECT_TRUE(connection_.releasable());
+  connection_.OnData("GET / HTT");  // Half a request read.
+  EXPECT_FALSE(connection_.releasable());
+  connection_.OnData("P/1.1\r\nHost: x\r\n\r\n");
+  TakeOutput();
+  EXPECT_TRUE(connection_.releasable());
+  connection_.OnData("GET /sleep?ms=5 HTTP/1.1\r\n\r\n");
+  EXPECT_FALSE(connection_.releasable()) << "sleeping";
+  connection_.OnSleepDone();
+  TakeOutput();
+  EXPECT_TRUE(connection_.releasable());
+  connection_.StartDrain();  // Promised to close: not handed on.
+  EXPECT_FALSE(connection_.releasable());
+}
+
+TEST_F(HttpConnectionTest, NotReleasableAfterThePeerHalfClosed) {
+  connection_.OnData("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+  TakeOutput();
+  connection_.OnPeerClosed();
+  EXPECT_FALSE(connection_.releasable());
+}
+
 }  // namespace
 }  // namespace fdbroker::http
