@@ -51,6 +51,8 @@ absl::string_view BodyName(const v1::HandoffMessage& message) {
       return "upgrade_handover";
     case v1::HandoffMessage::kConnectionBatch:
       return "connection_batch";
+    case v1::HandoffMessage::kReleaseRequest:
+      return "release_request";
     case v1::HandoffMessage::BODY_NOT_SET:
       break;
   }
