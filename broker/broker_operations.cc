@@ -113,6 +113,7 @@ v1::Worker DataPlaneOperations::ToProto(const Worker& worker) const {
   out.set_handed_total(worker.handed_total);
   out.set_supervised(worker.supervised);
   out.set_capacity(worker.capacity);
+  out.set_supports_release(worker.supports_release);
   *out.mutable_started_at() =
       google::protobuf::util::TimeUtil::NanosecondsToTimestamp(
           absl::ToUnixNanos(worker.started_at));
@@ -279,6 +280,25 @@ absl::StatusOr<v1::ResumeResponse> DataPlaneOperations::Resume(
   event.type = WorkerEvent::Type::kResumeRequested;
   emit_(event);
   RefreshHealth();
+  return response;
+}
+
+absl::StatusOr<v1::RebalanceResponse> DataPlaneOperations::Rebalance(
+    const v1::RebalanceRequest&) {
+  // The request has no fields; the manager checks the broker's state.
+  absl::StatusOr<WorkerManager::RebalanceResult> result =
+      manager_.Rebalance("RPC");
+  if (!result.ok()) return result.status();
+  v1::RebalanceResponse response;
+  response.set_mean_connections(result->mean);
+  for (const auto& [id, count] : result->asked) {
+    v1::WorkerRelease* asked = response.add_asked();
+    *asked->mutable_worker() = ToProtoById(id);
+    asked->set_requested_connections(count);
+  }
+  for (uint64_t id : result->skipped) {
+    *response.add_skipped() = ToProtoById(id);
+  }
   return response;
 }
 

@@ -40,6 +40,8 @@ class BrokerOperations {
       const v1::DrainRequest& request) = 0;
   virtual absl::StatusOr<v1::ResumeResponse> Resume(
       const v1::ResumeRequest& request) = 0;
+  virtual absl::StatusOr<v1::RebalanceResponse> Rebalance(
+      const v1::RebalanceRequest& request) = 0;
 };
 
 // Converts a google.protobuf.Duration field: unset or zero gives `fallback`;
@@ -77,6 +79,8 @@ class DataPlaneOperations final : public BrokerOperations {
       const v1::DrainRequest& request) override;
   absl::StatusOr<v1::ResumeResponse> Resume(
       const v1::ResumeRequest& request) override;
+  absl::StatusOr<v1::RebalanceResponse> Rebalance(
+      const v1::RebalanceRequest& request) override;
 
  private:
   v1::Worker ToProto(const Worker& worker) const;

@@ -35,6 +35,10 @@ ABSL_FLAG(std::string, policy, "least_conn",
           "IP). Workers weigh by the capacity they declare.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "How long a draining worker may take before it is ended.");
+ABSL_FLAG(bool, rebalance_after_scale, false,
+          "After a ScaleWorkers scale-up, once the new workers are ready, "
+          "rebalance once (as the Rebalance RPC does): idle connections move "
+          "to them.");
 ABSL_FLAG(absl::Duration, heartbeat_interval, absl::Seconds(1),
           "A side sends a heartbeat after this much silence.");
 ABSL_FLAG(absl::Duration, heartbeat_timeout, absl::Seconds(10),
@@ -196,6 +200,7 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   }
 
   config.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
+  config.rebalance_after_scale = absl::GetFlag(FLAGS_rebalance_after_scale);
   config.heartbeat_interval = absl::GetFlag(FLAGS_heartbeat_interval);
   config.heartbeat_timeout = absl::GetFlag(FLAGS_heartbeat_timeout);
   config.worker_start_timeout = absl::GetFlag(FLAGS_worker_start_timeout);

@@ -19,6 +19,8 @@ struct BrokerConfig {
   int max_workers = 64;
   std::string policy;
   absl::Duration drain_timeout;
+  // Rebalance once after a scale-up's new workers are ready.
+  bool rebalance_after_scale = false;
   absl::Duration heartbeat_interval;
   absl::Duration heartbeat_timeout;
   absl::Duration worker_start_timeout;

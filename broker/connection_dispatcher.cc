@@ -1,5 +1,7 @@
 #include "broker/connection_dispatcher.h"
 
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <utility>
 
@@ -7,6 +9,21 @@
 #include "spdlog/spdlog.h"
 
 namespace fdbroker {
+namespace {
+
+// The address getpeername/getsockname reports for `fd`; empty unless IP.
+SocketAddress SocketAddressOf(int fd,
+                              int (*query)(int, sockaddr*, socklen_t*)) {
+  SocketAddress address;
+  address.length = sizeof(address.storage);
+  if (query(fd, address.mutable_addr(), &address.length) != 0 ||
+      (address.family() != AF_INET && address.family() != AF_INET6)) {
+    return SocketAddress();
+  }
+  return address;
+}
+
+}  // namespace
 
 ConnectionDispatcher::ConnectionDispatcher(EventLoop& loop,
                                            WorkerRegistry& registry,
@@ -58,19 +75,32 @@ void ConnectionDispatcher::FormatConnection(const Entry& entry,
   entry.connection.peer.Format(*body.mutable_peer_address());
   entry.connection.local.Format(*body.mutable_local_address());
   body.set_accept_time_unix_nanos(entry.connection.accept_unix_nanos);
+  // Always set: message_ and its batch entries are reused.
+  body.set_initial_data(entry.initial_data);
 }
 
 bool ConnectionDispatcher::TryPlace(Entry& entry) {
   candidates_.clear();
   for (const auto& [id, worker] : registry_.workers()) {
-    if (worker->Available() && id != entry.excluded_id) {
+    if (worker->Available() && id != entry.excluded_id &&
+        id != entry.released_by) {
       candidates_.push_back(worker.get());
+    }
+  }
+  if (candidates_.empty() && entry.released_by != 0 &&
+      entry.released_by != entry.excluded_id) {
+    // Nobody else can take it now: back to the releaser beats waiting.
+    Worker* releaser = registry_.Find(entry.released_by);
+    if (releaser != nullptr && releaser->Available()) {
+      candidates_.push_back(releaser);
     }
   }
   while (!candidates_.empty()) {
     const size_t pick = policy_.Pick(candidates_, entry.connection.peer);
     Worker& worker = *candidates_[pick];
-    if (worker.max_connections_per_message > 1) {
+    // Unread bytes of a released connection go alone: a batch of them could
+    // outgrow the packet limit.
+    if (worker.max_connections_per_message > 1 && entry.initial_data.empty()) {
       ++worker.unacked;
       ++entry.attempts;
       entry.worker_id = worker.id;
@@ -213,15 +243,65 @@ absl::Status ConnectionDispatcher::OnAck(Worker& worker, const v1::Ack& ack) {
       return absl::InvalidArgumentError(
           absl::StrCat("ack for connection ", id, " not sent to this worker"));
     }
-    latency_.Observe(loop_.NowNanos() -
-                     it->second.connection.accept_mono_nanos);
+    const uint64_t released_by = it->second.released_by;
+    const v1::ReleaseReason reason = it->second.release_reason;
+    if (released_by == 0) {
+      latency_.Observe(loop_.NowNanos() -
+                       it->second.connection.accept_mono_nanos);
+      ++stats_.handed_off;
+    } else if (reason == v1::RELEASE_REASON_DRAIN) {
+      ++stats_.migrated_drain;
+    } else {
+      ++stats_.migrated_rebalance;
+    }
     // The worker owns the socket now; the broker's copy closes here.
     in_flight_.erase(it);
     --worker.unacked;
     worker.owned.insert(id);
     ++worker.handed_total;
-    ++stats_.handed_off;
+    if (released_by != 0 && on_migrated_) {
+      on_migrated_(released_by, worker.id, reason);
+    }
   }
+  return absl::OkStatus();
+}
+
+absl::Status ConnectionDispatcher::OnRelease(Worker& worker,
+                                             const v1::Release& release,
+                                             wire::UniqueFd fd) {
+  const uint64_t id = release.connection_id();
+  // A connection staged or in flight is not owned yet: only Acked ones can
+  // be released, so no id is ever in two places.
+  if (!worker.owned.contains(id)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "release of connection ", id, " this worker does not own"));
+  }
+  if (release.unread_data().size() > kMaxUnreadData) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "release of connection ", id, " carries ", release.unread_data().size(),
+        " unread bytes; the limit is ", kMaxUnreadData));
+  }
+  worker.owned.erase(id);
+  ++stats_.released;
+  Entry entry;
+  entry.id = id;
+  entry.connection.fd = std::move(fd);
+  // The broker does not remember owned connections' addresses: the socket
+  // itself tells (a non-IP socket, as in tests, leaves them empty).
+  AcceptedConnection& c = entry.connection;
+  c.peer = SocketAddressOf(c.fd.get(), ::getpeername);
+  c.local = SocketAddressOf(c.fd.get(), ::getsockname);
+  // The pending timeout runs from the release; the accept time is not kept.
+  c.accept_mono_nanos = EventLoop::MonotonicNanos();
+  c.accept_unix_nanos = absl::ToUnixNanos(absl::Now());
+  entry.released_by = worker.id;
+  entry.release_reason = release.reason() == v1::RELEASE_REASON_DRAIN
+                             ? v1::RELEASE_REASON_DRAIN
+                             : v1::RELEASE_REASON_REBALANCE;
+  entry.initial_data = release.unread_data();
+  if (pending_.empty() && TryPlace(entry)) return absl::OkStatus();
+  Enqueue(std::move(entry), /*front=*/false);
+  PlacePending();
   return absl::OkStatus();
 }
 

@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <deque>
+#include <functional>
+#include <string>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -16,6 +18,8 @@
 #include "broker/listener.h"
 #include "broker/worker_registry.h"
 #include "fdbroker/v1/handoff.pb.h"
+#include "wire/fd_passing.h"
+#include "wire/unique_fd.h"
 
 namespace fdbroker {
 
@@ -35,11 +39,20 @@ namespace fdbroker {
 // loop turn, or as soon as the worker's batch is full: one sendmsg and one
 // worker wake-up for a burst of accepts. A batch that cannot be sent goes
 // back to the front of the queue, like a Reject.
+//
+// Migration: a worker that Releases an idle connection gives its fd back;
+// from then on the broker owns it again (queue or in-flight table) and places
+// it like a fresh connection, with the same id and the worker's unread bytes
+// as initial_data, on any worker but the releaser (unless only the releaser
+// can take it). The migration counts as done when the new owner Acks it.
 class ConnectionDispatcher {
  public:
   // The broker's cap on a worker's max_connections_per_message (fds per
   // packet; the kernel allows 253).
   static constexpr uint32_t kMaxConnectionsPerMessage = 64;
+  // The most unread bytes a Release may carry: they travel on in a Connection
+  // message, which must stay under the packet limit with its other fields.
+  static constexpr size_t kMaxUnreadData = wire::kMaxPacketBytes - 512;
 
   struct Options {
     // Connections waiting for a worker with room; past this they are closed.
@@ -61,7 +74,14 @@ class ConnectionDispatcher {
     uint64_t send_would_block = 0;
     uint64_t send_errors = 0;
     uint64_t worker_lost = 0;  // Un-acked when a worker's channel died.
+    uint64_t released = 0;     // Release messages taken.
+    // Released connections Acked by their new owner, by Release.reason.
+    uint64_t migrated_rebalance = 0;
+    uint64_t migrated_drain = 0;
   };
+  // A released connection reached its new owner (on its Ack).
+  using MigrationObserver = std::function<void(
+      uint64_t from_worker, uint64_t to_worker, v1::ReleaseReason reason)>;
 
   ConnectionDispatcher(EventLoop& loop, WorkerRegistry& registry,
                        BalancingPolicy& policy, const Options& options);
@@ -76,6 +96,15 @@ class ConnectionDispatcher {
   absl::Status OnAck(Worker& worker, const v1::Ack& ack);
   absl::Status OnReject(Worker& worker, const v1::Reject& reject);
   absl::Status OnClosed(Worker& worker, const v1::Closed& closed);
+  // The worker gives back a connection it owns (`fd`, from the Release's
+  // packet): it is placed on another worker. The caller has checked that the
+  // worker supports_release.
+  absl::Status OnRelease(Worker& worker, const v1::Release& release,
+                         wire::UniqueFd fd);
+
+  void set_migration_observer(MigrationObserver observer) {
+    on_migrated_ = std::move(observer);
+  }
 
   // `worker` will Ack nothing more (channel gone, or exited): its un-acked
   // connections go back to the queue and are placed elsewhere.
@@ -109,6 +138,12 @@ class ConnectionDispatcher {
     uint64_t excluded_id = 0;  // The worker that last rejected it.
     int attempts = 0;
     bool staged = false;  // In flight but not sent yet (see Batching).
+    // Released by this worker (0: a fresh connection); never placed back
+    // there while another worker can take it.
+    uint64_t released_by = 0;
+    v1::ReleaseReason release_reason = v1::RELEASE_REASON_UNSPECIFIED;
+    // The releasing worker's unread bytes, passed on as initial_data.
+    std::string initial_data;
   };
 
   // Gives `entry` to the best available worker: sent now, or staged in the
@@ -147,6 +182,7 @@ class ConnectionDispatcher {
   v1::HandoffMessage message_;
   Stats stats_;
   LatencyHistogram latency_;
+  MigrationObserver on_migrated_;
 };
 
 }  // namespace fdbroker

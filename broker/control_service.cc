@@ -233,6 +233,18 @@ grpc::ServerUnaryReactor* ControlService::Resume(
              });
 }
 
+grpc::ServerUnaryReactor* ControlService::Rebalance(
+    grpc::CallbackServerContext* context, const v1::RebalanceRequest* request,
+    v1::RebalanceResponse* response) {
+  return Run(context, "Rebalance", Mutating::kYes, request->ShortDebugString(),
+             [this, request, response](Completion done) {
+               absl::StatusOr<v1::RebalanceResponse> result =
+                   operations_.Rebalance(*request);
+               if (result.ok()) *response = *std::move(result);
+               done(result.status());
+             });
+}
+
 grpc::ServerWriteReactor<v1::WatchEventsResponse>* ControlService::WatchEvents(
     grpc::CallbackServerContext* context, const v1::WatchEventsRequest*) {
   if (observer_) observer_("WatchEvents", grpc::StatusCode::OK);

@@ -31,8 +31,8 @@ class ControlService final : public v1::BrokerService::CallbackService {
       std::function<void(absl::string_view method, grpc::StatusCode code)>;
 
   // Who may call the mutating RPCs (ScaleWorkers, DrainWorker, Drain,
-  // Resume). With mTLS every caller has a verified certificate; then only
-  // subjects listed here ("CN=ops,O=example" as gRPC reports the subject)
+  // Resume, Rebalance). With mTLS every caller has a verified certificate; then
+  // only subjects listed here ("CN=ops,O=example" as gRPC reports the subject)
   // may mutate. Without mTLS there is no identity, and everyone may.
   struct Authorization {
     bool require_admin_subject = false;
@@ -63,6 +63,9 @@ class ControlService final : public v1::BrokerService::CallbackService {
   grpc::ServerUnaryReactor* Resume(grpc::CallbackServerContext* context,
                                    const v1::ResumeRequest* request,
                                    v1::ResumeResponse* response) override;
+  grpc::ServerUnaryReactor* Rebalance(grpc::CallbackServerContext* context,
+                                      const v1::RebalanceRequest* request,
+                                      v1::RebalanceResponse* response) override;
   grpc::ServerWriteReactor<v1::WatchEventsResponse>* WatchEvents(
       grpc::CallbackServerContext* context,
       const v1::WatchEventsRequest* request) override;

@@ -98,6 +98,7 @@ absl::Status Daemon::Init() {
   manager_options.target_workers = config_.workers;
   manager_options.max_workers = config_.max_workers;
   manager_options.drain_timeout = config_.drain_timeout;
+  manager_options.rebalance_after_scale = config_.rebalance_after_scale;
   manager_options.heartbeat_interval = config_.heartbeat_interval;
   manager_options.heartbeat_timeout = config_.heartbeat_timeout;
   manager_options.start_timeout = config_.worker_start_timeout;

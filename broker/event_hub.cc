@@ -46,6 +46,12 @@ v1::WatchEventsResponse EventHub::ToProto(const WorkerEvent& event) {
     case Type::kRestartLoop:
       out.set_type(v1::EVENT_TYPE_RESTART_LOOP);
       break;
+    case Type::kConnectionsMigrated:
+      out.set_type(v1::EVENT_TYPE_CONNECTIONS_MIGRATED);
+      break;
+    case Type::kRebalanceRequested:
+      out.set_type(v1::EVENT_TYPE_REBALANCE_REQUESTED);
+      break;
   }
   out.set_worker_id(event.worker_id);
   out.set_pid(event.pid);

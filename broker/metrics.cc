@@ -54,6 +54,15 @@ prometheus::Family<prometheus::Counter>& Rejected(prometheus::Registry& r) {
       .Register(r);
 }
 
+prometheus::Family<prometheus::Counter>& Migrated(prometheus::Registry& r) {
+  return BuildCounter()
+      .Name("fdbroker_connections_migrated_total")
+      .Help(
+          "Idle connections a worker released and another worker acked, by "
+          "reason (rebalance, drain).")
+      .Register(r);
+}
+
 prometheus::Family<prometheus::Gauge>& Workers(prometheus::Registry& r) {
   return BuildGauge()
       .Name("fdbroker_workers")
@@ -111,6 +120,8 @@ BrokerMetrics::BrokerMetrics(prometheus::Registry& registry)
                                  "violation.")
                            .Register(registry)
                            .Add({})),
+      migrated_rebalance_(Migrated(registry).Add({{"reason", "rebalance"}})),
+      migrated_drain_(Migrated(registry).Add({{"reason", "drain"}})),
       active_(BuildGauge()
                   .Name("fdbroker_connections_active")
                   .Help("Connections owned by workers (acked, not closed).")
@@ -176,6 +187,8 @@ void BrokerMetrics::Sync(const Listener& listener,
   Advance(failure_attempts_, d.failed_attempts, last_.attempts);
   Advance(rejected_overload_, d.rejected_overload, last_.overload);
   Advance(rejected_shutdown_, d.rejected_shutdown, last_.shutdown);
+  Advance(migrated_rebalance_, d.migrated_rebalance, last_.migrated_rebalance);
+  Advance(migrated_drain_, d.migrated_drain, last_.migrated_drain);
   const WorkerManager::Stats& m = manager.stats();
   Advance(restarts_, m.restarts, last_.restarts);
   Advance(crashes_, m.crashes, last_.crashes);

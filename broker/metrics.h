@@ -61,6 +61,8 @@ class BrokerMetrics {
   prometheus::Counter& lost_;
   prometheus::Counter& accept_pauses_;
   prometheus::Counter& protocol_errors_;
+  prometheus::Counter& migrated_rebalance_;
+  prometheus::Counter& migrated_drain_;
   prometheus::Gauge& active_;
   prometheus::Gauge& pending_;
   prometheus::Gauge& unacked_;
@@ -78,7 +80,8 @@ class BrokerMetrics {
     uint64_t accepted = 0, handed_off = 0, worker_lost = 0, rejected = 0,
              send_errors = 0, channel_full = 0, attempts = 0, overload = 0,
              shutdown = 0, restarts = 0, crashes = 0, lost = 0,
-             accept_pauses = 0, protocol_errors = 0;
+             accept_pauses = 0, protocol_errors = 0, migrated_rebalance = 0,
+             migrated_drain = 0;
     std::array<uint64_t, LatencyHistogram::kBounds.size() + 1> latency{};
     double latency_sum = 0;
   } last_;

@@ -24,6 +24,10 @@ struct WorkerEvent {
     kDrainRequested,
     kResumeRequested,
     kRestartLoop,
+    // Released connections placed on other workers (one event per releasing
+    // worker and reason, aggregated over a quarter second).
+    kConnectionsMigrated,
+    kRebalanceRequested,
   };
   Type type;
   uint64_t worker_id = 0;

@@ -5,11 +5,13 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <utility>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "spdlog/spdlog.h"
 #include "wire/message_channel.h"
@@ -46,7 +48,12 @@ WorkerManager::WorkerManager(EventLoop& loop, WorkerRegistry& registry,
       supervisor_(supervisor),
       sys_(sys),
       options_(options),
-      on_event_(std::move(on_event)) {}
+      on_event_(std::move(on_event)) {
+  dispatcher_.set_migration_observer(
+      [this](uint64_t from, uint64_t to, v1::ReleaseReason reason) {
+        NoteMigration(from, to, reason);
+      });
+}
 
 void WorkerManager::Emit(WorkerEvent::Type type, const Worker* worker,
                          std::string detail, std::string exit_status) {
@@ -63,8 +70,10 @@ void WorkerManager::Emit(WorkerEvent::Type type, const Worker* worker,
 }
 
 WorkerManager::~WorkerManager() {
+  dispatcher_.set_migration_observer(nullptr);
   if (restart_timer_ != 0) loop_.Cancel(restart_timer_);
   if (tick_timer_ != 0) loop_.Cancel(tick_timer_);
+  if (migration_timer_ != 0) loop_.Cancel(migration_timer_);
 }
 
 void WorkerManager::Start(absl::Duration adopt_grace) {
@@ -183,6 +192,7 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
   worker->max_connections_per_message =
       std::clamp<uint32_t>(hello.max_connections_per_message(), 1,
                            ConnectionDispatcher::kMaxConnectionsPerMessage);
+  worker->supports_release = hello.supports_release();
   worker->labels.clear();
   for (const auto& [key, value] : hello.labels()) worker->labels[key] = value;
   // Re-registration after a broker restart or upgrade: the worker keeps
@@ -227,6 +237,10 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
   if (pending_replaces_.contains(worker->id)) {
     OnReplacementDone(worker->id, absl::OkStatus());
   }
+  if (awaiting_scale_ready_.erase(worker->id) > 0 &&
+      awaiting_scale_ready_.empty()) {
+    RebalanceAfterScale();
+  }
 }
 
 // ---- Messages -----------------------------------------------------------
@@ -263,7 +277,7 @@ void WorkerManager::OnMessage(HandoffChannel& channel,
   }
   Worker* worker = registry_.Find(channel.worker_id);
   if (worker == nullptr) return;  // Removed earlier in this turn.
-  absl::Status status = OnWorkerMessage(*worker, message);
+  absl::Status status = OnWorkerMessage(*worker, message, std::move(fd));
   if (!status.ok()) {
     ++stats_.protocol_errors;
     channel.Close(status);
@@ -271,7 +285,8 @@ void WorkerManager::OnMessage(HandoffChannel& channel,
 }
 
 absl::Status WorkerManager::OnWorkerMessage(Worker& worker,
-                                            v1::HandoffMessage& message) {
+                                            v1::HandoffMessage& message,
+                                            wire::UniqueFd fd) {
   switch (message.body_case()) {
     case v1::HandoffMessage::kAck:
       return dispatcher_.OnAck(worker, message.ack());
@@ -295,8 +310,11 @@ absl::Status WorkerManager::OnWorkerMessage(Worker& worker,
       worker.channel->Close(absl::OkStatus());
       return absl::OkStatus();
     case v1::HandoffMessage::kRelease:
-      return absl::UnimplementedError(
-          "release is not supported by this broker version");
+      if (!worker.supports_release) {
+        return absl::InvalidArgumentError(
+            "release from a worker whose hello did not set supports_release");
+      }
+      return dispatcher_.OnRelease(worker, message.release(), std::move(fd));
     default:
       return absl::InvalidArgumentError(absl::StrCat(
           "unexpected ", wire::BodyName(message), " from a worker"));
@@ -360,8 +378,132 @@ void WorkerManager::RemoveWorker(Worker& worker) {
   if (!worker.owned.empty() && !worker.retiring) {
     stats_.lost_with_worker += worker.owned.size();
   }
+  const bool last_awaited = awaiting_scale_ready_.erase(worker.id) > 0 &&
+                            awaiting_scale_ready_.empty();
   registry_.Remove(worker.id);
   MaybeFinishShutdown();
+  // The scale-up's other workers are ready: rebalance onto them anyway
+  // (from a fresh turn: this may run inside a channel callback).
+  if (last_awaited) loop_.RunSoon([this] { RebalanceAfterScale(); });
+}
+
+// ---- Migration -----------------------------------------------------------
+
+bool WorkerManager::OthersCanTake(const Worker& worker) const {
+  for (const auto& [id, other] : registry_.workers()) {
+    if (id != worker.id && other->state == WorkerState::kReady &&
+        !other->retiring && other->channel != nullptr &&
+        !other->channel->closed() && other->HasRoom()) {
+      return true;
+    }
+  }
+  return false;
+}
+
+void WorkerManager::RebalanceAfterScale() {
+  absl::StatusOr<RebalanceResult> result = Rebalance("after scale-up");
+  if (!result.ok()) {
+    spdlog::info("no rebalance after scale-up: {}",
+                 std::string(result.status().message()));
+  }
+}
+
+absl::StatusOr<WorkerManager::RebalanceResult> WorkerManager::Rebalance(
+    absl::string_view trigger) {
+  if (shutting_down_) {
+    return absl::FailedPreconditionError("the broker is shutting down");
+  }
+  if (pool_suspended_) {
+    return absl::FailedPreconditionError(
+        "the broker is drained (Drain with a timeout); Resume first");
+  }
+  std::vector<Worker*> ready;
+  int64_t total = 0;
+  for (const auto& [id, worker] : registry_.workers()) {
+    if (worker->state == WorkerState::kReady && !worker->retiring &&
+        worker->channel != nullptr && !worker->channel->closed()) {
+      ready.push_back(worker.get());
+      total += worker->load();
+    }
+  }
+  if (ready.size() < 2) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("rebalancing needs at least 2 ready workers; ",
+                     ready.size(), " ready now"));
+  }
+  const int64_t n = static_cast<int64_t>(ready.size());
+  RebalanceResult result;
+  result.mean = static_cast<double>(total) / static_cast<double>(n);
+  const int64_t ceil_mean = (total + n - 1) / n;
+  std::string asked;
+  for (Worker* worker : ready) {
+    // Within one connection of the mean is balanced; above it by more, the
+    // excess over ceil(mean) moves (it is at least 1 then).
+    if (static_cast<double>(worker->load()) <= result.mean + 1) continue;
+    if (!worker->supports_release) {
+      result.skipped.push_back(worker->id);
+      continue;
+    }
+    const uint32_t excess = static_cast<uint32_t>(std::min<int64_t>(
+        worker->load() - ceil_mean, std::numeric_limits<uint32_t>::max()));
+    v1::HandoffMessage request;
+    request.mutable_release_request()->set_max_connections(excess);
+    request.mutable_release_request()->set_reason(v1::RELEASE_REASON_REBALANCE);
+    worker->channel->SendControl(std::move(request));
+    ++stats_.release_requests;
+    result.asked.emplace_back(worker->id, excess);
+    absl::StrAppend(&asked, asked.empty() ? "" : ", ", "worker ", worker->id,
+                    " for ", excess);
+  }
+  ++stats_.rebalances;
+  std::string detail = absl::StrCat(
+      trigger, ": mean ", absl::StrFormat("%.1f", result.mean), " over ",
+      ready.size(), " workers; ",
+      asked.empty() ? "nobody asked" : absl::StrCat("asked ", asked),
+      result.skipped.empty()
+          ? ""
+          : absl::StrCat("; ", result.skipped.size(),
+                         " worker(s) above it cannot release"));
+  spdlog::info("rebalance {}", detail);
+  Emit(WorkerEvent::Type::kRebalanceRequested, nullptr, std::move(detail));
+  return result;
+}
+
+void WorkerManager::NoteMigration(uint64_t from, uint64_t to,
+                                  v1::ReleaseReason reason) {
+  MigrationTally& tally = migrations_[{from, static_cast<int>(reason)}];
+  if (tally.total == 0) {
+    const Worker* releaser = registry_.Find(from);
+    tally.pid = releaser != nullptr ? releaser->pid : 0;
+  }
+  ++tally.total;
+  ++tally.by_target[to];
+  if (migration_timer_ == 0) {
+    migration_timer_ = loop_.RunAfter(absl::Milliseconds(250), [this] {
+      migration_timer_ = 0;
+      EmitMigrations();
+    });
+  }
+}
+
+void WorkerManager::EmitMigrations() {
+  for (const auto& [key, tally] : migrations_) {
+    std::string targets;
+    for (const auto& [to, count] : tally.by_target) {
+      absl::StrAppend(&targets, targets.empty() ? "" : ", ", "worker ", to,
+                      " (", count, ")");
+    }
+    WorkerEvent event;
+    event.type = WorkerEvent::Type::kConnectionsMigrated;
+    event.worker_id = key.first;
+    event.pid = tally.pid;
+    event.detail = absl::StrCat(
+        tally.total, " connection(s) moved (",
+        key.second == v1::RELEASE_REASON_DRAIN ? "drain" : "rebalance", ") to ",
+        targets);
+    if (on_event_) on_event_(event);
+  }
+  migrations_.clear();
 }
 
 // ---- Supervision --------------------------------------------------------
@@ -541,6 +683,11 @@ absl::StatusOr<WorkerManager::ScaleResult> WorkerManager::Scale(
       if (a->load() != b->load()) return a->load() < b->load();
       return a->id > b->id;
     });
+    // Marked first, so that none of them counts as a place to move the
+    // others' idle connections to.
+    for (int i = 0; i < have - count; ++i) {
+      serving[i]->state = WorkerState::kDraining;
+    }
     for (int i = 0; i < have - count; ++i) {
       DrainWorker(*serving[i], drain_timeout);
       result.draining.push_back(serving[i]->id);
@@ -559,6 +706,10 @@ absl::StatusOr<WorkerManager::ScaleResult> WorkerManager::Scale(
                                                 "); see the broker's log"));
       }
       result.started.push_back(id);
+    }
+    if (options_.rebalance_after_scale) {
+      awaiting_scale_ready_.insert(result.started.begin(),
+                                   result.started.end());
     }
   }
   Emit(WorkerEvent::Type::kScaleRequested, nullptr,
@@ -745,14 +896,22 @@ void WorkerManager::DrainWorker(Worker& worker, absl::Duration timeout) {
          "stopped before it registered");
     return;
   }
+  // One worker leaves and others stay: its idle connections move to them
+  // (released) instead of being closed. A broker-wide drain has nowhere to
+  // move them.
+  const bool release_idle = worker.supports_release && !shutting_down_ &&
+                            !pool_suspended_ && OthersCanTake(worker);
   v1::HandoffMessage drain;
   drain.mutable_drain()->set_deadline_unix_nanos(
       absl::ToUnixNanos(absl::Now() + timeout));
+  drain.mutable_drain()->set_release_idle(release_idle);
   worker.channel->SendControl(std::move(drain));
-  spdlog::info("worker {} (pid {}) draining, deadline in {}", worker.id,
-               worker.pid, absl::FormatDuration(timeout));
+  spdlog::info("worker {} (pid {}) draining, deadline in {}{}", worker.id,
+               worker.pid, absl::FormatDuration(timeout),
+               release_idle ? ", idle connections move to other workers" : "");
   Emit(WorkerEvent::Type::kWorkerDraining, &worker,
-       absl::StrCat("deadline in ", absl::FormatDuration(timeout)));
+       absl::StrCat("deadline in ", absl::FormatDuration(timeout),
+                    release_idle ? "; idle connections move" : ""));
 }
 
 void WorkerManager::DrainAll(absl::Duration timeout,

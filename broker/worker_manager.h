@@ -6,13 +6,16 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "broker/connection_dispatcher.h"
 #include "broker/event_loop.h"
@@ -43,6 +46,9 @@ class WorkerManager : public HandoffChannel::Delegate {
     // A worker that lived at least this long resets the back-off: only
     // workers that die right after start form a restart loop.
     absl::Duration stable_after = absl::Seconds(1);
+    // Rebalance once the workers a ScaleWorkers scale-up started are all
+    // ready (--rebalance_after_scale).
+    bool rebalance_after_scale = false;
   };
   struct Stats {
     uint64_t registered = 0;
@@ -53,6 +59,8 @@ class WorkerManager : public HandoffChannel::Delegate {
     uint64_t heartbeat_timeouts = 0;
     uint64_t lost_with_worker = 0;  // Owned connections of crashed workers.
     uint64_t restart_loops = 0;
+    uint64_t rebalances = 0;        // Rebalance runs (RPC or automatic).
+    uint64_t release_requests = 0;  // ReleaseRequest messages sent.
   };
 
   using EventCallback = std::function<void(const WorkerEvent&)>;
@@ -68,6 +76,14 @@ class WorkerManager : public HandoffChannel::Delegate {
   };
   using DrainCallback =
       absl::AnyInvocable<void(absl::StatusOr<DrainResult> result)>;
+  struct RebalanceResult {
+    // Mean load (owned + unacked) of the ready workers.
+    double mean = 0;
+    // Workers sent a ReleaseRequest, and for how many connections.
+    std::vector<std::pair<uint64_t, uint32_t>> asked;
+    // Workers above the mean that cannot release (no supports_release).
+    std::vector<uint64_t> skipped;
+  };
 
   WorkerManager(EventLoop& loop, WorkerRegistry& registry,
                 ConnectionDispatcher& dispatcher, Supervisor& supervisor,
@@ -112,6 +128,12 @@ class WorkerManager : public HandoffChannel::Delegate {
   // supervised pool shrinks by one. NotFound, FailedPrecondition on misuse.
   void DrainWorkerById(uint64_t id, absl::Duration timeout, bool replace,
                        DrainCallback done);
+  // Every ready worker more than one connection above the mean load that
+  // supports_release is asked to release its excess over ceil(mean); the
+  // dispatcher places released connections elsewhere. FailedPrecondition
+  // while shutting down or drained, or with fewer than 2 ready workers.
+  // `trigger` is for the log and the event ("RPC", "after scale-up").
+  absl::StatusOr<RebalanceResult> Rebalance(absl::string_view trigger);
   // Broker-wide Drain with a timeout: every worker drains and none is
   // restarted until ResumePool(), which restores the pool (returns the ids
   // of the workers it started).
@@ -145,7 +167,16 @@ class WorkerManager : public HandoffChannel::Delegate {
   void OnHello(HandoffChannel& channel, const v1::Hello& hello);
   void Refuse(HandoffChannel& channel, v1::RefusalReason reason,
               absl::string_view message);
-  absl::Status OnWorkerMessage(Worker& worker, v1::HandoffMessage& message);
+  absl::Status OnWorkerMessage(Worker& worker, v1::HandoffMessage& message,
+                               wire::UniqueFd fd);
+  // Another ready worker with room could take `worker`'s connections.
+  bool OthersCanTake(const Worker& worker) const;
+  // Tallies a finished migration; one event per releasing worker and reason
+  // is emitted a moment later (a drain moves hundreds at once).
+  void NoteMigration(uint64_t from, uint64_t to, v1::ReleaseReason reason);
+  void EmitMigrations();
+  // --rebalance_after_scale: the last awaited worker is ready (or gone).
+  void RebalanceAfterScale();
   // The supervised worker that is `pid` or one of its near ancestors.
   Worker* FindSupervisedAncestor(pid_t pid);
   void RemoveWorker(Worker& worker);
@@ -197,6 +228,16 @@ class WorkerManager : public HandoffChannel::Delegate {
     DrainCallback done;
   };
   absl::flat_hash_map<uint64_t, PendingReplace> pending_replaces_;
+  // Workers of the last scale-up not ready yet (--rebalance_after_scale).
+  absl::flat_hash_set<uint64_t> awaiting_scale_ready_;
+  // Finished migrations not yet reported, by (releaser, reason).
+  struct MigrationTally {
+    pid_t pid = 0;
+    uint64_t total = 0;
+    std::map<uint64_t, uint64_t> by_target;  // Worker id -> connections.
+  };
+  std::map<std::pair<uint64_t, int>, MigrationTally> migrations_;
+  EventLoop::TimerId migration_timer_ = 0;
   int64_t shutdown_deadline_nanos_ = 0;
   absl::AnyInvocable<void()> shutdown_done_;
   Stats stats_;

@@ -37,6 +37,9 @@ struct Worker {
   // Most connections per hand-off packet (Hello.max_connections_per_message,
   // capped by the broker); 1: single Connection messages only.
   uint32_t max_connections_per_message = 1;
+  // Hello.supports_release: it gives idle connections back when asked
+  // (ReleaseRequest, Drain.release_idle); only then may it send Release.
+  bool supports_release = false;
   std::map<std::string, std::string> labels;
   absl::Time started_at;
   int64_t started_mono_nanos = 0;

@@ -7,6 +7,8 @@
 #include <cerrno>
 #include <memory>
 #include <set>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -417,6 +419,195 @@ TEST_F(DispatcherTest, StagedConnectionsOfALostWorkerAreNotSentToIt) {
   EXPECT_TRUE(b.ReceiveConnection(connection, fd));
   EXPECT_TRUE(b.ReceiveConnection(connection, fd));
   for (auto& client : clients) EXPECT_FALSE(PeerClosed(client));
+}
+
+// Hands one client to `w` and acks it: `w` owns it. Returns the id; `fd` is
+// the worker's copy (what a Release would send back).
+uint64_t OwnConnection(ConnectionDispatcher& dispatcher, FakeWorker& w,
+                       wire::UniqueFd& fd) {
+  v1::Connection connection;
+  if (!w.ReceiveConnection(connection, fd)) return 0;
+  v1::Ack ack;
+  ack.add_connection_ids(connection.connection_id());
+  if (!dispatcher.OnAck(*w.worker, ack).ok()) return 0;
+  return connection.connection_id();
+}
+
+v1::Release ReleaseOf(uint64_t id, const std::string& unread,
+                      v1::ReleaseReason reason) {
+  v1::Release release;
+  release.set_connection_id(id);
+  release.set_unread_data(unread);
+  release.set_reason(reason);
+  return release;
+}
+
+// Two workers that own one connection each (a_ owns ida_, b_ owns idb_);
+// fa_ and fb_ are their copies, which a Release hands back.
+class ReleaseTest : public DispatcherTest {
+ protected:
+  void OwnOneEach(uint32_t b_capacity = 0) {
+    a_ = AddWorker();
+    b_ = AddWorker(b_capacity);
+    dispatcher_->Dispatch(NewClient(c1_));
+    dispatcher_->Dispatch(NewClient(c2_));
+    ida_ = OwnConnection(*dispatcher_, a_, fa_);
+    idb_ = OwnConnection(*dispatcher_, b_, fb_);
+    ASSERT_NE(ida_, 0u);
+    ASSERT_NE(idb_, 0u);
+  }
+
+  FakeWorker a_, b_;
+  wire::UniqueFd c1_, c2_, fa_, fb_;
+  uint64_t ida_ = 0, idb_ = 0;
+};
+
+TEST_F(DispatcherTest, ReleasedConnectionMovesWithItsUnreadBytes) {
+  FakeWorker a = AddWorker();
+  FakeWorker b = AddWorker();
+  wire::UniqueFd client;
+  dispatcher_->Dispatch(NewClient(client));
+  FakeWorker* from = a.worker->load() == 1 ? &a : &b;
+  FakeWorker* to = from == &a ? &b : &a;
+  wire::UniqueFd fd;
+  const uint64_t id = OwnConnection(*dispatcher_, *from, fd);
+  ASSERT_NE(id, 0u);
+  std::vector<std::tuple<uint64_t, uint64_t, v1::ReleaseReason>> migrations;
+  dispatcher_->set_migration_observer(
+      [&](uint64_t f, uint64_t t, v1::ReleaseReason r) {
+        migrations.emplace_back(f, t, r);
+      });
+
+  // The worker gives the socket back with a pipelined request it read.
+  ASSERT_TRUE(dispatcher_
+                  ->OnRelease(*from->worker,
+                              ReleaseOf(id, "GET /next HTTP/1.1\r\n\r\n",
+                                        v1::RELEASE_REASON_REBALANCE),
+                              std::move(fd))
+                  .ok());
+  EXPECT_EQ(from->worker->active(), 0);
+  EXPECT_FALSE(PeerClosed(client)) << "the broker holds it now";
+  v1::Connection moved;
+  wire::UniqueFd moved_fd;
+  ASSERT_TRUE(to->ReceiveConnection(moved, moved_fd));
+  EXPECT_EQ(moved.connection_id(), id);
+  EXPECT_EQ(moved.initial_data(), "GET /next HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(::write(client.get(), "z", 1), 1);
+  char ch;
+  EXPECT_EQ(::read(moved_fd.get(), &ch, 1), 1) << "same client socket";
+  EXPECT_TRUE(migrations.empty()) << "complete only on the Ack";
+
+  ASSERT_TRUE(dispatcher_->OnAck(*to->worker, AckOf(id)).ok());
+  EXPECT_EQ(to->worker->active(), 1);
+  EXPECT_EQ(dispatcher_->stats().migrated_rebalance, 1u);
+  EXPECT_EQ(dispatcher_->stats().migrated_drain, 0u);
+  EXPECT_EQ(dispatcher_->stats().handed_off, 1u) << "not a second hand-off";
+  ASSERT_EQ(migrations.size(), 1u);
+  EXPECT_EQ(std::get<0>(migrations[0]), from->worker->id);
+  EXPECT_EQ(std::get<1>(migrations[0]), to->worker->id);
+  EXPECT_EQ(std::get<2>(migrations[0]), v1::RELEASE_REASON_REBALANCE);
+  moved_fd.Reset();
+  EXPECT_TRUE(PeerClosed(client)) << "exactly one owner left, now closed";
+}
+
+TEST_F(ReleaseTest, ReleasedConnectionNeverGoesBackWhileAnotherCanTakeIt) {
+  ASSERT_NO_FATAL_FAILURE(OwnOneEach());
+  // After the release a has 0 and b 1: least_conn alone would pick a.
+  ASSERT_TRUE(dispatcher_
+                  ->OnRelease(*a_.worker,
+                              ReleaseOf(ida_, "", v1::RELEASE_REASON_DRAIN),
+                              std::move(fa_))
+                  .ok());
+  v1::Connection moved;
+  wire::UniqueFd fd;
+  ASSERT_TRUE(b_.ReceiveConnection(moved, fd));
+  EXPECT_EQ(moved.connection_id(), ida_);
+  EXPECT_TRUE(moved.initial_data().empty());
+  EXPECT_TRUE(a_.Quiet());
+  ASSERT_TRUE(dispatcher_->OnAck(*b_.worker, AckOf(ida_)).ok());
+  EXPECT_EQ(dispatcher_->stats().migrated_drain, 1u);
+  EXPECT_EQ(b_.worker->active(), 2);
+}
+
+TEST_F(ReleaseTest, ReleasedConnectionGoesBackWhenNobodyElseHasRoom) {
+  ASSERT_NO_FATAL_FAILURE(OwnOneEach(/*b_capacity=*/1));
+  ASSERT_FALSE(b_.worker->HasRoom());
+  ASSERT_TRUE(
+      dispatcher_
+          ->OnRelease(*a_.worker,
+                      ReleaseOf(ida_, "x", v1::RELEASE_REASON_REBALANCE),
+                      std::move(fa_))
+          .ok());
+  v1::Connection back;
+  wire::UniqueFd fd;
+  ASSERT_TRUE(a_.ReceiveConnection(back, fd)) << "better than waiting";
+  EXPECT_EQ(back.initial_data(), "x");
+  EXPECT_EQ(dispatcher_->pending(), 0u);
+}
+
+TEST_F(ReleaseTest, ReleasedConnectionWaitsInTheQueueForRoom) {
+  ASSERT_NO_FATAL_FAILURE(OwnOneEach(/*b_capacity=*/1));
+  a_.worker->state = WorkerState::kDraining;  // a leaves; b is full.
+  ASSERT_TRUE(dispatcher_
+                  ->OnRelease(*a_.worker,
+                              ReleaseOf(ida_, "", v1::RELEASE_REASON_DRAIN),
+                              std::move(fa_))
+                  .ok());
+  EXPECT_EQ(dispatcher_->pending(), 1u);
+  EXPECT_FALSE(PeerClosed(c1_));
+  v1::Closed closed;
+  closed.add_connection_ids(idb_);
+  ASSERT_TRUE(dispatcher_->OnClosed(*b_.worker, closed).ok());
+  v1::Connection moved;
+  wire::UniqueFd fd;
+  ASSERT_TRUE(b_.ReceiveConnection(moved, fd)) << "placed once b had room";
+  EXPECT_EQ(moved.connection_id(), ida_);
+  EXPECT_EQ(dispatcher_->pending(), 0u);
+}
+
+TEST_F(ReleaseTest, ReleaseOfAConnectionNotOwnedIsAnError) {
+  ASSERT_NO_FATAL_FAILURE(OwnOneEach());
+  wire::UniqueFd c3;
+  // Each bad Release hands over (and loses) a copy of a's socket.
+  auto release = [&](FakeWorker& w, uint64_t id, size_t unread) {
+    return dispatcher_->OnRelease(
+        *w.worker,
+        ReleaseOf(id, std::string(unread, 'x'), v1::RELEASE_REASON_REBALANCE),
+        wire::UniqueFd(::dup(fa_.get())));
+  };
+  EXPECT_FALSE(release(b_, ida_, 0).ok()) << "another worker's connection";
+  EXPECT_FALSE(release(a_, 424242, 0).ok()) << "unknown id";
+  EXPECT_FALSE(release(a_, ida_, ConnectionDispatcher::kMaxUnreadData + 1).ok())
+      << "too many unread bytes to pass on";
+  // Sent but not acked yet: not the worker's to give back.
+  dispatcher_->Dispatch(NewClient(c3));
+  FakeWorker& got = a_.worker->unacked == 1 ? a_ : b_;
+  v1::Connection connection;
+  wire::UniqueFd fd;
+  ASSERT_TRUE(got.ReceiveConnection(connection, fd));
+  EXPECT_FALSE(release(got, connection.connection_id(), 0).ok());
+  // Nothing changed hands.
+  EXPECT_EQ(a_.worker->active(), 1);
+  EXPECT_EQ(b_.worker->active(), 1);
+  EXPECT_EQ(dispatcher_->stats().released, 0u);
+  EXPECT_TRUE(release(a_, ida_, ConnectionDispatcher::kMaxUnreadData).ok())
+      << "its own, acked, at the limit: fine";
+  EXPECT_EQ(dispatcher_->stats().released, 1u);
+}
+
+TEST_F(ReleaseTest, UnreadBytesAreNeverBatched) {
+  ASSERT_NO_FATAL_FAILURE(OwnOneEach());
+  b_.worker->max_connections_per_message = 8;
+  ASSERT_TRUE(dispatcher_
+                  ->OnRelease(*a_.worker,
+                              ReleaseOf(ida_, "abc", v1::RELEASE_REASON_DRAIN),
+                              std::move(fa_))
+                  .ok());
+  // Sent at once as a lone Connection, not staged for the end of the turn.
+  v1::Connection moved;
+  wire::UniqueFd fd;
+  ASSERT_TRUE(b_.ReceiveConnection(moved, fd));
+  EXPECT_EQ(moved.initial_data(), "abc");
 }
 
 }  // namespace

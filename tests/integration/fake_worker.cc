@@ -4,16 +4,37 @@
 //   --mode=die_before_ack  exits (code 1) on the first Connection, without
 //                          acking or touching the socket;
 //   --mode=stall           never reads its channel again after Welcome.
+//   --mode=release         a line server that supports release (the broker's
+//                          migration test double): acks what it gets (also in
+//                          batches), answers each line a client sends with
+//                          "<pid> <line>\n", except that a line starting with
+//                          DEFER read from the socket is kept unanswered as
+//                          unread data; a connection holding part of a line
+//                          is busy, never released. ReleaseRequest releases
+//                          up to max idle connections (reason echoed), with
+//                          the deferred lines as unread_data; lines that
+//                          arrive as initial_data are all answered. Drain
+//                          with release_idle releases every connection once
+//                          idle, then Goodbye; without, closes them. Sends
+//                          heartbeats.
+//   --mode=release_unsupported  like release, but its Hello does not set
+//                          supports_release and it releases its first
+//                          connection at once (a protocol error).
 // Prints "registered" on stdout once welcomed.
+#include <errno.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
+#include <vector>
 
 #include "fdbroker/v1/handoff.pb.h"
 #include "wire/message_channel.h"
@@ -39,6 +60,193 @@ fdbroker::v1::HandoffMessage Next(fdbroker::wire::MessageChannel& channel,
   }
 }
 
+namespace v1 = fdbroker::v1;
+using fdbroker::wire::UniqueFd;
+
+// The release modes: a poll() loop over the channel and the clients.
+class LineServer {
+ public:
+  LineServer(fdbroker::wire::MessageChannel& channel, bool supported,
+             int heartbeat_ms)
+      : channel_(channel),
+        supported_(supported),
+        heartbeat_ms_(std::max(heartbeat_ms / 2, 10)) {}
+
+  [[noreturn]] void Run() {
+    for (;;) {
+      std::vector<pollfd> fds;
+      fds.push_back({channel_.fd(), POLLIN, 0});
+      std::vector<uint64_t> ids;
+      for (const auto& [id, client] : clients_) {
+        fds.push_back({client.fd.get(), POLLIN, 0});
+        ids.push_back(id);
+      }
+      ::poll(fds.data(), fds.size(), heartbeat_ms_);
+      const auto now = std::chrono::steady_clock::now();
+      if (now - last_heartbeat_ >= std::chrono::milliseconds(heartbeat_ms_)) {
+        last_heartbeat_ = now;
+        Send(HeartbeatMessage());
+      }
+      for (size_t i = 1; i < fds.size(); ++i) {
+        if (fds[i].revents != 0) OnClientReadable(ids[i - 1]);
+      }
+      if (fds[0].revents != 0) ReadChannel();
+      if (draining_) ReleaseIdle(~0u, v1::RELEASE_REASON_DRAIN);
+      if (draining_ && clients_.empty()) {
+        v1::HandoffMessage goodbye;
+        goodbye.mutable_goodbye()->set_reason("drained");
+        Send(goodbye);
+        std::exit(0);
+      }
+    }
+  }
+
+ private:
+  struct Client {
+    UniqueFd fd;
+    std::string partial;   // Part of a line: the connection is busy.
+    std::string deferred;  // Whole DEFER lines read and not answered.
+  };
+
+  static v1::HandoffMessage HeartbeatMessage() {
+    v1::HandoffMessage m;
+    m.mutable_heartbeat();
+    return m;
+  }
+
+  void Send(v1::HandoffMessage& message, int fd = -1) {
+    absl::StatusOr<fdbroker::wire::SendResult> r = channel_.Send(message, fd);
+    if (!r.ok()) Fail(std::string(r.status().message()));
+  }
+  void Send(v1::HandoffMessage&& message) { Send(message); }
+
+  void ReadChannel() {
+    for (;;) {
+      v1::HandoffMessage message;
+      std::vector<UniqueFd> fds;
+      absl::StatusOr<fdbroker::wire::ReceiveResult> r =
+          channel_.Receive(message, fds);
+      if (!r.ok()) Fail(std::string(r.status().message()));
+      if (*r == fdbroker::wire::ReceiveResult::kPeerClosed) {
+        Fail("broker gone");
+      }
+      if (*r != fdbroker::wire::ReceiveResult::kReceived) return;
+      switch (message.body_case()) {
+        case v1::HandoffMessage::kConnection:
+          Take({message.connection()}, fds);
+          break;
+        case v1::HandoffMessage::kConnectionBatch:
+          Take({message.connection_batch().connections().begin(),
+                message.connection_batch().connections().end()},
+               fds);
+          break;
+        case v1::HandoffMessage::kReleaseRequest:
+          ReleaseIdle(message.release_request().max_connections(),
+                      message.release_request().reason());
+          break;
+        case v1::HandoffMessage::kDrain:
+          std::printf("drain release_idle=%d\n",
+                      message.drain().release_idle() ? 1 : 0);
+          std::fflush(stdout);
+          if (!message.drain().release_idle()) CloseAll();
+          draining_ = true;
+          break;
+        default:
+          break;
+      }
+    }
+  }
+
+  void Take(const std::vector<v1::Connection>& connections,
+            std::vector<UniqueFd>& fds) {
+    v1::HandoffMessage ack;
+    for (size_t i = 0; i < connections.size(); ++i) {
+      const uint64_t id = connections[i].connection_id();
+      ack.mutable_ack()->add_connection_ids(id);
+      Client& client = clients_[id];
+      client.fd = std::move(fds[i]);
+      // Unread bytes of the previous owner come first, all answered.
+      Answer(client, connections[i].initial_data(), /*defer=*/false);
+    }
+    Send(ack);
+    if (!supported_ && !clients_.empty()) {
+      // The protocol error this mode exists for.
+      Release(clients_.begin()->first, v1::RELEASE_REASON_REBALANCE);
+    }
+  }
+
+  void OnClientReadable(uint64_t id) {
+    auto it = clients_.find(id);
+    if (it == clients_.end()) return;
+    char buf[4096];
+    const ssize_t n =
+        ::recv(it->second.fd.get(), buf, sizeof(buf), MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+    if (n <= 0) {
+      clients_.erase(it);
+      v1::HandoffMessage closed;
+      closed.mutable_closed()->add_connection_ids(id);
+      Send(closed);
+      return;
+    }
+    Answer(it->second, std::string(buf, static_cast<size_t>(n)),
+           /*defer=*/true);
+  }
+
+  // Answers every whole line of `bytes` (after what is partial); with
+  // `defer`, DEFER lines are kept as unread data instead.
+  void Answer(Client& client, const std::string& bytes, bool defer) {
+    client.partial += bytes;
+    size_t end;
+    while ((end = client.partial.find('\n')) != std::string::npos) {
+      const std::string line = client.partial.substr(0, end);
+      client.partial.erase(0, end + 1);
+      if (defer && line.rfind("DEFER", 0) == 0) {
+        client.deferred += line + "\n";
+        continue;
+      }
+      const std::string reply = std::to_string(::getpid()) + " " + line + "\n";
+      (void)!::send(client.fd.get(), reply.data(), reply.size(), MSG_NOSIGNAL);
+    }
+  }
+
+  void ReleaseIdle(uint32_t max, v1::ReleaseReason reason) {
+    std::vector<uint64_t> idle;
+    for (const auto& [id, client] : clients_) {
+      if (idle.size() >= max) break;
+      if (client.partial.empty()) idle.push_back(id);
+    }
+    for (uint64_t id : idle) Release(id, reason);
+  }
+
+  void Release(uint64_t id, v1::ReleaseReason reason) {
+    Client& client = clients_[id];
+    v1::HandoffMessage release;
+    release.mutable_release()->set_connection_id(id);
+    release.mutable_release()->set_unread_data(client.deferred);
+    release.mutable_release()->set_reason(reason);
+    Send(release, client.fd.get());
+    clients_.erase(id);  // Closes our copy; the socket is the broker's now.
+  }
+
+  void CloseAll() {
+    if (clients_.empty()) return;
+    v1::HandoffMessage closed;
+    for (const auto& [id, client] : clients_) {
+      closed.mutable_closed()->add_connection_ids(id);
+    }
+    clients_.clear();
+    Send(closed);
+  }
+
+  fdbroker::wire::MessageChannel& channel_;
+  const bool supported_;
+  const int heartbeat_ms_;
+  bool draining_ = false;
+  std::chrono::steady_clock::time_point last_heartbeat_;
+  std::map<uint64_t, Client> clients_;
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -46,7 +254,10 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--mode=", 7) == 0) mode = argv[i] + 7;
   }
-  if (mode != "die_before_ack" && mode != "stall") Fail("unknown --mode");
+  const bool line_server = mode == "release" || mode == "release_unsupported";
+  if (mode != "die_before_ack" && mode != "stall" && !line_server) {
+    Fail("unknown --mode");
+  }
   const char* path = std::getenv("FDBROKER_SOCKET");
   if (path == nullptr) Fail("FDBROKER_SOCKET not set");
   fdbroker::wire::UniqueFd socket(
@@ -63,6 +274,11 @@ int main(int argc, char** argv) {
   hello.mutable_hello()->mutable_version()->set_major(1);
   hello.mutable_hello()->set_pid(::getpid());
   (*hello.mutable_hello()->mutable_labels())["kind"] = "fake-" + mode;
+  if (line_server) {
+    hello.mutable_hello()->mutable_version()->set_minor(2);
+    hello.mutable_hello()->set_supports_release(mode == "release");
+    hello.mutable_hello()->set_max_connections_per_message(16);
+  }
   if (!channel.Send(hello).ok()) Fail("send hello");
   fdbroker::wire::UniqueFd fd;
   fdbroker::v1::HandoffMessage welcome = Next(channel, fd);
@@ -71,6 +287,12 @@ int main(int argc, char** argv) {
   }
   std::printf("registered\n");
   std::fflush(stdout);
+  if (line_server) {
+    LineServer server(
+        channel, mode == "release",
+        static_cast<int>(welcome.welcome().heartbeat_interval_ms()));
+    server.Run();
+  }
   if (mode == "stall") {
     for (;;) ::pause();
   }
