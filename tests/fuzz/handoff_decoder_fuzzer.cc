@@ -403,8 +403,25 @@ void WriteCorpus(const std::string& dir) {
   release.mutable_release()->set_connection_id(13);
   release.mutable_release()->set_unread_data("GET /a HTTP/1.1\r\n");
 
+  release.mutable_release()->set_reason(v1::RELEASE_REASON_DRAIN);
+
+  HandoffMessage batch;
+  for (uint64_t id : {20, 21, 22}) {
+    v1::Connection& entry =
+        *batch.mutable_connection_batch()->add_connections();
+    entry.set_connection_id(id);
+    entry.set_peer_address("127.0.0.1:41001");
+    entry.set_local_address("127.0.0.1:8080");
+  }
+
+  HandoffMessage release_request;
+  release_request.mutable_release_request()->set_max_connections(5);
+  release_request.mutable_release_request()->set_reason(
+      v1::RELEASE_REASON_REBALANCE);
+
   HandoffMessage drain;
   drain.mutable_drain()->set_deadline_unix_nanos(1700000030000000000);
+  drain.mutable_drain()->set_release_idle(true);
 
   HandoffMessage goodbye;
   goodbye.mutable_goodbye()->set_reason("drained");
@@ -430,6 +447,8 @@ void WriteCorpus(const std::string& dir) {
        SeedPacket(1 | kSingleFdOverload, connection, 1)},
       {"release", SeedPacket(1, release, 1)},
       {"upgrade_handover", SeedPacket(2, handover, 1)},
+      {"connection_batch", SeedPacket(3, batch, 1)},
+      {"release_request", SeedPacket(0, release_request, 1)},
       {"worker_to_broker",
        Join({SeedPacket(0, hello, 1), SeedPacket(0, ack, 2),
              SeedPacket(0, closed, 3), SeedPacket(1, release, 4),
@@ -438,7 +457,8 @@ void WriteCorpus(const std::string& dir) {
       {"broker_to_worker",
        Join({SeedPacket(0, welcome, 1),
              SeedPacket(1 | kSingleFdOverload, connection, 2),
-             SeedPacket(0, heartbeat, 3), SeedPacket(0, drain, 4)})},
+             SeedPacket(0, heartbeat, 3), SeedPacket(3, batch, 4),
+             SeedPacket(0, release_request, 5), SeedPacket(0, drain, 6)})},
       {"refusal", SeedPacket(0, refusal, 1)},
       {"upgrade_request", SeedPacket(0, upgrade_request, 1)},
       // Rejected ones, so that the error paths are covered from the start.
