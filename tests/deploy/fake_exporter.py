@@ -26,6 +26,7 @@ LABEL_VALUES = {
             "worker_lost", "rejected_by_worker", "send_error", "channel_full",
             "too_many_attempts"],
         "fdbroker_connections_rejected_total": ["overload", "shutdown"],
+        "fdbroker_connections_migrated_total": ["rebalance", "drain"],
     },
     "state": ["starting", "ready", "draining"],
     "worker": ["1", "2", "3"],
