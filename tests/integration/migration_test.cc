@@ -98,11 +98,16 @@ class LineClient {
 
 class MigrationTest : public ::testing::Test {
  protected:
-  void StartBroker(int workers, std::vector<std::string> flags = {}) {
+  // Supervised fake line-server workers; with `http`, the broker's default
+  // worker (fdbroker-http-worker) instead.
+  void StartBroker(int workers, std::vector<std::string> flags = {},
+                   bool http = false) {
     flags.push_back(absl::StrCat("--workers=", workers));
-    flags.push_back(
-        absl::StrCat("--worker_cmd=", BinaryPath("fdbroker-fake-worker"),
-                     " --mode=release"));
+    if (!http) {
+      flags.push_back(
+          absl::StrCat("--worker_cmd=", BinaryPath("fdbroker-fake-worker"),
+                       " --mode=release"));
+    }
     auto broker = BrokerProcess::Start(std::move(flags));
     ASSERT_TRUE(broker.ok()) << broker.status();
     broker_ = *std::move(broker);
@@ -149,6 +154,33 @@ class MigrationTest : public ::testing::Test {
     std::map<std::string, double> samples = MetricSamples(*text);
     auto it = samples.find(sample);
     return it == samples.end() ? -1 : it->second;
+  }
+
+  // DrainWorker on `victim`, timed until the ready workers left (one fewer)
+  // hold all `total` connections and the victim's process is gone; the
+  // drain must take under a second.
+  void DrainAllMoved(const v1::Worker& victim, int64_t total) {
+    const size_t remaining = Ready().size() - 1;
+    const absl::Time start = absl::Now();
+    v1::DrainWorkerRequest request;
+    request.set_worker_id(victim.id());
+    v1::DrainWorkerResponse response;
+    ASSERT_TRUE(stub_->DrainWorker(Context().get(), request, &response).ok());
+    ASSERT_TRUE(WaitFor(
+        [&] {
+          std::vector<v1::Worker> ready = Ready();
+          int64_t sum = 0;
+          for (const v1::Worker& w : ready) sum += w.active_connections();
+          return ready.size() == remaining && sum == total &&
+                 ProcessGone(victim.pid());
+        },
+        absl::Seconds(10), absl::Milliseconds(5)))
+        << broker_->process().Output();
+    const absl::Duration took = absl::Now() - start;
+    EXPECT_LT(took, absl::Seconds(1)) << took;
+    std::printf("drain of a worker with %lld idle clients took %s\n",
+                static_cast<long long>(victim.active_connections()),
+                absl::FormatDuration(took).c_str());
   }
 
   // DrainWorker on the ready worker whose process is `pid`.
@@ -271,25 +303,7 @@ TEST_F(MigrationTest, DrainWorkerMovesHundredsOfIdleClientsInUnderASecond) {
   const v1::Worker victim = Ready().front();
   ASSERT_EQ(victim.active_connections(), 100);
 
-  const absl::Time start = absl::Now();
-  v1::DrainWorkerRequest request;
-  request.set_worker_id(victim.id());
-  v1::DrainWorkerResponse response;
-  ASSERT_TRUE(stub_->DrainWorker(Context().get(), request, &response).ok());
-  // Done: the other two hold all 300 and the drained worker is gone.
-  ASSERT_TRUE(WaitFor(
-      [&] {
-        std::vector<v1::Worker> ready = Ready();
-        int64_t sum = 0;
-        for (const v1::Worker& w : ready) sum += w.active_connections();
-        return ready.size() == 2 && sum == 300 && ProcessGone(victim.pid());
-      },
-      absl::Seconds(10), absl::Milliseconds(5)))
-      << broker_->process().Output();
-  const absl::Duration took = absl::Now() - start;
-  EXPECT_LT(took, absl::Seconds(1)) << took;
-  std::printf("drain of 100 idle connections took %s\n",
-              absl::FormatDuration(took).c_str());
+  ASSERT_NO_FATAL_FAILURE(DrainAllMoved(victim, 300));
 
   int moved = 0;
   for (size_t i = 0; i < clients.size(); ++i) {
@@ -409,6 +423,105 @@ TEST_F(MigrationTest, RebalanceAfterScaleFlagRebalancesOnItsOwn) {
   for (size_t i = 0; i < clients.size(); ++i) {
     ASSERT_TRUE(clients[i].Ask("again").ok()) << i;
   }
+}
+
+// The same with the real fdbroker-http-worker (the broker's default worker):
+// the numbers the issue asks for.
+class HttpMigrationTest : public MigrationTest {
+ protected:
+  void StartHttpBroker(int workers) {
+    ASSERT_NO_FATAL_FAILURE(StartBroker(workers, {}, /*http=*/true));
+    for (const v1::Worker& w : Ready()) ASSERT_TRUE(w.supports_release());
+  }
+
+  // Opens `n` keep-alive connections, one request each; their pids.
+  void Connect(int n, std::vector<wire::UniqueFd>& clients,
+               std::vector<int>& pids) {
+    for (int i = 0; i < n; ++i) {
+      absl::StatusOr<wire::UniqueFd> fd =
+          ConnectTcp("127.0.0.1", broker_->port());
+      ASSERT_TRUE(fd.ok()) << fd.status();
+      absl::StatusOr<HttpResponse> r = HttpGet(fd->get(), "/", true);
+      ASSERT_TRUE(r.ok()) << r.status();
+      ASSERT_EQ(r->status, 200);
+      clients.push_back(*std::move(fd));
+      pids.push_back(PidOf(*r));
+    }
+  }
+
+  // One more request on every connection: all answered with 200; returns
+  // how many came from another process than before.
+  int RequestAgain(std::vector<wire::UniqueFd>& clients,
+                   const std::vector<int>& pids, int not_pid = 0) {
+    int moved = 0;
+    for (size_t i = 0; i < clients.size(); ++i) {
+      absl::StatusOr<HttpResponse> r = HttpGet(clients[i].get(), "/", true);
+      EXPECT_TRUE(r.ok()) << "client " << i << ": " << r.status();
+      if (!r.ok()) continue;
+      EXPECT_EQ(r->status, 200);
+      EXPECT_NE(PidOf(*r), not_pid);
+      moved += PidOf(*r) != pids[i];
+    }
+    return moved;
+  }
+
+  static int PidOf(const HttpResponse& response) {
+    auto it = response.headers.find("x-worker-pid");
+    int pid = 0;
+    if (it != response.headers.end()) (void)absl::SimpleAtoi(it->second, &pid);
+    return pid;
+  }
+};
+
+TEST_F(HttpMigrationTest, TwoHundredClientsRebalancedFromTwoToFourWorkers) {
+  ASSERT_NO_FATAL_FAILURE(StartHttpBroker(2));
+  std::vector<wire::UniqueFd> clients;
+  std::vector<int> pids;
+  ASSERT_NO_FATAL_FAILURE(Connect(200, clients, pids));
+  ASSERT_TRUE(WaitFor([&] { return Balanced(200); }, absl::Seconds(5)));
+
+  v1::ScaleWorkersRequest scale;
+  scale.set_count(4);
+  v1::ScaleWorkersResponse scaled;
+  ASSERT_TRUE(stub_->ScaleWorkers(Context().get(), scale, &scaled).ok());
+  ASSERT_TRUE(WaitForReady(4));
+  v1::RebalanceResponse response;
+  grpc::Status status =
+      stub_->Rebalance(Context().get(), v1::RebalanceRequest(), &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_DOUBLE_EQ(response.mean_connections(), 50.0);
+  EXPECT_EQ(response.asked_size(), 2);
+  // Every worker ends within one connection of the mean (ListWorkers).
+  ASSERT_TRUE(WaitFor([&] { return Balanced(200); }, absl::Seconds(10)))
+      << broker_->process().Output();
+  for (const v1::Worker& w : Ready()) {
+    EXPECT_LE(std::abs(w.active_connections() - 50), 1) << w.ShortDebugString();
+  }
+  // Every client's next request on the same TCP connection succeeds; those
+  // that moved report a new X-Worker-Pid.
+  const int moved = RequestAgain(clients, pids);
+  EXPECT_EQ(moved, 100) << "every client was idle: exactly the excess moved";
+  std::printf("rebalance 2 -> 4 workers: %d of 200 connections moved\n", moved);
+}
+
+TEST_F(HttpMigrationTest, DrainWorkerWithHundredsOfIdleClients) {
+  ASSERT_NO_FATAL_FAILURE(StartHttpBroker(2));
+  std::vector<wire::UniqueFd> clients;
+  std::vector<int> pids;
+  ASSERT_NO_FATAL_FAILURE(Connect(400, clients, pids));
+  ASSERT_TRUE(WaitFor([&] { return Balanced(400); }, absl::Seconds(5)));
+  const v1::Worker victim = Ready().front();
+  ASSERT_NO_FATAL_FAILURE(DrainAllMoved(victim, 400));
+  // Zero client errors: every connection still serves, none by the victim.
+  EXPECT_EQ(RequestAgain(clients, pids, victim.pid()),
+            victim.active_connections());
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return Metric(
+                   "fdbroker_connections_migrated_total{reason=\"drain\"}") ==
+               victim.active_connections();
+      },
+      absl::Seconds(5)));
 }
 
 TEST(MigrationProtocolTest, ReleaseFromAWorkerWithoutSupportIsAProtocolError) {
