@@ -35,8 +35,8 @@ def pid_of(response: bytes) -> int:
 @unittest.skipUnless(shutil.which("buf"), "needs buf (deploy/setup.sh "
                      "--test-tools installs it)")
 class BrokerReleaseTest(unittest.TestCase):
-    def start_broker(self, workers: int) -> Broker:
-        broker = Broker(workers)
+    def start_broker(self, workers: int, *flags: str) -> Broker:
+        broker = Broker(workers, extra_flags=flags)
         self.addCleanup(broker.cleanup)
         broker.wait_for_workers(workers)
         workers_json = self.workers(broker)
@@ -80,14 +80,21 @@ class BrokerReleaseTest(unittest.TestCase):
             pids.append(pid_of(response))
         return pids
 
-    def test_rebalance_after_scale_up_evens_out_keep_alive_clients(self
-                                                                   ) -> None:
-        broker = self.start_broker(2)
+    def scale_up_and_balance(self, rebalance_rpc: bool) -> None:
+        """200 keep-alive clients on 2 workers, scale to 4, then Rebalance
+        (or the broker's own after-scale rebalance): every worker ends within
+        one connection of the mean, and every client's next request on its
+        connection is answered, by a new worker where it moved."""
+        broker = self.start_broker(
+            2, *(() if rebalance_rpc else ("--rebalance_after_scale",)))
         clients = self.connect_clients(broker, 200)
         broker.rpc("ScaleWorkers", {"count": 4})
-        broker.wait_for_workers(4)
-        # wait_for_workers() used short-lived connections; the 200 remain.
-        broker.rpc("Rebalance")
+        # (Not wait_for_workers(): least_conn sends every new connection to
+        # the two new workers while the old ones hold the 200.)
+        wait_for(lambda: len(self.loads(broker)) == 4, 30,
+                 "4 ready workers")
+        if rebalance_rpc:
+            broker.rpc("Rebalance")
 
         def balanced() -> Optional[dict[int, int]]:
             loads = self.loads(broker)
@@ -105,8 +112,15 @@ class BrokerReleaseTest(unittest.TestCase):
         self.assertGreater(moved, 0)
         # Each client is now answered by the worker that holds it.
         self.assertEqual(sorted(loads), sorted(set(after)))
-        print(f"\nrebalance: loads {sorted(loads.values())}, {moved} of 200 "
-              "clients moved, all next requests answered", flush=True)
+        print(f"\nrebalance ({'RPC' if rebalance_rpc else 'after scale'}): "
+              f"loads {sorted(loads.values())}, {moved} of 200 clients "
+              "moved, all next requests answered", flush=True)
+
+    def test_rebalance_rpc_after_scale_up(self) -> None:
+        self.scale_up_and_balance(rebalance_rpc=True)
+
+    def test_automatic_rebalance_after_scale_up(self) -> None:
+        self.scale_up_and_balance(rebalance_rpc=False)
 
     def test_drain_worker_moves_hundreds_of_idle_clients(self) -> None:
         broker = self.start_broker(2)
