@@ -27,8 +27,8 @@ closed, a request in progress is answered ("Connection: close"), then the
 worker says Goodbye and exits 0. When the broker's Drain says release_idle
 (other workers remain), idle connections are released instead, and busy
 ones once their response is sent: no client sees a close. A second signal
-exits at once. Standalone, SIGTERM/SIGINT just stop the server. Exit codes: 0 clean, 1 registration
-failed, 2 bad command line.
+exits at once. Standalone, SIGTERM/SIGINT just stop the server. Exit codes:
+0 clean, 1 registration failed, 2 bad command line.
 """
 
 import argparse
