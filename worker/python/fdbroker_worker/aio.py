@@ -68,7 +68,7 @@ class BrokeredConnection:
     def _request(self, reason: int) -> None:
         self._requested, self._reason = True, reason
 
-    def idle_now(self) -> bool:
+    def _idle_now(self) -> bool:
         """Waiting for the next request, with nothing of it read."""
         protocol = self._protocol
         return (self._idle and not self._releasing and not self.released
@@ -79,7 +79,7 @@ class BrokeredConnection:
 
     async def between_requests(self, read: Awaitable[T]) -> T:
         """Awaits `read`, the read of the next request (e.g.
-        reader.readuntil(b"\r\n\r\n")), as an idle point: while nothing
+        reader.readuntil(b"\\r\\n\\r\\n")), as an idle point: while nothing
         of the request has arrived the SDK may release the connection, and
         `read` then raises ConnectionReleased. A release already requested
         (drain) happens first, if nothing is buffered."""
@@ -318,7 +318,7 @@ class Server:
             self._on_drain(drain.cause, drain.deadline)
         for protocol in list(self._live.values()):
             if drain.release_idle:
-                if protocol.handle.idle_now():
+                if protocol.handle._idle_now():
                     self._release_idle(protocol.handle)
             else:
                 self._schedule_stop_reading(protocol)
@@ -330,7 +330,7 @@ class Server:
         for protocol in list(self._live.values()):
             if left <= 0:
                 break
-            if protocol.handle.idle_now():
+            if protocol.handle._idle_now():
                 protocol.handle._reason = request.reason
                 self._release_idle(protocol.handle)
                 left -= 1
