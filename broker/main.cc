@@ -8,6 +8,7 @@
 
 #include "broker/config.h"
 #include "broker/daemon.h"
+#include "google/protobuf/stubs/logging.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 
@@ -19,6 +20,19 @@ std::string SelfDirectory() {
   if (n <= 0) return ".";
   std::string self(path, static_cast<size_t>(n));
   return self.substr(0, self.rfind('/'));
+}
+
+// libprotobuf logs an ERROR for some malformed input (e.g. a string field
+// that is not UTF-8) before the parse fails; the broker already logs one line
+// per bad peer with the reason, so a peer sending garbage must not also
+// produce protobuf's lines on stderr. Only its fatal errors stay loud.
+void RouteProtobufLogs(google::protobuf::LogLevel level, const char* file,
+                       int line, const std::string& message) {
+  if (level == google::protobuf::LOGLEVEL_FATAL) {
+    spdlog::critical("protobuf {}:{}: {}", file, line, message);
+  } else {
+    spdlog::debug("protobuf {}:{}: {}", file, line, message);
+  }
 }
 
 }  // namespace
@@ -35,6 +49,7 @@ int main(int argc, char** argv) {
   // Logs go to stderr (stdout stays free for the operator's own use).
   spdlog::set_default_logger(spdlog::stderr_color_mt("fdbroker"));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ fdbroker[%P] %v");
+  google::protobuf::SetLogHandler(&RouteProtobufLogs);
   // Signals are taken from a signalfd by the event loop; block them before
   // any thread exists so that every thread inherits the mask.
   sigset_t signals;
