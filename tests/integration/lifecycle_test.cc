@@ -321,8 +321,9 @@ TEST(LifecycleTest, GarbageAndAWrongUidPeerDoNotDisturbServing) {
   ASSERT_EQ(::chmod(path.c_str(), 0666), 0);
   EXPECT_EQ(HelloAsOtherUser(path, 65534), v1::REFUSAL_REASON_CREDENTIALS);
 
-  // Garbage, an oversized packet, a wrong sequence, and a stray fd.
-  for (int kind = 0; kind < 4; ++kind) {
+  // Garbage, an oversized packet, a wrong sequence, a stray fd, and a Hello
+  // whose label is not UTF-8 (a parse failure that libprotobuf would log).
+  for (int kind = 0; kind < 5; ++kind) {
     wire::UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
@@ -338,6 +339,12 @@ TEST(LifecycleTest, GarbageAndAWrongUidPeerDoNotDisturbServing) {
       ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDBUF, &big, sizeof(big));
       std::string huge(200000, 'x');
       ::send(fd.get(), huge.data(), huge.size(), 0);
+    } else if (kind == 4) {
+      // HandoffMessage{sequence: 1, hello: {labels: {"\xff": "x"}}}, by hand:
+      // the serializer would refuse it.
+      const std::string bad("\x08\x01\x52\x08\x22\x06\x0a\x01\xff\x12\x01x",
+                            12);
+      ::send(fd.get(), bad.data(), bad.size(), 0);
     } else if (kind == 2) {
       v1::HandoffMessage hello;
       hello.set_sequence(7);
@@ -374,6 +381,8 @@ TEST(LifecycleTest, GarbageAndAWrongUidPeerDoNotDisturbServing) {
   const std::string log = (*broker)->process().Stderr();
   EXPECT_NE(log.find("uid 65534"), std::string::npos) << log;
   EXPECT_NE(log.find("malformed message"), std::string::npos) << log;
+  // One line per bad peer, the broker's own: libprotobuf's are routed away.
+  EXPECT_EQ(log.find("libprotobuf"), std::string::npos) << log;
 }
 
 }  // namespace
