@@ -31,6 +31,20 @@ std::map<std::string, double> Scrape(const std::string& address) {
   return MetricSamples(ScrapeMetrics(address).value_or(""));
 }
 
+// Both scrapes have the same fdbroker_connections_* samples (the process
+// metrics move on their own).
+bool Settled(const std::map<std::string, double>& a,
+             const std::map<std::string, double>& b) {
+  auto connection_samples = [](const std::map<std::string, double>& m) {
+    std::map<std::string, double> out;
+    for (const auto& [name, value] : m) {
+      if (name.rfind("fdbroker_connections_", 0) == 0) out[name] = value;
+    }
+    return out;
+  };
+  return connection_samples(a) == connection_samples(b);
+}
+
 int64_t RssKiB(pid_t pid) {
   std::ifstream status("/proc/" + std::to_string(pid) + "/status");
   std::string key;
@@ -118,13 +132,30 @@ TEST(SoakTest, RandomWorkerKillsLoseNothingSilentlyAndLeakNothing) {
 
   // The pool recovers and the broker settles back to its baseline.
   ASSERT_TRUE((*broker)->WaitForWorkers(kWorkers, absl::Seconds(60)));
+  // The broker publishes its figures every 500 ms, and one scrape can
+  // straddle such an update (some families new, some old): settled means
+  // idle, and two scrapes at least 600 ms apart agree on every figure.
   std::map<std::string, double> after;
+  std::map<std::string, double> earlier;
+  absl::Time earlier_at;
   ASSERT_TRUE(WaitFor(
       [&] {
         after = Scrape(metrics);
-        return after["fdbroker_connections_active"] == 0 &&
-               after["fdbroker_pending_connections"] == 0 &&
-               after["fdbroker_unacked_connections"] == 0;
+        const bool idle = after["fdbroker_connections_active"] == 0 &&
+                          after["fdbroker_pending_connections"] == 0 &&
+                          after["fdbroker_unacked_connections"] == 0;
+        if (!idle) {
+          earlier.clear();
+          return false;
+        }
+        if (!earlier.empty() &&
+            absl::Now() - earlier_at < absl::Milliseconds(600)) {
+          return false;
+        }
+        if (!earlier.empty() && Settled(earlier, after)) return true;
+        earlier = after;
+        earlier_at = absl::Now();
+        return false;
       },
       absl::Seconds(30)));
   int fds_now = -1;
