@@ -513,16 +513,16 @@ TEST_F(HttpWorkerBrokerTest, ReleaseDrainReleasesIdleAtOnceAndBusyAfterwards) {
   ASSERT_TRUE(slept.ok()) << slept.status();
   EXPECT_THAT(ResponseStatuses(*slept), ElementsAre(200));
   EXPECT_THAT(*slept, Not(HasSubstr("Connection: close")));
-  for (auto& [id, fd] : released) {
+  for (auto& [id, released_fd] : released) {
     const int client = id == 10 ? busy.get() : idle[id - 1].get();
     ASSERT_TRUE(SendAll(client, "next").ok());
     char buffer[8];
+    // A lambda cannot capture a structured binding in C++17 (clang).
+    const int fd = released_fd.get();
     ASSERT_TRUE(WaitFor(
-        [&] {
-          return ::recv(fd.get(), buffer, 4, MSG_PEEK | MSG_DONTWAIT) == 4;
-        },
+        [&] { return ::recv(fd, buffer, 4, MSG_PEEK | MSG_DONTWAIT) == 4; },
         absl::Seconds(5)));
-    EXPECT_EQ(::recv(fd.get(), buffer, sizeof(buffer), MSG_DONTWAIT), 4);
+    EXPECT_EQ(::recv(fd, buffer, sizeof(buffer), MSG_DONTWAIT), 4);
   }
   absl::StatusOr<std::string> closed_rest = ReadUntilClose(closing.get());
   ASSERT_TRUE(closed_rest.ok()) << closed_rest.status();

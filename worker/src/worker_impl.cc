@@ -215,39 +215,40 @@ void WorkerImpl::ProcessEventsWith(
   }
 }
 
+bool WorkerImpl::OfferLocked(v1::Connection& offered, wire::UniqueFd fd,
+                             std::vector<ClientConnection>& taken,
+                             std::vector<uint64_t>& rejected) {
+  const uint64_t id = offered.connection_id();
+  const bool duplicate =
+      owned_.contains(id) ||
+      std::any_of(taken.begin(), taken.end(),
+                  [id](const ClientConnection& c) { return c.id == id; });
+  if (duplicate) {
+    LoseChannelLocked(
+        absl::StrCat("connection ", id, " offered twice by the broker"));
+    return false;
+  }
+  const bool full =
+      capacity_ > 0 && owned_.size() + unsent_acks_ + taken.size() >= capacity_;
+  if (draining_ || full) {
+    // Our copy closes here; the broker still holds the socket.
+    rejected.push_back(id);
+    return true;
+  }
+  ClientConnection& connection = taken.emplace_back();
+  connection.id = id;
+  connection.fd = std::move(fd);
+  connection.peer_address = std::move(*offered.mutable_peer_address());
+  connection.local_address = std::move(*offered.mutable_local_address());
+  connection.accept_time =
+      absl::FromUnixNanos(offered.accept_time_unix_nanos());
+  connection.initial_data = std::move(*offered.mutable_initial_data());
+  return true;
+}
+
 void WorkerImpl::ReceiveLocked() {
   std::vector<ClientConnection> taken;
   std::vector<uint64_t> rejected;
-  // One offered connection (from a Connection or a ConnectionBatch); false
-  // if the broker broke the protocol (the channel is then lost).
-  auto offer = [&](v1::Connection& offered, wire::UniqueFd fd) {
-    const uint64_t id = offered.connection_id();
-    const bool duplicate =
-        owned_.contains(id) ||
-        std::any_of(taken.begin(), taken.end(),
-                    [id](const ClientConnection& c) { return c.id == id; });
-    if (duplicate) {
-      LoseChannelLocked(
-          absl::StrCat("connection ", id, " offered twice by the broker"));
-      return false;
-    }
-    const bool full = capacity_ > 0 &&
-                      owned_.size() + unsent_acks_ + taken.size() >= capacity_;
-    if (draining_ || full) {
-      // Our copy closes here; the broker still holds the socket.
-      rejected.push_back(id);
-      return true;
-    }
-    ClientConnection& connection = taken.emplace_back();
-    connection.id = id;
-    connection.fd = std::move(fd);
-    connection.peer_address = std::move(*offered.mutable_peer_address());
-    connection.local_address = std::move(*offered.mutable_local_address());
-    connection.accept_time =
-        absl::FromUnixNanos(offered.accept_time_unix_nanos());
-    connection.initial_data = std::move(*offered.mutable_initial_data());
-    return true;
-  };
   for (int i = 0; i < kMaxMessagesPerTurn; ++i) {
     if (channel_ == nullptr || goodbye_sent_) break;
     absl::StatusOr<wire::ReceiveResult> received =
@@ -264,7 +265,8 @@ void WorkerImpl::ReceiveLocked() {
     last_received_ = std::chrono::steady_clock::now();
     switch (incoming_.body_case()) {
       case v1::HandoffMessage::kConnection:
-        offer(*incoming_.mutable_connection(), std::move(incoming_fds_[0]));
+        OfferLocked(*incoming_.mutable_connection(),
+                    std::move(incoming_fds_[0]), taken, rejected);
         break;
       case v1::HandoffMessage::kConnectionBatch: {
         auto& batch =
@@ -278,7 +280,10 @@ void WorkerImpl::ReceiveLocked() {
         }
         // The decoder checked: one fd per connection, in order.
         for (int k = 0; k < batch.size(); ++k) {
-          if (!offer(batch[k], std::move(incoming_fds_[k]))) break;
+          if (!OfferLocked(batch[k], std::move(incoming_fds_[k]), taken,
+                           rejected)) {
+            break;
+          }
         }
         break;
       }

@@ -103,6 +103,13 @@ class WorkerImpl final : public Worker {
       ABSL_LOCKS_EXCLUDED(mu_);
 
   void ReceiveLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // One connection the broker offered (alone or in a ConnectionBatch): into
+  // `taken` (to ack) or `rejected`. False if the broker broke the protocol
+  // (the channel is then lost).
+  bool OfferLocked(v1::Connection& offered, wire::UniqueFd fd,
+                   std::vector<ClientConnection>& taken,
+                   std::vector<uint64_t>& rejected)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Sends now if nothing is queued and the socket has room, else queues.
   void SendLocked(Outgoing outgoing) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // One send attempt of `outgoing`, with its fd if it is a Release.
