@@ -466,6 +466,24 @@ TEST_F(WorkerSdkTest, ClosedConnectionsAreReportedInOneBatch) {
   EXPECT_THAT(Ids(closed->closed().connection_ids()), ElementsAre(1u, 3u));
 }
 
+// A Closed report waits (at most a few ms) for the next Ack and goes just
+// before it: the broker reads both in one wake-up.
+TEST_F(WorkerSdkTest, ClosedTravelsWithTheNextAck) {
+  Register(DefaultOptions());
+  std::vector<FakeClient> clients;
+  DeliverConnections({1, 2}, clients);
+  worker_->ConnectionClosed(1);
+  clients.push_back(MakeFakeClient());
+  ASSERT_TRUE(broker_->SendConnection(3, clients.back().broker_end.get()).ok());
+  absl::StatusOr<HandoffMessage> first = PumpAndReceive();
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(first->has_closed()) << first->DebugString();
+  EXPECT_THAT(Ids(first->closed().connection_ids()), ElementsAre(1u));
+  absl::StatusOr<HandoffMessage> second = PumpAndReceive();
+  ASSERT_TRUE(second.ok() && second->has_ack()) << second.status();
+  EXPECT_THAT(Ids(second->ack().connection_ids()), ElementsAre(3u));
+}
+
 TEST_F(WorkerSdkTest, DrainRejectsNewConnectionsAndSaysGoodbyeAfterTheLast) {
   Register(DefaultOptions());
   FakeClient first = MakeFakeClient();

@@ -23,6 +23,13 @@ namespace {
 // connections cannot starve the application's own loop. The pollable fd
 // stays readable while more are queued.
 constexpr int kMaxMessagesPerTurn = 256;
+// Closed reports wait up to this long for an Ack to travel with, so that a
+// busy worker's closes cost the broker no wake-up of their own (they arrive
+// together with the next Ack). The broker's load figures for this worker lag
+// by at most this much. Workers with a capacity report at once (their room
+// depends on it), and so does a draining worker (Goodbye waits for it).
+constexpr std::chrono::milliseconds kClosedReportDelay(5);
+constexpr size_t kMaxClosedPerReport = 256;
 
 // Reconnect back-off: the first attempt this long after the loss, then
 // doubling up to the cap. Short, because a restarted broker waits only
@@ -195,8 +202,9 @@ void WorkerImpl::ProcessEventsWith(
     if (writable) FlushOutboxLocked();
     if (readable) ReceiveLocked();
     if (answer_readable) ReceiveRegistrationAnswerLocked();
+    // Before the timer's work, which re-arms the timer from what is left.
+    ReportClosedLocked(/*now=*/false);
     if (timer_fired) OnTimerLocked();
-    ReportClosedLocked();
     SayGoodbyeIfDrainedLocked();
     ready.swap(ready_);
     release_requests.swap(release_requests_);
@@ -342,6 +350,8 @@ void WorkerImpl::ReceiveLocked() {
     SendLocked(std::move(reject));
   }
   if (!taken.empty()) {
+    // Waiting Closed reports travel with the Ack: one wake-up of the broker.
+    ReportClosedLocked(/*now=*/true);
     Outgoing ack;
     v1::Ack& body = *ack.message.mutable_ack();
     for (const ClientConnection& connection : taken) {
@@ -421,9 +431,18 @@ void WorkerImpl::OnSentLocked(Outgoing& outgoing) {
   }
 }
 
-void WorkerImpl::ReportClosedLocked() {
+bool WorkerImpl::ClosedReportsAreUrgentLocked() const {
+  return capacity_ > 0 || draining_ ||
+         closed_to_report_.size() >= kMaxClosedPerReport;
+}
+
+void WorkerImpl::ReportClosedLocked(bool now) {
   if (closed_to_report_.empty() || channel_ == nullptr || goodbye_sent_) {
     return;
+  }
+  if (!now && !ClosedReportsAreUrgentLocked() &&
+      std::chrono::steady_clock::now() < closed_report_at_) {
+    return;  // The timer (ArmTimerLocked) or the next Ack brings it.
   }
   Outgoing closed;
   closed.message.mutable_closed()->mutable_connection_ids()->Add(
@@ -476,6 +495,7 @@ void WorkerImpl::ArmTimerLocked() {
   if (heartbeat_timeout_.count() > 0) {
     next = std::min(next, last_received_ + heartbeat_timeout_);
   }
+  if (!closed_to_report_.empty()) next = std::min(next, closed_report_at_);
   absl::Status armed =
       next == MonoTime::max() ? timer_.Disarm() : timer_.ArmAt(next);
   if (!armed.ok()) {
@@ -846,6 +866,15 @@ void WorkerImpl::ConnectionClosed(uint64_t id) {
   const bool known = unlisted_.erase(id) == 0;
   if (known && (channel_ != nullptr || registering_ != nullptr)) {
     closed_to_report_.push_back(id);
+    if (!ClosedReportsAreUrgentLocked()) {
+      // Sent with the next Ack, or by the timer: no wake-up needed.
+      if (closed_to_report_.size() == 1) {
+        closed_report_at_ =
+            std::chrono::steady_clock::now() + kClosedReportDelay;
+        ArmTimerLocked();
+      }
+      return;
+    }
   }
   WakeLocked();
 }

@@ -117,7 +117,10 @@ class WorkerImpl final : public Worker {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FlushOutboxLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OnSentLocked(Outgoing& outgoing) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void ReportClosedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Sends closed_to_report_ as one Closed: at once if `now` or urgent, else
+  // only once closed_report_at_ has come.
+  void ReportClosedLocked(bool now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool ClosedReportsAreUrgentLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CheckHeartbeatLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ArmTimerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SayGoodbyeIfDrainedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -195,6 +198,8 @@ class WorkerImpl final : public Worker {
   // Acked, waiting to be delivered at the end of ProcessEvents().
   std::vector<ClientConnection> ready_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> closed_to_report_ ABSL_GUARDED_BY(mu_);
+  // When the oldest of closed_to_report_ must be sent (kClosedReportDelay).
+  MonoTime closed_report_at_ ABSL_GUARDED_BY(mu_) = MonoTime::max();
   bool wake_signalled_ ABSL_GUARDED_BY(mu_) = false;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   DrainCause drain_cause_ ABSL_GUARDED_BY(mu_) = DrainCause::kLocal;

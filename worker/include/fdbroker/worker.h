@@ -192,9 +192,9 @@ class Worker {
   // --- Event-loop mode -----------------------------------------------------
 
   // Readable (level-triggered) whenever ProcessEvents() has work: broker
-  // messages, a heartbeat due, a ConnectionClosed() to report, a reconnect
-  // attempt due. Valid for the Worker's lifetime, also while reconnecting
-  // and after the broker is gone. Do not read it.
+  // messages, a heartbeat due, Closed reports due, a reconnect attempt due.
+  // Valid for the Worker's lifetime, also while reconnecting and after the
+  // broker is gone. Do not read it.
   virtual int pollable_fd() const = 0;
 
   // Handles everything that is ready, without blocking: receives and
@@ -206,10 +206,12 @@ class Worker {
   virtual void ProcessEvents() = 0;
 
   // The application closed (or otherwise finished) connection `id`. Reported
-  // to the broker at the next ProcessEvents(), batched; pollable_fd() becomes
-  // readable to make sure that happens. While the broker is lost the id is
-  // just forgotten (it is not listed in the next re-registration). Callable
-  // from any thread.
+  // to the broker in a batch: just before the next Ack, or within 5 ms
+  // (pollable_fd() becomes readable then) so that a busy worker's reports
+  // cost the broker no wake-up of their own; at once (the next
+  // ProcessEvents()) for a worker with a capacity or while draining. While
+  // the broker is lost the id is just forgotten (it is not listed in the
+  // next re-registration). Callable from any thread.
   virtual void ConnectionClosed(uint64_t id) = 0;
 
   // Drains on the worker's own initiative: new connections are returned to
