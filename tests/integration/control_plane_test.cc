@@ -155,12 +155,17 @@ TEST_F(ControlPlaneTest, ScaleUpAndDownChangesTheProcessesThatServe) {
   absl::StatusOr<HttpResponse> first = HttpGet(held->get(), "/", true);
   ASSERT_TRUE(first.ok());
   const int busy_pid = PidOf(*first);
+  // Workers report closed connections in batches (within a few ms): wait
+  // until the probes of WaitForWorkers() are reported and only the held
+  // connection counts.
   ASSERT_TRUE(WaitFor(
       [&] {
         for (const v1::Worker& w : Workers()) {
-          if (w.pid() == busy_pid) return w.active_connections() == 1;
+          if (w.active_connections() != (w.pid() == busy_pid ? 1 : 0)) {
+            return false;
+          }
         }
-        return false;
+        return true;
       },
       absl::Seconds(5)));
   v1::ScaleWorkersResponse down;
