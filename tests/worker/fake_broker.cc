@@ -116,8 +116,14 @@ bool FakeBroker::WaitForClose(absl::Duration timeout) {
 }
 
 absl::Status FakeBroker::Send(v1::HandoffMessage message, int fd) {
+  if (fd < 0) return SendWithFds(std::move(message), {});
+  return SendWithFds(std::move(message), {&fd, 1});
+}
+
+absl::Status FakeBroker::SendWithFds(v1::HandoffMessage message,
+                                     absl::Span<const int> fds) {
   if (channel_ == nullptr) return absl::FailedPreconditionError("no channel");
-  absl::StatusOr<wire::SendResult> sent = channel_->Send(message, fd);
+  absl::StatusOr<wire::SendResult> sent = channel_->SendWithFds(message, fds);
   if (!sent.ok()) return sent.status();
   if (*sent != wire::SendResult::kSent) {
     return absl::ResourceExhaustedError("channel full");
@@ -170,19 +176,12 @@ absl::Status FakeBroker::SendConnection(uint64_t id, int fd,
 
 absl::Status FakeBroker::SendConnectionBatch(const std::vector<uint64_t>& ids,
                                              const std::vector<int>& fds) {
-  if (channel_ == nullptr) return absl::FailedPreconditionError("no channel");
   v1::HandoffMessage message;
   for (uint64_t id : ids) {
     FillConnection(id, "",
                    *message.mutable_connection_batch()->add_connections());
   }
-  absl::StatusOr<wire::SendResult> sent = channel_->SendWithFds(message, fds);
-  if (!sent.ok()) return sent.status();
-  if (*sent != wire::SendResult::kSent) {
-    return absl::ResourceExhaustedError("channel full");
-  }
-  ++sent_;
-  return absl::OkStatus();
+  return SendWithFds(std::move(message), fds);
 }
 
 absl::Status FakeBroker::SendDrain(absl::Time deadline, bool release_idle) {

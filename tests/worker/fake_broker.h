@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "fdbroker/v1/handoff.pb.h"
 #include "wire/message_channel.h"
 #include "wire/unique_fd.h"
@@ -39,6 +40,8 @@ class FakeBroker {
   bool WaitForClose(absl::Duration timeout = absl::Seconds(5));
 
   absl::Status Send(v1::HandoffMessage message, int fd = -1);
+  absl::Status SendWithFds(v1::HandoffMessage message,
+                           absl::Span<const int> fds);
   absl::Status SendWelcome(uint32_t heartbeat_interval_ms = 10000,
                            uint32_t heartbeat_timeout_ms = 60000,
                            uint64_t worker_id = 7, bool supervised = false);
