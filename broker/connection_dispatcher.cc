@@ -79,6 +79,16 @@ void ConnectionDispatcher::FormatConnection(const Entry& entry,
   body.set_initial_data(entry.initial_data);
 }
 
+void ConnectionDispatcher::MoveInFlight(Entry& entry, Worker& worker,
+                                        bool staged) {
+  ++worker.unacked;
+  ++entry.attempts;
+  entry.worker_id = worker.id;
+  entry.staged = staged;
+  const uint64_t id = entry.id;
+  in_flight_.emplace(id, std::move(entry));
+}
+
 bool ConnectionDispatcher::TryPlace(Entry& entry) {
   candidates_.clear();
   for (const auto& [id, worker] : registry_.workers()) {
@@ -101,12 +111,8 @@ bool ConnectionDispatcher::TryPlace(Entry& entry) {
     // Unread bytes of a released connection go alone: a batch of them could
     // outgrow the packet limit.
     if (worker.max_connections_per_message > 1 && entry.initial_data.empty()) {
-      ++worker.unacked;
-      ++entry.attempts;
-      entry.worker_id = worker.id;
-      entry.staged = true;
       const uint64_t id = entry.id;
-      in_flight_.emplace(id, std::move(entry));
+      MoveInFlight(entry, worker, /*staged=*/true);
       std::vector<uint64_t>& batch = batches_[worker.id];
       batch.push_back(id);
       if (batch.size() >= worker.max_connections_per_message) {
@@ -120,11 +126,7 @@ bool ConnectionDispatcher::TryPlace(Entry& entry) {
     absl::StatusOr<wire::SendResult> sent =
         worker.channel->SendConnections(message_, {&fd, 1});
     if (sent.ok() && *sent == wire::SendResult::kSent) {
-      ++worker.unacked;
-      ++entry.attempts;
-      entry.worker_id = worker.id;
-      const uint64_t id = entry.id;
-      in_flight_.emplace(id, std::move(entry));
+      MoveInFlight(entry, worker, /*staged=*/false);
       return true;
     }
     if (sent.ok()) {

@@ -150,6 +150,9 @@ class ConnectionDispatcher {
   // worker's batch. On success it is moved into the in-flight table; on
   // failure it is left untouched.
   bool TryPlace(Entry& entry);
+  // `entry` (moved from) is now placed on `worker`: counted in its load and
+  // kept in the in-flight table, sent already or `staged` in its batch.
+  void MoveInFlight(Entry& entry, Worker& worker, bool staged);
   // Sends `worker_id`'s staged connections (`ids`, cleared). What cannot be
   // sent goes to failed_ and is re-placed by FlushBatches().
   void SendBatch(uint64_t worker_id, std::vector<uint64_t>& ids);
