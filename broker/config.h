@@ -26,6 +26,8 @@ struct BrokerConfig {
   absl::Duration worker_start_timeout;
   size_t max_pending = 0;
   absl::Duration pending_timeout;
+  // Scheduler slice of the data-plane thread; zero keeps the default.
+  absl::Duration loop_slice;
   std::string ready_file;
   // Take the sockets over from the broker running on socket_path.
   bool upgrade = false;

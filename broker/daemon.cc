@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "broker/thread_slice.h"
 #include "broker/upgrade.h"
 #include "spdlog/spdlog.h"
 #include "wire/message_channel.h"
@@ -233,7 +234,24 @@ absl::Status Daemon::WriteReadyFile() const {
   return absl::OkStatus();
 }
 
+void Daemon::ApplyLoopSlice() {
+  absl::StatusOr<absl::Duration> slice = SetThreadSlice(config_.loop_slice);
+  if (!slice.ok()) {
+    spdlog::warn("--loop_slice: {}; the data plane keeps the default slice",
+                 slice.status().ToString());
+  } else if (*slice == absl::ZeroDuration()) {
+    spdlog::info(
+        "--loop_slice: the kernel keeps its default slice (custom slices "
+        "need Linux 6.12+ and a SCHED_OTHER thread)");
+  } else {
+    spdlog::info("data-plane thread: {} scheduler slice",
+                 absl::FormatDuration(*slice));
+  }
+}
+
 int Daemon::Run() {
+  // Run() is the loop thread; set before it spawns any worker.
+  if (config_.loop_slice != absl::ZeroDuration()) ApplyLoopSlice();
   // After a crash (stale socket) or during an upgrade, workers of the
   // previous broker come back: let them count toward --workers first.
   manager_->Start(config_.upgrade || handoff_server_->replaced_stale_socket()

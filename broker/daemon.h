@@ -41,6 +41,8 @@ class Daemon {
   explicit Daemon(const BrokerConfig& config);
   absl::Status Init();
   absl::Status WriteReadyFile() const;
+  // --loop_slice for the calling (loop) thread; logs the outcome.
+  void ApplyLoopSlice();
   void OnSignal();
   void OnEvent(const WorkerEvent& event);
   // Planned upgrade, running side: hand the sockets over, finish the

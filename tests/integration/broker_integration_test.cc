@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <fstream>
 #include <map>
 #include <set>
 #include <sstream>
@@ -13,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -360,6 +362,53 @@ TEST(BrokerIntegrationTest, CrashingWorkersAreRestartedWithGrowingBackoff) {
   EXPECT_GE(*fourth - *first, absl::Milliseconds(699)) << log;
 }
 
+// The scheduler slice of a thread in ns (se.slice of /proc/.../sched), or
+// -1 when the kernel does not show it.
+int64_t SchedSlice(pid_t pid, pid_t tid) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/task/", tid, "/sched"));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("se.slice", 0) != 0) continue;
+    int64_t nanos = -1;
+    const size_t colon = line.find(':');
+    if (colon != std::string::npos &&
+        absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(colon + 1)),
+                         &nanos)) {
+      return nanos;
+    }
+  }
+  return -1;
+}
+
+TEST(BrokerIntegrationTest, OnlyTheDataPlaneThreadGetsTheShortSlice) {
+  auto broker = BrokerProcess::Start({"--workers=1", "--loop_slice=250us"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(1, absl::Seconds(30)))
+      << (*broker)->process().Output();
+  const pid_t pid = (*broker)->pid();
+  if ((*broker)->process().Output().find("keeps its default slice") !=
+          std::string::npos ||
+      SchedSlice(pid, pid) < 0) {
+    GTEST_SKIP() << "custom slices need Linux 6.12+ (and /proc/PID/sched)";
+  }
+  EXPECT_NE((*broker)->process().Output().find(
+                "data-plane thread: 250us scheduler slice"),
+            std::string::npos)
+      << (*broker)->process().Output();
+  // Run() and so the event loop are on the main thread.
+  EXPECT_EQ(SchedSlice(pid, pid), 250'000);
+  // Workers spawned by that thread start with the default slice.
+  const std::vector<pid_t> workers = (*broker)->WorkerPids();
+  ASSERT_EQ(workers.size(), 1u);
+  const int64_t fallback = SchedSlice(workers[0], workers[0]);
+  EXPECT_GT(fallback, 0);
+  EXPECT_NE(fallback, 250'000);
+
+  auto plain = BrokerProcess::Start({"--workers=0", "--loop_slice=0"});
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_EQ(SchedSlice((*plain)->pid(), (*plain)->pid()), fallback);
+}
+
 TEST(BrokerIntegrationTest, BadFlagsAreOneLineErrorsWithExitCode2) {
   const std::vector<std::vector<std::string>> bad = {
       {"--workers=-1"},
@@ -372,6 +421,8 @@ TEST(BrokerIntegrationTest, BadFlagsAreOneLineErrorsWithExitCode2) {
       {"--drain_timeout=-1s"},
       {"--worker_cmd=/nonexistent/worker", "--workers=1"},
       {"--max_workers=0"},
+      {"--loop_slice=50us"},
+      {"--loop_slice=1s"},
       {"stray-argument"},
       {"--worker_cmd='unterminated", "--workers=1"},
   };
