@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (  # noqa: E402
@@ -41,6 +42,7 @@ from benchlib import (  # noqa: E402
     http_ok,
     read_key_values,
     run_main,
+    sched_stat,
     scrape,
     scrape_settled,
     wait_for,
@@ -357,7 +359,27 @@ def cpu_snapshot(variant):
     return {
         "front": cpu_seconds(front) if front else None,
         "workers": workers,
+        "front_sched": sched_stat(front) if front else None,
+        "workers_sched": {pid: sched_stat(pid) for pid in workers},
+        "wall": time.monotonic(),
     }
+
+
+def runqueue_wait(before, after, wall):
+    """Share of the run a thread spent runnable but waiting for a CPU, and
+    the mean wait each time it was scheduled, summed over (before, after)
+    pairs of sched_stat()."""
+    waited = slices = 0
+    count = 0
+    for b, a in zip(before, after):
+        if b is None or a is None:
+            continue
+        waited += a[1] - b[1]
+        slices += a[2] - b[2]
+        count += 1
+    if count == 0 or wall <= 0:
+        return None, None
+    return waited / wall / count, (waited / slices * 1e6 if slices else None)
 
 
 def measure(args, variant, workload):
@@ -379,6 +401,16 @@ def measure(args, variant, workload):
     result["worker_set_changed"] = set(cpu_before["workers"]) != set(
         cpu_after["workers"]
     )
+    wall = cpu_after["wall"] - cpu_before["wall"]
+    share, mean = runqueue_wait([cpu_before["front_sched"]], [cpu_after["front_sched"]], wall)
+    result["front_runq_share"], result["front_runq_wait_us"] = share, mean
+    pids = sorted(cpu_before["workers_sched"])
+    share, mean = runqueue_wait(
+        [cpu_before["workers_sched"][p] for p in pids],
+        [cpu_after["workers_sched"].get(p) for p in pids],
+        wall,
+    )
+    result["workers_runq_share"], result["workers_runq_wait_us"] = share, mean
     result["front_cpu_s"] = front
     result["workers_cpu_s"] = workers
     result["total_cpu_s"] = workers + (front or 0.0)
@@ -405,6 +437,10 @@ SUMMARY_KEYS = [
     "broker_cpu_per_handoff_us",
     "handoff_p50_us",
     "handoff_p99_us",
+    "front_runq_share",
+    "front_runq_wait_us",
+    "workers_runq_share",
+    "workers_runq_wait_us",
     "wrk_latency_p50_us",
     "wrk_latency_p99_us",
     "errors",
@@ -512,12 +548,29 @@ def print_summary(med, rat, tgt, args):
             f"p99 {fmt(close.get('handoff_p99_us'))} us; broker CPU "
             f"{fmt(close.get('broker_cpu_per_handoff_us'), 2)} us per handed-off connection"
         )
+        print(f"  {runqueue_sentence(close)}")
     print("\n== ratios (medians)")
     for key, value in rat.items():
         print(f"  {key:<46}{value:8.3f}")
     print("\n== targets")
     for t in tgt:
         print(f"  {t['verdict']:<5} {t['target']:<50} {fmt(t['value'], 3):>10}  (goal {t['goal']})")
+
+
+def runqueue_sentence(cell):
+    """Time the broker's loop and the workers spent runnable but waiting for
+    a CPU (/proc/PID/schedstat): the part of the hand-off latency that is the
+    scheduler's."""
+
+    def pct(x):
+        return "-" if x is None else f"{x * 100:.0f} %"
+
+    return (
+        f"Waiting for a CPU (runnable, not running) during the run: broker loop "
+        f"{pct(cell.get('front_runq_share'))} of the time, {fmt(cell.get('front_runq_wait_us'))} us "
+        f"per wake-up; each worker {pct(cell.get('workers_runq_share'))}, "
+        f"{fmt(cell.get('workers_runq_wait_us'))} us."
+    )
 
 
 def markdown(med, rat, tgt, args):
@@ -548,6 +601,7 @@ def markdown(med, rat, tgt, args):
         f"fdbroker under connection per request: hand-off latency (accept to Ack) p50 "
         f"{fmt(close.get('handoff_p50_us'))} us, p99 {fmt(close.get('handoff_p99_us'))} us; "
         f"broker CPU {fmt(close.get('broker_cpu_per_handoff_us'), 2)} us per handed-off connection.",
+        runqueue_sentence(close),
         "",
         "| target | goal | measured | |",
         "| --- | --- | ---: | --- |",
@@ -566,6 +620,42 @@ def command_output(argv):
         return (done.stdout + done.stderr).strip().splitlines()[0]
     except (OSError, IndexError, subprocess.TimeoutExpired):
         return None
+
+
+def wake_cost(workdir, round_trips=20000):
+    """wake_cost.c's figures ({mode: {parent_cpu_us, child_cpu_us, wall_us}})
+    for same / cross / free placement, or None without a C compiler or with
+    fewer than 2 CPUs: what one sleep and wake-up costs on this machine."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or (os.cpu_count() or 1) < 2:
+        return None
+    binary = os.path.join(workdir, "wake_cost")
+    subprocess.run(
+        [compiler, "-O2", "-o", binary, os.path.join(HERE, "wake_cost.c")],
+        check=True,
+        timeout=60,
+    )
+    out = {}
+    for mode in ("same", "cross", "free"):
+        done = subprocess.run(
+            [binary, str(round_trips), mode], capture_output=True, text=True, timeout=60, check=True
+        )
+        out[mode] = {k: float(v) for k, v in (kv.split("=") for kv in done.stdout.split())}
+    return out
+
+
+def wake_cost_sentence(cost):
+    if not cost:
+        return "Wake-up cost: not measured (no C compiler or one CPU)."
+
+    def side(mode):
+        c = cost[mode]
+        return f"{(c['parent_cpu_us'] + c['child_cpu_us']) / 2:.1f} us of CPU per side, {c['wall_us']:.0f} us wall"
+
+    return (
+        "One sleep/wake round trip between two processes (tests/bench/wake_cost.c): "
+        f"on one CPU {side('same')}; across CPUs {side('cross')}; unpinned {side('free')}."
+    )
 
 
 def machine_info(args):
@@ -721,6 +811,8 @@ def main():
     try:
         info = machine_info(args)
         print(f"machine: {info['nproc']} CPUs, {info['cpu_model']}, kernel {info['kernel']}, load {' '.join(info['loadavg_at_start'])}")
+        info["wake_cost"] = wake_cost(workdir)
+        print(wake_cost_sentence(info["wake_cost"]))
         for name in args.variants:
             if name == "node-cluster" and not os.access(args.node, os.X_OK):
                 print(f"node-cluster: {args.node} not found; variant skipped")
@@ -762,6 +854,7 @@ def main():
     rat = ratios(med)
     tgt = targets(med, rat, idle)
     print_summary(med, rat, tgt, args)
+    print(wake_cost_sentence(info["wake_cost"]))
     result = {
         "started": started.isoformat(timespec="seconds"),
         "machine": info,
@@ -789,7 +882,7 @@ def main():
         json.dump(result, f, indent=1)
     table = os.path.splitext(args.json)[0] + ".md"
     with open(table, "w") as f:
-        f.write(markdown(med, rat, tgt, args))
+        f.write(markdown(med, rat, tgt, args) + "\n" + wake_cost_sentence(info["wake_cost"]) + "\n")
     print(f"\nresults: {args.json} (tables: {table})")
     if args.chart:
         draw_chart(med, args.chart, args)

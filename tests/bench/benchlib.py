@@ -91,6 +91,18 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def sched_stat(pid):
+    """(seconds on a CPU, seconds runnable but waiting for one, times run) of
+    the process's main thread, from /proc/PID/schedstat; None if it is gone.
+    For the broker the main thread is the event loop."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            on_cpu, waiting, slices = (int(x) for x in f.read().split()[:3])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return on_cpu / 1e9, waiting / 1e9, slices
+
+
 def children(pid):
     """Pids whose parent is pid (no /proc/PID/task/*/children here)."""
     out = []

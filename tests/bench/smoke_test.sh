@@ -30,8 +30,13 @@ for v in variants:
         assert cell["rps"] > 0 and cell["cpu_per_request_us"] > 0, (v, w, cell)
         assert cell["errors"] == 0 and cell["non_2xx"] == 0, (v, w, cell)
 fd = r["medians"]["fdbroker"]["close"]
-for key in ("broker_cpu_per_handoff_us", "handoff_p50_us", "handoff_p99_us"):
+for key in ("broker_cpu_per_handoff_us", "handoff_p50_us", "handoff_p99_us",
+            "front_runq_share", "front_runq_wait_us", "workers_runq_share"):
     assert fd.get(key) is not None, key
+assert 0 <= fd["front_runq_share"] <= 1 and 0 <= fd["workers_runq_share"] <= 1, fd
+cost = r["machine"]["wake_cost"]
+for mode in ("same", "cross", "free"):
+    assert cost[mode]["parent_cpu_us"] > 0 and cost[mode]["wall_us"] > 0, cost
 assert len(r["targets"]) == 8 and all(t["verdict"] in ("PASS", "MISS") for t in r["targets"]), r["targets"]
 idle = r["idle"]
 assert idle and idle["ok"] and idle["requests_ok"] == idle["connections"], idle
