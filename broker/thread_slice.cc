@@ -45,8 +45,11 @@ absl::StatusOr<absl::Duration> SetThreadSlice(absl::Duration slice) {
     return absl::ZeroDuration();
   }
   attr.size = sizeof(attr);
-  // Keep the policy and nice; only the slice and the fork flag change.
-  attr.sched_flags = attr.sched_nice >= 0 ? kResetOnFork : 0;
+  // Keep the policy, nice and an operator's reset-on-fork; only the slice
+  // changes, and children get the default one unless that would also reset
+  // a negative nice.
+  attr.sched_flags = (attr.sched_flags & kResetOnFork) |
+                     (attr.sched_nice >= 0 ? kResetOnFork : 0);
   attr.sched_runtime = static_cast<uint64_t>(absl::ToInt64Nanoseconds(slice));
   if (::syscall(SYS_sched_setattr, 0, &attr, 0) != 0) {
     return absl::ErrnoToStatus(errno, "sched_setattr");
