@@ -5,9 +5,10 @@
  * time of one round trip.
  *
  *   wake_cost ROUND_TRIPS same|cross|free
- *     same   both processes on CPU 0 (a wake-up is a context switch)
- *     cross  CPU 0 and CPU 1 (a wake-up is an inter-processor interrupt and
- *            often a wake from idle)
+ *     same   both processes on the first CPU they may use (a wake-up is a
+ *            context switch)
+ *     cross  the first and the second CPU (a wake-up is an inter-processor
+ *            interrupt and often a wake from idle)
  *     free   wherever the scheduler puts them
  * Output: one line, "parent_cpu_us=X child_cpu_us=Y wall_us=Z". */
 #define _GNU_SOURCE
@@ -33,6 +34,16 @@ static double now_seconds(void) {
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
   return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* The index-th CPU (0 or 1) this process may run on, or -1. */
+static int allowed_cpu(int index) {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return -1;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (CPU_ISSET(cpu, &set) && index-- == 0) return cpu;
+  }
+  return -1;
 }
 
 static void pin(int cpu) {
@@ -69,6 +80,12 @@ int main(int argc, char** argv) {
     fprintf(stderr, "wake_cost: bad arguments\n");
     return 2;
   }
+  const int first = allowed_cpu(0), second = allowed_cpu(1);
+  if ((strcmp(mode, "same") == 0 && first < 0) ||
+      (strcmp(mode, "cross") == 0 && second < 0)) {
+    fprintf(stderr, "wake_cost: too few CPUs in the affinity mask\n");
+    return 1;
+  }
   int pair[2], results[2];
   if (socketpair(AF_UNIX, SOCK_SEQPACKET, 0, pair) != 0 || pipe(results) != 0) {
     perror("socketpair");
@@ -80,8 +97,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   const int is_child = child == 0;
-  if (strcmp(mode, "same") == 0) pin(0);
-  if (strcmp(mode, "cross") == 0) pin(is_child ? 1 : 0);
+  if (strcmp(mode, "same") == 0) pin(first);
+  if (strcmp(mode, "cross") == 0) pin(is_child ? second : first);
   const int fd = pair[is_child];
   const int epoll_fd = epoll_create1(0);
   struct epoll_event event = {.events = EPOLLIN};
