@@ -160,6 +160,20 @@ grpc::ServerUnaryReactor* ControlService::Run(
   return reactor;
 }
 
+template <typename Request, typename Response>
+grpc::ServerUnaryReactor* ControlService::RunMutation(
+    grpc::CallbackServerContext* context, absl::string_view method,
+    const Request* request, Response* response,
+    absl::StatusOr<Response> (BrokerOperations::*operation)(const Request&)) {
+  return Run(context, method, Mutating::kYes, request->ShortDebugString(),
+             [this, request, response, operation](Completion done) {
+               absl::StatusOr<Response> result =
+                   (operations_.*operation)(*request);
+               if (result.ok()) *response = *std::move(result);
+               done(result.status());
+             });
+}
+
 grpc::ServerUnaryReactor* ControlService::ListWorkers(
     grpc::CallbackServerContext* context, const v1::ListWorkersRequest*,
     v1::ListWorkersResponse* response) {
@@ -184,14 +198,8 @@ grpc::ServerUnaryReactor* ControlService::ScaleWorkers(
     grpc::CallbackServerContext* context,
     const v1::ScaleWorkersRequest* request,
     v1::ScaleWorkersResponse* response) {
-  return Run(context, "ScaleWorkers", Mutating::kYes,
-             request->ShortDebugString(),
-             [this, request, response](Completion done) {
-               absl::StatusOr<v1::ScaleWorkersResponse> result =
-                   operations_.ScaleWorkers(*request);
-               if (result.ok()) *response = *std::move(result);
-               done(result.status());
-             });
+  return RunMutation(context, "ScaleWorkers", request, response,
+                     &BrokerOperations::ScaleWorkers);
 }
 
 grpc::ServerUnaryReactor* ControlService::DrainWorker(
@@ -212,37 +220,22 @@ grpc::ServerUnaryReactor* ControlService::DrainWorker(
 grpc::ServerUnaryReactor* ControlService::Drain(
     grpc::CallbackServerContext* context, const v1::DrainRequest* request,
     v1::DrainResponse* response) {
-  return Run(context, "Drain", Mutating::kYes, request->ShortDebugString(),
-             [this, request, response](Completion done) {
-               absl::StatusOr<v1::DrainResponse> result =
-                   operations_.Drain(*request);
-               if (result.ok()) *response = *std::move(result);
-               done(result.status());
-             });
+  return RunMutation(context, "Drain", request, response,
+                     &BrokerOperations::Drain);
 }
 
 grpc::ServerUnaryReactor* ControlService::Resume(
     grpc::CallbackServerContext* context, const v1::ResumeRequest* request,
     v1::ResumeResponse* response) {
-  return Run(context, "Resume", Mutating::kYes, request->ShortDebugString(),
-             [this, request, response](Completion done) {
-               absl::StatusOr<v1::ResumeResponse> result =
-                   operations_.Resume(*request);
-               if (result.ok()) *response = *std::move(result);
-               done(result.status());
-             });
+  return RunMutation(context, "Resume", request, response,
+                     &BrokerOperations::Resume);
 }
 
 grpc::ServerUnaryReactor* ControlService::Rebalance(
     grpc::CallbackServerContext* context, const v1::RebalanceRequest* request,
     v1::RebalanceResponse* response) {
-  return Run(context, "Rebalance", Mutating::kYes, request->ShortDebugString(),
-             [this, request, response](Completion done) {
-               absl::StatusOr<v1::RebalanceResponse> result =
-                   operations_.Rebalance(*request);
-               if (result.ok()) *response = *std::move(result);
-               done(result.status());
-             });
+  return RunMutation(context, "Rebalance", request, response,
+                     &BrokerOperations::Rebalance);
 }
 
 grpc::ServerWriteReactor<v1::WatchEventsResponse>* ControlService::WatchEvents(

@@ -79,6 +79,12 @@ class ControlService final : public v1::BrokerService::CallbackService {
                                 absl::string_view method, Mutating mutating,
                                 std::string request_text,
                                 absl::AnyInvocable<void(Completion)> work);
+  // A mutating RPC answered by one synchronous BrokerOperations call.
+  template <typename Request, typename Response>
+  grpc::ServerUnaryReactor* RunMutation(
+      grpc::CallbackServerContext* context, absl::string_view method,
+      const Request* request, Response* response,
+      absl::StatusOr<Response> (BrokerOperations::*operation)(const Request&));
 
   EventLoop& loop_;
   BrokerOperations& operations_;
