@@ -23,6 +23,13 @@ BUILD_PACKAGES=(
 TEST_PACKAGES=(
   wrk curl python3 python3-protobuf clang-format procps openssl
   prometheus docker-compose python3-yaml
+  # The Python runner (worker/python) and its tests: the frameworks users run,
+  # their servers, and what `pip install --no-build-isolation` of the package
+  # needs offline (setuptools, wheel, venv).
+  python3-fastapi python3-flask python3-aiohttp python3-uvicorn
+  python3-httptools python3-uvloop python3-websockets python3-wsproto
+  python3-django gunicorn python3-venv python3-pip python3-setuptools
+  python3-wheel
   # clang 14 for the fuzz and sanitizer builds: libclang-rt-14-dev has the
   # ASan/UBSan/TSan/LSan and libFuzzer runtimes, llvm-14 the symbolizer.
   clang libclang-rt-14-dev llvm-14

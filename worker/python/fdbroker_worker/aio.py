@@ -22,19 +22,18 @@ fd (asyncio never calls shutdown()), so the client sees nothing.
 """
 
 import asyncio
-import os
 import socket
 from typing import Awaitable, Callable, Optional, TypeVar
 
 from ._proto import pb
-from .core import (FIRST_REQUEST_GRACE, Connection, Drain, DrainCause,
-                   Options, RegistrationError, ReleaseRequest, WorkerCore)
+from ._driver import DrainCallback, Driver, releasable
+from .core import (FIRST_REQUEST_GRACE, Connection, Drain, Options,
+                   RegistrationError, ReleaseRequest, WorkerCore)
 
 T = TypeVar("T")
 
 ClientConnectedCallback = Callable[
     [asyncio.StreamReader, asyncio.StreamWriter], Optional[Awaitable[None]]]
-DrainCallback = Callable[[DrainCause, Optional[float]], None]
 
 
 class ConnectionReleased(ConnectionError):
@@ -144,139 +143,23 @@ class _BrokeredProtocol(asyncio.StreamReaderProtocol):
             pass  # the client reset it already
 
 
-class Server:
+class Server(Driver):
     """A registered worker serving the broker's connections; the analogue
     of asyncio.Server. Use start_server() to create one."""
 
     def __init__(self, core: WorkerCore,
                  client_connected_cb: ClientConnectedCallback, limit: int,
                  on_drain: Optional[DrainCallback]) -> None:
-        self.loop = asyncio.get_running_loop()
-        self._core = core
+        super().__init__(core, on_drain)
         self._callback = client_connected_cb
         self._limit = limit
-        self._on_drain = on_drain
         self._live: dict[int, _BrokeredProtocol] = {}
-        self._timer: Optional[asyncio.TimerHandle] = None
-        self._process_scheduled = False
-        self._registered = self.loop.create_future()
-        self._finished = self.loop.create_future()
         self._tasks: set[asyncio.Task] = set()
-        # Draining by releasing idle connections (Drain.release_idle).
-        self._drain_releases = False
-        self.loop.add_reader(core.fileno(), self._process)
 
-    # --- Public API -------------------------------------------------------
-
-    @property
-    def worker_id(self) -> int:
-        """The broker's id for this worker (changes on re-registration)."""
-        return self._core.worker_id
-
-    @property
-    def draining(self) -> bool:
-        return self._core.draining
-
-    @property
-    def registered(self) -> bool:
-        """False while reconnecting after losing the broker."""
-        return self._core.registered
-
-    @property
-    def active_connections(self) -> int:
-        return self._core.active_connections
-
-    @property
-    def drain_releases(self) -> bool:
-        """The current drain gives idle connections back to the broker
-        (release_requested is set on each) instead of closing them."""
-        return self._drain_releases
-
-    def is_serving(self) -> bool:
-        """True until the worker starts draining."""
-        return not self._core.draining and not self._finished.done()
-
-    def close(self) -> None:
-        """Starts draining: no new connections, idle ones are closed,
-        handlers finish; then Goodbye. Unlike asyncio.Server.close(), the
-        connections in progress are part of it (see wait_closed())."""
-        if not self._finished.done():
-            self._core.start_drain()
-            self._process_soon()
-
-    async def wait_closed(self) -> None:
-        """Waits until the worker has drained: every connection closed,
-        Goodbye said."""
-        await asyncio.shield(self._finished)
-
-    async def serve_forever(self) -> None:
-        """Serves until the worker has drained (after a Drain from the
-        broker, close(), or losing the broker for good). Cancelling it
-        starts a drain."""
-        try:
-            await asyncio.shield(self._finished)
-        except asyncio.CancelledError:
-            self.close()
-            raise
-
-    async def __aenter__(self) -> "Server":
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
-        await self.wait_closed()
-
-    # --- Protocol driving -------------------------------------------------
-
-    def _process_soon(self) -> None:
-        if not self._process_scheduled:
-            self._process_scheduled = True
-            self.loop.call_soon(self._process)
-
-    def _process(self) -> None:
-        self._process_scheduled = False
-        if self._finished.done():
-            return
-        events = self._core.process_events()
-        # Connections first, so that a drain in the same batch sees them.
-        for connection in events.connections:
-            self._adopt(connection)
-        if events.drain is not None:
-            self._drain_started(events.drain)
-        for request in events.release_requests:
-            self._release_requested(request)
-        if self._drain_releases and not self._core.registered:
-            # No broker to release to: close idle connections instead.
-            self._drain_releases = False
-            for protocol in list(self._live.values()):
-                protocol.handle._requested = False
-                self._schedule_stop_reading(protocol)
-        if not self._registered.done():
-            if self._core.error is not None:
-                self._registered.set_exception(self._core.error)
-                return self._shut_down()
-            if self._core.registered:
-                self._registered.set_result(None)
-        if self._core.finished:
-            self._finished.set_result(None)
-            return self._shut_down()
-        self._arm_timer()
-
-    def _arm_timer(self) -> None:
-        deadline = self._core.deadline()
-        if self._timer is not None:
-            if deadline is not None and self._timer.when() == deadline:
-                return
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = self.loop.call_at(deadline, self._process)
-
-    def _shut_down(self) -> None:
-        self.loop.remove_reader(self._core.fileno())
-        if self._timer is not None:
-            self._timer.cancel()
-        self._core.close()
+    def _broker_gone_while_releasing(self) -> None:
+        for protocol in list(self._live.values()):
+            protocol.handle._requested = False
+            self._schedule_stop_reading(protocol)
 
     def _adopt(self, connection: Connection) -> None:
         reader = asyncio.StreamReader(limit=self._limit, loop=self.loop)
@@ -305,17 +188,13 @@ class Server:
     def _connection_lost(self, connection_id: int) -> None:
         protocol = self._live.pop(connection_id, None)
         if protocol is not None and not protocol.handle.released:
-            self._core.connection_closed(connection_id)
-            self._process_soon()
+            self._connection_closed(connection_id)
 
     def _drain_started(self, drain: Drain) -> None:
-        self._drain_releases = drain.release_idle
         if drain.release_idle:
             # Busy connections are released by their handlers once idle.
             for protocol in self._live.values():
                 protocol.handle._request(pb.RELEASE_REASON_DRAIN)
-        if self._on_drain is not None:
-            self._on_drain(drain.cause, drain.deadline)
         for protocol in list(self._live.values()):
             if drain.release_idle:
                 if protocol.handle._idle_now():
@@ -356,10 +235,7 @@ class Server:
         result = self.loop.create_future()
         protocol = handle._protocol
         transport = protocol.transport
-        if (handle._releasing or handle.released or transport is None or
-                transport.is_closing() or
-                transport.get_write_buffer_size() or
-                transport.get_extra_info("sslcontext") is not None):
+        if handle._releasing or handle.released or not releasable(transport):
             result.set_result(False)
             return result
         handle._releasing = True
@@ -379,19 +255,12 @@ class Server:
                 # broker holds another copy, so no FIN and no RST.
                 protocol.reader.set_exception(
                     ConnectionReleased(f"connection {handle.id} released"))
-                transport.abort()
             elif was_reading and not transport.is_closing():
                 transport.resume_reading()
             result.set_result(released)
 
-        try:
-            copy = socket.socket(fileno=os.dup(
-                transport.get_extra_info("socket").fileno()))
-        except OSError:
-            finish(False)
-            return result
-        self._core.release(handle.id, copy, unread, handle._reason, finish)
-        self._process_soon()  # a queued Release goes out when writable
+        self._release_transport(handle.id, transport, unread, handle._reason,
+                                finish)
         return result
 
 
@@ -425,10 +294,8 @@ async def start_server(
         core.close()
         raise
     server = Server(core, client_connected_cb, limit, on_drain)
-    server._arm_timer()
-    await server._registered
+    await server._wait_registered()
     return server
-
 
 
 def connection(writer: asyncio.StreamWriter) -> Optional[BrokeredConnection]:

@@ -194,8 +194,12 @@ class WorkerCore:
     """One worker's registration with the broker, and its connections."""
 
     def __init__(self, options: Options,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 socket_class: type = socket.socket) -> None:
+        """socket_class(fileno=fd) wraps each client socket handed over (a
+        socket.socket subclass, e.g. one that learns of its own close)."""
         self._options = options
+        self._socket_class = socket_class
         self._path = resolve_socket_path(options.socket_path)
         self._clock = clock
         self._epoll = select.epoll()
@@ -658,7 +662,7 @@ class WorkerCore:
                     rejected.append(cid)
                     continue
                 taken.append(Connection(
-                    cid, socket.socket(fileno=fd), offered.peer_address,
+                    cid, self._socket_class(fileno=fd), offered.peer_address,
                     offered.local_address, offered.accept_time_unix_nanos,
                     offered.initial_data))
             elif body == "drain":

@@ -1,0 +1,205 @@
+"""Drives a WorkerCore from an asyncio (or uvloop) event loop: the part that
+start_server() (streams) and create_server() (protocols) share.
+
+The core's epoll fd is watched with loop.add_reader(), its deadlines with
+loop.call_at(); each turn hands new connections, a drain and release
+requests to the subclass. Nothing here depends on the loop implementation
+beyond the public AbstractEventLoop API, so uvloop drives it as asyncio does.
+"""
+
+import asyncio
+import os
+import socket
+from typing import Callable, Optional
+
+from .core import (Connection, Drain, DrainCause, ReleaseRequest,
+                   WorkerCore)
+
+DrainCallback = Callable[[DrainCause, Optional[float]], None]
+
+
+class Driver:
+    """A registered worker on the running loop; subclasses serve the
+    connections (_adopt) and react to drains and release requests."""
+
+    def __init__(self, core: WorkerCore,
+                 on_drain: Optional[DrainCallback]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._core = core
+        self._on_drain = on_drain
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._process_scheduled = False
+        self._registered = self.loop.create_future()
+        self._finished = self.loop.create_future()
+        # Draining by releasing idle connections (Drain.release_idle).
+        self._drain_releases = False
+        self.loop.add_reader(core.fileno(), self._process)
+
+    # --- Public API -------------------------------------------------------
+
+    @property
+    def worker_id(self) -> int:
+        """The broker's id for this worker (changes on re-registration)."""
+        return self._core.worker_id
+
+    @property
+    def draining(self) -> bool:
+        return self._core.draining
+
+    @property
+    def registered(self) -> bool:
+        """False while reconnecting after losing the broker."""
+        return self._core.registered
+
+    @property
+    def active_connections(self) -> int:
+        return self._core.active_connections
+
+    @property
+    def drain_releases(self) -> bool:
+        """The current drain gives idle connections back to the broker
+        instead of closing them."""
+        return self._drain_releases
+
+    def is_serving(self) -> bool:
+        """True until the worker starts draining."""
+        return not self._core.draining and not self._finished.done()
+
+    def close(self) -> None:
+        """Starts draining: no new connections, idle ones are closed,
+        connections in progress finish; then Goodbye. Unlike
+        asyncio.Server.close(), the connections in progress are part of it
+        (see wait_closed())."""
+        if not self._finished.done():
+            self._core.start_drain()
+            self._process_soon()
+
+    async def wait_closed(self) -> None:
+        """Waits until the worker has drained: every connection closed,
+        Goodbye said."""
+        await asyncio.shield(self._finished)
+
+    async def serve_forever(self) -> None:
+        """Serves until the worker has drained (after a Drain from the
+        broker, close(), or losing the broker for good). Cancelling it
+        starts a drain."""
+        try:
+            await asyncio.shield(self._finished)
+        except asyncio.CancelledError:
+            self.close()
+            raise
+
+    async def __aenter__(self) -> "Driver":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    # --- What subclasses provide -----------------------------------------
+
+    def _adopt(self, connection: Connection) -> None:
+        raise NotImplementedError
+
+    def _drain_started(self, drain: Drain) -> None:
+        raise NotImplementedError
+
+    def _release_requested(self, request: ReleaseRequest) -> None:
+        raise NotImplementedError
+
+    def _broker_gone_while_releasing(self) -> None:
+        """A release_idle drain lost its broker: close idle connections."""
+        raise NotImplementedError
+
+    # --- Protocol driving -------------------------------------------------
+
+    async def _wait_registered(self) -> None:
+        self._arm_timer()
+        await self._registered
+
+    def _process_soon(self) -> None:
+        if not self._process_scheduled:
+            self._process_scheduled = True
+            self.loop.call_soon(self._process)
+
+    def _process(self) -> None:
+        self._process_scheduled = False
+        if self._finished.done():
+            return
+        events = self._core.process_events()
+        # Connections first, so that a drain in the same batch sees them.
+        for connection in events.connections:
+            self._adopt(connection)
+        if events.drain is not None:
+            self._drain_releases = events.drain.release_idle
+            self._drain_started(events.drain)
+            if self._on_drain is not None:
+                self._on_drain(events.drain.cause, events.drain.deadline)
+        for request in events.release_requests:
+            self._release_requested(request)
+        if self._drain_releases and not self._core.registered:
+            # No broker to release to: close idle connections instead.
+            self._drain_releases = False
+            self._broker_gone_while_releasing()
+        if not self._registered.done():
+            if self._core.error is not None:
+                self._registered.set_exception(self._core.error)
+                return self._shut_down()
+            if self._core.registered:
+                self._registered.set_result(None)
+        if self._core.finished:
+            self._finished.set_result(None)
+            return self._shut_down()
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadline = self._core.deadline()
+        if self._timer is not None:
+            if deadline is not None and self._timer.when() == deadline:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._process)
+
+    def _shut_down(self) -> None:
+        self.loop.remove_reader(self._core.fileno())
+        if self._timer is not None:
+            self._timer.cancel()
+        self._core.close()
+
+    def _connection_closed(self, connection_id: int) -> None:
+        """Reports a brokered connection's close (Closed, batched)."""
+        self._core.connection_closed(connection_id)
+        self._process_soon()
+
+    def _release_transport(self, connection_id: int,
+                           transport: asyncio.Transport, unread: bytes,
+                           reason: int,
+                           on_result: Callable[[bool], None]) -> None:
+        """Hands a dup of the transport's socket to the core (Release with
+        `unread`, read but not consumed). Reading must be paused by the
+        caller. on_result(True) once the Release is sent, after which the
+        transport is aborted: that closes this process's fd only (no
+        shutdown(); the broker holds another copy), so the client notices
+        nothing. on_result(False): the connection is still the caller's."""
+        def finish(released: bool) -> None:
+            on_result(released)
+            if released:
+                transport.abort()
+
+        try:
+            copy = socket.socket(fileno=os.dup(
+                transport.get_extra_info("socket").fileno()))
+        except OSError:
+            return on_result(False)
+        self._core.release(connection_id, copy, unread, reason, finish)
+        self._process_soon()  # a queued Release goes out when writable
+
+
+def releasable(transport: Optional[asyncio.BaseTransport]) -> bool:
+    """A transport whose socket may be given back now: open, nothing left to
+    write, not TLS (the session state cannot move with the fd)."""
+    return (transport is not None and not transport.is_closing() and
+            not transport.get_write_buffer_size() and
+            transport.get_extra_info("sslcontext") is None)

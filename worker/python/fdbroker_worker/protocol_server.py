@@ -1,0 +1,286 @@
+"""create_server(): the counterpart of loop.create_server(protocol_factory).
+
+Each connection the broker hands over is adopted with
+loop.connect_accepted_socket(protocol_factory, sock), so any asyncio.Protocol
+server runs on it unchanged: uvicorn's HTTP protocols, aiohttp's request
+handler, hypercorn, your own. Works on asyncio and on uvloop.
+
+Closes are learnt from the socket, not the protocol: each client socket is a
+_TrackedSocket, whose close() (asyncio's transports) or detach() (uvloop's,
+which close the fd themselves) reports Closed. A protocol may hand its
+transport to another protocol (a WebSocket upgrade calls
+transport.set_protocol()) and the close is still seen.
+
+Drain: no new connections (the core rejects them); each live connection is
+asked to finish with close_gracefully(protocol) (default: its read side is
+half-closed, as start_server() does), no earlier than FIRST_REQUEST_GRACE
+after it arrived, since its first request may still be on the way.
+
+Release (release=True): only the application knows when a connection is
+between requests, so it passes is_idle(protocol) and calls
+server.idle_point(protocol) whenever one becomes idle (after a response).
+An idle connection is released when the broker asks (ReleaseRequest, or
+Drain.release_idle, for which busy ones go at their next idle point): its
+reading is paused, a dup of its fd is sent with Release, and once that is
+out the transport is aborted, which closes only this process's copy.
+"""
+
+import asyncio
+import logging
+import socket
+from typing import Callable, Optional
+
+from ._driver import DrainCallback, Driver, releasable
+from ._proto import pb
+from .core import (FIRST_REQUEST_GRACE, Connection, Drain, Options,
+                   RegistrationError, ReleaseRequest, WorkerCore)
+
+log = logging.getLogger("fdbroker_worker")
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+ProtocolPredicate = Callable[[asyncio.BaseProtocol], bool]
+ProtocolAction = Callable[[asyncio.BaseProtocol], None]
+
+
+class _TrackedSocket(socket.socket):
+    """A client socket that calls on_close() once when its fd is closed
+    through it (close(), or detach() by a transport that closes the fd
+    itself)."""
+
+    __slots__ = ("on_close",)
+
+    def close(self) -> None:
+        super().close()
+        self._closed_now()
+
+    def detach(self) -> int:
+        fd = super().detach()
+        self._closed_now()
+        return fd
+
+    def _closed_now(self) -> None:
+        callback = getattr(self, "on_close", None)
+        if callback is not None:
+            self.on_close = None
+            callback()
+
+
+class _Prefixed(asyncio.Protocol):
+    """Feeds a migrated connection's initial_data (bytes its previous owner
+    had read) to the protocol before anything the socket brings, then steps
+    out of the way."""
+
+    def __init__(self, protocol: asyncio.Protocol, data: bytes) -> None:
+        self._protocol = protocol
+        self._data = data
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.set_protocol(self._protocol)
+        self._protocol.connection_made(transport)
+        self._protocol.data_received(self._data)
+
+
+class _Live:
+    """A connection being served."""
+
+    __slots__ = ("id", "socket", "delivered_at", "transport", "protocol",
+                 "releasing", "drain_pending")
+
+    def __init__(self, connection: Connection, delivered_at: float) -> None:
+        self.id = connection.id
+        self.socket = connection.socket
+        self.delivered_at = delivered_at
+        self.transport: Optional[asyncio.Transport] = None
+        self.protocol: Optional[asyncio.BaseProtocol] = None
+        self.releasing = False
+        self.drain_pending = False
+
+
+class ProtocolServer(Driver):
+    """A registered worker serving the broker's connections with an
+    asyncio.Protocol per connection; the analogue of asyncio.Server. Use
+    create_server() to create one."""
+
+    def __init__(self, core: WorkerCore, protocol_factory: ProtocolFactory,
+                 on_drain: Optional[DrainCallback],
+                 is_idle: Optional[ProtocolPredicate],
+                 close_gracefully: Optional[ProtocolAction]) -> None:
+        super().__init__(core, on_drain)
+        self._factory = protocol_factory
+        self._is_idle = is_idle
+        self._close_gracefully = close_gracefully or _shut_read_side
+        self._live: dict[int, _Live] = {}
+        # By protocol object, for idle_point(); a protocol that hands its
+        # transport over keeps the entry under the first protocol.
+        self._by_protocol: dict[int, _Live] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._release_reason = pb.RELEASE_REASON_DRAIN
+
+    def protocols(self) -> list[asyncio.BaseProtocol]:
+        """The protocols of the connections being served now."""
+        return [live.protocol for live in self._live.values()
+                if live.protocol is not None]
+
+    def idle_point(self, protocol: asyncio.BaseProtocol) -> None:
+        """Tells the server that `protocol`'s connection is between two
+        requests now: if the worker drains with release_idle it is released
+        here (if is_idle(protocol) agrees)."""
+        live = self._by_protocol.get(id(protocol))
+        if live is not None and self._drain_releases:
+            self._try_release(live, self._release_reason)
+
+    # --- Driver hooks -----------------------------------------------------
+
+    def _adopt(self, connection: Connection) -> None:
+        live = _Live(connection, self.loop.time())
+        self._live[live.id] = live
+        sock = connection.socket
+        if isinstance(sock, _TrackedSocket):
+            sock.on_close = lambda: self._lost(live)
+        task = self.loop.create_task(self._connect(live, connection))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, live: _Live, connection: Connection) -> None:
+        protocol = self._factory()
+        outer = (_Prefixed(protocol, connection.initial_data)
+                 if connection.initial_data else protocol)
+        try:
+            transport, _ = await self.loop.connect_accepted_socket(
+                lambda: outer, live.socket)
+        except (OSError, RuntimeError) as error:
+            # No transport took the socket: closing it reports Closed.
+            log.warning(
+                "connection %d could not be served: %s", live.id, error)
+            live.socket.close()
+            self._lost(live)
+            return
+        if live.id not in self._live:
+            return  # closed while connecting
+        live.transport, live.protocol = transport, protocol
+        self._by_protocol[id(protocol)] = live
+        if live.drain_pending:
+            self._drain_one(live)
+
+    def _lost(self, live: _Live) -> None:
+        if self._live.pop(live.id, None) is None:
+            return
+        if live.protocol is not None:
+            self._by_protocol.pop(id(live.protocol), None)
+        self._connection_closed(live.id)
+
+    def _drain_started(self, drain: Drain) -> None:
+        self._release_reason = pb.RELEASE_REASON_DRAIN
+        for live in list(self._live.values()):
+            self._drain_one(live)
+
+    def _drain_one(self, live: _Live) -> None:
+        if live.transport is None:
+            live.drain_pending = True  # still connecting
+            return
+        if self._drain_releases:
+            self._try_release(live, pb.RELEASE_REASON_DRAIN)
+            return
+        when = live.delivered_at + FIRST_REQUEST_GRACE
+        self.loop.call_at(when, self._finish_gracefully, live)
+
+    def _finish_gracefully(self, live: _Live) -> None:
+        if (self._live.get(live.id) is live and not live.releasing and
+                not live.transport.is_closing()):
+            self._close_gracefully(live.transport.get_protocol())
+
+    def _broker_gone_while_releasing(self) -> None:
+        for live in list(self._live.values()):
+            if live.transport is not None:
+                self._drain_one(live)
+
+    def _release_requested(self, request: ReleaseRequest) -> None:
+        """Releases up to max_connections connections idle right now."""
+        left = request.max_connections
+        for live in list(self._live.values()):
+            if left <= 0:
+                break
+            if self._try_release(live, request.reason):
+                left -= 1
+
+    # --- Release ----------------------------------------------------------
+
+    def _try_release(self, live: _Live, reason: int) -> bool:
+        """Starts releasing `live` if it is idle; True if started."""
+        transport = live.transport
+        if (self._is_idle is None or live.releasing or
+                not releasable(transport) or
+                # Handed to another protocol (e.g. a WebSocket): never.
+                transport.get_protocol() is not live.protocol or
+                not self._is_idle(live.protocol)):
+            return False
+        live.releasing = True
+        transport.pause_reading()
+
+        def finish(released: bool) -> None:
+            live.releasing = False
+            if released:
+                # Closing our copy below is no close of the connection.
+                if isinstance(live.socket, _TrackedSocket):
+                    live.socket.on_close = None
+                self._live.pop(live.id, None)
+                self._by_protocol.pop(id(live.protocol), None)
+            elif not transport.is_closing():
+                transport.resume_reading()
+                if self._core.draining and not self._drain_releases:
+                    self._drain_one(live)
+
+        self._release_transport(live.id, transport, b"", reason, finish)
+        return True
+
+
+def _shut_read_side(protocol: asyncio.BaseProtocol) -> None:
+    """The default way to end a connection on drain: half-close its read
+    side, so the protocol reads EOF once it has read what was sent."""
+    transport = getattr(protocol, "transport", None)
+    sock = transport.get_extra_info("socket") if transport else None
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # the client reset it already
+
+
+async def create_server(
+        protocol_factory: ProtocolFactory, *,
+        socket_path: Optional[str] = None, capacity: int = 0,
+        labels: Optional[dict[str, str]] = None,
+        connect_timeout: float = 10.0, reconnect_timeout: float = 30.0,
+        on_drain: Optional[DrainCallback] = None,
+        release: bool = False,
+        is_idle: Optional[ProtocolPredicate] = None,
+        close_gracefully: Optional[ProtocolAction] = None
+) -> ProtocolServer:
+    """Registers with the broker and serves each connection it hands over
+    with protocol_factory(), like loop.create_server(protocol_factory).
+
+    socket_path defaults to $FDBROKER_SOCKET. Returns once the broker has
+    welcomed the worker; RegistrationError if nobody listens, the broker
+    refuses, or no Welcome comes within connect_timeout seconds.
+    close_gracefully(protocol) ends a connection when the worker drains
+    (finish the request in progress, close if idle; default: half-close
+    the read side). release=True (needs is_idle) lets the broker take idle
+    connections back: is_idle(protocol) says whether one is between
+    requests with nothing read of the next, and the application calls
+    server.idle_point(protocol) when one becomes so.
+    """
+    if release and is_idle is None:
+        raise ValueError("release=True needs is_idle(protocol)")
+    loop = asyncio.get_running_loop()
+    core = WorkerCore(Options(socket_path, capacity, dict(labels or {}),
+                              connect_timeout, reconnect_timeout, release),
+                      clock=loop.time, socket_class=_TrackedSocket)
+    try:
+        core.start()
+    except RegistrationError:
+        core.close()
+        raise
+    server = ProtocolServer(core, protocol_factory, on_drain, is_idle,
+                            close_gracefully)
+    await server._wait_registered()
+    return server

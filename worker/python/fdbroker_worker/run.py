@@ -1,0 +1,285 @@
+"""python3 -m fdbroker_worker.run [options] MODULE:ATTR
+
+Serves an existing ASGI (FastAPI, Starlette), WSGI (Flask, Django) or
+aiohttp application as one fdbroker worker, unchanged:
+
+    fdbroker --workers=4 --worker_cmd="python3 -m fdbroker_worker.run app:app"
+
+is the counterpart of `gunicorn -w 4 -k uvicorn.workers.UvicornWorker
+app:app`. ASGI and WSGI apps run on uvicorn's own HTTP protocols (h11 or
+httptools, WebSocket upgrades included), aiohttp apps on aiohttp's server.
+
+Order of events: import the app; startup (ASGI lifespan, aiohttp
+on_startup) before the worker registers, so no connection comes before the
+app is ready; serve; on SIGTERM/SIGINT or a Drain from the broker, take no
+new connections, let requests in progress finish and close (or, when the
+broker asks, hand back) idle keep-alive connections; then shutdown. A second
+signal exits at once.
+
+Exit codes: 0 drained; 1 the app failed to import or load, or the worker
+could not register; 2 bad command line; 3 the app's startup failed; 4 a
+second signal cut the drain short. A failure is one line on stderr.
+"""
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+from typing import Any, Optional
+
+from . import _apps
+from .core import SOCKET_ENV_VAR, RegistrationError
+
+EXIT_LOAD_FAILED = 1
+EXIT_USAGE = 2
+EXIT_STARTUP_FAILED = 3
+EXIT_INTERRUPTED = 4
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+class LoadError(Exception):
+    """The app could not be imported or built; one line."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python3 -m fdbroker_worker.run",
+        description="Serve an ASGI, WSGI or aiohttp app as an fdbroker "
+        "worker: fdbroker --workers=4 --worker_cmd=\"python3 -m "
+        "fdbroker_worker.run app:app\"",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument(
+        "app", metavar="MODULE:ATTR",
+        help="the application, as uvicorn and gunicorn name it: "
+        "module.path:attribute (attribute default 'app'; a dotted "
+        "attribute is followed)")
+    parser.add_argument(
+        "--interface", choices=("auto", "asgi", "wsgi", "aiohttp"),
+        default="auto",
+        help="what the app is; auto: aiohttp for a web.Application, wsgi "
+        "for app(environ, start_response), else asgi")
+    parser.add_argument(
+        "--factory", action="store_true",
+        help="MODULE:ATTR is a factory: call it (no arguments; awaited if "
+        "it is a coroutine function) to get the app")
+    parser.add_argument(
+        "--app-dir", default=".",
+        help="directory put first on sys.path to import the app from")
+    parser.add_argument(
+        "--root-path", default="",
+        help="ASGI root_path (WSGI SCRIPT_NAME) for an app mounted below /")
+    parser.add_argument(
+        "--threads", type=int, default=10, metavar="N",
+        help="WSGI: the thread pool that runs requests (bounded: at most "
+        "N requests in the app at once)")
+    parser.add_argument(
+        "--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+        help="event loop; auto: uvloop when installed, as uvicorn does")
+    parser.add_argument(
+        "--http", choices=("auto", "h11", "httptools"), default="auto",
+        help="ASGI/WSGI HTTP protocol; auto: httptools when installed")
+    parser.add_argument(
+        "--ws", choices=("auto", "none", "websockets", "wsproto"),
+        default="auto", help="ASGI WebSocket protocol")
+    parser.add_argument(
+        "--lifespan", choices=("auto", "on", "off"), default="auto",
+        help="ASGI lifespan; auto: used if the app supports it; on: an app "
+        "that does not is an error")
+    parser.add_argument(
+        "--timeout-keep-alive", type=int, default=5, metavar="SECONDS",
+        help="close a keep-alive connection idle this long")
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info",
+        help="log level of the runner, uvicorn and the app's loggers")
+    access = parser.add_mutually_exclusive_group()
+    access.add_argument(
+        "--access-log", dest="access_log", action="store_true",
+        help="log each request (off by default, as in gunicorn)")
+    access.add_argument("--no-access-log", dest="access_log",
+                        action="store_false", help=argparse.SUPPRESS)
+    parser.set_defaults(access_log=False)
+    parser.add_argument(
+        "--capacity", type=int, default=0, metavar="N",
+        help="most connections this worker takes at once (0: no limit); "
+        "the broker places the rest on other workers")
+    parser.add_argument(
+        "--socket", metavar="PATH", default=None,
+        help=f"the broker's hand-off socket (default ${SOCKET_ENV_VAR}, "
+        "which a supervising broker sets)")
+    parser.add_argument(
+        "--reconnect-timeout", type=float, default=30.0, metavar="SECONDS",
+        help="after losing the broker, try this long to re-register")
+    parser.add_argument(
+        "--no-release", dest="release", action="store_false",
+        help="never hand idle keep-alive connections back to the broker "
+        "(Rebalance and drains then close them instead of moving them)")
+    args = parser.parse_args(argv)
+    if ":" not in args.app and "." not in args.app:
+        args.app += ":app"
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.capacity < 0:
+        parser.error("--capacity must be >= 0")
+    if args.timeout_keep_alive < 1:
+        parser.error("--timeout-keep-alive must be >= 1")
+    if args.reconnect_timeout < 0:
+        parser.error("--reconnect-timeout must be >= 0")
+    return args
+
+
+def import_app(spec: str, app_dir: str) -> Any:
+    """MODULE:ATTR (uvicorn's import_from_string, with one-line errors)."""
+    module_name, _, attrs = spec.partition(":")
+    if not module_name or (":" in spec and not attrs):
+        raise LoadError(f"app '{spec}' must be in the form MODULE:ATTR")
+    sys.path.insert(0, os.path.abspath(app_dir))
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            raise LoadError(f"cannot import module '{module_name}' (from "
+                            f"{os.path.abspath(app_dir)})") from None
+        raise LoadError(f"importing '{module_name}' failed: "
+                        f"{type(error).__name__}: {error}") from None
+    except Exception as error:  # the app's own import-time error
+        raise LoadError(f"importing '{module_name}' failed: "
+                        f"{type(error).__name__}: {error}") from None
+    value = module
+    for attr in (attrs or "app").split("."):
+        try:
+            value = getattr(value, attr)
+        except AttributeError:
+            raise LoadError(f"attribute '{attrs or 'app'}' not found in "
+                            f"module '{module_name}'") from None
+    return value
+
+
+async def build_app(args: argparse.Namespace) -> _apps.Application:
+    app = import_app(args.app, args.app_dir)
+    if args.factory:
+        try:
+            app = app()
+            if asyncio.iscoroutine(app):
+                app = await app
+        except Exception as error:
+            raise LoadError(f"factory '{args.app}' raised "
+                            f"{type(error).__name__}: {error}") from None
+    interface = args.interface
+    if interface == "auto":
+        try:
+            interface = _apps.detect_interface(app)
+        except TypeError as error:
+            raise LoadError(f"'{args.app}' is not an application: "
+                            f"{error}") from None
+    if interface == "aiohttp":
+        return _apps.AiohttpApplication(
+            app, access_log=args.access_log,
+            timeout_keep_alive=args.timeout_keep_alive)
+    try:
+        return _apps.UvicornApplication(
+            app, wsgi=interface == "wsgi", threads=args.threads,
+            http=args.http, ws=args.ws, lifespan=args.lifespan,
+            root_path=args.root_path, access_log=args.access_log,
+            log_level=args.log_level,
+            timeout_keep_alive=args.timeout_keep_alive)
+    except ImportError as error:
+        raise LoadError(f"serving {interface} needs {error.name or error}: "
+                        "install it (Debian: python3-uvicorn, "
+                        "python3-httptools)") from None
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from .protocol_server import create_server
+    application = await build_app(args)
+    await application.startup()
+    server = await create_server(
+        application.protocol_factory(), socket_path=args.socket,
+        capacity=args.capacity,
+        labels={"app": args.app, "pid": str(os.getpid())},
+        reconnect_timeout=args.reconnect_timeout, release=args.release,
+        is_idle=application.is_idle,
+        close_gracefully=application.close_gracefully)
+    application.idle_point = server.idle_point
+    log.info("serving %s as worker %d (pid %d)", args.app, server.worker_id,
+             os.getpid())
+    loop = asyncio.get_running_loop()
+    serving = asyncio.ensure_future(server.serve_forever())
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("%s: draining (a second signal exits at once)",
+                     signal.Signals(signum).name)
+            server.close()
+        else:
+            serving.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await serving
+    except asyncio.CancelledError:
+        log.warning("second signal: exiting with %d connection(s) open",
+                    server.active_connections)
+        return EXIT_INTERRUPTED
+    await application.shutdown()
+    log.info("drained; exiting")
+    return 0
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+            return uvloop.new_event_loop()
+        except ImportError:
+            if kind == "uvloop":
+                raise LoadError("--loop=uvloop: uvloop is not installed "
+                                "(Debian: python3-uvloop)") from None
+    return asyncio.new_event_loop()
+
+
+log = logging.getLogger("fdbroker_worker.run")
+
+
+def configure_logging(level: str) -> None:
+    numeric = 5 if level == "trace" else getattr(logging, level.upper())
+    logging.basicConfig(
+        level=numeric, stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s fdbroker_worker[{os.getpid()}] "
+        "%(message)s")
+    logging.getLogger("fdbroker_worker").setLevel(numeric)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    configure_logging(args.log_level)
+    try:
+        loop = new_event_loop(args.loop)
+    except LoadError as error:
+        print(f"fdbroker_worker.run: {error}", file=sys.stderr)
+        return EXIT_LOAD_FAILED
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(serve(args))
+    except LoadError as error:
+        print(f"fdbroker_worker.run: {error}", file=sys.stderr)
+        return EXIT_LOAD_FAILED
+    except _apps.StartupError as error:
+        print(f"fdbroker_worker.run: {args.app}: {error}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    except RegistrationError as error:
+        print(f"fdbroker_worker.run: {error}", file=sys.stderr)
+        return EXIT_LOAD_FAILED
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
