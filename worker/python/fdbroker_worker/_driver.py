@@ -169,9 +169,12 @@ class Driver:
         self._core.close()
 
     def _connection_closed(self, connection_id: int) -> None:
-        """Reports a brokered connection's close (Closed, batched)."""
-        self._core.connection_closed(connection_id)
-        self._process_soon()
+        """Reports a brokered connection's close (Closed, batched: with the
+        next Ack or within a few ms)."""
+        if self._core.connection_closed(connection_id):
+            self._process_soon()
+        elif not self._process_scheduled:
+            self._arm_timer()
 
     def _release_transport(self, connection_id: int,
                            transport: asyncio.Transport, unread: bytes,

@@ -83,7 +83,9 @@ class Channel:
     def receive(self) -> Optional[tuple["pb.HandoffMessage", Optional[int]]]:
         """The next message and its fd (owned by the caller), or None if
         nothing is queued. ChannelClosed on EOF, ProtocolError on a bad
-        packet (its fds already closed), OSError on a socket error."""
+        packet (its fds already closed), OSError on a socket error. A
+        ConnectionBatch comes with a list of fds, one per connection, in
+        order."""
         # Not socket.recv_fds(): in 3.11 it drops its flags argument (no
         # MSG_CMSG_CLOEXEC) and ignores foreign ancillary data.
         try:
@@ -130,11 +132,20 @@ class Channel:
             raise ProtocolError(
                 f"{body} has sequence {message.sequence}, expected "
                 f"{self._received + 1}")
-        want_fds = 1 if body in _FD_BODIES else 0
+        if body == "connection_batch":
+            want_fds = len(message.connection_batch.connections)
+            if want_fds < 2:
+                raise ProtocolError(
+                    f"connection_batch #{message.sequence} of {want_fds} "
+                    "connections (at least 2)")
+        else:
+            want_fds = 1 if body in _FD_BODIES else 0
         if len(fds) != want_fds:
             raise ProtocolError(
                 f"{body} #{message.sequence} carries {len(fds)} fds, "
                 f"expected {want_fds}")
         self._received += 1
+        if body == "connection_batch":
+            return message, fds
         return message, (fds[0] if fds else None)
 

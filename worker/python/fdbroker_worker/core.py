@@ -63,6 +63,14 @@ _MAX_RETRY_DELAY = 1.0
 _LOGGED_ATTEMPTS = 3
 # Room kept free in a re-registration Hello's packet.
 _HELLO_SLACK = 1024
+# Closed reports wait up to this long (seconds) for an Ack to travel with, so
+# that a busy worker's closes cost the broker no wake-up of their own; at once
+# with a capacity (the broker needs the room) or while draining. As in the C++
+# SDK (worker_impl.cc), and as many ids per report at most.
+CLOSED_REPORT_DELAY = 0.005
+MAX_CLOSED_PER_REPORT = 256
+# Connections per ConnectionBatch the worker takes (Hello), as the C++ SDK.
+MAX_CONNECTIONS_PER_MESSAGE = 32
 # Release.unread_data above this many bytes is refused (the packet limit is
 # 64 KiB; a whole pipelined request is far smaller).
 MAX_UNREAD_BYTES = 32 * 1024
@@ -106,6 +114,9 @@ class Options:
     # Hello.supports_release, so the broker may send ReleaseRequest and
     # Drain.release_idle.
     supports_release: bool = False
+    # Hello.max_connections_per_message: connections accepted together come
+    # in one ConnectionBatch packet (one recvmsg, one wake-up); 1: never.
+    max_connections_per_message: int = MAX_CONNECTIONS_PER_MESSAGE
 
 
 @dataclasses.dataclass
@@ -229,6 +240,8 @@ class WorkerCore:
         self._unlisted: set[int] = set()
         self._ready: list[Connection] = []
         self._closed_to_report: list[int] = []
+        # When waiting Closed reports go out at the latest (no Ack first).
+        self._closed_report_at = 0.0
         self.draining = False
         self._drain: Optional[Drain] = None
         self._drain_to_announce = False
@@ -278,6 +291,8 @@ class WorkerCore:
             times.append(self._last_sent + self._heartbeat_interval)
         if self._heartbeat_timeout > 0:
             times.append(self._last_received + self._heartbeat_timeout)
+        if self._closed_to_report:
+            times.append(self._closed_report_at)
         return min(times, default=None)
 
     # --- Entry points -----------------------------------------------------
@@ -315,13 +330,15 @@ class WorkerCore:
         requests, self._release_requests = self._release_requests, []
         return Events(ready, drain, requests)
 
-    def connection_closed(self, connection_id: int) -> None:
-        """The application closed an acked connection; reported (batched) at
-        the next process_events(). Forgotten while there is no broker."""
+    def connection_closed(self, connection_id: int) -> bool:
+        """The application closed an acked connection; reported (batched)
+        by process_events(): with the next Ack, or once deadline() passes.
+        Forgotten while there is no broker. True if process_events() should
+        run now (the report is urgent); else deadline() may have moved."""
         if self._owned.pop(connection_id, None) is None:
             log.warning("connection_closed(%d): not an active connection",
                         connection_id)
-            return
+            return False
         known = connection_id not in self._unlisted
         self._unlisted.discard(connection_id)
         # Only a broker that knows the id hears of it: the current one, or
@@ -329,6 +346,9 @@ class WorkerCore:
         if known and (self._channel is not None or
                       self._registering is not None):
             self._closed_to_report.append(connection_id)
+            if len(self._closed_to_report) == 1:
+                self._closed_report_at = self._clock() + CLOSED_REPORT_DELAY
+        return self._closed_reports_urgent() or self.draining
 
     def release(self, connection_id: int, sock: socket.socket,
                 unread_data: bytes, reason: int,
@@ -401,7 +421,9 @@ class WorkerCore:
                                        minor=PROTOCOL_MINOR),
             pid=os.getpid(), capacity=self._options.capacity,
             labels=self._options.labels, was_supervised=self._supervised,
-            supports_release=self._options.supports_release))
+            supports_release=self._options.supports_release,
+            max_connections_per_message=max(
+                1, self._options.max_connections_per_message)))
 
     def _send_hello(self, hello: "pb.HandoffMessage") -> None:
         attempt = Channel.connect(self._path)
@@ -647,24 +669,24 @@ class WorkerCore:
             self._last_received = self._clock()
             body = message.WhichOneof("body")
             if body == "connection":
-                offered = message.connection
-                cid = offered.connection_id
-                if cid in self._owned or any(c.id == cid for c in taken):
-                    os.close(fd)
-                    self._lose_channel(
-                        f"connection {cid} offered twice by the broker")
+                if not self._take(message.connection, fd, taken, rejected):
                     break
-                capacity = self._options.capacity
-                full = capacity > 0 and (len(self._owned) + self._unsent_acks
-                                         + len(taken)) >= capacity
-                if self.draining or full:
-                    os.close(fd)  # the broker still holds the socket
-                    rejected.append(cid)
-                    continue
-                taken.append(Connection(
-                    cid, self._socket_class(fileno=fd), offered.peer_address,
-                    offered.local_address, offered.accept_time_unix_nanos,
-                    offered.initial_data))
+            elif body == "connection_batch":
+                offers = message.connection_batch.connections
+                limit = max(1, self._options.max_connections_per_message)
+                if len(offers) > limit:
+                    for each in fd:
+                        os.close(each)
+                    self._lose_channel(
+                        f"connection_batch of {len(offers)} connections "
+                        f"exceeds max_connections_per_message {limit}")
+                    break
+                fds = iter(fd)
+                if not all(self._take(offered, next(fds), taken, rejected)
+                           for offered in offers):
+                    for each in fds:
+                        os.close(each)
+                    break
             elif body == "drain":
                 deadline = message.drain.deadline_unix_nanos
                 self._begin_drain(DrainCause.BROKER_REQUEST,
@@ -691,6 +713,10 @@ class WorkerCore:
             rejected.extend(connection.id for connection in taken)
             self._discard(_Outgoing(pb.HandoffMessage(), taken))
             taken = []
+        if taken:
+            # Waiting Closed reports go just before the Ack: one wake-up of
+            # the broker for both.
+            self._report_closed(now=True)
         if rejected:
             reason = ("worker is draining" if self.draining else
                       f"worker is at capacity ({self._options.capacity} "
@@ -700,6 +726,35 @@ class WorkerCore:
         if taken:
             self._send(_Outgoing(pb.HandoffMessage(ack=pb.Ack(
                 connection_ids=[c.id for c in taken])), taken))
+
+    def _take(self, offered: "pb.Connection", fd: int,
+              taken: list[Connection], rejected: list[int]) -> bool:
+        """Takes (or rejects) one offered connection and its fd; False if
+        the broker broke the protocol (the channel is lost)."""
+        cid = offered.connection_id
+        if cid in self._owned or any(c.id == cid for c in taken):
+            os.close(fd)
+            self._lose_channel(f"connection {cid} offered twice by the broker")
+            return False
+        capacity = self._options.capacity
+        full = capacity > 0 and (len(self._owned) + self._unsent_acks +
+                                 len(taken)) >= capacity
+        if self.draining or full:
+            os.close(fd)  # the broker still holds the socket
+            rejected.append(cid)
+            return True
+        local = offered.local_address
+        # Saying family and type spares the two getsockopt() calls that
+        # socket(fileno=) would make to find them out.
+        family = (socket.AF_INET6 if local.startswith("[") else
+                  socket.AF_INET if local[:1].isdigit() else -1)
+        sock = (self._socket_class(family, socket.SOCK_STREAM,
+                                   socket.IPPROTO_TCP, fd) if family != -1
+                else self._socket_class(fileno=fd))
+        taken.append(Connection(cid, sock, offered.peer_address, local,
+                                offered.accept_time_unix_nanos,
+                                offered.initial_data))
+        return True
 
     def _discard(self, outgoing: _Outgoing) -> None:
         """The message will never be sent: the connections it acks close
@@ -767,10 +822,17 @@ class WorkerCore:
             release.socket.close()
             release.on_result(True)
 
-    def _report_closed(self) -> None:
+    def _closed_reports_urgent(self) -> bool:
+        return (self._options.capacity > 0 or self.draining or
+                len(self._closed_to_report) >= MAX_CLOSED_PER_REPORT)
+
+    def _report_closed(self, now: bool = False) -> None:
         if (not self._closed_to_report or self._channel is None or
                 self._goodbye_sent):
             return
+        if (not now and not self._closed_reports_urgent() and
+                self._clock() < self._closed_report_at):
+            return  # the next Ack or deadline() brings it
         ids, self._closed_to_report = self._closed_to_report, []
         self._send(_Outgoing(pb.HandoffMessage(
             closed=pb.Closed(connection_ids=ids))))
