@@ -100,11 +100,12 @@ class FakeBroker:
         except TimeoutError:
             return False
 
-    def send(self, fd: Optional[int] = None, **body) -> None:
+    def send(self, fd: Optional[int] = None, fds: tuple[int, ...] = (),
+             **body) -> None:
         self._sent += 1
         message = pb.HandoffMessage(sequence=self._sent, **body)
         socket.send_fds(self.channel, [message.SerializeToString()],
-                        [fd] if fd is not None else [])
+                        [fd] if fd is not None else list(fds))
 
     def send_raw(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
         socket.send_fds(self.channel, [data], list(fds))

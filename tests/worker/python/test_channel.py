@@ -70,6 +70,34 @@ class ChannelTest(unittest.TestCase):
         os.close(fd)
         self.assertEqual(client.recv(1), b"y")
 
+    def test_batch_brings_one_fd_per_connection_in_order(self) -> None:
+        pairs = [socket.socketpair() for _ in range(3)]
+        batch = pb.ConnectionBatch(connections=[
+            pb.Connection(connection_id=i) for i in (4, 5, 6)])
+        socket.send_fds(self.peer, [pb.HandoffMessage(
+            sequence=1, connection_batch=batch).SerializeToString()],
+            [server.fileno() for _, server in pairs])
+        message, fds = self.channel.receive()
+        self.assertEqual(len(fds), 3)
+        for (client, server), fd, byte in zip(pairs, fds, b"abc"):
+            os.write(fd, bytes([byte]))
+            self.assertEqual(client.recv(1), bytes([byte]))
+            os.close(fd)
+            client.close()
+            server.close()
+
+    def test_batch_fds_must_match_its_connections(self) -> None:
+        batch = pb.ConnectionBatch(connections=[
+            pb.Connection(connection_id=i) for i in (1, 2, 3)])
+        self.assert_rejected(pb.HandoffMessage(
+            sequence=1, connection_batch=batch).SerializeToString(), fds=2)
+
+    def test_batch_of_one_is_an_error(self) -> None:
+        batch = pb.ConnectionBatch(connections=[pb.Connection(
+            connection_id=1)])
+        self.assert_rejected(pb.HandoffMessage(
+            sequence=1, connection_batch=batch).SerializeToString(), fds=1)
+
     def test_nothing_queued_is_none(self) -> None:
         self.assertIsNone(self.channel.receive())
 

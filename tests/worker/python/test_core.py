@@ -6,6 +6,7 @@ import select
 import socket
 import time
 import unittest
+from unittest import mock
 from typing import Callable
 
 from fake_broker import WAIT, FakeBroker, open_fds
@@ -135,6 +136,87 @@ class CoreTest(unittest.TestCase):
         driver.run_until(lambda: True)
         self.assertEqual(
             list(self.expect(driver, "closed").connection_ids), [11])
+
+    def test_hello_offers_batches(self) -> None:
+        self.start()
+        self.assertEqual(self.hello.max_connections_per_message, 32)
+
+    def test_batch_is_acked_in_one_ack(self) -> None:
+        driver = self.start()
+        ends = [self.client_pair() for _ in range(3)]
+        self.broker.send(fds=[w.fileno() for w, _ in ends],
+                         connection_batch=pb.ConnectionBatch(connections=[
+                             pb.Connection(connection_id=i,
+                                           local_address="127.0.0.1:2")
+                             for i in (21, 22, 23)]))
+        for worker_end, _ in ends:
+            worker_end.close()
+        self.assertEqual(list(self.expect(driver, "ack").connection_ids),
+                         [21, 22, 23])
+        driver.run_until(lambda: len(driver.connections) == 3)
+        for connection, (_, client) in zip(driver.connections, ends):
+            connection.socket.sendall(b"x")
+            self.assertEqual(client.recv(1), b"x")
+
+    def test_batch_over_the_declared_size_loses_the_channel(self) -> None:
+        driver = self.start(max_connections_per_message=2,
+                            reconnect_timeout=0)
+        fds = open_fds()
+        ends = [self.client_pair() for _ in range(3)]
+        self.broker.send(fds=[w.fileno() for w, _ in ends],
+                         connection_batch=pb.ConnectionBatch(connections=[
+                             pb.Connection(connection_id=i)
+                             for i in (1, 2, 3)]))
+        for worker_end, _ in ends:
+            worker_end.close()
+        driver.run_until(lambda: driver.core.finished)
+        # The three fds that came are closed, and the channel.
+        self.assertEqual(open_fds(), fds + 3 - 1)
+
+    def test_closed_reports_wait_for_the_next_ack(self) -> None:
+        # Long enough that only the Ack can bring them within the test.
+        patch = mock.patch.object(core_lib, "CLOSED_REPORT_DELAY", 3600)
+        patch.start()
+        self.addCleanup(patch.stop)
+        driver = self.start()
+        self.offer(31)
+        self.offer(32)
+        driver.run_until(lambda: len(driver.connections) == 2)
+        self.expect(driver, "ack")
+        for connection in driver.connections:
+            connection.socket.close()
+            self.assertFalse(driver.core.connection_closed(connection.id))
+        driver.run_for(0.05)
+        self.assertFalse(select.select([self.broker.channel], [], [], 0)[0],
+                         "Closed sent on its own")
+        self.offer(33)
+        # One packet with both closes, then the Ack it rode with.
+        self.assertEqual(
+            list(self.expect(driver, "closed").connection_ids), [31, 32])
+        self.assertEqual(list(self.expect(driver, "ack").connection_ids),
+                         [33])
+
+    def test_closed_reports_go_within_the_delay_without_an_ack(self) -> None:
+        driver = self.start()
+        self.offer(41)
+        driver.run_until(lambda: driver.connections)
+        self.expect(driver, "ack")
+        driver.connections[0].socket.close()
+        closed_at = time.monotonic()
+        driver.core.connection_closed(41)
+        self.assertEqual(
+            list(self.expect(driver, "closed").connection_ids), [41])
+        # The core's deadline() brought it: not before the delay.
+        self.assertGreaterEqual(time.monotonic() - closed_at,
+                                core_lib.CLOSED_REPORT_DELAY)
+
+    def test_closed_reports_are_urgent_with_a_capacity(self) -> None:
+        driver = self.start(capacity=4)
+        self.offer(51)
+        driver.run_until(lambda: driver.connections)
+        self.expect(driver, "ack")
+        driver.connections[0].socket.close()
+        self.assertTrue(driver.core.connection_closed(51))
 
     def test_beyond_capacity_is_rejected(self) -> None:
         driver = self.start(capacity=1)
