@@ -116,4 +116,64 @@ if errors:
 print(f"{len(stages)} stages; build with deploy/setup.sh and run.sh's cmake flags; "
       f"runtime as USER {users[-1]}")
 PY
+
+# worker/python/examples/Dockerfile, the pattern for an image of your own
+# Python app: FROM the fdbroker image, as uid 10001 again, every file it
+# copies exists, every Debian package it installs exists, and its worker
+# command runs the runner on the app it copied.
+/usr/bin/python3 - "${repo}" <<'PY'
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+repo = Path(sys.argv[1])
+path = repo / "worker/python/examples/Dockerfile"
+errors = []
+instructions, pending = [], ""
+for line in path.read_text().splitlines():
+    if not pending and (not line.strip() or line.lstrip().startswith("#")):
+        continue
+    if line.rstrip().endswith("\\"):
+        pending += line.rstrip()[:-1] + " "
+        continue
+    keyword, _, rest = (pending + line).strip().partition(" ")
+    pending = ""
+    instructions.append((keyword.upper(), rest.strip()))
+froms = [rest.split()[0] for keyword, rest in instructions if keyword == "FROM"]
+if froms[-1:] != ["fdbroker"]:
+    errors.append(f"the last stage is FROM {froms[-1:]}, not the fdbroker image")
+users = [rest for keyword, rest in instructions if keyword == "USER"]
+if users[-1:] != ["10001:10001"]:
+    errors.append(f"runs as {users[-1:]}, not the image's uid 10001")
+packages = set()
+for keyword, rest in instructions:
+    if keyword == "COPY" and "--from=" not in rest:
+        for source in [s for s in shlex.split(rest) if not s.startswith("--")][:-1]:
+            if not (repo / source).exists():
+                errors.append(f"COPY {source}: not in the repo")
+    if keyword == "RUN":
+        for command in re.split(r"&&", rest):
+            words = command.split()
+            if words[:2] == ["apt-get", "install"]:
+                packages.update(w for w in words[2:] if not w.startswith("-"))
+known = subprocess.run(["apt-cache", "show", "--no-all-versions", *sorted(packages)],
+                       capture_output=True, text=True).stdout
+for package in sorted(packages):
+    if f"Package: {package}\n" not in known:
+        errors.append(f"apt-get install {package}: no such Debian package")
+entrypoint = [rest for keyword, rest in instructions if keyword == "ENTRYPOINT"][-1]
+worker_cmd = [f for f in re.findall(r'"([^"]*)"', entrypoint)
+              if f.startswith("--worker_cmd=")]
+if not worker_cmd or "-m fdbroker_worker.run" not in worker_cmd[0]:
+    errors.append(f"the worker command does not run fdbroker_worker.run: {worker_cmd}")
+elif "fastapi_app:app" not in worker_cmd[0]:
+    errors.append("the worker command does not serve the app it copies")
+for error in errors:
+    print("worker/python/examples/Dockerfile:", error, file=sys.stderr)
+if errors:
+    sys.exit(1)
+print(f"app image: {len(froms)} stages, {len(packages)} Debian packages, USER {users[-1]}")
+PY
 echo "ok"
