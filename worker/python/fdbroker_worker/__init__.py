@@ -8,6 +8,11 @@ fdbroker hands over (docs/protocol.md), with asyncio or with threads.
         for sock in worker:
             ...
 
+    server = await fdbroker_worker.create_server(protocol_factory)
+
+An existing ASGI/WSGI/aiohttp app runs unchanged with
+`python3 -m fdbroker_worker.run MODULE:ATTR` (run.py).
+
 Connection migration (opt in with release=True): handlers give idle
 connections back to the broker, which moves them to another worker, e.g.
 `await fdbroker_worker.connection(writer).between_requests(read)`.
@@ -20,6 +25,7 @@ has the details.
 from .aio import (BrokeredConnection, ConnectionReleased, Server,
                   connection, start_server)
 from .blocking import BlockingWorker, BrokeredSocket
+from .protocol_server import ProtocolServer, create_server
 from .core import SOCKET_ENV_VAR, DrainCause, RegistrationError
 
 __all__ = [
@@ -28,9 +34,11 @@ __all__ = [
     "BrokeredSocket",
     "ConnectionReleased",
     "DrainCause",
+    "ProtocolServer",
     "RegistrationError",
     "SOCKET_ENV_VAR",
     "Server",
     "connection",
+    "create_server",
     "start_server",
 ]
