@@ -89,6 +89,17 @@ class ReleaseTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(release.connection_id, connection_id)
         return release, moved
 
+    async def until_idle(self, server: aio.Server, connection_id: int
+                         ) -> None:
+        """Waits until the handler of `connection_id` waits between
+        requests (its task starts a turn or two after the Ack)."""
+        for _ in range(500):
+            protocol = server._live.get(connection_id)
+            if protocol is not None and protocol.handle._idle_now():
+                return
+            await asyncio.sleep(0.01)
+        self.fail(f"connection {connection_id} never became idle")
+
     async def silent_broker(self, seconds: float = 0.5) -> None:
         """Asserts that the worker sends nothing for `seconds`."""
         with self.assertRaises(TimeoutError):
@@ -134,8 +145,9 @@ class ReleaseTest(unittest.IsolatedAsyncioTestCase):
         await asyncio.wait_for(server.wait_closed(), 5)
 
     async def test_released_fd_is_the_clients_connection(self) -> None:
-        await self.start()
+        server = await self.start()
         client = await self.hand_over(2)
+        await self.until_idle(server, 2)
         self.broker.send(release_request=pb.ReleaseRequest(max_connections=1))
         _, moved = await self.release_of(2)
         # Same TCP connection: its peer is the client's own address.

@@ -27,7 +27,8 @@ class Driver:
         self.loop = asyncio.get_running_loop()
         self._core = core
         self._on_drain = on_drain
-        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer: Optional[asyncio.Handle] = None
+        self._timer_when: Optional[float] = None
         self._process_scheduled = False
         self._registered = self.loop.create_future()
         self._finished = self.loop.create_future()
@@ -155,11 +156,14 @@ class Driver:
     def _arm_timer(self) -> None:
         deadline = self._core.deadline()
         if self._timer is not None:
-            if deadline is not None and self._timer.when() == deadline:
+            if deadline == self._timer_when:
                 return
             self._timer.cancel()
             self._timer = None
         if deadline is not None:
+            # Not the handle's when(): uvloop returns a plain Handle (no
+            # when()) for a time already past.
+            self._timer_when = deadline
             self._timer = self.loop.call_at(deadline, self._process)
 
     def _shut_down(self) -> None:
@@ -198,6 +202,38 @@ class Driver:
             return on_result(False)
         self._core.release(connection_id, copy, unread, reason, finish)
         self._process_soon()  # a queued Release goes out when writable
+
+
+def shut_read_side(transport: Optional[asyncio.BaseTransport]) -> None:
+    """Half-closes a connection's read side (shutdown(SHUT_RD)): its reader
+    gets EOF once it has read what was sent; writing is untouched. Through a
+    dup of the fd, since uvloop's transport socket refuses shutdown(); the
+    shutdown applies to the connection, the dup's close does not."""
+    sock = transport.get_extra_info("socket") if transport else None
+    if sock is None:
+        return
+    try:
+        with socket.socket(fileno=os.dup(sock.fileno())) as copy:
+            copy.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass  # closed meanwhile, or the client reset it already
+
+
+# How many turns of the loop a release waits for the response just written
+# to leave (uvloop sends writes at the end of the turn, asyncio at once).
+FLUSH_TURNS = 8
+
+
+async def flushed(transport: Optional[asyncio.BaseTransport]) -> bool:
+    """Waits a few turns of the loop for the transport's write buffer to
+    empty; False if it does not (a slow reader: not releasable now)."""
+    for _ in range(FLUSH_TURNS):
+        if transport is None or transport.is_closing():
+            return False
+        if not transport.get_write_buffer_size():
+            return True
+        await asyncio.sleep(0)
+    return False
 
 
 def releasable(transport: Optional[asyncio.BaseTransport]) -> bool:

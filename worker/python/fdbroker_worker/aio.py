@@ -22,11 +22,11 @@ fd (asyncio never calls shutdown()), so the client sees nothing.
 """
 
 import asyncio
-import socket
 from typing import Awaitable, Callable, Optional, TypeVar
 
 from ._proto import pb
-from ._driver import DrainCallback, Driver, releasable
+from ._driver import (DrainCallback, Driver, flushed, releasable,
+                      shut_read_side)
 from .core import (FIRST_REQUEST_GRACE, Connection, Drain, Options,
                    RegistrationError, ReleaseRequest, WorkerCore)
 
@@ -137,10 +137,7 @@ class _BrokeredProtocol(asyncio.StreamReaderProtocol):
         if (self.transport is None or self.transport.is_closing() or
                 self.handle._releasing or self.handle.released):
             return
-        try:
-            self.transport.get_extra_info("socket").shutdown(socket.SHUT_RD)
-        except OSError:
-            pass  # the client reset it already
+        shut_read_side(self.transport)
 
 
 class Server(Driver):
@@ -225,6 +222,11 @@ class Server(Driver):
 
     async def _release(self, handle: BrokeredConnection,
                        unread: Optional[bytes]) -> bool:
+        protocol = handle._protocol
+        if not await flushed(protocol.transport):
+            return False
+        if unread == b"" and protocol.reader._buffer:
+            return False  # the next request started meanwhile: serve it
         return await self._start_release(handle, unread)
 
     def _start_release(self, handle: BrokeredConnection,

@@ -30,7 +30,8 @@ import logging
 import socket
 from typing import Callable, Optional
 
-from ._driver import DrainCallback, Driver, releasable
+from ._driver import (FLUSH_TURNS, DrainCallback, Driver, releasable,
+                      shut_read_side)
 from ._proto import pb
 from .core import (FIRST_REQUEST_GRACE, Connection, Drain, Options,
                    RegistrationError, ReleaseRequest, WorkerCore)
@@ -108,13 +109,12 @@ class ProtocolServer(Driver):
         super().__init__(core, on_drain)
         self._factory = protocol_factory
         self._is_idle = is_idle
-        self._close_gracefully = close_gracefully or _shut_read_side
+        self._close_gracefully = close_gracefully
         self._live: dict[int, _Live] = {}
         # By protocol object, for idle_point(); a protocol that hands its
         # transport over keeps the entry under the first protocol.
         self._by_protocol: dict[int, _Live] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._release_reason = pb.RELEASE_REASON_DRAIN
 
     def protocols(self) -> list[asyncio.BaseProtocol]:
         """The protocols of the connections being served now."""
@@ -127,7 +127,7 @@ class ProtocolServer(Driver):
         here (if is_idle(protocol) agrees)."""
         live = self._by_protocol.get(id(protocol))
         if live is not None and self._drain_releases:
-            self._try_release(live, self._release_reason)
+            self._release_when_flushed(live)
 
     # --- Driver hooks -----------------------------------------------------
 
@@ -170,7 +170,6 @@ class ProtocolServer(Driver):
         self._connection_closed(live.id)
 
     def _drain_started(self, drain: Drain) -> None:
-        self._release_reason = pb.RELEASE_REASON_DRAIN
         for live in list(self._live.values()):
             self._drain_one(live)
 
@@ -179,7 +178,7 @@ class ProtocolServer(Driver):
             live.drain_pending = True  # still connecting
             return
         if self._drain_releases:
-            self._try_release(live, pb.RELEASE_REASON_DRAIN)
+            self._release_when_flushed(live)
             return
         when = live.delivered_at + FIRST_REQUEST_GRACE
         self.loop.call_at(when, self._finish_gracefully, live)
@@ -187,7 +186,10 @@ class ProtocolServer(Driver):
     def _finish_gracefully(self, live: _Live) -> None:
         if (self._live.get(live.id) is live and not live.releasing and
                 not live.transport.is_closing()):
-            self._close_gracefully(live.transport.get_protocol())
+            if self._close_gracefully is None:
+                shut_read_side(live.transport)  # the protocol reads EOF
+            else:
+                self._close_gracefully(live.transport.get_protocol())
 
     def _broker_gone_while_releasing(self) -> None:
         for live in list(self._live.values()):
@@ -204,6 +206,25 @@ class ProtocolServer(Driver):
                 left -= 1
 
     # --- Release ----------------------------------------------------------
+
+    def _release_when_flushed(self, live: _Live, turns: int = 0) -> None:
+        """Drain with release_idle: releases `live` once what it wrote has
+        left (uvloop sends at the end of the loop's turn) if it is idle
+        then; a slow reader is looked at again every 50 ms."""
+        transport = live.transport
+        if (not self._drain_releases or self._live.get(live.id) is not live
+                or live.releasing or transport is None or
+                transport.is_closing()):
+            return
+        if transport.get_write_buffer_size():
+            if turns < FLUSH_TURNS:
+                self.loop.call_soon(self._release_when_flushed, live,
+                                    turns + 1)
+            else:
+                self.loop.call_later(0.05, self._release_when_flushed, live,
+                                     turns)
+            return
+        self._try_release(live, pb.RELEASE_REASON_DRAIN)
 
     def _try_release(self, live: _Live, reason: int) -> bool:
         """Starts releasing `live` if it is idle; True if started."""
@@ -234,16 +255,6 @@ class ProtocolServer(Driver):
         return True
 
 
-def _shut_read_side(protocol: asyncio.BaseProtocol) -> None:
-    """The default way to end a connection on drain: half-close its read
-    side, so the protocol reads EOF once it has read what was sent."""
-    transport = getattr(protocol, "transport", None)
-    sock = transport.get_extra_info("socket") if transport else None
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass  # the client reset it already
 
 
 async def create_server(
