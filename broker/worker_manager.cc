@@ -511,8 +511,12 @@ void WorkerManager::EmitMigrations() {
 void WorkerManager::NoteFailure(Worker& worker) {
   if (worker.failed) return;  // Channel loss and exit: one failure.
   worker.failed = true;
+  // One that never registered failed to start, however long that took (an
+  // app that needs seconds to import and fail is a restart loop too); one
+  // that registered counts only if it died within stable_after of starting.
+  const bool registered = worker.state != WorkerState::kStarting;
   const int64_t lived = loop_.NowNanos() - worker.started_mono_nanos;
-  if (lived >= absl::ToInt64Nanoseconds(options_.stable_after)) {
+  if (registered && lived >= absl::ToInt64Nanoseconds(options_.stable_after)) {
     crash_streak_ = 0;
   }
   ++crash_streak_;
@@ -521,12 +525,13 @@ void WorkerManager::NoteFailure(Worker& worker) {
   if (crash_streak_ == kRestartLoopStreak) {
     ++stats_.restart_loops;
     spdlog::error(
-        "restart loop: {} workers in a row died within {} of "
-        "starting; restarts back off (up to {})",
+        "restart loop: {} workers in a row failed to register or died "
+        "within {} of starting; restarts back off (up to {})",
         crash_streak_, absl::FormatDuration(options_.stable_after),
         absl::FormatDuration(options_.restart_backoff_max));
     Emit(WorkerEvent::Type::kRestartLoop, &worker,
-         absl::StrCat(crash_streak_, " workers in a row died within ",
+         absl::StrCat(crash_streak_,
+                      " workers in a row failed to register or died within ",
                       absl::FormatDuration(options_.stable_after),
                       " of starting"));
   }

@@ -12,6 +12,7 @@ import asyncio
 import email.utils
 import inspect
 import logging
+import sys
 import traceback
 from typing import Any, Callable, Optional
 
@@ -33,12 +34,17 @@ def _one_line(text: str) -> str:
 class Application:
     """One kind of application, served by one worker process."""
 
-    # server.idle_point(protocol) is set by the runner once it has a server.
+    # server.idle_point(protocol), set by the runner once it has a server:
+    # called when a connection is between requests (the server releases it
+    # then if it drains with release_idle).
     idle_point: Callable[[asyncio.BaseProtocol], None] = staticmethod(
         lambda protocol: None)
 
     async def startup(self) -> None:
         """Runs before the worker registers (no connection comes earlier)."""
+
+    def drain_started(self) -> None:
+        """The worker has begun to drain (any cause)."""
 
     async def shutdown(self) -> None:
         """Runs after the worker has drained."""
@@ -128,10 +134,14 @@ class UvicornApplication(Application):
             from uvicorn.middleware.wsgi import WSGIMiddleware
             app = WSGIMiddleware(app, workers=threads)
             lifespan = "off"
+        # log_config=None: uvicorn's loggers (uvicorn.error, .access) go
+        # through the runner's handler, in its format; uvicorn's own
+        # handlers would print each line a second time.
         self.config = uvicorn.Config(
             app, interface="asgi3" if wsgi else "auto", http=http, ws=ws,
             lifespan="off", root_path=root_path, access_log=access_log,
-            log_level=log_level, timeout_keep_alive=timeout_keep_alive)
+            log_level=log_level, log_config=None,
+            timeout_keep_alive=timeout_keep_alive)
         self.config.load()
         self.state = uvicorn.server.ServerState()
         self._lifespan = _Lifespan(self.config.loaded_app, lifespan, {})
@@ -177,15 +187,24 @@ class UvicornApplication(Application):
     async def startup(self) -> None:
         self._refresh_default_headers()
         self._clock = asyncio.get_running_loop().create_task(self._tick())
-        await self._lifespan.startup()
+        try:
+            await self._lifespan.startup()
+        except BaseException:
+            await self._stop_clock()
+            raise
 
     async def shutdown(self) -> None:
         # Background tasks the app started from requests, as uvicorn does.
         if self.state.tasks:
             await asyncio.wait(list(self.state.tasks), timeout=30)
         await self._lifespan.shutdown()
-        if self._clock is not None:
-            self._clock.cancel()
+        await self._stop_clock()
+
+    async def _stop_clock(self) -> None:
+        clock, self._clock = self._clock, None
+        if clock is not None:
+            clock.cancel()
+            await asyncio.wait([clock])  # (no "Task was destroyed" at exit)
 
     def protocol_factory(self) -> Callable[[], asyncio.BaseProtocol]:
         cls, config, state = self._protocol_class, self.config, self.state
@@ -204,6 +223,19 @@ class UvicornApplication(Application):
         return protocol._begun == protocol._done and not protocol.pipeline
 
     def close_gracefully(self, protocol: Any) -> None:
+        websockets_impl = sys.modules.get(
+            "uvicorn.protocols.websockets.websockets_impl")
+        if (websockets_impl is not None and
+                isinstance(protocol, websockets_impl.WebSocketProtocol) and
+                protocol.handshake_completed_event.is_set()):
+            # An open WebSocket (--ws=websockets): close it with 1012
+            # (service restart), as uvicorn's wsproto protocol and newer
+            # uvicorns do; uvicorn 0.17's shutdown() only drops the TCP
+            # connection, which the client sees as 1006 (abnormal closure).
+            protocol.ws_server.closing = True
+            protocol.fail_connection(1012)
+            protocol.transport.close()
+            return
         protocol.shutdown()  # uvicorn's HTTP and WebSocket protocols
 
 
@@ -221,6 +253,7 @@ class AiohttpApplication(Application):
             access_log=logging.getLogger("aiohttp.access")
             if access_log else None,
             keepalive_timeout=timeout_keep_alive)
+        self._on_shutdown: Optional[asyncio.Task] = None
 
     async def startup(self) -> None:
         try:
@@ -230,33 +263,78 @@ class AiohttpApplication(Application):
                 "".join(traceback.format_exception_only(type(error),
                                                         error)))) from None
 
+    def drain_started(self) -> None:
+        # As aiohttp's own server does when it stops listening: on_shutdown
+        # (where apps close their WebSockets) runs before the connections
+        # are waited for, not after.
+        self._on_shutdown = asyncio.get_running_loop().create_task(
+            self._runner.shutdown())
+
     async def shutdown(self) -> None:
-        await self._runner.cleanup()  # on_shutdown, on_cleanup
+        if self._on_shutdown is None:  # (no drain: registration failed)
+            self.drain_started()
+        try:
+            await self._on_shutdown
+        except Exception:  # the app's own
+            log.exception("on_shutdown raised")
+        await self._runner.cleanup()  # on_cleanup
 
     def protocol_factory(self) -> Callable[[], asyncio.BaseProtocol]:
+        from aiohttp.streams import EmptyStreamReader
         from aiohttp.web_protocol import RequestHandler
         server = self._runner.server
         application = self
 
         class Brokered(RequestHandler):
             """Knows whether bytes of a request are held by the parser
-            (partial), which aiohttp's C parser does not tell."""
-            __slots__ = ("_partial",)
+            (partial), which aiohttp's C parser does not tell, and when
+            start() waits for the next request (an idle point)."""
+            __slots__ = ("_partial", "_last_payload", "_next_request",
+                         "_stream_end")
+
+            # start() sets _waiter (then awaits it) when it has answered
+            # every request read. (finish_response() is too early: it runs
+            # in the request's own task, before start() goes on.)
+            @property  # type: ignore[override]
+            def _waiter(self) -> Optional[asyncio.Future]:
+                return self._next_request
+
+            @_waiter.setter
+            def _waiter(self, waiter: Optional[asyncio.Future]) -> None:
+                self._next_request = waiter
+                if waiter is not None:
+                    # Once start() awaits it (later in this step).
+                    self._loop.call_soon(application.idle_point, self)
 
             def data_received(self, data: bytes) -> None:
+                last = getattr(self, "_last_payload", None)
+                body_done_before = last is None or last.is_eof()
+                # The last bytes received (a head may come in pieces).
+                end = self._stream_end = (
+                    getattr(self, "_stream_end", b"") + data)[-4:]
                 before = self._request_count
                 super().data_received(data)
-                # Complete requests end the chunk they came in: a chunk that
-                # made no request, or ends mid-line, holds part of one.
-                self._partial = (self._request_count == before or
-                                 not data.endswith(b"\n"))
-
-            async def finish_response(self, *args: Any) -> Any:
-                result = await super().finish_response(*args)
-                # Idle once start() waits for the next request: later in
-                # this same step of its task.
-                self._loop.call_soon(application.idle_point, self)
-                return result
+                if self._request_count != before:
+                    # A new head, given to the handler with its payload,
+                    # which the parser ends (eof) with the last body byte.
+                    _, payload = self._messages[-1]
+                    self._last_payload = payload
+                    if not payload.is_eof():
+                        self._partial = True  # its body is on the way
+                    elif isinstance(payload, EmptyStreamReader):
+                        # No body: what came ends with the head, unless it
+                        # brought part of the next request too.
+                        self._partial = not end.endswith(
+                            (b"\r\n\r\n", b"\n\n"))
+                    else:
+                        # The body ended in this chunk. (Bytes after it, a
+                        # pipelined request cut short, cannot be seen.)
+                        self._partial = False
+                elif not body_done_before:
+                    # More of the last request's body.
+                    self._partial = not last.is_eof()
+                else:
+                    self._partial = True  # the start of a new head
 
         return lambda: Brokered(server, loop=server._loop, **server._kwargs)
 
@@ -278,12 +356,12 @@ class AiohttpApplication(Application):
 
 def detect_interface(app: Any) -> str:
     """asgi, wsgi or aiohttp, from the object itself."""
-    try:
-        from aiohttp import web
-        if isinstance(app, web.Application):
-            return "aiohttp"
-    except ImportError:
-        pass
+    # An aiohttp Application's module is loaded already; importing aiohttp
+    # for other apps would cost every worker start ~0.2 s (aiohttp.web
+    # pulls in gunicorn and pkg_resources when they are installed).
+    web = sys.modules.get("aiohttp.web")
+    if web is not None and isinstance(app, web.Application):
+        return "aiohttp"
     if inspect.isclass(app):
         return "asgi"
     call = app if inspect.isfunction(app) else getattr(app, "__call__", None)

@@ -38,6 +38,9 @@ from .core import (FIRST_REQUEST_GRACE, Connection, Drain, Options,
 
 log = logging.getLogger("fdbroker_worker")
 
+# How often a release_idle drain looks at every connection again.
+SWEEP_INTERVAL = 0.05
+
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 ProtocolPredicate = Callable[[asyncio.BaseProtocol], bool]
 ProtocolAction = Callable[[asyncio.BaseProtocol], None]
@@ -85,7 +88,7 @@ class _Live:
     """A connection being served."""
 
     __slots__ = ("id", "socket", "delivered_at", "transport", "protocol",
-                 "releasing", "drain_pending")
+                 "releasing", "drain_pending", "ending")
 
     def __init__(self, connection: Connection, delivered_at: float) -> None:
         self.id = connection.id
@@ -95,6 +98,7 @@ class _Live:
         self.protocol: Optional[asyncio.BaseProtocol] = None
         self.releasing = False
         self.drain_pending = False
+        self.ending = False  # close_gracefully is scheduled
 
 
 class ProtocolServer(Driver):
@@ -115,6 +119,7 @@ class ProtocolServer(Driver):
         # transport over keeps the entry under the first protocol.
         self._by_protocol: dict[int, _Live] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._sweep: Optional[asyncio.TimerHandle] = None
 
     def protocols(self) -> list[asyncio.BaseProtocol]:
         """The protocols of the connections being served now."""
@@ -125,8 +130,10 @@ class ProtocolServer(Driver):
         """Tells the server that `protocol`'s connection is between two
         requests now: if the worker drains with release_idle it is released
         here (if is_idle(protocol) agrees)."""
+        if not self._drain_releases:
+            return  # (once per response: the cheap test first)
         live = self._by_protocol.get(id(protocol))
-        if live is not None and self._drain_releases:
+        if live is not None:
             self._release_when_flushed(live)
 
     # --- Driver hooks -----------------------------------------------------
@@ -172,14 +179,23 @@ class ProtocolServer(Driver):
     def _drain_started(self, drain: Drain) -> None:
         for live in list(self._live.values()):
             self._drain_one(live)
+        if self._drain_releases:
+            self._sweep = self.loop.call_later(SWEEP_INTERVAL,
+                                               self._sweep_releasing)
 
     def _drain_one(self, live: _Live) -> None:
         if live.transport is None:
             live.drain_pending = True  # still connecting
             return
         if self._drain_releases:
-            self._release_when_flushed(live)
+            self._release_or_end(live)
             return
+        self._end_gracefully(live)
+
+    def _end_gracefully(self, live: _Live) -> None:
+        if live.ending:
+            return
+        live.ending = True
         when = live.delivered_at + FIRST_REQUEST_GRACE
         self.loop.call_at(when, self._finish_gracefully, live)
 
@@ -207,24 +223,46 @@ class ProtocolServer(Driver):
 
     # --- Release ----------------------------------------------------------
 
-    def _release_when_flushed(self, live: _Live, turns: int = 0) -> None:
-        """Drain with release_idle: releases `live` once what it wrote has
-        left (uvloop sends at the end of the loop's turn) if it is idle
-        then; a slow reader is looked at again every 50 ms."""
+    def _sweep_releasing(self) -> None:
+        """While a release_idle drain lasts: every connection is looked at
+        again, for those an idle point missed (a response still leaving to
+        a slow reader) and those that can never be released."""
+        self._sweep = None
+        if not self._drain_releases or not self._live:
+            return
+        for live in list(self._live.values()):
+            if live.transport is not None:
+                self._release_or_end(live)
+        self._sweep = self.loop.call_later(SWEEP_INTERVAL,
+                                           self._sweep_releasing)
+
+    def _release_or_end(self, live: _Live) -> None:
+        """Drain with release_idle: releases `live` if it is idle; one whose
+        transport was handed to another protocol (a WebSocket) can never be
+        released, so it ends as in a drain that closes."""
         transport = live.transport
-        if (not self._drain_releases or self._live.get(live.id) is not live
-                or live.releasing or transport is None or
+        if (self._live.get(live.id) is not live or live.releasing or
+                transport.is_closing()):
+            return
+        if transport.get_protocol() is not live.protocol:
+            self._end_gracefully(live)
+        else:
+            self._try_release(live, pb.RELEASE_REASON_DRAIN)
+
+    def _release_when_flushed(self, live: _Live, turns: int = 0) -> None:
+        """An idle point during a release_idle drain: releases `live` once
+        what it wrote has left (uvloop sends at the end of the loop's turn);
+        a slower reader is left to the sweep."""
+        transport = live.transport
+        if (not self._drain_releases or transport is None or
                 transport.is_closing()):
             return
         if transport.get_write_buffer_size():
             if turns < FLUSH_TURNS:
                 self.loop.call_soon(self._release_when_flushed, live,
                                     turns + 1)
-            else:
-                self.loop.call_later(0.05, self._release_when_flushed, live,
-                                     turns)
             return
-        self._try_release(live, pb.RELEASE_REASON_DRAIN)
+        self._release_or_end(live)
 
     def _try_release(self, live: _Live, reason: int) -> bool:
         """Starts releasing `live` if it is idle; True if started."""

@@ -13,8 +13,11 @@ Order of events: import the app; startup (ASGI lifespan, aiohttp
 on_startup) before the worker registers, so no connection comes before the
 app is ready; serve; on SIGTERM/SIGINT or a Drain from the broker, take no
 new connections, let requests in progress finish and close (or, when the
-broker asks, hand back) idle keep-alive connections; then shutdown. A second
-signal exits at once.
+broker asks, hand back) idle keep-alive connections, close WebSockets (1012;
+aiohttp's on_shutdown, where apps close theirs, runs as the drain starts);
+then shutdown (lifespan shutdown, aiohttp's on_cleanup). A second signal
+exits at once. A signal during the startup lets it finish, then the
+app shuts down and the worker exits without registering.
 
 Exit codes: 0 drained; 1 the app failed to import or load, or the worker
 could not register; 2 bad command line; 3 the app's startup failed; 4 a
@@ -28,7 +31,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from . import _apps
 from .core import SOCKET_ENV_VAR, RegistrationError
@@ -45,13 +48,32 @@ class LoadError(Exception):
     """The app could not be imported or built; one line."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows the default of options that take a value only: not
+    "(default: True)" for --no-release or "(default: )"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == 0 or action.default in (None, ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """A bad command line is one line on stderr (not the whole usage, which
+    --help shows), and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE,
+                  f"fdbroker_worker.run: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="python3 -m fdbroker_worker.run",
         description="Serve an ASGI, WSGI or aiohttp app as an fdbroker "
         "worker: fdbroker --workers=4 --worker_cmd=\"python3 -m "
         "fdbroker_worker.run app:app\"",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     parser.add_argument(
         "app", metavar="MODULE:ATTR",
         help="the application, as uvicorn and gunicorn name it: "
@@ -193,41 +215,80 @@ async def build_app(args: argparse.Namespace) -> _apps.Application:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from .protocol_server import create_server
-    application = await build_app(args)
-    await application.startup()
-    server = await create_server(
-        application.protocol_factory(), socket_path=args.socket,
-        capacity=args.capacity,
-        labels={"app": args.app, "pid": str(os.getpid())},
-        reconnect_timeout=args.reconnect_timeout, release=args.release,
-        is_idle=application.is_idle,
-        close_gracefully=application.close_gracefully)
-    application.idle_point = server.idle_point
-    log.info("serving %s as worker %d (pid %d)", args.app, server.worker_id,
-             os.getpid())
+    """Runs the worker; its exit code. SIGTERM, SIGINT and SIGQUIT drain
+    (before registration: the app starts, then shuts down, and the worker
+    never registers); a second one exits at once (EXIT_INTERRUPTED), in
+    whatever phase."""
     loop = asyncio.get_running_loop()
-    serving = asyncio.ensure_future(server.serve_forever())
-    signals = 0
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    phase = _Phase()
 
     def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
+        phase.signals += 1
+        if phase.signals == 1:
             log.info("%s: draining (a second signal exits at once)",
                      signal.Signals(signum).name)
-            server.close()
+            if phase.server is not None:
+                phase.server.close()
         else:
-            serving.cancel()
+            main_task.cancel()
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        await serving
+        return await _serve(args, phase)
     except asyncio.CancelledError:
+        if phase.signals < 2:
+            raise
         log.warning("second signal: exiting with %d connection(s) open",
-                    server.active_connections)
+                    phase.server.active_connections
+                    if phase.server is not None else 0)
         return EXIT_INTERRUPTED
+
+
+class _Phase:
+    """What the signal handler needs to know."""
+
+    def __init__(self) -> None:
+        self.signals = 0
+        self.server: Optional[Any] = None  # once registered
+
+
+async def _serve(args: argparse.Namespace, phase: _Phase) -> int:
+    from .protocol_server import create_server
+    application = await build_app(args)
+    await application.startup()
+    if phase.signals:
+        # Stopped while starting: no registration, no connection.
+        await application.shutdown()
+        log.info("stopped before registering; exiting")
+        return 0
+
+    def on_drain(cause: Any, deadline: Optional[float]) -> None:
+        application.drain_started()
+
+    try:
+        server = await create_server(
+            application.protocol_factory(), socket_path=args.socket,
+            capacity=args.capacity,
+            labels={"app": args.app, "pid": str(os.getpid())},
+            reconnect_timeout=args.reconnect_timeout, release=args.release,
+            is_idle=application.is_idle,
+            close_gracefully=application.close_gracefully,
+            on_drain=on_drain)
+    except BaseException:
+        # Not registered: the app started, so it shuts down (its lifespan
+        # shutdown, aiohttp's on_cleanup) before the error is reported.
+        await application.shutdown()
+        raise
+    application.idle_point = server.idle_point
+    phase.server = server
+    log.info("serving %s as worker %d (pid %d)", args.app, server.worker_id,
+             os.getpid())
+    if phase.signals:
+        server.close()  # (a signal during the registration)
+    await server.serve_forever()
     await application.shutdown()
     log.info("drained; exiting")
     return 0
@@ -267,18 +328,41 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_LOAD_FAILED
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(serve(args))
+        code = loop.run_until_complete(serve(args))
     except LoadError as error:
         print(f"fdbroker_worker.run: {error}", file=sys.stderr)
-        return EXIT_LOAD_FAILED
+        code = EXIT_LOAD_FAILED
     except _apps.StartupError as error:
         print(f"fdbroker_worker.run: {args.app}: {error}", file=sys.stderr)
-        return EXIT_STARTUP_FAILED
+        code = EXIT_STARTUP_FAILED
     except RegistrationError as error:
         print(f"fdbroker_worker.run: {error}", file=sys.stderr)
-        return EXIT_LOAD_FAILED
+        code = EXIT_LOAD_FAILED
+    if code == EXIT_INTERRUPTED:
+        # At once: neither the requests in progress (their tasks, their
+        # transports) nor the app's threads are waited for. A WSGI request
+        # holds a pool thread, which the interpreter would join at exit.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    try:
+        _cancel_leftover_tasks(loop)
     finally:
         loop.close()
+    return code
+
+
+def _cancel_leftover_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """What asyncio.run() does before closing its loop (bounded): tasks
+    still pending (say, an app's lifespan task after a failed startup) are
+    cancelled instead of being reported as destroyed."""
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.wait(tasks, timeout=5))
+    loop.run_until_complete(loop.shutdown_asyncgens())
 
 
 if __name__ == "__main__":
