@@ -732,7 +732,7 @@ class WorkerCore:
         """Takes (or rejects) one offered connection and its fd; False if
         the broker broke the protocol (the channel is lost)."""
         cid = offered.connection_id
-        if cid in self._owned or any(c.id == cid for c in taken):
+        if cid in self._owned or (taken and any(c.id == cid for c in taken)):
             os.close(fd)
             self._lose_channel(f"connection {cid} offered twice by the broker")
             return False

@@ -26,6 +26,7 @@ out the transport is aborted, which closes only this process's copy.
 """
 
 import asyncio
+import functools
 import logging
 import socket
 from typing import Callable, Optional
@@ -118,13 +119,13 @@ class ProtocolServer(Driver):
         # By protocol object, for idle_point(); a protocol that hands its
         # transport over keeps the entry under the first protocol.
         self._by_protocol: dict[int, _Live] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._connecting: dict[asyncio.Task, _Live] = {}
         self._sweep: Optional[asyncio.TimerHandle] = None
 
     def protocols(self) -> list[asyncio.BaseProtocol]:
         """The protocols of the connections being served now."""
         return [live.protocol for live in self._live.values()
-                if live.protocol is not None]
+                if live.transport is not None]
 
     def idle_point(self, protocol: asyncio.BaseProtocol) -> None:
         """Tells the server that `protocol`'s connection is between two
@@ -139,41 +140,41 @@ class ProtocolServer(Driver):
     # --- Driver hooks -----------------------------------------------------
 
     def _adopt(self, connection: Connection) -> None:
+        # The per-connection path: kept to one task (the loop's own
+        # connect_accepted_socket) and no coroutine of ours.
         live = _Live(connection, self.loop.time())
         self._live[live.id] = live
-        sock = connection.socket
-        if isinstance(sock, _TrackedSocket):
-            sock.on_close = lambda: self._lost(live)
-        task = self.loop.create_task(self._connect(live, connection))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _connect(self, live: _Live, connection: Connection) -> None:
-        protocol = self._factory()
+        connection.socket.on_close = functools.partial(self._lost, live)
+        protocol = live.protocol = self._factory()
         outer = (_Prefixed(protocol, connection.initial_data)
                  if connection.initial_data else protocol)
+        task = self.loop.create_task(self.loop.connect_accepted_socket(
+            lambda: outer, connection.socket))
+        self._connecting[task] = live  # (the loop keeps weak references)
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task: "asyncio.Task") -> None:
+        live = self._connecting.pop(task)
         try:
-            transport, _ = await self.loop.connect_accepted_socket(
-                lambda: outer, live.socket)
-        except (OSError, RuntimeError) as error:
+            transport, _ = task.result()
+        except (OSError, RuntimeError, asyncio.CancelledError) as error:
             # No transport took the socket: closing it reports Closed.
-            log.warning(
-                "connection %d could not be served: %s", live.id, error)
+            log.warning("connection %d could not be served: %r", live.id,
+                        error)
             live.socket.close()
             self._lost(live)
             return
         if live.id not in self._live:
             return  # closed while connecting
-        live.transport, live.protocol = transport, protocol
-        self._by_protocol[id(protocol)] = live
+        live.transport = transport
+        self._by_protocol[id(live.protocol)] = live
         if live.drain_pending:
             self._drain_one(live)
 
     def _lost(self, live: _Live) -> None:
         if self._live.pop(live.id, None) is None:
             return
-        if live.protocol is not None:
-            self._by_protocol.pop(id(live.protocol), None)
+        self._by_protocol.pop(id(live.protocol), None)
         self._connection_closed(live.id)
 
     def _drain_started(self, drain: Drain) -> None:
@@ -280,8 +281,7 @@ class ProtocolServer(Driver):
             live.releasing = False
             if released:
                 # Closing our copy below is no close of the connection.
-                if isinstance(live.socket, _TrackedSocket):
-                    live.socket.on_close = None
+                live.socket.on_close = None
                 self._live.pop(live.id, None)
                 self._by_protocol.pop(id(live.protocol), None)
             elif not transport.is_closing():
