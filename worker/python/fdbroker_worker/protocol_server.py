@@ -29,7 +29,7 @@ import asyncio
 import functools
 import logging
 import socket
-from typing import Callable, Optional
+from typing import Callable, Coroutine, Optional
 
 from ._driver import (FLUSH_TURNS, DrainCallback, Driver, releasable,
                       shut_read_side)
@@ -119,7 +119,6 @@ class ProtocolServer(Driver):
         # By protocol object, for idle_point(); a protocol that hands its
         # transport over keeps the entry under the first protocol.
         self._by_protocol: dict[int, _Live] = {}
-        self._connecting: dict[asyncio.Task, _Live] = {}
         self._sweep: Optional[asyncio.TimerHandle] = None
 
     def protocols(self) -> list[asyncio.BaseProtocol]:
@@ -140,24 +139,36 @@ class ProtocolServer(Driver):
     # --- Driver hooks -----------------------------------------------------
 
     def _adopt(self, connection: Connection) -> None:
-        # The per-connection path: kept to one task (the loop's own
-        # connect_accepted_socket) and no coroutine of ours.
         live = _Live(connection, self.loop.time())
         self._live[live.id] = live
         connection.socket.on_close = functools.partial(self._lost, live)
         protocol = live.protocol = self._factory()
         outer = (_Prefixed(protocol, connection.initial_data)
                  if connection.initial_data else protocol)
-        task = self.loop.create_task(self.loop.connect_accepted_socket(
+        self._step(live, self.loop.connect_accepted_socket(
             lambda: outer, connection.socket))
-        self._connecting[task] = live  # (the loop keeps weak references)
-        task.add_done_callback(self._connected)
 
-    def _connected(self, task: "asyncio.Task") -> None:
-        live = self._connecting.pop(task)
+    def _step(self, live: _Live, adopting: Coroutine) -> None:
+        """Runs the loop's connect_accepted_socket() coroutine without a
+        Task of its own, which would cost every connection a task object
+        and a turn of the loop: the first step now, in this turn (the
+        transport is made and starts reading), the rest when the future it
+        waits for (connection_made) is done."""
         try:
-            transport, _ = task.result()
+            future = adopting.send(None)
+        except StopIteration as done:
+            return self._connected(live, done.value, None)
         except (OSError, RuntimeError, asyncio.CancelledError) as error:
+            return self._connected(live, None, error)
+        future._asyncio_future_blocking = False  # what a Task does
+        future.add_done_callback(
+            lambda _: self._step(live, adopting))
+
+    def _connected(self, live: _Live, result: Optional[tuple],
+                   error: Optional[BaseException]) -> None:
+        if error is None:
+            transport, _ = result
+        else:
             # No transport took the socket: closing it reports Closed.
             log.warning("connection %d could not be served: %r", live.id,
                         error)
