@@ -20,7 +20,9 @@ Release (release=True): only the application knows when a connection is
 between requests, so it passes is_idle(protocol) and calls
 server.idle_point(protocol) whenever one becomes idle (after a response).
 An idle connection is released when the broker asks (ReleaseRequest, or
-Drain.release_idle, for which busy ones go at their next idle point): its
+Drain.release_idle, for which busy ones go at their next idle point, and a
+sweep every SWEEP_INTERVAL catches the rest; one handed to another
+protocol, a WebSocket, can never go and is ended as in a plain drain): its
 reading is paused, a dup of its fd is sent with Release, and once that is
 out the transport is aborted, which closes only this process's copy.
 """
