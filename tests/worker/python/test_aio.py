@@ -99,6 +99,28 @@ class StartServerTest(unittest.IsolatedAsyncioTestCase):
                          [1])
         await self.expect("goodbye")
 
+    async def test_timer_that_fires_early_is_armed_again(self) -> None:
+        # A loop timer may fire before the core's own clock reaches the
+        # deadline (uvloop rounds to whole milliseconds): the core then has
+        # nothing to do and reports the same deadline. The driver must arm
+        # the timer again; it once kept the spent handle and never woke up
+        # for that deadline again (a Closed report was never sent).
+        server = await self.start()
+        due = server.loop.time() + 0.01
+        server._core.deadline = lambda: due
+        calls = []
+        process_events = server._core.process_events
+        server._core.process_events = lambda: (calls.append(1),
+                                               process_events())[1]
+        server._arm_timer()
+        for _ in range(200):
+            if len(calls) >= 2:
+                break
+            await asyncio.sleep(0.005)
+        del server._core.deadline, server._core.process_events
+        server._arm_timer()
+        self.assertGreaterEqual(len(calls), 2)
+
     async def test_refusal_raises(self) -> None:
         async def refuse() -> None:
             await asyncio.to_thread(self.broker.accept)

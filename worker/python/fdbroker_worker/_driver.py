@@ -164,7 +164,14 @@ class Driver:
             # Not the handle's when(): uvloop returns a plain Handle (no
             # when()) for a time already past.
             self._timer_when = deadline
-            self._timer = self.loop.call_at(deadline, self._process)
+            self._timer = self.loop.call_at(deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        # The handle is spent: the core may report the same deadline again
+        # (the loop's clock fired early by its rounding), which must arm a
+        # new one.
+        self._timer = self._timer_when = None
+        self._process()
 
     def _shut_down(self) -> None:
         self.loop.remove_reader(self._core.fileno())
