@@ -78,7 +78,11 @@ class Broker:
 
     def __init__(self, workers: int, socket_path: Optional[str] = None,
                  extra_flags: tuple[str, ...] = (),
-                 worker_args: str = "") -> None:
+                 worker_args: str = "", *, worker_cmd: Optional[str] = None,
+                 env: Optional[dict] = None, metrics: bool = False) -> None:
+        """worker_cmd: instead of the example (with worker_args); env: added
+        to the broker's environment, which its workers inherit; metrics: a
+        Prometheus endpoint on a free port (self.metrics)."""
         self.dir = tempfile.mkdtemp(prefix="fdbroker-pyit-")
         self.socket_path = socket_path or os.path.join(self.dir, "h.sock")
         ready = os.path.join(self.dir, "ready")
@@ -86,11 +90,15 @@ class Broker:
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
                 [str(bin_dir() / "fdbroker"), "--listen=127.0.0.1:0",
-                 "--control=127.0.0.1:0", "--metrics=", f"--workers={workers}",
-                 f"--socket={self.socket_path}", f"--ready_file={ready}",
-                 f"--worker_cmd={WORKER_CMD} {worker_args}".rstrip(),
+                 "--control=127.0.0.1:0",
+                 "--metrics=" + ("127.0.0.1:0" if metrics else ""),
+                 f"--workers={workers}", f"--socket={self.socket_path}",
+                 f"--ready_file={ready}",
+                 "--worker_cmd=" + (worker_cmd or
+                                    f"{WORKER_CMD} {worker_args}".rstrip()),
                  *extra_flags],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
+                env={**os.environ, **(env or {})})
         self.pid = self.process.pid
         # Workers seen (to kill them if the test fails half-way, even once
         # they are no longer the broker's children).
@@ -102,6 +110,7 @@ class Broker:
             raise AssertionError(f"broker exited: {self.log()}")
         self.port = int(values["listen"].rsplit(":", 1)[1])
         self.control = values["control"]
+        self.metrics = values.get("metrics")
 
     def log(self) -> str:
         with open(self.log_path) as log:

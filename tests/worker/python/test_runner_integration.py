@@ -26,7 +26,7 @@ import unittest
 import urllib.request
 from typing import Any, Callable, Optional
 
-from broker_process import (PYTHON, REPO, bin_dir, child_pids,
+from broker_process import (PYTHON, REPO, Broker, bin_dir, child_pids,
                             read_key_values, wait_for)
 
 EXAMPLES = REPO / "worker" / "python" / "examples"
@@ -186,49 +186,18 @@ class EventWatch:
         self.process.stdout.close()
 
 
-class RunnerBroker:
+class RunnerBroker(Broker):
     """fdbroker whose workers are the runner with `worker_cmd`; `env` is
     added to the broker's environment, which its workers inherit."""
 
     def __init__(self, test: unittest.TestCase, workers: int,
                  worker_cmd: str, *flags: str, env: Optional[dict] = None,
                  metrics: bool = False) -> None:
-        self.dir = tempfile.mkdtemp(prefix="fdbroker-runner-")
+        self.externals: list[subprocess.Popen] = []
+        super().__init__(workers, extra_flags=flags, worker_cmd=worker_cmd,
+                         env=env, metrics=metrics)
         test.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
         test.addCleanup(self.cleanup)
-        self.socket_path = os.path.join(self.dir, "h.sock")
-        ready = os.path.join(self.dir, "ready")
-        self.log_path = os.path.join(self.dir, "broker.log")
-        self.known_workers: set[int] = set()
-        self.externals: list[subprocess.Popen] = []
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [str(bin_dir() / "fdbroker"), "--listen=127.0.0.1:0",
-                 "--control=127.0.0.1:0",
-                 "--metrics=" + ("127.0.0.1:0" if metrics else ""),
-                 f"--workers={workers}", f"--socket={self.socket_path}",
-                 f"--ready_file={ready}", f"--worker_cmd={worker_cmd}",
-                 *flags],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
-                env={**os.environ, **(env or {})})
-        self.pid = self.process.pid
-        values = wait_for(
-            lambda: read_key_values(ready) or self.process.poll() is not None,
-            20, "the broker's ready file")
-        if self.process.poll() is not None:
-            raise AssertionError(f"broker exited: {self.log()}")
-        self.port = int(values["listen"].rsplit(":", 1)[1])
-        self.control = values["control"]
-        self.metrics = values.get("metrics")
-
-    def log(self) -> str:
-        with open(self.log_path) as log:
-            return log.read()
-
-    def worker_pids(self) -> set[int]:
-        pids = child_pids(self.pid)
-        self.known_workers |= pids
-        return pids
 
     def serving_pids(self, connections: int) -> tuple[set[int], list[Any]]:
         """Pids answering `connections` concurrent connections (least_conn

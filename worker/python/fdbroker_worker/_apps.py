@@ -39,6 +39,9 @@ class Application:
     # then if it drains with release_idle).
     idle_point: Callable[[asyncio.BaseProtocol], None] = staticmethod(
         lambda protocol: None)
+    # Whether the server drains by releasing (only then do idle points
+    # matter): lets a protocol skip scheduling one per request.
+    releasing: Callable[[], bool] = staticmethod(lambda: False)
 
     async def startup(self) -> None:
         """Runs before the worker registers (no connection comes earlier)."""
@@ -302,7 +305,7 @@ class AiohttpApplication(Application):
             @_waiter.setter
             def _waiter(self, waiter: Optional[asyncio.Future]) -> None:
                 self._next_request = waiter
-                if waiter is not None:
+                if waiter is not None and application.releasing():
                     # Once start() awaits it (later in this step).
                     self._loop.call_soon(application.idle_point, self)
 

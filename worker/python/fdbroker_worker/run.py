@@ -283,6 +283,7 @@ async def _serve(args: argparse.Namespace, phase: _Phase) -> int:
         await application.shutdown()
         raise
     application.idle_point = server.idle_point
+    application.releasing = lambda: server.drain_releases
     phase.server = server
     log.info("serving %s as worker %d (pid %d)", args.app, server.worker_id,
              os.getpid())
