@@ -19,7 +19,11 @@ SDK adds in the worker. The broker's own CPU per connection is shown apart.
         [--loop=uvloop|asyncio] [--bin-dir=build/test/bin]
 
 Environment as for the SDK's tests: PYTHONPATH with worker/python and
-FDBROKER_PYTHON_PROTO_DIR (tests/bench/python_handoff_cost.sh sets both).
+FDBROKER_PYTHON_PROTO_DIR (as ctest's bench_python_handoff_cost_smoke sets
+them), e.g.
+
+    PYTHONPATH=worker/python FDBROKER_PYTHON_PROTO_DIR=build/test/gen/python \
+        tests/bench/python_handoff_cost.py --rounds=5
 """
 
 import argparse

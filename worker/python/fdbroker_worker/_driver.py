@@ -17,6 +17,12 @@ from .core import (Connection, Drain, DrainCause, ReleaseRequest,
 
 DrainCallback = Callable[[DrainCause, Optional[float]], None]
 
+# Timers are armed this late: uvloop rounds a delay to whole milliseconds,
+# so a timer armed for the deadline may fire up to 0.5 ms before it, and
+# the core (nothing due yet) would ask for the same deadline again and
+# again, a busy loop until the clock gets there.
+TIMER_SLACK = 0.001
+
 
 class Driver:
     """A registered worker on the running loop; subclasses serve the
@@ -164,12 +170,12 @@ class Driver:
             # Not the handle's when(): uvloop returns a plain Handle (no
             # when()) for a time already past.
             self._timer_when = deadline
-            self._timer = self.loop.call_at(deadline, self._timer_fired)
+            self._timer = self.loop.call_at(deadline + TIMER_SLACK,
+                                            self._timer_fired)
 
     def _timer_fired(self) -> None:
-        # The handle is spent: the core may report the same deadline again
-        # (the loop's clock fired early by its rounding), which must arm a
-        # new one.
+        # The handle is spent: should the core report the same deadline
+        # again (nothing due yet by its clock), a new timer is armed.
         self._timer = self._timer_when = None
         self._process()
 
