@@ -35,6 +35,7 @@ from benchlib import (  # noqa: E402
     BenchError,
     Processes,
     children,
+    choices,
     cpu_seconds,
     free_port,
     histogram_delta,
@@ -798,14 +799,8 @@ def parse_args():
     p.add_argument("--profile", default="", help="path prefix for the perf profile ('' : none)")
     p.add_argument("--idle-json", default="", help="results of idle.py to fold into the summary")
     args = p.parse_args()
-    args.variants = [v for v in args.variants.split(",") if v]
-    args.workloads = [w for w in args.workloads.split(",") if w]
-    for v in args.variants:
-        if v not in VARIANT_CLASSES:
-            p.error(f"unknown variant {v} (one of {', '.join(VARIANTS)})")
-    for w in args.workloads:
-        if w not in WORKLOADS:
-            p.error(f"unknown workload {w} (one of {', '.join(WORKLOADS)})")
+    args.variants = choices(p, "--variants", args.variants, VARIANTS)
+    args.workloads = choices(p, "--workloads", args.workloads, WORKLOADS)
     if args.rounds < 1 or args.duration < 1 or args.workers < 1:
         p.error("--rounds, --duration and --workers must be at least 1")
     return args

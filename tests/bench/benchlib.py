@@ -27,6 +27,16 @@ def run_main(main):
         sys.exit(1)
 
 
+def choices(parser, option, value, allowed):
+    """A comma-separated list option, each item one of `allowed` (else a
+    usage error naming the option)."""
+    items = [item for item in value.split(",") if item]
+    for item in items:
+        if item not in allowed:
+            parser.error(f"{option}: unknown {item} (one of {', '.join(allowed)})")
+    return items
+
+
 def wait_for(predicate, timeout, what, interval=0.05, alive=None):
     """Polls predicate() until it returns a true value; raises after timeout.
     alive() (optional) is checked too, so a process that died fails at once."""

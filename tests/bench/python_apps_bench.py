@@ -52,7 +52,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import command_output, parse_wrk  # noqa: E402
-from benchlib import BenchError, CLK_TCK, read_key_values, run_main, wait_for  # noqa: E402
+from benchlib import BenchError, CLK_TCK, choices, read_key_values, run_main, wait_for  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -866,14 +866,8 @@ def parse_args():
     args = p.parse_args()
     if args.smoke:
         args.rounds, args.duration, args.warmup = 1, 1, 0
-    args.servers = [s for s in args.servers.split(",") if s]
-    args.loads = [w for w in args.loads.split(",") if w]
-    for s in args.servers:
-        if s not in SERVER_CLASSES:
-            p.error(f"unknown server {s} (one of {', '.join(SERVERS)})")
-    for w in args.loads:
-        if w not in LOADS:
-            p.error(f"unknown load {w} (one of {', '.join(LOADS)})")
+    args.servers = choices(p, "--servers", args.servers, SERVERS)
+    args.loads = choices(p, "--loads", args.loads, LOADS)
     if min(args.rounds, args.duration, args.workers, args.cpu_clients, args.fast_connections) < 1:
         p.error("--rounds, --duration, --workers, --cpu-clients, --fast-connections must be >= 1")
     args.bin_dir = os.path.abspath(args.bin_dir)

@@ -76,6 +76,9 @@ def get(port: int, path: str = "/", timeout: float = 5.0
 class Broker:
     """A running fdbroker; stop() (or the test's cleanup) ends it."""
 
+    # In the command line of this broker's workers (see is_our_worker).
+    worker_marker = EXAMPLE.name.encode()
+
     def __init__(self, workers: int, socket_path: Optional[str] = None,
                  extra_flags: tuple[str, ...] = (),
                  worker_args: str = "", *, worker_cmd: Optional[str] = None,
@@ -103,6 +106,8 @@ class Broker:
         # Workers seen (to kill them if the test fails half-way, even once
         # they are no longer the broker's children).
         self.known_workers: set[int] = set()
+        # Worker processes the test started itself (external workers).
+        self.externals: list[subprocess.Popen] = []
         values = wait_for(
             lambda: read_key_values(ready) or self.process.poll() is not None,
             20, "the broker's ready file")
@@ -174,18 +179,33 @@ class Broker:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Signals the broker and waits for it; its exit code."""
         if self.process.poll() is None:
+            self.known_workers |= child_pids(self.pid)
             self.process.send_signal(sig)
         return self.process.wait(timeout)
 
+    def is_our_worker(self, pid: int) -> bool:
+        """Whether `pid` still runs this broker's worker command (and is
+        not a reused pid)."""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                return self.worker_marker in cmdline.read()
+        except FileNotFoundError:
+            return False
+
     def cleanup(self) -> None:
+        """Kills whatever the test left running: the broker, the external
+        workers it started, and every worker seen."""
         if self.process.poll() is None:
             self.known_workers |= child_pids(self.pid)
             self.process.kill()
             self.process.wait()
+        for process in self.externals:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
         for pid in self.known_workers:
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                    if EXAMPLE.name.encode() in cmdline.read():
-                        os.kill(pid, signal.SIGKILL)  # still our worker
-            except (FileNotFoundError, ProcessLookupError):
-                pass
+            if self.is_our_worker(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass

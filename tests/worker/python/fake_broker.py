@@ -2,11 +2,12 @@
 a real SOCK_SEQPACKET listener in a private temp directory. Every wait is
 bounded."""
 
+import asyncio
 import os
 import select
 import socket
 import tempfile
-from typing import Optional
+from typing import Any, Awaitable, Optional
 
 from fdbroker_worker._proto import pb
 
@@ -141,3 +142,31 @@ def open_fds() -> int:
 def same_socket(a: socket.socket, b: socket.socket) -> bool:
     """Both fds refer to the same open socket (same inode)."""
     return os.fstat(a.fileno()).st_ino == os.fstat(b.fileno()).st_ino
+
+
+async def registered(broker: FakeBroker,
+                     starting: Awaitable[Any]) -> tuple[Any, Any]:
+    """Awaits `starting` (start_server() or create_server()) while `broker`
+    accepts the worker, reads its Hello and welcomes it; returns what
+    `starting` returned and the Hello."""
+    async def broker_side() -> Any:
+        await asyncio.to_thread(broker.accept)
+        hello = await asyncio.to_thread(broker.receive_body, "hello")
+        broker.welcome()
+        return hello
+
+    welcomed = asyncio.create_task(broker_side())
+    server = await starting
+    return server, await welcomed
+
+
+async def end_server(server: Any) -> None:
+    """Ends a server (start_server()'s or create_server()'s) that a test
+    left serving, and its connections."""
+    for live in list(server._live.values()):
+        if live.transport is not None:
+            live.transport.abort()
+    if not server._finished.done():
+        server._finished.set_result(None)
+        server._shut_down()
+    await asyncio.sleep(0)  # connection_lost callbacks

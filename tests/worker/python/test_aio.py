@@ -6,7 +6,7 @@ import socket
 import unittest
 from unittest import mock
 
-from fake_broker import FakeBroker
+from fake_broker import FakeBroker, registered
 import fdbroker_worker
 from fdbroker_worker import DrainCause, aio
 from fdbroker_worker._proto import pb
@@ -36,17 +36,11 @@ class StartServerTest(unittest.IsolatedAsyncioTestCase):
         self.drains: list[tuple[DrainCause, object]] = []
 
     async def start(self) -> aio.Server:
-        async def broker_side() -> None:
-            await asyncio.to_thread(self.broker.accept)
-            await asyncio.to_thread(self.broker.receive_body, "hello")
-            self.broker.welcome()
-
-        welcomed = asyncio.create_task(broker_side())
-        server = await fdbroker_worker.start_server(
-            upper_lines, socket_path=self.broker.socket_path,
-            on_drain=lambda cause, deadline: self.drains.append(
-                (cause, deadline)))
-        await welcomed
+        server, _ = await registered(
+            self.broker, fdbroker_worker.start_server(
+                upper_lines, socket_path=self.broker.socket_path,
+                on_drain=lambda cause, deadline: self.drains.append(
+                    (cause, deadline))))
         return server
 
     async def expect(self, body: str):

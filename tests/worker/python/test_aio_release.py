@@ -8,7 +8,7 @@ import unittest
 from typing import Optional
 
 import fdbroker_worker
-from fake_broker import FakeBroker
+from fake_broker import FakeBroker, end_server, registered
 from fdbroker_worker import aio
 from fdbroker_worker._proto import pb
 from test_aio import tcp_pair
@@ -39,29 +39,12 @@ class ReleaseTest(unittest.IsolatedAsyncioTestCase):
                     released_lines, **kwargs) -> aio.Server:
         """start_server(handler, release=True, **kwargs) with the fake
         broker's welcome; the Hello in self.hello."""
-        async def broker_side() -> None:
-            await asyncio.to_thread(self.broker.accept)
-            self.hello = await asyncio.to_thread(self.broker.receive_body,
-                                                 "hello")
-            self.broker.welcome()
-
-        welcomed = asyncio.create_task(broker_side())
-        server = await fdbroker_worker.start_server(
-            handler, socket_path=self.broker.socket_path,
-            **{"release": True, **kwargs})
-        await welcomed
-        self.addAsyncCleanup(self.stop, server)
+        server, self.hello = await registered(
+            self.broker, fdbroker_worker.start_server(
+                handler, socket_path=self.broker.socket_path,
+                **{"release": True, **kwargs}))
+        self.addAsyncCleanup(end_server, server)
         return server
-
-    async def stop(self, server: aio.Server) -> None:
-        """Ends a server the test left serving, and its connections."""
-        for protocol in list(server._live.values()):
-            if protocol.transport is not None:
-                protocol.transport.abort()
-        if not server._finished.done():
-            server._finished.set_result(None)
-            server._shut_down()
-        await asyncio.sleep(0)  # connection_lost callbacks
 
     async def hand_over(self, connection_id: int) -> socket.socket:
         server_end, client = tcp_pair()

@@ -13,7 +13,7 @@ from typing import Optional
 import uvloop
 
 import fdbroker_worker
-from fake_broker import FakeBroker
+from fake_broker import FakeBroker, end_server, registered
 from fdbroker_worker import protocol_server
 from fdbroker_worker._proto import pb
 from test_aio import tcp_pair
@@ -64,27 +64,11 @@ class ProtocolServerTest(unittest.IsolatedAsyncioTestCase):
         Upper.instances = []
 
     async def start(self, **kwargs) -> protocol_server.ProtocolServer:
-        async def broker_side() -> None:
-            await asyncio.to_thread(self.broker.accept)
-            self.hello = await asyncio.to_thread(self.broker.receive_body,
-                                                 "hello")
-            self.broker.welcome()
-
-        welcomed = asyncio.create_task(broker_side())
-        server = await fdbroker_worker.create_server(
-            Upper, socket_path=self.broker.socket_path, **kwargs)
-        await welcomed
-        self.addAsyncCleanup(self.stop, server)
+        server, self.hello = await registered(
+            self.broker, fdbroker_worker.create_server(
+                Upper, socket_path=self.broker.socket_path, **kwargs))
+        self.addAsyncCleanup(end_server, server)
         return server
-
-    async def stop(self, server: protocol_server.ProtocolServer) -> None:
-        for live in list(server._live.values()):
-            if live.transport is not None:
-                live.transport.abort()
-        if not server._finished.done():
-            server._finished.set_result(None)
-            server._shut_down()
-        await asyncio.sleep(0)
 
     async def expect(self, body: str):
         return await asyncio.to_thread(self.broker.receive_body, body)

@@ -26,8 +26,7 @@ import unittest
 import urllib.request
 from typing import Any, Callable, Optional
 
-from broker_process import (PYTHON, REPO, Broker, bin_dir, child_pids,
-                            read_key_values, wait_for)
+from broker_process import PYTHON, REPO, Broker, wait_for
 
 EXAMPLES = REPO / "worker" / "python" / "examples"
 APPS = pathlib.Path(__file__).resolve().parent / "apps"
@@ -38,14 +37,6 @@ HAS_BUF = shutil.which("buf") is not None
 
 def runner_cmd(app: str, app_dir: pathlib.Path, *args: str) -> str:
     return " ".join([RUNNER, f"--app-dir={app_dir}", *args, app])
-
-
-def is_our_runner(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return RUNNER_MODULE in cmdline.read()
-    except FileNotFoundError:
-        return False
 
 
 def uvloop_loaded(pid: int) -> bool:
@@ -190,10 +181,11 @@ class RunnerBroker(Broker):
     """fdbroker whose workers are the runner with `worker_cmd`; `env` is
     added to the broker's environment, which its workers inherit."""
 
+    worker_marker = RUNNER_MODULE
+
     def __init__(self, test: unittest.TestCase, workers: int,
                  worker_cmd: str, *flags: str, env: Optional[dict] = None,
                  metrics: bool = False) -> None:
-        self.externals: list[subprocess.Popen] = []
         super().__init__(workers, extra_flags=flags, worker_cmd=worker_cmd,
                          env=env, metrics=metrics)
         test.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
@@ -283,29 +275,6 @@ class RunnerBroker(Broker):
             raise AssertionError(f"runner exited {process.returncode}: "
                                  f"{read_text(stderr_path)}")
         return process, stderr_path
-
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM (the broker drains its workers); its exit code."""
-        if self.process.poll() is None:
-            self.known_workers |= child_pids(self.pid)
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-    def cleanup(self) -> None:
-        if self.process.poll() is None:
-            self.known_workers |= child_pids(self.pid)
-            self.process.kill()
-            self.process.wait()
-        for process in self.externals:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        for pid in self.known_workers:
-            if is_our_runner(pid):  # still our worker (not a reused pid)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
 
 def read_text(path: str) -> str:
