@@ -42,7 +42,7 @@ uint64_t Mix(uint64_t x) {
 
 // Hash of the peer's IP, not its port. An IPv4-mapped IPv6 address hashes as
 // its IPv4 address, so a dual-stack listener keeps a client on one worker.
-uint64_t HashIp(const SocketAddress& peer) {
+uint64_t HashIp(const wire::SocketAddress& peer) {
   uint64_t high = 0;
   uint64_t low = 0;
   if (peer.family() == AF_INET) {
@@ -74,7 +74,7 @@ void CandidateWeights(absl::Span<Worker* const> candidates,
 }
 
 size_t LeastConnectionsPolicy::Pick(absl::Span<Worker* const> candidates,
-                                    const SocketAddress&) {
+                                    const wire::SocketAddress&) {
   CandidateWeights(candidates, weights_);
   const size_t n = candidates.size();
   const size_t start = RotationStart(candidates, last_id_);
@@ -91,7 +91,7 @@ size_t LeastConnectionsPolicy::Pick(absl::Span<Worker* const> candidates,
 }
 
 size_t RoundRobinPolicy::Pick(absl::Span<Worker* const> candidates,
-                              const SocketAddress&) {
+                              const wire::SocketAddress&) {
   CandidateWeights(candidates, weights_);
   const size_t n = candidates.size();
   bool same = slots_.size() == n;
@@ -123,7 +123,7 @@ size_t RoundRobinPolicy::Pick(absl::Span<Worker* const> candidates,
 }
 
 size_t PowerOfTwoChoicesPolicy::Pick(absl::Span<Worker* const> candidates,
-                                     const SocketAddress&) {
+                                     const wire::SocketAddress&) {
   const size_t n = candidates.size();
   if (n == 1) return 0;
   CandidateWeights(candidates, weights_);
@@ -139,7 +139,7 @@ size_t PowerOfTwoChoicesPolicy::Pick(absl::Span<Worker* const> candidates,
 }
 
 size_t IpHashPolicy::Pick(absl::Span<Worker* const> candidates,
-                          const SocketAddress& peer) {
+                          const wire::SocketAddress& peer) {
   CandidateWeights(candidates, weights_);
   const uint64_t ip = HashIp(peer);
   size_t best = 0;

@@ -10,8 +10,8 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
-#include "broker/socket_address.h"
 #include "broker/worker_registry.h"
+#include "wire/socket_address.h"
 
 namespace fdbroker {
 
@@ -30,7 +30,7 @@ class BalancingPolicy {
   // Returns an index into `candidates`: non-empty, every entry able to take a
   // connection now, ordered by worker id.
   virtual size_t Pick(absl::Span<Worker* const> candidates,
-                      const SocketAddress& peer) = 0;
+                      const wire::SocketAddress& peer) = 0;
 };
 
 // The weight of each candidate under the rule above, in candidate order.
@@ -45,7 +45,7 @@ class LeastConnectionsPolicy final : public BalancingPolicy {
  public:
   absl::string_view name() const override { return "least_conn"; }
   size_t Pick(absl::Span<Worker* const> candidates,
-              const SocketAddress& peer) override;
+              const wire::SocketAddress& peer) override;
 
  private:
   uint64_t last_id_ = 0;
@@ -64,7 +64,7 @@ class RoundRobinPolicy final : public BalancingPolicy {
  public:
   absl::string_view name() const override { return "round_robin"; }
   size_t Pick(absl::Span<Worker* const> candidates,
-              const SocketAddress& peer) override;
+              const wire::SocketAddress& peer) override;
 
  private:
   struct Slot {
@@ -89,7 +89,7 @@ class PowerOfTwoChoicesPolicy final : public BalancingPolicy {
   explicit PowerOfTwoChoicesPolicy(uint64_t seed) : rng_(seed) {}
   absl::string_view name() const override { return "p2c"; }
   size_t Pick(absl::Span<Worker* const> candidates,
-              const SocketAddress& peer) override;
+              const wire::SocketAddress& peer) override;
 
  private:
   std::mt19937_64 rng_;
@@ -109,7 +109,7 @@ class IpHashPolicy final : public BalancingPolicy {
  public:
   absl::string_view name() const override { return "ip_hash"; }
   size_t Pick(absl::Span<Worker* const> candidates,
-              const SocketAddress& peer) override;
+              const wire::SocketAddress& peer) override;
 
  private:
   std::vector<uint64_t> weights_;

@@ -9,7 +9,6 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -17,6 +16,7 @@
 #include "broker/balancing_policy.h"
 #include "broker/control_server.h"
 #include "broker/supervisor.h"
+#include "wire/command_line.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:8080",
           "Address for client connections, HOST:PORT (port 0 picks one).");
@@ -91,13 +91,6 @@ namespace {
   std::exit(2);
 }
 
-bool IsHelpFlag(absl::string_view name) {
-  return name == "help" || name == "helpfull" || name == "helpshort" ||
-         name == "helppackage" || name == "version" ||
-         absl::StartsWith(name, "helpon") ||
-         absl::StartsWith(name, "helpmatch");
-}
-
 std::string DefaultSocketPath() {
   const char* runtime = ::getenv("XDG_RUNTIME_DIR");
   if (runtime != nullptr && *runtime != '\0') {
@@ -113,52 +106,19 @@ void ParseFlagsOrExit(int argc, char** argv) {
       "fdbroker: accepts TCP connections and hands each one to a worker "
       "process.\nUsage: fdbroker [--listen=HOST:PORT] [--workers=N] "
       "[--worker_cmd=CMD] ...");
-  for (int i = 1; i < argc; ++i) {
-    absl::string_view arg = argv[i];
-    if (arg == "--") break;
-    if (!absl::StartsWith(arg, "-")) {
-      FlagError(absl::StrCat("unexpected argument \"", arg,
-                             "\" (flags are --name=value)"));
-    }
-    arg.remove_prefix(absl::StartsWith(arg, "--") ? 2 : 1);
-    const size_t eq = arg.find('=');
-    absl::string_view name = arg.substr(0, eq);
-    if (IsHelpFlag(name)) {
-      // Let absl print the usage text (and exit) as usual.
-      absl::ParseCommandLine(argc, argv);
-      std::exit(0);
-    }
-    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
-    std::string value;
-    if (eq != absl::string_view::npos) {
-      value = std::string(arg.substr(eq + 1));
-    } else if (flag != nullptr && flag->IsOfType<bool>()) {
-      value = "true";
-    } else if (absl::StartsWith(name, "no") &&
-               (flag = absl::FindCommandLineFlag(name.substr(2))) != nullptr &&
-               flag->IsOfType<bool>()) {
-      value = "false";
-    } else if (flag != nullptr && i + 1 < argc) {
-      value = argv[++i];
-    } else if (flag != nullptr) {
-      FlagError(absl::StrCat("flag --", name, " needs a value"));
-    }
-    if (flag == nullptr || flag->IsRetired()) {
-      FlagError(
-          absl::StrCat("unknown flag --", name, " (see fdbroker --help)"));
-    }
-    std::string error;
-    if (!flag->ParseFrom(value, &error)) {
-      FlagError(absl::StrCat("bad value \"", value, "\" for --", flag->Name(),
-                             ": ", error));
-    }
+  absl::StatusOr<wire::CommandLine> parsed = wire::ParseFlags(argc, argv);
+  if (!parsed.ok()) FlagError(std::string(parsed.status().message()));
+  if (*parsed == wire::CommandLine::kHelp) {
+    // Let absl print the usage text (and exit) as usual.
+    absl::ParseCommandLine(argc, argv);
+    std::exit(0);
   }
 }
 
 absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   BrokerConfig config;
-  absl::StatusOr<SocketAddress> listen =
-      SocketAddress::Parse(absl::GetFlag(FLAGS_listen));
+  absl::StatusOr<wire::SocketAddress> listen =
+      wire::SocketAddress::Parse(absl::GetFlag(FLAGS_listen));
   if (!listen.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("--listen: ", listen.status().message()));
@@ -250,8 +210,8 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
 
   config.metrics_address = absl::GetFlag(FLAGS_metrics);
   if (!config.metrics_address.empty()) {
-    absl::StatusOr<SocketAddress> metrics =
-        SocketAddress::Parse(config.metrics_address);
+    absl::StatusOr<wire::SocketAddress> metrics =
+        wire::SocketAddress::Parse(config.metrics_address);
     if (!metrics.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat("--metrics: ", metrics.status().message()));
@@ -260,8 +220,8 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   config.control_address = absl::GetFlag(FLAGS_control);
   if (!config.control_address.empty() &&
       !absl::StartsWith(config.control_address, "localhost:")) {
-    absl::StatusOr<SocketAddress> control =
-        SocketAddress::Parse(config.control_address);
+    absl::StatusOr<wire::SocketAddress> control =
+        wire::SocketAddress::Parse(config.control_address);
     if (!control.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat("--control: ", control.status().message()));

@@ -6,13 +6,13 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "broker/socket_address.h"
+#include "wire/socket_address.h"
 
 namespace fdbroker {
 
 // Everything the broker needs from its command line, validated.
 struct BrokerConfig {
-  SocketAddress listen;
+  wire::SocketAddress listen;
   std::string socket_path;
   int workers = 0;
   std::vector<std::string> worker_argv;

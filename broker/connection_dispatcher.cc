@@ -11,16 +11,15 @@
 namespace fdbroker {
 namespace {
 
-// The address getpeername/getsockname reports for `fd`; empty unless IP.
-SocketAddress SocketAddressOf(int fd,
-                              int (*query)(int, sockaddr*, socklen_t*)) {
-  SocketAddress address;
-  address.length = sizeof(address.storage);
-  if (query(fd, address.mutable_addr(), &address.length) != 0 ||
-      (address.family() != AF_INET && address.family() != AF_INET6)) {
-    return SocketAddress();
+// The address of `fd`'s peer or its own; empty unless IP.
+wire::SocketAddress IpAddressOf(int fd, bool peer) {
+  absl::StatusOr<wire::SocketAddress> address =
+      wire::SocketAddress::Of(fd, peer);
+  if (!address.ok() ||
+      (address->family() != AF_INET && address->family() != AF_INET6)) {
+    return wire::SocketAddress();
   }
-  return address;
+  return *address;
 }
 
 }  // namespace
@@ -291,8 +290,8 @@ absl::Status ConnectionDispatcher::OnRelease(Worker& worker,
   // The broker does not remember owned connections' addresses: the socket
   // itself tells (a non-IP socket, as in tests, leaves them empty).
   AcceptedConnection& c = entry.connection;
-  c.peer = SocketAddressOf(c.fd.get(), ::getpeername);
-  c.local = SocketAddressOf(c.fd.get(), ::getsockname);
+  c.peer = IpAddressOf(c.fd.get(), /*peer=*/true);
+  c.local = IpAddressOf(c.fd.get(), /*peer=*/false);
   // The pending timeout runs from the release; the accept time is not kept.
   c.accept_mono_nanos = EventLoop::MonotonicNanos();
   c.accept_unix_nanos = absl::ToUnixNanos(absl::Now());

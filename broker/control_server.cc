@@ -10,8 +10,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "broker/socket_address.h"
 #include "grpc/health/v1/health.pb.h"
+#include "wire/socket_address.h"
 
 namespace fdbroker {
 namespace {
@@ -36,7 +36,8 @@ absl::StatusOr<std::string> ReadPem(const std::string& path,
 
 bool IsLoopbackAddress(const std::string& host_port) {
   if (absl::StartsWith(host_port, "localhost:")) return true;
-  absl::StatusOr<SocketAddress> address = SocketAddress::Parse(host_port);
+  absl::StatusOr<wire::SocketAddress> address =
+      wire::SocketAddress::Parse(host_port);
   if (!address.ok()) return false;
   if (address->family() == AF_INET) {
     const auto* sin = reinterpret_cast<const sockaddr_in*>(&address->storage);
@@ -102,9 +103,11 @@ absl::StatusOr<std::unique_ptr<ControlServer>> ControlServer::Start(
         absl::StrCat("cannot serve the control plane on ", options.address,
                      " (address in use or invalid)"));
   }
-  const std::string host =
-      options.address.substr(0, options.address.rfind(':'));
-  server->address_ = absl::StrCat(host, ":", port);
+  // The address as asked for, with the port the server got.
+  absl::StatusOr<wire::HostPort> asked = wire::HostPort::Parse(options.address);
+  server->address_ =
+      wire::HostPort{asked.ok() ? asked->host : "", static_cast<uint16_t>(port)}
+          .ToString();
   server->SetServing(false);
   return server;
 }

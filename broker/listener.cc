@@ -16,7 +16,7 @@
 namespace fdbroker {
 
 absl::StatusOr<std::unique_ptr<Listener>> Listener::Create(
-    EventLoop& loop, const SocketAddress& address, const Options& options,
+    EventLoop& loop, const wire::SocketAddress& address, const Options& options,
     wire::SysCalls& sys, AcceptCallback on_accept) {
   wire::UniqueFd socket(::socket(
       address.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
@@ -48,24 +48,22 @@ absl::StatusOr<std::unique_ptr<Listener>> Listener::Adopt(
   const int flags = ::fcntl(socket.get(), F_GETFL);
   ::fcntl(socket.get(), F_SETFL, flags | O_NONBLOCK);
   ::fcntl(socket.get(), F_SETFD, FD_CLOEXEC);
-  SocketAddress bound;
-  bound.length = sizeof(bound.storage);
-  if (::getsockname(socket.get(), bound.mutable_addr(), &bound.length) != 0) {
-    return absl::ErrnoToStatus(errno, "getsockname");
-  }
-  if (bound.family() != AF_INET && bound.family() != AF_INET6) {
+  absl::StatusOr<wire::SocketAddress> bound =
+      wire::SocketAddress::Of(socket.get());
+  if (!bound.ok()) return bound.status();
+  if (bound->family() != AF_INET && bound->family() != AF_INET6) {
     return absl::InvalidArgumentError(
         "the inherited listening socket is not TCP over IPv4 or IPv6");
   }
   std::unique_ptr<Listener> listener(new Listener(
-      loop, std::move(socket), bound, options, sys, std::move(on_accept)));
+      loop, std::move(socket), *bound, options, sys, std::move(on_accept)));
   absl::Status status = listener->Init();
   if (!status.ok()) return status;
   return listener;
 }
 
 Listener::Listener(EventLoop& loop, wire::UniqueFd socket,
-                   SocketAddress address, const Options& options,
+                   wire::SocketAddress address, const Options& options,
                    wire::SysCalls& sys, AcceptCallback on_accept)
     : loop_(loop),
       socket_(std::move(socket)),

@@ -8,7 +8,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "broker/event_loop.h"
-#include "broker/socket_address.h"
+#include "wire/socket_address.h"
 #include "wire/sys_calls.h"
 #include "wire/unique_fd.h"
 
@@ -17,8 +17,8 @@ namespace fdbroker {
 // A client connection the broker has accepted and not yet handed off.
 struct AcceptedConnection {
   wire::UniqueFd fd;
-  SocketAddress peer;
-  SocketAddress local;
+  wire::SocketAddress peer;
+  wire::SocketAddress local;
   int64_t accept_unix_nanos = 0;
   int64_t accept_mono_nanos = 0;
 };
@@ -44,8 +44,8 @@ class Listener {
 
   // Binds and listens on `address` (port 0 picks a free port; see address()).
   static absl::StatusOr<std::unique_ptr<Listener>> Create(
-      EventLoop& loop, const SocketAddress& address, const Options& options,
-      wire::SysCalls& sys, AcceptCallback on_accept);
+      EventLoop& loop, const wire::SocketAddress& address,
+      const Options& options, wire::SysCalls& sys, AcceptCallback on_accept);
   // Takes over an already listening socket (systemd socket activation, or
   // one handed over by the previous broker during an upgrade).
   static absl::StatusOr<std::unique_ptr<Listener>> Adopt(
@@ -57,7 +57,7 @@ class Listener {
   int fd() const { return socket_.get(); }
 
   // The address actually bound.
-  const SocketAddress& address() const { return address_; }
+  const wire::SocketAddress& address() const { return address_; }
 
   // Stops taking connections; the socket stays bound, so clients queue in the
   // backlog instead of being refused. Resume() takes them again.
@@ -69,7 +69,7 @@ class Listener {
   const Stats& stats() const { return stats_; }
 
  private:
-  Listener(EventLoop& loop, wire::UniqueFd socket, SocketAddress address,
+  Listener(EventLoop& loop, wire::UniqueFd socket, wire::SocketAddress address,
            const Options& options, wire::SysCalls& sys,
            AcceptCallback on_accept);
   absl::Status Init();
@@ -78,7 +78,7 @@ class Listener {
 
   EventLoop& loop_;
   wire::UniqueFd socket_;
-  SocketAddress address_;
+  wire::SocketAddress address_;
   const Options options_;
   wire::SysCalls& sys_;
   AcceptCallback on_accept_;

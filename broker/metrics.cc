@@ -7,6 +7,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "wire/socket_address.h"
 
 namespace fdbroker {
 namespace {
@@ -271,8 +272,11 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
   }
   server->exposer_->RegisterCollectable(collectable);
   const std::vector<int> ports = server->exposer_->GetListeningPorts();
-  const std::string host = address.substr(0, address.rfind(':'));
-  server->address_ = absl::StrCat(host, ":", ports.empty() ? 0 : ports.front());
+  absl::StatusOr<wire::HostPort> asked = wire::HostPort::Parse(address);
+  server->address_ =
+      wire::HostPort{asked.ok() ? asked->host : "",
+                     static_cast<uint16_t>(ports.empty() ? 0 : ports.front())}
+          .ToString();
   return server;
 }
 

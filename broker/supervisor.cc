@@ -13,9 +13,11 @@
 #include <utility>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "spdlog/spdlog.h"
+#include "wire/message_channel.h"
 
 extern char** environ;
 
@@ -131,10 +133,12 @@ absl::StatusOr<pid_t> Supervisor::Spawn() {
   }
   argv.push_back(nullptr);
   const std::string socket_env =
-      absl::StrCat("FDBROKER_SOCKET=", options_.socket_path);
+      absl::StrCat(wire::kSocketEnvVar, "=", options_.socket_path);
+  const absl::string_view socket_prefix(socket_env.data(),
+                                        sizeof(wire::kSocketEnvVar));
   std::vector<char*> envp;
   for (char** e = environ; *e != nullptr; ++e) {
-    if (std::strncmp(*e, "FDBROKER_SOCKET=", 16) != 0) envp.push_back(*e);
+    if (!absl::StartsWith(*e, socket_prefix)) envp.push_back(*e);
   }
   envp.push_back(const_cast<char*>(socket_env.c_str()));
   envp.push_back(nullptr);

@@ -18,6 +18,10 @@ namespace fdbroker::wire {
 inline constexpr uint32_t kProtocolMajor = 1;
 inline constexpr uint32_t kProtocolMinor = 2;
 
+// The environment variable through which a supervised worker learns the
+// broker's hand-off socket (set by the broker for every worker it starts).
+inline constexpr char kSocketEnvVar[] = "FDBROKER_SOCKET";
+
 // How many fds a message must arrive with: 1 for Connection and Release, 2
 // for UpgradeHandover, one per connection for ConnectionBatch, 0 for the rest.
 size_t RequiredFds(const v1::HandoffMessage& message);

@@ -16,8 +16,8 @@ namespace {
 
 constexpr uint64_t kSeed = 20261126;
 
-SocketAddress Ipv4(uint32_t ip, int port) {
-  SocketAddress address;
+wire::SocketAddress Ipv4(uint32_t ip, int port) {
+  wire::SocketAddress address;
   auto* sin = reinterpret_cast<sockaddr_in*>(&address.storage);
   sin->sin_family = AF_INET;
   sin->sin_addr.s_addr = htonl(ip);
@@ -27,8 +27,8 @@ SocketAddress Ipv4(uint32_t ip, int port) {
 }
 
 // 10,000 distinct client IPs.
-std::vector<SocketAddress> ManyClients() {
-  std::vector<SocketAddress> clients;
+std::vector<wire::SocketAddress> ManyClients() {
+  std::vector<wire::SocketAddress> clients;
   for (uint32_t i = 0; i < 10000; ++i) {
     clients.push_back(Ipv4(0x0a000000u + i * 7919u, 40000));
   }
@@ -68,9 +68,9 @@ class PolicyTest : public ::testing::Test {
   // Worker id each client lands on.
   std::vector<uint64_t> Assign(BalancingPolicy& policy,
                                const std::vector<Worker*>& candidates,
-                               const std::vector<SocketAddress>& clients) {
+                               const std::vector<wire::SocketAddress>& clients) {
     std::vector<uint64_t> ids;
-    for (const SocketAddress& client : clients) {
+    for (const wire::SocketAddress& client : clients) {
       ids.push_back(candidates[policy.Pick(candidates, client)]->id);
     }
     return ids;
@@ -78,7 +78,7 @@ class PolicyTest : public ::testing::Test {
 
   std::vector<std::unique_ptr<Worker>> workers_;
   std::vector<Worker*> candidates_;
-  SocketAddress peer_;
+  wire::SocketAddress peer_;
 };
 
 TEST_F(PolicyTest, FactoryKnowsTheSpecNames) {
@@ -245,7 +245,7 @@ TEST_F(PolicyTest, PowerOfTwoChoicesIsDeterministicForASeed) {
 
 TEST_F(PolicyTest, IpHashIsStickyByAddressNotPort) {
   IpHashPolicy policy;
-  const std::vector<SocketAddress> clients = ManyClients();
+  const std::vector<wire::SocketAddress> clients = ManyClients();
   for (size_t c = 0; c < 100; ++c) {
     const uint32_t ip =
         ntohl(reinterpret_cast<const sockaddr_in*>(&clients[c].storage)
@@ -256,16 +256,16 @@ TEST_F(PolicyTest, IpHashIsStickyByAddressNotPort) {
     }
   }
   // An IPv4-mapped IPv6 peer (a dual-stack listener) is the same client.
-  absl::StatusOr<SocketAddress> v4 = SocketAddress::Parse("192.0.2.7:1000");
-  absl::StatusOr<SocketAddress> mapped =
-      SocketAddress::Parse("[::ffff:192.0.2.7]:2000");
+  absl::StatusOr<wire::SocketAddress> v4 = wire::SocketAddress::Parse("192.0.2.7:1000");
+  absl::StatusOr<wire::SocketAddress> mapped =
+      wire::SocketAddress::Parse("[::ffff:192.0.2.7]:2000");
   ASSERT_TRUE(v4.ok() && mapped.ok());
   EXPECT_EQ(policy.Pick(candidates_, *v4), policy.Pick(candidates_, *mapped));
 }
 
 TEST_F(PolicyTest, IpHashSpreadsClientsByWeight) {
   IpHashPolicy policy;
-  const std::vector<SocketAddress> clients = ManyClients();
+  const std::vector<wire::SocketAddress> clients = ManyClients();
   std::map<uint64_t, int> share;
   for (uint64_t id : Assign(policy, candidates_, clients)) ++share[id];
   for (uint64_t id = 1; id <= 3; ++id) EXPECT_NEAR(share[id], 3333, 200);
@@ -280,7 +280,7 @@ TEST_F(PolicyTest, IpHashSpreadsClientsByWeight) {
 
 TEST_F(PolicyTest, IpHashMovesOnlyTheClientsAWorkerWinsOrLoses) {
   IpHashPolicy policy;
-  const std::vector<SocketAddress> clients = ManyClients();
+  const std::vector<wire::SocketAddress> clients = ManyClients();
   const std::vector<uint64_t> before = Assign(policy, candidates_, clients);
 
   // A fourth worker joins: it takes about a quarter, from every other

@@ -123,8 +123,8 @@ class DispatcherTest : public ::testing::Test {
     client_end.Reset(sv[1]);
     AcceptedConnection conn;
     conn.fd.Reset(sv[0]);
-    conn.peer = *SocketAddress::Parse("127.0.0.1:5555");
-    conn.local = *SocketAddress::Parse("127.0.0.1:8080");
+    conn.peer = *wire::SocketAddress::Parse("127.0.0.1:5555");
+    conn.local = *wire::SocketAddress::Parse("127.0.0.1:8080");
     conn.accept_mono_nanos = EventLoop::MonotonicNanos();
     return conn;
   }

@@ -41,7 +41,7 @@ TEST(ListenerTest, FdExhaustionPausesInsteadOfSpinning) {
   Listener::Options options;
   options.exhaustion_pause = absl::Milliseconds(200);
   auto listener = Listener::Create(
-      *loop, *SocketAddress::Parse("127.0.0.1:0"), options, sys,
+      *loop, *wire::SocketAddress::Parse("127.0.0.1:0"), options, sys,
       [&](AcceptedConnection c) { accepted.push_back(std::move(c)); });
   ASSERT_TRUE(listener.ok()) << listener.status();
   const int port = (*listener)->address().port();
@@ -75,7 +75,7 @@ TEST(ListenerTest, PauseKeepsTheSocketBound) {
   auto loop = *EventLoop::Create();
   std::vector<AcceptedConnection> accepted;
   auto listener = Listener::Create(
-      *loop, *SocketAddress::Parse("127.0.0.1:0"), Listener::Options{},
+      *loop, *wire::SocketAddress::Parse("127.0.0.1:0"), Listener::Options{},
       wire::SysCalls::Real(),
       [&](AcceptedConnection c) { accepted.push_back(std::move(c)); });
   ASSERT_TRUE(listener.ok());

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "tests/util/test_util.h"
+#include "wire/socket_address.h"
 
 namespace fdbroker::testing {
 
@@ -48,10 +49,10 @@ absl::StatusOr<std::unique_ptr<BrokerProcess>> BrokerProcess::Start(
                                     : "broker exited before it was ready\n",
         broker->process_->Output()));
   }
-  absl::StatusOr<std::pair<std::string, int>> listen =
-      SplitHostPort((*values)["listen"]);
+  absl::StatusOr<wire::HostPort> listen =
+      wire::HostPort::Parse((*values)["listen"]);
   if (!listen.ok()) return listen.status();
-  broker->port_ = listen->second;
+  broker->port_ = listen->port;
   broker->control_address_ = (*values)["control"];
   return broker;
 }
@@ -69,10 +70,10 @@ std::vector<pid_t> BrokerProcess::WorkerPids() const {
 }
 
 absl::StatusOr<std::string> ScrapeMetrics(const std::string& address) {
-  absl::StatusOr<std::pair<std::string, int>> hp = SplitHostPort(address);
+  absl::StatusOr<wire::HostPort> hp = wire::HostPort::Parse(address);
   if (!hp.ok()) return hp.status();
   absl::StatusOr<HttpResponse> r =
-      HttpGetOnce(hp->first, hp->second, "/metrics", absl::Seconds(5));
+      HttpGetOnce(hp->host, hp->port, "/metrics", absl::Seconds(5));
   if (!r.ok()) return r.status();
   if (r->status != 200) {
     return absl::InternalError(absl::StrCat("/metrics answered ", r->status));

@@ -402,22 +402,4 @@ absl::StatusOr<std::map<std::string, std::string>> ReadKeyValueFile(
   return values;
 }
 
-absl::StatusOr<std::pair<std::string, int>> SplitHostPort(
-    absl::string_view address) {
-  size_t colon = address.rfind(':');
-  int port = 0;
-  if (colon == absl::string_view::npos ||
-      !absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 0 ||
-      port > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("expected host:port, got '", address, "'"));
-  }
-  absl::string_view host = address.substr(0, colon);
-  if (absl::ConsumePrefix(&host, "[") && !absl::ConsumeSuffix(&host, "]")) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unbalanced brackets in '", address, "'"));
-  }
-  return std::make_pair(std::string(host), port);
-}
-
 }  // namespace fdbroker::testing

@@ -78,10 +78,6 @@ std::string MakeTempDir();
 absl::StatusOr<std::map<std::string, std::string>> ReadKeyValueFile(
     const std::string& path);
 
-// Splits "host:port" or "[v6]:port" (as in a ready file) into its parts.
-absl::StatusOr<std::pair<std::string, int>> SplitHostPort(
-    absl::string_view address);
-
 }  // namespace fdbroker::testing
 
 #endif  // FDBROKER_TESTS_UTIL_TEST_UTIL_H_

@@ -341,15 +341,5 @@ TEST(FileTest, MakeTempDirMakesDistinctPrivateDirs) {
   std::filesystem::remove_all(b);
 }
 
-TEST(SplitHostPortTest, Splits) {
-  EXPECT_THAT(SplitHostPort("127.0.0.1:41234").value(),
-              Pair("127.0.0.1", 41234));
-  EXPECT_THAT(SplitHostPort("[::1]:80").value(), Pair("::1", 80));
-  EXPECT_THAT(SplitHostPort("0.0.0.0:0").value(), Pair("0.0.0.0", 0));
-  EXPECT_FALSE(SplitHostPort("nohost").ok());
-  EXPECT_FALSE(SplitHostPort("h:99999").ok());
-  EXPECT_FALSE(SplitHostPort("[::1:80").ok());
-}
-
 }  // namespace
 }  // namespace fdbroker::testing

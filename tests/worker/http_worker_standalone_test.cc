@@ -21,6 +21,7 @@
 #include "tests/util/subprocess.h"
 #include "tests/util/test_util.h"
 #include "tests/worker/raw_http.h"
+#include "wire/socket_address.h"
 
 namespace fdbroker::testing {
 namespace {
@@ -52,10 +53,10 @@ class StandaloneWorker {
         absl::Seconds(20));
     EXPECT_TRUE(ready_seen) << process_->Output();
     if (!ready_seen) return;
-    absl::StatusOr<std::pair<std::string, int>> address =
-        SplitHostPort(values->at("listen"));
+    absl::StatusOr<wire::HostPort> address =
+        wire::HostPort::Parse(values->at("listen"));
     EXPECT_TRUE(address.ok()) << address.status();
-    port_ = address.ok() ? address->second : 0;
+    port_ = address.ok() ? address->port : 0;
     EXPECT_EQ(values->at("pid"), absl::StrCat(process_->pid()));
   }
   ~StandaloneWorker() {

@@ -23,50 +23,10 @@ constexpr int kAcceptsPerEvent = 64;
 constexpr absl::Duration kAcceptBackOff = absl::Milliseconds(100);
 constexpr int kListenBacklog = 4096;
 
-std::string FormatAddress(const sockaddr_storage& address) {
-  char ip[INET6_ADDRSTRLEN] = "?";
-  if (address.ss_family == AF_INET6) {
-    const auto& v6 = reinterpret_cast<const sockaddr_in6&>(address);
-    inet_ntop(AF_INET6, &v6.sin6_addr, ip, sizeof(ip));
-    return absl::StrCat("[", ip, "]:", ntohs(v6.sin6_port));
-  }
-  const auto& v4 = reinterpret_cast<const sockaddr_in&>(address);
-  inet_ntop(AF_INET, &v4.sin_addr, ip, sizeof(ip));
-  return absl::StrCat(ip, ":", ntohs(v4.sin_port));
-}
-
 }  // namespace
 
-absl::StatusOr<HostPort> ParseHostPort(absl::string_view text) {
-  const size_t colon = text.rfind(':');
-  if (colon == absl::string_view::npos) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("'", text, "' is not HOST:PORT"));
-  }
-  absl::string_view host = text.substr(0, colon);
-  const absl::string_view port_text = text.substr(colon + 1);
-  if (!host.empty() && host.front() == '[') {
-    if (host.size() < 2 || host.back() != ']') {
-      return absl::InvalidArgumentError(
-          absl::StrCat("'", text, "': unbalanced [ ] around the address"));
-    }
-    host = host.substr(1, host.size() - 2);
-  } else if (host.find(':') != absl::string_view::npos) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "'", text, "': write an IPv6 address in brackets, [::1]:8080"));
-  }
-  uint32_t port;
-  if (port_text.empty() ||
-      port_text.find_first_not_of("0123456789") != absl::string_view::npos ||
-      !absl::SimpleAtoi(port_text, &port) || port > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("'", text, "': port must be a number in 0..65535"));
-  }
-  return HostPort{std::string(host), static_cast<uint16_t>(port)};
-}
-
 absl::StatusOr<std::unique_ptr<ListenerSource>> ListenerSource::Create(
-    const HostPort& address, wire::SysCalls& sys) {
+    const wire::HostPort& address, wire::SysCalls& sys) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -82,7 +42,7 @@ absl::StatusOr<std::unique_ptr<ListenerSource>> ListenerSource::Create(
   }
   std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> results(found,
                                                                ::freeaddrinfo);
-  const std::string where = absl::StrCat(address.host, ":", address.port);
+  const std::string where = address.ToString();
   wire::UniqueFd fd(::socket(found->ai_family,
                              SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
                              found->ai_protocol));
@@ -100,14 +60,10 @@ absl::StatusOr<std::unique_ptr<ListenerSource>> ListenerSource::Create(
   if (::listen(fd.get(), kListenBacklog) != 0) {
     return absl::ErrnoToStatus(errno, absl::StrCat("listen ", where));
   }
-  sockaddr_storage bound{};
-  socklen_t bound_size = sizeof(bound);
-  if (::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&bound),
-                    &bound_size) != 0) {
-    return absl::ErrnoToStatus(errno, "getsockname");
-  }
+  absl::StatusOr<wire::SocketAddress> bound = wire::SocketAddress::Of(fd.get());
+  if (!bound.ok()) return bound.status();
   return std::unique_ptr<ListenerSource>(
-      new ListenerSource(std::move(fd), FormatAddress(bound), sys));
+      new ListenerSource(std::move(fd), bound->ToString(), sys));
 }
 
 ListenerSource::ListenerSource(wire::UniqueFd listen_fd,

@@ -8,19 +8,11 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "connection_source.h"
+#include "wire/socket_address.h"
 #include "wire/sys_calls.h"
 #include "wire/unique_fd.h"
 
 namespace fdbroker::http {
-
-struct HostPort {
-  // A name or a numeric address; empty means every address (0.0.0.0).
-  std::string host;
-  uint16_t port = 0;
-};
-
-// "HOST:PORT" or "[V6]:PORT", PORT in 0..65535 (0: the kernel picks one).
-absl::StatusOr<HostPort> ParseHostPort(absl::string_view text);
 
 // Standalone mode: the worker's own listening socket with SO_REUSEPORT, so
 // several worker processes can share a port and the kernel spreads the
@@ -28,7 +20,8 @@ absl::StatusOr<HostPort> ParseHostPort(absl::string_view text);
 class ListenerSource final : public ConnectionSource {
  public:
   static absl::StatusOr<std::unique_ptr<ListenerSource>> Create(
-      const HostPort& address, wire::SysCalls& sys = wire::SysCalls::Real());
+      const wire::HostPort& address,
+      wire::SysCalls& sys = wire::SysCalls::Real());
 
   // The address actually bound, "127.0.0.1:41234" (port 0 resolved).
   const std::string& bound_address() const { return bound_address_; }

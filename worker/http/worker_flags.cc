@@ -7,10 +7,11 @@
 #include <cstdlib>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/reflection.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "wire/command_line.h"
+#include "wire/message_channel.h"
 #include "wire/unique_fd.h"
 
 ABSL_FLAG(std::string, listen, "",
@@ -38,13 +39,6 @@ constexpr absl::string_view kFlagNames[] = {"listen",     "socket",
                                             "capacity",   "reconnect_timeout",
                                             "no_release", "ready_file"};
 
-bool IsOurFlag(absl::string_view name) {
-  for (absl::string_view known : kFlagNames) {
-    if (name == known) return true;
-  }
-  return false;
-}
-
 }  // namespace
 
 std::string WorkerUsage() {
@@ -66,40 +60,12 @@ std::string WorkerUsage() {
 
 absl::StatusOr<WorkerConfig> ParseWorkerFlags(int argc, char** argv) {
   WorkerConfig config;
-  for (int i = 1; i < argc; ++i) {
-    absl::string_view arg = argv[i];
-    if (!absl::StartsWith(arg, "-") || arg == "-" || arg == "--") {
-      return absl::InvalidArgumentError(
-          absl::StrCat("unexpected argument '", arg, "'"));
-    }
-    arg.remove_prefix(absl::StartsWith(arg, "--") ? 2 : 1);
-    const size_t equals = arg.find('=');
-    const absl::string_view name = arg.substr(0, equals);
-    if (name == "help" || name == "helpfull") {
-      config.help = true;
-      return config;
-    }
-    if (!IsOurFlag(name)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("unknown flag --", name, " (see --help)"));
-    }
-    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
-    absl::string_view value;
-    if (equals != absl::string_view::npos) {
-      value = arg.substr(equals + 1);
-    } else if (flag != nullptr && flag->IsOfType<bool>()) {
-      value = "true";  // --no_release alone.
-    } else if (i + 1 < argc) {
-      value = argv[++i];
-    } else {
-      return absl::InvalidArgumentError(
-          absl::StrCat("flag --", name, " needs a value"));
-    }
-    std::string error;
-    if (flag == nullptr || !flag->ParseFrom(value, &error)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "invalid value '", value, "' for --", name, ": ", error));
-    }
+  absl::StatusOr<wire::CommandLine> parsed =
+      wire::ParseFlags(argc, argv, kFlagNames);
+  if (!parsed.ok()) return parsed.status();
+  if (*parsed == wire::CommandLine::kHelp) {
+    config.help = true;
+    return config;
   }
 
   config.capacity = absl::GetFlag(FLAGS_capacity);
@@ -117,7 +83,7 @@ absl::StatusOr<WorkerConfig> ParseWorkerFlags(int argc, char** argv) {
       return absl::InvalidArgumentError(
           "--listen (standalone) and --socket (broker) exclude each other");
     }
-    absl::StatusOr<HostPort> address = ParseHostPort(listen);
+    absl::StatusOr<wire::HostPort> address = wire::HostPort::Parse(listen);
     if (!address.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat("invalid --listen: ", address.status().message()));
@@ -126,13 +92,14 @@ absl::StatusOr<WorkerConfig> ParseWorkerFlags(int argc, char** argv) {
     return config;
   }
   if (socket_path.empty()) {
-    const char* from_env = std::getenv("FDBROKER_SOCKET");
+    const char* from_env = std::getenv(wire::kSocketEnvVar);
     if (from_env != nullptr) socket_path = from_env;
   }
   if (socket_path.empty()) {
-    return absl::InvalidArgumentError(
-        "no broker socket: pass --socket=PATH or set FDBROKER_SOCKET to "
-        "register with a broker, or --listen=HOST:PORT to run standalone");
+    return absl::InvalidArgumentError(absl::StrCat(
+        "no broker socket: pass --socket=PATH or set ", wire::kSocketEnvVar,
+        " to register with a broker, or --listen=HOST:PORT to "
+        "run standalone"));
   }
   config.socket_path = socket_path;
   return config;

@@ -7,14 +7,14 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "listener_source.h"
+#include "wire/socket_address.h"
 
 namespace fdbroker::http {
 
 // The validated command line of fdbroker-http-worker.
 struct WorkerConfig {
   // --listen: standalone on this address; unset: register with a broker.
-  std::optional<HostPort> listen;
+  std::optional<wire::HostPort> listen;
   // --socket, else $FDBROKER_SOCKET (broker mode only).
   std::string socket_path;
   // --capacity: most connections at once, 0 = unlimited (broker mode).

@@ -52,11 +52,11 @@ absl::StatusOr<wire::UniqueFd> ConnectSocket(const std::string& path,
 
 absl::StatusOr<std::string> ResolveSocketPath(const std::string& configured) {
   if (!configured.empty()) return configured;
-  const char* from_env = std::getenv(kSocketEnvVar);
+  const char* from_env = std::getenv(wire::kSocketEnvVar);
   if (from_env != nullptr && from_env[0] != '\0') return std::string(from_env);
   return absl::InvalidArgumentError(
       absl::StrCat("no broker socket path: set it explicitly or through the ",
-                   kSocketEnvVar, " environment variable"));
+                   wire::kSocketEnvVar, " environment variable"));
 }
 
 absl::Status RefusalToStatus(const v1::Refusal& refusal) {

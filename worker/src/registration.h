@@ -17,9 +17,6 @@
 // non-blocking halves SendHello() and WelcomeFrom() from the event loop.
 namespace fdbroker::worker {
 
-// The environment variable a supervised worker finds the broker through.
-inline constexpr char kSocketEnvVar[] = "FDBROKER_SOCKET";
-
 // `configured` if set, else $FDBROKER_SOCKET; InvalidArgument if neither.
 absl::StatusOr<std::string> ResolveSocketPath(const std::string& configured);
 

@@ -1,52 +1,89 @@
-#include "broker/socket_address.h"
+#include "wire/socket_address.h"
 
 #include <arpa/inet.h>
 
+#include <cerrno>
 #include <cstring>
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
-namespace fdbroker {
+namespace fdbroker::wire {
 
-absl::StatusOr<SocketAddress> SocketAddress::Parse(absl::string_view text) {
+absl::StatusOr<HostPort> HostPort::Parse(absl::string_view text) {
   const size_t colon = text.rfind(':');
   if (colon == absl::string_view::npos) {
     return absl::InvalidArgumentError(
         absl::StrCat("address \"", text, "\" is not HOST:PORT"));
   }
   absl::string_view host = text.substr(0, colon);
-  absl::string_view port_text = text.substr(colon + 1);
-  int port;
-  if (!absl::SimpleAtoi(port_text, &port) || port < 0 || port > 65535) {
+  const absl::string_view port_text = text.substr(colon + 1);
+  if (!host.empty() && host.front() == '[') {
+    if (host.size() < 2 || host.back() != ']') {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "address \"", text, "\": unbalanced [ ] around the host"));
+    }
+    host = host.substr(1, host.size() - 2);
+  } else if (host.find(':') != absl::string_view::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "address \"", text, "\": write an IPv6 host in brackets, [::1]:8080"));
+  }
+  uint32_t port;
+  if (port_text.empty() ||
+      port_text.find_first_not_of("0123456789") != absl::string_view::npos ||
+      !absl::SimpleAtoi(port_text, &port) || port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat(
         "address \"", text, "\": port must be a number in 0..65535"));
   }
+  return HostPort{std::string(host), static_cast<uint16_t>(port)};
+}
+
+std::string HostPort::ToString() const {
+  return host.find(':') != std::string::npos
+             ? absl::StrCat("[", host, "]:", port)
+             : absl::StrCat(host, ":", port);
+}
+
+absl::StatusOr<SocketAddress> SocketAddress::Parse(absl::string_view text) {
+  absl::StatusOr<HostPort> parsed = HostPort::Parse(text);
+  if (!parsed.ok()) return parsed.status();
   SocketAddress result;
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    std::string h(host.substr(1, host.size() - 2));
+  if (parsed->host.find(':') != std::string::npos) {
     auto* sin6 = reinterpret_cast<sockaddr_in6*>(&result.storage);
-    if (::inet_pton(AF_INET6, h.c_str(), &sin6->sin6_addr) != 1) {
+    if (::inet_pton(AF_INET6, parsed->host.c_str(), &sin6->sin6_addr) != 1) {
       return absl::InvalidArgumentError(
           absl::StrCat("address \"", text, "\": bad IPv6 host"));
     }
     sin6->sin6_family = AF_INET6;
-    sin6->sin6_port = htons(static_cast<uint16_t>(port));
+    sin6->sin6_port = htons(parsed->port);
     result.length = sizeof(sockaddr_in6);
     return result;
   }
-  std::string h = (host.empty() || host == "*") ? "0.0.0.0" : std::string(host);
-  if (h == "localhost") h = "127.0.0.1";
+  std::string host = parsed->host;
+  if (host.empty() || host == "*") host = "0.0.0.0";
+  if (host == "localhost") host = "127.0.0.1";
   auto* sin = reinterpret_cast<sockaddr_in*>(&result.storage);
-  if (::inet_pton(AF_INET, h.c_str(), &sin->sin_addr) != 1) {
+  if (::inet_pton(AF_INET, host.c_str(), &sin->sin_addr) != 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "address \"", text,
         "\": host must be a numeric IPv4 address, [IPv6] or localhost"));
   }
   sin->sin_family = AF_INET;
-  sin->sin_port = htons(static_cast<uint16_t>(port));
+  sin->sin_port = htons(parsed->port);
   result.length = sizeof(sockaddr_in);
+  return result;
+}
+
+absl::StatusOr<SocketAddress> SocketAddress::Of(int fd, bool peer) {
+  SocketAddress result;
+  result.length = sizeof(result.storage);
+  const int done =
+      peer ? ::getpeername(fd, result.mutable_addr(), &result.length)
+           : ::getsockname(fd, result.mutable_addr(), &result.length);
+  if (done != 0) {
+    return absl::ErrnoToStatus(errno, peer ? "getpeername" : "getsockname");
+  }
   return result;
 }
 
@@ -98,4 +135,4 @@ std::string SocketAddress::ToString() const {
   return out;
 }
 
-}  // namespace fdbroker
+}  // namespace fdbroker::wire

@@ -1,0 +1,76 @@
+#include "wire/command_line.h"
+
+#include <algorithm>
+#include <string>
+
+#include "absl/flags/reflection.h"
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace fdbroker::wire {
+namespace {
+
+bool IsHelpFlag(absl::string_view name) {
+  return name == "help" || name == "helpfull" || name == "helpshort" ||
+         name == "helppackage" || name == "version" ||
+         absl::StartsWith(name, "helpon") ||
+         absl::StartsWith(name, "helpmatch");
+}
+
+// The flag `name`, if the program accepts it.
+absl::CommandLineFlag* Find(absl::string_view name,
+                            absl::Span<const absl::string_view> allowed) {
+  if (!allowed.empty() &&
+      std::find(allowed.begin(), allowed.end(), name) == allowed.end()) {
+    return nullptr;
+  }
+  absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+  return flag != nullptr && !flag->IsRetired() ? flag : nullptr;
+}
+
+}  // namespace
+
+absl::StatusOr<CommandLine> ParseFlags(
+    int argc, char** argv, absl::Span<const absl::string_view> allowed) {
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view arg = argv[i];
+    if (arg == "--" && i + 1 == argc) break;
+    if (!absl::StartsWith(arg, "-") || arg == "-" || arg == "--") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "unexpected argument \"", arg, "\" (flags are --name=value)"));
+    }
+    arg.remove_prefix(absl::StartsWith(arg, "--") ? 2 : 1);
+    const size_t equals = arg.find('=');
+    const absl::string_view name = arg.substr(0, equals);
+    if (IsHelpFlag(name)) return CommandLine::kHelp;
+    absl::CommandLineFlag* flag = Find(name, allowed);
+    std::string value;
+    if (equals != absl::string_view::npos) {
+      value = std::string(arg.substr(equals + 1));
+    } else if (flag != nullptr && flag->IsOfType<bool>()) {
+      value = "true";
+    } else if (flag == nullptr && absl::StartsWith(name, "no") &&
+               (flag = Find(name.substr(2), allowed)) != nullptr &&
+               flag->IsOfType<bool>()) {
+      value = "false";  // --nofoo
+    } else if (flag != nullptr && i + 1 < argc) {
+      value = argv[++i];
+    } else if (flag != nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("flag --", name, " needs a value"));
+    }
+    if (flag == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown flag --", name, " (see --help)"));
+    }
+    std::string error;
+    if (!flag->ParseFrom(value, &error)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "bad value \"", value, "\" for --", flag->Name(), ": ", error));
+    }
+  }
+  return CommandLine::kRun;
+}
+
+}  // namespace fdbroker::wire

@@ -1,0 +1,26 @@
+#ifndef FDBROKER_PROTO_WIRE_COMMAND_LINE_H_
+#define FDBROKER_PROTO_WIRE_COMMAND_LINE_H_
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+
+namespace fdbroker::wire {
+
+// What a command line asks for.
+enum class CommandLine { kRun, kHelp };
+
+// The one command-line parser of the project's binaries: sets the absl flags
+// named in argv[1..] ("--name=value", "--name value", "--bool", "--nobool";
+// one or two dashes). `allowed` lists the flags the program accepts (empty:
+// every flag linked in). Any problem — an unknown flag, a value that does not
+// parse, a missing value, a positional argument — is an InvalidArgument whose
+// message is one line for the user (the caller exits with code 2); unlike
+// absl::ParseCommandLine it never exits. A help flag (--help, --helpfull,
+// --helpshort, --helpon=..., --version, ...) returns kHelp.
+absl::StatusOr<CommandLine> ParseFlags(
+    int argc, char** argv, absl::Span<const absl::string_view> allowed = {});
+
+}  // namespace fdbroker::wire
+
+#endif  // FDBROKER_PROTO_WIRE_COMMAND_LINE_H_
