@@ -253,7 +253,7 @@ absl::StatusOr<v1::DrainResponse> DataPlaneOperations::Drain(
     }
   }
   WorkerEvent event;
-  event.type = WorkerEvent::Type::kDrainRequested;
+  event.type = v1::EVENT_TYPE_DRAIN_REQUESTED;
   event.detail = *timeout > absl::ZeroDuration()
                      ? absl::StrCat("workers drain within ",
                                     absl::FormatDuration(*timeout))
@@ -277,7 +277,7 @@ absl::StatusOr<v1::ResumeResponse> DataPlaneOperations::Resume(
   listener_.Resume();
   response.set_accepting(true);
   WorkerEvent event;
-  event.type = WorkerEvent::Type::kResumeRequested;
+  event.type = v1::EVENT_TYPE_RESUME_REQUESTED;
   emit_(event);
   RefreshHealth();
   return response;

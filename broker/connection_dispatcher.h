@@ -16,6 +16,7 @@
 #include "broker/event_loop.h"
 #include "broker/latency_histogram.h"
 #include "broker/listener.h"
+#include "broker/metrics_list.h"
 #include "broker/worker_registry.h"
 #include "fdbroker/v1/handoff.pb.h"
 #include "wire/fd_passing.h"
@@ -62,22 +63,9 @@ class ConnectionDispatcher {
     // A connection Rejected this many times is closed.
     int max_attempts = 8;
   };
+  // broker/metrics_list.h declares the fields (and their metrics).
   struct Stats {
-    uint64_t dispatched = 0;
-    uint64_t handed_off = 0;  // Acked by a worker.
-    uint64_t replaced = 0;    // Re-placed after a Reject or a lost worker.
-    uint64_t rejected_by_worker = 0;  // Reject messages, per connection.
-    uint64_t rejected_overload = 0;
-    uint64_t rejected_shutdown = 0;
-    uint64_t failed_attempts = 0;  // Closed after max_attempts.
-    uint64_t batches_sent = 0;     // Packets with more than one connection.
-    uint64_t send_would_block = 0;
-    uint64_t send_errors = 0;
-    uint64_t worker_lost = 0;  // Un-acked when a worker's channel died.
-    uint64_t released = 0;     // Release messages taken.
-    // Released connections Acked by their new owner, by Release.reason.
-    uint64_t migrated_rebalance = 0;
-    uint64_t migrated_drain = 0;
+    FDBROKER_STATS_STRUCT_FIELDS(FDBROKER_DISPATCHER_STATS)
   };
   // A released connection reached its new owner (on its Ack).
   using MigrationObserver = std::function<void(

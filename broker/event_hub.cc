@@ -11,48 +11,7 @@ v1::WatchEventsResponse EventHub::ToProto(const WorkerEvent& event) {
   *out.mutable_time() =
       google::protobuf::util::TimeUtil::NanosecondsToTimestamp(
           absl::ToUnixNanos(event.time));
-  using Type = WorkerEvent::Type;
-  switch (event.type) {
-    case Type::kWorkerStarted:
-      out.set_type(v1::EVENT_TYPE_WORKER_STARTED);
-      break;
-    case Type::kWorkerReady:
-      out.set_type(v1::EVENT_TYPE_WORKER_READY);
-      break;
-    case Type::kWorkerDraining:
-      out.set_type(v1::EVENT_TYPE_WORKER_DRAINING);
-      break;
-    case Type::kWorkerExited:
-      out.set_type(v1::EVENT_TYPE_WORKER_EXITED);
-      break;
-    case Type::kWorkerCrashed:
-      out.set_type(v1::EVENT_TYPE_WORKER_CRASHED);
-      break;
-    case Type::kWorkerRestarted:
-      out.set_type(v1::EVENT_TYPE_WORKER_RESTARTED);
-      break;
-    case Type::kScaleRequested:
-      out.set_type(v1::EVENT_TYPE_SCALE_REQUESTED);
-      break;
-    case Type::kWorkerDrainRequested:
-      out.set_type(v1::EVENT_TYPE_WORKER_DRAIN_REQUESTED);
-      break;
-    case Type::kDrainRequested:
-      out.set_type(v1::EVENT_TYPE_DRAIN_REQUESTED);
-      break;
-    case Type::kResumeRequested:
-      out.set_type(v1::EVENT_TYPE_RESUME_REQUESTED);
-      break;
-    case Type::kRestartLoop:
-      out.set_type(v1::EVENT_TYPE_RESTART_LOOP);
-      break;
-    case Type::kConnectionsMigrated:
-      out.set_type(v1::EVENT_TYPE_CONNECTIONS_MIGRATED);
-      break;
-    case Type::kRebalanceRequested:
-      out.set_type(v1::EVENT_TYPE_REBALANCE_REQUESTED);
-      break;
-  }
+  out.set_type(event.type);
   out.set_worker_id(event.worker_id);
   out.set_pid(event.pid);
   out.set_exit_status(event.exit_status);

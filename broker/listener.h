@@ -8,6 +8,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "broker/event_loop.h"
+#include "broker/metrics_list.h"
 #include "wire/socket_address.h"
 #include "wire/sys_calls.h"
 #include "wire/unique_fd.h"
@@ -37,9 +38,9 @@ class Listener {
     // hand-off channels of the same loop.
     int max_accepts_per_wake = 64;
   };
+  // broker/metrics_list.h declares the fields (and their metrics).
   struct Stats {
-    uint64_t accepted = 0;
-    uint64_t exhaustion_pauses = 0;
+    FDBROKER_STATS_STRUCT_FIELDS(FDBROKER_LISTENER_STATS)
   };
 
   // Binds and listens on `address` (port 0 picks a free port; see address()).

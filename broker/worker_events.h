@@ -7,29 +7,16 @@
 #include <string>
 
 #include "absl/time/time.h"
+#include "fdbroker/v1/broker.pb.h"
 
 namespace fdbroker {
 
 // Something an operator may want to see happen (WatchEvents streams these).
 struct WorkerEvent {
-  enum class Type {
-    kWorkerStarted,
-    kWorkerReady,
-    kWorkerDraining,
-    kWorkerExited,
-    kWorkerCrashed,
-    kWorkerRestarted,
-    kScaleRequested,
-    kWorkerDrainRequested,
-    kDrainRequested,
-    kResumeRequested,
-    kRestartLoop,
-    // Released connections placed on other workers (one event per releasing
-    // worker and reason, aggregated over a quarter second).
-    kConnectionsMigrated,
-    kRebalanceRequested,
-  };
-  Type type;
+  // The event types are v1::EventType (proto/fdbroker/v1/broker.proto),
+  // the one list of them: WatchEvents sends `type` as it is.
+  using Type = v1::EventType;
+  Type type = v1::EVENT_TYPE_UNSPECIFIED;
   uint64_t worker_id = 0;
   pid_t pid = 0;
   std::string exit_status;

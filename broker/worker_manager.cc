@@ -229,7 +229,7 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
       worker->owned.empty() ? std::string()
                             : absl::StrCat(", ", worker->owned.size(),
                                            " connection(s) it still owns"));
-  Emit(WorkerEvent::Type::kWorkerReady, worker,
+  Emit(v1::EVENT_TYPE_WORKER_READY, worker,
        worker->adopted      ? "adopted"
        : worker->supervised ? "supervised"
                             : "external");
@@ -348,16 +348,16 @@ void WorkerManager::OnChannelClosed(HandoffChannel& channel,
   worker->channel.reset();  // Safe: the channel invokes us from a fresh turn.
   if (!worker->supervised) {
     if (worker->retiring) {
-      Emit(WorkerEvent::Type::kWorkerExited, worker, "unregistered");
+      Emit(v1::EVENT_TYPE_WORKER_EXITED, worker, "unregistered");
     } else {
-      Emit(WorkerEvent::Type::kWorkerCrashed, worker,
+      Emit(v1::EVENT_TYPE_WORKER_CRASHED, worker,
            std::string(reason.message()));
     }
     RemoveWorker(*worker);
     return;
   }
   if (worker->state != WorkerState::kDraining) {
-    Emit(WorkerEvent::Type::kWorkerDraining, worker,
+    Emit(v1::EVENT_TYPE_WORKER_DRAINING, worker,
          absl::StrCat("channel lost: ", reason.message()));
   }
   // Replaced now (with back-off), not when it finally exits: until then it
@@ -465,7 +465,7 @@ absl::StatusOr<WorkerManager::RebalanceResult> WorkerManager::Rebalance(
           : absl::StrCat("; ", result.skipped.size(),
                          " worker(s) above it cannot release"));
   spdlog::info("rebalance {}", detail);
-  Emit(WorkerEvent::Type::kRebalanceRequested, nullptr, std::move(detail));
+  Emit(v1::EVENT_TYPE_REBALANCE_REQUESTED, nullptr, std::move(detail));
   return result;
 }
 
@@ -494,7 +494,7 @@ void WorkerManager::EmitMigrations() {
                       " (", count, ")");
     }
     WorkerEvent event;
-    event.type = WorkerEvent::Type::kConnectionsMigrated;
+    event.type = v1::EVENT_TYPE_CONNECTIONS_MIGRATED;
     event.worker_id = key.first;
     event.pid = tally.pid;
     event.detail = absl::StrCat(
@@ -529,7 +529,7 @@ void WorkerManager::NoteFailure(Worker& worker) {
         "within {} of starting; restarts back off (up to {})",
         crash_streak_, absl::FormatDuration(options_.stable_after),
         absl::FormatDuration(options_.restart_backoff_max));
-    Emit(WorkerEvent::Type::kRestartLoop, &worker,
+    Emit(v1::EVENT_TYPE_RESTART_LOOP, &worker,
          absl::StrCat(crash_streak_,
                       " workers in a row failed to register or died within ",
                       absl::FormatDuration(options_.stable_after),
@@ -572,8 +572,7 @@ void WorkerManager::OnChildExited(pid_t pid, int wait_status) {
     worker->channel.reset();
   }
   const uint64_t id = worker->id;
-  Emit(crashed ? WorkerEvent::Type::kWorkerCrashed
-               : WorkerEvent::Type::kWorkerExited,
+  Emit(crashed ? v1::EVENT_TYPE_WORKER_CRASHED : v1::EVENT_TYPE_WORKER_EXITED,
        worker, "", DescribeWaitStatus(wait_status));
   if (crashed) NoteFailure(*worker);  // After the event: may report a loop.
   RemoveWorker(*worker);
@@ -651,9 +650,9 @@ uint64_t WorkerManager::SpawnOne(bool restart) {
     --pending_restarts_;
     ++stats_.restarts;
   }
-  Emit(restart ? WorkerEvent::Type::kWorkerRestarted
-               : WorkerEvent::Type::kWorkerStarted,
-       &worker);
+  Emit(
+      restart ? v1::EVENT_TYPE_WORKER_RESTARTED : v1::EVENT_TYPE_WORKER_STARTED,
+      &worker);
   return worker.id;
 }
 
@@ -717,7 +716,7 @@ absl::StatusOr<WorkerManager::ScaleResult> WorkerManager::Scale(
                                    result.started.end());
     }
   }
-  Emit(WorkerEvent::Type::kScaleRequested, nullptr,
+  Emit(v1::EVENT_TYPE_SCALE_REQUESTED, nullptr,
        absl::StrCat("count ", result.previous_count, " -> ", count, ": ",
                     result.started.size(), " started, ", result.draining.size(),
                     " draining"));
@@ -748,7 +747,7 @@ void WorkerManager::DrainWorkerById(uint64_t id, absl::Duration timeout,
         "broker cannot start an external worker)")));
     return;
   }
-  Emit(WorkerEvent::Type::kWorkerDrainRequested, worker,
+  Emit(v1::EVENT_TYPE_WORKER_DRAIN_REQUESTED, worker,
        replace ? "with replacement" : "");
   if (!replace) {
     if (worker->supervised) {
@@ -897,7 +896,7 @@ void WorkerManager::DrainWorker(Worker& worker, absl::Duration timeout) {
   if (worker.channel == nullptr) {
     // Not registered yet: nothing to drain.
     if (worker.supervised) supervisor_.Signal(worker.pid, SIGTERM);
-    Emit(WorkerEvent::Type::kWorkerDraining, &worker,
+    Emit(v1::EVENT_TYPE_WORKER_DRAINING, &worker,
          "stopped before it registered");
     return;
   }
@@ -914,7 +913,7 @@ void WorkerManager::DrainWorker(Worker& worker, absl::Duration timeout) {
   spdlog::info("worker {} (pid {}) draining, deadline in {}{}", worker.id,
                worker.pid, absl::FormatDuration(timeout),
                release_idle ? ", idle connections move to other workers" : "");
-  Emit(WorkerEvent::Type::kWorkerDraining, &worker,
+  Emit(v1::EVENT_TYPE_WORKER_DRAINING, &worker,
        absl::StrCat("deadline in ", absl::FormatDuration(timeout),
                     release_idle ? "; idle connections move" : ""));
 }

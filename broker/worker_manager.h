@@ -20,6 +20,7 @@
 #include "broker/connection_dispatcher.h"
 #include "broker/event_loop.h"
 #include "broker/handoff_channel.h"
+#include "broker/metrics_list.h"
 #include "broker/supervisor.h"
 #include "broker/worker_events.h"
 #include "broker/worker_registry.h"
@@ -50,17 +51,9 @@ class WorkerManager : public HandoffChannel::Delegate {
     // ready (--rebalance_after_scale).
     bool rebalance_after_scale = false;
   };
+  // broker/metrics_list.h declares the fields (and their metrics).
   struct Stats {
-    uint64_t registered = 0;
-    uint64_t refused = 0;
-    uint64_t crashes = 0;
-    uint64_t restarts = 0;
-    uint64_t protocol_errors = 0;
-    uint64_t heartbeat_timeouts = 0;
-    uint64_t lost_with_worker = 0;  // Owned connections of crashed workers.
-    uint64_t restart_loops = 0;
-    uint64_t rebalances = 0;        // Rebalance runs (RPC or automatic).
-    uint64_t release_requests = 0;  // ReleaseRequest messages sent.
+    FDBROKER_STATS_STRUCT_FIELDS(FDBROKER_WORKER_MANAGER_STATS)
   };
 
   using EventCallback = std::function<void(const WorkerEvent&)>;

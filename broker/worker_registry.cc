@@ -60,4 +60,10 @@ int64_t WorkerRegistry::TotalActive() const {
   return n;
 }
 
+int64_t WorkerRegistry::TotalUnacked() const {
+  int64_t n = 0;
+  for (const auto& [id, worker] : workers_) n += worker->unacked;
+  return n;
+}
+
 }  // namespace fdbroker

@@ -86,6 +86,7 @@ class WorkerRegistry {
   size_t size() const { return workers_.size(); }
   size_t CountInState(WorkerState state) const;
   int64_t TotalActive() const;
+  int64_t TotalUnacked() const;
 
  private:
   Map workers_;
