@@ -40,9 +40,25 @@ absl::Status CaseContext::Start() {
 
 absl::StatusOr<v1::Hello> CaseContext::StartAndReadHello() {
   if (absl::Status s = Start(); !s.ok()) return s;
-  if (absl::Status s = broker_->Accept(Deadline()); !s.ok()) {
-    return absl::Status(s.code(),
-                        absl::StrCat("§7.1 Registration: ", s.message()));
+  // In short steps, so that a worker that dies at start-up fails at once.
+  const absl::Time deadline = Deadline();
+  for (;;) {
+    absl::Status accepted = broker_->Accept(
+        std::min(deadline, absl::Now() + absl::Milliseconds(20)));
+    if (accepted.ok()) break;
+    if (!absl::IsDeadlineExceeded(accepted)) return accepted;
+    absl::StatusOr<int> exited = worker_->Wait(absl::Now());
+    if (exited.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("§7.1 Registration: the worker ended (",
+                       DescribeExit(*exited), ") without connecting"));
+    }
+    if (absl::Now() >= deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "§7.1 Registration: the worker did not connect to FDBROKER_SOCKET "
+          "within ",
+          absl::FormatDuration(options_.timeout)));
+    }
   }
   absl::StatusOr<ScriptedBroker::Received> first = broker_->Receive(Deadline());
   if (!first.ok()) {

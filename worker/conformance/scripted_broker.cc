@@ -140,6 +140,12 @@ absl::StatusOr<ScriptedBroker::Received> ScriptedBroker::Receive(
       Received received;
       absl::StatusOr<wire::ReceiveResult> result =
           channel_->Receive(received.message, received.fds);
+      if (!result.ok() && absl::IsUnavailable(result.status())) {
+        // ECONNRESET: the worker closed the channel with packets unread.
+        channel_.reset();
+        return absl::UnavailableError(absl::StrCat(
+            "the worker closed the channel (", result.status().message(), ")"));
+      }
       if (!result.ok()) {
         const absl::string_view text = result.status().message();
         // The wire library's messages name what broke (message_channel.cc).
