@@ -152,7 +152,10 @@ class Driver:
             if self._core.error is not None:
                 self._registered.set_exception(self._core.error)
                 return self._shut_down()
-            if self._core.registered:
+            # A Drain read in the same turn as the Welcome can finish the
+            # worker (Goodbye, channel closed) before `registered` is ever
+            # seen true: registration succeeded all the same.
+            if self._core.registered or self._core.finished:
                 self._registered.set_result(None)
         if self._core.finished:
             self._finished.set_result(None)

@@ -1,0 +1,948 @@
+#include "cases.h"
+
+#include <signal.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+
+namespace fdbroker::conformance {
+namespace {
+
+#define KIT_CONCAT_INNER(a, b) a##b
+#define KIT_CONCAT(a, b) KIT_CONCAT_INNER(a, b)
+#define KIT_RETURN_IF_ERROR(expr)            \
+  do {                                       \
+    absl::Status kit_status = expr;          \
+    if (!kit_status.ok()) return kit_status; \
+  } while (0)
+#define KIT_ASSIGN_OR_RETURN_IMPL(result, lhs, expr) \
+  auto result = (expr);                              \
+  if (!result.ok()) return result.status();          \
+  lhs = *std::move(result)
+#define KIT_ASSIGN_OR_RETURN(lhs, expr) \
+  KIT_ASSIGN_OR_RETURN_IMPL(KIT_CONCAT(kit_result_, __LINE__), lhs, expr)
+
+using Received = ScriptedBroker::Received;
+
+absl::Status Fail(absl::string_view what) {
+  return absl::FailedPreconditionError(what);
+}
+
+const google::protobuf::RepeatedField<uint64_t>* ClosedIds(
+    const v1::HandoffMessage& m) {
+  return m.has_closed() ? &m.closed().connection_ids() : nullptr;
+}
+const google::protobuf::RepeatedField<uint64_t>* AckedIds(
+    const v1::HandoffMessage& m) {
+  return m.has_ack() ? &m.ack().connection_ids() : nullptr;
+}
+
+// Receives until messages of one kind (`of` gives their ids, or null for
+// other kinds) have covered every id in `ids`.
+absl::Status AwaitIdsOf(CaseContext& context, absl::string_view what,
+                        std::set<uint64_t> ids,
+                        const google::protobuf::RepeatedField<uint64_t>* (*of)(
+                            const v1::HandoffMessage&)) {
+  const absl::Time deadline = context.Deadline();
+  while (!ids.empty()) {
+    KIT_ASSIGN_OR_RETURN(
+        Received received,
+        context.Await(
+            absl::StrCat(what, " for connection(s) [", absl::StrJoin(ids, ", "),
+                         "]"),
+            [&](const v1::HandoffMessage& m) { return of(m) != nullptr; },
+            deadline));
+    for (uint64_t id : *of(received.message)) ids.erase(id);
+  }
+  return absl::OkStatus();
+}
+
+// Goodbye, the channel closed, and exit code 0 (the kit's Welcome says
+// supervised); and no new channel: after a Drain a worker never reconnects.
+absl::Status AwaitGoodbyeAndExit(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(
+      Received goodbye,
+      context.Await("Goodbye", [](const v1::HandoffMessage& m) {
+        return m.has_goodbye();
+      }));
+  (void)goodbye;
+  KIT_RETURN_IF_ERROR(
+      context.AwaitChannelClosed("after Goodbye", context.Deadline()));
+  KIT_ASSIGN_OR_RETURN(int code, context.AwaitExit());
+  if (code != 0) {
+    return Fail(
+        absl::StrCat("a supervised worker that said Goodbye must exit "
+                     "cleanly; it ended with ",
+                     DescribeExit(code)));
+  }
+  if (context.broker().ConnectPending()) {
+    return Violation("§7.8", "the worker reconnected after a Drain");
+  }
+  return absl::OkStatus();
+}
+
+// Acked clients, each served once when the worker claims request_response
+// (so they are idle between requests, not fresh).
+absl::StatusOr<std::vector<Client*>> IdleClients(CaseContext& context,
+                                                 int count) {
+  std::vector<Client*> clients;
+  for (int i = 0; i < count; ++i) {
+    KIT_ASSIGN_OR_RETURN(Client * client, context.HandOffAcked());
+    if (context.Claims("request_response")) {
+      KIT_RETURN_IF_ERROR(context.Exchange(*client));
+    }
+    clients.push_back(client);
+  }
+  return clients;
+}
+
+// A Release's socket is the client's connection, untouched: no FIN or byte
+// reached the client, and what the client sends next is still unread.
+absl::Status CheckReleasedSocket(CaseContext& context, Client& client,
+                                 const Received& release) {
+  const wire::UniqueFd& fd = release.fds[0];
+  if (PeerAddress(fd.get()) != LocalAddress(client.tcp.client.get())) {
+    return Violation("§5 Release",
+                     absl::StrCat("the fd released for connection ", client.id,
+                                  " is not that client's socket"));
+  }
+  if (!NothingReadable(client.tcp.client.get())) {
+    return Violation(
+        "§5 Release",
+        absl::StrCat("the client of released connection ", client.id,
+                     " received bytes or a FIN: the worker must "
+                     "close its copy untouched"));
+  }
+  const std::string probe = "conformance-probe";
+  KIT_RETURN_IF_ERROR(WriteAll(client.tcp.client.get(), probe));
+  absl::StatusOr<std::string> seen = PeekSome(fd.get(), context.Deadline());
+  if (!seen.ok() || *seen != probe) {
+    return Violation("§5 Release",
+                     absl::StrCat("connection ", client.id,
+                                  " does not deliver the client's next bytes "
+                                  "to the released fd (the worker read or "
+                                  "shut down the socket)"));
+  }
+  return absl::OkStatus();
+}
+
+// ---- §7.1 Registration, §5 Refusal ----
+
+absl::Status Hello(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  // Nothing but valid messages may follow the Welcome.
+  return context.Settle(3 * context.options().heartbeat_interval);
+}
+
+absl::Status RefusalVersion(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
+  (void)hello;
+  v1::HandoffMessage refusal;
+  refusal.mutable_refusal()->set_reason(v1::REFUSAL_REASON_VERSION);
+  refusal.mutable_refusal()->set_message("conformance kit: version refused");
+  KIT_RETURN_IF_ERROR(context.broker().Send(std::move(refusal)));
+  context.broker().CloseChannel();
+  KIT_ASSIGN_OR_RETURN(int code, context.AwaitExit());
+  if (code == 0 || code > 128) {
+    return Fail(
+        absl::StrCat("after Refusal{VERSION} a worker exits with an "
+                     "error; it ended with ",
+                     DescribeExit(code)));
+  }
+  if (context.broker().ConnectPending()) {
+    return Fail(
+        "the worker connected again after Refusal{VERSION} "
+        "(retrying cannot help)");
+  }
+  return absl::OkStatus();
+}
+
+// ---- §7.6 Heartbeats ----
+
+absl::Status HeartbeatSend(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  const absl::Duration interval = context.options().heartbeat_interval;
+  const absl::Duration slack = std::max(3 * interval, absl::Milliseconds(300));
+  absl::Time last = absl::Now();
+  const absl::Time end = last + std::max(10 * interval, absl::Seconds(1));
+  int heartbeats = 0;
+  while (absl::Now() < end) {
+    absl::StatusOr<Received> received = context.broker().Receive(end);
+    if (absl::IsDeadlineExceeded(received.status())) break;
+    if (!received.ok()) return received.status();
+    if (received->when - last > interval + slack) {
+      return Fail(absl::StrCat(
+          "silent for ", absl::FormatDuration(received->when - last),
+          " with heartbeat_interval_ms ", absl::ToInt64Milliseconds(interval)));
+    }
+    last = received->when;
+    if (received->message.has_heartbeat()) ++heartbeats;
+  }
+  if (absl::Now() - last > interval + slack) {
+    return Fail(absl::StrCat(
+        "no Heartbeat for ", absl::FormatDuration(absl::Now() - last),
+        " with heartbeat_interval_ms ", absl::ToInt64Milliseconds(interval)));
+  }
+  if (heartbeats < 3) {
+    return Fail(absl::StrCat("only ", heartbeats, " Heartbeat(s) in ",
+                             absl::FormatDuration(10 * interval)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HeartbeatTimeout(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  context.broker().set_send_heartbeats(false);
+  const absl::Time silent_since = context.broker().last_sent();
+  const absl::Duration timeout = context.options().heartbeat_timeout;
+  absl::Status closed = context.AwaitChannelClosed(
+      absl::StrCat("within heartbeat_timeout_ms (",
+                   absl::ToInt64Milliseconds(timeout),
+                   ") of the kit's silence"),
+      silent_since + timeout + context.options().timeout);
+  KIT_RETURN_IF_ERROR(closed);
+  const absl::Duration after = absl::Now() - silent_since;
+  if (after < timeout * 0.9) {
+    return Fail(absl::StrCat("declared the kit dead after ",
+                             absl::FormatDuration(after),
+                             " of silence, before heartbeat_timeout_ms ",
+                             absl::ToInt64Milliseconds(timeout)));
+  }
+  return absl::OkStatus();
+}
+
+// ---- §7.2 Hand-off, §5 Connection, §7.3 Closed, §7.4 Capacity ----
+
+absl::Status Ack(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  KIT_ASSIGN_OR_RETURN(Client * client, context.HandOffAcked());
+  (void)client;
+  return context.Settle(3 * context.options().heartbeat_interval);
+}
+
+absl::Status Serve(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  KIT_ASSIGN_OR_RETURN(Client * client, context.HandOffAcked());
+  return context.Exchange(*client);
+}
+
+absl::Status InitialData(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  KIT_ASSIGN_OR_RETURN(Client * client,
+                       context.HandOff(context.options().request));
+  const uint64_t id = client->id;
+  KIT_ASSIGN_OR_RETURN(
+      Received ack, context.Await(absl::StrCat("Ack for connection ", id),
+                                  [id](const v1::HandoffMessage& m) {
+                                    return m.has_ack() &&
+                                           HasId(m.ack().connection_ids(), id);
+                                  }));
+  (void)ack;
+  client->tcp.server.Reset();
+  absl::StatusOr<std::string> answer =
+      ReadSome(client->tcp.client.get(), context.Deadline());
+  if (!answer.ok() || answer->empty()) {
+    return Fail(absl::StrCat(
+        "the request sent as Connection.initial_data was not answered "
+        "(the client itself sent nothing): ",
+        answer.ok() ? "the connection was closed" : "no answer"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Closed(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients, IdleClients(context, 1));
+  clients[0]->tcp.client.Reset();
+  KIT_RETURN_IF_ERROR(AwaitIdsOf(context, "Closed (the client closed)",
+                                 {clients[0]->id}, ClosedIds));
+  // A second Closed for it would be a Violation.
+  return context.Settle(3 * context.options().heartbeat_interval);
+}
+
+absl::Status ClosedMany(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients, IdleClients(context, 4));
+  std::set<uint64_t> ids;
+  for (Client* client : clients) {
+    client->tcp.client.Reset();
+    ids.insert(client->id);
+  }
+  KIT_RETURN_IF_ERROR(
+      AwaitIdsOf(context, "Closed (the clients closed)", ids, ClosedIds));
+  return context.Settle(3 * context.options().heartbeat_interval);
+}
+
+absl::Status Batch(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
+  if (hello.max_connections_per_message() <= 1) {
+    return context.Skip(
+        "Hello.max_connections_per_message <= 1: the worker "
+        "did not opt into ConnectionBatch");
+  }
+  KIT_RETURN_IF_ERROR(context.broker().SendWelcome());
+  const int count = static_cast<int>(
+      std::min<uint32_t>(hello.max_connections_per_message(), 3));
+  std::vector<std::unique_ptr<Client>> clients;
+  v1::HandoffMessage message;
+  std::vector<int> fds;
+  absl::StatusOr<std::unique_ptr<LoopbackListener>> tcp =
+      LoopbackListener::Create();
+  if (!tcp.ok()) return tcp.status();
+  std::set<uint64_t> ids;
+  for (int i = 0; i < count; ++i) {
+    auto client = std::make_unique<Client>();
+    KIT_ASSIGN_OR_RETURN(client->tcp, (*tcp)->Connect());
+    client->id = 9001 + i;
+    v1::Connection* c = message.mutable_connection_batch()->add_connections();
+    c->set_connection_id(client->id);
+    c->set_peer_address(client->tcp.peer_address);
+    c->set_local_address(client->tcp.local_address);
+    c->set_accept_time_unix_nanos(absl::GetCurrentTimeNanos());
+    fds.push_back(client->tcp.server.get());
+    ids.insert(client->id);
+    clients.push_back(std::move(client));
+  }
+  KIT_RETURN_IF_ERROR(context.broker().Send(std::move(message), fds));
+  for (uint64_t id : ids) context.broker().AwaitAnswer(id);
+  KIT_RETURN_IF_ERROR(
+      AwaitIdsOf(context, "Ack (ConnectionBatch)", ids, AckedIds));
+  for (auto& client : clients) {
+    client->tcp.server.Reset();
+    if (context.Claims("request_response")) {
+      KIT_RETURN_IF_ERROR(context.Exchange(*client));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Capacity(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
+  KIT_RETURN_IF_ERROR(context.broker().SendWelcome());
+  const int count =
+      hello.capacity() > 0
+          ? static_cast<int>(std::min<uint32_t>(hello.capacity(), 8))
+          : 8;
+  std::vector<Client*> clients;
+  for (int i = 0; i < count; ++i) {
+    absl::StatusOr<Client*> client = context.HandOffAcked();
+    if (!client.ok()) {
+      return Fail(absl::StrCat("connection ", i + 1, " of ", count,
+                               " (Hello.capacity ", hello.capacity(),
+                               "): ", client.status().message()));
+    }
+    clients.push_back(*client);
+  }
+  // Full: a Closed frees room, and the next Connection is taken.
+  clients[0]->tcp.client.Reset();
+  KIT_RETURN_IF_ERROR(
+      AwaitIdsOf(context, "Closed", {clients[0]->id}, ClosedIds));
+  KIT_ASSIGN_OR_RETURN(Client * next, context.HandOffAcked());
+  (void)next;
+  return absl::OkStatus();
+}
+
+// ---- §7.7 Drain ----
+
+absl::Status DrainEmpty(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  KIT_RETURN_IF_ERROR(context.broker().SendDrain(context.Deadline(), false));
+  return AwaitGoodbyeAndExit(context);
+}
+
+absl::Status DrainIdle(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients, IdleClients(context, 2));
+  KIT_RETURN_IF_ERROR(context.broker().SendDrain(context.Deadline(), false));
+  KIT_RETURN_IF_ERROR(AwaitIdsOf(context, "Closed (idle, draining)",
+                                 {clients[0]->id, clients[1]->id}, ClosedIds));
+  KIT_RETURN_IF_ERROR(AwaitGoodbyeAndExit(context));
+  for (Client* client : clients) {
+    if (!ReadsEof(client->tcp.client.get(), context.Deadline())) {
+      return Fail(absl::StrCat("idle connection ", client->id,
+                               " was reported Closed but its client never "
+                               "saw the connection end"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DrainNewConnection(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  KIT_RETURN_IF_ERROR(context.broker().SendDrain(context.Deadline(), false));
+  // The client's bytes are in the socket before the hand-off: a worker that
+  // reads the socket it does not take consumes them.
+  const std::string request = context.options().request;
+  KIT_ASSIGN_OR_RETURN(Client * client, context.HandOff("", request));
+  const uint64_t id = client->id;
+  bool acked = false;
+  const absl::Time deadline = context.Deadline();
+  for (;;) {
+    absl::StatusOr<Received> received = context.broker().Receive(deadline);
+    if (absl::IsUnavailable(received.status())) break;
+    if (absl::IsDeadlineExceeded(received.status())) {
+      return Fail(
+          "the draining worker did not say Goodbye and close the "
+          "channel");
+    }
+    if (!received.ok()) return received.status();
+    if (received->message.has_ack() &&
+        HasId(received->message.ack().connection_ids(), id)) {
+      acked = true;  // allowed (§6: Ack*), then served and Closed
+    }
+  }
+  if (!context.broker().goodbye_received()) {
+    return Fail("the draining worker closed the channel without Goodbye");
+  }
+  if (!acked) {
+    absl::StatusOr<std::string> unread =
+        PeekSome(client->tcp.server.get(), context.Deadline());
+    if (!unread.ok() || *unread != request ||
+        !NothingReadable(client->tcp.client.get())) {
+      return Violation("§5 Reject",
+                       absl::StrCat("connection ", id,
+                                    " was not taken but its socket was "
+                                    "touched (read, written or shut down): "
+                                    "close your copy untouched"));
+    }
+  }
+  KIT_ASSIGN_OR_RETURN(int code, context.AwaitExit());
+  if (code != 0) {
+    return Fail(
+        absl::StrCat("a supervised worker that said Goodbye must exit "
+                     "cleanly; it ended with ",
+                     DescribeExit(code)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Sigterm(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients, IdleClients(context, 1));
+  context.worker().Signal(SIGTERM);
+  KIT_RETURN_IF_ERROR(AwaitIdsOf(context, "Closed (SIGTERM drain)",
+                                 {clients[0]->id}, ClosedIds));
+  return AwaitGoodbyeAndExit(context);
+}
+
+// ---- §5 Release, ReleaseRequest; §7.7 release_idle ----
+
+absl::Status ReleaseRequest(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
+  if (!hello.supports_release()) {
+    return context.Skip("Hello.supports_release is not set");
+  }
+  KIT_RETURN_IF_ERROR(context.broker().SendWelcome());
+  KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients, IdleClients(context, 3));
+  v1::HandoffMessage request;
+  request.mutable_release_request()->set_max_connections(2);
+  request.mutable_release_request()->set_reason(v1::RELEASE_REASON_REBALANCE);
+  KIT_RETURN_IF_ERROR(context.broker().Send(std::move(request)));
+  std::vector<Received> releases;
+  absl::Time deadline = context.Deadline();
+  while (releases.size() < 3) {
+    absl::StatusOr<Received> release = context.Await(
+        "Release (ReleaseRequest{max_connections: 2} with 3 idle "
+        "connections)",
+        [](const v1::HandoffMessage& m) { return m.has_release(); }, deadline);
+    if (!release.ok()) {
+      if (!releases.empty() && absl::IsDeadlineExceeded(release.status())) {
+        break;
+      }
+      return release.status();
+    }
+    releases.push_back(*std::move(release));
+    // One arrived: the others (if any) come promptly.
+    deadline = absl::Now() + 10 * context.options().heartbeat_interval;
+  }
+  if (releases.size() > 2) {
+    return Violation("§5 ReleaseRequest",
+                     "released 3 connections when asked for at most 2");
+  }
+  for (const Received& release : releases) {
+    if (release.message.release().reason() != v1::RELEASE_REASON_REBALANCE) {
+      return Violation("§5 Release",
+                       "Release.reason does not echo ReleaseRequest.reason "
+                       "(REBALANCE)");
+    }
+    if (!release.message.release().unread_data().empty()) {
+      return Violation("§5 Release",
+                       "unread_data is not empty although the client sent "
+                       "nothing unanswered");
+    }
+    const uint64_t id = release.message.release().connection_id();
+    auto it = std::find_if(clients.begin(), clients.end(),
+                           [id](Client* c) { return c->id == id; });
+    KIT_RETURN_IF_ERROR(CheckReleasedSocket(context, **it, release));
+  }
+  // No Closed may follow for a released connection (a Violation).
+  return context.Settle(3 * context.options().heartbeat_interval);
+}
+
+absl::Status DrainRelease(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
+  if (!hello.supports_release()) {
+    return context.Skip("Hello.supports_release is not set");
+  }
+  KIT_RETURN_IF_ERROR(context.broker().SendWelcome());
+  KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients, IdleClients(context, 2));
+  KIT_RETURN_IF_ERROR(context.broker().SendDrain(context.Deadline(), true));
+  std::vector<Received> releases;
+  const absl::Time deadline = context.Deadline();
+  while (releases.size() < clients.size()) {
+    KIT_ASSIGN_OR_RETURN(
+        Received release,
+        context.Await(
+            "Release of each idle connection (Drain{release_idle})",
+            [](const v1::HandoffMessage& m) { return m.has_release(); },
+            deadline));
+    releases.push_back(std::move(release));
+  }
+  for (const Received& release : releases) {
+    if (release.message.release().reason() != v1::RELEASE_REASON_DRAIN) {
+      return Violation("§5 Release",
+                       "a Release while draining with release_idle must say "
+                       "RELEASE_REASON_DRAIN");
+    }
+    const uint64_t id = release.message.release().connection_id();
+    auto it = std::find_if(clients.begin(), clients.end(),
+                           [id](Client* c) { return c->id == id; });
+    KIT_RETURN_IF_ERROR(CheckReleasedSocket(context, **it, release));
+  }
+  return AwaitGoodbyeAndExit(context);
+}
+
+// ---- §7.8 Losing the broker, and re-registration ----
+
+absl::Status Reconnect(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients, IdleClients(context, 1));
+  Client& client = *clients[0];
+  context.broker().CloseChannel();
+  if (context.Claims("request_response")) {
+    if (absl::Status s = context.Exchange(client); !s.ok()) {
+      return Fail(
+          absl::StrCat("an acked connection was not served while the "
+                       "broker was gone: ",
+                       s.message()));
+    }
+  }
+  KIT_RETURN_IF_ERROR(context.broker().Accept(context.Deadline()));
+  KIT_ASSIGN_OR_RETURN(Received hello,
+                       context.broker().Receive(context.Deadline()));
+  const v1::Hello& h = hello.message.hello();
+  if (h.owned_connections_size() != 1 ||
+      h.owned_connections(0).connection_id() != client.id ||
+      h.owned_connections(0).peer_address() != client.tcp.peer_address) {
+    std::vector<std::string> owned;
+    for (const v1::OwnedConnection& o : h.owned_connections()) {
+      owned.push_back(absl::StrCat(o.connection_id(), "@", o.peer_address()));
+    }
+    return Fail(
+        absl::StrCat("the re-registration Hello lists owned_connections "
+                     "[",
+                     absl::StrJoin(owned, ", "), "], expected [", client.id,
+                     "@", client.tcp.peer_address, "]"));
+  }
+  if (!h.was_supervised()) {
+    return Fail(
+        "the re-registration Hello does not set was_supervised "
+        "(the previous Welcome said supervised)");
+  }
+  KIT_RETURN_IF_ERROR(context.broker().SendWelcome());
+  client.tcp.client.Reset();
+  return AwaitIdsOf(context, "Closed on the new channel (an owned connection)",
+                    {client.id}, ClosedIds);
+}
+
+// ---- §7.5 Errors ----
+
+enum class Size { kNormal, kOversized };
+
+// Sends one bad packet (with `fd_count` client sockets attached) and
+// expects the worker to close the channel without crashing, and to close
+// the fds that came with the packet.
+absl::Status ExpectProtocolError(CaseContext& context, const std::string& bytes,
+                                 int fd_count, Size size = Size::kNormal) {
+  std::vector<Client> clients(static_cast<size_t>(fd_count));
+  std::vector<int> fds;
+  absl::StatusOr<std::unique_ptr<LoopbackListener>> tcp =
+      LoopbackListener::Create();
+  if (!tcp.ok()) return tcp.status();
+  for (Client& client : clients) {
+    KIT_ASSIGN_OR_RETURN(client.tcp, (*tcp)->Connect());
+    fds.push_back(client.tcp.server.get());
+  }
+  KIT_RETURN_IF_ERROR(size == Size::kOversized
+                          ? context.broker().SendOversized(bytes, fds[0])
+                          : context.broker().SendRaw(bytes, fds));
+  KIT_RETURN_IF_ERROR(context.AwaitChannelClosed(
+      "after a protocol error (§7.5: log it and close the channel)",
+      context.Deadline()));
+  absl::StatusOr<int> code = context.worker().Wait(absl::Now());
+  if (code.ok() && *code > 128) {
+    return Fail(absl::StrCat("the worker crashed on a protocol error (",
+                             DescribeExit(*code), ")"));
+  }
+  for (Client& client : clients) {
+    client.tcp.server.Reset();
+    if (!ReadsEof(client.tcp.client.get(), context.Deadline())) {
+      return Violation("§3 File descriptors",
+                       "the fd that came with the bad packet was not closed "
+                       "(it leaks, and its client never sees the end)");
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::string Serialized(v1::HandoffMessage message) {
+  return message.SerializeAsString();
+}
+
+v1::HandoffMessage Heartbeat(uint64_t sequence) {
+  v1::HandoffMessage message;
+  message.set_sequence(sequence);
+  message.mutable_heartbeat()->set_sent_unix_nanos(absl::GetCurrentTimeNanos());
+  return message;
+}
+
+v1::HandoffMessage ConnectionMessage(uint64_t sequence, uint64_t id,
+                                     std::string initial_data = "") {
+  v1::HandoffMessage message;
+  message.set_sequence(sequence);
+  message.mutable_connection()->set_connection_id(id);
+  message.mutable_connection()->set_peer_address("127.0.0.1:1");
+  message.mutable_connection()->set_local_address("127.0.0.1:2");
+  message.mutable_connection()->set_initial_data(std::move(initial_data));
+  return message;
+}
+
+absl::Status ErrorSequenceGap(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  return ExpectProtocolError(
+      context, Serialized(Heartbeat(context.broker().next_sequence() + 1)), 0);
+}
+
+absl::Status ErrorSequenceRepeat(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  return ExpectProtocolError(
+      context, Serialized(Heartbeat(context.broker().next_sequence() - 1)), 0);
+}
+
+absl::Status ErrorSequenceZero(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  return ExpectProtocolError(context, Serialized(Heartbeat(0)), 0);
+}
+
+absl::Status ErrorUnparseable(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  return ExpectProtocolError(context, std::string("\xff\xff\xff\xff", 4), 0);
+}
+
+absl::Status ErrorNoBody(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  v1::HandoffMessage message;
+  message.set_sequence(context.broker().next_sequence());
+  return ExpectProtocolError(context, Serialized(message), 0);
+}
+
+absl::Status ErrorUnknownBody(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  v1::HandoffMessage message;
+  message.set_sequence(context.broker().next_sequence());
+  // Field 99, a varint: a body type from a newer protocol version.
+  return ExpectProtocolError(
+      context, Serialized(message) + std::string("\x98\x06\x01", 3), 0);
+}
+
+absl::Status ErrorConnectionWithoutFd(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  return ExpectProtocolError(
+      context,
+      Serialized(ConnectionMessage(context.broker().next_sequence(), 7)), 0);
+}
+
+absl::Status ErrorConnectionTwoFds(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  return ExpectProtocolError(
+      context,
+      Serialized(ConnectionMessage(context.broker().next_sequence(), 7)), 2);
+}
+
+absl::Status ErrorHeartbeatWithFd(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  return ExpectProtocolError(
+      context, Serialized(Heartbeat(context.broker().next_sequence())), 1);
+}
+
+absl::Status ErrorOversized(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  return ExpectProtocolError(
+      context,
+      Serialized(ConnectionMessage(context.broker().next_sequence(), 7,
+                                   std::string(70000, 'x'))),
+      1, Size::kOversized);
+}
+
+absl::Status ErrorWrongDirection(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  v1::HandoffMessage message;
+  message.set_sequence(context.broker().next_sequence());
+  message.mutable_ack()->add_connection_ids(1);
+  return ExpectProtocolError(context, Serialized(message), 0);
+}
+
+absl::Status ErrorSecondWelcome(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  v1::HandoffMessage message;
+  message.set_sequence(context.broker().next_sequence());
+  message.mutable_welcome()->mutable_version()->set_major(1);
+  message.mutable_welcome()->set_worker_id(2);
+  message.mutable_welcome()->set_heartbeat_interval_ms(100);
+  message.mutable_welcome()->set_heartbeat_timeout_ms(1500);
+  return ExpectProtocolError(context, Serialized(message), 0);
+}
+
+absl::Status ErrorFirstNotWelcome(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
+  (void)hello;
+  return ExpectProtocolError(context, Serialized(Heartbeat(1)), 0);
+}
+
+absl::Status BatchError(CaseContext& context, bool too_big) {
+  KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
+  if (hello.max_connections_per_message() <= 1) {
+    return context.Skip(
+        "Hello.max_connections_per_message <= 1: the worker "
+        "did not opt into ConnectionBatch");
+  }
+  KIT_RETURN_IF_ERROR(context.broker().SendWelcome());
+  const uint32_t entries =
+      too_big ? std::min<uint32_t>(hello.max_connections_per_message(), 252) + 1
+              : 2;
+  v1::HandoffMessage message;
+  message.set_sequence(context.broker().next_sequence());
+  for (uint32_t i = 0; i < entries; ++i) {
+    v1::Connection* c = message.mutable_connection_batch()->add_connections();
+    c->set_connection_id(5000 + i);
+    c->set_peer_address("127.0.0.1:1");
+  }
+  return ExpectProtocolError(context, Serialized(message),
+                             too_big ? static_cast<int>(entries) : 1);
+}
+
+absl::Status ErrorBatchTooBig(CaseContext& context) {
+  return BatchError(context, true);
+}
+
+absl::Status ErrorBatchFdMismatch(CaseContext& context) {
+  return BatchError(context, false);
+}
+
+}  // namespace
+
+const std::vector<Case>& AllCases() {
+  static const auto* cases = new std::vector<Case>{
+      {"hello",
+       "§7.1 Registration",
+       "Hello first, sequence 1, version 1.x, no owned connections",
+       {},
+       Hello},
+      {"refusal-version",
+       "§5 Refusal",
+       "after Refusal{VERSION} the worker exits with an error, no retry",
+       {},
+       RefusalVersion},
+      {"heartbeat-send",
+       "§7.6 Heartbeats",
+       "a Heartbeat whenever the worker was silent for heartbeat_interval_ms",
+       {},
+       HeartbeatSend},
+      {"heartbeat-timeout",
+       "§7.6 Heartbeats",
+       "the kit falls silent: the worker closes the channel after "
+       "heartbeat_timeout_ms, not before",
+       {},
+       HeartbeatTimeout},
+      {"ack", "§7.2 Hand-off", "a Connection is acked with its id", {}, Ack},
+      {"serve",
+       "§7.2 Hand-off",
+       "an acked client gets an answer",
+       {"request_response"},
+       Serve},
+      {"initial-data",
+       "§5 Connection",
+       "Connection.initial_data is processed as if read from the socket",
+       {"request_response"},
+       InitialData},
+      {"closed",
+       "§7.3 Closed",
+       "Closed once when the client closes an acked connection",
+       {},
+       Closed},
+      {"closed-many",
+       "§7.3 Closed",
+       "Closed exactly once for each of four connections",
+       {},
+       ClosedMany},
+      {"batch",
+       "§5 ConnectionBatch",
+       "each entry of a ConnectionBatch is acked and served (opted-in "
+       "workers)",
+       {},
+       Batch},
+      {"capacity",
+       "§7.4 Capacity",
+       "up to Hello.capacity connections are taken; a Closed frees room",
+       {},
+       Capacity},
+      {"drain-empty",
+       "§7.7 Drain",
+       "Drain with no connections: Goodbye, close, exit 0",
+       {},
+       DrainEmpty},
+      {"drain-idle",
+       "§7.7 Drain",
+       "Drain closes idle connections, Closed for each, Goodbye, exit 0",
+       {},
+       DrainIdle},
+      {"drain-new-connection",
+       "§7.7 Drain",
+       "a Connection after Drain is rejected (or left) untouched",
+       {},
+       DrainNewConnection},
+      {"sigterm",
+       "§7.7 Drain",
+       "SIGTERM drains: Closed, Goodbye, exit 0",
+       {"sigterm"},
+       Sigterm},
+      {"release-request",
+       "§5 ReleaseRequest",
+       "idle connections released (at most max_connections), socket "
+       "untouched, reason echoed, no Closed for them",
+       {},
+       ReleaseRequest},
+      {"drain-release",
+       "§7.7 Drain",
+       "Drain{release_idle}: idle connections released (DRAIN), Goodbye",
+       {},
+       DrainRelease},
+      {"reconnect",
+       "§7.8 Re-registration",
+       "after losing the broker: keeps serving, new Hello with "
+       "owned_connections and was_supervised, Closed on the new channel",
+       {"reconnect"},
+       Reconnect},
+      {"error-sequence-gap",
+       "§4 Sequence numbers",
+       "a skipped sequence number closes the channel",
+       {},
+       ErrorSequenceGap},
+      {"error-sequence-repeat",
+       "§4 Sequence numbers",
+       "a repeated sequence number closes the channel",
+       {},
+       ErrorSequenceRepeat},
+      {"error-sequence-zero",
+       "§4 Sequence numbers",
+       "sequence 0 closes the channel",
+       {},
+       ErrorSequenceZero},
+      {"error-unparseable",
+       "§4 Sequence numbers",
+       "a packet that does not parse closes the channel",
+       {},
+       ErrorUnparseable},
+      {"error-no-body",
+       "§4 Sequence numbers",
+       "a HandoffMessage with no body closes the channel",
+       {},
+       ErrorNoBody},
+      {"error-unknown-body",
+       "§4 Sequence numbers",
+       "a body type from a newer version (unknown field) closes the channel",
+       {},
+       ErrorUnknownBody},
+      {"error-connection-without-fd",
+       "§3 File descriptors",
+       "a Connection without its fd closes the channel",
+       {},
+       ErrorConnectionWithoutFd},
+      {"error-connection-two-fds",
+       "§3 File descriptors",
+       "a Connection with two fds closes the channel and both fds",
+       {},
+       ErrorConnectionTwoFds},
+      {"error-stray-fd",
+       "§3 File descriptors",
+       "a Heartbeat with an fd closes the channel and the fd",
+       {},
+       ErrorHeartbeatWithFd},
+      {"error-oversized",
+       "§2 Framing",
+       "a packet over 65536 bytes closes the channel and its fd",
+       {},
+       ErrorOversized},
+      {"error-wrong-direction",
+       "§5 Messages",
+       "an Ack from the broker closes the channel",
+       {},
+       ErrorWrongDirection},
+      {"error-second-welcome",
+       "§6 Session state machine",
+       "a second Welcome closes the channel",
+       {},
+       ErrorSecondWelcome},
+      {"error-first-not-welcome",
+       "§7.1 Registration",
+       "a first broker message other than Welcome/Refusal closes the channel",
+       {},
+       ErrorFirstNotWelcome},
+      {"error-batch-too-big",
+       "§5 ConnectionBatch",
+       "a batch over max_connections_per_message closes the channel and its "
+       "fds",
+       {},
+       ErrorBatchTooBig},
+      {"error-batch-fd-mismatch",
+       "§5 ConnectionBatch",
+       "a batch whose fd count differs from its entries closes the channel",
+       {},
+       ErrorBatchFdMismatch},
+  };
+  return *cases;
+}
+
+CaseResult RunCase(const Case& c, const KitOptions& options,
+                   const std::string& directory) {
+  CaseResult result;
+  const absl::Time start = absl::Now();
+  for (const char* need : c.needs) {
+    if (options.capabilities.count(need) == 0) {
+      result.verdict = Verdict::kSkip;
+      result.detail = absl::StrCat("the worker does not claim '", need,
+                                   "' (--capabilities)");
+      return result;
+    }
+  }
+  CaseContext context(options, directory);
+  absl::Status status = c.run(context);
+  result.elapsed = absl::Now() - start;
+  if (!status.ok()) {
+    result.verdict = Verdict::kFail;
+    result.detail = std::string(status.message());
+    result.worker_log = context.WorkerLog(8);
+  } else if (!context.skip_reason().empty()) {
+    result.verdict = Verdict::kSkip;
+    result.detail = context.skip_reason();
+  }
+  return result;
+}
+
+}  // namespace fdbroker::conformance
