@@ -146,7 +146,8 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   if (command.empty()) {
     command = absl::StrCat(self_dir, "/fdbroker-http-worker");
   }
-  absl::StatusOr<std::vector<std::string>> argv = SplitCommandLine(command);
+  absl::StatusOr<std::vector<std::string>> argv =
+      wire::SplitCommandLine(command);
   if (!argv.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("--worker_cmd: ", argv.status().message()));

@@ -35,49 +35,6 @@ int PidfdSendSignal(int pidfd, int signal) {
 
 }  // namespace
 
-absl::StatusOr<std::vector<std::string>> SplitCommandLine(
-    absl::string_view command) {
-  std::vector<std::string> words;
-  std::string word;
-  bool in_word = false;
-  char quote = 0;
-  for (size_t i = 0; i < command.size(); ++i) {
-    const char c = command[i];
-    if (quote != 0) {
-      if (c == quote) {
-        quote = 0;
-      } else if (c == '\\' && quote == '"' && i + 1 < command.size()) {
-        word.push_back(command[++i]);
-      } else {
-        word.push_back(c);
-      }
-    } else if (c == '\'' || c == '"') {
-      quote = c;
-      in_word = true;
-    } else if (c == '\\') {
-      if (i + 1 == command.size()) {
-        return absl::InvalidArgumentError("command ends with a backslash");
-      }
-      word.push_back(command[++i]);
-      in_word = true;
-    } else if (c == ' ' || c == '\t' || c == '\n') {
-      if (in_word) words.push_back(std::move(word));
-      word.clear();
-      in_word = false;
-    } else {
-      word.push_back(c);
-      in_word = true;
-    }
-  }
-  if (quote != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unterminated ", std::string(1, quote), " quote"));
-  }
-  if (in_word) words.push_back(std::move(word));
-  if (words.empty()) return absl::InvalidArgumentError("empty command");
-  return words;
-}
-
 namespace {
 
 // PATH lookup done before spawning, so that a missing program is a clear

@@ -16,12 +16,6 @@
 
 namespace fdbroker {
 
-// Splits a --worker_cmd command line into argv: whitespace separates words,
-// single and double quotes group them, backslash escapes one character. No
-// variables, globs or other shell features.
-absl::StatusOr<std::vector<std::string>> SplitCommandLine(
-    absl::string_view command);
-
 // Starts worker processes and reports when they exit. Mechanism only: when
 // to start or restart is the WorkerManager's business. Loop thread only.
 //

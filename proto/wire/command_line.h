@@ -1,6 +1,9 @@
 #ifndef FDBROKER_PROTO_WIRE_COMMAND_LINE_H_
 #define FDBROKER_PROTO_WIRE_COMMAND_LINE_H_
 
+#include <string>
+#include <vector>
+
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
@@ -20,6 +23,12 @@ enum class CommandLine { kRun, kHelp };
 // --helpshort, --helpon=..., --version, ...) returns kHelp.
 absl::StatusOr<CommandLine> ParseFlags(
     int argc, char** argv, absl::Span<const absl::string_view> allowed = {});
+
+// Splits a command line (a --worker_cmd) into argv: whitespace separates
+// words, single and double quotes group them, backslash escapes one
+// character. No variables, globs or other shell features.
+absl::StatusOr<std::vector<std::string>> SplitCommandLine(
+    absl::string_view command);
 
 }  // namespace fdbroker::wire
 

@@ -66,9 +66,9 @@ class PolicyTest : public ::testing::Test {
     return picks;
   }
   // Worker id each client lands on.
-  std::vector<uint64_t> Assign(BalancingPolicy& policy,
-                               const std::vector<Worker*>& candidates,
-                               const std::vector<wire::SocketAddress>& clients) {
+  std::vector<uint64_t> Assign(
+      BalancingPolicy& policy, const std::vector<Worker*>& candidates,
+      const std::vector<wire::SocketAddress>& clients) {
     std::vector<uint64_t> ids;
     for (const wire::SocketAddress& client : clients) {
       ids.push_back(candidates[policy.Pick(candidates, client)]->id);
@@ -256,7 +256,8 @@ TEST_F(PolicyTest, IpHashIsStickyByAddressNotPort) {
     }
   }
   // An IPv4-mapped IPv6 peer (a dual-stack listener) is the same client.
-  absl::StatusOr<wire::SocketAddress> v4 = wire::SocketAddress::Parse("192.0.2.7:1000");
+  absl::StatusOr<wire::SocketAddress> v4 =
+      wire::SocketAddress::Parse("192.0.2.7:1000");
   absl::StatusOr<wire::SocketAddress> mapped =
       wire::SocketAddress::Parse("[::ffff:192.0.2.7]:2000");
   ASSERT_TRUE(v4.ok() && mapped.ok());

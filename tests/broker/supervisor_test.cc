@@ -16,22 +16,6 @@
 namespace fdbroker {
 namespace {
 
-TEST(SplitCommandLineTest, SplitsWordsAndHonoursQuotes) {
-  EXPECT_EQ(*SplitCommandLine("python3  worker.py --port=1"),
-            (std::vector<std::string>{"python3", "worker.py", "--port=1"}));
-  EXPECT_EQ(
-      *SplitCommandLine(R"(sh -c 'echo "a b"' "x y" z\ w)"),
-      (std::vector<std::string>{"sh", "-c", "echo \"a b\"", "x y", "z w"}));
-  EXPECT_EQ(*SplitCommandLine("a ''"), (std::vector<std::string>{"a", ""}));
-}
-
-TEST(SplitCommandLineTest, RejectsBadInput) {
-  EXPECT_FALSE(SplitCommandLine("").ok());
-  EXPECT_FALSE(SplitCommandLine("   ").ok());
-  EXPECT_FALSE(SplitCommandLine("sh -c 'oops").ok());
-  EXPECT_FALSE(SplitCommandLine("trailing\\").ok());
-}
-
 std::string Slurp(const std::string& path) {
   std::ifstream in(path);
   std::stringstream s;

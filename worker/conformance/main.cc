@@ -21,8 +21,8 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
-#include "broker/supervisor.h"
 #include "cases.h"
+#include "wire/command_line.h"
 
 ABSL_FLAG(std::string, worker_cmd, "",
           "the worker's command line (split like fdbroker's --worker_cmd: "
@@ -72,8 +72,22 @@ int Main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "fdbroker-conformance --worker_cmd=COMMAND [--cases=REGEX] [--list] "
       "[--timeout=5s] [--request=BYTES] [--capabilities=LIST]");
-  std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
-  if (rest.size() > 1) Usage(absl::StrCat("unexpected argument ", rest[1]));
+  static constexpr absl::string_view kFlags[] = {"worker_cmd",
+                                                 "cases",
+                                                 "list",
+                                                 "timeout",
+                                                 "request",
+                                                 "capabilities",
+                                                 "heartbeat_interval",
+                                                 "heartbeat_timeout",
+                                                 "keep_logs"};
+  absl::StatusOr<wire::CommandLine> parsed =
+      wire::ParseFlags(argc, argv, kFlags);
+  if (!parsed.ok()) Usage(std::string(parsed.status().message()));
+  if (*parsed == wire::CommandLine::kHelp) {
+    absl::ParseCommandLine(argc, argv);  // prints the usage text, exits
+    return 0;
+  }
 
   std::regex filter;
   try {
@@ -96,7 +110,7 @@ int Main(int argc, char** argv) {
   const std::string command = absl::GetFlag(FLAGS_worker_cmd);
   if (command.empty()) Usage("--worker_cmd is required");
   absl::StatusOr<std::vector<std::string>> worker_argv =
-      SplitCommandLine(command);
+      wire::SplitCommandLine(command);
   if (!worker_argv.ok()) {
     Usage(absl::StrCat("--worker_cmd: ", worker_argv.status().message()));
   }
