@@ -132,14 +132,16 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
         "--socket: path longer than 107 bytes (a Unix socket limit)");
   }
 
-  config.max_workers = absl::GetFlag(FLAGS_max_workers);
-  if (config.max_workers < 1 || config.max_workers > 1024) {
+  WorkerManager::Options& manager = config.manager;
+  manager.max_workers = absl::GetFlag(FLAGS_max_workers);
+  if (manager.max_workers < 1 || manager.max_workers > 1024) {
     return absl::InvalidArgumentError("--max_workers must be in 1..1024");
   }
-  config.workers = absl::GetFlag(FLAGS_workers);
-  if (config.workers < 0 || config.workers > config.max_workers) {
+  manager.target_workers = absl::GetFlag(FLAGS_workers);
+  if (manager.target_workers < 0 ||
+      manager.target_workers > manager.max_workers) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "--workers must be in 0..--max_workers (", config.max_workers, ")"));
+        "--workers must be in 0..--max_workers (", manager.max_workers, ")"));
   }
 
   std::string command = absl::GetFlag(FLAGS_worker_cmd);
@@ -153,7 +155,7 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
         absl::StrCat("--worker_cmd: ", argv.status().message()));
   }
   config.worker_argv = *std::move(argv);
-  if (config.workers > 0 &&
+  if (manager.target_workers > 0 &&
       config.worker_argv[0].find('/') != std::string::npos &&
       ::access(config.worker_argv[0].c_str(), X_OK) != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -165,26 +167,26 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
     return absl::InvalidArgumentError(absl::StrCat("--policy: ", s.message()));
   }
 
-  config.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
-  config.rebalance_after_scale = absl::GetFlag(FLAGS_rebalance_after_scale);
-  config.heartbeat_interval = absl::GetFlag(FLAGS_heartbeat_interval);
-  config.heartbeat_timeout = absl::GetFlag(FLAGS_heartbeat_timeout);
-  config.worker_start_timeout = absl::GetFlag(FLAGS_worker_start_timeout);
-  config.pending_timeout = absl::GetFlag(FLAGS_pending_timeout);
+  manager.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
+  manager.rebalance_after_scale = absl::GetFlag(FLAGS_rebalance_after_scale);
+  manager.heartbeat_interval = absl::GetFlag(FLAGS_heartbeat_interval);
+  manager.heartbeat_timeout = absl::GetFlag(FLAGS_heartbeat_timeout);
+  manager.start_timeout = absl::GetFlag(FLAGS_worker_start_timeout);
+  config.dispatcher.pending_timeout = absl::GetFlag(FLAGS_pending_timeout);
   const std::pair<const char*, absl::Duration> positive[] = {
-      {"--drain_timeout", config.drain_timeout},
-      {"--heartbeat_interval", config.heartbeat_interval},
-      {"--heartbeat_timeout", config.heartbeat_timeout},
-      {"--worker_start_timeout", config.worker_start_timeout},
-      {"--pending_timeout", config.pending_timeout}};
+      {"--drain_timeout", manager.drain_timeout},
+      {"--heartbeat_interval", manager.heartbeat_interval},
+      {"--heartbeat_timeout", manager.heartbeat_timeout},
+      {"--worker_start_timeout", manager.start_timeout},
+      {"--pending_timeout", config.dispatcher.pending_timeout}};
   for (const auto& [name, value] : positive) {
     if (value <= absl::ZeroDuration() || value == absl::InfiniteDuration()) {
       return absl::InvalidArgumentError(
           absl::StrCat(name, " must be a positive duration such as 5s"));
     }
   }
-  if (config.heartbeat_interval < absl::Milliseconds(10) ||
-      config.heartbeat_timeout < 2 * config.heartbeat_interval) {
+  if (manager.heartbeat_interval < absl::Milliseconds(10) ||
+      manager.heartbeat_timeout < 2 * manager.heartbeat_interval) {
     return absl::InvalidArgumentError(
         "--heartbeat_timeout must be at least twice --heartbeat_interval "
         "(and the interval at least 10ms)");
@@ -193,7 +195,7 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   if (max_pending < 0) {
     return absl::InvalidArgumentError("--max_pending must be >= 0");
   }
-  config.max_pending = static_cast<size_t>(max_pending);
+  config.dispatcher.max_pending = static_cast<size_t>(max_pending);
   config.loop_slice = absl::GetFlag(FLAGS_loop_slice);
   if (config.loop_slice != absl::ZeroDuration() &&
       (config.loop_slice < absl::Microseconds(100) ||
@@ -218,47 +220,47 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
           absl::StrCat("--metrics: ", metrics.status().message()));
     }
   }
-  config.control_address = absl::GetFlag(FLAGS_control);
-  if (!config.control_address.empty() &&
-      !absl::StartsWith(config.control_address, "localhost:")) {
-    absl::StatusOr<wire::SocketAddress> control =
-        wire::SocketAddress::Parse(config.control_address);
-    if (!control.ok()) {
+  ControlServer::Options& control = config.control;
+  control.address = absl::GetFlag(FLAGS_control);
+  if (!control.address.empty() &&
+      !absl::StartsWith(control.address, "localhost:")) {
+    absl::StatusOr<wire::SocketAddress> parsed =
+        wire::SocketAddress::Parse(control.address);
+    if (!parsed.ok()) {
       return absl::InvalidArgumentError(
-          absl::StrCat("--control: ", control.status().message()));
+          absl::StrCat("--control: ", parsed.status().message()));
     }
   }
-  config.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
-  config.tls_key_file = absl::GetFlag(FLAGS_tls_key);
-  config.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
-  config.allow_insecure_control = absl::GetFlag(FLAGS_allow_insecure_control);
+  control.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  control.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  control.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  control.allow_insecure = absl::GetFlag(FLAGS_allow_insecure_control);
   config.admin_subjects = absl::GetFlag(FLAGS_admin_subjects);
-  if (!config.admin_subjects.empty() && config.tls_client_ca_file.empty()) {
+  if (!config.admin_subjects.empty() && control.tls_client_ca_file.empty()) {
     return absl::InvalidArgumentError(
         "--admin_subjects needs mTLS (--tls_client_ca): without client "
         "certificates there is no subject to check");
   }
-  if (config.tls_cert_file.empty() != config.tls_key_file.empty()) {
+  if (control.tls_cert_file.empty() != control.tls_key_file.empty()) {
     return absl::InvalidArgumentError(
         "--tls_cert and --tls_key must be given together");
   }
-  if (!config.tls_client_ca_file.empty() && config.tls_cert_file.empty()) {
+  if (!control.tls_client_ca_file.empty() && control.tls_cert_file.empty()) {
     return absl::InvalidArgumentError(
         "--tls_client_ca (mTLS) needs --tls_cert and --tls_key");
   }
-  if (!config.control_address.empty() && config.tls_cert_file.empty() &&
-      !config.allow_insecure_control &&
-      !IsLoopbackAddress(config.control_address)) {
+  if (!control.address.empty() && control.tls_cert_file.empty() &&
+      !control.allow_insecure && !IsLoopbackAddress(control.address)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "--control=", config.control_address,
+        "--control=", control.address,
         " is not a loopback address: give --tls_cert and --tls_key, or "
         "--allow_insecure_control to serve plaintext anyway"));
   }
   for (const auto& [flag, path] :
        {std::pair<const char*, const std::string&>{"--tls_cert",
-                                                   config.tls_cert_file},
-        {"--tls_key", config.tls_key_file},
-        {"--tls_client_ca", config.tls_client_ca_file}}) {
+                                                   control.tls_cert_file},
+        {"--tls_key", control.tls_key_file},
+        {"--tls_client_ca", control.tls_client_ca_file}}) {
     if (!path.empty() && ::access(path.c_str(), R_OK) != 0) {
       return absl::InvalidArgumentError(
           absl::StrCat(flag, ": cannot read ", path));

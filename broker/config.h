@@ -6,26 +6,33 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "broker/connection_dispatcher.h"
+#include "broker/control_server.h"
+#include "broker/worker_manager.h"
 #include "wire/socket_address.h"
 
 namespace fdbroker {
 
-// Everything the broker needs from its command line, validated.
+// Everything the broker needs from its command line, validated. Each flag
+// (declared with its default and help in config.cc) is read once, into the
+// Options of the component it configures, which the daemon passes on as is.
 struct BrokerConfig {
-  wire::SocketAddress listen;
-  std::string socket_path;
-  int workers = 0;
-  std::vector<std::string> worker_argv;
-  int max_workers = 64;
-  std::string policy;
-  absl::Duration drain_timeout;
-  // Rebalance once after a scale-up's new workers are ready.
-  bool rebalance_after_scale = false;
-  absl::Duration heartbeat_interval;
-  absl::Duration heartbeat_timeout;
-  absl::Duration worker_start_timeout;
-  size_t max_pending = 0;
-  absl::Duration pending_timeout;
+  wire::SocketAddress listen;                // --listen
+  std::string socket_path;                   // --socket
+  std::vector<std::string> worker_argv;      // --worker_cmd
+  std::string policy;                        // --policy
+  WorkerManager::Options manager;            // --workers, --max_workers,
+                                             // --drain_timeout, heartbeats,
+                                             // --worker_start_timeout,
+                                             // --rebalance_after_scale
+  ConnectionDispatcher::Options dispatcher;  // --max_pending, --pending_timeout
+  // --control (empty address: no control plane), --tls_*,
+  // --allow_insecure_control.
+  ControlServer::Options control;
+  // With mTLS, the client-certificate subjects allowed to mutate.
+  std::vector<std::string> admin_subjects;
+  // Prometheus endpoint (/metrics); empty disables it.
+  std::string metrics_address;
   // Scheduler slice of the data-plane thread; zero keeps the default.
   absl::Duration loop_slice;
   std::string ready_file;
@@ -34,16 +41,6 @@ struct BrokerConfig {
   // How long a broker that replaces another waits for re-registering
   // workers before starting its own.
   absl::Duration adopt_grace;
-  // Prometheus endpoint (/metrics); empty disables it.
-  std::string metrics_address;
-  // Control plane; empty address disables it.
-  std::string control_address;
-  std::string tls_cert_file;
-  std::string tls_key_file;
-  std::string tls_client_ca_file;
-  bool allow_insecure_control = false;
-  // With mTLS, the client-certificate subjects allowed to mutate.
-  std::vector<std::string> admin_subjects;
 };
 
 // Parses argv into the absl flags. Unlike absl::ParseCommandLine, a bad flag

@@ -6,7 +6,6 @@
 
 #include <cerrno>
 #include <cstdio>
-#include <fstream>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -14,6 +13,7 @@
 #include "broker/thread_slice.h"
 #include "broker/upgrade.h"
 #include "spdlog/spdlog.h"
+#include "wire/files.h"
 #include "wire/message_channel.h"
 #include "wire/sys_calls.h"
 
@@ -85,26 +85,15 @@ absl::Status Daemon::Init() {
   if (!policy.ok()) return policy.status();
   policy_ = *std::move(policy);
 
-  ConnectionDispatcher::Options dispatch_options;
-  dispatch_options.max_pending = config_.max_pending;
-  dispatch_options.pending_timeout = config_.pending_timeout;
   dispatcher_ = std::make_unique<ConnectionDispatcher>(
-      *loop_, registry_, *policy_, dispatch_options);
+      *loop_, registry_, *policy_, config_.dispatcher);
 
   supervisor_ = std::make_unique<Supervisor>(
       *loop_, Supervisor::Options{config_.worker_argv, config_.socket_path},
       [this](pid_t pid, int status) { manager_->OnChildExited(pid, status); });
 
-  WorkerManager::Options manager_options;
-  manager_options.target_workers = config_.workers;
-  manager_options.max_workers = config_.max_workers;
-  manager_options.drain_timeout = config_.drain_timeout;
-  manager_options.rebalance_after_scale = config_.rebalance_after_scale;
-  manager_options.heartbeat_interval = config_.heartbeat_interval;
-  manager_options.heartbeat_timeout = config_.heartbeat_timeout;
-  manager_options.start_timeout = config_.worker_start_timeout;
   manager_ = std::make_unique<WorkerManager>(
-      *loop_, registry_, *dispatcher_, *supervisor_, sys, manager_options,
+      *loop_, registry_, *dispatcher_, *supervisor_, sys, config_.manager,
       [this](const WorkerEvent& event) { OnEvent(event); });
 
   auto on_peer = [this](wire::UniqueFd socket, const ucred& peer,
@@ -168,7 +157,7 @@ absl::Status Daemon::Init() {
     // The ProcessMetrics collectable is registered beside the registry.
     metrics_server_->Register(process_metrics_);
   }
-  if (!config_.control_address.empty()) {
+  if (!config_.control.address.empty()) {
     control_service_ = std::make_unique<ControlService>(
         *loop_, *operations_, hub_,
         [metrics = metrics_.get()](absl::string_view method,
@@ -176,22 +165,17 @@ absl::Status Daemon::Init() {
           metrics->CountControlRequest(method, static_cast<int>(code));
         },
         ControlService::Authorization{
-            !config_.tls_client_ca_file.empty(),
+            !config_.control.tls_client_ca_file.empty(),
             {config_.admin_subjects.begin(), config_.admin_subjects.end()}});
-    if (!config_.tls_client_ca_file.empty() && config_.admin_subjects.empty()) {
+    if (!config_.control.tls_client_ca_file.empty() &&
+        config_.admin_subjects.empty()) {
       spdlog::warn(
           "mTLS without --admin_subjects: every mutating RPC will be "
           "refused (read-only RPCs work)");
     }
-    ControlServer::Options control_options;
-    control_options.address = config_.control_address;
-    control_options.tls_cert_file = config_.tls_cert_file;
-    control_options.tls_key_file = config_.tls_key_file;
-    control_options.tls_client_ca_file = config_.tls_client_ca_file;
-    control_options.allow_insecure = config_.allow_insecure_control;
     absl::StatusOr<std::unique_ptr<ControlServer>> control =
         RetryWhileUpgrading([&] {
-          return ControlServer::Start(control_options, *control_service_);
+          return ControlServer::Start(config_.control, *control_service_);
         });
     if (!control.ok()) return control.status();
     control_server_ = *std::move(control);
@@ -213,25 +197,16 @@ void Daemon::OnEvent(const WorkerEvent& event) {
 
 absl::Status Daemon::WriteReadyFile() const {
   if (config_.ready_file.empty()) return absl::OkStatus();
-  const std::string tmp = absl::StrCat(config_.ready_file, ".tmp");
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << "listen=" << listener_->address().ToString() << "\n"
-        << "socket=" << handoff_server_->path() << "\n"
-        << "pid=" << ::getpid() << "\n";
-    if (control_server_ != nullptr) {
-      out << "control=" << control_server_->address() << "\n";
-    }
-    if (metrics_server_ != nullptr) {
-      out << "metrics=" << metrics_server_->address() << "\n";
-    }
-    if (!out.good()) return absl::InternalError("cannot write " + tmp);
+  std::string contents = absl::StrCat(
+      "listen=", listener_->address().ToString(), "\n",
+      "socket=", handoff_server_->path(), "\n", "pid=", ::getpid(), "\n");
+  if (control_server_ != nullptr) {
+    absl::StrAppend(&contents, "control=", control_server_->address(), "\n");
   }
-  // rename() is atomic: a reader sees the whole file or none of it.
-  if (std::rename(tmp.c_str(), config_.ready_file.c_str()) != 0) {
-    return absl::ErrnoToStatus(errno, "rename " + tmp);
+  if (metrics_server_ != nullptr) {
+    absl::StrAppend(&contents, "metrics=", metrics_server_->address(), "\n");
   }
-  return absl::OkStatus();
+  return wire::WriteFileAtomically(config_.ready_file, contents);
 }
 
 void Daemon::ApplyLoopSlice() {
@@ -272,8 +247,8 @@ int Daemon::Run() {
   spdlog::info(
       "fdbroker listening on {}, hand-off socket {}, {} worker(s), "
       "policy {}",
-      listener_->address().ToString(), handoff_server_->path(), config_.workers,
-      std::string(policy_->name()));
+      listener_->address().ToString(), handoff_server_->path(),
+      config_.manager.target_workers, std::string(policy_->name()));
   if (absl::Status s = WriteReadyFile(); !s.ok()) {
     spdlog::error("--ready_file: {}", s.ToString());
     return 1;
@@ -380,7 +355,7 @@ void Daemon::OnSignal() {
           "received SIG{}: draining (deadline {}); send it again to "
           "stop at once",
           sigabbrev_np(static_cast<int>(info.ssi_signo)),
-          absl::FormatDuration(config_.drain_timeout));
+          absl::FormatDuration(config_.manager.drain_timeout));
       BeginShutdown();
     } else {
       spdlog::warn("second signal: stopping now");
@@ -400,7 +375,7 @@ void Daemon::BeginShutdown() {
   // channel's order guarantees each Connection arrives before the Drain.
   dispatcher_->PlacePending();
   dispatcher_->CloseAllPending();
-  manager_->DrainAll(config_.drain_timeout, [this] {
+  manager_->DrainAll(config_.manager.drain_timeout, [this] {
     dispatcher_->CloseAllPending();
     loop_->Stop();
   });

@@ -21,6 +21,7 @@
 #include "listener_source.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
+#include "wire/files.h"
 #include "worker_flags.h"
 
 namespace {
@@ -80,7 +81,7 @@ int Run(const fdbroker::http::WorkerConfig& config) {
   spdlog::info("fdbroker-http-worker pid {}: {}", ::getpid(), description);
   if (!config.ready_file.empty()) {
     absl::Status written =
-        fdbroker::http::WriteFileAtomically(config.ready_file, ready);
+        fdbroker::wire::WriteFileAtomically(config.ready_file, ready);
     if (!written.ok()) {
       spdlog::error("cannot write --ready_file: {}", written.ToString());
       return 1;

@@ -1,6 +1,5 @@
 #include "worker_flags.h"
 
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -12,7 +11,6 @@
 #include "absl/strings/string_view.h"
 #include "wire/command_line.h"
 #include "wire/message_channel.h"
-#include "wire/unique_fd.h"
 
 ABSL_FLAG(std::string, listen, "",
           "HOST:PORT: run standalone on this address with SO_REUSEPORT "
@@ -103,33 +101,6 @@ absl::StatusOr<WorkerConfig> ParseWorkerFlags(int argc, char** argv) {
   }
   config.socket_path = socket_path;
   return config;
-}
-
-absl::Status WriteFileAtomically(const std::string& path,
-                                 const std::string& contents) {
-  const std::string temp = absl::StrCat(path, ".tmp.", ::getpid());
-  wire::UniqueFd fd(
-      ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-  if (!fd) return absl::ErrnoToStatus(errno, absl::StrCat("open ", temp));
-  size_t written = 0;
-  while (written < contents.size()) {
-    const ssize_t n =
-        ::write(fd.get(), contents.data() + written, contents.size() - written);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      const int error = errno;
-      ::unlink(temp.c_str());
-      return absl::ErrnoToStatus(error, absl::StrCat("write ", temp));
-    }
-    written += static_cast<size_t>(n);
-  }
-  fd.Reset();
-  if (::rename(temp.c_str(), path.c_str()) != 0) {
-    const int error = errno;
-    ::unlink(temp.c_str());
-    return absl::ErrnoToStatus(error, absl::StrCat("rename to ", path));
-  }
-  return absl::OkStatus();
 }
 
 }  // namespace fdbroker::http

@@ -39,11 +39,6 @@ absl::StatusOr<WorkerConfig> ParseWorkerFlags(int argc, char** argv);
 // The --help text.
 std::string WorkerUsage();
 
-// Writes `contents` to `path` atomically (temp file + rename), so a poller
-// never sees half of it.
-absl::Status WriteFileAtomically(const std::string& path,
-                                 const std::string& contents);
-
 }  // namespace fdbroker::http
 
 #endif  // FDBROKER_WORKER_HTTP_WORKER_FLAGS_H_
