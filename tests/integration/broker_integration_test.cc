@@ -250,7 +250,12 @@ TEST(BrokerIntegrationTest, OpenFdCountsReturnToBaselineAfterManyConnections) {
         return now == baseline;
       },
       absl::Seconds(10));
-  EXPECT_TRUE(back) << "broker fds " << baseline[pid] << " -> " << now[pid];
+  std::string counts;
+  for (const auto& [p, n] : baseline) {
+    absl::StrAppend(&counts, p == pid ? " broker " : " worker ", n, " -> ",
+                    now[p]);
+  }
+  EXPECT_TRUE(back) << "open fds:" << counts;
 }
 
 // True once the server side of the client's TCP connection has no unread
