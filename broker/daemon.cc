@@ -282,15 +282,13 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
         shutting_down_ ? "the broker is shutting down"
                        : "another upgrade is in progress");
     channel->SendControl(std::move(refusal));
-    channel->Close(absl::OkStatus());
-    refused_upgrades_.push_back(std::move(channel));
+    Discard(std::move(channel));
     return;
   }
   if (request.version().major() != wire::kProtocolMajor) {
     spdlog::warn("refused an upgrade from pid {}: protocol major {}", pid,
                  request.version().major());
-    channel->Close(absl::OkStatus());
-    refused_upgrades_.push_back(std::move(channel));
+    Discard(std::move(channel));
     return;
   }
   v1::HandoffMessage handover;
@@ -324,6 +322,13 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
   const int64_t deadline =
       EventLoop::MonotonicNanos() + absl::ToInt64Nanoseconds(absl::Seconds(5));
   FinishUpgrade(deadline);
+}
+
+void Daemon::Discard(std::unique_ptr<HandoffChannel> channel) {
+  channel->Close(absl::OkStatus());
+  // Destroyed (its fd closed) after the close's own deferred callbacks, which
+  // were queued first: not here, inside the channel's message callback.
+  loop_->RunSoon([channel = std::move(channel)]() mutable { channel.reset(); });
 }
 
 void Daemon::FinishUpgrade(int64_t deadline_nanos) {

@@ -49,6 +49,8 @@ class Daemon {
   // hand-offs in flight, exit.
   void OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
                         const v1::UpgradeRequest& request);
+  // Closes a refused upgrade peer's channel and frees it.
+  void Discard(std::unique_ptr<HandoffChannel> channel);
   void FinishUpgrade(int64_t deadline_nanos);
   template <typename Start>
   auto RetryWhileUpgrading(Start start) -> decltype(start());
@@ -78,7 +80,6 @@ class Daemon {
   std::unique_ptr<ControlServer> control_server_;
   bool shutting_down_ = false;
   std::unique_ptr<HandoffChannel> upgrade_channel_;
-  std::vector<std::unique_ptr<HandoffChannel>> refused_upgrades_;
   std::thread control_shutdown_;
 };
 

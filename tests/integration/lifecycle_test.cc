@@ -17,6 +17,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -300,6 +301,56 @@ int HelloAsOtherUser(const std::string& path, uid_t uid) {
   int status = 0;
   ::waitpid(child, &status, 0);
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// Refused upgrade requests (a protocol major this broker does not speak,
+// as from a peer that is not a broker at all) cost the broker nothing: it
+// once kept every refused channel, one fd each, for its whole life.
+TEST(LifecycleTest, RefusedUpgradeRequestsLeakNothing) {
+  auto broker = BrokerProcess::Start({"--workers=1"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(1, absl::Seconds(30)));
+  const pid_t pid = (*broker)->pid();
+  int baseline = -1, previous = -2;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        previous = std::exchange(baseline, CountOpenFds(pid).value_or(-1));
+        return baseline > 0 && baseline == previous;
+      },
+      absl::Seconds(5), absl::Milliseconds(100)));
+  constexpr int kRequests = 200;
+  for (int i = 0; i < kRequests; ++i) {
+    wire::UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, (*broker)->socket_path().c_str(),
+                 sizeof(addr.sun_path) - 1);
+    ASSERT_EQ(
+        ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)),
+        0);
+    wire::MessageChannel channel(std::move(fd));
+    v1::HandoffMessage request;
+    request.mutable_upgrade_request()->mutable_version()->set_major(99);
+    ASSERT_TRUE(channel.Send(request).ok());
+    timeval tv{5, 0};
+    ::setsockopt(channel.fd(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    char c;
+    ASSERT_EQ(::recv(channel.fd(), &c, 1, 0), 0)
+        << "refused and closed, #" << i;
+  }
+  int now = -1;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        now = CountOpenFds(pid).value_or(-1);
+        return now == baseline;
+      },
+      absl::Seconds(5)))
+      << "broker fds " << baseline << " -> " << now << " after " << kRequests
+      << " refused upgrade requests";
+  absl::StatusOr<HttpResponse> r =
+      HttpGetOnce("127.0.0.1", (*broker)->port(), "/");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->status, 200);
 }
 
 TEST(LifecycleTest, GarbageAndAWrongUidPeerDoNotDisturbServing) {
