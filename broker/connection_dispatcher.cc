@@ -1,6 +1,7 @@
 #include "broker/connection_dispatcher.h"
 
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <utility>
@@ -10,6 +11,42 @@
 
 namespace fdbroker {
 namespace {
+
+// The identity of the socket `fd` refers to: its inode in the kernel's
+// socket filesystem, the same through every dup and every process; 0 if
+// `fd` is no socket.
+uint64_t SocketIdentity(int fd) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode)) return 0;
+  return static_cast<uint64_t>(st.st_ino);
+}
+
+// Whether `fd` is the socket with `identity`; for an unknown identity (0),
+// at least a connected stream socket, never a pipe, a file or a listener.
+absl::Status CheckSameSocket(int fd, uint64_t identity) {
+  const uint64_t actual = SocketIdentity(fd);
+  if (actual == 0) return absl::InvalidArgumentError("the fd is not a socket");
+  if (identity != 0) {
+    return actual == identity
+               ? absl::OkStatus()
+               : absl::InvalidArgumentError(
+                     "the fd is not the socket handed out under that id");
+  }
+  int type = 0, listening = 0;
+  socklen_t size = sizeof(type);
+  sockaddr_storage peer;
+  socklen_t peer_size = sizeof(peer);
+  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &size) != 0 ||
+      type != SOCK_STREAM ||
+      ::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &size) != 0 ||
+      listening != 0 ||
+      ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &peer_size) != 0) {
+    return absl::InvalidArgumentError(
+        "the fd is not the socket of a connection (not a connected stream "
+        "socket)");
+  }
+  return absl::OkStatus();
+}
 
 // The address of `fd`'s peer or its own; empty unless IP.
 wire::SocketAddress IpAddressOf(int fd, bool peer) {
@@ -256,9 +293,10 @@ absl::Status ConnectionDispatcher::OnAck(Worker& worker, const v1::Ack& ack) {
       ++stats_.migrated_rebalance;
     }
     // The worker owns the socket now; the broker's copy closes here.
+    const uint64_t identity = SocketIdentity(it->second.connection.fd.get());
     in_flight_.erase(it);
     --worker.unacked;
-    worker.owned.insert(id);
+    worker.owned.emplace(id, identity);
     ++worker.handed_total;
     if (released_by != 0 && on_migrated_) {
       on_migrated_(released_by, worker.id, reason);
@@ -273,16 +311,22 @@ absl::Status ConnectionDispatcher::OnRelease(Worker& worker,
   const uint64_t id = release.connection_id();
   // A connection staged or in flight is not owned yet: only Acked ones can
   // be released, so no id is ever in two places.
-  if (!worker.owned.contains(id)) {
+  auto owned = worker.owned.find(id);
+  if (owned == worker.owned.end()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "release of connection ", id, " this worker does not own"));
+  }
+  if (absl::Status same = CheckSameSocket(fd.get(), owned->second);
+      !same.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("release of connection ", id, ": ", same.message()));
   }
   if (release.unread_data().size() > kMaxUnreadData) {
     return absl::InvalidArgumentError(absl::StrCat(
         "release of connection ", id, " carries ", release.unread_data().size(),
         " unread bytes; the limit is ", kMaxUnreadData));
   }
-  worker.owned.erase(id);
+  worker.owned.erase(owned);
   ++stats_.released;
   Entry entry;
   entry.id = id;

@@ -198,7 +198,7 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
   // Re-registration after a broker restart or upgrade: the worker keeps
   // serving these; our own ids must not collide with them.
   for (const v1::OwnedConnection& owned : hello.owned_connections()) {
-    worker->owned.insert(owned.connection_id());
+    worker->owned.emplace(owned.connection_id(), 0);  // identity unknown
     dispatcher_.ReserveIdsAbove(owned.connection_id());
   }
   auto it = unregistered_.find(&channel);

@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
@@ -48,8 +49,11 @@ struct Worker {
   // Connections sent and neither Acked nor Rejected yet. The broker still
   // holds their fds (see ConnectionDispatcher).
   int64_t unacked = 0;
-  // Acked and not yet Closed: the worker owns these sockets.
-  absl::flat_hash_set<uint64_t> owned;
+  // Acked and not yet Closed: the worker owns these sockets. Each id maps to
+  // its socket's identity (SocketIdentity, taken at the Ack; 0 for one
+  // claimed at re-registration, whose socket this broker never held), which
+  // a Release must match.
+  absl::flat_hash_map<uint64_t, uint64_t> owned;
   uint64_t handed_total = 0;
   // Set once the broker sent Drain (or the worker said Goodbye): its exit is
   // expected, not a crash.

@@ -108,9 +108,9 @@ TEST_F(PolicyTest, WeightIsCapacityAndUnlimitedCountsAsTheLargest) {
 
 TEST_F(PolicyTest, LeastConnPicksTheLeastLoaded) {
   LeastConnectionsPolicy policy;
-  workers_[0]->owned = {1, 2, 3};
+  workers_[0]->owned = {{1, 0}, {2, 0}, {3, 0}};
   workers_[1]->unacked = 1;
-  workers_[2]->owned = {4, 5};
+  workers_[2]->owned = {{4, 0}, {5, 0}};
   EXPECT_EQ(policy.Pick(candidates_, peer_), 1u);
   // Unacked connections count: they are on their way to the worker.
   workers_[1]->unacked = 4;
@@ -130,7 +130,7 @@ TEST_F(PolicyTest, LeastConnBalancesLongLivedConnections) {
   LeastConnectionsPolicy policy;
   for (uint64_t c = 0; c < 299; ++c) {
     Worker* w = candidates_[policy.Pick(candidates_, peer_)];
-    w->owned.insert(c);
+    w->owned.emplace(c, 0);
   }
   for (Worker* w : candidates_) {
     EXPECT_GE(w->active(), 99);

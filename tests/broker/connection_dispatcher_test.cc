@@ -595,6 +595,36 @@ TEST_F(ReleaseTest, ReleaseOfAConnectionNotOwnedIsAnError) {
   EXPECT_EQ(dispatcher_->stats().released, 1u);
 }
 
+// A Release must carry the very socket handed out under its id: anything
+// else (a pipe, a listening socket, another client's socket) is refused and
+// nothing is forwarded.
+TEST_F(ReleaseTest, ReleaseOfAnythingButTheSocketItselfIsAnError) {
+  ASSERT_NO_FATAL_FAILURE(OwnOneEach());
+  auto release = [&](wire::UniqueFd fd) {
+    return dispatcher_->OnRelease(
+        *a_.worker, ReleaseOf(ida_, "", v1::RELEASE_REASON_REBALANCE),
+        std::move(fd));
+  };
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+  wire::UniqueFd pipe_write(pipe_fds[1]);
+  absl::Status pipe = release(wire::UniqueFd(pipe_fds[0]));
+  EXPECT_EQ(pipe.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(pipe.message().find("not a socket"), std::string::npos) << pipe;
+  wire::UniqueFd listening(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  ASSERT_EQ(::listen(listening.get(), 1), 0);
+  EXPECT_FALSE(release(std::move(listening)).ok()) << "a listening socket";
+  EXPECT_FALSE(release(wire::UniqueFd(::dup(fb_.get()))).ok())
+      << "another connection's socket";
+  EXPECT_EQ(a_.worker->active(), 1);
+  EXPECT_EQ(dispatcher_->stats().released, 0u);
+  EXPECT_EQ(dispatcher_->pending(), 0u);
+  EXPECT_TRUE(b_.Quiet()) << "nothing forwarded";
+  EXPECT_TRUE(release(wire::UniqueFd(::dup(fa_.get()))).ok())
+      << "a copy of its own socket: fine";
+  EXPECT_EQ(dispatcher_->stats().released, 1u);
+}
+
 TEST_F(ReleaseTest, UnreadBytesAreNeverBatched) {
   ASSERT_NO_FATAL_FAILURE(OwnOneEach());
   b_.worker->max_connections_per_message = 8;
