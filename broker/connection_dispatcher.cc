@@ -273,6 +273,12 @@ void ConnectionDispatcher::FlushBatches() {
   PlacePending();
 }
 
+void ConnectionDispatcher::CollectHeldIds(
+    absl::flat_hash_set<uint64_t>& ids) const {
+  for (const Entry& entry : pending_) ids.insert(entry.id);
+  for (const auto& [id, entry] : in_flight_) ids.insert(id);
+}
+
 absl::Status ConnectionDispatcher::OnAck(Worker& worker, const v1::Ack& ack) {
   for (uint64_t id : ack.connection_ids()) {
     auto it = in_flight_.find(id);

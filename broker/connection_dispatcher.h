@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
@@ -114,6 +115,9 @@ class ConnectionDispatcher {
 
   size_t pending() const { return pending_.size(); }
   size_t in_flight() const { return in_flight_.size(); }
+  // Adds the ids of the connections the broker holds itself (queued or in
+  // flight) to `ids`: no worker may claim those as its own.
+  void CollectHeldIds(absl::flat_hash_set<uint64_t>& ids) const;
   const Stats& stats() const { return stats_; }
   // Accept to Ack, for every handed-off connection.
   const LatencyHistogram& latency() const { return latency_; }

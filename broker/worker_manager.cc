@@ -134,6 +134,40 @@ Worker* WorkerManager::FindSupervisedAncestor(pid_t pid) {
   return nullptr;
 }
 
+absl::Status WorkerManager::CheckClaims(const v1::Hello& hello,
+                                        const Worker* self) const {
+  if (hello.owned_connections().empty()) return absl::OkStatus();
+  // A worker re-registering claims what it kept serving; an id this broker
+  // holds itself or knows another worker to own is not the claimant's (it
+  // would have two owners).
+  absl::flat_hash_set<uint64_t> held;
+  dispatcher_.CollectHeldIds(held);
+  absl::flat_hash_set<uint64_t> claimed;
+  for (const v1::OwnedConnection& owned : hello.owned_connections()) {
+    const uint64_t id = owned.connection_id();
+    if (!claimed.insert(id).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("the Hello claims connection ", id, " twice"));
+    }
+    if (held.contains(id)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the Hello claims connection ", id,
+          ", which the broker holds (queued or in flight to a worker)"));
+    }
+  }
+  for (const auto& [worker_id, other] : registry_.workers()) {
+    if (other.get() == self || other->state == WorkerState::kExited) continue;
+    for (const auto& [id, identity] : other->owned) {
+      if (claimed.contains(id)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("the Hello claims connection ", id, ", which worker ",
+                         worker_id, " owns"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
   const ucred& peer = channel.peer();
   if (hello.version().major() != wire::kProtocolMajor) {
@@ -159,6 +193,11 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
            worker->retiring
                ? "this worker is being stopped"
                : absl::StrCat("worker ", worker->id, " is already registered"));
+    return;
+  }
+  if (absl::Status claims = CheckClaims(hello, worker); !claims.ok()) {
+    ++stats_.protocol_errors;
+    Refuse(channel, v1::REFUSAL_REASON_OTHER, std::string(claims.message()));
     return;
   }
   if (worker == nullptr) {

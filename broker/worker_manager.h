@@ -158,6 +158,9 @@ class WorkerManager : public HandoffChannel::Delegate {
 
  private:
   void OnHello(HandoffChannel& channel, const v1::Hello& hello);
+  // The Hello's owned_connections: none held by the broker or owned by a
+  // worker other than `self`, none twice.
+  absl::Status CheckClaims(const v1::Hello& hello, const Worker* self) const;
   void Refuse(HandoffChannel& channel, v1::RefusalReason reason,
               absl::string_view message);
   absl::Status OnWorkerMessage(Worker& worker, v1::HandoffMessage& message,

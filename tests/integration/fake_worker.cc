@@ -20,7 +20,8 @@
 //   --mode=release_unsupported  like release, but its Hello does not set
 //                          supports_release and it releases its first
 //                          connection at once (a protocol error).
-// Prints "registered" on stdout once welcomed.
+// Prints "registered" on stdout once welcomed; with --print_ids (the release
+// modes), "took <id>" for each connection it takes.
 #include <errno.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -62,6 +63,9 @@ fdbroker::v1::HandoffMessage Next(fdbroker::wire::MessageChannel& channel,
 
 namespace v1 = fdbroker::v1;
 using fdbroker::wire::UniqueFd;
+
+// --print_ids: prints "took <id>" for each connection taken.
+bool print_ids = false;
 
 // The release modes: a poll() loop over the channel and the clients.
 class LineServer {
@@ -163,6 +167,10 @@ class LineServer {
     for (size_t i = 0; i < connections.size(); ++i) {
       const uint64_t id = connections[i].connection_id();
       ack.mutable_ack()->add_connection_ids(id);
+      if (print_ids) {
+        std::printf("took %llu\n", static_cast<unsigned long long>(id));
+        std::fflush(stdout);
+      }
       Client& client = clients_[id];
       client.fd = std::move(fds[i]);
       // Unread bytes of the previous owner come first, all answered.
@@ -253,6 +261,7 @@ int main(int argc, char** argv) {
   std::string mode;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--mode=", 7) == 0) mode = argv[i] + 7;
+    if (std::strcmp(argv[i], "--print_ids") == 0) print_ids = true;
   }
   const bool line_server = mode == "release" || mode == "release_unsupported";
   if (mode != "die_before_ack" && mode != "stall" && !line_server) {

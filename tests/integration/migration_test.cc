@@ -5,24 +5,29 @@
 #include <grpcpp/grpcpp.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "fdbroker/v1/broker.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "tests/integration/broker_process.h"
 #include "tests/util/subprocess.h"
 #include "tests/util/test_util.h"
+#include "wire/message_channel.h"
 
 namespace fdbroker::testing {
 namespace {
@@ -549,6 +554,75 @@ TEST(MigrationProtocolTest, ReleaseFromAWorkerWithoutSupportIsAProtocolError) {
   absl::StatusOr<int> code = (*fake)->Wait(absl::Seconds(10));
   ASSERT_TRUE(code.ok());
   EXPECT_NE(*code, 0) << "its channel was closed";
+}
+
+// A Hello claiming connections as its own (a re-registration after a broker
+// restart) may not claim one another worker owns, nor one twice: the broker
+// refuses it, and the owner keeps serving.
+TEST(MigrationProtocolTest, HelloClaimingAnotherWorkersConnectionIsRefused) {
+  auto broker = BrokerProcess::Start({"--workers=0"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  Subprocess::Options env;
+  env.env["FDBROKER_SOCKET"] = (*broker)->socket_path();
+  auto owner = Subprocess::Start(
+      {BinaryPath("fdbroker-fake-worker"), "--mode=release", "--print_ids"},
+      env);
+  ASSERT_TRUE(owner.ok()) << owner.status();
+  ASSERT_TRUE(WaitFor([&] { return (*owner)->Stdout() == "registered\n"; },
+                      absl::Seconds(10)))
+      << (*owner)->Output();
+  absl::StatusOr<LineClient> client = LineClient::Connect((*broker)->port());
+  ASSERT_TRUE(client.ok());
+  ASSERT_TRUE(client->Send("one\n").ok());
+  ASSERT_TRUE(client->ReadLine(absl::Seconds(5)).ok());
+  uint64_t id = 0;
+  const std::string took = (*owner)->Stdout().substr(11);  // "registered\n"
+  ASSERT_TRUE(absl::SimpleAtoi(
+      absl::StripAsciiWhitespace(absl::StripPrefix(took, "took ")), &id))
+      << took;
+
+  // Says Hello with `claims` as owned connections; the Refusal's message, or
+  // "welcomed".
+  auto hello = [&](const std::vector<uint64_t>& claims) -> std::string {
+    wire::UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, (*broker)->socket_path().c_str(),
+                 sizeof(addr.sun_path) - 1);
+    if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) !=
+        0) {
+      return "connect failed";
+    }
+    wire::MessageChannel channel(std::move(fd));
+    v1::HandoffMessage message;
+    message.mutable_hello()->mutable_version()->set_major(1);
+    for (uint64_t claim : claims) {
+      message.mutable_hello()->add_owned_connections()->set_connection_id(
+          claim);
+    }
+    if (!channel.Send(message).ok()) return "send failed";
+    timeval tv{5, 0};
+    ::setsockopt(channel.fd(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    v1::HandoffMessage reply;
+    wire::UniqueFd none;
+    for (int i = 0; i < 500; ++i) {
+      absl::StatusOr<wire::ReceiveResult> r = channel.Receive(reply, none);
+      if (!r.ok() || *r == wire::ReceiveResult::kPeerClosed) return "closed";
+      if (*r != wire::ReceiveResult::kReceived) continue;
+      return reply.has_refusal() ? reply.refusal().message() : "welcomed";
+    }
+    return "no answer";
+  };
+  EXPECT_NE(
+      hello({id}).find(absl::StrCat("connection ", id, ", which worker ")),
+      std::string::npos);
+  EXPECT_NE(hello({id + 1000, id + 1000}).find("twice"), std::string::npos);
+  EXPECT_EQ(hello({id + 2000}), "welcomed") << "an id nobody holds";
+  // The owner still has its client.
+  ASSERT_TRUE(client->Send("two\n").ok());
+  absl::StatusOr<std::string> answer = client->ReadLine(absl::Seconds(5));
+  ASSERT_TRUE(answer.ok()) << answer.status();
+  EXPECT_EQ(*answer, absl::StrCat((*owner)->pid(), " two"));
 }
 
 }  // namespace
