@@ -1,9 +1,12 @@
 // fdbroker: accepts TCP connections and hands each one to a worker process.
 #include <limits.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <string>
 
 #include "broker/config.h"
@@ -35,6 +38,26 @@ void RouteProtobufLogs(google::protobuf::LogLevel level, const char* file,
   }
 }
 
+// Each connection the broker holds (queued, up to --max_pending, 4096 by
+// default; in flight until its Ack) is an fd: the usual soft limit of 1024
+// would refuse connections long before the hard limit. The soft limit is
+// raised to the hard one; the workers inherit it.
+void RaiseFdLimit() {
+  rlimit limit;
+  if (::getrlimit(RLIMIT_NOFILE, &limit) != 0 ||
+      limit.rlim_cur == limit.rlim_max) {
+    return;
+  }
+  const rlim_t was = limit.rlim_cur;
+  limit.rlim_cur = limit.rlim_max;
+  if (::setrlimit(RLIMIT_NOFILE, &limit) == 0) {
+    spdlog::info("open file limit raised from {} to {}", was, limit.rlim_cur);
+  } else {
+    spdlog::warn("cannot raise the open file limit from {}: {}", was,
+                 std::strerror(errno));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -50,6 +73,7 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(spdlog::stderr_color_mt("fdbroker"));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ fdbroker[%P] %v");
   google::protobuf::SetLogHandler(&RouteProtobufLogs);
+  RaiseFdLimit();
   // Signals are taken from a signalfd by the event loop; block them before
   // any thread exists so that every thread inherits the mask.
   sigset_t signals;

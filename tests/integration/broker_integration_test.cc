@@ -212,6 +212,33 @@ TEST(BrokerIntegrationTest, SilentWorkerIsDeclaredDeadAndItsConnectionsMove) {
             std::string::npos);
 }
 
+// The broker raises its soft fd limit to the hard one: --max_pending alone
+// (4096 by default) is more than the usual soft limit of 1024.
+TEST(BrokerIntegrationTest, RaisesItsSoftFdLimitToTheHardLimit) {
+  const std::string socket = absl::StrCat(MakeTempDir(), "/h.sock");
+  auto process = Subprocess::Start(
+      {"prlimit", "--nofile=256:8192", BinaryPath("fdbroker"),
+       "--listen=127.0.0.1:0", "--control=", "--metrics=", "--workers=0",
+       absl::StrCat("--socket=", socket)});
+  ASSERT_TRUE(process.ok()) << process.status();
+  std::string limits;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        limits = ReadFile(absl::StrCat("/proc/", (*process)->pid(), "/limits"))
+                     .value_or("");
+        return (*process)->Stderr().find("listening on") != std::string::npos;
+      },
+      absl::Seconds(10)))
+      << (*process)->Output();
+  EXPECT_NE(limits.find("Max open files            8192                 8192"),
+            std::string::npos)
+      << limits;
+  EXPECT_NE(
+      (*process)->Stderr().find("open file limit raised from 256 to 8192"),
+      std::string::npos)
+      << (*process)->Output();
+}
+
 TEST(BrokerIntegrationTest, OpenFdCountsReturnToBaselineAfterManyConnections) {
   auto broker = BrokerProcess::Start({"--workers=2"});
   ASSERT_TRUE(broker.ok()) << broker.status();
