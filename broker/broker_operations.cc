@@ -78,7 +78,7 @@ void DataPlaneOperations::Start(HealthCallback on_health) {
 
 void DataPlaneOperations::Tick() {
   tick_timer_ = loop_.RunAfter(absl::Seconds(1), [this] { Tick(); });
-  const int64_t now = EventLoop::MonotonicNanos();
+  const int64_t now = loop_.clock().MonotonicNanos();
   accepted_rate_.Sample(now, dispatcher_.stats().dispatched);
   handed_rate_.Sample(now, dispatcher_.stats().handed_off);
   absl::flat_hash_map<uint64_t, RateWindow> rates;
@@ -142,7 +142,7 @@ v1::ListWorkersResponse DataPlaneOperations::ListWorkers() {
 }
 
 v1::GetLoadResponse DataPlaneOperations::GetLoad() {
-  const int64_t now = EventLoop::MonotonicNanos();
+  const int64_t now = loop_.clock().MonotonicNanos();
   const ConnectionDispatcher::Stats& stats = dispatcher_.stats();
   v1::GetLoadResponse response;
   int64_t unacked = 0;
@@ -253,6 +253,7 @@ absl::StatusOr<v1::DrainResponse> DataPlaneOperations::Drain(
     }
   }
   WorkerEvent event;
+  event.time = loop_.clock().Now();
   event.type = v1::EVENT_TYPE_DRAIN_REQUESTED;
   event.detail = *timeout > absl::ZeroDuration()
                      ? absl::StrCat("workers drain within ",
@@ -277,6 +278,7 @@ absl::StatusOr<v1::ResumeResponse> DataPlaneOperations::Resume(
   listener_.Resume();
   response.set_accepting(true);
   WorkerEvent event;
+  event.time = loop_.clock().Now();
   event.type = v1::EVENT_TYPE_RESUME_REQUESTED;
   emit_(event);
   RefreshHealth();

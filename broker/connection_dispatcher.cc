@@ -73,8 +73,9 @@ ConnectionDispatcher::ConnectionDispatcher(EventLoop& loop,
       // (seconds since the epoch in the high bits), so ids stay unique
       // across restarts even before ReserveIdsAbove() learns of them.
       next_connection_id_(
-          (static_cast<uint64_t>(absl::ToUnixSeconds(absl::Now())) << 24) + 1) {
-}
+          (static_cast<uint64_t>(absl::ToUnixSeconds(loop.clock().Now()))
+           << 24) +
+          1) {}
 
 ConnectionDispatcher::~ConnectionDispatcher() {
   if (pending_timer_ != 0) loop_.Cancel(pending_timer_);
@@ -343,8 +344,8 @@ absl::Status ConnectionDispatcher::OnRelease(Worker& worker,
   c.peer = IpAddressOf(c.fd.get(), /*peer=*/true);
   c.local = IpAddressOf(c.fd.get(), /*peer=*/false);
   // The pending timeout runs from the release; the accept time is not kept.
-  c.accept_mono_nanos = EventLoop::MonotonicNanos();
-  c.accept_unix_nanos = absl::ToUnixNanos(absl::Now());
+  c.accept_mono_nanos = loop_.clock().MonotonicNanos();
+  c.accept_unix_nanos = loop_.clock().UnixNanos();
   entry.released_by = worker.id;
   entry.release_reason = release.reason() == v1::RELEASE_REASON_DRAIN
                              ? v1::RELEASE_REASON_DRAIN
@@ -433,7 +434,7 @@ void ConnectionDispatcher::ArmPendingTimer() {
   if (pending_timer_ != 0 || pending_.empty()) return;
   const int64_t wait = pending_.front().connection.accept_mono_nanos +
                        absl::ToInt64Nanoseconds(options_.pending_timeout) -
-                       EventLoop::MonotonicNanos();
+                       loop_.clock().MonotonicNanos();
   pending_timer_ =
       loop_.RunAfter(absl::Nanoseconds(std::max<int64_t>(wait, 0)), [this] {
         pending_timer_ = 0;
@@ -442,7 +443,7 @@ void ConnectionDispatcher::ArmPendingTimer() {
 }
 
 void ConnectionDispatcher::ExpirePending() {
-  const int64_t limit = EventLoop::MonotonicNanos() -
+  const int64_t limit = loop_.clock().MonotonicNanos() -
                         absl::ToInt64Nanoseconds(options_.pending_timeout);
   size_t expired = 0;
   // Re-queued entries may sit before newer ones; check the whole queue.
@@ -469,7 +470,7 @@ void ConnectionDispatcher::ExpirePending() {
     }
     const int64_t wait = oldest +
                          absl::ToInt64Nanoseconds(options_.pending_timeout) -
-                         EventLoop::MonotonicNanos();
+                         loop_.clock().MonotonicNanos();
     pending_timer_ = loop_.RunAfter(
         absl::Nanoseconds(std::max<int64_t>(wait, 1000000)), [this] {
           pending_timer_ = 0;

@@ -319,8 +319,8 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
         std::thread([server = control_server_.get()] { server->Shutdown(); });
   }
   operations_->RefreshHealth();
-  const int64_t deadline =
-      EventLoop::MonotonicNanos() + absl::ToInt64Nanoseconds(absl::Seconds(5));
+  const int64_t deadline = loop_->clock().MonotonicNanos() +
+                           absl::ToInt64Nanoseconds(absl::Seconds(5));
   FinishUpgrade(deadline);
 }
 
@@ -335,7 +335,7 @@ void Daemon::FinishUpgrade(int64_t deadline_nanos) {
   dispatcher_->PlacePending();
   const bool done =
       dispatcher_->in_flight() == 0 && dispatcher_->pending() == 0;
-  if (!done && EventLoop::MonotonicNanos() < deadline_nanos) {
+  if (!done && loop_->clock().MonotonicNanos() < deadline_nanos) {
     loop_->RunAfter(absl::Milliseconds(5),
                     [this, deadline_nanos] { FinishUpgrade(deadline_nanos); });
     return;

@@ -1,7 +1,6 @@
 #include "broker/event_loop.h"
 
 #include <sys/eventfd.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -27,6 +26,14 @@ void IoWatch::SetEvents(uint32_t events) { loop_.Modify(entry_, events); }
 uint32_t IoWatch::events() const { return entry_->events; }
 
 absl::StatusOr<std::unique_ptr<EventLoop>> EventLoop::Create() {
+  auto clock = std::make_unique<RealClock>();
+  Clock& ref = *clock;
+  absl::StatusOr<std::unique_ptr<EventLoop>> loop = Create(ref);
+  if (loop.ok()) (*loop)->owned_clock_ = std::move(clock);
+  return loop;
+}
+
+absl::StatusOr<std::unique_ptr<EventLoop>> EventLoop::Create(Clock& clock) {
   wire::UniqueFd epoll(::epoll_create1(EPOLL_CLOEXEC));
   if (!epoll) return absl::ErrnoToStatus(errno, "epoll_create1");
   wire::UniqueFd wakeup(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -38,22 +45,17 @@ absl::StatusOr<std::unique_ptr<EventLoop>> EventLoop::Create() {
     return absl::ErrnoToStatus(errno, "epoll_ctl(eventfd)");
   }
   return std::unique_ptr<EventLoop>(
-      new EventLoop(std::move(epoll), std::move(wakeup)));
+      new EventLoop(std::move(epoll), std::move(wakeup), clock));
 }
 
-EventLoop::EventLoop(wire::UniqueFd epoll, wire::UniqueFd wakeup)
-    : epoll_(std::move(epoll)),
+EventLoop::EventLoop(wire::UniqueFd epoll, wire::UniqueFd wakeup, Clock& clock)
+    : clock_(clock),
+      epoll_(std::move(epoll)),
       wakeup_(std::move(wakeup)),
-      now_nanos_(MonotonicNanos()) {}
+      now_nanos_(clock.MonotonicNanos()) {}
 
 EventLoop::~EventLoop() {
   for (IoWatch::Entry* entry : graveyard_) delete entry;
-}
-
-int64_t EventLoop::MonotonicNanos() {
-  timespec ts;
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 
 bool EventLoop::IsLoopThread() const {
@@ -109,7 +111,7 @@ void EventLoop::Unwatch(IoWatch::Entry* entry) {
 EventLoop::TimerId EventLoop::RunAfter(absl::Duration delay, Task task) {
   AssertOnLoop();
   const TimerId id = next_timer_id_++;
-  int64_t deadline = MonotonicNanos() + absl::ToInt64Nanoseconds(delay);
+  int64_t deadline = clock_.MonotonicNanos() + absl::ToInt64Nanoseconds(delay);
   timers_.push(Timer{deadline, id});
   timer_tasks_.emplace(id, std::move(task));
   return id;
@@ -155,14 +157,15 @@ void EventLoop::Stop() {
 int EventLoop::NextTimeoutMillis() const {
   if (!soon_.empty()) return 0;
   if (timers_.empty()) return -1;
-  int64_t wait = timers_.top().deadline - MonotonicNanos();
+  int64_t wait = timers_.top().deadline - clock_.MonotonicNanos();
   if (wait <= 0) return 0;
   // Round up so that a timer never fires early.
   return static_cast<int>((wait + 999999) / 1000000);
 }
 
-void EventLoop::RunExpiredTimers() {
-  const int64_t now = MonotonicNanos();
+size_t EventLoop::RunExpiredTimers() {
+  const int64_t now = clock_.MonotonicNanos();
+  size_t ran = 0;
   while (!timers_.empty() && timers_.top().deadline <= now) {
     TimerId id = timers_.top().id;
     timers_.pop();
@@ -171,59 +174,80 @@ void EventLoop::RunExpiredTimers() {
     Task task = std::move(it->second);
     timer_tasks_.erase(it);
     task();
+    ++ran;
   }
+  return ran;
 }
 
-void EventLoop::RunPosted() {
+size_t EventLoop::RunPosted() {
   std::vector<Task> tasks;
   {
     absl::MutexLock lock(&post_mu_);
     tasks.swap(posted_);
   }
   for (Task& task : tasks) task();
+  return tasks.size();
+}
+
+std::optional<int64_t> EventLoop::NextTimerNanos() const {
+  if (timers_.empty()) return std::nullopt;
+  return timers_.top().deadline;
 }
 
 void EventLoop::Run() {
   loop_thread_ = std::this_thread::get_id();
   running_ = true;
-  constexpr int kMaxEvents = 128;
-  epoll_event events[kMaxEvents];
-  while (!stop_requested_.load()) {
-    int n = ::epoll_wait(epoll_.get(), events, kMaxEvents, NextTimeoutMillis());
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      spdlog::critical("epoll_wait: errno {}", errno);
-      std::abort();
-    }
-    now_nanos_ = MonotonicNanos();
-    bool woken = false;
-    for (int i = 0; i < n; ++i) {
-      auto* entry = static_cast<IoWatch::Entry*>(events[i].data.ptr);
-      if (entry == nullptr) {
-        woken = true;
-        continue;
-      }
-      // An earlier callback of this batch may have unwatched this entry.
-      if (entry->live) entry->callback(events[i].events);
-    }
-    if (woken) {
-      uint64_t count;
-      (void)::read(wakeup_.get(), &count, sizeof(count));
-      RunPosted();
-    }
-    RunExpiredTimers();
-    while (!soon_.empty()) {
-      // Both vectors keep their capacity: no allocation per turn.
-      soon_running_.swap(soon_);
-      for (Task& task : soon_running_) task();
-      soon_running_.clear();
-    }
-    for (IoWatch::Entry* entry : graveyard_) delete entry;
-    graveyard_.clear();
-  }
+  while (!stop_requested_.load()) Turn(NextTimeoutMillis());
   running_ = false;
   stop_requested_.store(false);  // Run() may be called again.
   RunPosted();
+}
+
+size_t EventLoop::RunOnce() {
+  AssertOnLoop();
+  return Turn(0);
+}
+
+size_t EventLoop::Turn(int timeout_millis) {
+  constexpr int kMaxEvents = 128;
+  epoll_event events[kMaxEvents];
+  int n = ::epoll_wait(epoll_.get(), events, kMaxEvents, timeout_millis);
+  if (n < 0) {
+    if (errno == EINTR) return 0;
+    spdlog::critical("epoll_wait: errno {}", errno);
+    std::abort();
+  }
+  now_nanos_ = clock_.MonotonicNanos();
+  size_t ran = 0;
+  bool woken = false;
+  for (int i = 0; i < n; ++i) {
+    auto* entry = static_cast<IoWatch::Entry*>(events[i].data.ptr);
+    if (entry == nullptr) {
+      woken = true;
+      continue;
+    }
+    // An earlier callback of this batch may have unwatched this entry.
+    if (entry->live) {
+      entry->callback(events[i].events);
+      ++ran;
+    }
+  }
+  if (woken) {
+    uint64_t count;
+    (void)::read(wakeup_.get(), &count, sizeof(count));
+    ran += RunPosted();
+  }
+  ran += RunExpiredTimers();
+  while (!soon_.empty()) {
+    // Both vectors keep their capacity: no allocation per turn.
+    soon_running_.swap(soon_);
+    for (Task& task : soon_running_) task();
+    ran += soon_running_.size();
+    soon_running_.clear();
+  }
+  for (IoWatch::Entry* entry : graveyard_) delete entry;
+  graveyard_.clear();
+  return ran;
 }
 
 }  // namespace fdbroker

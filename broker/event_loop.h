@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <queue>
 #include <thread>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "broker/clock.h"
 #include "wire/unique_fd.h"
 
 namespace fdbroker {
@@ -47,13 +49,19 @@ class IoWatch {
 // task queue. Every method except Post() and Stop() must be called on the
 // loop thread (the thread running Run()); they assert it. Level-triggered:
 // a callback that leaves data unread is called again on the next turn.
+//
+// Time comes from the loop's Clock: the real one, or a test's simulated one
+// (then timers fire when the test advances that clock and runs RunOnce()).
 class EventLoop {
  public:
   using IoCallback = absl::AnyInvocable<void(uint32_t events)>;
   using Task = absl::AnyInvocable<void()>;
   using TimerId = uint64_t;
 
+  // With the system's clocks.
   static absl::StatusOr<std::unique_ptr<EventLoop>> Create();
+  // With `clock` (which must outlive the loop), e.g. a simulated one.
+  static absl::StatusOr<std::unique_ptr<EventLoop>> Create(Clock& clock);
   ~EventLoop();
 
   // Calls `callback` with the ready epoll events while the IoWatch lives. The
@@ -79,13 +87,21 @@ class EventLoop {
 
   // Runs until Stop(). Binds the loop to the calling thread.
   void Run();
+  // One turn without waiting: ready fds, posted tasks, timers due by the
+  // clock, RunSoon() tasks. For tests that drive the loop in simulated time.
+  // Returns how many callbacks and tasks ran (0: the loop is idle).
+  size_t RunOnce();
+  // The deadline (clock().MonotonicNanos() scale) of the earliest timer, if
+  // any; it may be one already cancelled.
+  std::optional<int64_t> NextTimerNanos() const;
   // Thread-safe: makes Run() return after the current batch.
   void Stop();
 
-  // Monotonic time at the start of the current batch (cheap; no syscall).
+  // Monotonic time at the start of the current batch (cheap; no clock read).
   int64_t NowNanos() const { return now_nanos_; }
-  // Reads the clock now (when a callback needs a fresh value).
-  static int64_t MonotonicNanos();
+  // The clock every timer and timestamp of the data plane reads (for a
+  // fresh monotonic value, or wall time).
+  Clock& clock() const { return clock_; }
 
   bool IsLoopThread() const;
 
@@ -100,14 +116,19 @@ class EventLoop {
     }
   };
 
-  EventLoop(wire::UniqueFd epoll, wire::UniqueFd wakeup);
+  EventLoop(wire::UniqueFd epoll, wire::UniqueFd wakeup, Clock& clock);
+  // One turn: waits up to `timeout_millis` (-1: forever) for events.
+  // Returns how many callbacks and tasks ran.
+  size_t Turn(int timeout_millis);
   void Unwatch(IoWatch::Entry* entry);
   void Modify(IoWatch::Entry* entry, uint32_t events);
   int NextTimeoutMillis() const;
-  void RunExpiredTimers();
-  void RunPosted() ABSL_LOCKS_EXCLUDED(post_mu_);
+  size_t RunExpiredTimers();
+  size_t RunPosted() ABSL_LOCKS_EXCLUDED(post_mu_);
   void AssertOnLoop() const;
 
+  std::unique_ptr<Clock> owned_clock_;  // Set when Create() chose the clock.
+  Clock& clock_;
   wire::UniqueFd epoll_;
   wire::UniqueFd wakeup_;  // eventfd: Post() and Stop() wake epoll_wait.
   std::thread::id loop_thread_;

@@ -3,7 +3,6 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
-#include <time.h>
 
 #include <cerrno>
 #include <cstring>
@@ -144,10 +143,8 @@ void Listener::OnReadable() {
     } else {
       conn.local = address_;
     }
-    timespec ts;
-    ::clock_gettime(CLOCK_REALTIME, &ts);
-    conn.accept_unix_nanos =
-        static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+    // The one clock call per connection (the monotonic time is the turn's).
+    conn.accept_unix_nanos = loop_.clock().UnixNanos();
     conn.accept_mono_nanos = loop_.NowNanos();
     ++stats_.accepted;
     on_accept_(std::move(conn));

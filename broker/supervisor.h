@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "broker/event_loop.h"
+#include "broker/process_launcher.h"
 #include "wire/unique_fd.h"
 
 namespace fdbroker {
@@ -19,12 +20,11 @@ namespace fdbroker {
 // Starts worker processes and reports when they exit. Mechanism only: when
 // to start or restart is the WorkerManager's business. Loop thread only.
 //
-// Children are started with posix_spawn: their own process group (a Ctrl-C
-// at the broker's terminal reaches only the broker, which then drains them),
-// default signal dispositions and mask, stdin from /dev/null, every fd above
-// 2 closed (nothing leaks even if some fd lacked CLOEXEC), and
-// FDBROKER_SOCKET set. Exits are observed through a pidfd per child and
-// reaped at once, so no zombie outlives its exit event.
+// Children are started through a ProcessLauncher (PosixProcessLauncher by
+// default: posix_spawn, own process group, default signals, stdin from
+// /dev/null, only fds 0-2) with the broker's environment and FDBROKER_SOCKET
+// set. Exits are observed through each child's exit fd (a pidfd) and reaped
+// at once, so no zombie outlives its exit event.
 class Supervisor {
  public:
   // Called with the pid and the raw wait status.
@@ -34,7 +34,11 @@ class Supervisor {
     std::string socket_path;
   };
 
+  // Real processes (a PosixProcessLauncher of its own).
   Supervisor(EventLoop& loop, Options options, ExitCallback on_exit);
+  // Processes from `launcher`, which must outlive the supervisor.
+  Supervisor(EventLoop& loop, Options options, ProcessLauncher& launcher,
+             ExitCallback on_exit);
   ~Supervisor();
 
   absl::StatusOr<pid_t> Spawn();
@@ -51,17 +55,18 @@ class Supervisor {
 
  private:
   struct Child {
-    wire::UniqueFd pidfd;
+    wire::UniqueFd exit_fd;
     std::unique_ptr<IoWatch> watch;
     bool adopted = false;
   };
-  absl::Status WatchChild(pid_t pid, wire::UniqueFd pidfd, bool adopted);
-  void OnPidfdReadable(pid_t pid);
+  absl::Status WatchChild(pid_t pid, wire::UniqueFd exit_fd, bool adopted);
+  void OnExitFdReadable(pid_t pid);
 
   EventLoop& loop_;
   const Options options_;
+  std::unique_ptr<ProcessLauncher> owned_launcher_;  // The default one.
+  ProcessLauncher& launcher_;
   ExitCallback on_exit_;
-  std::string resolved_program_;
   std::map<pid_t, Child> children_;
 };
 

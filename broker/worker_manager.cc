@@ -19,8 +19,6 @@
 namespace fdbroker {
 namespace {
 
-int64_t UnixNanos() { return absl::ToUnixNanos(absl::Now()); }
-
 // The parent of `pid` from /proc, or 0.
 pid_t ParentPid(pid_t pid) {
   std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
@@ -59,6 +57,7 @@ void WorkerManager::Emit(WorkerEvent::Type type, const Worker* worker,
                          std::string detail, std::string exit_status) {
   if (!on_event_) return;
   WorkerEvent event;
+  event.time = loop_.clock().Now();
   event.type = type;
   if (worker != nullptr) {
     event.worker_id = worker->id;
@@ -223,7 +222,7 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
     }
     worker =
         &registry_.Add(peer.pid, /*supervised=*/adopt, WorkerState::kStarting,
-                       absl::Now(), loop_.NowNanos());
+                       loop_.clock().Now(), loop_.NowNanos());
     worker->adopted = adopt;
   }
   worker->pid = worker->supervised ? worker->pid : peer.pid;
@@ -533,6 +532,7 @@ void WorkerManager::EmitMigrations() {
                       " (", count, ")");
     }
     WorkerEvent event;
+    event.time = loop_.clock().Now();
     event.type = v1::EVENT_TYPE_CONNECTIONS_MIGRATED;
     event.worker_id = key.first;
     event.pid = tally.pid;
@@ -682,7 +682,7 @@ uint64_t WorkerManager::SpawnOne(bool restart) {
   }
   Worker& worker =
       registry_.Add(*pid, /*supervised=*/true, WorkerState::kStarting,
-                    absl::Now(), loop_.NowNanos());
+                    loop_.clock().Now(), loop_.NowNanos());
   spdlog::info("worker {} {}: pid {}", worker.id,
                restart ? "started (restart)" : "started", *pid);
   if (restart) {
@@ -868,7 +868,7 @@ void WorkerManager::Tick() {
   tick_timer_ = loop_.RunAfter(
       std::min(options_.heartbeat_interval / 2, absl::Milliseconds(500)),
       [this] { Tick(); });
-  const int64_t now = EventLoop::MonotonicNanos();
+  const int64_t now = loop_.clock().MonotonicNanos();
   const int64_t interval =
       absl::ToInt64Nanoseconds(options_.heartbeat_interval);
   const int64_t timeout = absl::ToInt64Nanoseconds(options_.heartbeat_timeout);
@@ -914,7 +914,8 @@ void WorkerManager::Tick() {
     }
     if (now - channel->last_sent_nanos() >= interval) {
       v1::HandoffMessage heartbeat;
-      heartbeat.mutable_heartbeat()->set_sent_unix_nanos(UnixNanos());
+      heartbeat.mutable_heartbeat()->set_sent_unix_nanos(
+          loop_.clock().UnixNanos());
       channel->SendControl(std::move(heartbeat));
     }
   }
@@ -946,7 +947,7 @@ void WorkerManager::DrainWorker(Worker& worker, absl::Duration timeout) {
                             !pool_suspended_ && OthersCanTake(worker);
   v1::HandoffMessage drain;
   drain.mutable_drain()->set_deadline_unix_nanos(
-      absl::ToUnixNanos(absl::Now() + timeout));
+      absl::ToUnixNanos(loop_.clock().Now() + timeout));
   drain.mutable_drain()->set_release_idle(release_idle);
   worker.channel->SendControl(std::move(drain));
   spdlog::info("worker {} (pid {}) draining, deadline in {}{}", worker.id,

@@ -125,7 +125,7 @@ class DispatcherTest : public ::testing::Test {
     conn.fd.Reset(sv[0]);
     conn.peer = *wire::SocketAddress::Parse("127.0.0.1:5555");
     conn.local = *wire::SocketAddress::Parse("127.0.0.1:8080");
-    conn.accept_mono_nanos = EventLoop::MonotonicNanos();
+    conn.accept_mono_nanos = loop_->clock().MonotonicNanos();
     return conn;
   }
 
