@@ -34,11 +34,12 @@ TEST(ConfigTest, DefaultsAreValid) {
   EXPECT_EQ(config->listen.ToString(), "0.0.0.0:8080");
   EXPECT_EQ(config->worker_argv,
             std::vector<std::string>{"/opt/fdbroker/bin/fdbroker-http-worker"});
-  EXPECT_EQ(config->max_workers, 64);
+  EXPECT_EQ(config->manager.max_workers, 64);
   EXPECT_EQ(config->policy, "least_conn");
-  EXPECT_EQ(config->drain_timeout, absl::Seconds(30));
-  EXPECT_EQ(config->pending_timeout, absl::Seconds(10));
-  EXPECT_EQ(config->max_pending, 4096u);
+  EXPECT_EQ(config->manager.drain_timeout, absl::Seconds(30));
+  EXPECT_EQ(config->dispatcher.pending_timeout, absl::Seconds(10));
+  EXPECT_EQ(config->dispatcher.max_pending, 4096u);
+  EXPECT_EQ(config->control.address, "127.0.0.1:50051");
 }
 
 struct BadFlags {
