@@ -109,6 +109,7 @@ absl::Status ScriptedBroker::Accept(absl::Time deadline) {
   channel_ = std::make_unique<wire::MessageChannel>(std::move(fd));
   sent_ = 0;
   received_count_ = 0;
+  reset_seen_ = false;
   last_sent_ = absl::Now();
   hello_.Clear();
   owned_.clear();
@@ -141,7 +142,14 @@ absl::StatusOr<ScriptedBroker::Received> ScriptedBroker::Receive(
       absl::StatusOr<wire::ReceiveResult> result =
           channel_->Receive(received.message, received.fds);
       if (!result.ok() && absl::IsUnavailable(result.status())) {
-        // ECONNRESET: the worker closed the channel with packets unread.
+        // ECONNRESET: the worker closed the channel with packets of the
+        // kit's unread (a Connection that crossed its Goodbye). The kernel
+        // says so once, ahead of what the worker sent before closing: read
+        // that too, as the broker does (§7.2), then the end of the channel.
+        if (!reset_seen_) {
+          reset_seen_ = true;
+          continue;
+        }
         channel_.reset();
         return absl::UnavailableError(absl::StrCat(
             "the worker closed the channel (", result.status().message(), ")"));
