@@ -16,6 +16,7 @@ docs/protocol.md section 9; each DEFECT breaks one rule of that page:
   no-sequence-check  accepts any sequence number (§4)
   touch-rejected  reads a Connection's socket before rejecting it (§5 Reject)
   stray-release   sends Release without supports_release (§5 Release)
+  slow-closed     reports Closed 1 s after the close (§7.3)
   drain-no-grace  on Drain, closes a connection that sent nothing yet at
                   once (§7.7)
   drain-grace-all on Drain, gives served idle connections the first-request
@@ -83,6 +84,8 @@ def serve(chan, cid, conn, data):
         with lock:
             del live[cid]
             conn.close()
+    if DEFECT == "slow-closed":
+        time.sleep(1.0)  # as if waiting for an Ack to ride on
     if DEFECT != "no-closed":
         chan.send(closed=pb.Closed(connection_ids=[cid]))
     if DEFECT == "double-closed":

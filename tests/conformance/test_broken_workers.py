@@ -26,6 +26,7 @@ EXPECTED = {
     "no-sequence-check": ("error-sequence-gap", "§4 Sequence numbers"),
     "touch-rejected": ("drain-new-connection", "§5 Reject"),
     "stray-release": ("ack", "§5 Release: Release from a worker"),
+    "slow-closed": ("closed", "§7.3 Closed: Closed for connection"),
     "drain-no-grace": ("drain-first-request", "§7.7 Drain"),
     "drain-grace-all": ("drain-idle", "§7.7 Drain"),
 }

@@ -262,12 +262,31 @@ absl::Status InitialData(CaseContext& context) {
   return absl::OkStatus();
 }
 
+// §7.3: a Closed may wait for an Ack to ride on, but not longer than
+// 100 ms; the kit allows this long (the worker must also notice the close).
+constexpr absl::Duration kClosedBound = absl::Milliseconds(500);
+
 absl::Status Closed(CaseContext& context) {
   KIT_RETURN_IF_ERROR(context.Register());
   KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients, IdleClients(context, 1));
+  const absl::Time closed_at = absl::Now();
   clients[0]->tcp.client.Reset();
-  KIT_RETURN_IF_ERROR(AwaitIdsOf(context, "Closed (the client closed)",
-                                 {clients[0]->id}, ClosedIds));
+  // No Ack is due: the report must not wait for one.
+  absl::Status closed =
+      AwaitIdsOf(context, "Closed (the client closed)", {clients[0]->id},
+                 ClosedIds, closed_at + kClosedBound);
+  if (absl::IsDeadlineExceeded(closed)) {
+    KIT_RETURN_IF_ERROR(AwaitIdsOf(context, "Closed (the client closed)",
+                                   {clients[0]->id}, ClosedIds));
+    return Violation(
+        "§7.3 Closed",
+        absl::StrCat("Closed for connection ", clients[0]->id, " came ",
+                     absl::FormatDuration(absl::Now() - closed_at),
+                     " after the client closed, with no Ack to "
+                     "ride on (at most 100 ms; the kit allows ",
+                     absl::FormatDuration(kClosedBound), ")"));
+  }
+  KIT_RETURN_IF_ERROR(closed);
   // A second Closed for it would be a Violation.
   return context.Settle(3 * context.options().heartbeat_interval);
 }
@@ -857,7 +876,8 @@ const std::vector<Case>& AllCases() {
        InitialData},
       {"closed",
        "§7.3 Closed",
-       "Closed once when the client closes an acked connection",
+       "Closed once, within 500 ms, when the client closes an acked "
+       "connection",
        {},
        Closed},
       {"closed-many",

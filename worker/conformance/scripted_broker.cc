@@ -20,7 +20,6 @@ namespace fdbroker::conformance {
 namespace {
 
 // Release.unread_data limit (§5 Release).
-constexpr size_t kMaxUnreadData = 65024;
 
 int MillisUntil(absl::Time deadline) {
   const absl::Duration left = deadline - absl::Now();
@@ -267,7 +266,7 @@ absl::Status ScriptedBroker::Check(const Received& received) {
                          absl::StrCat("Release of connection ", id,
                                       ", which the worker does not own"));
       }
-      if (m.release().unread_data().size() > kMaxUnreadData) {
+      if (m.release().unread_data().size() > wire::kMaxUnreadData) {
         return Violation(
             "§5 Release",
             absl::StrCat("unread_data of ", m.release().unread_data().size(),

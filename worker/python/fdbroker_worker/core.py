@@ -72,9 +72,10 @@ CLOSED_REPORT_DELAY = 0.005
 MAX_CLOSED_PER_REPORT = 256
 # Connections per ConnectionBatch the worker takes (Hello), as the C++ SDK.
 MAX_CONNECTIONS_PER_MESSAGE = 32
-# Release.unread_data above this many bytes is refused (the packet limit is
-# 64 KiB; a whole pipelined request is far smaller).
-MAX_UNREAD_BYTES = 32 * 1024
+# Release.unread_data above this many bytes is refused: the protocol's
+# limit (protocol.md §5; wire::kMaxUnreadData in the C++ SDK), so that the
+# bytes fit in the Connection packet that carries them on.
+MAX_UNREAD_BYTES = channel_lib.MAX_PACKET_BYTES - 512
 # Drain (protocol.md §7.7): the drivers end idle connections at once by
 # half-closing their read side, except one on which the client has sent
 # nothing yet: it is left reading until this long (seconds) after it was
