@@ -15,6 +15,9 @@ namespace fdbroker::wire {
 
 // Largest packet either side sends or accepts.
 inline constexpr size_t kMaxPacketBytes = 64 * 1024;
+// Release.unread_data limit (protocol.md §5): the bytes must fit in the
+// Connection packet that carries them on, with its other fields.
+inline constexpr size_t kMaxUnreadData = kMaxPacketBytes - 512;
 // The kernel's SCM_MAX_FD: the most fds one sendmsg may carry.
 inline constexpr size_t kMaxFdsPerPacket = 253;
 

@@ -16,13 +16,19 @@ docs/protocol.md section 9; each DEFECT breaks one rule of that page:
   no-sequence-check  accepts any sequence number (§4)
   touch-rejected  reads a Connection's socket before rejecting it (§5 Reject)
   stray-release   sends Release without supports_release (§5 Release)
+  slow-closed     reports Closed 1 s after the close (§7.3)
+  drain-no-grace  on Drain, closes a connection that sent nothing yet at
+                  once (§7.7)
+  drain-grace-all on Drain, gives served idle connections the first-request
+                  grace too (§7.7)
 """
 import os, select, socket, sys, threading, time
 from fdbroker.v1 import handoff_pb2 as pb
 
 DEFECT = sys.argv[1]
 REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhello\n"
-lock, live = threading.Lock(), {}
+GRACE = 2.0
+lock, live, fresh = threading.Lock(), {}, {}
 
 
 class Channel:
@@ -62,6 +68,9 @@ class Channel:
 def serve(chan, cid, conn, data):
     try:
         while True:
+            if data:
+                with lock:
+                    fresh.pop(cid, None)
             while b"\r\n\r\n" in data:
                 _, data = data.split(b"\r\n\r\n", 1)
                 conn.sendall(REPLY)
@@ -75,6 +84,8 @@ def serve(chan, cid, conn, data):
         with lock:
             del live[cid]
             conn.close()
+    if DEFECT == "slow-closed":
+        time.sleep(1.0)  # as if waiting for an Ack to ride on
     if DEFECT != "no-closed":
         chan.send(closed=pb.Closed(connection_ids=[cid]))
     if DEFECT == "double-closed":
@@ -121,7 +132,7 @@ def main():
                 conn = socket.socket(fileno=fd)
                 conn.setblocking(True)
                 with lock:
-                    live[cid] = conn
+                    live[cid], fresh[cid] = conn, time.monotonic()
                 threads.append(threading.Thread(target=serve, args=(
                     chan, cid, conn, msg.connection.initial_data)))
                 threads[-1].start()
@@ -129,13 +140,21 @@ def main():
                 draining = True
                 if DEFECT == "touch-rejected":
                     linger_until = time.monotonic() + 0.5
-                with lock:
-                    for conn in live.values():
+        now = time.monotonic()
+        if draining:
+            # drain-no-grace closes a connection that sent nothing yet at
+            # once; drain-grace-all gives the grace to served ones too.
+            grace = 0 if DEFECT == "drain-no-grace" else GRACE
+            with lock:
+                for cid, conn in live.items():
+                    since = fresh.get(cid, 0)
+                    if DEFECT == "drain-grace-all":
+                        since = fresh.setdefault(cid, now)
+                    if since + grace <= now:
                         try:
                             conn.shutdown(socket.SHUT_RD)
                         except OSError:
                             pass
-        now = time.monotonic()
         if now - chan.last_sent >= interval and DEFECT != "no-heartbeat":
             chan.send(heartbeat=pb.Heartbeat(sent_unix_nanos=time.time_ns()))
         if now - chan.last_received > timeout:

@@ -26,6 +26,9 @@ EXPECTED = {
     "no-sequence-check": ("error-sequence-gap", "§4 Sequence numbers"),
     "touch-rejected": ("drain-new-connection", "§5 Reject"),
     "stray-release": ("ack", "§5 Release: Release from a worker"),
+    "slow-closed": ("closed", "§7.3 Closed: Closed for connection"),
+    "drain-no-grace": ("drain-first-request", "§7.7 Drain"),
+    "drain-grace-all": ("drain-idle", "§7.7 Drain"),
 }
 
 
@@ -33,7 +36,7 @@ def run_kit(defect, case):
     return subprocess.run(
         [KIT, f"--worker_cmd={sys.executable} "
               f"{os.path.join(HERE, 'broken_worker.py')} {defect}",
-         f"--cases=^({case})$", "--timeout=2s",
+         f"--cases=^({case})$", "--timeout=4s",
          "--capabilities=request_response"],
         capture_output=True, text=True, timeout=60)
 

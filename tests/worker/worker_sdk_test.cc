@@ -1607,6 +1607,28 @@ TEST_F(WorkerSdkTest, ReleaseThatFailsToSendLeavesTheFdWithTheCaller) {
   EXPECT_EQ(worker_->active_connections(), 1u);
 }
 
+TEST_F(WorkerSdkTest, ReleaseRefusesUnreadDataOverTheProtocolLimit) {
+  // protocol.md §5 Release: at most 65024 bytes; the broker would take more
+  // for a protocol error (and the connection would be lost with the packet).
+  std::vector<FakeClient> clients;
+  RegisterWithOneConnection(absl::ZeroDuration(), clients);
+  absl::Status released = worker_->Release(
+      1, delivered_[0].fd, std::string(65025, 'x'), ReleaseReason::kRebalance);
+  EXPECT_TRUE(absl::IsInvalidArgument(released)) << released;
+  ASSERT_TRUE(delivered_[0].fd.valid());
+  ExpectSameSocket(clients[0].client.get(), delivered_[0].fd.get());
+  EXPECT_EQ(worker_->active_connections(), 1u);
+  // Exactly the limit goes.
+  wire::UniqueFd fd;
+  ASSERT_TRUE(worker_
+                  ->Release(1, delivered_[0].fd, std::string(65024, 'x'),
+                            ReleaseReason::kRebalance)
+                  .ok());
+  absl::StatusOr<HandoffMessage> release = PumpAndReceiveFd(fd);
+  ASSERT_TRUE(release.ok() && release->has_release()) << release.status();
+  EXPECT_EQ(release->release().unread_data().size(), 65024u);
+}
+
 TEST_F(WorkerSdkTest, ReleaseThatWouldBlockGoesOutOnceWritable) {
   std::vector<FakeClient> clients;
   RegisterWithOneConnection(absl::Seconds(30), clients);

@@ -152,8 +152,11 @@ absl::Status CaseContext::Exchange(Client& client) {
   }
   // The rest of a response in several segments, so that the next exchange
   // reads only its own answer.
-  while (ReadSome(client.tcp.client.get(), absl::Now() + absl::Milliseconds(30))
-             .ok()) {
+  // (A response may end the connection, "Connection: close": stop at EOF.)
+  for (;;) {
+    absl::StatusOr<std::string> more =
+        ReadSome(client.tcp.client.get(), absl::Now() + absl::Milliseconds(30));
+    if (!more.ok() || more->empty()) break;
   }
   return absl::OkStatus();
 }

@@ -48,8 +48,8 @@ const google::protobuf::RepeatedField<uint64_t>* AckedIds(
 absl::Status AwaitIdsOf(CaseContext& context, absl::string_view what,
                         std::set<uint64_t> ids,
                         const google::protobuf::RepeatedField<uint64_t>* (*of)(
-                            const v1::HandoffMessage&)) {
-  const absl::Time deadline = context.Deadline();
+                            const v1::HandoffMessage&),
+                        absl::Time deadline) {
   while (!ids.empty()) {
     KIT_ASSIGN_OR_RETURN(
         Received received,
@@ -61,6 +61,12 @@ absl::Status AwaitIdsOf(CaseContext& context, absl::string_view what,
     for (uint64_t id : *of(received.message)) ids.erase(id);
   }
   return absl::OkStatus();
+}
+absl::Status AwaitIdsOf(CaseContext& context, absl::string_view what,
+                        std::set<uint64_t> ids,
+                        const google::protobuf::RepeatedField<uint64_t>* (*of)(
+                            const v1::HandoffMessage&)) {
+  return AwaitIdsOf(context, what, std::move(ids), of, context.Deadline());
 }
 
 // Goodbye, the channel closed, and exit code 0 (the kit's Welcome says
@@ -256,12 +262,31 @@ absl::Status InitialData(CaseContext& context) {
   return absl::OkStatus();
 }
 
+// §7.3: a Closed may wait for an Ack to ride on, but not longer than
+// 100 ms; the kit allows this long (the worker must also notice the close).
+constexpr absl::Duration kClosedBound = absl::Milliseconds(500);
+
 absl::Status Closed(CaseContext& context) {
   KIT_RETURN_IF_ERROR(context.Register());
   KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients, IdleClients(context, 1));
+  const absl::Time closed_at = absl::Now();
   clients[0]->tcp.client.Reset();
-  KIT_RETURN_IF_ERROR(AwaitIdsOf(context, "Closed (the client closed)",
-                                 {clients[0]->id}, ClosedIds));
+  // No Ack is due: the report must not wait for one.
+  absl::Status closed =
+      AwaitIdsOf(context, "Closed (the client closed)", {clients[0]->id},
+                 ClosedIds, closed_at + kClosedBound);
+  if (absl::IsDeadlineExceeded(closed)) {
+    KIT_RETURN_IF_ERROR(AwaitIdsOf(context, "Closed (the client closed)",
+                                   {clients[0]->id}, ClosedIds));
+    return Violation(
+        "§7.3 Closed",
+        absl::StrCat("Closed for connection ", clients[0]->id, " came ",
+                     absl::FormatDuration(absl::Now() - closed_at),
+                     " after the client closed, with no Ack to "
+                     "ride on (at most 100 ms; the kit allows ",
+                     absl::FormatDuration(kClosedBound), ")"));
+  }
+  KIT_RETURN_IF_ERROR(closed);
   // A second Closed for it would be a Violation.
   return context.Settle(3 * context.options().heartbeat_interval);
 }
@@ -356,12 +381,41 @@ absl::Status DrainEmpty(CaseContext& context) {
   return AwaitGoodbyeAndExit(context);
 }
 
+// §7.7: an idle connection that has served a request is closed at once on a
+// Drain; the kit allows this long (the worker must notice the Drain and
+// close, on a loaded machine).
+constexpr absl::Duration kIdleCloseBound = absl::Seconds(1);
+// §7.7: a connection on which the client has sent nothing yet is not closed
+// for FIRST_REQUEST_GRACE (2 s) after its hand-over: its first request may
+// be on the way. The kit's client sends it this late after the Drain.
+constexpr absl::Duration kLateFirstRequest = absl::Milliseconds(500);
+
 absl::Status DrainIdle(CaseContext& context) {
   KIT_RETURN_IF_ERROR(context.Register());
   KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients, IdleClients(context, 2));
+  const std::set<uint64_t> ids = {clients[0]->id, clients[1]->id};
+  const absl::Time drained_at = absl::Now();
   KIT_RETURN_IF_ERROR(context.broker().SendDrain(context.Deadline(), false));
-  KIT_RETURN_IF_ERROR(AwaitIdsOf(context, "Closed (idle, draining)",
-                                 {clients[0]->id, clients[1]->id}, ClosedIds));
+  if (context.Claims("request_response")) {
+    // Served, so past their first request: no grace.
+    absl::Status closed = AwaitIdsOf(context, "Closed (idle, draining)", ids,
+                                     ClosedIds, drained_at + kIdleCloseBound);
+    if (absl::IsDeadlineExceeded(closed)) {
+      return Violation(
+          "§7.7 Drain",
+          absl::StrCat("idle connections [", absl::StrJoin(ids, ", "),
+                       "], which had served a request, were not closed "
+                       "(Closed) within ",
+                       absl::FormatDuration(kIdleCloseBound),
+                       " of the Drain: only a connection that has received "
+                       "nothing yet gets a first-request grace"));
+    }
+    KIT_RETURN_IF_ERROR(closed);
+  } else {
+    // Never used: closed once their first-request grace is over.
+    KIT_RETURN_IF_ERROR(
+        AwaitIdsOf(context, "Closed (idle, draining)", ids, ClosedIds));
+  }
   KIT_RETURN_IF_ERROR(AwaitGoodbyeAndExit(context));
   for (Client* client : clients) {
     if (!ReadsEof(client->tcp.client.get(), context.Deadline())) {
@@ -373,8 +427,47 @@ absl::Status DrainIdle(CaseContext& context) {
   return absl::OkStatus();
 }
 
+absl::Status DrainFirstRequest(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  // Acked, nothing sent yet: `late` sends its first request after the
+  // Drain, `silent` never does.
+  KIT_ASSIGN_OR_RETURN(Client * late, context.HandOffAcked());
+  KIT_ASSIGN_OR_RETURN(Client * silent, context.HandOffAcked());
+  const absl::Time drained_at = absl::Now();
+  KIT_RETURN_IF_ERROR(context.broker().SendDrain(context.Deadline(), false));
+  // (ReadsEof waits until then unless the connection ends.)
+  if (ReadsEof(late->tcp.client.get(), drained_at + kLateFirstRequest)) {
+    return Violation(
+        "§7.7 Drain",
+        absl::StrCat("connection ", late->id,
+                     ", on which the client had sent nothing yet, was "
+                     "closed ",
+                     absl::FormatDuration(absl::Now() - drained_at),
+                     " after the Drain: its first request may still be on "
+                     "the way (grace: 2 s after the hand-over)"));
+  }
+  absl::Status answered = context.Exchange(*late);
+  if (!answered.ok()) {
+    return Violation(
+        "§7.7 Drain",
+        absl::StrCat(
+            "a first request sent ", absl::FormatDuration(kLateFirstRequest),
+            " after the Drain was not answered: ", answered.message()));
+  }
+  // Served now, so closed like any idle connection; the silent one once its
+  // grace is over.
+  KIT_RETURN_IF_ERROR(AwaitIdsOf(context, "Closed (draining)",
+                                 {late->id, silent->id}, ClosedIds));
+  return AwaitGoodbyeAndExit(context);
+}
+
 absl::Status DrainNewConnection(CaseContext& context) {
   KIT_RETURN_IF_ERROR(context.Register());
+  // A connection that has sent nothing keeps the draining worker for its
+  // first-request grace, so the Connection below reaches it (a worker with
+  // nothing to finish may otherwise be gone before it is sent).
+  KIT_ASSIGN_OR_RETURN(Client * keeper, context.HandOffAcked());
+  (void)keeper;
   KIT_RETURN_IF_ERROR(context.broker().SendDrain(context.Deadline(), false));
   // The client's bytes are in the socket before the hand-off: a worker that
   // reads the socket it does not take consumes them.
@@ -783,7 +876,8 @@ const std::vector<Case>& AllCases() {
        InitialData},
       {"closed",
        "§7.3 Closed",
-       "Closed once when the client closes an acked connection",
+       "Closed once, within 500 ms, when the client closes an acked "
+       "connection",
        {},
        Closed},
       {"closed-many",
@@ -809,9 +903,16 @@ const std::vector<Case>& AllCases() {
        DrainEmpty},
       {"drain-idle",
        "§7.7 Drain",
-       "Drain closes idle connections, Closed for each, Goodbye, exit 0",
+       "Drain closes idle connections (served ones within 1 s), Closed for "
+       "each, Goodbye, exit 0",
        {},
        DrainIdle},
+      {"drain-first-request",
+       "§7.7 Drain",
+       "a connection that has sent nothing yet gets its first-request "
+       "grace: a request sent after the Drain is answered",
+       {"request_response"},
+       DrainFirstRequest},
       {"drain-new-connection",
        "§7.7 Drain",
        "a Connection after Drain is rejected (or left) untouched",

@@ -112,6 +112,8 @@ class ScriptedBroker {
   std::unique_ptr<wire::MessageChannel> channel_;
   uint64_t sent_ = 0;
   uint64_t received_count_ = 0;
+  // The channel reported ECONNRESET once; what was queued is still read.
+  bool reset_seen_ = false;
   absl::Time last_sent_ = absl::InfinitePast();
   bool send_heartbeats_ = true;
   absl::Duration heartbeat_interval_ = absl::Milliseconds(100);

@@ -30,8 +30,10 @@ constexpr size_t kReadBufferSize = 64 * 1024;
 constexpr int kReadsPerEvent = 8;
 // How long a half-closed connection may keep sending before it is closed.
 constexpr auto kLingerTime = std::chrono::seconds(2);
-// During a drain, how long a connection that has not sent its first request
-// yet may take to send it (a client that just connected usually has).
+// During a drain, how long after its hand-over a connection that has not
+// sent its first request yet may take to send it (docs/protocol.md §7.7: a
+// client that just connected usually has). Any other idle connection is
+// closed at once.
 constexpr auto kFirstRequestGrace = std::chrono::seconds(2);
 // After a forced shutdown, how long the source gets to report the closes.
 constexpr auto kForcedExitGrace = std::chrono::seconds(1);
@@ -203,6 +205,7 @@ void HttpServer::OnNewConnection(wire::UniqueFd fd, uint64_t source_id,
   slot.key = next_key_++;
   slot.fd = std::move(fd);
   slot.source_id = source_id;
+  slot.delivered_at = now_;
   if (!Watch(slot)) {
     owned.reset();
     source_->ConnectionClosed(source_id);
@@ -456,7 +459,7 @@ void HttpServer::Service(Slot& slot) {
   if (draining_ && slot.http.idle() && slot.http.requests() == 0 &&
       slot.timer == TimerKind::kNone) {
     ScheduleTimer(slot, TimerKind::kFirstRequestGrace,
-                  now_ + kFirstRequestGrace);
+                  std::max(now_, slot.delivered_at + kFirstRequestGrace));
   }
   if (slot.read_deferred && slot.http.wants_input() && !slot.read_queued) {
     // Input may be left in the socket and no new edge will come for it:

@@ -88,6 +88,9 @@ class HttpServer final : public ConnectionSink {
     bool lingering = false;
     TimerKind timer = TimerKind::kNone;
     uint64_t timer_generation = 0;
+    // When the connection was handed to this server: a drain leaves one
+    // that has sent nothing open until kFirstRequestGrace after it.
+    MonoTime delivered_at;
   };
   struct TimerEntry {
     MonoTime at;

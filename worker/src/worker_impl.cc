@@ -927,6 +927,13 @@ absl::Status WorkerImpl::Release(uint64_t id, wire::UniqueFd& fd,
     return absl::FailedPreconditionError(absl::StrCat(
         "Release(", id, "): the broker does not know this connection"));
   }
+  if (unread_data.size() > wire::kMaxUnreadData) {
+    // The broker would take it for a protocol error, and the connection
+    // would be lost with the packet.
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Release(", id, "): ", unread_data.size(),
+        " unread bytes (the limit is ", wire::kMaxUnreadData, ")"));
+  }
   Outgoing release;
   v1::Release& body = *release.message.mutable_release();
   body.set_connection_id(id);

@@ -8,7 +8,7 @@ from unittest import mock
 
 from fake_broker import FakeBroker, registered
 import fdbroker_worker
-from fdbroker_worker import DrainCause, aio
+from fdbroker_worker import DrainCause, aio, core
 from fdbroker_worker._proto import pb
 
 
@@ -79,7 +79,7 @@ class StartServerTest(unittest.IsolatedAsyncioTestCase):
 
     async def test_drain_closes_idle_connections_then_finishes(self) -> None:
         server = await self.start()
-        with mock.patch.object(aio, "FIRST_REQUEST_GRACE", 0):
+        with mock.patch.object(core, "FIRST_REQUEST_GRACE", 0):
             client = await self.hand_over(1)
             self.broker.send(drain=pb.Drain(deadline_unix_nanos=2 * 10**18))
             loop = asyncio.get_running_loop()

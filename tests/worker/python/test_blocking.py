@@ -8,7 +8,7 @@ from unittest import mock
 
 from fake_broker import FakeBroker
 from fdbroker_worker import BlockingWorker, BrokeredSocket, DrainCause
-from fdbroker_worker import blocking
+from fdbroker_worker import blocking, core
 from test_aio import tcp_pair
 
 
@@ -62,7 +62,7 @@ class BlockingWorkerTest(unittest.TestCase):
         drains = []
         worker = self.connect(
             on_drain=lambda cause, deadline: drains.append(cause))
-        with mock.patch.object(blocking, "FIRST_REQUEST_GRACE", 0):
+        with mock.patch.object(core, "FIRST_REQUEST_GRACE", 0):
             client = self.hand_over(1)
             sockets = iter(worker)
             sock = next(sockets)
@@ -76,6 +76,40 @@ class BlockingWorkerTest(unittest.TestCase):
             self.broker.receive_body("goodbye")
             self.assertEqual(list(sockets), [])
         self.assertEqual(drains, [DrainCause.LOCAL])
+
+    def test_drain_ends_a_served_idle_socket_at_once(self) -> None:
+        # §7.7: the first-request grace is only for a connection on which
+        # the client has sent nothing yet.
+        worker = self.connect()
+        client = self.hand_over(2)
+        sockets = iter(worker)
+        sock = next(sockets)
+        client.sendall(b"ping")
+        self.assertEqual(sock.recv(4), b"ping")
+        worker.start_drain()
+        sock.settimeout(1.0)  # well within FIRST_REQUEST_GRACE
+        self.assertEqual(sock.recv(10), b"")
+        sock.close()
+        self.broker.receive_body("closed")
+        self.broker.receive_body("goodbye")
+        self.assertEqual(list(sockets), [])
+
+    def test_drain_gives_a_fresh_socket_its_first_request(self) -> None:
+        worker = self.connect()
+        client = self.hand_over(3)
+        sockets = iter(worker)
+        sock = next(sockets)
+        worker.start_drain()
+        self.assertTrue(worker.draining)
+        sock.settimeout(0.5)  # within FIRST_REQUEST_GRACE: no EOF yet
+        with self.assertRaises(TimeoutError):
+            sock.recv(5)
+        client.sendall(b"first")
+        sock.settimeout(5)
+        self.assertEqual(sock.recv(5), b"first")
+        sock.close()
+        self.broker.receive_body("closed")
+        self.broker.receive_body("goodbye")
 
 
 if __name__ == "__main__":

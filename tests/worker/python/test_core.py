@@ -362,5 +362,37 @@ class CoreTest(unittest.TestCase):
         self.assertEqual(open_fds(), self.fds_before + 3)  # client ends
 
 
+class FirstRequestGraceTest(unittest.TestCase):
+    """§7.7: a drain waits for the first request only on a connection on
+    which the client has sent nothing yet."""
+
+    def test_grace_until_the_client_sends_anything(self) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            server, _ = listener.accept()
+            with client, server:
+                self.assertFalse(core_lib.has_received_bytes(server))
+                self.assertEqual(
+                    core_lib.first_request_grace_end(server, 10.0, 11.0),
+                    10.0 + core_lib.FIRST_REQUEST_GRACE)
+                self.assertEqual(  # past the grace: now
+                    core_lib.first_request_grace_end(server, 10.0, 13.0),
+                    13.0)
+                client.sendall(b"x")
+                self.assertEqual(server.recv(1), b"x")  # read: still counts
+                self.assertTrue(core_lib.has_received_bytes(server))
+                self.assertEqual(
+                    core_lib.first_request_grace_end(server, 10.0, 11.0),
+                    11.0)
+
+    def test_unknown_socket_gets_the_grace(self) -> None:
+        a, b = socket.socketpair()
+        with a, b:
+            a.sendall(b"x")
+            self.assertFalse(core_lib.has_received_bytes(b))  # not TCP
+        self.assertEqual(core_lib.first_request_grace_end(None, 10.0, 11.0),
+                         10.0 + core_lib.FIRST_REQUEST_GRACE)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -161,7 +161,9 @@ class ReleaseTest(unittest.TestCase):
     def test_refuses_oversized_unread_data_and_unknown_ids(self) -> None:
         driver = self.start(supports_release=True)
         self.take(driver, 6)
-        big = b"x" * 40000
+        # protocol.md §5 Release: at most 65024 bytes (the C++ SDK's limit
+        # too); more would be a protocol error at the broker.
+        big = b"x" * 65025
         self.assertEqual(self.release(driver, 6, big), [False])
         results = []
         copy = socket.socket()
@@ -169,6 +171,11 @@ class ReleaseTest(unittest.TestCase):
         self.assertEqual(results, [False])
         self.assertEqual(copy.fileno(), -1)  # closed by the core
         self.assertEqual(driver.core.active_connections, 1)
+
+    def test_releases_unread_data_up_to_the_protocol_limit(self) -> None:
+        driver = self.start(supports_release=True)
+        self.take(driver, 7)
+        self.assertEqual(self.release(driver, 7, b"x" * 65024), [True])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import uvloop
 
 import fdbroker_worker
 from fake_broker import FakeBroker, end_server, registered
-from fdbroker_worker import protocol_server
+from fdbroker_worker import core, protocol_server
 from fdbroker_worker._proto import pb
 from test_aio import tcp_pair
 
@@ -122,8 +122,7 @@ class ProtocolServerTest(unittest.IsolatedAsyncioTestCase):
 
     async def test_drain_half_closes_then_goodbye(self) -> None:
         server = await self.start()
-        with mock.patch.object(protocol_server,
-                                        "FIRST_REQUEST_GRACE", 0):
+        with mock.patch.object(core, "FIRST_REQUEST_GRACE", 0):
             client = await self.hand_over(8)
             self.broker.send(drain=pb.Drain())
             # The idle connection reads EOF; Upper closes it.

@@ -27,8 +27,8 @@ from typing import Awaitable, Callable, Optional, TypeVar
 from ._proto import pb
 from ._driver import (DrainCallback, Driver, flushed, releasable,
                       shut_read_side)
-from .core import (FIRST_REQUEST_GRACE, Connection, Drain, Options,
-                   RegistrationError, ReleaseRequest, WorkerCore)
+from .core import (Connection, Drain, Options, RegistrationError,
+                   ReleaseRequest, WorkerCore, first_request_grace_end)
 
 T = TypeVar("T")
 
@@ -212,7 +212,12 @@ class Server(Driver):
                 left -= 1
 
     def _schedule_stop_reading(self, protocol: _BrokeredProtocol) -> None:
-        self.loop.call_at(protocol.delivered_at + FIRST_REQUEST_GRACE,
+        """Ends the connection for a drain: now if the client has sent
+        anything, else once its first-request grace is over (§7.7)."""
+        transport = protocol.transport
+        sock = transport.get_extra_info("socket") if transport else None
+        self.loop.call_at(first_request_grace_end(sock, protocol.delivered_at,
+                                                  self.loop.time()),
                           protocol.stop_reading)
 
     def _release_idle(self, handle: BrokeredConnection) -> None:

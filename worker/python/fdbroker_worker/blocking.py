@@ -27,8 +27,8 @@ import time
 from typing import Callable, Iterator, Optional
 
 from ._proto import pb
-from .core import (FIRST_REQUEST_GRACE, Connection, Drain, DrainCause,
-                   Options, WorkerCore)
+from .core import (Connection, Drain, DrainCause, Options, WorkerCore,
+                   first_request_grace_end)
 
 # wait_for_request() looks at release_requested this often (seconds).
 _RELEASE_POLL = 0.05
@@ -326,8 +326,14 @@ class BlockingWorker:
         self._sockets.put(sock)
 
     def _stop_reading_later(self, sock: BrokeredSocket) -> None:
-        self._stop_reading_at.append(
-            (sock.delivered_at + FIRST_REQUEST_GRACE, sock))
+        """Ends the connection for a drain: now if the client has sent
+        anything, else once its first-request grace is over (§7.7)."""
+        with self._lock:  # a handler may be closing it
+            if sock.connection_id not in self._live:
+                return
+            when = first_request_grace_end(sock, sock.delivered_at,
+                                           time.monotonic())
+        self._stop_reading_at.append((when, sock))
 
     def _drain_started(self, drain: Drain) -> None:
         if drain.release_idle:

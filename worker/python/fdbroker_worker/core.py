@@ -39,6 +39,7 @@ import logging
 import os
 import select
 import socket
+import sys
 import time
 from typing import Callable, Optional
 
@@ -71,13 +72,18 @@ CLOSED_REPORT_DELAY = 0.005
 MAX_CLOSED_PER_REPORT = 256
 # Connections per ConnectionBatch the worker takes (Hello), as the C++ SDK.
 MAX_CONNECTIONS_PER_MESSAGE = 32
-# Release.unread_data above this many bytes is refused (the packet limit is
-# 64 KiB; a whole pipelined request is far smaller).
-MAX_UNREAD_BYTES = 32 * 1024
-# Drivers close idle connections on drain by half-closing their read side;
-# one delivered less than this long ago (seconds) is left reading until it
-# is this old: its first request may still be on the way.
+# Release.unread_data above this many bytes is refused: the protocol's
+# limit (protocol.md §5; wire::kMaxUnreadData in the C++ SDK), so that the
+# bytes fit in the Connection packet that carries them on.
+MAX_UNREAD_BYTES = channel_lib.MAX_PACKET_BYTES - 512
+# Drain (protocol.md §7.7): the drivers end idle connections at once by
+# half-closing their read side, except one on which the client has sent
+# nothing yet: it is left reading until this long (seconds) after it was
+# handed over, since its first request may still be on the way.
 FIRST_REQUEST_GRACE = 2.0
+# struct tcp_info: tcpi_bytes_received (Linux >= 4.1) is the u64 at this
+# offset (the struct only ever grows at its end).
+_TCPI_BYTES_RECEIVED = 128
 
 
 class DrainCause(enum.Enum):
@@ -189,6 +195,32 @@ def resolve_socket_path(configured: Optional[str]) -> str:
         raise RegistrationError(
             f"no broker socket: pass socket_path or set ${SOCKET_ENV_VAR}")
     return path
+
+
+def has_received_bytes(sock: socket.socket) -> bool:
+    """Whether the client has sent anything on this TCP connection (the
+    kernel's count, whoever read it; a FIN counts too): a drain need not
+    wait for its first request. False when the kernel cannot say, the safe
+    side: a needless grace only delays the drain, a missing one could cut a
+    first request."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except (OSError, ValueError):
+        return False  # closed meanwhile, or not TCP: grace as if fresh
+    if len(info) < _TCPI_BYTES_RECEIVED + 8:
+        return False
+    return int.from_bytes(
+        info[_TCPI_BYTES_RECEIVED:_TCPI_BYTES_RECEIVED + 8],
+        sys.byteorder) > 0
+
+
+def first_request_grace_end(sock: Optional[socket.socket],
+                            delivered_at: float, now: float) -> float:
+    """When a drain may end this connection (§7.7): now if the client has
+    sent anything, else FIRST_REQUEST_GRACE after its hand-over."""
+    if sock is not None and has_received_bytes(sock):
+        return now
+    return max(now, delivered_at + FIRST_REQUEST_GRACE)
 
 
 def _varint_len(value: int) -> int:

@@ -13,8 +13,9 @@ transport.set_protocol()) and the close is still seen.
 
 Drain: no new connections (the core rejects them); each live connection is
 asked to finish with close_gracefully(protocol) (default: its read side is
-half-closed, as start_server() does), no earlier than FIRST_REQUEST_GRACE
-after it arrived, since its first request may still be on the way.
+half-closed, as start_server() does): at once if the client has sent
+anything, else FIRST_REQUEST_GRACE after it arrived, since its first
+request may still be on the way (docs/protocol.md §7.7).
 
 Release (release=True): only the application knows when a connection is
 between requests, so it passes is_idle(protocol) and calls
@@ -36,8 +37,8 @@ from typing import Callable, Coroutine, Optional
 from ._driver import (FLUSH_TURNS, DrainCallback, Driver, releasable,
                       shut_read_side)
 from ._proto import pb
-from .core import (FIRST_REQUEST_GRACE, Connection, Drain, Options,
-                   RegistrationError, ReleaseRequest, WorkerCore)
+from .core import (Connection, Drain, Options, RegistrationError,
+                   ReleaseRequest, WorkerCore, first_request_grace_end)
 
 log = logging.getLogger("fdbroker_worker")
 
@@ -210,7 +211,11 @@ class ProtocolServer(Driver):
         if live.ending:
             return
         live.ending = True
-        when = live.delivered_at + FIRST_REQUEST_GRACE
+        # Now if the client has sent anything, else once its first-request
+        # grace is over (§7.7).
+        when = first_request_grace_end(
+            live.transport.get_extra_info("socket"), live.delivered_at,
+            self.loop.time())
         self.loop.call_at(when, self._finish_gracefully, live)
 
     def _finish_gracefully(self, live: _Live) -> None:
