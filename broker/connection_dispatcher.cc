@@ -328,10 +328,10 @@ absl::Status ConnectionDispatcher::OnRelease(Worker& worker,
     return absl::InvalidArgumentError(
         absl::StrCat("release of connection ", id, ": ", same.message()));
   }
-  if (release.unread_data().size() > kMaxUnreadData) {
+  if (release.unread_data().size() > wire::kMaxUnreadData) {
     return absl::InvalidArgumentError(absl::StrCat(
         "release of connection ", id, " carries ", release.unread_data().size(),
-        " unread bytes; the limit is ", kMaxUnreadData));
+        " unread bytes; the limit is ", wire::kMaxUnreadData));
   }
   worker.owned.erase(owned);
   ++stats_.released;

@@ -52,9 +52,6 @@ class ConnectionDispatcher {
   // The broker's cap on a worker's max_connections_per_message (fds per
   // packet; the kernel allows 253).
   static constexpr uint32_t kMaxConnectionsPerMessage = 64;
-  // The most unread bytes a Release may carry: they travel on in a Connection
-  // message, which must stay under the packet limit with its other fields.
-  static constexpr size_t kMaxUnreadData = wire::kMaxPacketBytes - 512;
 
   struct Options {
     // Connections waiting for a worker with room; past this they are closed.

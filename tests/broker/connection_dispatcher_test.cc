@@ -577,7 +577,7 @@ TEST_F(ReleaseTest, ReleaseOfAConnectionNotOwnedIsAnError) {
   };
   EXPECT_FALSE(release(b_, ida_, 0).ok()) << "another worker's connection";
   EXPECT_FALSE(release(a_, 424242, 0).ok()) << "unknown id";
-  EXPECT_FALSE(release(a_, ida_, ConnectionDispatcher::kMaxUnreadData + 1).ok())
+  EXPECT_FALSE(release(a_, ida_, wire::kMaxUnreadData + 1).ok())
       << "too many unread bytes to pass on";
   // Sent but not acked yet: not the worker's to give back.
   dispatcher_->Dispatch(NewClient(c3));
@@ -590,7 +590,7 @@ TEST_F(ReleaseTest, ReleaseOfAConnectionNotOwnedIsAnError) {
   EXPECT_EQ(a_.worker->active(), 1);
   EXPECT_EQ(b_.worker->active(), 1);
   EXPECT_EQ(dispatcher_->stats().released, 0u);
-  EXPECT_TRUE(release(a_, ida_, ConnectionDispatcher::kMaxUnreadData).ok())
+  EXPECT_TRUE(release(a_, ida_, wire::kMaxUnreadData).ok())
       << "its own, acked, at the limit: fine";
   EXPECT_EQ(dispatcher_->stats().released, 1u);
 }
