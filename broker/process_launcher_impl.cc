@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "spdlog/spdlog.h"
+#include "wire/command_line.h"
 
 namespace fdbroker {
 namespace {
@@ -29,22 +30,6 @@ int PidfdSendSignal(int pidfd, int signal) {
       ::syscall(SYS_pidfd_send_signal, pidfd, signal, nullptr, 0));
 }
 
-absl::StatusOr<std::string> ResolveProgram(const std::string& program) {
-  if (program.find('/') != std::string::npos) {
-    if (::access(program.c_str(), X_OK) != 0) {
-      return absl::ErrnoToStatus(errno, program);
-    }
-    return program;
-  }
-  const char* path = ::getenv("PATH");
-  for (absl::string_view dir :
-       absl::StrSplit(path ? path : "/usr/bin:/bin", ':')) {
-    std::string candidate = absl::StrCat(dir.empty() ? "." : dir, "/", program);
-    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
-  }
-  return absl::NotFoundError(absl::StrCat(program, ": not found in PATH"));
-}
-
 }  // namespace
 
 absl::StatusOr<ProcessLauncher::Process> PosixProcessLauncher::Spawn(
@@ -54,7 +39,7 @@ absl::StatusOr<ProcessLauncher::Process> PosixProcessLauncher::Spawn(
     return absl::FailedPreconditionError("no worker command");
   }
   if (resolved_program_.empty() || program_ != argv_strings[0]) {
-    absl::StatusOr<std::string> program = ResolveProgram(argv_strings[0]);
+    absl::StatusOr<std::string> program = wire::ResolveProgram(argv_strings[0]);
     if (!program.ok()) return program.status();
     program_ = argv_strings[0];
     resolved_program_ = *std::move(program);

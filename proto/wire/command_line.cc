@@ -1,12 +1,17 @@
 #include "wire/command_line.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstdlib>
 #include <string>
 
 #include "absl/flags/reflection.h"
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 
 namespace fdbroker::wire {
 namespace {
@@ -117,6 +122,22 @@ absl::StatusOr<std::vector<std::string>> SplitCommandLine(
   if (in_word) words.push_back(std::move(word));
   if (words.empty()) return absl::InvalidArgumentError("empty command");
   return words;
+}
+
+absl::StatusOr<std::string> ResolveProgram(const std::string& program) {
+  if (program.find('/') != std::string::npos) {
+    if (::access(program.c_str(), X_OK) != 0) {
+      return absl::ErrnoToStatus(errno, program);
+    }
+    return program;
+  }
+  const char* path = ::getenv("PATH");
+  for (absl::string_view dir :
+       absl::StrSplit(path ? path : "/usr/bin:/bin", ':')) {
+    std::string candidate = absl::StrCat(dir.empty() ? "." : dir, "/", program);
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return absl::NotFoundError(absl::StrCat(program, ": not found in PATH"));
 }
 
 }  // namespace fdbroker::wire

@@ -30,6 +30,10 @@ absl::StatusOr<CommandLine> ParseFlags(
 absl::StatusOr<std::vector<std::string>> SplitCommandLine(
     absl::string_view command);
 
+// The program of a command line: `program` itself if it contains a '/'
+// (and is executable), else the first executable match along $PATH.
+absl::StatusOr<std::string> ResolveProgram(const std::string& program);
+
 }  // namespace fdbroker::wire
 
 #endif  // FDBROKER_PROTO_WIRE_COMMAND_LINE_H_

@@ -19,6 +19,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "wire/command_line.h"
 
 extern char** environ;
 
@@ -27,22 +28,6 @@ namespace {
 
 int PidfdOpen(pid_t pid) {
   return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-}
-
-absl::StatusOr<std::string> ResolveProgram(const std::string& program) {
-  if (program.find('/') != std::string::npos) {
-    if (::access(program.c_str(), X_OK) != 0) {
-      return absl::ErrnoToStatus(errno, program);
-    }
-    return program;
-  }
-  const char* path = ::getenv("PATH");
-  for (absl::string_view dir :
-       absl::StrSplit(path ? path : "/usr/bin:/bin", ':')) {
-    std::string candidate = absl::StrCat(dir.empty() ? "." : dir, "/", program);
-    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
-  }
-  return absl::NotFoundError(absl::StrCat(program, ": not found in PATH"));
 }
 
 int ShellStatus(int wait_status) {
@@ -64,7 +49,7 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
     const std::vector<std::string>& argv, const std::string& socket_path,
     const std::string& log_path) {
   if (argv.empty()) return absl::InvalidArgumentError("empty worker command");
-  absl::StatusOr<std::string> program = ResolveProgram(argv[0]);
+  absl::StatusOr<std::string> program = wire::ResolveProgram(argv[0]);
   if (!program.ok()) return program.status();
   std::vector<char*> args;
   for (const std::string& arg : argv) {
