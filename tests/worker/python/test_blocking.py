@@ -8,7 +8,7 @@ from unittest import mock
 
 from fake_broker import FakeBroker
 from fdbroker_worker import BlockingWorker, BrokeredSocket, DrainCause
-from fdbroker_worker import blocking, core
+from fdbroker_worker import core
 from test_aio import tcp_pair
 
 
