@@ -66,12 +66,9 @@ absl::Status Daemon::Init() {
   if (!loop.ok()) return loop.status();
   loop_ = *std::move(loop);
 
-  // SIGTERM/SIGINT arrive through a signalfd (main() blocked them in every
-  // thread), so handling them is ordinary loop work.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
+  // Signals arrive through a signalfd (main() blocked them in every thread),
+  // so handling them is ordinary loop work.
+  const sigset_t signals = BrokerSignals();
   signal_fd_.Reset(::signalfd(-1, &signals, SFD_NONBLOCK | SFD_CLOEXEC));
   if (!signal_fd_) return absl::ErrnoToStatus(errno, "signalfd");
   absl::StatusOr<std::unique_ptr<IoWatch>> watch =
@@ -352,14 +349,31 @@ void Daemon::FinishUpgrade(int64_t deadline_nanos) {
   loop_->Stop();
 }
 
+sigset_t BrokerSignals() {
+  sigset_t signals;
+  sigemptyset(&signals);
+  for (int signal : {SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2}) {
+    sigaddset(&signals, signal);
+  }
+  return signals;
+}
+
 void Daemon::OnSignal() {
   signalfd_siginfo info;
   while (::read(signal_fd_.get(), &info, sizeof(info)) == sizeof(info)) {
+    const int signal = static_cast<int>(info.ssi_signo);
+    if (signal == SIGHUP || signal == SIGUSR1 || signal == SIGUSR2) {
+      spdlog::info(
+          "received SIG{}: ignored (SIGTERM, SIGINT or SIGQUIT drain the "
+          "broker)",
+          sigabbrev_np(signal));
+      continue;
+    }
     if (!shutting_down_) {
       spdlog::info(
           "received SIG{}: draining (deadline {}); send it again to "
           "stop at once",
-          sigabbrev_np(static_cast<int>(info.ssi_signo)),
+          sigabbrev_np(signal),
           absl::FormatDuration(config_.manager.drain_timeout));
       BeginShutdown();
     } else {

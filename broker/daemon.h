@@ -1,6 +1,8 @@
 #ifndef FDBROKER_BROKER_DAEMON_H_
 #define FDBROKER_BROKER_DAEMON_H_
 
+#include <signal.h>
+
 #include <memory>
 #include <thread>
 #include <vector>
@@ -24,6 +26,13 @@
 #include "wire/unique_fd.h"
 
 namespace fdbroker {
+
+// The signals the broker takes (through a signalfd on its loop; main()
+// blocks them in every thread before any exists): SIGTERM, SIGINT and
+// SIGQUIT drain, a second one stops at once; SIGHUP, SIGUSR1 and SIGUSR2 are
+// logged and ignored, so that no signal sent by habit kills the broker
+// without a drain (each one's default action would).
+sigset_t BrokerSignals();
 
 // The composition root: builds the parts, wires their callbacks, runs the
 // event loop and sequences shutdown. It holds no data-plane logic itself.

@@ -76,10 +76,7 @@ int main(int argc, char** argv) {
   RaiseFdLimit();
   // Signals are taken from a signalfd by the event loop; block them before
   // any thread exists so that every thread inherits the mask.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
+  const sigset_t signals = fdbroker::BrokerSignals();
   ::pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   ::signal(SIGPIPE, SIG_IGN);
 

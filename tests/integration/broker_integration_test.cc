@@ -308,6 +308,38 @@ bool ServerReadEverything(int client_fd) {
   return queues.size() == 17 && queues.substr(9) == "00000000";
 }
 
+// No signal an operator sends by habit ends the broker without a drain:
+// SIGHUP, SIGUSR1 and SIGUSR2 are logged and ignored (the default action of
+// each would kill it on the spot), SIGQUIT drains like SIGTERM.
+TEST(BrokerIntegrationTest, HabitualSignalsNeverKillWithoutADrain) {
+  auto broker = BrokerProcess::Start({"--workers=1"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(1, absl::Seconds(30)));
+  for (int signal : {SIGHUP, SIGUSR1, SIGUSR2}) {
+    ASSERT_TRUE((*broker)->process().Signal(signal).ok());
+    const std::string logged =
+        absl::StrCat("received SIG", sigabbrev_np(signal), ": ignored");
+    EXPECT_TRUE(WaitFor(
+        [&] {
+          return (*broker)->process().Stderr().find(logged) !=
+                 std::string::npos;
+        },
+        absl::Seconds(5)))
+        << logged << "\n"
+        << (*broker)->process().Output();
+    absl::StatusOr<HttpResponse> r =
+        HttpGetOnce("127.0.0.1", (*broker)->port(), "/");
+    ASSERT_TRUE(r.ok()) << sigabbrev_np(signal) << ": " << r.status();
+    EXPECT_EQ(r->status, 200);
+  }
+  ASSERT_TRUE((*broker)->process().Signal(SIGQUIT).ok());
+  absl::StatusOr<int> code = (*broker)->process().Wait(absl::Seconds(15));
+  ASSERT_TRUE(code.ok()) << code.status();
+  EXPECT_EQ(*code, 0) << (*broker)->process().Output();
+  EXPECT_NE((*broker)->process().Stderr().find("received SIGQUIT: draining"),
+            std::string::npos);
+}
+
 TEST(BrokerIntegrationTest, SigtermLetsInFlightRequestsFinishAndExitsZero) {
   auto broker = BrokerProcess::Start({"--workers=2", "--drain_timeout=10s"});
   ASSERT_TRUE(broker.ok()) << broker.status();
