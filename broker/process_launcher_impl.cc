@@ -17,14 +17,12 @@
 #include "absl/strings/str_split.h"
 #include "spdlog/spdlog.h"
 #include "wire/command_line.h"
+#include "wire/spawn.h"
 
 namespace fdbroker {
 namespace {
 
-// Direct syscalls: Debian 12's <sys/pidfd.h> lacks C++ linkage guards.
-int PidfdOpen(pid_t pid) {
-  return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-}
+// A direct syscall: Debian 12's <sys/pidfd.h> lacks C++ linkage guards.
 int PidfdSendSignal(int pidfd, int signal) {
   return static_cast<int>(
       ::syscall(SYS_pidfd_send_signal, pidfd, signal, nullptr, 0));
@@ -44,53 +42,14 @@ absl::StatusOr<ProcessLauncher::Process> PosixProcessLauncher::Spawn(
     program_ = argv_strings[0];
     resolved_program_ = *std::move(program);
   }
-  std::vector<char*> argv;
-  for (const std::string& arg : argv_strings) {
-    argv.push_back(const_cast<char*>(arg.c_str()));
-  }
-  argv.push_back(nullptr);
-  std::vector<char*> envp;
-  for (const std::string& entry : env) {
-    envp.push_back(const_cast<char*>(entry.c_str()));
-  }
-  envp.push_back(nullptr);
-
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null",
-                                   O_RDONLY, 0);
-  posix_spawn_file_actions_addclosefrom_np(&actions, 3);
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  sigset_t empty, all;
-  sigemptyset(&empty);
-  sigfillset(&all);
-  posix_spawnattr_setsigmask(&attr, &empty);
-  posix_spawnattr_setsigdefault(&attr, &all);
-  posix_spawnattr_setpgroup(&attr, 0);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK |
-                                      POSIX_SPAWN_SETSIGDEF |
-                                      POSIX_SPAWN_SETPGROUP);
-  pid_t pid = 0;
-  const int rc = ::posix_spawn(&pid, resolved_program_.c_str(), &actions, &attr,
-                               argv.data(), envp.data());
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
-  if (rc != 0) {
-    return absl::ErrnoToStatus(rc, absl::StrCat("spawn ", resolved_program_));
-  }
-  wire::UniqueFd pidfd(PidfdOpen(pid));
-  if (!pidfd) {
-    // Cannot happen for our own unreaped child; stop it rather than lose it.
-    const int err = errno;
-    KillAndReap(pid);
-    return absl::ErrnoToStatus(err, "pidfd_open");
-  }
-  return Process{pid, std::move(pidfd)};
+  absl::StatusOr<wire::SpawnedProcess> spawned =
+      wire::SpawnProcess(resolved_program_, argv_strings, env);
+  if (!spawned.ok()) return spawned.status();
+  return Process{spawned->pid, std::move(spawned->pidfd)};
 }
 
 absl::StatusOr<wire::UniqueFd> PosixProcessLauncher::WatchExisting(pid_t pid) {
-  wire::UniqueFd pidfd(PidfdOpen(pid));
+  wire::UniqueFd pidfd(wire::PidfdOpen(pid));
   if (!pidfd) {
     return absl::ErrnoToStatus(errno, absl::StrCat("pidfd_open(", pid, ")"));
   }

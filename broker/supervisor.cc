@@ -12,9 +12,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "broker/process_launcher_impl.h"
-#include "wire/message_channel.h"
-
-extern char** environ;
+#include "wire/spawn.h"
 
 namespace fdbroker {
 
@@ -51,17 +49,8 @@ absl::StatusOr<pid_t> Supervisor::Spawn() {
   if (options_.argv.empty()) {
     return absl::FailedPreconditionError("no worker command");
   }
-  const std::string socket_env =
-      absl::StrCat(wire::kSocketEnvVar, "=", options_.socket_path);
-  const absl::string_view socket_prefix(socket_env.data(),
-                                        sizeof(wire::kSocketEnvVar));
-  std::vector<std::string> env;
-  for (char** e = environ; *e != nullptr; ++e) {
-    if (!absl::StartsWith(*e, socket_prefix)) env.emplace_back(*e);
-  }
-  env.push_back(socket_env);
-  absl::StatusOr<ProcessLauncher::Process> process =
-      launcher_.Spawn(options_.argv, env);
+  absl::StatusOr<ProcessLauncher::Process> process = launcher_.Spawn(
+      options_.argv, wire::WorkerEnvironment(options_.socket_path));
   if (!process.ok()) return process.status();
   const pid_t pid = process->pid;
   if (absl::Status s = WatchChild(pid, std::move(process->exit_fd), false);

@@ -20,15 +20,9 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "wire/command_line.h"
-
-extern char** environ;
-
+#include "wire/spawn.h"
 namespace fdbroker::conformance {
 namespace {
-
-int PidfdOpen(pid_t pid) {
-  return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-}
 
 int ShellStatus(int wait_status) {
   if (WIFEXITED(wait_status)) return WEXITSTATUS(wait_status);
@@ -51,53 +45,11 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
   if (argv.empty()) return absl::InvalidArgumentError("empty worker command");
   absl::StatusOr<std::string> program = wire::ResolveProgram(argv[0]);
   if (!program.ok()) return program.status();
-  std::vector<char*> args;
-  for (const std::string& arg : argv) {
-    args.push_back(const_cast<char*>(arg.c_str()));
-  }
-  args.push_back(nullptr);
-  const std::string socket_env = absl::StrCat("FDBROKER_SOCKET=", socket_path);
-  std::vector<char*> envp;
-  for (char** e = environ; *e != nullptr; ++e) {
-    if (std::strncmp(*e, "FDBROKER_SOCKET=", 16) != 0) envp.push_back(*e);
-  }
-  envp.push_back(const_cast<char*>(socket_env.c_str()));
-  envp.push_back(nullptr);
-
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null",
-                                   O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log_path.c_str(),
-                                   O_WRONLY | O_CREAT | O_APPEND, 0600);
-  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
-  posix_spawn_file_actions_addclosefrom_np(&actions, 3);
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  sigset_t empty, all;
-  sigemptyset(&empty);
-  sigfillset(&all);
-  posix_spawnattr_setsigmask(&attr, &empty);
-  posix_spawnattr_setsigdefault(&attr, &all);
-  posix_spawnattr_setpgroup(&attr, 0);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK |
-                                      POSIX_SPAWN_SETSIGDEF |
-                                      POSIX_SPAWN_SETPGROUP);
-  pid_t pid = 0;
-  const int rc = ::posix_spawn(&pid, program->c_str(), &actions, &attr,
-                               args.data(), envp.data());
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
-  if (rc != 0) return absl::ErrnoToStatus(rc, absl::StrCat("spawn ", *program));
-  wire::UniqueFd pidfd(PidfdOpen(pid));
-  if (!pidfd) {
-    const int err = errno;
-    ::kill(pid, SIGKILL);
-    ::waitpid(pid, nullptr, 0);
-    return absl::ErrnoToStatus(err, "pidfd_open");
-  }
+  absl::StatusOr<wire::SpawnedProcess> spawned = wire::SpawnProcess(
+      *program, argv, wire::WorkerEnvironment(socket_path), log_path);
+  if (!spawned.ok()) return spawned.status();
   return std::unique_ptr<WorkerProcess>(
-      new WorkerProcess(pid, std::move(pidfd), log_path));
+      new WorkerProcess(spawned->pid, std::move(spawned->pidfd), log_path));
 }
 
 WorkerProcess::~WorkerProcess() {
