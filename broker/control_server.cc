@@ -2,6 +2,7 @@
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/resource_quota.h>
 
 #include <chrono>
 #include <fstream>
@@ -94,6 +95,15 @@ absl::StatusOr<std::unique_ptr<ControlServer>> ControlServer::Start(
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  // Bounded, so that no client can make the control plane hold unbounded
+  // state: streams per connection (gRPC's default is unlimited) and the
+  // memory of every call and buffer together. WatchEvents streams are
+  // bounded broker-wide too (EventHub::kMaxSubscribers).
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
+                             kMaxConcurrentStreams);
+  grpc::ResourceQuota quota("fdbroker-control");
+  quota.Resize(kMemoryQuotaBytes);
+  builder.SetResourceQuota(quota);
   int port = 0;
   builder.AddListeningPort(options.address, credentials, &port);
   builder.RegisterService(&service);

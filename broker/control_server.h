@@ -26,6 +26,10 @@ class ControlServer {
     bool allow_insecure = false;
   };
 
+  // Per client connection; gRPC queues the rest on the client side.
+  static constexpr int kMaxConcurrentStreams = 100;
+  static constexpr size_t kMemoryQuotaBytes = size_t{64} << 20;
+
   // Binds and starts. Errors: bad TLS files, insecure non-loopback address
   // without allow_insecure, address in use.
   static absl::StatusOr<std::unique_ptr<ControlServer>> Start(

@@ -33,16 +33,15 @@ class EventStream final
   static constexpr size_t kMaxQueued = 4096;
 
   explicit EventStream(EventHub& hub) : hub_(hub) {
-    const uint64_t id = hub_.Subscribe(
+    absl::StatusOr<uint64_t> id = hub_.Subscribe(
         [this](const v1::WatchEventsResponse& event) { Push(event); },
         [this] { End(grpc::Status::OK); });
-    if (id == 0) {
-      Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                          "the broker is shutting down"));
+    if (!id.ok()) {
+      Finish(ToGrpcStatus(id.status()));
       return;
     }
     absl::MutexLock lock(&mu_);
-    subscription_ = id;
+    subscription_ = *id;
     // Initial metadata tells the client that it is subscribed: every event
     // from now on reaches it (clients may WaitForInitialMetadata()).
     StartSendInitialMetadata();

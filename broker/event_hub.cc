@@ -2,6 +2,7 @@
 
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "google/protobuf/util/time_util.h"
 
 namespace fdbroker {
@@ -19,9 +20,15 @@ v1::WatchEventsResponse EventHub::ToProto(const WorkerEvent& event) {
   return out;
 }
 
-uint64_t EventHub::Subscribe(Subscriber subscriber, OnClose on_close) {
+absl::StatusOr<uint64_t> EventHub::Subscribe(Subscriber subscriber,
+                                             OnClose on_close) {
   absl::MutexLock lock(&mu_);
-  if (closed_) return 0;
+  if (closed_) return absl::UnavailableError("the broker is shutting down");
+  if (subscribers_.size() >= kMaxSubscribers) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("too many WatchEvents streams (", kMaxSubscribers,
+                     " at once); close one and retry"));
+  }
   const uint64_t id = next_id_++;
   subscribers_.emplace(id, Entry{std::move(subscriber), std::move(on_close)});
   return id;

@@ -6,6 +6,7 @@
 #include <map>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "broker/worker_events.h"
 #include "fdbroker/v1/broker.pb.h"
@@ -21,11 +22,15 @@ class EventHub {
   using Subscriber = std::function<void(const v1::WatchEventsResponse&)>;
   // Called once when the hub closes (broker shutdown).
   using OnClose = std::function<void()>;
+  // Most WatchEvents streams at once: each may queue thousands of events, so
+  // a client cannot make the broker hold an unbounded number.
+  static constexpr size_t kMaxSubscribers = 64;
 
   static v1::WatchEventsResponse ToProto(const WorkerEvent& event);
 
-  // Returns 0 if the hub is already closed.
-  uint64_t Subscribe(Subscriber subscriber, OnClose on_close)
+  // The subscription's id (never 0). Unavailable once the hub is closed,
+  // ResourceExhausted with kMaxSubscribers subscribed.
+  absl::StatusOr<uint64_t> Subscribe(Subscriber subscriber, OnClose on_close)
       ABSL_LOCKS_EXCLUDED(mu_);
   void Unsubscribe(uint64_t id) ABSL_LOCKS_EXCLUDED(mu_);
   void Publish(const WorkerEvent& event) ABSL_LOCKS_EXCLUDED(mu_);

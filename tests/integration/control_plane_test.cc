@@ -17,6 +17,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "broker/event_hub.h"
 #include "fdbroker/v1/broker.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
@@ -514,6 +515,57 @@ TEST_F(ControlPlaneTest, WatchEventsSeesACrashAndTheRestart) {
       std::find(seen.begin(), seen.end(), v1::EVENT_TYPE_WORKER_RESTARTED),
       seen.end());
   EXPECT_NE(restarted_pid, 0);
+}
+
+TEST_F(ControlPlaneTest, WatchEventsSubscribersAreBounded) {
+  // A client of the control plane cannot make the broker hold an unbounded
+  // number of event streams (each queues up to 4096 events): past the limit
+  // a stream ends at once with RESOURCE_EXHAUSTED, and everything else keeps
+  // answering.
+  ASSERT_NO_FATAL_FAILURE(StartBroker({"--workers=0"}));
+  struct Stream {
+    grpc::ClientContext context;
+    std::unique_ptr<grpc::ClientReader<v1::WatchEventsResponse>> reader;
+  };
+  auto open = [&] {
+    auto stream = std::make_unique<Stream>();
+    stream->context.set_deadline(std::chrono::system_clock::now() +
+                                 std::chrono::seconds(30));
+    stream->reader =
+        stub_->WatchEvents(&stream->context, v1::WatchEventsRequest());
+    stream->reader->WaitForInitialMetadata();
+    return stream;
+  };
+  std::vector<std::unique_ptr<Stream>> streams;
+  for (size_t i = 0; i < EventHub::kMaxSubscribers; ++i) {
+    streams.push_back(open());
+  }
+  std::unique_ptr<Stream> one_too_many = open();
+  grpc::Status refused = one_too_many->reader->Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << refused.error_message();
+  EXPECT_NE(refused.error_message().find("WatchEvents"), std::string::npos)
+      << refused.error_message();
+  // The subscribed streams still get events; other RPCs still answer.
+  v1::ScaleWorkersResponse scaled;
+  ASSERT_TRUE(Scale(0, &scaled).ok());
+  v1::WatchEventsResponse event;
+  ASSERT_TRUE(streams.back()->reader->Read(&event));
+  EXPECT_EQ(event.type(), v1::EVENT_TYPE_SCALE_REQUESTED);
+  EXPECT_EQ(Workers().size(), 0u);
+  // A slot freed is a slot to take.
+  streams.front()->context.TryCancel();
+  (void)streams.front()->reader->Finish();
+  streams.erase(streams.begin());
+  std::unique_ptr<Stream> again;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        again = open();
+        return Scale(0, &scaled).ok() && again->reader->Read(&event);
+      },
+      absl::Seconds(10)));
+  again->context.TryCancel();
+  for (auto& stream : streams) stream->context.TryCancel();
 }
 
 TEST_F(ControlPlaneTest, RestartLoopIsStreamedAndMakesTheBrokerUnhealthy) {
