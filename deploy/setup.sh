@@ -23,6 +23,8 @@ BUILD_PACKAGES=(
 TEST_PACKAGES=(
   wrk curl python3 python3-protobuf clang-format procps openssl
   prometheus docker-compose python3-yaml
+  # The image's init, for the process-layout test (tests/deploy).
+  tini
   # The Python runner (worker/python) and its tests: the frameworks users run,
   # their servers, and what `pip install --no-build-isolation` of the package
   # needs offline (setuptools, wheel, venv).
@@ -39,11 +41,12 @@ TEST_PACKAGES=(
 # The Node.js baseline needs `node`; Debian's nodejs only if none is there.
 BENCH_PACKAGES=(wrk procps haproxy gnuplot-nox linux-perf)
 # The shared libraries fdbroker and fdbroker-http-worker link (the -dev
-# packages above depend on them), and curl for the image's HEALTHCHECK.
+# packages above depend on them), curl for the image's HEALTHCHECK and tini,
+# the image's init (PID 1: reaps orphans, passes signals on).
 RUNTIME_PACKAGES=(
   libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623
   libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 libspdlog1.10 libfmt9
-  curl
+  curl tini
 )
 # npm packages for the tests ("name" or "name@version"), installed globally;
 # Debian's npm comes along automatically when this list is not empty.

@@ -55,6 +55,9 @@ check(set(services) == {"fdbroker", "prometheus", "grafana"},
 broker = services["fdbroker"]
 check(broker["build"]["dockerfile"] == "deploy/Dockerfile",
       "fdbroker is not built from deploy/Dockerfile")
+# Docker's init as PID 1 too (the image's ENTRYPOINT starts tini -s, a
+# subreaper under it): the broker is never PID 1.
+check(broker.get("init") is True, "fdbroker has no `init: true`")
 ports = published("fdbroker")
 check(ports == {"8080:8080", "9464:9464", "127.0.0.1:50051:50051"},
       f"fdbroker publishes {sorted(ports)}")

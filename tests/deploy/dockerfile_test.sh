@@ -95,6 +95,10 @@ entrypoint = [r for k, r in runtime["steps"] if k == "ENTRYPOINT"]
 check(entrypoint, "no ENTRYPOINT")
 if entrypoint:
     flags = re.findall(r'"([^"]*)"', entrypoint[-1])
+    # tests/deploy/image_layout_test.py runs this ENTRYPOINT and checks
+    # what the layout does; here only that the broker is not PID 1.
+    check(flags[:1] == ["/usr/bin/tini"],
+          f"ENTRYPOINT starts {flags[:1]}, not the init (tini)")
     for flag in ("--listen=0.0.0.0:8080", "--control=0.0.0.0:50051",
                  "--allow_insecure_control", "--metrics=0.0.0.0:9464",
                  "--socket=/run/fdbroker/handoff.sock"):
@@ -118,8 +122,8 @@ print(f"{len(stages)} stages; build with deploy/setup.sh and run.sh's cmake flag
 PY
 
 # worker/python/examples/Dockerfile, the pattern for an image of your own
-# Python app: FROM the fdbroker image, as uid 10001 again, every file it
-# copies exists, every Debian package it installs exists, and its worker
+# Python app: FROM the fdbroker image, as uid 10001 again, its ENTRYPOINT
+# the base image's (init, keeper, broker) plus the worker command, every file it copies exists, every Debian package it installs exists, and its worker
 # command runs the runner on the app it copied.
 /usr/bin/python3 - "${repo}" <<'PY'
 import re
@@ -164,8 +168,12 @@ for package in sorted(packages):
     if f"Package: {package}\n" not in known:
         errors.append(f"apt-get install {package}: no such Debian package")
 entrypoint = [rest for keyword, rest in instructions if keyword == "ENTRYPOINT"][-1]
-worker_cmd = [f for f in re.findall(r'"([^"]*)"', entrypoint)
-              if f.startswith("--worker_cmd=")]
+argv = re.findall(r'"([^"]*)"', entrypoint)
+if argv[:5] != ["/usr/bin/tini", "-s", "--", "/usr/local/bin/fdbroker-keeper",
+                "/usr/local/bin/fdbroker"]:
+    errors.append(f"ENTRYPOINT {argv[:5]} is not the base image's "
+                  "(tini -s, fdbroker-keeper, fdbroker)")
+worker_cmd = [f for f in argv if f.startswith("--worker_cmd=")]
 if not worker_cmd or "-m fdbroker_worker.run" not in worker_cmd[0]:
     errors.append(f"the worker command does not run fdbroker_worker.run: {worker_cmd}")
 elif "fastapi_app:app" not in worker_cmd[0]:
