@@ -115,6 +115,7 @@ absl::StatusOr<std::unique_ptr<ControlServer>> ControlServer::Start(
   }
   // The address as asked for, with the port the server got.
   absl::StatusOr<wire::HostPort> asked = wire::HostPort::Parse(options.address);
+  server->port_ = static_cast<uint16_t>(port);
   server->address_ =
       wire::HostPort{asked.ok() ? asked->host : "", static_cast<uint16_t>(port)}
           .ToString();

@@ -38,6 +38,7 @@ class ControlServer {
 
   // "host:port" actually bound.
   const std::string& address() const { return address_; }
+  uint16_t port() const { return port_; }
   bool tls() const { return tls_; }
 
   // Thread-safe. Sets the health of "" and "fdbroker.v1.BrokerService".
@@ -54,6 +55,7 @@ class ControlServer {
   absl::Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
   std::string address_;
+  uint16_t port_ = 0;
   bool tls_ = false;
 };
 

@@ -123,6 +123,23 @@ ControlService::ControlService(EventLoop& loop, BrokerOperations& operations,
       observer_(std::move(observer)),
       authorization_(std::move(authorization)) {}
 
+absl::Status ControlService::Authorize(grpc::CallbackServerContext* context,
+                                       absl::string_view method) const {
+  if (authorization_.require_admin_subject) {
+    if (authorization_.admin_subjects.count(Caller(context)) != 0) {
+      return absl::OkStatus();
+    }
+    return absl::PermissionDeniedError(
+        absl::StrCat("\"", Caller(context), "\" may not call ", method,
+                     ": its certificate subject is not in --admin_subjects"));
+  }
+  if (!authorization_.check_plaintext_caller) return absl::OkStatus();
+  absl::Status allowed = authorization_.check_plaintext_caller(context->peer());
+  if (allowed.ok()) return allowed;
+  return absl::PermissionDeniedError(
+      absl::StrCat(method, ": ", allowed.message()));
+}
+
 grpc::ServerUnaryReactor* ControlService::Run(
     grpc::CallbackServerContext* context, absl::string_view method,
     Mutating mutating, std::string request_text,
@@ -143,12 +160,12 @@ grpc::ServerUnaryReactor* ControlService::Run(
     }
     reactor->Finish(ToGrpcStatus(status));
   };
-  if (mutating == Mutating::kYes && authorization_.require_admin_subject &&
-      authorization_.admin_subjects.count(Caller(context)) == 0) {
-    finish(absl::PermissionDeniedError(
-        absl::StrCat("\"", Caller(context), "\" may not call ", method,
-                     ": its certificate subject is not in --admin_subjects")));
-    return reactor;
+  if (mutating == Mutating::kYes) {
+    absl::Status allowed = Authorize(context, method);
+    if (!allowed.ok()) {
+      finish(std::move(allowed));
+      return reactor;
+    }
   }
   auto shared_finish = std::make_shared<Completion>(std::move(finish));
   if (!loop_.Post([work = std::move(work), shared_finish]() mutable {

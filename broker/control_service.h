@@ -33,10 +33,12 @@ class ControlService final : public v1::BrokerService::CallbackService {
   // Who may call the mutating RPCs (ScaleWorkers, DrainWorker, Drain,
   // Resume, Rebalance). With mTLS every caller has a verified certificate; then
   // only subjects listed here ("CN=ops,O=example" as gRPC reports the subject)
-  // may mutate. Without mTLS there is no identity, and everyone may.
+  // may mutate. Without it, `check_plaintext_caller` (if set) decides from
+  // the peer address gRPC reports; its error is the RPC's answer.
   struct Authorization {
     bool require_admin_subject = false;
     std::set<std::string> admin_subjects;
+    std::function<absl::Status(absl::string_view peer)> check_plaintext_caller;
   };
 
   ControlService(EventLoop& loop, BrokerOperations& operations, EventHub& hub,
@@ -72,6 +74,9 @@ class ControlService final : public v1::BrokerService::CallbackService {
 
  private:
   enum class Mutating { kNo, kYes };
+  // May this caller run the mutating RPC `method`? PermissionDenied if not.
+  absl::Status Authorize(grpc::CallbackServerContext* context,
+                         absl::string_view method) const;
   // Runs `work` on the loop; it calls the completion it is given exactly
   // once (possibly later) with the RPC's status. Mutating RPCs are audited.
   using Completion = absl::AnyInvocable<void(absl::Status)>;

@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "broker/peer_credentials.h"
 #include "broker/thread_slice.h"
 #include "broker/upgrade.h"
 #include "spdlog/spdlog.h"
@@ -161,9 +162,7 @@ absl::Status Daemon::Init() {
                                    grpc::StatusCode code) {
           metrics->CountControlRequest(method, static_cast<int>(code));
         },
-        ControlService::Authorization{
-            !config_.control.tls_client_ca_file.empty(),
-            {config_.admin_subjects.begin(), config_.admin_subjects.end()}});
+        ControlAuthorization());
     if (!config_.control.tls_client_ca_file.empty() &&
         config_.admin_subjects.empty()) {
       spdlog::warn(
@@ -176,8 +175,31 @@ absl::Status Daemon::Init() {
         });
     if (!control.ok()) return control.status();
     control_server_ = *std::move(control);
+    control_port_.store(control_server_->port());
   }
   return absl::OkStatus();
+}
+
+ControlService::Authorization Daemon::ControlAuthorization() {
+  ControlService::Authorization authorization;
+  authorization.require_admin_subject =
+      !config_.control.tls_client_ca_file.empty();
+  authorization.admin_subjects = {config_.admin_subjects.begin(),
+                                  config_.admin_subjects.end()};
+  // Plaintext callers have no certificate, but a local one has a uid: the
+  // control plane is then no weaker than the hand-off socket. (With TLS but
+  // no client certificates, anyone who reaches the port may, as configured.)
+  if (config_.control.tls_cert_file.empty()) {
+    authorization.check_plaintext_caller =
+        [this, self = ::geteuid()](absl::string_view peer) {
+          const uint16_t port = control_port_.load();
+          if (port == 0) {
+            return absl::UnavailableError("the control plane is starting");
+          }
+          return CheckTrustedLocalCaller(peer, port, self);
+        };
+  }
+  return authorization;
 }
 
 void Daemon::SyncMetrics() {

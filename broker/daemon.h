@@ -3,6 +3,7 @@
 
 #include <signal.h>
 
+#include <atomic>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -65,6 +66,8 @@ class Daemon {
   auto RetryWhileUpgrading(Start start) -> decltype(start());
   void SyncMetrics();
   void BeginShutdown();
+  // Who may call mutating RPCs (see ControlService::Authorization).
+  ControlService::Authorization ControlAuthorization();
 
   const BrokerConfig config_;
   // Declared first, destroyed last: everything below registers with it.
@@ -87,6 +90,8 @@ class Daemon {
   std::unique_ptr<DataPlaneOperations> operations_;
   std::unique_ptr<ControlService> control_service_;
   std::unique_ptr<ControlServer> control_server_;
+  // The control plane's bound port, read by gRPC threads (0 until bound).
+  std::atomic<uint16_t> control_port_{0};
   bool shutting_down_ = false;
   std::unique_ptr<HandoffChannel> upgrade_channel_;
   std::thread control_shutdown_;

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # docker-compose.yml: `docker-compose config` (Debian 12's docker-compose 1.29)
 # accepts it, and it publishes what the README documents: clients 8080 and
-# metrics 9464 on the host, the control plane on the host's loopback only,
-# health checks everywhere, the Grafana and Prometheus files mounted.
+# metrics 9464 on the host, the control plane on the host's loopback only
+# (mutations through the on-demand grpcurl service in the broker's network
+# namespace), the broker under an init, health checks everywhere, the Grafana and Prometheus files mounted.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -14,7 +15,7 @@ docker-compose -f docker-compose.yml config -q
 echo "valid"
 
 echo "== contents"
-docker-compose -f docker-compose.yml config >"${workdir}/config.yml"
+docker-compose -f docker-compose.yml --profile tools config >"${workdir}/config.yml"
 /usr/bin/python3 - "${workdir}/config.yml" <<'PY'
 import re
 import sys
@@ -50,8 +51,16 @@ def seconds(text):
                for n, u in re.findall(r"([\d.]+)([smh])", str(text)))
 
 
-check(set(services) == {"fdbroker", "prometheus", "grafana"},
+check(set(services) == {"fdbroker", "prometheus", "grafana", "grpcurl"},
       f"services are {sorted(services)}")
+# The operator's tool: runs on demand only (profile), inside the broker's
+# network namespace (the broker lets local root callers mutate), publishes
+# nothing.
+tool = services.get("grpcurl", {})
+check(tool.get("profiles") == ["tools"], "grpcurl is not in the tools profile")
+check(tool.get("network_mode") == "service:fdbroker",
+      "grpcurl does not share the broker's network namespace")
+check(not tool.get("ports"), "grpcurl publishes ports")
 broker = services["fdbroker"]
 check(broker["build"]["dockerfile"] == "deploy/Dockerfile",
       "fdbroker is not built from deploy/Dockerfile")
@@ -65,7 +74,8 @@ ports = published("prometheus") | published("grafana")
 check(ports and all(p.startswith("127.0.0.1:") for p in ports),
       f"Prometheus and Grafana publish {sorted(ports)}, not on loopback")
 for name, service in services.items():
-    check("healthcheck" in service, f"{name} has no healthcheck")
+    check("healthcheck" in service or name == "grpcurl",
+          f"{name} has no healthcheck")
 
 # SIGTERM drains within --drain_timeout; the grace period must be longer.
 drain = next((a.split("=", 1)[1] for a in broker.get("command", [])

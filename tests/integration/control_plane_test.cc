@@ -609,6 +609,70 @@ TEST_F(ControlPlaneTest, PlaintextControlOffLoopbackNeedsAnExplicitFlag) {
       << (*process)->Output();
 }
 
+std::string BufPath() {
+  if (const char* env = std::getenv("FDBROKER_BUF")) return env;
+  return "buf";
+}
+
+// Runs `buf curl` (gRPC over plaintext, learned by reflection) as `uid`
+// (root: as the test runs); returns its exit code and output.
+std::pair<int, std::string> BufCurlAs(uid_t uid,
+                                      std::vector<std::string> args) {
+  std::vector<std::string> argv;
+  const std::string home = MakeTempDir();
+  if (uid != 0) {
+    ::chmod(home.c_str(), 0777);
+    argv = {"setpriv",
+            absl::StrCat("--reuid=", uid),
+            absl::StrCat("--regid=", uid),
+            "--clear-groups",
+            "env",
+            "HOME=" + home};
+  }
+  argv.push_back(BufPath());
+  argv.insert(argv.end(),
+              {"curl", "--protocol", "grpc", "--http2-prior-knowledge"});
+  argv.insert(argv.end(), args.begin(), args.end());
+  auto process = Subprocess::Start(argv);
+  EXPECT_TRUE(process.ok())
+      << process.status() << " (tests/run.sh installs buf from npm)";
+  if (!process.ok()) return {-1, ""};
+  absl::StatusOr<int> code = (*process)->Wait(absl::Seconds(30));
+  return {code.ok() ? *code : -1, (*process)->Stdout() + (*process)->Stderr()};
+}
+
+TEST_F(ControlPlaneTest, PlaintextMutationsOnlyFromTheBrokersUidOrRoot) {
+  // Without TLS a caller has no certificate, but a loopback caller has a
+  // uid: the control plane is no weaker than the hand-off socket (0600,
+  // the broker's uid). Anyone local may read; only root and the broker's
+  // uid may change anything.
+  ASSERT_NO_FATAL_FAILURE(StartBroker({"--workers=0"}));
+  const std::string url = "http://" + broker_->control_address();
+  const uid_t nobody = 65534;
+  auto [list_code, list] =
+      BufCurlAs(nobody, {url + "/fdbroker.v1.BrokerService/ListWorkers"});
+  EXPECT_EQ(list_code, 0) << list;
+  auto [scale_code, scale] =
+      BufCurlAs(nobody, {"-d", "{\"count\": 1}",
+                         url + "/fdbroker.v1.BrokerService/ScaleWorkers"});
+  EXPECT_NE(scale_code, 0) << scale;
+  EXPECT_NE(scale.find("permission_denied"), std::string::npos) << scale;
+  EXPECT_NE(scale.find("uid 65534"), std::string::npos) << scale;
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return broker_->process().Stderr().find(
+                   "method=ScaleWorkers request={count: 1} "
+                   "result=PERMISSION_DENIED") != std::string::npos;
+      },
+      absl::Seconds(5)))
+      << broker_->process().Stderr();
+  EXPECT_TRUE(Workers().empty());  // Nothing was started.
+  // The broker's own uid (root here) may.
+  v1::ScaleWorkersResponse scaled;
+  grpc::Status ok = Scale(0, &scaled);
+  EXPECT_TRUE(ok.ok()) << ok.error_message();
+}
+
 // Creates a CA, a server certificate for 127.0.0.1 and a client certificate
 // with openssl; returns the directory.
 std::string MakeCertificates() {
@@ -709,26 +773,12 @@ TEST_F(ControlPlaneTest, MutualTlsChecksCertificatesAndAdminSubjects) {
 
 // Reflection proven end to end: buf curl knows nothing about our protos and
 // learns everything from the server, like grpcurl.
-std::string BufPath() {
-  if (const char* env = std::getenv("FDBROKER_BUF")) return env;
-  return "buf";
-}
-
 TEST_F(ControlPlaneTest, ReflectionWithBufCurl) {
   ASSERT_NO_FATAL_FAILURE(StartBroker({"--workers=1"}));
   ASSERT_TRUE(broker_->WaitForWorkers(1, absl::Seconds(30)));
   const std::string url = "http://" + broker_->control_address();
-  auto run = [&](std::vector<std::string> args) {
-    std::vector<std::string> argv = {BufPath(), "curl", "--protocol", "grpc",
-                                     "--http2-prior-knowledge"};
-    argv.insert(argv.end(), args.begin(), args.end());
-    auto process = Subprocess::Start(argv);
-    EXPECT_TRUE(process.ok())
-        << process.status() << " (tests/run.sh installs buf from npm)";
-    if (!process.ok()) return std::make_pair(-1, std::string());
-    absl::StatusOr<int> code = (*process)->Wait(absl::Seconds(30));
-    return std::make_pair(code.ok() ? *code : -1,
-                          (*process)->Stdout() + (*process)->Stderr());
+  auto run = [](std::vector<std::string> args) {
+    return BufCurlAs(0, std::move(args));
   };
   auto [list_code, list] = run({"--list-methods", url});
   EXPECT_EQ(list_code, 0) << list;
