@@ -127,7 +127,7 @@ ControlServer::~ControlServer() { Shutdown(); }
 
 void ControlServer::SetServing(bool serving) {
   absl::MutexLock lock(&shutdown_mu_);
-  if (shut_down_) return;
+  if (shut_down_ || server_ == nullptr) return;
   grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
   if (health == nullptr) return;
   health->SetServingStatus(serving);
@@ -136,7 +136,7 @@ void ControlServer::SetServing(bool serving) {
 
 void ControlServer::Shutdown() {
   absl::MutexLock lock(&shutdown_mu_);
-  if (shut_down_) return;
+  if (shut_down_ || server_ == nullptr) return;  // Null: never started.
   shut_down_ = true;
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   server_->Wait();

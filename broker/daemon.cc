@@ -16,6 +16,7 @@
 #include "spdlog/spdlog.h"
 #include "wire/files.h"
 #include "wire/message_channel.h"
+#include "wire/socket_address.h"
 #include "wire/sys_calls.h"
 
 namespace fdbroker {
@@ -27,7 +28,9 @@ auto Daemon::RetryWhileUpgrading(Start start) -> decltype(start()) {
   const absl::Time deadline = absl::Now() + absl::Seconds(10);
   for (;;) {
     auto result = start();
-    if (result.ok() || !config_.upgrade || absl::Now() > deadline) {
+    // Only a port still held (Unavailable) is worth waiting for.
+    if (result.ok() || !config_.upgrade || !absl::IsUnavailable(result) ||
+        absl::Now() > deadline) {
       return result;
     }
     absl::SleepFor(absl::Milliseconds(20));
@@ -54,6 +57,11 @@ Daemon::~Daemon() {
   metrics_server_.reset();
   if (metrics_timer_ != 0) loop_->Cancel(metrics_timer_);
   listener_.reset();
+  // A new broker that fails before it is up leaves the socket file to the
+  // running broker, which carries on.
+  if (upgrade_reporter_ != nullptr && handoff_server_ != nullptr) {
+    handoff_server_->Release();
+  }
   handoff_server_.reset();
   manager_.reset();
   registry_ = WorkerRegistry();
@@ -109,6 +117,7 @@ absl::Status Daemon::Init() {
     absl::StatusOr<UpgradeSockets> sockets =
         RequestUpgrade(config_.socket_path, absl::Seconds(10));
     if (!sockets.ok()) return sockets.status();
+    upgrade_reporter_ = std::move(sockets->channel);
     server = HandoffServer::Adopt(*loop_, config_.socket_path,
                                   std::move(sockets->handoff),
                                   HandoffServer::Options{}, sys, on_peer);
@@ -144,16 +153,10 @@ absl::Status Daemon::Init() {
   metrics_registry_ = std::make_shared<prometheus::Registry>();
   metrics_ = std::make_unique<BrokerMetrics>(*metrics_registry_);
   process_metrics_ = std::make_shared<ProcessMetrics>();
-  if (!config_.metrics_address.empty()) {
-    absl::StatusOr<std::unique_ptr<MetricsServer>> metrics =
-        RetryWhileUpgrading([&] {
-          return MetricsServer::Start(config_.metrics_address,
-                                      metrics_registry_);
-        });
-    if (!metrics.ok()) return metrics.status();
-    metrics_server_ = *std::move(metrics);
-    // The ProcessMetrics collectable is registered beside the registry.
-    metrics_server_->Register(process_metrics_);
+  if (absl::Status s =
+          RetryWhileUpgrading([&] { return StartMetricsServer(); });
+      !s.ok()) {
+    return s;
   }
   if (!config_.control.address.empty()) {
     control_service_ = std::make_unique<ControlService>(
@@ -169,14 +172,46 @@ absl::Status Daemon::Init() {
           "mTLS without --admin_subjects: every mutating RPC will be "
           "refused (read-only RPCs work)");
     }
-    absl::StatusOr<std::unique_ptr<ControlServer>> control =
-        RetryWhileUpgrading([&] {
-          return ControlServer::Start(config_.control, *control_service_);
-        });
-    if (!control.ok()) return control.status();
-    control_server_ = *std::move(control);
-    control_port_.store(control_server_->port());
+    if (absl::Status s =
+            RetryWhileUpgrading([&] { return StartControlServer(); });
+        !s.ok()) {
+      return s;
+    }
   }
+  return absl::OkStatus();
+}
+
+absl::Status Daemon::StartMetricsServer() {
+  if (config_.metrics_address.empty()) return absl::OkStatus();
+  // Once bound, the same port again (port 0 picked one).
+  absl::StatusOr<std::unique_ptr<MetricsServer>> metrics = MetricsServer::Start(
+      metrics_address_.empty() ? config_.metrics_address : metrics_address_,
+      metrics_registry_);
+  if (!metrics.ok()) return metrics.status();
+  metrics_server_ = *std::move(metrics);
+  metrics_address_ = metrics_server_->address();
+  // The ProcessMetrics collectable is registered beside the registry.
+  metrics_server_->Register(process_metrics_);
+  return absl::OkStatus();
+}
+
+absl::Status Daemon::StartControlServer() {
+  if (control_service_ == nullptr) return absl::OkStatus();
+  ControlServer::Options options = config_.control;
+  // Once bound, the same port again (port 0 picked one).
+  if (control_port_.load() != 0) {
+    absl::StatusOr<wire::HostPort> asked =
+        wire::HostPort::Parse(options.address);
+    if (asked.ok()) {
+      options.address =
+          wire::HostPort{asked->host, control_port_.load()}.ToString();
+    }
+  }
+  absl::StatusOr<std::unique_ptr<ControlServer>> control =
+      ControlServer::Start(options, *control_service_);
+  if (!control.ok()) return control.status();
+  control_server_ = *std::move(control);
+  control_port_.store(control_server_->port());
   return absl::OkStatus();
 }
 
@@ -272,6 +307,15 @@ int Daemon::Run() {
     spdlog::error("--ready_file: {}", s.ToString());
     return 1;
   }
+  if (upgrade_reporter_ != nullptr) {
+    // Everything that could fail is up: the previous broker may go.
+    if (absl::Status s = ReportUpgradeReady(*upgrade_reporter_); !s.ok()) {
+      spdlog::error("upgrade: {}", std::string(s.message()));
+      return 1;
+    }
+    upgrade_reporter_.reset();
+    spdlog::info("upgrade: up; the previous broker hands over and exits");
+  }
   loop_->Run();
   // No RPC may wait on a loop that is gone: refuse new posts, end streams,
   // then stop the gRPC server.
@@ -292,11 +336,16 @@ int Daemon::Run() {
 void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
                               const v1::UpgradeRequest& request) {
   const pid_t pid = channel->peer().pid;
-  if (shutting_down_ || upgrade_channel_ != nullptr) {
+  // An upgrade runs from the hand-over until this broker exits or has its
+  // control plane back after an abort.
+  const bool busy = upgrade_ != nullptr || control_shutdown_.joinable();
+  if (shutting_down_ || busy) {
     spdlog::warn("refused an upgrade request from pid {}: {}", pid,
                  shutting_down_ ? "shutting down" : "already upgrading");
     v1::HandoffMessage refusal;
-    refusal.mutable_refusal()->set_reason(v1::REFUSAL_REASON_SHUTTING_DOWN);
+    refusal.mutable_refusal()->set_reason(
+        shutting_down_ ? v1::REFUSAL_REASON_SHUTTING_DOWN
+                       : v1::REFUSAL_REASON_UPGRADE_IN_PROGRESS);
     refusal.mutable_refusal()->set_message(
         shutting_down_ ? "the broker is shutting down"
                        : "another upgrade is in progress");
@@ -318,29 +367,91 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
   if (absl::Status s = channel->SendWithFds(handover, fds); !s.ok()) {
     spdlog::error("upgrade hand-over to pid {} failed ({}); still serving", pid,
                   s.ToString());
+    Discard(std::move(channel));
+    return;
+  }
+  upgrade_ = std::make_unique<PendingUpgrade>(
+      *loop_, std::move(channel), kUpgradeReadyTimeout,
+      [this] { CommitUpgrade(); },
+      [this](const absl::Status& reason) { AbortUpgrade(reason); });
+  // The new broker binds the control and metrics ports next; this broker
+  // serves clients and workers on until it is up.
+  StopControlPlane();
+  if (request.version().minor() < kTwoPhaseUpgradeMinor) {
+    upgrade_->Commit();  // It will not say when it is up.
+    CommitUpgrade();
     return;
   }
   spdlog::info(
-      "upgrade: handed the listening sockets to the new broker "
-      "(pid {}); finishing hand-offs, then exiting",
+      "upgrade: handed the listening sockets to the new broker (pid {}); "
+      "serving until it is up",
       pid);
-  upgrade_channel_ = std::move(channel);
+}
+
+void Daemon::StopControlPlane() {
+  // Not on the loop thread: shutting gRPC down waits for handlers, and a
+  // handler may be waiting for the loop; stopping the metrics server waits
+  // for its threads (2 s measured: the loop placed nothing meanwhile).
+  control_stopped_ = false;
+  control_shutdown_ =
+      std::thread([this, metrics = std::move(metrics_server_)]() mutable {
+        metrics.reset();
+        if (control_server_ != nullptr) control_server_->Shutdown();
+        control_stopped_ = true;
+      });
+}
+
+void Daemon::CommitUpgrade() {
+  spdlog::info(
+      "upgrade: the new broker (pid {}) is up; finishing hand-offs, then "
+      "exiting",
+      upgrade_->peer_pid());
   // The new broker accepts clients and workers from now on (the sockets
   // themselves never close). This broker only finishes what it holds.
   listener_->Close();
   handoff_server_->Release();
   manager_->PrepareForUpgrade();
-  metrics_server_.reset();  // Frees the port for the new broker.
-  if (control_server_ != nullptr) {
-    // Not on the loop thread: shutting gRPC down waits for handlers, and a
-    // handler may be waiting for the loop.
-    control_shutdown_ =
-        std::thread([server = control_server_.get()] { server->Shutdown(); });
-  }
   operations_->RefreshHealth();
   const int64_t deadline = loop_->clock().MonotonicNanos() +
                            absl::ToInt64Nanoseconds(absl::Seconds(5));
   FinishUpgrade(deadline);
+}
+
+void Daemon::AbortUpgrade(const absl::Status& reason) {
+  spdlog::warn("upgrade aborted: {}; still serving",
+               std::string(reason.message()));
+  // Destroyed after the channel's close callbacks (not inside one).
+  loop_->RunSoon([this] { upgrade_.reset(); });
+  if (shutting_down_) return;
+  RestoreControlPlane(loop_->clock().MonotonicNanos() +
+                      absl::ToInt64Nanoseconds(absl::Seconds(10)));
+}
+
+void Daemon::RestoreControlPlane(int64_t deadline_nanos) {
+  auto retry = [this, deadline_nanos] {
+    loop_->RunAfter(absl::Milliseconds(20), [this, deadline_nanos] {
+      RestoreControlPlane(deadline_nanos);
+    });
+  };
+  // The loop must not wait for gRPC's shutdown (see StopControlPlane).
+  if (control_shutdown_.joinable()) {
+    if (!control_stopped_) return retry();
+    control_shutdown_.join();
+    control_server_.reset();
+  }
+  // The new broker may hold the ports until it has exited.
+  absl::Status metrics =
+      metrics_server_ == nullptr ? StartMetricsServer() : absl::OkStatus();
+  absl::Status control =
+      control_server_ == nullptr ? StartControlServer() : absl::OkStatus();
+  if (metrics.ok() && control.ok()) {
+    operations_->RefreshHealth();
+    spdlog::info("upgrade aborted: control plane and metrics are back");
+    return;
+  }
+  if (loop_->clock().MonotonicNanos() < deadline_nanos) return retry();
+  spdlog::error("upgrade aborted, and the ports are not free: {} {}",
+                metrics.ToString(), control.ToString());
 }
 
 void Daemon::Discard(std::unique_ptr<HandoffChannel> channel) {
@@ -365,8 +476,11 @@ void Daemon::FinishUpgrade(int64_t deadline_nanos) {
         "are closed",
         dispatcher_->in_flight() + dispatcher_->pending());
   }
-  // Every hand-off is acked: closing the worker channels (at exit) loses
-  // nothing, and the workers re-register with the new broker.
+  // Every hand-off is acked: closing the worker channels loses nothing, and
+  // the workers re-register with the new broker. Now, not at exit: the exit
+  // waits for the metrics server's threads (about 2 s), longer than the new
+  // broker waits for them (--adopt_grace).
+  for (const auto& [id, worker] : registry_.workers()) worker->channel.reset();
   spdlog::info("upgrade complete: exiting; workers move to the new broker");
   loop_->Stop();
 }
@@ -408,6 +522,11 @@ void Daemon::OnSignal() {
 
 void Daemon::BeginShutdown() {
   shutting_down_ = true;
+  // A new broker not up yet must not take over a broker that is leaving.
+  if (upgrade_ != nullptr && !upgrade_->committed()) {
+    upgrade_->Abort(
+        absl::CancelledError("the running broker is shutting down"));
+  }
   // Closing the listener refuses new clients at once rather than letting
   // them wait in a backlog nobody will serve.
   listener_->Close();

@@ -22,6 +22,7 @@
 #include "broker/metrics.h"
 #include "broker/process_metrics.h"
 #include "broker/supervisor.h"
+#include "broker/upgrade.h"
 #include "broker/worker_manager.h"
 #include "broker/worker_registry.h"
 #include "wire/unique_fd.h"
@@ -61,7 +62,17 @@ class Daemon {
                         const v1::UpgradeRequest& request);
   // Closes a refused upgrade peer's channel and frees it.
   void Discard(std::unique_ptr<HandoffChannel> channel);
+  // The new broker is up (UpgradeReady): hand over and exit.
+  void CommitUpgrade();
+  // It failed or went away first: take the ports back and carry on.
+  void AbortUpgrade(const absl::Status& reason);
   void FinishUpgrade(int64_t deadline_nanos);
+  absl::Status StartMetricsServer();
+  absl::Status StartControlServer();
+  // Frees the control and metrics ports (the gRPC shutdown on a thread).
+  void StopControlPlane();
+  // Binds them again, retrying until `deadline_nanos`.
+  void RestoreControlPlane(int64_t deadline_nanos);
   template <typename Start>
   auto RetryWhileUpgrading(Start start) -> decltype(start());
   void SyncMetrics();
@@ -92,9 +103,15 @@ class Daemon {
   std::unique_ptr<ControlServer> control_server_;
   // The control plane's bound port, read by gRPC threads (0 until bound).
   std::atomic<uint16_t> control_port_{0};
+  // The metrics endpoint's bound address, for binding it again.
+  std::string metrics_address_;
   bool shutting_down_ = false;
-  std::unique_ptr<HandoffChannel> upgrade_channel_;
+  // Running side of a planned upgrade, from the hand-over on.
+  std::unique_ptr<PendingUpgrade> upgrade_;
+  // New side: the channel to the running broker, until UpgradeReady.
+  std::unique_ptr<wire::MessageChannel> upgrade_reporter_;
   std::thread control_shutdown_;
+  std::atomic<bool> control_stopped_{false};
 };
 
 }  // namespace fdbroker

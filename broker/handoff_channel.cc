@@ -33,7 +33,7 @@ HandoffChannel::HandoffChannel(EventLoop& loop, wire::UniqueFd socket,
     : loop_(loop),
       channel_(std::move(socket), sys),
       peer_(peer),
-      delegate_(delegate),
+      delegate_(&delegate),
       last_received_nanos_(loop.NowNanos()),
       last_sent_nanos_(loop.NowNanos()) {}
 
@@ -67,11 +67,11 @@ void HandoffChannel::Close(const absl::Status& reason) {
   loop_.RunSoon([this, alive, reason] {
     if (alive.lock() == nullptr) return;
     for (auto& [message, fd] : last_words_) {
-      delegate_.OnMessage(*this, message, std::move(fd));
+      delegate_->OnMessage(*this, message, std::move(fd));
       if (alive.lock() == nullptr) return;
     }
     last_words_.clear();
-    delegate_.OnChannelClosed(*this, reason);
+    delegate_->OnChannelClosed(*this, reason);
   });
 }
 
@@ -137,7 +137,7 @@ void HandoffChannel::OnEvents(uint32_t events) {
     blocked_ = false;
     FlushQueue();
     if (closed_) return;
-    if (was_congested && !congested()) delegate_.OnWritable(*this);
+    if (was_congested && !congested()) delegate_->OnWritable(*this);
   }
   if (closed_) return;
   if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) ReadMessages();
@@ -160,7 +160,7 @@ void HandoffChannel::ReadMessages() {
         return;
       case wire::ReceiveResult::kReceived:
         last_received_nanos_ = loop_.NowNanos();
-        delegate_.OnMessage(*this, incoming_, std::move(fd));
+        delegate_->OnMessage(*this, incoming_, std::move(fd));
         break;
     }
   }

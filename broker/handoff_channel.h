@@ -72,6 +72,10 @@ class HandoffChannel {
   // messages arrived.
   void Close(const absl::Status& reason);
 
+  // Hands the channel's callbacks to another owner (the upgrade hand-over
+  // takes the channel from the worker registry).
+  void set_delegate(Delegate& delegate) { delegate_ = &delegate; }
+
   bool closed() const { return closed_; }
   bool congested() const { return blocked_ || !queue_.empty(); }
   const ucred& peer() const { return peer_; }
@@ -93,7 +97,7 @@ class HandoffChannel {
   EventLoop& loop_;
   wire::MessageChannel channel_;
   const ucred peer_;
-  Delegate& delegate_;
+  Delegate* delegate_;  // Never null.
   std::unique_ptr<IoWatch> watch_;
   std::deque<v1::HandoffMessage> queue_;
   v1::HandoffMessage incoming_;  // Reused: parsing does not allocate anew.

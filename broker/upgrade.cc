@@ -13,13 +13,18 @@
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "fdbroker/v1/handoff.pb.h"
 #include "wire/message_channel.h"
 
 namespace fdbroker {
 
-absl::StatusOr<UpgradeSockets> RequestUpgrade(const std::string& socket_path,
-                                              absl::Duration timeout) {
+namespace {
+
+// One attempt; Aborted when the running broker is busy with another
+// upgrade (worth asking again).
+absl::StatusOr<UpgradeSockets> RequestUpgradeOnce(
+    const std::string& socket_path, absl::Time deadline) {
   wire::UniqueFd socket(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
   if (!socket) return absl::ErrnoToStatus(errno, "socket");
   sockaddr_un addr{};
@@ -43,7 +48,6 @@ absl::StatusOr<UpgradeSockets> RequestUpgrade(const std::string& socket_path,
   absl::StatusOr<wire::SendResult> sent = channel.Send(request);
   if (!sent.ok()) return sent.status();
 
-  const absl::Time deadline = absl::Now() + timeout;
   for (;;) {
     v1::HandoffMessage reply;
     std::vector<wire::UniqueFd> fds;
@@ -54,6 +58,11 @@ absl::StatusOr<UpgradeSockets> RequestUpgrade(const std::string& socket_path,
           "--upgrade: the running broker closed the channel");
     }
     if (*received == wire::ReceiveResult::kReceived) {
+      if (reply.has_refusal() &&
+          reply.refusal().reason() == v1::REFUSAL_REASON_UPGRADE_IN_PROGRESS) {
+        return absl::AbortedError(
+            absl::StrCat("--upgrade refused: ", reply.refusal().message()));
+      }
       if (reply.has_refusal()) {
         return absl::FailedPreconditionError(
             absl::StrCat("--upgrade refused: ", reply.refusal().message()));
@@ -63,6 +72,8 @@ absl::StatusOr<UpgradeSockets> RequestUpgrade(const std::string& socket_path,
         sockets.listener = std::move(fds[0]);
         sockets.handoff = std::move(fds[1]);
         sockets.listen_address = reply.upgrade_handover().listen_address();
+        sockets.channel =
+            std::make_unique<wire::MessageChannel>(std::move(channel));
         return sockets;
       }
       continue;  // Heartbeats and the like: keep waiting.
@@ -75,6 +86,108 @@ absl::StatusOr<UpgradeSockets> RequestUpgrade(const std::string& socket_path,
     pollfd p{channel.fd(), POLLIN, 0};
     ::poll(&p, 1, static_cast<int>(left));
   }
+}
+
+}  // namespace
+
+absl::StatusOr<UpgradeSockets> RequestUpgrade(const std::string& socket_path,
+                                              absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  for (;;) {
+    absl::StatusOr<UpgradeSockets> sockets =
+        RequestUpgradeOnce(socket_path, deadline);
+    if (!absl::IsAborted(sockets.status()) || absl::Now() >= deadline) {
+      return sockets;
+    }
+    // Another upgrade (or the undoing of a failed one) first.
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+}
+
+absl::Status ReportUpgradeReady(wire::MessageChannel& channel) {
+  // A Refusal already sent means the running broker gave up and serves on.
+  for (;;) {
+    v1::HandoffMessage reply;
+    std::vector<wire::UniqueFd> fds;
+    absl::StatusOr<wire::ReceiveResult> received = channel.Receive(reply, fds);
+    if (!received.ok() || *received == wire::ReceiveResult::kPeerClosed) {
+      return absl::OkStatus();  // Gone: this broker is the one that serves.
+    }
+    if (*received != wire::ReceiveResult::kReceived) break;
+    if (reply.has_refusal()) {
+      return absl::AbortedError(
+          absl::StrCat("the running broker gave up on the upgrade: ",
+                       reply.refusal().message()));
+    }
+  }
+  v1::HandoffMessage ready;
+  ready.mutable_upgrade_ready()->set_pid(::getpid());
+  // A send error means the running broker is gone: nothing to tell.
+  (void)channel.Send(ready);
+  return absl::OkStatus();
+}
+
+PendingUpgrade::PendingUpgrade(
+    EventLoop& loop, std::unique_ptr<HandoffChannel> channel,
+    absl::Duration timeout, absl::AnyInvocable<void()> on_ready,
+    absl::AnyInvocable<void(const absl::Status&)> on_abort)
+    : loop_(loop),
+      channel_(std::move(channel)),
+      on_ready_(std::move(on_ready)),
+      on_abort_(std::move(on_abort)) {
+  channel_->set_delegate(*this);
+  timer_ = loop_.RunAfter(timeout, [this, timeout] {
+    timer_ = 0;
+    Abort(absl::DeadlineExceededError(absl::StrCat(
+        "the new broker was not up within ", absl::FormatDuration(timeout))));
+  });
+}
+
+PendingUpgrade::~PendingUpgrade() {
+  if (timer_ != 0) loop_.Cancel(timer_);
+}
+
+void PendingUpgrade::Commit() {
+  if (state_ != State::kWaiting) return;
+  state_ = State::kCommitted;
+  if (timer_ != 0) loop_.Cancel(timer_);
+  timer_ = 0;
+}
+
+void PendingUpgrade::OnMessage(HandoffChannel&, v1::HandoffMessage& message,
+                               wire::UniqueFd) {
+  if (state_ != State::kWaiting) return;
+  if (message.has_upgrade_ready()) {
+    Commit();
+    on_ready_();
+    return;
+  }
+  if (message.has_heartbeat()) return;
+  Abort(absl::InvalidArgumentError(absl::StrCat("the new broker sent ",
+                                                wire::BodyName(message),
+                                                " instead of upgrade_ready")));
+}
+
+void PendingUpgrade::OnChannelClosed(HandoffChannel&,
+                                     const absl::Status& reason) {
+  if (state_ != State::kWaiting) return;
+  Abort(absl::UnavailableError(absl::StrCat(
+      "the new broker went away before it was up (", reason.ToString(), ")")));
+}
+
+void PendingUpgrade::Abort(const absl::Status& reason) {
+  if (state_ != State::kWaiting) return;
+  state_ = State::kAborted;
+  if (timer_ != 0) loop_.Cancel(timer_);
+  timer_ = 0;
+  if (!channel_->closed()) {
+    v1::HandoffMessage refusal;
+    refusal.mutable_refusal()->set_reason(v1::REFUSAL_REASON_SHUTTING_DOWN);
+    refusal.mutable_refusal()->set_message(std::string(reason.message()));
+    channel_->SendControl(std::move(refusal));
+    channel_->Close(reason);
+  }
+  on_abort_(reason);
 }
 
 absl::StatusOr<wire::UniqueFd> TakeActivatedListener() {

@@ -1,10 +1,17 @@
 #ifndef FDBROKER_BROKER_UPGRADE_H_
 #define FDBROKER_BROKER_UPGRADE_H_
 
+#include <sys/types.h>
+
+#include <memory>
 #include <string>
 
+#include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "broker/event_loop.h"
+#include "broker/handoff_channel.h"
+#include "wire/message_channel.h"
 #include "wire/unique_fd.h"
 
 namespace fdbroker {
@@ -14,14 +21,70 @@ struct UpgradeSockets {
   wire::UniqueFd listener;  // Listening TCP socket for clients.
   wire::UniqueFd handoff;   // Listening hand-off Unix socket.
   std::string listen_address;
+  // Still open: ReportUpgradeReady() goes over it.
+  std::unique_ptr<wire::MessageChannel> channel;
 };
 
-// The new broker's side of a planned upgrade: connects to the running
-// broker's hand-off socket, sends UpgradeRequest and waits (up to
+// The first protocol minor whose new brokers send UpgradeReady; the running
+// broker commits at once to an older one.
+inline constexpr uint32_t kTwoPhaseUpgradeMinor = 3;
+// How long the running broker waits for UpgradeReady before it takes its
+// ports back and carries on. The new broker's start-up is bounded well
+// below it (it retries its control and metrics ports for 10 s).
+inline constexpr absl::Duration kUpgradeReadyTimeout = absl::Seconds(60);
+
+// The new broker's side of a planned upgrade, first phase: connects to the
+// running broker's hand-off socket, sends UpgradeRequest and waits (up to
 // `timeout`) for UpgradeHandover with its two sockets. The running broker
-// then finishes its hand-offs and exits; its workers re-register here.
+// keeps serving (it frees only its control and metrics ports) until
+// ReportUpgradeReady(). While the running broker is busy with another
+// upgrade (REFUSAL_REASON_UPGRADE_IN_PROGRESS) it asks again until `timeout`.
 absl::StatusOr<UpgradeSockets> RequestUpgrade(const std::string& socket_path,
                                               absl::Duration timeout);
+
+// Second phase: this broker is fully up; the running broker hands over its
+// work and exits, and its workers re-register here. Aborted if the running
+// broker gave up on the upgrade meanwhile (then this broker must exit); OK
+// if it is gone (it crashed: nobody else serves, so this broker does).
+absl::Status ReportUpgradeReady(wire::MessageChannel& channel);
+
+// The running broker's side after it sent UpgradeHandover: waits for the
+// new broker's UpgradeReady (then `on_ready`), or aborts (then `on_abort`
+// with the reason) when the new broker goes away, says anything else, or
+// is not ready within `timeout`; an abort tells the new broker with a
+// Refusal when the channel still works. Each callback runs at most once and
+// neither after Commit(). Loop thread only.
+class PendingUpgrade : public HandoffChannel::Delegate {
+ public:
+  PendingUpgrade(EventLoop& loop, std::unique_ptr<HandoffChannel> channel,
+                 absl::Duration timeout, absl::AnyInvocable<void()> on_ready,
+                 absl::AnyInvocable<void(const absl::Status&)> on_abort);
+  ~PendingUpgrade() override;
+
+  // Commits without waiting (a new broker that does not send UpgradeReady).
+  void Commit();
+  // Gives up now (e.g. this broker shuts down): on_abort runs.
+  void Abort(const absl::Status& reason);
+  bool committed() const { return state_ == State::kCommitted; }
+  pid_t peer_pid() const { return channel_->peer().pid; }
+
+  // HandoffChannel::Delegate.
+  void OnMessage(HandoffChannel& channel, v1::HandoffMessage& message,
+                 wire::UniqueFd fd) override;
+  void OnChannelClosed(HandoffChannel& channel,
+                       const absl::Status& reason) override;
+  void OnWritable(HandoffChannel&) override {}
+
+ private:
+  enum class State { kWaiting, kCommitted, kAborted };
+
+  EventLoop& loop_;
+  std::unique_ptr<HandoffChannel> channel_;
+  absl::AnyInvocable<void()> on_ready_;
+  absl::AnyInvocable<void(const absl::Status&)> on_abort_;
+  EventLoop::TimerId timer_ = 0;
+  State state_ = State::kWaiting;
+};
 
 // The systemd socket-activation listener (LISTEN_PID/LISTEN_FDS: fd 3), if
 // the environment passes one to this process; the variables are removed so

@@ -53,6 +53,8 @@ absl::string_view BodyName(const v1::HandoffMessage& message) {
       return "connection_batch";
     case v1::HandoffMessage::kReleaseRequest:
       return "release_request";
+    case v1::HandoffMessage::kUpgradeReady:
+      return "upgrade_ready";
     case v1::HandoffMessage::BODY_NOT_SET:
       break;
   }

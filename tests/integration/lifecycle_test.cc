@@ -28,6 +28,7 @@
 #include "tests/integration/broker_process.h"
 #include "tests/util/subprocess.h"
 #include "tests/util/test_util.h"
+#include "wire/files.h"
 #include "wire/message_channel.h"
 
 namespace fdbroker::testing {
@@ -218,6 +219,61 @@ TEST(LifecycleTest, UpgradeUnderLoadLosesNothing) {
   EXPECT_NE(report.find("requests in"), std::string::npos) << report;
   EXPECT_EQ(failed, 0) << "connection-per-request clients failed";
   EXPECT_GT(ok, 400);
+}
+
+// A planned upgrade is two-phase: the running broker keeps serving until
+// the new one says it is fully up. A new broker that fails after taking the
+// sockets (here: its TLS key cannot be read) changes nothing.
+TEST(LifecycleTest, UpgradeThatFailsBeforeItIsUpChangesNothing) {
+  auto broker = BrokerProcess::Start({"--workers=2"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(2, absl::Seconds(30)));
+  const std::vector<pid_t> workers = (*broker)->WorkerPids();
+  for (pid_t w : workers) (*broker)->process().KillOnDestruction(w);
+  const std::set<int> pool(workers.begin(), workers.end());
+  // Readable, so the flags pass validation; not PEM, so the control plane
+  // cannot start once the sockets are taken.
+  const std::string garbage = (*broker)->dir() + "/garbage.pem";
+  ASSERT_TRUE(wire::WriteFileAtomically(garbage, "not a certificate\n").ok());
+  auto failing =
+      StartSecondBroker(**broker, (*broker)->dir() + "/ready-failing",
+                        {"--upgrade", "--workers=2", "--tls_cert=" + garbage,
+                         "--tls_key=" + garbage});
+  ASSERT_TRUE(failing.ok());
+  absl::StatusOr<int> failed_exit = (*failing)->Wait(absl::Seconds(30));
+  ASSERT_TRUE(failed_exit.ok());
+  EXPECT_NE(*failed_exit, 0) << (*failing)->Output();
+  EXPECT_NE((*failing)->Stderr().find("is not a PEM file"), std::string::npos)
+      << (*failing)->Output();
+
+  // The running broker carries on: it accepts, places, answers its control
+  // plane, with the same workers, and it can still be upgraded.
+  EXPECT_TRUE((*broker)->process().Running()) << (*broker)->process().Output();
+  for (int i = 0; i < 20; ++i) {
+    absl::StatusOr<HttpResponse> r =
+        HttpGetOnce("127.0.0.1", (*broker)->port(), "/", absl::Seconds(5));
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->status, 200);
+    EXPECT_EQ(pool.count(PidOf(*r)), 1u);
+  }
+  EXPECT_TRUE(
+      WaitFor([&] { return ReadyPids((*broker)->control_address()) == pool; },
+              absl::Seconds(20)))
+      << (*broker)->process().Output();
+
+  const std::string ready = (*broker)->dir() + "/ready-upgrade";
+  auto upgraded =
+      StartSecondBroker(**broker, ready, {"--upgrade", "--workers=2"});
+  ASSERT_TRUE(upgraded.ok());
+  for (pid_t w : workers) (*upgraded)->KillOnDestruction(w);
+  absl::StatusOr<int> old_exit = (*broker)->process().Wait(absl::Seconds(20));
+  ASSERT_TRUE(old_exit.ok())
+      << (*broker)->process().Output() << (*upgraded)->Output();
+  EXPECT_EQ(*old_exit, 0) << (*broker)->process().Output();
+  const std::string control = WaitForReadyValue(ready, "control");
+  EXPECT_TRUE(
+      WaitFor([&] { return ReadyPids(control) == pool; }, absl::Seconds(20)))
+      << (*upgraded)->Output() << (*broker)->process().Output();
 }
 
 TEST(LifecycleTest, SocketActivationServesOnTheInheritedSocket) {
