@@ -99,6 +99,19 @@ absl::Status AwaitGoodbyeAndExit(CaseContext& context) {
   return absl::OkStatus();
 }
 
+// Each of `clients`, reported Closed, saw its connection end (EOF).
+absl::Status ExpectClientsSawTheEnd(CaseContext& context,
+                                    const std::vector<Client*>& clients) {
+  for (Client* client : clients) {
+    if (!ReadsEof(client->tcp.client.get(), context.Deadline())) {
+      return Fail(absl::StrCat("idle connection ", client->id,
+                               " was reported Closed but its client never "
+                               "saw the connection end"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 // Acked clients, each served once when the worker claims request_response
 // (so they are idle between requests, not fresh).
 absl::StatusOr<std::vector<Client*>> IdleClients(CaseContext& context,
@@ -467,14 +480,7 @@ absl::Status DrainIdle(CaseContext& context) {
         AwaitIdsOf(context, "Closed (idle, draining)", ids, ClosedIds));
   }
   KIT_RETURN_IF_ERROR(AwaitGoodbyeAndExit(context));
-  for (Client* client : clients) {
-    if (!ReadsEof(client->tcp.client.get(), context.Deadline())) {
-      return Fail(absl::StrCat("idle connection ", client->id,
-                               " was reported Closed but its client never "
-                               "saw the connection end"));
-    }
-  }
-  return absl::OkStatus();
+  return ExpectClientsSawTheEnd(context, clients);
 }
 
 absl::Status DrainFirstRequest(CaseContext& context) {
@@ -564,19 +570,24 @@ absl::Status Sigterm(CaseContext& context) {
   context.worker().Signal(SIGTERM);
   KIT_RETURN_IF_ERROR(AwaitIdsOf(context, "Closed (SIGTERM drain)",
                                  {clients[0]->id}, ClosedIds));
-  return AwaitGoodbyeAndExit(context);
+  KIT_RETURN_IF_ERROR(AwaitGoodbyeAndExit(context));
+  return ExpectClientsSawTheEnd(context, clients);
 }
 
 // ---- §5 Release, ReleaseRequest; §7.7 release_idle ----
+
+v1::HandoffMessage RebalanceRequest(uint32_t max_connections) {
+  v1::HandoffMessage message;
+  message.mutable_release_request()->set_max_connections(max_connections);
+  message.mutable_release_request()->set_reason(v1::RELEASE_REASON_REBALANCE);
+  return message;
+}
 
 absl::Status ReleaseRequest(CaseContext& context) {
   KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients,
                        RegisterIfRelease(context, true, 3));
   if (context.skipped()) return absl::OkStatus();
-  v1::HandoffMessage request;
-  request.mutable_release_request()->set_max_connections(2);
-  request.mutable_release_request()->set_reason(v1::RELEASE_REASON_REBALANCE);
-  KIT_RETURN_IF_ERROR(context.broker().Send(std::move(request)));
+  KIT_RETURN_IF_ERROR(context.broker().Send(RebalanceRequest(2)));
   std::vector<Received> releases;
   absl::Time deadline = context.Deadline();
   while (releases.size() < 3) {
@@ -898,10 +909,7 @@ absl::Status ErrorReleaseRequestUnclaimed(CaseContext& context) {
   KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients,
                        RegisterIfRelease(context, false, 1));
   if (context.skipped()) return absl::OkStatus();
-  v1::HandoffMessage message;
-  message.mutable_release_request()->set_max_connections(1);
-  message.mutable_release_request()->set_reason(v1::RELEASE_REASON_REBALANCE);
-  absl::Status closed = ExpectProtocolError(context, std::move(message), 0);
+  absl::Status closed = ExpectProtocolError(context, RebalanceRequest(1), 0);
   if (absl::IsDeadlineExceeded(closed)) {
     return Violation("§5 ReleaseRequest",
                      absl::StrCat("a ReleaseRequest to a worker whose Hello "
