@@ -21,6 +21,11 @@ docs/protocol.md section 9; each DEFECT breaks one rule of that page:
                   once (§7.7)
   drain-grace-all on Drain, gives served idle connections the first-request
                   grace too (§7.7)
+  ignore-release-request  ignores a ReleaseRequest although its Hello did
+                  not set supports_release (§5 ReleaseRequest: a protocol
+                  error)
+  ignore-unexpected  ignores any message in the wrong direction or state,
+                  e.g. a second Welcome (§6)
 """
 import os, select, socket, sys, threading, time
 from fdbroker.v1 import handoff_pb2 as pb
@@ -134,12 +139,20 @@ def main():
                 with lock:
                     live[cid], fresh[cid] = conn, time.monotonic()
                 threads.append(threading.Thread(target=serve, args=(
-                    chan, cid, conn, msg.connection.initial_data)))
+                    chan, cid, conn, msg.connection.initial_data),
+                    daemon=True))  # sys.exit() does not wait for them
                 threads[-1].start()
-            elif kind == "drain" and DEFECT != "ignore-drain":
-                draining = True
+            elif kind == "drain":
+                if DEFECT != "ignore-drain":
+                    draining = True
                 if DEFECT == "touch-rejected":
                     linger_until = time.monotonic() + 0.5
+            elif kind == "heartbeat" or DEFECT == "ignore-unexpected" or (
+                    kind == "release_request" and
+                    DEFECT == "ignore-release-request"):
+                pass  # (its Hello did not set supports_release)
+            else:  # wrong direction or state (§7.5)
+                sys.exit(f"protocol error: unexpected {kind}")
         now = time.monotonic()
         if draining:
             # drain-no-grace closes a connection that sent nothing yet at

@@ -29,6 +29,8 @@ EXPECTED = {
     "slow-closed": ("closed", "§7.3 Closed: Closed for connection"),
     "drain-no-grace": ("drain-first-request", "§7.7 Drain"),
     "drain-grace-all": ("drain-idle", "§7.7 Drain"),
+    "ignore-release-request": ("error-release-request", "§5 ReleaseRequest"),
+    "ignore-unexpected": ("error-second-welcome", "§6 Session state machine"),
 }
 
 

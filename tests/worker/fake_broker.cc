@@ -1,79 +1,44 @@
 #include "tests/worker/fake_broker.h"
 
-#include <poll.h>
 #include <sys/socket.h>
-#include <sys/un.h>
-#include <unistd.h>
 
-#include <cerrno>
-#include <cstring>
 #include <filesystem>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "tests/util/test_util.h"
 
 namespace fdbroker::testing {
-namespace {
-
-bool WaitReadable(int fd, absl::Time deadline) {
-  for (;;) {
-    const absl::Duration left = deadline - absl::Now();
-    const int ms = left <= absl::ZeroDuration()
-                       ? 0
-                       : static_cast<int>(absl::ToInt64Milliseconds(
-                             absl::Ceil(left, absl::Milliseconds(1))));
-    pollfd p{fd, POLLIN, 0};
-    const int n = ::poll(&p, 1, ms);
-    if (n > 0) return true;
-    if (n == 0) return false;
-    if (errno != EINTR) return false;
-  }
-}
-
-}  // namespace
 
 FakeBroker::FakeBroker() : dir_(MakeTempDir()) {
-  socket_path_ = dir_ + "/handoff.sock";
-  Listen();
-}
-
-void FakeBroker::Listen() {
-  listen_fd_.Reset(
-      ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  EXPECT_TRUE(listen_fd_.valid());
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  std::strncpy(address.sun_path, socket_path_.c_str(),
-               sizeof(address.sun_path) - 1);
-  EXPECT_EQ(::bind(listen_fd_.get(), reinterpret_cast<sockaddr*>(&address),
-                   sizeof(address)),
-            0)
-      << std::strerror(errno);
-  EXPECT_EQ(::listen(listen_fd_.get(), 16), 0) << std::strerror(errno);
+  absl::StatusOr<std::unique_ptr<conformance::ScriptedBroker>> broker =
+      conformance::ScriptedBroker::Create(dir_);
+  EXPECT_TRUE(broker.ok()) << broker.status();
+  broker_ = *std::move(broker);
+  // The test decides what the broker sends and when.
+  broker_->set_send_heartbeats(false);
 }
 
 FakeBroker::~FakeBroker() {
-  channel_.reset();
-  listen_fd_.Reset();
+  broker_.reset();
   std::error_code ignored;
   std::filesystem::remove_all(dir_, ignored);
 }
 
+void FakeBroker::Listen() {
+  const absl::Status listening = broker_->Listen();
+  EXPECT_TRUE(listening.ok()) << listening;
+}
+
+void FakeBroker::Restart() {
+  CloseChannel();
+  StopListening();
+  Listen();
+}
+
 absl::Status FakeBroker::Accept(absl::Duration timeout) {
-  if (!listen_fd_.valid())
-    return absl::FailedPreconditionError("not listening");
-  if (!WaitReadable(listen_fd_.get(), absl::Now() + timeout)) {
-    return absl::DeadlineExceededError("no worker connected");
-  }
-  wire::UniqueFd fd(
-      ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-  if (!fd) return absl::ErrnoToStatus(errno, "accept4");
-  channel_ = std::make_unique<wire::MessageChannel>(std::move(fd));
-  sent_ = 0;
-  return absl::OkStatus();
+  return broker_->Accept(absl::Now() + timeout);
 }
 
 absl::StatusOr<v1::HandoffMessage> FakeBroker::Receive(absl::Duration timeout) {
@@ -83,26 +48,12 @@ absl::StatusOr<v1::HandoffMessage> FakeBroker::Receive(absl::Duration timeout) {
 
 absl::StatusOr<v1::HandoffMessage> FakeBroker::Receive(absl::Duration timeout,
                                                        wire::UniqueFd& fd) {
-  if (channel_ == nullptr) return absl::FailedPreconditionError("no channel");
-  const absl::Time deadline = absl::Now() + timeout;
-  for (;;) {
-    v1::HandoffMessage message;
-    fd.Reset();
-    absl::StatusOr<wire::ReceiveResult> received =
-        channel_->Receive(message, fd);
-    if (!received.ok()) return received.status();
-    switch (*received) {
-      case wire::ReceiveResult::kReceived:
-        return message;
-      case wire::ReceiveResult::kPeerClosed:
-        return absl::UnavailableError("the worker closed the channel");
-      case wire::ReceiveResult::kWouldBlock:
-        break;
-    }
-    if (!WaitReadable(channel_->fd(), deadline)) {
-      return absl::DeadlineExceededError("no message from the worker");
-    }
-  }
+  fd.Reset();
+  absl::StatusOr<conformance::ScriptedBroker::Received> received =
+      broker_->Receive(absl::Now() + timeout);
+  if (!received.ok()) return received.status();
+  if (!received->fds.empty()) fd = std::move(received->fds[0]);
+  return std::move(received->message);
 }
 
 bool FakeBroker::WaitForClose(absl::Duration timeout) {
@@ -122,28 +73,26 @@ absl::Status FakeBroker::Send(v1::HandoffMessage message, int fd) {
 
 absl::Status FakeBroker::SendWithFds(v1::HandoffMessage message,
                                      absl::Span<const int> fds) {
-  if (channel_ == nullptr) return absl::FailedPreconditionError("no channel");
-  absl::StatusOr<wire::SendResult> sent = channel_->SendWithFds(message, fds);
-  if (!sent.ok()) return sent.status();
-  if (*sent != wire::SendResult::kSent) {
-    return absl::ResourceExhaustedError("channel full");
+  std::vector<uint64_t> offered;
+  if (message.has_connection()) {
+    offered.push_back(message.connection().connection_id());
   }
-  ++sent_;
+  for (const v1::Connection& c : message.connection_batch().connections()) {
+    offered.push_back(c.connection_id());
+  }
+  if (absl::Status sent = broker_->Send(std::move(message), fds); !sent.ok()) {
+    return sent;
+  }
+  for (uint64_t id : offered) broker_->AwaitAnswer(id);
   return absl::OkStatus();
 }
 
 absl::Status FakeBroker::SendWelcome(uint32_t heartbeat_interval_ms,
                                      uint32_t heartbeat_timeout_ms,
                                      uint64_t worker_id, bool supervised) {
-  v1::HandoffMessage message;
-  v1::Welcome& welcome = *message.mutable_welcome();
-  welcome.mutable_version()->set_major(wire::kProtocolMajor);
-  welcome.mutable_version()->set_minor(wire::kProtocolMinor);
-  welcome.set_worker_id(worker_id);
-  welcome.set_heartbeat_interval_ms(heartbeat_interval_ms);
-  welcome.set_heartbeat_timeout_ms(heartbeat_timeout_ms);
-  welcome.set_supervised(supervised);
-  return Send(std::move(message));
+  broker_->set_heartbeat(absl::Milliseconds(heartbeat_interval_ms),
+                         absl::Milliseconds(heartbeat_timeout_ms));
+  return broker_->SendWelcome(supervised, worker_id);
 }
 
 absl::Status FakeBroker::SendRefusal(v1::RefusalReason reason,
@@ -207,47 +156,10 @@ absl::Status FakeBroker::SendHeartbeat() {
   return Send(std::move(message));
 }
 
-absl::Status FakeBroker::SendRawPacket(const std::string& bytes,
-                                       const std::vector<int>& fds) {
-  if (channel_ == nullptr) return absl::FailedPreconditionError("no channel");
-  absl::StatusOr<wire::SendResult> sent =
-      wire::SendPacket(wire::SysCalls::Real(), channel_->fd(),
-                       {bytes.data(), bytes.size()}, fds);
-  if (!sent.ok()) return sent.status();
-  if (*sent != wire::SendResult::kSent) {
-    return absl::ResourceExhaustedError("channel full");
-  }
-  return absl::OkStatus();
-}
-
-void FakeBroker::CloseChannel() { channel_.reset(); }
-
-void FakeBroker::StopListening() {
-  listen_fd_.Reset();
-  EXPECT_EQ(::unlink(socket_path_.c_str()), 0) << std::strerror(errno);
-}
-
-void FakeBroker::Restart() {
-  CloseChannel();
-  StopListening();
-  Listen();
-}
-
 FakeClient MakeFakeClient() {
   int fds[2];
   EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
   return FakeClient{wire::UniqueFd(fds[0]), wire::UniqueFd(fds[1])};
-}
-
-bool ReadsEof(int fd, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  char buffer[256];
-  for (;;) {
-    if (!WaitReadable(fd, deadline)) return false;
-    const ssize_t n = ::recv(fd, buffer, sizeof(buffer), MSG_DONTWAIT);
-    if (n == 0) return true;
-    if (n < 0 && errno != EAGAIN && errno != EINTR) return true;
-  }
 }
 
 }  // namespace fdbroker::testing

@@ -360,17 +360,6 @@ TEST_F(HttpWorkerBrokerTest, NegativeReconnectTimeoutIsABadCommandLine) {
   EXPECT_THAT(worker_->Stderr(), HasSubstr("--reconnect_timeout"));
 }
 
-TEST_F(HttpWorkerBrokerTest, SigtermDrainsAndSaysGoodbye) {
-  StartWorker();
-  wire::UniqueFd idle = HandOff(1);
-  ASSERT_TRUE(HttpGet(idle.get(), "/", true).ok());
-  ASSERT_TRUE(worker_->Signal(SIGTERM).ok());
-  absl::StatusOr<std::string> idle_rest = ReadUntilClose(idle.get());
-  ASSERT_TRUE(idle_rest.ok()) << idle_rest.status();
-  EXPECT_THAT(ReceiveClosed(1), ElementsAre(1u));
-  ExpectGoodbyeAndCleanExit();
-}
-
 TEST_F(HttpWorkerBrokerTest, RefusedWorkerExitsWithTheReason) {
   Subprocess::Options options;
   options.env["FDBROKER_SOCKET"] = broker_.socket_path();

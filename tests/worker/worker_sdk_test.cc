@@ -419,29 +419,6 @@ TEST_F(WorkerSdkTest, ConnectionBatchIsDeliveredAndAckedTogether) {
   }
 }
 
-TEST_F(WorkerSdkTest, BatchBiggerThanDeclaredLosesTheChannel) {
-  Options options = DefaultOptions();
-  options.max_connections_per_message = 2;
-  options.reconnect_timeout = absl::ZeroDuration();
-  Register(std::move(options));
-  EXPECT_EQ(hello_.max_connections_per_message(), 2u);
-  std::vector<FakeClient> clients;
-  std::vector<int> fds;
-  for (int i = 0; i < 3; ++i) {
-    clients.push_back(MakeFakeClient());
-    fds.push_back(clients.back().broker_end.get());
-  }
-  ASSERT_TRUE(broker_->SendConnectionBatch({1, 2, 3}, fds).ok());
-  ASSERT_TRUE(PumpUntil([&] { return worker_->finished(); }));
-  EXPECT_TRUE(broker_->WaitForClose());
-  EXPECT_TRUE(delivered_.empty());
-  // The worker closed its copies: only the test's ends remain open.
-  for (FakeClient& client : clients) client.broker_end.Reset();
-  for (FakeClient& client : clients) {
-    EXPECT_TRUE(ReadsEof(client.client.get(), absl::Seconds(5)));
-  }
-}
-
 TEST_F(WorkerSdkTest, ClosedConnectionsAreReportedInOneBatch) {
   Register(DefaultOptions());
   std::vector<FakeClient> clients;
@@ -580,19 +557,6 @@ TEST_F(WorkerSdkTest, LocalDrainSaysGoodbyeOnceIdle) {
   absl::StatusOr<HandoffMessage> goodbye = broker_->Receive();
   ASSERT_TRUE(goodbye.ok() && goodbye->has_goodbye()) << goodbye.status();
   EXPECT_TRUE(worker_->finished());
-}
-
-TEST_F(WorkerSdkTest, HeartbeatIsSentWhenIdle) {
-  Register(DefaultOptions(), /*interval_ms=*/50, /*timeout_ms=*/60000);
-  const absl::Time start = absl::Now();
-  absl::StatusOr<HandoffMessage> heartbeat = PumpAndReceive(true);
-  ASSERT_TRUE(heartbeat.ok()) << heartbeat.status();
-  EXPECT_TRUE(heartbeat->has_heartbeat()) << heartbeat->DebugString();
-  EXPECT_GE(absl::Now() - start, absl::Milliseconds(40));
-  // And again, as long as it stays idle.
-  heartbeat = PumpAndReceive(true);
-  ASSERT_TRUE(heartbeat.ok() && heartbeat->has_heartbeat());
-  EXPECT_FALSE(worker_->draining());
 }
 
 TEST_F(WorkerSdkTest, SilentBrokerIsDeclaredDeadAndConnectionsAreKept) {
@@ -1447,22 +1411,18 @@ TEST_F(WorkerSdkTest, ThreadPerConnectionGivesUpAfterReconnectTimeout) {
 
 // --- Releasing connections (migration) ---------------------------------------
 
+// (A ReleaseRequest to such a worker is a protocol error: the kit's
+// error-release-request, run by conformance_cpp_http_worker_no_release.)
 TEST_F(WorkerSdkTest, HelloSupportsReleaseOnlyWithTheHandler) {
   Register(DefaultOptions());
   EXPECT_FALSE(hello_.supports_release());
   std::vector<FakeClient> clients;
   DeliverConnections({1}, clients);
-  // Without the handler: Release() is refused and the fd stays ours, and a
-  // ReleaseRequest (the broker should not send one) is ignored.
+  // Without the handler: Release() is refused and the fd stays ours.
   absl::Status released =
       worker_->Release(1, delivered_[0].fd, "", ReleaseReason::kRebalance);
   EXPECT_TRUE(absl::IsFailedPrecondition(released)) << released;
-  ASSERT_TRUE(delivered_[0].fd.valid());
-  ASSERT_TRUE(broker_->SendReleaseRequest(1).ok());
-  ASSERT_TRUE(broker_->SendHeartbeat().ok());
-  EXPECT_TRUE(absl::IsDeadlineExceeded(
-      PumpAndReceive(false, absl::Milliseconds(200)).status()));
-  EXPECT_TRUE(worker_->registered());
+  EXPECT_TRUE(delivered_[0].fd.valid());
   EXPECT_EQ(worker_->active_connections(), 1u);
 }
 

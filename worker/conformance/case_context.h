@@ -103,6 +103,7 @@ class CaseContext {
   // Marks the case skipped; the case then returns OkStatus().
   absl::Status Skip(std::string reason);
   const std::string& skip_reason() const { return skip_reason_; }
+  bool skipped() const { return !skip_reason_.empty(); }
   std::string WorkerLog(size_t lines) const;
 
  private:

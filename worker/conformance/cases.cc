@@ -69,6 +69,18 @@ absl::Status AwaitIdsOf(CaseContext& context, absl::string_view what,
   return AwaitIdsOf(context, what, std::move(ids), of, context.Deadline());
 }
 
+// Exit code 0 after a Goodbye (the kit's Welcome says supervised).
+absl::Status AwaitCleanExit(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(int code, context.AwaitExit());
+  if (code != 0) {
+    return Fail(
+        absl::StrCat("a supervised worker that said Goodbye must exit "
+                     "cleanly; it ended with ",
+                     DescribeExit(code)));
+  }
+  return absl::OkStatus();
+}
+
 // Goodbye, the channel closed, and exit code 0 (the kit's Welcome says
 // supervised); and no new channel: after a Drain a worker never reconnects.
 absl::Status AwaitGoodbyeAndExit(CaseContext& context) {
@@ -80,15 +92,22 @@ absl::Status AwaitGoodbyeAndExit(CaseContext& context) {
   (void)goodbye;
   KIT_RETURN_IF_ERROR(
       context.AwaitChannelClosed("after Goodbye", context.Deadline()));
-  KIT_ASSIGN_OR_RETURN(int code, context.AwaitExit());
-  if (code != 0) {
-    return Fail(
-        absl::StrCat("a supervised worker that said Goodbye must exit "
-                     "cleanly; it ended with ",
-                     DescribeExit(code)));
-  }
+  KIT_RETURN_IF_ERROR(AwaitCleanExit(context));
   if (context.broker().ConnectPending()) {
     return Violation("§7.8", "the worker reconnected after a Drain");
+  }
+  return absl::OkStatus();
+}
+
+// Each of `clients`, reported Closed, saw its connection end (EOF).
+absl::Status ExpectClientsSawTheEnd(CaseContext& context,
+                                    const std::vector<Client*>& clients) {
+  for (Client* client : clients) {
+    if (!ReadsEof(client->tcp.client.get(), context.Deadline())) {
+      return Fail(absl::StrCat("idle connection ", client->id,
+                               " was reported Closed but its client never "
+                               "saw the connection end"));
+    }
   }
   return absl::OkStatus();
 }
@@ -109,7 +128,8 @@ absl::StatusOr<std::vector<Client*>> IdleClients(CaseContext& context,
 }
 
 // A Release's socket is the client's connection, untouched: no FIN or byte
-// reached the client, and what the client sends next is still unread.
+// reached the client, no unread_data (the client sent nothing unanswered),
+// and what the client sends next is still unread.
 absl::Status CheckReleasedSocket(CaseContext& context, Client& client,
                                  const Received& release) {
   const wire::UniqueFd& fd = release.fds[0];
@@ -125,6 +145,12 @@ absl::Status CheckReleasedSocket(CaseContext& context, Client& client,
                      " received bytes or a FIN: the worker must "
                      "close its copy untouched"));
   }
+  if (!release.message.release().unread_data().empty()) {
+    return Violation("§5 Release",
+                     absl::StrCat("unread_data of connection ", client.id,
+                                  " is not empty although its client sent "
+                                  "nothing unanswered"));
+  }
   const std::string probe = "conformance-probe";
   KIT_RETURN_IF_ERROR(WriteAll(client.tcp.client.get(), probe));
   absl::StatusOr<std::string> seen = PeekSome(fd.get(), context.Deadline());
@@ -136,6 +162,43 @@ absl::Status CheckReleasedSocket(CaseContext& context, Client& client,
                                   "shut down the socket)"));
   }
   return absl::OkStatus();
+}
+
+// Each Release says `reason` (else a Violation saying `wrong_reason`) and
+// passes CheckReleasedSocket. The session check has made sure that each is
+// for one of `clients` (owned, not released before).
+absl::Status CheckReleases(CaseContext& context,
+                           const std::vector<Client*>& clients,
+                           const std::vector<Received>& releases,
+                           v1::ReleaseReason reason,
+                           absl::string_view wrong_reason) {
+  for (const Received& release : releases) {
+    if (release.message.release().reason() != reason) {
+      return Violation("§5 Release", wrong_reason);
+    }
+    const uint64_t id = release.message.release().connection_id();
+    auto it = std::find_if(clients.begin(), clients.end(),
+                           [id](Client* c) { return c->id == id; });
+    KIT_RETURN_IF_ERROR(CheckReleasedSocket(context, **it, release));
+  }
+  return absl::OkStatus();
+}
+
+// Registers a worker whose Hello says supports_release == `claims`, and
+// gives it `idle` IdleClients; another worker skips the case (the caller
+// returns when context.skipped()).
+absl::StatusOr<std::vector<Client*>> RegisterIfRelease(CaseContext& context,
+                                                       bool claims, int idle) {
+  KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
+  if (hello.supports_release() != claims) {
+    KIT_RETURN_IF_ERROR(context.Skip(
+        claims ? "Hello.supports_release is not set"
+               : "Hello.supports_release is set: the case is for a worker "
+                 "that did not claim it"));
+    return std::vector<Client*>();
+  }
+  KIT_RETURN_IF_ERROR(context.broker().SendWelcome());
+  return IdleClients(context, idle);
 }
 
 // ---- §7.1 Registration, §5 Refusal ----
@@ -417,14 +480,7 @@ absl::Status DrainIdle(CaseContext& context) {
         AwaitIdsOf(context, "Closed (idle, draining)", ids, ClosedIds));
   }
   KIT_RETURN_IF_ERROR(AwaitGoodbyeAndExit(context));
-  for (Client* client : clients) {
-    if (!ReadsEof(client->tcp.client.get(), context.Deadline())) {
-      return Fail(absl::StrCat("idle connection ", client->id,
-                               " was reported Closed but its client never "
-                               "saw the connection end"));
-    }
-  }
-  return absl::OkStatus();
+  return ExpectClientsSawTheEnd(context, clients);
 }
 
 absl::Status DrainFirstRequest(CaseContext& context) {
@@ -505,14 +561,7 @@ absl::Status DrainNewConnection(CaseContext& context) {
                                     "close your copy untouched"));
     }
   }
-  KIT_ASSIGN_OR_RETURN(int code, context.AwaitExit());
-  if (code != 0) {
-    return Fail(
-        absl::StrCat("a supervised worker that said Goodbye must exit "
-                     "cleanly; it ended with ",
-                     DescribeExit(code)));
-  }
-  return absl::OkStatus();
+  return AwaitCleanExit(context);
 }
 
 absl::Status Sigterm(CaseContext& context) {
@@ -521,22 +570,24 @@ absl::Status Sigterm(CaseContext& context) {
   context.worker().Signal(SIGTERM);
   KIT_RETURN_IF_ERROR(AwaitIdsOf(context, "Closed (SIGTERM drain)",
                                  {clients[0]->id}, ClosedIds));
-  return AwaitGoodbyeAndExit(context);
+  KIT_RETURN_IF_ERROR(AwaitGoodbyeAndExit(context));
+  return ExpectClientsSawTheEnd(context, clients);
 }
 
 // ---- §5 Release, ReleaseRequest; §7.7 release_idle ----
 
+v1::HandoffMessage RebalanceRequest(uint32_t max_connections) {
+  v1::HandoffMessage message;
+  message.mutable_release_request()->set_max_connections(max_connections);
+  message.mutable_release_request()->set_reason(v1::RELEASE_REASON_REBALANCE);
+  return message;
+}
+
 absl::Status ReleaseRequest(CaseContext& context) {
-  KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
-  if (!hello.supports_release()) {
-    return context.Skip("Hello.supports_release is not set");
-  }
-  KIT_RETURN_IF_ERROR(context.broker().SendWelcome());
-  KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients, IdleClients(context, 3));
-  v1::HandoffMessage request;
-  request.mutable_release_request()->set_max_connections(2);
-  request.mutable_release_request()->set_reason(v1::RELEASE_REASON_REBALANCE);
-  KIT_RETURN_IF_ERROR(context.broker().Send(std::move(request)));
+  KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients,
+                       RegisterIfRelease(context, true, 3));
+  if (context.skipped()) return absl::OkStatus();
+  KIT_RETURN_IF_ERROR(context.broker().Send(RebalanceRequest(2)));
   std::vector<Received> releases;
   absl::Time deadline = context.Deadline();
   while (releases.size() < 3) {
@@ -558,33 +609,17 @@ absl::Status ReleaseRequest(CaseContext& context) {
     return Violation("§5 ReleaseRequest",
                      "released 3 connections when asked for at most 2");
   }
-  for (const Received& release : releases) {
-    if (release.message.release().reason() != v1::RELEASE_REASON_REBALANCE) {
-      return Violation("§5 Release",
-                       "Release.reason does not echo ReleaseRequest.reason "
-                       "(REBALANCE)");
-    }
-    if (!release.message.release().unread_data().empty()) {
-      return Violation("§5 Release",
-                       "unread_data is not empty although the client sent "
-                       "nothing unanswered");
-    }
-    const uint64_t id = release.message.release().connection_id();
-    auto it = std::find_if(clients.begin(), clients.end(),
-                           [id](Client* c) { return c->id == id; });
-    KIT_RETURN_IF_ERROR(CheckReleasedSocket(context, **it, release));
-  }
+  KIT_RETURN_IF_ERROR(CheckReleases(
+      context, clients, releases, v1::RELEASE_REASON_REBALANCE,
+      "Release.reason does not echo ReleaseRequest.reason (REBALANCE)"));
   // No Closed may follow for a released connection (a Violation).
   return context.Settle(3 * context.options().heartbeat_interval);
 }
 
 absl::Status DrainRelease(CaseContext& context) {
-  KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
-  if (!hello.supports_release()) {
-    return context.Skip("Hello.supports_release is not set");
-  }
-  KIT_RETURN_IF_ERROR(context.broker().SendWelcome());
-  KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients, IdleClients(context, 2));
+  KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients,
+                       RegisterIfRelease(context, true, 2));
+  if (context.skipped()) return absl::OkStatus();
   KIT_RETURN_IF_ERROR(context.broker().SendDrain(context.Deadline(), true));
   std::vector<Received> releases;
   const absl::Time deadline = context.Deadline();
@@ -597,17 +632,10 @@ absl::Status DrainRelease(CaseContext& context) {
             deadline));
     releases.push_back(std::move(release));
   }
-  for (const Received& release : releases) {
-    if (release.message.release().reason() != v1::RELEASE_REASON_DRAIN) {
-      return Violation("§5 Release",
-                       "a Release while draining with release_idle must say "
-                       "RELEASE_REASON_DRAIN");
-    }
-    const uint64_t id = release.message.release().connection_id();
-    auto it = std::find_if(clients.begin(), clients.end(),
-                           [id](Client* c) { return c->id == id; });
-    KIT_RETURN_IF_ERROR(CheckReleasedSocket(context, **it, release));
-  }
+  KIT_RETURN_IF_ERROR(
+      CheckReleases(context, clients, releases, v1::RELEASE_REASON_DRAIN,
+                    "a Release while draining with release_idle must say "
+                    "RELEASE_REASON_DRAIN"));
   return AwaitGoodbyeAndExit(context);
 }
 
@@ -658,23 +686,28 @@ absl::Status Reconnect(CaseContext& context) {
 
 enum class Size { kNormal, kOversized };
 
-// Sends one bad packet (with `fd_count` client sockets attached) and
-// expects the worker to close the channel without crashing, and to close
-// the fds that came with the packet.
-absl::Status ExpectProtocolError(CaseContext& context, const std::string& bytes,
-                                 int fd_count, Size size = Size::kNormal) {
-  std::vector<Client> clients(static_cast<size_t>(fd_count));
-  std::vector<int> fds;
+// `count` loopback clients, whose server ends go with a bad packet.
+absl::StatusOr<std::vector<Client>> PacketClients(int count) {
+  std::vector<Client> clients(static_cast<size_t>(count));
   absl::StatusOr<std::unique_ptr<LoopbackListener>> tcp =
       LoopbackListener::Create();
   if (!tcp.ok()) return tcp.status();
   for (Client& client : clients) {
     KIT_ASSIGN_OR_RETURN(client.tcp, (*tcp)->Connect());
-    fds.push_back(client.tcp.server.get());
   }
-  KIT_RETURN_IF_ERROR(size == Size::kOversized
-                          ? context.broker().SendOversized(bytes, fds[0])
-                          : context.broker().SendRaw(bytes, fds));
+  return clients;
+}
+
+std::vector<int> ServerFds(const std::vector<Client>& clients) {
+  std::vector<int> fds;
+  for (const Client& client : clients) fds.push_back(client.tcp.server.get());
+  return fds;
+}
+
+// After the bad packet: the worker closes the channel without crashing, and
+// closes the fds that came with the packet (`clients`' server ends).
+absl::Status AwaitProtocolError(CaseContext& context,
+                                std::vector<Client>& clients) {
   KIT_RETURN_IF_ERROR(context.AwaitChannelClosed(
       "after a protocol error (§7.5: log it and close the channel)",
       context.Deadline()));
@@ -692,6 +725,32 @@ absl::Status ExpectProtocolError(CaseContext& context, const std::string& bytes,
     }
   }
   return absl::OkStatus();
+}
+
+// Sends one packet that breaks framing or numbering (with `fd_count`
+// client sockets attached) outside the kit's numbering, and expects
+// AwaitProtocolError.
+absl::Status ExpectProtocolError(CaseContext& context, const std::string& bytes,
+                                 int fd_count, Size size = Size::kNormal) {
+  KIT_ASSIGN_OR_RETURN(std::vector<Client> clients, PacketClients(fd_count));
+  const std::vector<int> fds = ServerFds(clients);
+  KIT_RETURN_IF_ERROR(size == Size::kOversized
+                          ? context.broker().SendOversized(bytes, fds[0])
+                          : context.broker().SendRaw(bytes, fds));
+  return AwaitProtocolError(context, clients);
+}
+
+// Sends a well-formed message the worker may not receive in its state (the
+// wrong direction, a second Welcome, a batch it did not opt into) in the
+// kit's numbering, so that only its body is wrong: the kit's next message
+// (a Heartbeat) is in sequence, and a worker that ignores the bad one is
+// seen to. Expects AwaitProtocolError.
+absl::Status ExpectProtocolError(CaseContext& context,
+                                 v1::HandoffMessage message, int fd_count) {
+  KIT_ASSIGN_OR_RETURN(std::vector<Client> clients, PacketClients(fd_count));
+  KIT_RETURN_IF_ERROR(
+      context.broker().Send(std::move(message), ServerFds(clients)));
+  return AwaitProtocolError(context, clients);
 }
 
 std::string Serialized(v1::HandoffMessage message) {
@@ -786,26 +845,24 @@ absl::Status ErrorOversized(CaseContext& context) {
 absl::Status ErrorWrongDirection(CaseContext& context) {
   KIT_RETURN_IF_ERROR(context.Register());
   v1::HandoffMessage message;
-  message.set_sequence(context.broker().next_sequence());
   message.mutable_ack()->add_connection_ids(1);
-  return ExpectProtocolError(context, Serialized(message), 0);
+  return ExpectProtocolError(context, std::move(message), 0);
 }
 
 absl::Status ErrorSecondWelcome(CaseContext& context) {
   KIT_RETURN_IF_ERROR(context.Register());
   v1::HandoffMessage message;
-  message.set_sequence(context.broker().next_sequence());
   message.mutable_welcome()->mutable_version()->set_major(1);
   message.mutable_welcome()->set_worker_id(2);
   message.mutable_welcome()->set_heartbeat_interval_ms(100);
   message.mutable_welcome()->set_heartbeat_timeout_ms(1500);
-  return ExpectProtocolError(context, Serialized(message), 0);
+  return ExpectProtocolError(context, std::move(message), 0);
 }
 
 absl::Status ErrorFirstNotWelcome(CaseContext& context) {
   KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
   (void)hello;
-  return ExpectProtocolError(context, Serialized(Heartbeat(1)), 0);
+  return ExpectProtocolError(context, Heartbeat(1), 0);
 }
 
 absl::Status BatchError(CaseContext& context, bool too_big) {
@@ -826,8 +883,13 @@ absl::Status BatchError(CaseContext& context, bool too_big) {
     c->set_connection_id(5000 + i);
     c->set_peer_address("127.0.0.1:1");
   }
-  return ExpectProtocolError(context, Serialized(message),
-                             too_big ? static_cast<int>(entries) : 1);
+  // Too big: well-formed, one fd per entry, but not what the worker opted
+  // into. The fd mismatch breaks the framing itself.
+  if (too_big) {
+    return ExpectProtocolError(context, std::move(message),
+                               static_cast<int>(entries));
+  }
+  return ExpectProtocolError(context, Serialized(message), 1);
 }
 
 absl::Status ErrorBatchTooBig(CaseContext& context) {
@@ -836,6 +898,36 @@ absl::Status ErrorBatchTooBig(CaseContext& context) {
 
 absl::Status ErrorBatchFdMismatch(CaseContext& context) {
   return BatchError(context, false);
+}
+
+// §5: the broker sends ReleaseRequest only to a worker whose Hello set
+// supports_release. One sent to any other worker is a message in the wrong
+// state, a protocol error like a batch over max_connections_per_message:
+// the broker has misread the Hello, so the worker closes the channel (and,
+// with "reconnect", keeps serving and registers again, §7.8).
+absl::Status ErrorReleaseRequestUnclaimed(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients,
+                       RegisterIfRelease(context, false, 1));
+  if (context.skipped()) return absl::OkStatus();
+  absl::Status closed = ExpectProtocolError(context, RebalanceRequest(1), 0);
+  if (absl::IsDeadlineExceeded(closed)) {
+    return Violation("§5 ReleaseRequest",
+                     absl::StrCat("a ReleaseRequest to a worker whose Hello "
+                                  "did not set supports_release is a "
+                                  "protocol error: ",
+                                  closed.message()));
+  }
+  KIT_RETURN_IF_ERROR(closed);
+  if (context.Claims("reconnect") && context.Claims("request_response")) {
+    if (absl::Status s = context.Exchange(*clients[0]); !s.ok()) {
+      return Violation(
+          "§7.8",
+          absl::StrCat("after closing the channel over the ReleaseRequest "
+                       "the worker no longer serves its acked connection: ",
+                       s.message()));
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -1016,6 +1108,12 @@ const std::vector<Case>& AllCases() {
        "a batch whose fd count differs from its entries closes the channel",
        {},
        ErrorBatchFdMismatch},
+      {"error-release-request",
+       "§5 ReleaseRequest",
+       "a ReleaseRequest to a worker whose Hello did not set "
+       "supports_release closes the channel",
+       {},
+       ErrorReleaseRequestUnclaimed},
   };
   return *cases;
 }

@@ -72,9 +72,9 @@ std::string Describe(const v1::HandoffMessage& message) {
   }
 }
 
-absl::StatusOr<std::unique_ptr<ScriptedBroker>> ScriptedBroker::Create(
-    const std::string& directory) {
-  std::string path = absl::StrCat(directory, "/handoff.sock");
+namespace {
+
+absl::StatusOr<wire::UniqueFd> ListenAt(const std::string& path) {
   wire::UniqueFd fd(
       ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (!fd) return absl::ErrnoToStatus(errno, "socket");
@@ -90,11 +90,34 @@ absl::StatusOr<std::unique_ptr<ScriptedBroker>> ScriptedBroker::Create(
       ::listen(fd.get(), 16) != 0) {
     return absl::ErrnoToStatus(errno, absl::StrCat("bind/listen ", path));
   }
+  return fd;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ScriptedBroker>> ScriptedBroker::Create(
+    const std::string& directory) {
+  std::string path = absl::StrCat(directory, "/handoff.sock");
+  absl::StatusOr<wire::UniqueFd> fd = ListenAt(path);
+  if (!fd.ok()) return fd.status();
   return std::unique_ptr<ScriptedBroker>(
-      new ScriptedBroker(std::move(path), std::move(fd)));
+      new ScriptedBroker(std::move(path), *std::move(fd)));
+}
+
+void ScriptedBroker::StopListening() {
+  listen_fd_.Reset();
+  ::unlink(socket_path_.c_str());
+}
+
+absl::Status ScriptedBroker::Listen() {
+  absl::StatusOr<wire::UniqueFd> fd = ListenAt(socket_path_);
+  if (!fd.ok()) return fd.status();
+  listen_fd_ = *std::move(fd);
+  return absl::OkStatus();
 }
 
 absl::Status ScriptedBroker::Accept(absl::Time deadline) {
+  if (!listen_fd_) return absl::FailedPreconditionError("not listening");
   pollfd p{listen_fd_.get(), POLLIN, 0};
   while (::poll(&p, 1, MillisUntil(deadline)) <= 0) {
     if (absl::Now() >= deadline) {
@@ -305,12 +328,12 @@ absl::Status ScriptedBroker::Send(v1::HandoffMessage message,
   return absl::OkStatus();
 }
 
-absl::Status ScriptedBroker::SendWelcome(bool supervised) {
+absl::Status ScriptedBroker::SendWelcome(bool supervised, uint64_t worker_id) {
   v1::HandoffMessage message;
   v1::Welcome* welcome = message.mutable_welcome();
   welcome->mutable_version()->set_major(wire::kProtocolMajor);
   welcome->mutable_version()->set_minor(wire::kProtocolMinor);
-  welcome->set_worker_id(1);
+  welcome->set_worker_id(worker_id);
   welcome->set_heartbeat_interval_ms(
       static_cast<uint32_t>(absl::ToInt64Milliseconds(heartbeat_interval_)));
   welcome->set_heartbeat_timeout_ms(

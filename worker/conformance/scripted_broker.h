@@ -52,6 +52,11 @@ class ScriptedBroker {
   // Accepts the worker's next channel (dropping the current one); a new
   // channel starts a new session (sequence numbers from 1, Hello first).
   absl::Status Accept(absl::Time deadline);
+  // Closes the listening socket and removes its file (no broker at the
+  // path; the channel, if any, stays); Listen() binds the same path again
+  // (a new broker on the same --socket).
+  void StopListening();
+  absl::Status Listen();
   // True if a worker is waiting to connect (a new channel) right now.
   bool ConnectPending() const;
   // Closes the channel (the worker sees a broker crash).
@@ -64,7 +69,7 @@ class ScriptedBroker {
 
   // Sends `message` (its sequence number is set here) with `fds` attached.
   absl::Status Send(v1::HandoffMessage message, absl::Span<const int> fds = {});
-  absl::Status SendWelcome(bool supervised = true);
+  absl::Status SendWelcome(bool supervised = true, uint64_t worker_id = 1);
   // Sends a Connection for `fd` (which the caller keeps, as the broker keeps
   // its copy until the Ack) and records it as awaiting an answer.
   absl::Status SendConnection(uint64_t id, int fd,

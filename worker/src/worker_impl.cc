@@ -309,12 +309,17 @@ void WorkerImpl::ReceiveLocked() {
         break;
       case v1::HandoffMessage::kReleaseRequest: {
         const v1::ReleaseRequest& request = incoming_.release_request();
-        if (!supports_release_ || request.max_connections() == 0) {
-          // Harmless: nothing to give back. Not worth losing the channel.
+        if (!supports_release_) {
+          // A message in the wrong state (§5, §7.5), as a batch over our
+          // max_connections_per_message: the broker misread our Hello.
+          LoseChannelLocked(
+              "ReleaseRequest from the broker, but our Hello did not set "
+              "supports_release");
+          break;
+        }
+        if (request.max_connections() == 0) {
           spdlog::warn(
-              "fdbroker worker: ignoring a ReleaseRequest for {} connections "
-              "(we {}support release)",
-              request.max_connections(), supports_release_ ? "" : "do not ");
+              "fdbroker worker: ignoring a ReleaseRequest for 0 connections");
           break;
         }
         release_requests_.emplace_back(request.max_connections(),

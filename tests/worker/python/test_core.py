@@ -158,21 +158,6 @@ class CoreTest(unittest.TestCase):
             connection.socket.sendall(b"x")
             self.assertEqual(client.recv(1), b"x")
 
-    def test_batch_over_the_declared_size_loses_the_channel(self) -> None:
-        driver = self.start(max_connections_per_message=2,
-                            reconnect_timeout=0)
-        fds = open_fds()
-        ends = [self.client_pair() for _ in range(3)]
-        self.broker.send(fds=[w.fileno() for w, _ in ends],
-                         connection_batch=pb.ConnectionBatch(connections=[
-                             pb.Connection(connection_id=i)
-                             for i in (1, 2, 3)]))
-        for worker_end, _ in ends:
-            worker_end.close()
-        driver.run_until(lambda: driver.core.finished)
-        # The three fds that came are closed, and the channel.
-        self.assertEqual(open_fds(), fds + 3 - 1)
-
     def test_closed_reports_wait_for_the_next_ack(self) -> None:
         # Long enough that only the Ack can bring them within the test.
         patch = mock.patch.object(core_lib, "CLOSED_REPORT_DELAY", 3600)
@@ -261,13 +246,6 @@ class CoreTest(unittest.TestCase):
         self.expect(driver, "goodbye")
         self.assertEqual(driver.connections, [])
         self.assertIsNone(driver.drains[0].deadline)
-
-    def test_heartbeats_when_silent(self) -> None:
-        self.welcome_args = {"interval_ms": 50}
-        driver = self.start()
-        driver.run_for(0.2)
-        self.assertEqual(self.broker.receive().WhichOneof("body"),
-                         "heartbeat")
 
     def test_silent_broker_is_lost_then_worker_re_registers(self) -> None:
         self.welcome_args = {"timeout_ms": 200, "supervised": True}

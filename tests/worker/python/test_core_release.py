@@ -116,12 +116,6 @@ class ReleaseTest(unittest.TestCase):
         driver.run_until(lambda: driver.drains)
         self.assertFalse(driver.drains[0].release_idle)
 
-    def test_release_request_without_opting_in_is_a_protocol_error(self
-                                                                   ) -> None:
-        driver = self.start(reconnect_timeout=0)
-        self.broker.send(release_request=pb.ReleaseRequest(max_connections=1))
-        driver.run_until(lambda: not driver.core.registered)
-
     def test_no_channel_keeps_the_connection(self) -> None:
         driver = self.start(supports_release=True)
         client = self.take(driver, 2)

@@ -732,6 +732,8 @@ class WorkerCore:
                     request.max_connections, request.reason or
                     pb.RELEASE_REASON_REBALANCE))
             elif body != "heartbeat":
+                # A protocol error (§7.5), a ReleaseRequest without
+                # supports_release among them (§5 ReleaseRequest).
                 if fd is not None:
                     os.close(fd)
                 self._lose_channel(f"unexpected {body} from the broker")
