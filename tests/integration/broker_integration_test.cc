@@ -3,10 +3,14 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <set>
 #include <sstream>
@@ -210,6 +214,75 @@ TEST(BrokerIntegrationTest, SilentWorkerIsDeclaredDeadAndItsConnectionsMove) {
   EXPECT_EQ(load.by_worker.size(), 1u);
   EXPECT_NE((*broker)->process().Stderr().find("declared dead"),
             std::string::npos);
+}
+
+// Whether `pid` has exited: no such process, or a zombie (an orphan is
+// reaped by whoever adopted it, maybe never, here).
+bool Exited(pid_t pid) {
+  absl::StatusOr<std::string> stat =
+      ReadFile(absl::StrCat("/proc/", pid, "/stat"));
+  if (!stat.ok()) return true;
+  const size_t close = stat->rfind(')');
+  return close != std::string::npos && close + 2 < stat->size() &&
+         (*stat)[close + 2] == 'Z';
+}
+
+// The single grandchild of the broker (the child of its one supervised
+// wrapper) once it is there, or 0.
+pid_t WrappedWorkerPid(BrokerProcess& broker) {
+  pid_t grandchild = 0;
+  WaitFor(
+      [&] {
+        std::vector<pid_t> wrappers = broker.WorkerPids();
+        if (wrappers.size() != 1) return false;
+        std::vector<pid_t> children = ChildPids(wrappers[0]);
+        if (children.size() != 1) return false;
+        grandchild = children[0];
+        return true;
+      },
+      absl::Seconds(10));
+  return grandchild;
+}
+
+// A worker command that is a wrapper running the real worker as a child (no
+// exec): the broker's signals go to the wrapper's whole process group, so
+// the worker gets them too. Here the SIGKILL of a worker declared dead (it
+// registered, then went silent).
+TEST(BrokerIntegrationTest, KillOfAWrappedWorkerReachesItsChild) {
+  auto broker = BrokerProcess::Start(
+      {"--workers=1", "--heartbeat_interval=100ms", "--heartbeat_timeout=1s",
+       absl::StrCat("--worker_cmd=/bin/sh -c '",
+                    BinaryPath("fdbroker-fake-worker"),
+                    " --mode=stall; true'")});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  const pid_t worker = WrappedWorkerPid(**broker);
+  ASSERT_NE(worker, 0) << (*broker)->process().Output();
+  EXPECT_TRUE(WaitFor([&] { return Exited(worker); }, absl::Seconds(10)))
+      << "the wrapped worker " << worker << " outlived its wrapper\n"
+      << (*broker)->process().Output();
+  EXPECT_NE((*broker)->process().Stderr().find("declared dead"),
+            std::string::npos)
+      << (*broker)->process().Output();
+  if (!Exited(worker)) ::kill(worker, SIGKILL);
+}
+
+// The same for a drain: the broker's SIGTERM to a wrapped worker that has
+// not registered yet reaches the wrapper's child.
+TEST(BrokerIntegrationTest, DrainSignalOfAWrappedWorkerReachesItsChild) {
+  auto broker =
+      BrokerProcess::Start({"--workers=1", "--drain_timeout=5s",
+                            "--worker_cmd=/bin/sh -c 'sleep 1000; true'"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  const pid_t worker = WrappedWorkerPid(**broker);
+  ASSERT_NE(worker, 0) << (*broker)->process().Output();
+  ASSERT_TRUE((*broker)->process().Signal(SIGTERM).ok());
+  absl::StatusOr<int> code = (*broker)->process().Wait(absl::Seconds(15));
+  ASSERT_TRUE(code.ok()) << code.status();
+  EXPECT_EQ(*code, 0) << (*broker)->process().Output();
+  EXPECT_TRUE(WaitFor([&] { return Exited(worker); }, absl::Seconds(5)))
+      << "the wrapped worker " << worker << " outlived the drain\n"
+      << (*broker)->process().Output();
+  if (!Exited(worker)) ::kill(worker, SIGKILL);
 }
 
 // The broker raises its soft fd limit to the hard one: --max_pending alone
