@@ -581,6 +581,104 @@ TEST(BrokerIntegrationTest, BadFlagsAreOneLineErrorsWithExitCode2) {
   }
 }
 
+// The hand-off socket's directory decides who could replace the socket:
+// the broker refuses, in one line, a directory another uid owns or may
+// write (unless sticky, like /tmp), and a socket another uid left in a
+// sticky one. A sticky root-owned directory (the default under /tmp) is
+// fine, and so is a missing last component (created 0700).
+TEST(BrokerIntegrationTest, RefusesAHandoffSocketDirectoryOthersControl) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to chown to another uid";
+  constexpr uid_t kOther = 65534;
+  struct Setup {
+    const char* name;
+    // Prepares `dir` (a fresh temp dir) and returns the --socket path.
+    std::function<std::string(const std::string& dir)> prepare;
+    const char* refusal;  // nullptr: the broker starts
+  };
+  const auto chmod_dir = [](const std::string& dir, mode_t mode) {
+    EXPECT_EQ(::chmod(dir.c_str(), mode), 0) << dir;
+    return dir + "/h.sock";
+  };
+  const std::vector<Setup> setups = {
+      {"world-writable",
+       [&](const std::string& d) { return chmod_dir(d, 0777); },
+       "is writable by others (mode 0777) and not sticky"},
+      {"group-writable",
+       [&](const std::string& d) { return chmod_dir(d, 0770); },
+       "is writable by its group (mode 0770) and not sticky"},
+      {"another uid's",
+       [&](const std::string& d) {
+         EXPECT_EQ(::chown(d.c_str(), kOther, kOther), 0);
+         return d + "/h.sock";
+       },
+       "belongs to uid 65534, not to the broker's uid 0 or root"},
+      {"a symlink to another uid's",
+       [&](const std::string& d) {
+         const std::string target = d + "/theirs";
+         EXPECT_EQ(::mkdir(target.c_str(), 0700), 0);
+         EXPECT_EQ(::chown(target.c_str(), kOther, kOther), 0);
+         EXPECT_EQ(::symlink(target.c_str(), (d + "/link").c_str()), 0);
+         return d + "/link/h.sock";
+       },
+       "belongs to uid 65534"},
+      {"a socket another uid left in a sticky one",
+       [&](const std::string& d) {
+         const std::string path = chmod_dir(d, 01777);
+         // Bound, then closed: a stale socket file nobody listens on.
+         wire::UniqueFd planted(::socket(AF_UNIX, SOCK_SEQPACKET, 0));
+         sockaddr_un address{};
+         address.sun_family = AF_UNIX;
+         path.copy(address.sun_path, sizeof(address.sun_path) - 1);
+         EXPECT_EQ(
+             ::bind(planted.get(), reinterpret_cast<const sockaddr*>(&address),
+                    sizeof(address)),
+             0);
+         EXPECT_EQ(::lchown(path.c_str(), kOther, kOther), 0);
+         return path;
+       },
+       "is a socket of uid 65534, not of the broker's uid 0: another user "
+       "created it"},
+      {"sticky, like /tmp",
+       [&](const std::string& d) { return chmod_dir(d, 01777); }, nullptr},
+      {"missing (created 0700)",
+       [&](const std::string& d) { return d + "/new/h.sock"; }, nullptr},
+  };
+  for (const Setup& setup : setups) {
+    SCOPED_TRACE(setup.name);
+    const std::string dir = MakeTempDir();
+    const std::string socket = setup.prepare(dir);
+    auto broker =
+        Subprocess::Start({BinaryPath("fdbroker"), "--listen=127.0.0.1:0",
+                           "--control=", "--metrics=", "--workers=0",
+                           absl::StrCat("--socket=", socket)});
+    ASSERT_TRUE(broker.ok()) << broker.status();
+    if (setup.refusal == nullptr) {
+      EXPECT_TRUE(WaitFor(
+          [&] {
+            return (*broker)->Stderr().find("listening on") !=
+                   std::string::npos;
+          },
+          absl::Seconds(10)))
+          << (*broker)->Output();
+      struct stat st;
+      ASSERT_EQ(::lstat(socket.c_str(), &st), 0);
+      EXPECT_TRUE(S_ISSOCK(st.st_mode));
+      ASSERT_TRUE((*broker)->Signal(SIGTERM).ok());
+      absl::StatusOr<int> code = (*broker)->Wait(absl::Seconds(10));
+      ASSERT_TRUE(code.ok());
+      EXPECT_EQ(*code, 0) << (*broker)->Output();
+      continue;
+    }
+    absl::StatusOr<int> code = (*broker)->Wait(absl::Seconds(10));
+    ASSERT_TRUE(code.ok()) << code.status();
+    EXPECT_EQ(*code, 1) << (*broker)->Output();
+    const std::string err = (*broker)->Stderr();
+    EXPECT_NE(err.find(setup.refusal), std::string::npos) << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    EXPECT_NE(err.find("cannot start"), std::string::npos) << err;
+  }
+}
+
 TEST(BrokerIntegrationTest, SecondBrokerOnTheSameSocketRefusesToStart) {
   auto first = BrokerProcess::Start({"--workers=0"});
   ASSERT_TRUE(first.ok()) << first.status();
