@@ -29,6 +29,9 @@ EXPECTED = {
     "slow-closed": ("closed", "§7.3 Closed: Closed for connection"),
     "drain-no-grace": ("drain-first-request", "§7.7 Drain"),
     "drain-grace-all": ("drain-idle", "§7.7 Drain"),
+    "no-fd-check": ("error-connection-not-a-socket",
+                    "§3 File descriptors: acked a Connection whose fd is a "
+                    "pipe"),
 }
 
 
