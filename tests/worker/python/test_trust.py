@@ -15,6 +15,7 @@ from fake_broker import WAIT, FakeBroker, open_fds
 from fdbroker_worker import BlockingWorker, DrainCause
 from fdbroker_worker import core as core_lib
 from fdbroker_worker._proto import pb
+from fdbroker_worker.channel import Channel, ProtocolError
 from fdbroker_worker.core import Options, WorkerCore
 from test_core import Driver
 
@@ -263,6 +264,36 @@ class BlockingWorkerConnectionFdTest(unittest.TestCase):
         sock.sendall(b"served")
         client.settimeout(WAIT)
         self.assertEqual(client.recv(6), b"served")
+
+
+class FdCountTest(unittest.TestCase):
+    """§3: exactly one fd per Connection, one per batch entry; anything else
+    is a ProtocolError and every fd of the packet is closed."""
+
+    def assert_rejected(self, message: "pb.HandoffMessage", fds: int) -> None:
+        ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        channel = Channel(ours)
+        self.addCleanup(channel.close)
+        self.addCleanup(peer.close)
+        pairs = [socket.socketpair() for _ in range(fds)]
+        before = open_fds()
+        socket.send_fds(peer, [message.SerializeToString()],
+                        [a.fileno() for a, _ in pairs])
+        with self.assertRaises(ProtocolError):
+            channel.receive()
+        self.assertEqual(open_fds(), before)
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+    def test_connection_without_its_fd(self) -> None:
+        self.assert_rejected(pb.HandoffMessage(
+            sequence=1, connection=pb.Connection(connection_id=1)), 0)
+
+    def test_batch_with_more_fds_than_entries(self) -> None:
+        self.assert_rejected(pb.HandoffMessage(
+            sequence=1, connection_batch=pb.ConnectionBatch(connections=[
+                pb.Connection(connection_id=i) for i in (1, 2)])), 3)
 
 
 if __name__ == "__main__":
