@@ -40,9 +40,10 @@ def check_broker_uid(sock: socket.socket, path: str) -> None:
     A broker of another uid could be anyone's: a socket planted at the path
     (say under /tmp) would otherwise get the clients, and every released
     socket with its unread bytes."""
+    # struct ucred: pid_t pid; uid_t uid; gid_t gid.
     pid, uid, _ = struct.unpack(
-        "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                              struct.calcsize("3i")))
+        "iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                               struct.calcsize("iII")))
     own = os.geteuid()
     if uid not in (own, 0):
         raise UntrustedBroker(
