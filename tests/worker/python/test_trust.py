@@ -3,6 +3,7 @@ connecting) and the fds of Connection messages (a client's stream socket,
 nothing else), against a fake broker with real fds and a real process of
 another uid."""
 
+import asyncio
 import os
 import select
 import signal
@@ -11,12 +12,14 @@ import tempfile
 import threading
 import unittest
 
-from fake_broker import WAIT, FakeBroker, open_fds
+from fake_broker import WAIT, FakeBroker, end_server, open_fds, registered
+import fdbroker_worker
 from fdbroker_worker import BlockingWorker, DrainCause
 from fdbroker_worker import core as core_lib
 from fdbroker_worker._proto import pb
 from fdbroker_worker.channel import Channel, ProtocolError
 from fdbroker_worker.core import Options, WorkerCore
+from test_aio import tcp_pair, upper_lines
 from test_core import Driver
 
 FOREIGN_UID = 65534  # nobody
@@ -264,6 +267,41 @@ class BlockingWorkerConnectionFdTest(unittest.TestCase):
         sock.sendall(b"served")
         client.settimeout(WAIT)
         self.assertEqual(client.recv(6), b"served")
+
+
+class AioConnectionFdTest(unittest.IsolatedAsyncioTestCase):
+    """The asyncio driver survives a pipe in a Connection: the pipe closes,
+    the worker registers again and serves the next connection."""
+
+    async def test_pipe_in_a_connection(self) -> None:
+        broker = FakeBroker()
+        self.addCleanup(broker.close)
+        server, _ = await registered(broker, fdbroker_worker.start_server(
+            upper_lines, socket_path=broker.socket_path))
+        self.addAsyncCleanup(end_server, server)
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        broker.send(fd=read_end, connection=pb.Connection(connection_id=9))
+        os.close(read_end)
+        self.assertTrue(await asyncio.to_thread(broker.wait_for_close))
+        with self.assertRaises(BrokenPipeError):
+            os.write(write_end, b"x")
+        await asyncio.to_thread(broker.accept)
+        hello = await asyncio.to_thread(broker.receive_body, "hello")
+        self.assertEqual(len(hello.owned_connections), 0)
+        broker.welcome()
+        server_end, client = tcp_pair()
+        self.addCleanup(client.close)
+        broker.offer(2, server_end)
+        server_end.close()
+        ack = await asyncio.to_thread(broker.receive_body, "ack")
+        self.assertEqual(list(ack.connection_ids), [2])
+        client.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, b"served\n")
+        answer = b""
+        while answer != b"SERVED\n":
+            answer += await asyncio.wait_for(loop.sock_recv(client, 100), WAIT)
 
 
 class FdCountTest(unittest.TestCase):
