@@ -828,6 +828,31 @@ TEST_F(WorkerSdkTest, AckThatWouldBlockDeliversOnceSent) {
 
 // A broker that breaks the protocol: the worker logs, treats it as losing
 // the broker, keeps its connections, and leaks nothing (TearDown counts).
+// Full, a socket would be Rejected; a pipe is still the broker's protocol
+// error (a Reject would only pass it on to the next worker).
+TEST_F(WorkerSdkTest, PipeAtCapacityIsAProtocolErrorNotARejection) {
+  Options options = DefaultOptions();
+  options.capacity = 1;
+  Register(std::move(options));
+  std::vector<FakeClient> clients;
+  DeliverConnections({1}, clients);
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+  wire::UniqueFd read_end(pipe_fds[0]);
+  wire::UniqueFd write_end(pipe_fds[1]);
+  ASSERT_TRUE(broker_->SendConnection(9, write_end.get()).ok());
+  write_end.Reset();  // The worker's copy is the last writer.
+  ASSERT_TRUE(PumpUntil([&] { return !worker_->registered(); }));
+  absl::StatusOr<HandoffMessage> next = broker_->Receive();
+  EXPECT_FALSE(next.ok()) << "not a Reject, the channel closes: "
+                          << next->DebugString();
+  pollfd p{read_end.get(), POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 5000), 1);
+  char byte;
+  EXPECT_EQ(::read(read_end.get(), &byte, 1), 0) << "the pipe was not closed";
+  EXPECT_EQ(worker_->active_connections(), 1u);
+}
+
 struct MalformedCase {
   const char* name;
   std::function<void(FakeBroker&, int spare_fd)> send;

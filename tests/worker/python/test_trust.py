@@ -138,8 +138,8 @@ class ConnectionFdTest(unittest.TestCase):
         self.broker = FakeBroker()
         self.addCleanup(lambda: self.broker.close())
 
-    def start(self) -> Driver:
-        core = WorkerCore(Options(self.broker.socket_path))
+    def start(self, **options) -> Driver:
+        core = WorkerCore(Options(self.broker.socket_path, **options))
         self.addCleanup(core.close)
         core.start()
         self.broker.accept()
@@ -195,6 +195,18 @@ class ConnectionFdTest(unittest.TestCase):
                 driver.connections[0].socket.sendall(b"still here")
                 self.assertEqual(client.recv(10), b"still here")
                 driver.core.close()
+
+    def test_pipe_at_capacity_is_not_rejected_on(self) -> None:
+        # Full, a socket would be Rejected; a pipe is still the broker's
+        # protocol error (a Reject would pass it on to the next worker).
+        driver = self.start(capacity=1)
+        self.offer_owned(driver)
+        fds_before = open_fds()
+        read_end, write_end = os.pipe()
+        self.broker.offer(9, _FdHolder(read_end))
+        os.close(read_end)
+        os.close(write_end)
+        self.expect_protocol_error_then_reconnect(driver, fds_before - 2)
 
     def test_batch_entry_that_is_a_pipe(self) -> None:
         driver = self.start()

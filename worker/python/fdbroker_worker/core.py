@@ -772,13 +772,6 @@ class WorkerCore:
             os.close(fd)
             self._lose_channel(f"connection {cid} offered twice by the broker")
             return False
-        capacity = self._options.capacity
-        full = capacity > 0 and (len(self._owned) + self._unsent_acks +
-                                 len(taken)) >= capacity
-        if self.draining or full:
-            os.close(fd)  # the broker still holds the socket
-            rejected.append(cid)
-            return True
         local = offered.local_address
         # Saying family and type spares the two getsockopt() calls that
         # socket(fileno=) would make to find them out.
@@ -792,7 +785,8 @@ class WorkerCore:
             channel_lib.check_client_socket(sock)
         except (OSError, ProtocolError) as error:
             # §3 broken (a pipe, a file, a listener, ...): the broker's
-            # protocol error. Nothing of the packet is delivered or acked.
+            # protocol error, even when full or draining (a Reject would
+            # pass the fd on). Nothing of the packet is delivered or acked.
             if sock is not None:
                 sock.close()
             else:  # socket(fileno=) refused it
@@ -800,6 +794,13 @@ class WorkerCore:
             self._lose_channel(
                 f"connection {cid} carries no client stream socket: {error}")
             return False
+        capacity = self._options.capacity
+        full = capacity > 0 and (len(self._owned) + self._unsent_acks +
+                                 len(taken)) >= capacity
+        if self.draining or full:
+            sock.close()  # the broker still holds the socket
+            rejected.append(cid)
+            return True
         taken.append(Connection(cid, sock, offered.peer_address, local,
                                 offered.accept_time_unix_nanos,
                                 offered.initial_data))
