@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "fdbroker/v1/handoff.pb.h"
 #include "spdlog/spdlog.h"
 #include "wire/message_channel.h"
@@ -32,8 +33,53 @@ absl::StatusOr<sockaddr_un> UnixAddress(const std::string& path) {
   return addr;
 }
 
+// The directory the hand-off socket lives in decides who can replace it
+// (rename, unlink, bind first): it must be the broker's own or root's, and
+// writable by nobody else, unless it is sticky like /tmp (others may create
+// entries there but not touch ours; one they made first is refused by
+// RemoveStaleSocket). Symlinks are followed: what counts is the directory
+// they lead to. A missing last component is created 0700 (an emptyDir
+// volume is 0777, so a deployment points --socket one level below it).
+absl::Status CheckSocketDirectory(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "."
+                          : slash == 0               ? "/"
+                                                     : path.substr(0, slash);
+  struct stat st;
+  if (::stat(dir.c_str(), &st) != 0) {
+    if (errno != ENOENT || ::mkdir(dir.c_str(), 0700) != 0 ||
+        ::stat(dir.c_str(), &st) != 0) {
+      return absl::ErrnoToStatus(
+          errno, absl::StrCat("the directory of --socket, ", dir));
+    }
+    spdlog::info("created the hand-off socket's directory {} (0700)", dir);
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the directory of --socket, ", dir, ", is not one"));
+  }
+  const uid_t self = ::geteuid();
+  if (st.st_uid != self && st.st_uid != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the directory of --socket, ", dir, ", belongs to uid ",
+                     st.st_uid, ", not to the broker's uid ", self,
+                     " or root: its owner could replace the socket"));
+  }
+  const bool others_write = (st.st_mode & (S_IWGRP | S_IWOTH)) != 0;
+  if (others_write && (st.st_mode & S_ISVTX) == 0) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "the directory of --socket, %s, is writable by %s (mode %04o) and "
+        "not sticky: another user could replace the socket (use a directory "
+        "only uid %d can write)",
+        dir, (st.st_mode & S_IWOTH) != 0 ? "others" : "its group",
+        st.st_mode & 07777, self));
+  }
+  return absl::OkStatus();
+}
+
 // Removes `path` if it is a socket nobody listens on (left by a crashed
-// broker); true if it did. Any other file, or a live socket, is an error.
+// broker); true if it did. Any other file, a live socket, or one another
+// uid created (in a sticky directory such as /tmp) is an error.
 absl::StatusOr<bool> RemoveStaleSocket(const std::string& path,
                                        const sockaddr_un& addr) {
   struct stat st;
@@ -44,6 +90,13 @@ absl::StatusOr<bool> RemoveStaleSocket(const std::string& path,
   if (!S_ISSOCK(st.st_mode)) {
     return absl::FailedPreconditionError(
         absl::StrCat(path, " exists and is not a socket"));
+  }
+  if (st.st_uid != ::geteuid()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(path, " is a socket of uid ", st.st_uid,
+                     ", not of the broker's uid ", ::geteuid(),
+                     ": another user created it (remove it, or choose another "
+                     "--socket)"));
   }
   wire::UniqueFd probe(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
   if (!probe) return absl::ErrnoToStatus(errno, "socket");
@@ -70,6 +123,7 @@ absl::StatusOr<std::unique_ptr<HandoffServer>> HandoffServer::Create(
     wire::SysCalls& sys, NewPeerCallback on_peer) {
   absl::StatusOr<sockaddr_un> addr = UnixAddress(path);
   if (!addr.ok()) return addr.status();
+  if (absl::Status dir = CheckSocketDirectory(path); !dir.ok()) return dir;
   absl::StatusOr<bool> stale = RemoveStaleSocket(path, *addr);
   if (!stale.ok()) return stale.status();
   wire::UniqueFd socket(

@@ -36,7 +36,8 @@ class ProcessLauncher {
   // worker); its status cannot be reaped.
   virtual absl::StatusOr<wire::UniqueFd> WatchExisting(pid_t pid) = 0;
   // Sends `signal` to the process behind `exit_fd` (which names exactly that
-  // process, even if its pid were reused).
+  // process, even if its pid were reused), then to the process group it
+  // leads, so that the children of a wrapper command get it too.
   virtual void Signal(pid_t pid, const wire::UniqueFd& exit_fd, int signal) = 0;
   // Collects the wait status of child `pid` once its exit fd is readable;
   // nullopt if it is still running (a spurious wake-up).

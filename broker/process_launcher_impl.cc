@@ -56,9 +56,17 @@ absl::StatusOr<wire::UniqueFd> PosixProcessLauncher::WatchExisting(pid_t pid) {
   return pidfd;
 }
 
-void PosixProcessLauncher::Signal(pid_t, const wire::UniqueFd& exit_fd,
+void PosixProcessLauncher::Signal(pid_t pid, const wire::UniqueFd& exit_fd,
                                   int signal) {
-  PidfdSendSignal(exit_fd.get(), signal);
+  // The process itself, exactly: a pidfd cannot name a reused pid.
+  if (PidfdSendSignal(exit_fd.get(), signal) != 0) return;
+  // Then its process group (SpawnProcess makes each worker a group leader,
+  // and adopted workers were started so by the previous broker; a group
+  // outlives a broker's death): a wrapper such as `sh -c '...'` runs the
+  // real worker as its child, which must drain or die with it. The pid was
+  // still this process's a moment ago, so a group with that id is the one
+  // it leads; a worker that left its group keeps only the direct signal.
+  if (::getpgid(pid) == pid) ::kill(-pid, signal);
 }
 
 std::optional<int> PosixProcessLauncher::Reap(pid_t pid) {

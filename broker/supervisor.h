@@ -47,7 +47,8 @@ class Supervisor {
   // non-child cannot be waited for.
   absl::Status Adopt(pid_t pid);
   static constexpr int kUnknownStatus = -1;
-  // Sends `signal` to a running child; unknown pids are ignored.
+  // Sends `signal` to a running child and its process group (see
+  // ProcessLauncher::Signal); unknown pids are ignored.
   void Signal(pid_t pid, int signal);
   void SignalAll(int signal);
   size_t running() const { return children_.size(); }

@@ -26,8 +26,10 @@ docs/protocol.md section 9; each DEFECT breaks one rule of that page:
                   error)
   ignore-unexpected  ignores any message in the wrong direction or state,
                   e.g. a second Welcome (§6)
+  no-fd-check     takes any fd in a Connection for the client's socket, a
+                  pipe too (§3)
 """
-import os, select, socket, sys, threading, time
+import os, select, socket, stat, sys, threading, time
 from fdbroker.v1 import handoff_pb2 as pb
 
 DEFECT = sys.argv[1]
@@ -60,7 +62,9 @@ class Channel:
         kind, self.received = msg.WhichOneof("body"), self.received + 1
         bad_sequence = (msg.sequence != self.received and
                         DEFECT != "no-sequence-check")
-        if (kind is None or bad_sequence
+        not_a_socket = (fds and DEFECT != "no-fd-check" and
+                        not stat.S_ISSOCK(os.fstat(fds[0]).st_mode))
+        if (kind is None or bad_sequence or not_a_socket
                 or len(fds) != (kind in ("connection", "release"))
                 or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)):
             for fd in fds:

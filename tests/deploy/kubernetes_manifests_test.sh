@@ -115,14 +115,17 @@ check(grace > float(pre_stop[1]) + seconds(drain),
       f"+ --drain_timeout {drain}")
 
 # The image's flags: control on 0.0.0.0 (probes and the headless Service reach
-# the pod address), the socket in the mounted emptyDir.
+# the pod address), the socket below the mounted emptyDir.
 dockerfile = (repo / "deploy/Dockerfile").read_text()
 entrypoint = re.search(r"^ENTRYPOINT\s+\[(.*?)\]\s*$", dockerfile, re.M | re.S).group(1)
 flags = re.findall(r'"([^"]*)"', entrypoint) + args
 check("--control=0.0.0.0:50051" in flags, "the control plane must bind 0.0.0.0:50051")
 socket = next(f.split("=", 1)[1] for f in reversed(flags) if f.startswith("--socket="))
 mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
-check(str(Path(socket).parent) in mounts, f"{socket}'s directory is not a mounted volume")
+# The broker creates the socket's directory (0700) if missing: an emptyDir
+# (0777) is the parent it is created in.
+check(str(Path(socket).parent.parent) in mounts,
+      f"{socket}'s directory is not a subdirectory of a mounted volume")
 
 user = re.search(r"^USER\s+(\d+)", dockerfile, re.M).group(1)
 security = pod["spec"].get("securityContext", {})

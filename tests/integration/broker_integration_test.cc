@@ -3,10 +3,14 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <set>
 #include <sstream>
@@ -210,6 +214,75 @@ TEST(BrokerIntegrationTest, SilentWorkerIsDeclaredDeadAndItsConnectionsMove) {
   EXPECT_EQ(load.by_worker.size(), 1u);
   EXPECT_NE((*broker)->process().Stderr().find("declared dead"),
             std::string::npos);
+}
+
+// Whether `pid` has exited: no such process, or a zombie (an orphan is
+// reaped by whoever adopted it, maybe never, here).
+bool Exited(pid_t pid) {
+  absl::StatusOr<std::string> stat =
+      ReadFile(absl::StrCat("/proc/", pid, "/stat"));
+  if (!stat.ok()) return true;
+  const size_t close = stat->rfind(')');
+  return close != std::string::npos && close + 2 < stat->size() &&
+         (*stat)[close + 2] == 'Z';
+}
+
+// The single grandchild of the broker (the child of its one supervised
+// wrapper) once it is there, or 0.
+pid_t WrappedWorkerPid(BrokerProcess& broker) {
+  pid_t grandchild = 0;
+  WaitFor(
+      [&] {
+        std::vector<pid_t> wrappers = broker.WorkerPids();
+        if (wrappers.size() != 1) return false;
+        std::vector<pid_t> children = ChildPids(wrappers[0]);
+        if (children.size() != 1) return false;
+        grandchild = children[0];
+        return true;
+      },
+      absl::Seconds(10));
+  return grandchild;
+}
+
+// A worker command that is a wrapper running the real worker as a child (no
+// exec): the broker's signals go to the wrapper's whole process group, so
+// the worker gets them too. Here the SIGKILL of a worker declared dead (it
+// registered, then went silent).
+TEST(BrokerIntegrationTest, KillOfAWrappedWorkerReachesItsChild) {
+  auto broker = BrokerProcess::Start(
+      {"--workers=1", "--heartbeat_interval=100ms", "--heartbeat_timeout=1s",
+       absl::StrCat("--worker_cmd=/bin/sh -c '",
+                    BinaryPath("fdbroker-fake-worker"),
+                    " --mode=stall; true'")});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  const pid_t worker = WrappedWorkerPid(**broker);
+  ASSERT_NE(worker, 0) << (*broker)->process().Output();
+  EXPECT_TRUE(WaitFor([&] { return Exited(worker); }, absl::Seconds(10)))
+      << "the wrapped worker " << worker << " outlived its wrapper\n"
+      << (*broker)->process().Output();
+  EXPECT_NE((*broker)->process().Stderr().find("declared dead"),
+            std::string::npos)
+      << (*broker)->process().Output();
+  if (!Exited(worker)) ::kill(worker, SIGKILL);
+}
+
+// The same for a drain: the broker's SIGTERM to a wrapped worker that has
+// not registered yet reaches the wrapper's child.
+TEST(BrokerIntegrationTest, DrainSignalOfAWrappedWorkerReachesItsChild) {
+  auto broker =
+      BrokerProcess::Start({"--workers=1", "--drain_timeout=5s",
+                            "--worker_cmd=/bin/sh -c 'sleep 1000; true'"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  const pid_t worker = WrappedWorkerPid(**broker);
+  ASSERT_NE(worker, 0) << (*broker)->process().Output();
+  ASSERT_TRUE((*broker)->process().Signal(SIGTERM).ok());
+  absl::StatusOr<int> code = (*broker)->process().Wait(absl::Seconds(15));
+  ASSERT_TRUE(code.ok()) << code.status();
+  EXPECT_EQ(*code, 0) << (*broker)->process().Output();
+  EXPECT_TRUE(WaitFor([&] { return Exited(worker); }, absl::Seconds(5)))
+      << "the wrapped worker " << worker << " outlived the drain\n"
+      << (*broker)->process().Output();
+  if (!Exited(worker)) ::kill(worker, SIGKILL);
 }
 
 // The broker raises its soft fd limit to the hard one: --max_pending alone
@@ -505,6 +578,104 @@ TEST(BrokerIntegrationTest, BadFlagsAreOneLineErrorsWithExitCode2) {
     const std::string err = (*process)->Stderr();
     EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
     EXPECT_EQ(err.rfind("fdbroker: ", 0), 0u) << err;
+  }
+}
+
+// The hand-off socket's directory decides who could replace the socket:
+// the broker refuses, in one line, a directory another uid owns or may
+// write (unless sticky, like /tmp), and a socket another uid left in a
+// sticky one. A sticky root-owned directory (the default under /tmp) is
+// fine, and so is a missing last component (created 0700).
+TEST(BrokerIntegrationTest, RefusesAHandoffSocketDirectoryOthersControl) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to chown to another uid";
+  constexpr uid_t kOther = 65534;
+  struct Setup {
+    const char* name;
+    // Prepares `dir` (a fresh temp dir) and returns the --socket path.
+    std::function<std::string(const std::string& dir)> prepare;
+    const char* refusal;  // nullptr: the broker starts
+  };
+  const auto chmod_dir = [](const std::string& dir, mode_t mode) {
+    EXPECT_EQ(::chmod(dir.c_str(), mode), 0) << dir;
+    return dir + "/h.sock";
+  };
+  const std::vector<Setup> setups = {
+      {"world-writable",
+       [&](const std::string& d) { return chmod_dir(d, 0777); },
+       "is writable by others (mode 0777) and not sticky"},
+      {"group-writable",
+       [&](const std::string& d) { return chmod_dir(d, 0770); },
+       "is writable by its group (mode 0770) and not sticky"},
+      {"another uid's",
+       [&](const std::string& d) {
+         EXPECT_EQ(::chown(d.c_str(), kOther, kOther), 0);
+         return d + "/h.sock";
+       },
+       "belongs to uid 65534, not to the broker's uid 0 or root"},
+      {"a symlink to another uid's",
+       [&](const std::string& d) {
+         const std::string target = d + "/theirs";
+         EXPECT_EQ(::mkdir(target.c_str(), 0700), 0);
+         EXPECT_EQ(::chown(target.c_str(), kOther, kOther), 0);
+         EXPECT_EQ(::symlink(target.c_str(), (d + "/link").c_str()), 0);
+         return d + "/link/h.sock";
+       },
+       "belongs to uid 65534"},
+      {"a socket another uid left in a sticky one",
+       [&](const std::string& d) {
+         const std::string path = chmod_dir(d, 01777);
+         // Bound, then closed: a stale socket file nobody listens on.
+         wire::UniqueFd planted(::socket(AF_UNIX, SOCK_SEQPACKET, 0));
+         sockaddr_un address{};
+         address.sun_family = AF_UNIX;
+         path.copy(address.sun_path, sizeof(address.sun_path) - 1);
+         EXPECT_EQ(
+             ::bind(planted.get(), reinterpret_cast<const sockaddr*>(&address),
+                    sizeof(address)),
+             0);
+         EXPECT_EQ(::lchown(path.c_str(), kOther, kOther), 0);
+         return path;
+       },
+       "is a socket of uid 65534, not of the broker's uid 0: another user "
+       "created it"},
+      {"sticky, like /tmp",
+       [&](const std::string& d) { return chmod_dir(d, 01777); }, nullptr},
+      {"missing (created 0700)",
+       [&](const std::string& d) { return d + "/new/h.sock"; }, nullptr},
+  };
+  for (const Setup& setup : setups) {
+    SCOPED_TRACE(setup.name);
+    const std::string dir = MakeTempDir();
+    const std::string socket = setup.prepare(dir);
+    auto broker =
+        Subprocess::Start({BinaryPath("fdbroker"), "--listen=127.0.0.1:0",
+                           "--control=", "--metrics=", "--workers=0",
+                           absl::StrCat("--socket=", socket)});
+    ASSERT_TRUE(broker.ok()) << broker.status();
+    if (setup.refusal == nullptr) {
+      EXPECT_TRUE(WaitFor(
+          [&] {
+            return (*broker)->Stderr().find("listening on") !=
+                   std::string::npos;
+          },
+          absl::Seconds(10)))
+          << (*broker)->Output();
+      struct stat st;
+      ASSERT_EQ(::lstat(socket.c_str(), &st), 0);
+      EXPECT_TRUE(S_ISSOCK(st.st_mode));
+      ASSERT_TRUE((*broker)->Signal(SIGTERM).ok());
+      absl::StatusOr<int> code = (*broker)->Wait(absl::Seconds(10));
+      ASSERT_TRUE(code.ok());
+      EXPECT_EQ(*code, 0) << (*broker)->Output();
+      continue;
+    }
+    absl::StatusOr<int> code = (*broker)->Wait(absl::Seconds(10));
+    ASSERT_TRUE(code.ok()) << code.status();
+    EXPECT_EQ(*code, 1) << (*broker)->Output();
+    const std::string err = (*broker)->Stderr();
+    EXPECT_NE(err.find(setup.refusal), std::string::npos) << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    EXPECT_NE(err.find("cannot start"), std::string::npos) << err;
   }
 }
 

@@ -136,6 +136,9 @@ TEST(LifecycleTest, BrokerSigkillCostsNoEstablishedConnection) {
     EXPECT_TRUE(w.supervised()) << "adopted into the pool";
     EXPECT_EQ(w.labels().at("program"), "fdbroker-http-worker");
   }
+  // Each still leads the process group its first broker made: the new
+  // broker's signals (a kill at a deadline) reach the group as before.
+  for (pid_t w : workers) EXPECT_EQ(::getpgid(w), w);
   // Past the adoption grace: still exactly the two survivors, no spawns.
   absl::StatusOr<int> grace_over = (*second)->Wait(absl::Seconds(3));
   EXPECT_FALSE(grace_over.ok()) << "the new broker keeps running";

@@ -2,14 +2,18 @@
 // temp dir, driven step by step with wire::MessageChannel.
 
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <future>
 #include <memory>
@@ -334,6 +338,94 @@ TEST_F(WorkerSdkTest, ConnectTimesOutWithoutWelcome) {
   absl::StatusOr<std::unique_ptr<Worker>> worker = connecting.get();
   ASSERT_FALSE(worker.ok());
   EXPECT_TRUE(absl::IsDeadlineExceeded(worker.status())) << worker.status();
+}
+
+// A hand-off socket served by a process of another uid (a socket planted
+// under a shared directory by another user): a forked child binds it as
+// root, drops to `uid`, then listens, so SO_PEERCRED names `uid`. It never
+// answers; it is killed and reaped on destruction.
+class ForeignListener {
+ public:
+  explicit ForeignListener(uid_t uid)
+      : path_(absl::StrCat(::fdbroker::testing::MakeTempDir(), "/foreign")) {
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    std::memcpy(address.sun_path, path_.data(), path_.size());
+    wire::UniqueFd listener(
+        ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    int ready[2];
+    if (!listener ||
+        ::bind(listener.get(), reinterpret_cast<sockaddr*>(&address),
+               sizeof(address)) != 0 ||
+        ::pipe2(ready, O_CLOEXEC) != 0) {
+      return;
+    }
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      // Only async-signal-safe calls here: the test is multithreaded.
+      if (::setgid(uid) != 0 || ::setuid(uid) != 0 ||
+          ::listen(listener.get(), 8) != 0) {
+        ::_exit(1);
+      }
+      (void)::write(ready[1], "r", 1);
+      for (;;) ::pause();
+    }
+    ::close(ready[1]);
+    char byte = 0;
+    listening_ = pid_ > 0 && ::read(ready[0], &byte, 1) == 1;
+    ::close(ready[0]);
+  }
+  ~ForeignListener() {
+    ::unlink(path_.c_str());
+    ::rmdir(path_.substr(0, path_.rfind('/')).c_str());
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+  }
+  bool listening() const { return listening_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  pid_t pid_ = -1;
+  bool listening_ = false;
+};
+
+TEST_F(WorkerSdkTest, RefusesABrokerOfAnotherUid) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to serve as another uid";
+  ForeignListener foreign(65534);
+  ASSERT_TRUE(foreign.listening());
+  Options options = DefaultOptions();
+  options.socket_path = foreign.path();
+  options.connect_timeout = absl::Seconds(2);
+  absl::StatusOr<std::unique_ptr<Worker>> worker =
+      Worker::Connect(std::move(options));
+  ASSERT_FALSE(worker.ok());
+  EXPECT_TRUE(absl::IsPermissionDenied(worker.status())) << worker.status();
+  EXPECT_THAT(worker.status().message(), HasSubstr("uid 65534"));
+  EXPECT_THAT(worker.status().message(), HasSubstr(foreign.path()));
+}
+
+TEST_F(WorkerSdkTest, GivesUpReconnectingToABrokerOfAnotherUid) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to serve as another uid";
+  Options options = DefaultOptions();
+  options.reconnect_timeout = absl::Seconds(30);
+  Register(std::move(options));
+  std::vector<FakeClient> clients;
+  DeliverConnections({1}, clients);
+  // The broker goes; another user's process takes the path.
+  broker_->StopListening();
+  broker_->CloseChannel();
+  ForeignListener foreign(65534);
+  ASSERT_TRUE(foreign.listening());
+  ASSERT_EQ(::rename(foreign.path().c_str(), broker_->socket_path().c_str()),
+            0);
+  // Not a retry every second for 30 s: a drain at once, keeping the client.
+  ASSERT_TRUE(
+      PumpUntil([&] { return !drain_causes_.empty(); }, absl::Seconds(3)));
+  EXPECT_THAT(drain_causes_, ElementsAre(DrainCause::kBrokerLost));
+  EXPECT_EQ(worker_->active_connections(), 1u);
+  ExpectSameSocket(clients[0].client.get(), Delivered(1)->fd.get());
 }
 
 TEST_F(WorkerSdkTest, ConnectionArrivesAsTheSameSocketAndIsAcked) {
@@ -700,6 +792,31 @@ TEST_F(WorkerSdkTest, AckThatWouldBlockDeliversOnceSent) {
 
 // A broker that breaks the protocol: the worker logs, treats it as losing
 // the broker, keeps its connections, and leaks nothing (TearDown counts).
+// Full, a socket would be Rejected; a pipe is still the broker's protocol
+// error (a Reject would only pass it on to the next worker).
+TEST_F(WorkerSdkTest, PipeAtCapacityIsAProtocolErrorNotARejection) {
+  Options options = DefaultOptions();
+  options.capacity = 1;
+  Register(std::move(options));
+  std::vector<FakeClient> clients;
+  DeliverConnections({1}, clients);
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+  wire::UniqueFd read_end(pipe_fds[0]);
+  wire::UniqueFd write_end(pipe_fds[1]);
+  ASSERT_TRUE(broker_->SendConnection(9, write_end.get()).ok());
+  write_end.Reset();  // The worker's copy is the last writer.
+  ASSERT_TRUE(PumpUntil([&] { return !worker_->registered(); }));
+  absl::StatusOr<HandoffMessage> next = broker_->Receive();
+  EXPECT_FALSE(next.ok()) << "not a Reject, the channel closes: "
+                          << next->DebugString();
+  pollfd p{read_end.get(), POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 5000), 1);
+  char byte;
+  EXPECT_EQ(::read(read_end.get(), &byte, 1), 0) << "the pipe was not closed";
+  EXPECT_EQ(worker_->active_connections(), 1u);
+}
+
 struct MalformedCase {
   const char* name;
   std::function<void(FakeBroker&, int spare_fd)> send;
@@ -799,6 +916,87 @@ INSTANTIATE_TEST_SUITE_P(
         MalformedCase{"UnexpectedWelcome",
                       [](FakeBroker& broker, int fd) {
                         ASSERT_TRUE(broker.SendWelcome().ok());
+                      }},
+        // §3: the fd of a Connection is a client's stream socket. Anything
+        // else is the broker's protocol error: closed, never delivered.
+        MalformedCase{"ConnectionWithAPipe",
+                      [](FakeBroker& broker, int) {
+                        int pipe_fds[2];
+                        ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+                        wire::UniqueFd read_end(pipe_fds[0]);
+                        wire::UniqueFd write_end(pipe_fds[1]);
+                        ASSERT_TRUE(
+                            broker.SendConnection(9, read_end.get()).ok());
+                      }},
+        MalformedCase{"ConnectionWithAFile",
+                      [](FakeBroker& broker, int) {
+                        wire::UniqueFd file(
+                            ::open("/dev/null", O_RDONLY | O_CLOEXEC));
+                        ASSERT_TRUE(broker.SendConnection(9, file.get()).ok());
+                      }},
+        MalformedCase{
+            "ConnectionWithAListeningSocket",
+            [](FakeBroker& broker, int) {
+              wire::UniqueFd listener(
+                  ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+              sockaddr_in any{};
+              any.sin_family = AF_INET;
+              any.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+              ASSERT_EQ(::bind(listener.get(),
+                               reinterpret_cast<sockaddr*>(&any), sizeof(any)),
+                        0);
+              ASSERT_EQ(::listen(listener.get(), 1), 0);
+              ASSERT_TRUE(broker.SendConnection(9, listener.get()).ok());
+            }},
+        MalformedCase{
+            "ConnectionWithADatagramSocket",
+            [](FakeBroker& broker, int) {
+              int pair[2];
+              ASSERT_EQ(
+                  ::socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, pair), 0);
+              wire::UniqueFd a(pair[0]), b(pair[1]);
+              ASSERT_TRUE(broker.SendConnection(9, a.get()).ok());
+            }},
+        // The socket of the batch's first entry closes with the pipe of the
+        // second: nothing of a bad packet is delivered.
+        MalformedCase{"BatchWithAPipe",
+                      [](FakeBroker& broker, int fd) {
+                        int pipe_fds[2];
+                        ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+                        wire::UniqueFd read_end(pipe_fds[0]);
+                        wire::UniqueFd write_end(pipe_fds[1]);
+                        ASSERT_TRUE(broker
+                                        .SendConnectionBatch(
+                                            {9, 10}, {fd, read_end.get()})
+                                        .ok());
+                      }},
+        MalformedCase{"ConnectionWithTwoFds",
+                      [](FakeBroker& broker, int fd) {
+                        HandoffMessage connection;
+                        connection.mutable_connection()->set_connection_id(9);
+                        ASSERT_TRUE(broker
+                                        .SendRawPacket(
+                                            WithSequence(connection,
+                                                         broker.next_sequence())
+                                                .SerializeAsString(),
+                                            {fd, fd})
+                                        .ok());
+                      }},
+        MalformedCase{"BatchWithMoreFdsThanEntries",
+                      [](FakeBroker& broker, int fd) {
+                        HandoffMessage batch;
+                        for (uint64_t id : {9, 10}) {
+                          batch.mutable_connection_batch()
+                              ->add_connections()
+                              ->set_connection_id(id);
+                        }
+                        ASSERT_TRUE(
+                            broker
+                                .SendRawPacket(
+                                    WithSequence(batch, broker.next_sequence())
+                                        .SerializeAsString(),
+                                    {fd, fd, fd})
+                                .ok());
                       }},
         MalformedCase{"DuplicateConnectionId",
                       [](FakeBroker& broker, int fd) {

@@ -1,7 +1,10 @@
 #include "cases.h"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <set>
@@ -865,7 +868,90 @@ absl::Status ErrorFirstNotWelcome(CaseContext& context) {
   return ExpectProtocolError(context, Heartbeat(1), 0);
 }
 
-absl::Status BatchError(CaseContext& context, bool too_big) {
+// True once the pipe's read end `fd` reads EOF before `deadline`: every
+// copy of its write end has been closed. (ReadsEof() uses recv(), which a
+// pipe does not take.)
+bool PipeWritersGone(int fd, absl::Time deadline) {
+  for (;;) {
+    pollfd p{fd, POLLIN, 0};
+    const int ms = static_cast<int>(std::max<int64_t>(
+        0, absl::ToInt64Milliseconds(deadline - absl::Now())));
+    const int ready = ::poll(&p, 1, ms);
+    if (ready < 0 && errno == EINTR) continue;
+    if (ready <= 0) return false;
+    char byte;
+    const ssize_t n = ::read(fd, &byte, 1);
+    if (n == 0) return true;
+    if (n < 0 && errno != EINTR) return false;
+  }
+}
+
+// §3: a Connection carries a client's stream socket. One that carries
+// anything else (here a pipe) is the broker's protocol error (§7.5): the
+// worker closes the channel and the fd, acks nothing, keeps serving what it
+// owns, and re-registers listing only that (§7.8).
+absl::Status ErrorConnectionNotASocket(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  // A connection to keep through it all, for a worker that says it keeps
+  // serving without a broker (one that exits may wait for it first).
+  const bool reconnects = context.Claims("reconnect");
+  std::vector<Client*> clients;
+  if (reconnects) {
+    KIT_ASSIGN_OR_RETURN(clients, IdleClients(context, 1));
+  }
+  int pipe_fds[2];
+  if (::pipe2(pipe_fds, O_CLOEXEC) != 0) {
+    return absl::ErrnoToStatus(errno, "pipe2");
+  }
+  wire::UniqueFd read_end(pipe_fds[0]);
+  wire::UniqueFd write_end(pipe_fds[1]);
+  constexpr uint64_t kPipeId = 7777;
+  KIT_RETURN_IF_ERROR(context.broker().SendConnection(
+      kPipeId, write_end.get(), "127.0.0.1:1", "127.0.0.1:2"));
+  write_end.Reset();  // The worker's copy is the last writer.
+  KIT_RETURN_IF_ERROR(context.AwaitChannelClosed(
+      "after a Connection whose fd is a pipe (§3: a client's stream socket; "
+      "§7.5: log it and close the channel)",
+      context.Deadline()));
+  if (context.broker().owned().count(kPipeId) != 0) {
+    return Violation("§3 File descriptors",
+                     "acked a Connection whose fd is a pipe, not a socket");
+  }
+  absl::StatusOr<int> code = context.worker().Wait(absl::Now());
+  if (code.ok() && *code > 128) {
+    return Fail(absl::StrCat("the worker crashed on a pipe in a Connection (",
+                             DescribeExit(*code), ")"));
+  }
+  if (!PipeWritersGone(read_end.get(), context.Deadline())) {
+    return Violation("§3 File descriptors",
+                     "the pipe that came in a Connection was not closed");
+  }
+  if (!reconnects) return absl::OkStatus();
+  Client& owned = *clients[0];
+  KIT_RETURN_IF_ERROR(context.broker().Accept(context.Deadline()));
+  KIT_ASSIGN_OR_RETURN(Received hello,
+                       context.broker().Receive(context.Deadline()));
+  const v1::Hello& h = hello.message.hello();
+  if (h.owned_connections_size() != 1 ||
+      h.owned_connections(0).connection_id() != owned.id) {
+    return Fail(absl::StrCat("after the pipe, the re-registration Hello lists ",
+                             h.owned_connections_size(),
+                             " owned connection(s), expected only ", owned.id));
+  }
+  KIT_RETURN_IF_ERROR(context.broker().SendWelcome());
+  if (context.Claims("request_response")) {
+    if (absl::Status s = context.Exchange(owned); !s.ok()) {
+      return Fail(absl::StrCat(
+          "the connection the worker owned was not served after the pipe: ",
+          s.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+enum class BatchFault { kTooBig, kTooFewFds, kTooManyFds };
+
+absl::Status BatchError(CaseContext& context, BatchFault fault) {
   KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
   if (hello.max_connections_per_message() <= 1) {
     return context.Skip(
@@ -873,6 +959,7 @@ absl::Status BatchError(CaseContext& context, bool too_big) {
         "did not opt into ConnectionBatch");
   }
   KIT_RETURN_IF_ERROR(context.broker().SendWelcome());
+  const bool too_big = fault == BatchFault::kTooBig;
   const uint32_t entries =
       too_big ? std::min<uint32_t>(hello.max_connections_per_message(), 252) + 1
               : 2;
@@ -885,19 +972,24 @@ absl::Status BatchError(CaseContext& context, bool too_big) {
   }
   // Too big: well-formed, one fd per entry, but not what the worker opted
   // into. The fd mismatch breaks the framing itself.
-  if (too_big) {
+  if (fault == BatchFault::kTooBig) {
     return ExpectProtocolError(context, std::move(message),
                                static_cast<int>(entries));
   }
-  return ExpectProtocolError(context, Serialized(message), 1);
+  const int fds = fault == BatchFault::kTooFewFds ? 1 : 3;
+  return ExpectProtocolError(context, Serialized(message), fds);
 }
 
 absl::Status ErrorBatchTooBig(CaseContext& context) {
-  return BatchError(context, true);
+  return BatchError(context, BatchFault::kTooBig);
 }
 
 absl::Status ErrorBatchFdMismatch(CaseContext& context) {
-  return BatchError(context, false);
+  return BatchError(context, BatchFault::kTooFewFds);
+}
+
+absl::Status ErrorBatchExtraFd(CaseContext& context) {
+  return BatchError(context, BatchFault::kTooManyFds);
 }
 
 // §5: the broker sends ReleaseRequest only to a worker whose Hello set
@@ -1072,6 +1164,12 @@ const std::vector<Case>& AllCases() {
        "a Connection with two fds closes the channel and both fds",
        {},
        ErrorConnectionTwoFds},
+      {"error-connection-not-a-socket",
+       "§3 File descriptors",
+       "a Connection whose fd is a pipe closes the channel and the pipe, is "
+       "never acked; the worker keeps what it owns and re-registers",
+       {},
+       ErrorConnectionNotASocket},
       {"error-stray-fd",
        "§3 File descriptors",
        "a Heartbeat with an fd closes the channel and the fd",
@@ -1105,7 +1203,7 @@ const std::vector<Case>& AllCases() {
        ErrorBatchTooBig},
       {"error-batch-fd-mismatch",
        "§5 ConnectionBatch",
-       "a batch whose fd count differs from its entries closes the channel",
+       "a batch with fewer fds than entries closes the channel",
        {},
        ErrorBatchFdMismatch},
       {"error-release-request",
@@ -1114,6 +1212,11 @@ const std::vector<Case>& AllCases() {
        "supports_release closes the channel",
        {},
        ErrorReleaseRequestUnclaimed},
+      {"error-batch-extra-fd",
+       "§5 ConnectionBatch",
+       "a batch with more fds than entries closes the channel and its fds",
+       {},
+       ErrorBatchExtraFd},
   };
   return *cases;
 }

@@ -3,6 +3,7 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdlib>
@@ -18,6 +19,25 @@ namespace {
 // A full listen backlog makes a non-blocking AF_UNIX connect fail with
 // EAGAIN (it cannot be polled for): retry at this pace until the deadline.
 constexpr absl::Duration kBacklogRetry = absl::Milliseconds(10);
+
+// §1: the process serving the hand-off socket must run under our effective
+// uid or root. A broker of another uid could be anyone's (a socket planted
+// at the path, say under /tmp, by another user): it would get our clients,
+// and every released socket with its unread bytes. The broker admits only
+// its own uid, so this refuses no working set-up.
+absl::Status CheckBrokerUid(int fd, const std::string& path) {
+  ucred peer{};
+  socklen_t size = sizeof(peer);
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &size) != 0) {
+    return absl::ErrnoToStatus(errno, absl::StrCat("SO_PEERCRED on ", path));
+  }
+  const uid_t own = ::geteuid();
+  if (peer.uid == own || peer.uid == 0) return absl::OkStatus();
+  return absl::PermissionDeniedError(
+      absl::StrCat("the hand-off socket at ", path, " is served by uid ",
+                   peer.uid, " (pid ", peer.pid, "), not by this worker's uid ",
+                   own, " or root: refusing to register"));
+}
 
 absl::StatusOr<wire::UniqueFd> ConnectSocket(const std::string& path,
                                              absl::Time deadline) {
@@ -35,6 +55,10 @@ absl::StatusOr<wire::UniqueFd> ConnectSocket(const std::string& path,
   for (;;) {
     if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address),
                   sizeof(address)) == 0) {
+      if (absl::Status trusted = CheckBrokerUid(fd.get(), path);
+          !trusted.ok()) {
+        return trusted;
+      }
       return fd;
     }
     const int error = errno;

@@ -27,7 +27,8 @@ struct Registration {
 
 // Connects a SOCK_SEQPACKET socket to `socket_path`, sends `hello` and waits
 // until `timeout` for the broker's answer. A Refusal becomes an error status
-// carrying the broker's reason and message (RefusalToStatus).
+// carrying the broker's reason and message (RefusalToStatus); a broker of
+// another uid than ours or root's, PermissionDenied before any Hello.
 absl::StatusOr<Registration> Register(const std::string& socket_path,
                                       v1::HandoffMessage hello,
                                       absl::Duration timeout,
@@ -38,7 +39,8 @@ absl::StatusOr<Registration> Register(const std::string& socket_path,
 //
 // Connects (non-blocking) and sends `hello`. A full listen backlog (EAGAIN)
 // is retried until `connect_deadline`; pass absl::Now() to fail at once.
-// Unavailable if nobody listens at `socket_path`.
+// Unavailable if nobody listens at `socket_path`; PermissionDenied if a
+// process of another uid than ours or root's does (SO_PEERCRED).
 absl::StatusOr<std::unique_ptr<wire::MessageChannel>> SendHello(
     const std::string& socket_path, v1::HandoffMessage& hello,
     absl::Time connect_deadline, wire::SysCalls& sys);

@@ -2,6 +2,7 @@
 
 #include <poll.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -64,6 +65,28 @@ std::chrono::nanoseconds ToChrono(absl::Duration duration) {
   if (duration <= absl::ZeroDuration()) return std::chrono::nanoseconds(0);
   if (duration >= absl::FromChrono(kForever)) return kForever;
   return absl::ToChronoNanoseconds(duration);
+}
+
+// What a Connection carries (§3): a stream socket that is not listening.
+// Not whether it is still connected: a client may have gone already, which
+// is no fault of the broker.
+absl::Status CheckClientSocket(int fd) {
+  int type = 0;
+  int listening = 0;
+  socklen_t size = sizeof(type);
+  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &size) != 0) {
+    return absl::ErrnoToStatus(errno, "not a socket");  // A pipe, a file...
+  }
+  if (type != SOCK_STREAM) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a socket of type ", type, ", not SOCK_STREAM"));
+  }
+  size = sizeof(listening);
+  if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &size) != 0 ||
+      listening != 0) {
+    return absl::InvalidArgumentError("a listening socket");
+  }
+  return absl::OkStatus();
 }
 
 int64_t Millis(std::chrono::nanoseconds duration) {
@@ -227,6 +250,14 @@ bool WorkerImpl::OfferLocked(v1::Connection& offered, wire::UniqueFd fd,
                              std::vector<ClientConnection>& taken,
                              std::vector<uint64_t>& rejected) {
   const uint64_t id = offered.connection_id();
+  if (absl::Status socket = CheckClientSocket(fd.get()); !socket.ok()) {
+    // §3 broken: the broker's protocol error. `fd` closes here, and the
+    // rest of the packet with incoming_fds_; nothing of it is acked.
+    LoseChannelLocked(
+        absl::StrCat("connection ", id,
+                     " carries no client stream socket: ", socket.message()));
+    return false;
+  }
   const bool duplicate =
       owned_.contains(id) ||
       std::any_of(taken.begin(), taken.end(),
@@ -626,6 +657,11 @@ void WorkerImpl::TryRegisterLocked() {
   closed_to_report_.clear();
   absl::StatusOr<std::unique_ptr<wire::MessageChannel>> channel =
       SendHello(socket_path_, hello, absl::Now(), sys_);
+  if (absl::IsPermissionDenied(channel.status())) {
+    // Another user's process holds the path: retrying cannot help.
+    GiveUpReconnectingLocked(channel.status().message());
+    return;
+  }
   if (!channel.ok()) {
     FailAttemptLocked(channel.status().message());
     return;

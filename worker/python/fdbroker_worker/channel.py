@@ -10,6 +10,7 @@ the caller closes it (it never resynchronises).
 import array
 import os
 import socket
+import struct
 from typing import Optional
 
 from ._proto import DecodeError, pb
@@ -29,6 +30,43 @@ class ChannelClosed(Exception):
     """The peer closed the channel (a read of 0 bytes and no fds)."""
 
 
+class UntrustedBroker(PermissionError):
+    """The process serving the hand-off socket runs under a uid that is
+    neither this worker's nor root's (§1): retrying cannot help."""
+
+
+def check_broker_uid(sock: socket.socket, path: str) -> None:
+    """UntrustedBroker unless SO_PEERCRED names our effective uid or root.
+    A broker of another uid could be anyone's: a socket planted at the path
+    (say under /tmp) would otherwise get the clients, and every released
+    socket with its unread bytes."""
+    # struct ucred: pid_t pid; uid_t uid; gid_t gid.
+    pid, uid, _ = struct.unpack(
+        "iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                               struct.calcsize("iII")))
+    own = os.geteuid()
+    if uid not in (own, 0):
+        raise UntrustedBroker(
+            f"the hand-off socket at {path} is served by uid {uid} (pid "
+            f"{pid}), not by this worker's uid {own} or root: refusing to "
+            "register")
+
+
+def check_client_socket(sock: socket.socket) -> None:
+    """ProtocolError unless `sock` is what a Connection carries (§3): a
+    stream socket that is not listening. Not whether it is still connected:
+    a client may have gone already, which is no fault of the broker."""
+    try:
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as error:  # ENOTSOCK: a pipe, a file, ...
+        raise ProtocolError(f"not a socket ({error.strerror})") from None
+    if kind != socket.SOCK_STREAM:
+        raise ProtocolError(f"a socket of type {kind}, not SOCK_STREAM")
+    if listening:
+        raise ProtocolError("a listening socket")
+
+
 class Channel:
     """A connected, non-blocking hand-off channel; owns its socket."""
 
@@ -40,11 +78,13 @@ class Channel:
 
     @classmethod
     def connect(cls, path: str) -> "Channel":
-        """Connects to the broker at `path`; OSError if nobody listens."""
+        """Connects to the broker at `path`; OSError if nobody listens,
+        UntrustedBroker if another user's process does."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             sock.setblocking(False)
             sock.connect(path)
+            check_broker_uid(sock, path)
         except BaseException:
             sock.close()
             raise

@@ -45,7 +45,7 @@ from typing import Callable, Optional
 
 from . import channel as channel_lib
 from ._proto import pb
-from .channel import Channel, ChannelClosed, ProtocolError
+from .channel import Channel, ChannelClosed, ProtocolError, UntrustedBroker
 
 log = logging.getLogger("fdbroker_worker")
 
@@ -335,6 +335,8 @@ class WorkerCore:
         RegistrationError at once if nobody listens."""
         try:
             self._send_hello(self._hello())
+        except UntrustedBroker as error:
+            raise RegistrationError(str(error)) from None
         except OSError as error:
             raise RegistrationError(
                 f"cannot connect to the broker at {self._path}: "
@@ -595,6 +597,8 @@ class WorkerCore:
         self._closed_to_report.clear()
         try:
             self._send_hello(hello)
+        except UntrustedBroker as error:
+            return self._give_up(str(error))
         except (OSError, ProtocolError) as error:
             return self._fail_attempt(str(error))
         log.debug("re-registration attempt %d: Hello sent to %s with %d "
@@ -770,21 +774,35 @@ class WorkerCore:
             os.close(fd)
             self._lose_channel(f"connection {cid} offered twice by the broker")
             return False
-        capacity = self._options.capacity
-        full = capacity > 0 and (len(self._owned) + self._unsent_acks +
-                                 len(taken)) >= capacity
-        if self.draining or full:
-            os.close(fd)  # the broker still holds the socket
-            rejected.append(cid)
-            return True
         local = offered.local_address
         # Saying family and type spares the two getsockopt() calls that
         # socket(fileno=) would make to find them out.
         family = (socket.AF_INET6 if local.startswith("[") else
                   socket.AF_INET if local[:1].isdigit() else -1)
-        sock = (self._socket_class(family, socket.SOCK_STREAM,
-                                   socket.IPPROTO_TCP, fd) if family != -1
-                else self._socket_class(fileno=fd))
+        sock = None
+        try:
+            sock = (self._socket_class(family, socket.SOCK_STREAM,
+                                       socket.IPPROTO_TCP, fd) if family != -1
+                    else self._socket_class(fileno=fd))
+            channel_lib.check_client_socket(sock)
+        except (OSError, ProtocolError) as error:
+            # §3 broken (a pipe, a file, a listener, ...): the broker's
+            # protocol error, even when full or draining (a Reject would
+            # pass the fd on). Nothing of the packet is delivered or acked.
+            if sock is not None:
+                sock.close()
+            else:  # socket(fileno=) refused it
+                os.close(fd)
+            self._lose_channel(
+                f"connection {cid} carries no client stream socket: {error}")
+            return False
+        capacity = self._options.capacity
+        full = capacity > 0 and (len(self._owned) + self._unsent_acks +
+                                 len(taken)) >= capacity
+        if self.draining or full:
+            sock.close()  # the broker still holds the socket
+            rejected.append(cid)
+            return True
         taken.append(Connection(cid, sock, offered.peer_address, local,
                                 offered.accept_time_unix_nanos,
                                 offered.initial_data))
