@@ -110,6 +110,8 @@ class ConnectionDispatcher {
     next_connection_id_ = std::max(next_connection_id_, id + 1);
   }
 
+  // The id the next accepted connection gets.
+  uint64_t next_connection_id() const { return next_connection_id_; }
   size_t pending() const { return pending_.size(); }
   size_t in_flight() const { return in_flight_.size(); }
   // Adds the ids of the connections the broker holds itself (queued or in

@@ -118,6 +118,11 @@ absl::Status Daemon::Init() {
         RequestUpgrade(config_.socket_path, absl::Seconds(10));
     if (!sockets.ok()) return sockets.status();
     upgrade_reporter_ = std::move(sockets->channel);
+    // Clear of every id the running broker hands out before it leaves: its
+    // workers bring those along when they re-register here.
+    if (sockets->first_connection_id != 0) {
+      dispatcher_->ReserveIdsAbove(sockets->first_connection_id - 1);
+    }
     server = HandoffServer::Adopt(*loop_, config_.socket_path,
                                   std::move(sockets->handoff),
                                   HandoffServer::Options{}, sys, on_peer);
@@ -287,7 +292,11 @@ int Daemon::Run() {
                       ? config_.adopt_grace
                       : absl::ZeroDuration());
   operations_->Start([this](bool serving) {
-    if (control_server_ != nullptr) control_server_->SetServing(serving);
+    // Not while it stops: SetServing would wait for the shutdown (~100 ms
+    // measured during an upgrade, the loop placing nothing meanwhile).
+    if (control_server_ != nullptr && !control_shutdown_.joinable()) {
+      control_server_->SetServing(serving);
+    }
   });
   SyncMetrics();
   if (metrics_server_ != nullptr) {
@@ -363,6 +372,10 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
   v1::UpgradeHandover* body = handover.mutable_upgrade_handover();
   body->set_listen_address(listener_->address().ToString());
   body->set_socket_path(handoff_server_->path());
+  // This broker goes on numbering until the new one is up: far fewer than
+  // 2^32 connections in that time (60 s at most).
+  body->set_first_connection_id(dispatcher_->next_connection_id() +
+                                (uint64_t{1} << 32));
   const int fds[] = {listener_->fd(), handoff_server_->fd()};
   if (absl::Status s = channel->SendWithFds(handover, fds); !s.ok()) {
     spdlog::error("upgrade hand-over to pid {} failed ({}); still serving", pid,
@@ -412,6 +425,20 @@ void Daemon::CommitUpgrade() {
   handoff_server_->Release();
   manager_->PrepareForUpgrade();
   operations_->RefreshHealth();
+  // Workers move now, not when this broker exits: each sends what it owes
+  // here, then registers with the new broker at once (Reconnect), so the new
+  // broker has workers within about a millisecond. Older workers learn it
+  // from their channel closing, after the hand-offs (FinishUpgrade).
+  dispatcher_->PlacePending();
+  for (const auto& [id, worker] : registry_.workers()) {
+    if (worker->channel == nullptr ||
+        worker->protocol_minor < kReconnectMinor) {
+      continue;
+    }
+    v1::HandoffMessage reconnect;
+    reconnect.mutable_reconnect();
+    worker->channel->SendControl(std::move(reconnect));
+  }
   const int64_t deadline = loop_->clock().MonotonicNanos() +
                            absl::ToInt64Nanoseconds(absl::Seconds(5));
   FinishUpgrade(deadline);
@@ -463,8 +490,15 @@ void Daemon::Discard(std::unique_ptr<HandoffChannel> channel) {
 
 void Daemon::FinishUpgrade(int64_t deadline_nanos) {
   dispatcher_->PlacePending();
+  // Workers sent Reconnect close their channels themselves once they have
+  // sent what they owe: closing first would cost them the back-off.
+  bool moving = false;
+  for (const auto& [id, worker] : registry_.workers()) {
+    moving |= worker->channel != nullptr && !worker->channel->closed() &&
+              worker->protocol_minor >= kReconnectMinor;
+  }
   const bool done =
-      dispatcher_->in_flight() == 0 && dispatcher_->pending() == 0;
+      dispatcher_->in_flight() == 0 && dispatcher_->pending() == 0 && !moving;
   if (!done && loop_->clock().MonotonicNanos() < deadline_nanos) {
     loop_->RunAfter(absl::Milliseconds(5),
                     [this, deadline_nanos] { FinishUpgrade(deadline_nanos); });
@@ -473,8 +507,9 @@ void Daemon::FinishUpgrade(int64_t deadline_nanos) {
   if (!done) {
     spdlog::warn(
         "upgrade: {} connection(s) still waiting for a worker; they "
-        "are closed",
-        dispatcher_->in_flight() + dispatcher_->pending());
+        "are closed{}",
+        dispatcher_->in_flight() + dispatcher_->pending(),
+        moving ? " (and some workers did not move in time)" : "");
   }
   // Every hand-off is acked: closing the worker channels loses nothing, and
   // the workers re-register with the new broker. Now, not at exit: the exit

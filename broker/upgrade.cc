@@ -72,6 +72,8 @@ absl::StatusOr<UpgradeSockets> RequestUpgradeOnce(
         sockets.listener = std::move(fds[0]);
         sockets.handoff = std::move(fds[1]);
         sockets.listen_address = reply.upgrade_handover().listen_address();
+        sockets.first_connection_id =
+            reply.upgrade_handover().first_connection_id();
         sockets.channel =
             std::make_unique<wire::MessageChannel>(std::move(channel));
         return sockets;

@@ -21,6 +21,8 @@ struct UpgradeSockets {
   wire::UniqueFd listener;  // Listening TCP socket for clients.
   wire::UniqueFd handoff;   // Listening hand-off Unix socket.
   std::string listen_address;
+  // This broker's connection ids start here (0: an older running broker).
+  uint64_t first_connection_id = 0;
   // Still open: ReportUpgradeReady() goes over it.
   std::unique_ptr<wire::MessageChannel> channel;
 };
@@ -28,6 +30,8 @@ struct UpgradeSockets {
 // The first protocol minor whose new brokers send UpgradeReady; the running
 // broker commits at once to an older one.
 inline constexpr uint32_t kTwoPhaseUpgradeMinor = 3;
+// The first minor whose workers understand Reconnect.
+inline constexpr uint32_t kReconnectMinor = 3;
 // How long the running broker waits for UpgradeReady before it takes its
 // ports back and carries on. The new broker's start-up is bounded well
 // below it (it retries its control and metrics ports for 10 s).

@@ -231,6 +231,7 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
       std::clamp<uint32_t>(hello.max_connections_per_message(), 1,
                            ConnectionDispatcher::kMaxConnectionsPerMessage);
   worker->supports_release = hello.supports_release();
+  worker->protocol_minor = hello.version().minor();
   worker->labels.clear();
   for (const auto& [key, value] : hello.labels()) worker->labels[key] = value;
   // Re-registration after a broker restart or upgrade: the worker keeps

@@ -41,6 +41,9 @@ struct Worker {
   // Hello.supports_release: it gives idle connections back when asked
   // (ReleaseRequest, Drain.release_idle); only then may it send Release.
   bool supports_release = false;
+  // Hello.version.minor: which optional messages it understands (Reconnect
+  // from 3 on).
+  uint32_t protocol_minor = 0;
   std::map<std::string, std::string> labels;
   absl::Time started_at;
   int64_t started_mono_nanos = 0;

@@ -55,6 +55,8 @@ absl::string_view BodyName(const v1::HandoffMessage& message) {
       return "release_request";
     case v1::HandoffMessage::kUpgradeReady:
       return "upgrade_ready";
+    case v1::HandoffMessage::kReconnect:
+      return "reconnect";
     case v1::HandoffMessage::BODY_NOT_SET:
       break;
   }

@@ -17,6 +17,9 @@
 namespace fdbroker::conformance {
 namespace {
 
+// "At once" for §7.9 Reconnect: well below the 50 ms first back-off.
+constexpr absl::Duration kReconnectAtOnce = absl::Milliseconds(40);
+
 #define KIT_CONCAT_INNER(a, b) a##b
 #define KIT_CONCAT(a, b) KIT_CONCAT_INNER(a, b)
 #define KIT_RETURN_IF_ERROR(expr)            \
@@ -685,6 +688,57 @@ absl::Status Reconnect(CaseContext& context) {
                     {client.id}, ClosedIds);
 }
 
+// §7.9: a worker of minor 3 or later, sent Reconnect (the broker hands over
+// to a new one), sends what it owes, closes the channel and registers again
+// at once, without its reconnect back-off, listing what it owns.
+absl::Status ReconnectNow(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(v1::Hello first, context.StartAndReadHello());
+  if (first.version().minor() < 3) {
+    return context.Skip(absl::StrCat("its Hello says minor ",
+                                     first.version().minor(),
+                                     ": brokers send Reconnect from minor 3"));
+  }
+  KIT_RETURN_IF_ERROR(context.broker().SendWelcome());
+  KIT_ASSIGN_OR_RETURN(std::vector<Client*> clients, IdleClients(context, 1));
+  Client& client = *clients[0];
+  v1::HandoffMessage reconnect;
+  reconnect.mutable_reconnect();
+  const absl::Time sent = absl::Now();
+  KIT_RETURN_IF_ERROR(context.broker().Send(std::move(reconnect)));
+  KIT_RETURN_IF_ERROR(context.AwaitChannelClosed(
+      "after Reconnect (§7.9: close the channel once nothing is owed)",
+      context.Deadline()));
+  KIT_RETURN_IF_ERROR(context.broker().Accept(context.Deadline()));
+  KIT_ASSIGN_OR_RETURN(Received hello,
+                       context.broker().Receive(context.Deadline()));
+  const absl::Duration took = absl::Now() - sent;
+  const v1::Hello& h = hello.message.hello();
+  if (h.owned_connections_size() != 1 ||
+      h.owned_connections(0).connection_id() != client.id) {
+    return Fail(absl::StrCat(
+        "the Hello after Reconnect lists ", h.owned_connections_size(),
+        " owned connection(s), expected only ", client.id));
+  }
+  // Reconnect back-offs start at 50 ms in both SDKs.
+  if (took > kReconnectAtOnce) {
+    return Violation(
+        "§7.9 Reconnect",
+        absl::StrCat("registered again ", absl::FormatDuration(took),
+                     " after Reconnect; at once means without back-off (at "
+                     "most ",
+                     absl::FormatDuration(kReconnectAtOnce), ")"));
+  }
+  KIT_RETURN_IF_ERROR(context.broker().SendWelcome());
+  if (context.Claims("request_response")) {
+    if (absl::Status s = context.Exchange(client); !s.ok()) {
+      return Fail(absl::StrCat(
+          "the connection it owned was not served after Reconnect: ",
+          s.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
 // ---- §7.5 Errors ----
 
 enum class Size { kNormal, kOversized };
@@ -1118,6 +1172,12 @@ const std::vector<Case>& AllCases() {
        "Drain{release_idle}: idle connections released (DRAIN), Goodbye",
        {},
        DrainRelease},
+      {"reconnect-now",
+       "§7.9 Reconnect",
+       "on Reconnect, close the channel and register again at once with "
+       "what it owns",
+       {"reconnect"},
+       ReconnectNow},
       {"reconnect",
        "§7.8 Re-registration",
        "after losing the broker: keeps serving, new Hello with "

@@ -359,6 +359,9 @@ void WorkerImpl::ReceiveLocked() {
       }
       case v1::HandoffMessage::kHeartbeat:
         break;
+      case v1::HandoffMessage::kReconnect:
+        reconnect_requested_ = true;
+        break;
       default:
         LoseChannelLocked(absl::StrCat("unexpected ", wire::BodyName(incoming_),
                                        " message from the broker"));
@@ -396,6 +399,18 @@ void WorkerImpl::ReceiveLocked() {
     ack.acked = std::move(taken);
     SendLocked(std::move(ack));
   }
+  MaybeReconnectNowLocked();
+}
+
+void WorkerImpl::MaybeReconnectNowLocked() {
+  if (!reconnect_requested_ || channel_ == nullptr) return;
+  if (!closed_to_report_.empty() && outbox_.empty()) {
+    ReportClosedLocked(/*now=*/true);
+  }
+  if (channel_ == nullptr || !outbox_.empty()) return;  // Flush comes back.
+  reconnect_requested_ = false;
+  LoseChannelLocked("the broker asked to re-register (upgrade)",
+                    /*at_once=*/true);
 }
 
 void WorkerImpl::SendLocked(Outgoing outgoing) {
@@ -447,6 +462,8 @@ void WorkerImpl::FlushOutboxLocked() {
     CloseChannelLocked();
     return;
   }
+  MaybeReconnectNowLocked();
+  if (channel_ == nullptr) return;
   // Heartbeats were held back while the outbox was blocked.
   ArmTimerLocked();
 }
@@ -566,12 +583,18 @@ void WorkerImpl::BeginDrainLocked(DrainCause cause, absl::Time deadline) {
   drain_to_announce_ = true;
 }
 
-void WorkerImpl::LoseChannelLocked(absl::string_view reason) {
+void WorkerImpl::LoseChannelLocked(absl::string_view reason, bool at_once) {
   if (channel_ == nullptr) return;
+  reconnect_requested_ = false;
   const bool reconnect = !draining_ && reconnect_timeout_.count() > 0;
   if (goodbye_sent_) {
     spdlog::debug("fdbroker worker: broker channel ended after Goodbye: {}",
                   View(reason));
+  } else if (reconnect && at_once) {
+    spdlog::info(
+        "fdbroker worker: {}: re-registering with {} active "
+        "connections",
+        View(reason), owned_.size());
   } else if (reconnect) {
     spdlog::warn(
         "fdbroker worker: lost the broker channel (worker {}): {}; keeping {} "
@@ -604,7 +627,7 @@ void WorkerImpl::LoseChannelLocked(absl::string_view reason) {
   closed_to_report_.clear();
   unlisted_.clear();
   if (reconnect) {
-    StartReconnectingLocked();
+    StartReconnectingLocked(at_once);
     return;
   }
   BeginDrainLocked(DrainCause::kBrokerLost, absl::InfiniteFuture());
@@ -638,12 +661,12 @@ void WorkerImpl::OnTimerLocked() {
   }
 }
 
-void WorkerImpl::StartReconnectingLocked() {
+void WorkerImpl::StartReconnectingLocked(bool at_once) {
   reconnecting_ = true;
   attempts_ = 0;
   lost_at_ = std::chrono::steady_clock::now();
   reconnect_deadline_ = lost_at_ + reconnect_timeout_;
-  next_attempt_at_ = lost_at_ + kFirstRetryDelay;
+  next_attempt_at_ = at_once ? lost_at_ : lost_at_ + kFirstRetryDelay;
   retry_delay_ = std::min(2 * kFirstRetryDelay, kMaxRetryDelay);
   ArmTimerLocked();
 }

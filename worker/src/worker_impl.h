@@ -129,11 +129,17 @@ class WorkerImpl final : public Worker {
   // Closes the channel after an error: un-acked connections are closed
   // undelivered, owned ones stay with the application, and the worker
   // reconnects (or drains, if it was draining or reconnecting is disabled).
-  void LoseChannelLocked(absl::string_view reason)
+  // `at_once`: the broker asked (Reconnect), the first attempt comes
+  // without back-off.
+  void LoseChannelLocked(absl::string_view reason, bool at_once = false)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Reconnect (§7.9): once every Ack, Reject and Closed owed to this broker
+  // is out, closes the channel and registers again at once.
+  void MaybeReconnectNowLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The timer fired: heartbeats when connected, else the reconnect steps.
   void OnTimerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void StartReconnectingLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void StartReconnectingLocked(bool at_once = false)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // One attempt: connect and send Hello (non-blocking).
   void TryRegisterLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Hello.owned_connections for a re-registration; fills unlisted_.
@@ -215,6 +221,8 @@ class WorkerImpl final : public Worker {
   absl::flat_hash_set<uint64_t> releasing_ ABSL_GUARDED_BY(mu_);
   // Goodbye sent or queued: nothing else is sent or received after it.
   bool goodbye_sent_ ABSL_GUARDED_BY(mu_) = false;
+  // The broker sent Reconnect; see MaybeReconnectNowLocked().
+  bool reconnect_requested_ ABSL_GUARDED_BY(mu_) = false;
   MonoTime last_sent_ ABSL_GUARDED_BY(mu_);
   MonoTime last_received_ ABSL_GUARDED_BY(mu_);
   bool serving_threads_ ABSL_GUARDED_BY(mu_) = false;

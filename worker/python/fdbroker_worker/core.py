@@ -50,7 +50,7 @@ from .channel import Channel, ChannelClosed, ProtocolError, UntrustedBroker
 log = logging.getLogger("fdbroker_worker")
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 2
+PROTOCOL_MINOR = 3
 # The environment variable a supervised worker finds the broker through.
 SOCKET_ENV_VAR = "FDBROKER_SOCKET"
 
@@ -263,6 +263,9 @@ class WorkerCore:
         self._outbox: collections.deque[_Outgoing] = collections.deque()
         self._unsent_acks = 0  # connections covered by Acks in _outbox
         self._pending_releases = 0  # Releases in _outbox
+        # The broker sent Reconnect (an upgrade): re-register at once, once
+        # everything owed to it is sent.
+        self._reconnect_requested = False
         self._release_requests: list[ReleaseRequest] = []
         # Acked and not reported closed: id -> peer address (what a
         # re-registering Hello lists).
@@ -554,13 +557,19 @@ class WorkerCore:
 
     # --- Losing the broker, and reconnecting ------------------------------
 
-    def _lose_channel(self, reason: str) -> None:
+    def _lose_channel(self, reason: str, at_once: bool = False) -> None:
+        """`at_once`: the broker asked (Reconnect), so the first attempt
+        comes without back-off."""
         if self._channel is None:
             return
+        self._reconnect_requested = False
         reconnect = (not self.draining and
                      self._options.reconnect_timeout > 0)
         if self._goodbye_sent:
             log.debug("broker channel ended after Goodbye: %s", reason)
+        elif reconnect and at_once:
+            log.info("%s: re-registering with %d active connections",
+                     reason, len(self._owned))
         elif reconnect:
             log.warning("lost the broker channel (worker %d): %s; keeping %d "
                         "active connections, reconnecting to %s for up to "
@@ -585,7 +594,8 @@ class WorkerCore:
             self._lost_at = self._clock()
             self._reconnect_deadline = (self._lost_at +
                                         self._options.reconnect_timeout)
-            self._next_attempt_at = self._lost_at + _FIRST_RETRY_DELAY
+            self._next_attempt_at = self._lost_at + (
+                0 if at_once else _FIRST_RETRY_DELAY)
             self._retry_delay = min(2 * _FIRST_RETRY_DELAY, _MAX_RETRY_DELAY)
         else:
             self._begin_drain(DrainCause.BROKER_LOST, None)
@@ -723,6 +733,8 @@ class WorkerCore:
                     for each in fds:
                         os.close(each)
                     break
+            elif body == "reconnect":
+                self._reconnect_requested = True
             elif body == "drain":
                 deadline = message.drain.deadline_unix_nanos
                 self._begin_drain(DrainCause.BROKER_REQUEST,
@@ -764,6 +776,20 @@ class WorkerCore:
         if taken:
             self._send(_Outgoing(pb.HandoffMessage(ack=pb.Ack(
                 connection_ids=[c.id for c in taken])), taken))
+        self._maybe_reconnect_now()
+
+    def _maybe_reconnect_now(self) -> None:
+        """Reconnect (§7.9): once the Acks, Rejects and Closed reports owed
+        to this broker are out, register again at once with the new one."""
+        if not self._reconnect_requested or self._channel is None:
+            return
+        if self._closed_to_report and not self._outbox:
+            self._report_closed(now=True)
+        if self._outbox:
+            return  # _flush() comes back here.
+        self._reconnect_requested = False
+        self._lose_channel("the broker asked to re-register (upgrade)",
+                           at_once=True)
 
     def _take(self, offered: "pb.Connection", fd: int,
               taken: list[Connection], rejected: list[int]) -> bool:
@@ -859,6 +885,8 @@ class WorkerCore:
         self._set_writable_interest(False)
         if self._goodbye_sent:
             self._close_channel()
+            return
+        self._maybe_reconnect_now()
 
     def _on_sent(self, outgoing: _Outgoing) -> None:
         self._last_sent = self._clock()
