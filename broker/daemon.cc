@@ -51,7 +51,7 @@ Daemon::~Daemon() {
   control_service_.reset();
   operations_.reset();
   metrics_server_.reset();
-  if (metrics_timer_ != 0) loop_->Cancel(metrics_timer_);
+  metrics_timer_.reset();
   listener_.reset();
   handoff_server_.reset();
   manager_.reset();
@@ -181,8 +181,9 @@ absl::Status Daemon::Init() {
 }
 
 void Daemon::SyncMetrics() {
-  metrics_timer_ =
-      loop_->RunAfter(absl::Milliseconds(500), [this] { SyncMetrics(); });
+  if (metrics_timer_ == nullptr)
+    metrics_timer_ = std::make_unique<Timer>(*loop_);
+  metrics_timer_->Arm(absl::Milliseconds(500), [this] { SyncMetrics(); });
   metrics_->Sync(*listener_, registry_, *dispatcher_, *manager_);
 }
 

@@ -68,12 +68,7 @@ void WorkerManager::Emit(WorkerEvent::Type type, const Worker* worker,
   on_event_(event);
 }
 
-WorkerManager::~WorkerManager() {
-  dispatcher_.set_migration_observer(nullptr);
-  if (restart_timer_ != 0) loop_.Cancel(restart_timer_);
-  if (tick_timer_ != 0) loop_.Cancel(tick_timer_);
-  if (migration_timer_ != 0) loop_.Cancel(migration_timer_);
-}
+WorkerManager::~WorkerManager() { dispatcher_.set_migration_observer(nullptr); }
 
 void WorkerManager::Start(absl::Duration adopt_grace) {
   Tick();
@@ -88,7 +83,7 @@ void WorkerManager::Start(absl::Duration adopt_grace) {
       "waiting up to {} for workers of the previous broker to "
       "re-register",
       absl::FormatDuration(adopt_grace));
-  loop_.RunAfter(adopt_grace, [this] {
+  adopt_timer_.Arm(adopt_grace, [this] {
     adopting_ = false;
     Reconcile();
   });
@@ -516,11 +511,8 @@ void WorkerManager::NoteMigration(uint64_t from, uint64_t to,
   }
   ++tally.total;
   ++tally.by_target[to];
-  if (migration_timer_ == 0) {
-    migration_timer_ = loop_.RunAfter(absl::Milliseconds(250), [this] {
-      migration_timer_ = 0;
-      EmitMigrations();
-    });
+  if (!migration_timer_.armed()) {
+    migration_timer_.Arm(absl::Milliseconds(250), [this] { EmitMigrations(); });
   }
 }
 
@@ -646,7 +638,7 @@ void WorkerManager::Reconcile() {
     pending_restarts_ = 0;  // Scaling made up for the failures.
     return;
   }
-  if (restart_timer_ != 0) return;
+  if (restart_timer_.armed()) return;
   absl::Duration delay = absl::ZeroDuration();
   if (crash_streak_ > 0) {
     delay = std::min(options_.restart_backoff_max,
@@ -660,8 +652,7 @@ void WorkerManager::Reconcile() {
     return;
   }
   spdlog::info("restarting worker(s) in {}", absl::FormatDuration(delay));
-  restart_timer_ = loop_.RunAfter(delay, [this] {
-    restart_timer_ = 0;
+  restart_timer_.Arm(delay, [this] {
     if (shutting_down_ || pool_suspended_ || adopting_ || handing_over_ ||
         CountServing() >= options_.target_workers) {
       return;
@@ -737,10 +728,7 @@ absl::StatusOr<WorkerManager::ScaleResult> WorkerManager::Scale(
     }
   } else if (have < count && !pool_suspended_) {
     // An operator asked: start now, without the crash back-off.
-    if (restart_timer_ != 0) {
-      loop_.Cancel(restart_timer_);
-      restart_timer_ = 0;
-    }
+    restart_timer_.Cancel();
     for (int i = have; i < count; ++i) {
       const uint64_t id = SpawnOne();
       if (id == 0) {
@@ -830,10 +818,7 @@ void WorkerManager::OnReplacementDone(uint64_t replacement_id,
 
 std::vector<uint64_t> WorkerManager::SuspendPool(absl::Duration timeout) {
   pool_suspended_ = true;
-  if (restart_timer_ != 0) {
-    loop_.Cancel(restart_timer_);
-    restart_timer_ = 0;
-  }
+  restart_timer_.Cancel();
   std::vector<uint64_t> draining;
   for (const auto& [id, worker] : registry_.workers()) {
     if (!worker->retiring && worker->state != WorkerState::kDraining) {
@@ -846,10 +831,7 @@ std::vector<uint64_t> WorkerManager::SuspendPool(absl::Duration timeout) {
 
 void WorkerManager::PrepareForUpgrade() {
   handing_over_ = true;
-  if (restart_timer_ != 0) {
-    loop_.Cancel(restart_timer_);
-    restart_timer_ = 0;
-  }
+  restart_timer_.Cancel();
 }
 
 std::vector<uint64_t> WorkerManager::ResumePool() {
@@ -865,7 +847,7 @@ std::vector<uint64_t> WorkerManager::ResumePool() {
 // ---- Heartbeats, deadlines, draining -------------------------------------
 
 void WorkerManager::Tick() {
-  tick_timer_ = loop_.RunAfter(
+  tick_timer_.Arm(
       std::min(options_.heartbeat_interval / 2, absl::Milliseconds(500)),
       [this] { Tick(); });
   const int64_t now = loop_.clock().MonotonicNanos();
@@ -966,10 +948,7 @@ void WorkerManager::DrainAll(absl::Duration timeout,
   shutdown_deadline_nanos_ = loop_.NowNanos() +
                              absl::ToInt64Nanoseconds(timeout) +
                              absl::ToInt64Nanoseconds(absl::Seconds(2));
-  if (restart_timer_ != 0) {
-    loop_.Cancel(restart_timer_);
-    restart_timer_ = 0;
-  }
+  restart_timer_.Cancel();
   for (const auto& [id, worker] : registry_.workers()) {
     if (!worker->retiring) DrainWorker(*worker, timeout);
   }

@@ -208,8 +208,9 @@ class WorkerManager : public HandoffChannel::Delegate {
   int64_t last_failure_nanos_ = 0;
   // Failed workers not yet replaced (their replacements are "restarts").
   int pending_restarts_ = 0;
-  EventLoop::TimerId restart_timer_ = 0;
-  EventLoop::TimerId tick_timer_ = 0;
+  Timer restart_timer_{loop_};
+  Timer tick_timer_{loop_};
+  Timer adopt_timer_{loop_};
   bool shutting_down_ = false;
   bool pool_suspended_ = false;
   bool adopting_ = false;
@@ -233,7 +234,7 @@ class WorkerManager : public HandoffChannel::Delegate {
     std::map<uint64_t, uint64_t> by_target;  // Worker id -> connections.
   };
   std::map<std::pair<uint64_t, int>, MigrationTally> migrations_;
-  EventLoop::TimerId migration_timer_ = 0;
+  Timer migration_timer_{loop_};
   int64_t shutdown_deadline_nanos_ = 0;
   absl::AnyInvocable<void()> shutdown_done_;
   Stats stats_;
