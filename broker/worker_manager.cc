@@ -46,26 +46,12 @@ WorkerManager::WorkerManager(EventLoop& loop, WorkerRegistry& registry,
       supervisor_(supervisor),
       sys_(sys),
       options_(options),
-      on_event_(std::move(on_event)) {
+      lifecycle_(loop, registry, options.drain_timeout, stats_,
+                 std::move(on_event)) {
   dispatcher_.set_migration_observer(
       [this](uint64_t from, uint64_t to, v1::ReleaseReason reason) {
         NoteMigration(from, to, reason);
       });
-}
-
-void WorkerManager::Emit(WorkerEvent::Type type, const Worker* worker,
-                         std::string detail, std::string exit_status) {
-  if (!on_event_) return;
-  WorkerEvent event;
-  event.time = loop_.clock().Now();
-  event.type = type;
-  if (worker != nullptr) {
-    event.worker_id = worker->id;
-    event.pid = worker->pid;
-  }
-  event.detail = std::move(detail);
-  event.exit_status = std::move(exit_status);
-  on_event_(event);
 }
 
 WorkerManager::~WorkerManager() { dispatcher_.set_migration_observer(nullptr); }
@@ -184,7 +170,7 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
   Worker* worker = FindSupervisedAncestor(peer.pid);
   if (worker != nullptr && worker->state != WorkerState::kStarting) {
     Refuse(channel, v1::REFUSAL_REASON_OTHER,
-           worker->retiring
+           worker->retiring()
                ? "this worker is being stopped"
                : absl::StrCat("worker ", worker->id, " is already registered"));
     return;
@@ -215,10 +201,7 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
         return;
       }
     }
-    worker =
-        &registry_.Add(peer.pid, /*supervised=*/adopt, WorkerState::kStarting,
-                       loop_.clock().Now(), loop_.NowNanos());
-    worker->adopted = adopt;
+    worker = &lifecycle_.Arrived(peer.pid, adopt);
   }
   worker->pid = worker->supervised ? worker->pid : peer.pid;
   worker->capacity = hello.capacity();
@@ -238,8 +221,6 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
   worker->channel = std::move(it->second);
   unregistered_.erase(it);
   worker->channel->worker_id = worker->id;
-  worker->state = WorkerState::kReady;
-  ++stats_.registered;
 
   v1::HandoffMessage welcome;
   v1::Welcome* body = welcome.mutable_welcome();
@@ -262,10 +243,7 @@ void WorkerManager::OnHello(HandoffChannel& channel, const v1::Hello& hello) {
       worker->owned.empty() ? std::string()
                             : absl::StrCat(", ", worker->owned.size(),
                                            " connection(s) it still owns"));
-  Emit(v1::EVENT_TYPE_WORKER_READY, worker,
-       worker->adopted      ? "adopted"
-       : worker->supervised ? "supervised"
-                            : "external");
+  lifecycle_.Registered(*worker);
   dispatcher_.PlacePending();
   if (pending_replaces_.contains(worker->id)) {
     OnReplacementDone(worker->id, absl::OkStatus());
@@ -332,12 +310,7 @@ absl::Status WorkerManager::OnWorkerMessage(Worker& worker,
     case v1::HandoffMessage::kGoodbye:
       spdlog::info("worker {} said goodbye ({})", worker.id,
                    message.goodbye().reason());
-      worker.retiring = true;
-      if (worker.state != WorkerState::kDraining) {
-        worker.state = WorkerState::kDraining;
-        worker.drain_deadline_mono_nanos =
-            loop_.NowNanos() + absl::ToInt64Nanoseconds(options_.drain_timeout);
-      }
+      lifecycle_.SaidGoodbye(worker);
       // Goodbye promises the worker owns nothing; whatever it still sent
       // is handled by the channel close that follows.
       worker.channel->Close(absl::OkStatus());
@@ -371,7 +344,7 @@ void WorkerManager::OnChannelClosed(HandoffChannel& channel,
   }
   Worker* worker = registry_.Find(channel.worker_id);
   if (worker == nullptr) return;
-  if (worker->retiring && (reason.ok() || absl::IsUnavailable(reason))) {
+  if (worker->retiring() && (reason.ok() || absl::IsUnavailable(reason))) {
     spdlog::info("worker {} (pid {}) disconnected", worker->id, worker->pid);
   } else {
     spdlog::warn("worker {} (pid {}) channel closed: {}", worker->id,
@@ -380,35 +353,26 @@ void WorkerManager::OnChannelClosed(HandoffChannel& channel,
   dispatcher_.ReclaimUnacked(*worker);
   worker->channel.reset();  // Safe: the channel invokes us from a fresh turn.
   if (!worker->supervised) {
-    if (worker->retiring) {
-      Emit(v1::EVENT_TYPE_WORKER_EXITED, worker, "unregistered");
-    } else {
-      Emit(v1::EVENT_TYPE_WORKER_CRASHED, worker,
-           std::string(reason.message()));
-    }
+    lifecycle_.Disconnected(*worker, reason);
     RemoveWorker(*worker);
     return;
   }
-  if (worker->state != WorkerState::kDraining) {
-    Emit(v1::EVENT_TYPE_WORKER_DRAINING, worker,
-         absl::StrCat("channel lost: ", reason.message()));
-  }
-  // Replaced now (with back-off), not when it finally exits: until then it
-  // only finishes the connections it has.
-  if (!worker->retiring) NoteFailure(*worker);
   // A supervised worker without a channel finishes its connections; if it
   // tries to re-register here it is refused (its replacement is already
   // started), so it drains and exits. Past the deadline Tick() ends it.
-  if (worker->state != WorkerState::kDraining) {
-    worker->state = WorkerState::kDraining;
-    worker->drain_deadline_mono_nanos =
-        loop_.NowNanos() + absl::ToInt64Nanoseconds(options_.drain_timeout);
-  }
+  // A heartbeat timeout is the one DeadlineExceeded close of a registered
+  // worker's channel (Tick()).
+  const DrainCause cause = absl::IsDeadlineExceeded(reason)
+                               ? DrainCause::kHeartbeatTimeout
+                               : DrainCause::kChannelLost;
+  // Replaced now (with back-off), not when it finally exits: until then it
+  // only finishes the connections it has.
+  if (lifecycle_.ChannelLost(*worker, cause, reason)) NoteFailure(*worker);
   Reconcile();
 }
 
 void WorkerManager::RemoveWorker(Worker& worker) {
-  if (!worker.owned.empty() && !worker.retiring) {
+  if (!worker.owned.empty() && !worker.retiring()) {
     stats_.lost_with_worker += worker.owned.size();
   }
   const bool last_awaited = awaiting_scale_ready_.erase(worker.id) > 0 &&
@@ -422,11 +386,12 @@ void WorkerManager::RemoveWorker(Worker& worker) {
 
 // ---- Migration -----------------------------------------------------------
 
-bool WorkerManager::OthersCanTake(const Worker& worker) const {
+bool WorkerManager::OthersCanTake(
+    const absl::flat_hash_set<uint64_t>& leaving) const {
   for (const auto& [id, other] : registry_.workers()) {
-    if (id != worker.id && other->state == WorkerState::kReady &&
-        !other->retiring && other->channel != nullptr &&
-        !other->channel->closed() && other->HasRoom()) {
+    if (!leaving.contains(id) && other->state == WorkerState::kReady &&
+        other->channel != nullptr && !other->channel->closed() &&
+        other->HasRoom()) {
       return true;
     }
   }
@@ -453,8 +418,8 @@ absl::StatusOr<WorkerManager::RebalanceResult> WorkerManager::Rebalance(
   std::vector<Worker*> ready;
   int64_t total = 0;
   for (const auto& [id, worker] : registry_.workers()) {
-    if (worker->state == WorkerState::kReady && !worker->retiring &&
-        worker->channel != nullptr && !worker->channel->closed()) {
+    if (worker->state == WorkerState::kReady && worker->channel != nullptr &&
+        !worker->channel->closed()) {
       ready.push_back(worker.get());
       total += worker->load();
     }
@@ -498,7 +463,8 @@ absl::StatusOr<WorkerManager::RebalanceResult> WorkerManager::Rebalance(
           : absl::StrCat("; ", result.skipped.size(),
                          " worker(s) above it cannot release"));
   spdlog::info("rebalance {}", detail);
-  Emit(v1::EVENT_TYPE_REBALANCE_REQUESTED, nullptr, std::move(detail));
+  lifecycle_.Emit(v1::EVENT_TYPE_REBALANCE_REQUESTED, nullptr,
+                  std::move(detail));
   return result;
 }
 
@@ -524,7 +490,6 @@ void WorkerManager::EmitMigrations() {
                       " (", count, ")");
     }
     WorkerEvent event;
-    event.time = loop_.clock().Now();
     event.type = v1::EVENT_TYPE_CONNECTIONS_MIGRATED;
     event.worker_id = key.first;
     event.pid = tally.pid;
@@ -532,7 +497,7 @@ void WorkerManager::EmitMigrations() {
         tally.total, " connection(s) moved (",
         key.second == v1::RELEASE_REASON_DRAIN ? "drain" : "rebalance", ") to ",
         targets);
-    if (on_event_) on_event_(event);
+    lifecycle_.Emit(std::move(event));
   }
   migrations_.clear();
 }
@@ -540,12 +505,10 @@ void WorkerManager::EmitMigrations() {
 // ---- Supervision --------------------------------------------------------
 
 void WorkerManager::NoteFailure(Worker& worker) {
-  if (worker.failed) return;  // Channel loss and exit: one failure.
-  worker.failed = true;
   // One that never registered failed to start, however long that took (an
   // app that needs seconds to import and fail is a restart loop too); one
   // that registered counts only if it died within stable_after of starting.
-  const bool registered = worker.state != WorkerState::kStarting;
+  const bool registered = worker.registered_mono_nanos != 0;
   const int64_t lived = loop_.NowNanos() - worker.started_mono_nanos;
   if (registered && lived >= absl::ToInt64Nanoseconds(options_.stable_after)) {
     crash_streak_ = 0;
@@ -560,11 +523,12 @@ void WorkerManager::NoteFailure(Worker& worker) {
         "within {} of starting; restarts back off (up to {})",
         crash_streak_, absl::FormatDuration(options_.stable_after),
         absl::FormatDuration(options_.restart_backoff_max));
-    Emit(v1::EVENT_TYPE_RESTART_LOOP, &worker,
-         absl::StrCat(crash_streak_,
-                      " workers in a row failed to register or died within ",
-                      absl::FormatDuration(options_.stable_after),
-                      " of starting"));
+    lifecycle_.Emit(
+        v1::EVENT_TYPE_RESTART_LOOP, &worker,
+        absl::StrCat(crash_streak_,
+                     " workers in a row failed to register or died within ",
+                     absl::FormatDuration(options_.stable_after),
+                     " of starting"));
   }
 }
 
@@ -588,24 +552,14 @@ void WorkerManager::MaybeEndRestartLoop(int64_t now) {
 void WorkerManager::OnChildExited(pid_t pid, int wait_status) {
   Worker* worker = registry_.FindByPid(pid);
   if (worker == nullptr) return;
-  const bool crashed = !worker->retiring;
-  if (crashed) {
-    ++stats_.crashes;
-    spdlog::warn("worker {} (pid {}) crashed: {}", worker->id, pid,
-                 DescribeWaitStatus(wait_status));
-  } else {
-    spdlog::info("worker {} (pid {}) exited: {}", worker->id, pid,
-                 DescribeWaitStatus(wait_status));
-  }
   if (worker->channel != nullptr) {
     // The exit was noticed before the channel's EOF.
     dispatcher_.ReclaimUnacked(*worker);
     worker->channel.reset();
   }
   const uint64_t id = worker->id;
-  Emit(crashed ? v1::EVENT_TYPE_WORKER_CRASHED : v1::EVENT_TYPE_WORKER_EXITED,
-       worker, "", DescribeWaitStatus(wait_status));
-  if (crashed) NoteFailure(*worker);  // After the event: may report a loop.
+  // After the event: a failure may report a restart loop.
+  if (lifecycle_.Exited(*worker, wait_status)) NoteFailure(*worker);
   RemoveWorker(*worker);
   if (pending_replaces_.contains(id)) {
     OnReplacementDone(
@@ -618,9 +572,8 @@ void WorkerManager::OnChildExited(pid_t pid, int wait_status) {
 }
 
 bool WorkerManager::Serving(const Worker& worker) {
-  return worker.supervised && !worker.retiring &&
-         worker.state != WorkerState::kDraining &&
-         worker.state != WorkerState::kExited;
+  return worker.supervised && (worker.state == WorkerState::kStarting ||
+                               worker.state == WorkerState::kReady);
 }
 
 int WorkerManager::CountServing() const {
@@ -671,18 +624,10 @@ uint64_t WorkerManager::SpawnOne(bool restart) {
     Reconcile();
     return 0;
   }
-  Worker& worker =
-      registry_.Add(*pid, /*supervised=*/true, WorkerState::kStarting,
-                    loop_.clock().Now(), loop_.NowNanos());
+  if (restart) --pending_restarts_;
+  Worker& worker = lifecycle_.Spawned(*pid, restart);
   spdlog::info("worker {} {}: pid {}", worker.id,
                restart ? "started (restart)" : "started", *pid);
-  if (restart) {
-    --pending_restarts_;
-    ++stats_.restarts;
-  }
-  Emit(
-      restart ? v1::EVENT_TYPE_WORKER_RESTARTED : v1::EVENT_TYPE_WORKER_STARTED,
-      &worker);
   return worker.id;
 }
 
@@ -717,15 +662,9 @@ absl::StatusOr<WorkerManager::ScaleResult> WorkerManager::Scale(
       if (a->load() != b->load()) return a->load() < b->load();
       return a->id > b->id;
     });
-    // Marked first, so that none of them counts as a place to move the
-    // others' idle connections to.
-    for (int i = 0; i < have - count; ++i) {
-      serving[i]->state = WorkerState::kDraining;
-    }
-    for (int i = 0; i < have - count; ++i) {
-      DrainWorker(*serving[i], drain_timeout);
-      result.draining.push_back(serving[i]->id);
-    }
+    serving.resize(have - count);
+    DrainWorkers(serving, DrainCause::kScaleDown, drain_timeout);
+    for (Worker* worker : serving) result.draining.push_back(worker->id);
   } else if (have < count && !pool_suspended_) {
     // An operator asked: start now, without the crash back-off.
     restart_timer_.Cancel();
@@ -743,10 +682,10 @@ absl::StatusOr<WorkerManager::ScaleResult> WorkerManager::Scale(
                                    result.started.end());
     }
   }
-  Emit(v1::EVENT_TYPE_SCALE_REQUESTED, nullptr,
-       absl::StrCat("count ", result.previous_count, " -> ", count, ": ",
-                    result.started.size(), " started, ", result.draining.size(),
-                    " draining"));
+  lifecycle_.Emit(v1::EVENT_TYPE_SCALE_REQUESTED, nullptr,
+                  absl::StrCat("count ", result.previous_count, " -> ", count,
+                               ": ", result.started.size(), " started, ",
+                               result.draining.size(), " draining"));
   return result;
 }
 
@@ -762,7 +701,7 @@ void WorkerManager::DrainWorkerById(uint64_t id, absl::Duration timeout,
     done(absl::FailedPreconditionError("the broker is shutting down"));
     return;
   }
-  if (worker->retiring || worker->state == WorkerState::kDraining) {
+  if (worker->state == WorkerState::kDraining) {
     done(absl::FailedPreconditionError(
         absl::StrCat("worker ", id, " is already draining")));
     return;
@@ -774,15 +713,15 @@ void WorkerManager::DrainWorkerById(uint64_t id, absl::Duration timeout,
         "broker cannot start an external worker)")));
     return;
   }
-  Emit(v1::EVENT_TYPE_WORKER_DRAIN_REQUESTED, worker,
-       replace ? "with replacement" : "");
+  lifecycle_.Emit(v1::EVENT_TYPE_WORKER_DRAIN_REQUESTED, worker,
+                  replace ? "with replacement" : "");
   if (!replace) {
     if (worker->supervised) {
       // The operator removes this worker: the pool shrinks rather than
       // restarting it.
       options_.target_workers = std::max(0, options_.target_workers - 1);
     }
-    DrainWorker(*worker, timeout);
+    DrainWorker(*worker, DrainCause::kOperator, timeout);
     done(DrainResult{id, 0});
     return;
   }
@@ -812,7 +751,9 @@ void WorkerManager::OnReplacementDone(uint64_t replacement_id,
     pending.done(DrainResult{pending.old_id, replacement_id});
     return;
   }
-  if (!old->retiring) DrainWorker(*old, pending.timeout);
+  if (!old->retiring()) {
+    DrainWorker(*old, DrainCause::kReplaced, pending.timeout);
+  }
   pending.done(DrainResult{pending.old_id, replacement_id});
 }
 
@@ -821,8 +762,8 @@ std::vector<uint64_t> WorkerManager::SuspendPool(absl::Duration timeout) {
   restart_timer_.Cancel();
   std::vector<uint64_t> draining;
   for (const auto& [id, worker] : registry_.workers()) {
-    if (!worker->retiring && worker->state != WorkerState::kDraining) {
-      DrainWorker(*worker, timeout);
+    if (worker->state != WorkerState::kDraining) {
+      DrainWorker(*worker, DrainCause::kPoolDrain, timeout);
       draining.push_back(id);
     }
   }
@@ -869,10 +810,7 @@ void WorkerManager::Tick() {
                    absl::FormatDuration(options_.start_timeout));
       supervisor_.Signal(worker->pid, SIGKILL);
     }
-    if (worker->state == WorkerState::kDraining &&
-        worker->drain_deadline_mono_nanos != 0 &&
-        now > worker->drain_deadline_mono_nanos) {
-      worker->drain_deadline_mono_nanos = 0;
+    if (WorkerLifecycle::TakeExpiredDeadline(*worker, now)) {
       if (worker->supervised) {
         spdlog::warn(
             "worker {} (pid {}) still running at its drain deadline; "
@@ -910,34 +848,42 @@ void WorkerManager::Tick() {
   }
 }
 
-void WorkerManager::DrainWorker(Worker& worker, absl::Duration timeout) {
-  worker.retiring = true;
-  worker.state = WorkerState::kDraining;
-  worker.drain_deadline_mono_nanos =
-      loop_.NowNanos() + absl::ToInt64Nanoseconds(timeout);
-  if (worker.channel == nullptr) {
-    // Not registered yet: nothing to drain.
-    if (worker.supervised) supervisor_.Signal(worker.pid, SIGTERM);
-    Emit(v1::EVENT_TYPE_WORKER_DRAINING, &worker,
-         "stopped before it registered");
-    return;
-  }
+void WorkerManager::DrainWorker(Worker& worker, DrainCause cause,
+                                absl::Duration timeout) {
+  DrainWorkers({&worker}, cause, timeout);
+}
+
+void WorkerManager::DrainWorkers(const std::vector<Worker*>& workers,
+                                 DrainCause cause, absl::Duration timeout) {
   // One worker leaves and others stay: its idle connections move to them
   // (released) instead of being closed. A broker-wide drain has nowhere to
-  // move them.
-  const bool release_idle = worker.supports_release && !shutting_down_ &&
-                            !pool_suspended_ && OthersCanTake(worker);
-  v1::HandoffMessage drain;
-  drain.mutable_drain()->set_deadline_unix_nanos(
-      absl::ToUnixNanos(loop_.clock().Now() + timeout));
-  drain.mutable_drain()->set_release_idle(release_idle);
-  worker.channel->SendControl(std::move(drain));
-  spdlog::info("worker {} (pid {}) draining, deadline in {}{}", worker.id,
-               worker.pid, absl::FormatDuration(timeout),
-               release_idle ? ", idle connections move to other workers" : "");
-  Emit(v1::EVENT_TYPE_WORKER_DRAINING, &worker,
-       absl::StrCat("deadline in ", absl::FormatDuration(timeout),
-                    release_idle ? "; idle connections move" : ""));
+  // move them. None of `workers` counts as a place to move the others' to.
+  absl::flat_hash_set<uint64_t> leaving;
+  for (const Worker* worker : workers) leaving.insert(worker->id);
+  std::vector<bool> release_idle;
+  for (const Worker* worker : workers) {
+    release_idle.push_back(worker->supports_release && !shutting_down_ &&
+                           !pool_suspended_ && OthersCanTake(leaving));
+  }
+  for (size_t i = 0; i < workers.size(); ++i) {
+    Worker& worker = *workers[i];
+    if (!lifecycle_.Drain(worker, cause, timeout, release_idle[i])) continue;
+    if (worker.channel == nullptr) {
+      // Not registered (or its channel is gone): nothing to tell it.
+      if (worker.supervised) supervisor_.Signal(worker.pid, SIGTERM);
+      continue;
+    }
+    v1::HandoffMessage drain;
+    drain.mutable_drain()->set_deadline_unix_nanos(
+        absl::ToUnixNanos(loop_.clock().Now() + timeout));
+    drain.mutable_drain()->set_release_idle(release_idle[i]);
+    worker.channel->SendControl(std::move(drain));
+    spdlog::info(
+        "worker {} (pid {}) draining ({}), deadline in {}{}", worker.id,
+        worker.pid, std::string(DrainCauseName(cause)),
+        absl::FormatDuration(timeout),
+        release_idle[i] ? ", idle connections move to other workers" : "");
+  }
 }
 
 void WorkerManager::DrainAll(absl::Duration timeout,
@@ -950,7 +896,9 @@ void WorkerManager::DrainAll(absl::Duration timeout,
                              absl::ToInt64Nanoseconds(absl::Seconds(2));
   restart_timer_.Cancel();
   for (const auto& [id, worker] : registry_.workers()) {
-    if (!worker->retiring) DrainWorker(*worker, timeout);
+    if (!worker->retiring()) {
+      DrainWorker(*worker, DrainCause::kShutdown, timeout);
+    }
   }
   MaybeFinishShutdown();
 }

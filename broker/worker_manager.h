@@ -23,6 +23,7 @@
 #include "broker/metrics_list.h"
 #include "broker/supervisor.h"
 #include "broker/worker_events.h"
+#include "broker/worker_lifecycle.h"
 #include "broker/worker_registry.h"
 #include "wire/sys_calls.h"
 
@@ -52,9 +53,7 @@ class WorkerManager : public HandoffChannel::Delegate {
     bool rebalance_after_scale = false;
   };
   // broker/metrics_list.h declares the fields (and their metrics).
-  struct Stats {
-    FDBROKER_STATS_STRUCT_FIELDS(FDBROKER_WORKER_MANAGER_STATS)
-  };
+  using Stats = WorkerStats;
 
   using EventCallback = std::function<void(const WorkerEvent&)>;
   struct ScaleResult {
@@ -104,8 +103,6 @@ class WorkerManager : public HandoffChannel::Delegate {
   // A supervised child exited (from the Supervisor).
   void OnChildExited(pid_t pid, int wait_status);
 
-  // Tells `worker` to drain, with a deadline `timeout` from now.
-  void DrainWorker(Worker& worker, absl::Duration timeout);
   // Broker shutdown: no more restarts or registrations; every worker drains
   // within `timeout`. `done` runs once no worker is left or the deadline
   // (plus a short grace for reaping) has passed.
@@ -166,7 +163,13 @@ class WorkerManager : public HandoffChannel::Delegate {
   absl::Status OnWorkerMessage(Worker& worker, v1::HandoffMessage& message,
                                wire::UniqueFd fd);
   // Another ready worker with room could take `worker`'s connections.
-  bool OthersCanTake(const Worker& worker) const;
+  bool OthersCanTake(const absl::flat_hash_set<uint64_t>& leaving) const;
+  // Tells `worker` to drain for `cause`, with a deadline `timeout` from now.
+  void DrainWorker(Worker& worker, DrainCause cause, absl::Duration timeout);
+  // Drains `workers` together: none of them is a place to move the others'
+  // idle connections to.
+  void DrainWorkers(const std::vector<Worker*>& workers, DrainCause cause,
+                    absl::Duration timeout);
   // Tallies a finished migration; one event per releasing worker and reason
   // is emitted a moment later (a drain moves hundreds at once).
   void NoteMigration(uint64_t from, uint64_t to, v1::ReleaseReason reason);
@@ -187,8 +190,6 @@ class WorkerManager : public HandoffChannel::Delegate {
   // draining or gone.
   static bool Serving(const Worker& worker);
   int CountServing() const;
-  void Emit(WorkerEvent::Type type, const Worker* worker,
-            std::string detail = "", std::string exit_status = "");
   void OnReplacementDone(uint64_t replacement_id, const absl::Status& status);
   void Tick();
   void MaybeFinishShutdown();
@@ -199,6 +200,8 @@ class WorkerManager : public HandoffChannel::Delegate {
   Supervisor& supervisor_;
   wire::SysCalls& sys_;
   Options options_;
+  Stats stats_;
+  WorkerLifecycle lifecycle_;
   // Channels that have not said Hello yet, with their arrival time.
   absl::flat_hash_map<HandoffChannel*, std::unique_ptr<HandoffChannel>>
       unregistered_;
@@ -216,7 +219,6 @@ class WorkerManager : public HandoffChannel::Delegate {
   bool adopting_ = false;
   bool handing_over_ = false;
   UpgradeCallback on_upgrade_;
-  EventCallback on_event_;
   // Rolling restarts waiting for their replacement: replacement id -> the
   // worker to drain and the caller to answer.
   struct PendingReplace {
@@ -237,7 +239,6 @@ class WorkerManager : public HandoffChannel::Delegate {
   Timer migration_timer_{loop_};
   int64_t shutdown_deadline_nanos_ = 0;
   absl::AnyInvocable<void()> shutdown_done_;
-  Stats stats_;
 };
 
 }  // namespace fdbroker
