@@ -21,17 +21,19 @@ struct Worker;
 
 // Where a worker is in its life. Every change of it is one function of
 // WorkerLifecycle (below); the diagram, with those functions on the arrows:
+// clang-format off
 //
-//   Spawned/Adopted ──► kStarting ──Registered──► kReady
-//                          │                        │
-//                          │ Drain(cause)           │ Drain(cause),
-//                          SaidGoodbye, ▼                        ▼
-//                          ChannelLost(cause)
-//                       kDraining ◄─────────────────┘
-//                          │   (Drain again: an unexpected loss becomes a
-//                          │    requested drain, e.g. at shutdown)
-//                          ▼
-//   any but kExited ──Exited/Disconnected──► kExited (then removed)
+//   Spawned, Arrived ──► kStarting ──Registered──► kReady
+//                           │                        │
+//          Drain(requested) │                        │ Drain(any cause),
+//                           ▼                        │ SaidGoodbye,
+//                       kDraining ◄──────────────────┘ ChannelLost(cause)
+//                           │  Drain again: only a lost worker, whose exit
+//                           │  is then expected (e.g. at shutdown)
+//                           ▼
+//   kStarting, kReady, kDraining ──Exited, Disconnected──► kExited (removed)
+//
+// clang-format on
 //
 // Restarting with back-off is the pool's, not a worker's: a failed worker's
 // record goes at its exit and its replacement is a new worker (WorkerPool).
