@@ -67,9 +67,7 @@ DataPlaneOperations::DataPlaneOperations(
       accepted_rate_(kRateWindowNanos),
       handed_rate_(kRateWindowNanos) {}
 
-DataPlaneOperations::~DataPlaneOperations() {
-  if (tick_timer_ != 0) loop_.Cancel(tick_timer_);
-}
+DataPlaneOperations::~DataPlaneOperations() = default;
 
 void DataPlaneOperations::Start(HealthCallback on_health) {
   on_health_ = std::move(on_health);
@@ -77,7 +75,7 @@ void DataPlaneOperations::Start(HealthCallback on_health) {
 }
 
 void DataPlaneOperations::Tick() {
-  tick_timer_ = loop_.RunAfter(absl::Seconds(1), [this] { Tick(); });
+  tick_timer_.Arm(absl::Seconds(1), [this] { Tick(); });
   const int64_t now = loop_.clock().MonotonicNanos();
   accepted_rate_.Sample(now, dispatcher_.stats().dispatched);
   handed_rate_.Sample(now, dispatcher_.stats().handed_off);

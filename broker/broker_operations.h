@@ -95,7 +95,7 @@ class DataPlaneOperations final : public BrokerOperations {
   std::function<void(const WorkerEvent&)> emit_;
   HealthCallback on_health_;
   int health_ = -1;  // Unknown until the first check.
-  EventLoop::TimerId tick_timer_ = 0;
+  Timer tick_timer_{loop_};
   RateWindow accepted_rate_;
   RateWindow handed_rate_;
   absl::flat_hash_map<uint64_t, RateWindow> worker_rates_;

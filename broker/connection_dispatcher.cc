@@ -77,9 +77,7 @@ ConnectionDispatcher::ConnectionDispatcher(EventLoop& loop,
            << 24) +
           1) {}
 
-ConnectionDispatcher::~ConnectionDispatcher() {
-  if (pending_timer_ != 0) loop_.Cancel(pending_timer_);
-}
+ConnectionDispatcher::~ConnectionDispatcher() = default;
 
 void ConnectionDispatcher::Dispatch(AcceptedConnection connection) {
   ++stats_.dispatched;
@@ -431,15 +429,12 @@ void ConnectionDispatcher::CloseAllPending() {
 }
 
 void ConnectionDispatcher::ArmPendingTimer() {
-  if (pending_timer_ != 0 || pending_.empty()) return;
+  if (pending_timer_.armed() || pending_.empty()) return;
   const int64_t wait = pending_.front().connection.accept_mono_nanos +
                        absl::ToInt64Nanoseconds(options_.pending_timeout) -
                        loop_.clock().MonotonicNanos();
-  pending_timer_ =
-      loop_.RunAfter(absl::Nanoseconds(std::max<int64_t>(wait, 0)), [this] {
-        pending_timer_ = 0;
-        ExpirePending();
-      });
+  pending_timer_.Arm(absl::Nanoseconds(std::max<int64_t>(wait, 0)),
+                     [this] { ExpirePending(); });
 }
 
 void ConnectionDispatcher::ExpirePending() {
@@ -471,11 +466,8 @@ void ConnectionDispatcher::ExpirePending() {
     const int64_t wait = oldest +
                          absl::ToInt64Nanoseconds(options_.pending_timeout) -
                          loop_.clock().MonotonicNanos();
-    pending_timer_ = loop_.RunAfter(
-        absl::Nanoseconds(std::max<int64_t>(wait, 1000000)), [this] {
-          pending_timer_ = 0;
-          ExpirePending();
-        });
+    pending_timer_.Arm(absl::Nanoseconds(std::max<int64_t>(wait, 1000000)),
+                       [this] { ExpirePending(); });
   }
 }
 

@@ -163,7 +163,7 @@ class ConnectionDispatcher {
   uint64_t next_connection_id_;
   std::deque<Entry> pending_;
   absl::flat_hash_map<uint64_t, Entry> in_flight_;
-  EventLoop::TimerId pending_timer_ = 0;
+  Timer pending_timer_{loop_};
   // Staged connection ids per worker id, in placement order.
   absl::flat_hash_map<uint64_t, std::vector<uint64_t>> batches_;
   bool flush_scheduled_ = false;

@@ -55,7 +55,7 @@ Daemon::~Daemon() {
   control_service_.reset();
   operations_.reset();
   metrics_server_.reset();
-  if (metrics_timer_ != 0) loop_->Cancel(metrics_timer_);
+  metrics_timer_.reset();
   listener_.reset();
   // A new broker that fails before it is up leaves the socket file to the
   // running broker, which carries on.
@@ -243,8 +243,9 @@ ControlService::Authorization Daemon::ControlAuthorization() {
 }
 
 void Daemon::SyncMetrics() {
-  metrics_timer_ =
-      loop_->RunAfter(absl::Milliseconds(500), [this] { SyncMetrics(); });
+  if (metrics_timer_ == nullptr)
+    metrics_timer_ = std::make_unique<Timer>(*loop_);
+  metrics_timer_->Arm(absl::Milliseconds(500), [this] { SyncMetrics(); });
   metrics_->Sync(*listener_, registry_, *dispatcher_, *manager_);
 }
 

@@ -97,7 +97,7 @@ class Daemon {
   std::unique_ptr<BrokerMetrics> metrics_;
   std::shared_ptr<ProcessMetrics> process_metrics_;
   std::unique_ptr<MetricsServer> metrics_server_;
-  EventLoop::TimerId metrics_timer_ = 0;
+  std::unique_ptr<Timer> metrics_timer_;  // Set once the loop exists.
   std::unique_ptr<DataPlaneOperations> operations_;
   std::unique_ptr<ControlService> control_service_;
   std::unique_ptr<ControlServer> control_server_;

@@ -25,6 +25,20 @@ void IoWatch::SetEvents(uint32_t events) { loop_.Modify(entry_, events); }
 
 uint32_t IoWatch::events() const { return entry_->events; }
 
+void Timer::Arm(absl::Duration delay, absl::AnyInvocable<void()> task) {
+  Cancel();
+  id_ = loop_.RunAfter(delay, [this, task = std::move(task)]() mutable {
+    id_ = 0;  // Fired: before the task, which may re-arm or destroy us.
+    task();
+  });
+}
+
+void Timer::Cancel() {
+  if (id_ == 0) return;
+  loop_.Cancel(id_);
+  id_ = 0;
+}
+
 absl::StatusOr<std::unique_ptr<EventLoop>> EventLoop::Create() {
   auto clock = std::make_unique<RealClock>();
   Clock& ref = *clock;
@@ -112,7 +126,7 @@ EventLoop::TimerId EventLoop::RunAfter(absl::Duration delay, Task task) {
   AssertOnLoop();
   const TimerId id = next_timer_id_++;
   int64_t deadline = clock_.MonotonicNanos() + absl::ToInt64Nanoseconds(delay);
-  timers_.push(Timer{deadline, id});
+  timers_.push(TimerEntry{deadline, id});
   timer_tasks_.emplace(id, std::move(task));
   return id;
 }

@@ -45,6 +45,30 @@ class IoWatch {
   Entry* entry_;
 };
 
+// A timer owned by its holder (a member, typically): Arm() schedules its
+// task, cancelling the one armed before; Cancel() and the destructor cancel
+// it. So a timer never outlives what its task refers to, and nobody keeps a
+// raw id to cancel by hand. Loop thread only. The task may destroy the Timer
+// or re-arm it.
+class Timer {
+ public:
+  explicit Timer(EventLoop& loop) : loop_(loop) {}
+  ~Timer() { Cancel(); }
+  Timer(const Timer&) = delete;
+  Timer& operator=(const Timer&) = delete;
+
+  // Runs `task` once after `delay`, instead of whatever was armed.
+  void Arm(absl::Duration delay, absl::AnyInvocable<void()> task);
+  // Disarms it; a no-op when not armed.
+  void Cancel();
+  // Armed and not yet fired.
+  bool armed() const { return id_ != 0; }
+
+ private:
+  EventLoop& loop_;
+  uint64_t id_ = 0;
+};
+
 // The data plane's single-threaded reactor: epoll, timers and a cross-thread
 // task queue. Every method except Post() and Stop() must be called on the
 // loop thread (the thread running Run()); they assert it. Level-triggered:
@@ -69,7 +93,8 @@ class EventLoop {
   absl::StatusOr<std::unique_ptr<IoWatch>> Watch(int fd, uint32_t events,
                                                  IoCallback callback);
 
-  // Runs `task` once after `delay`. Returns an id for Cancel().
+  // Runs `task` once after `delay`. Returns an id for Cancel(). A timer its
+  // owner may need to cancel is better a Timer (above).
   TimerId RunAfter(absl::Duration delay, Task task);
   // Cancels a timer that has not fired; unknown or fired ids are ignored.
   void Cancel(TimerId id);
@@ -107,10 +132,10 @@ class EventLoop {
 
  private:
   friend class IoWatch;
-  struct Timer {
+  struct TimerEntry {
     int64_t deadline;
     TimerId id;
-    bool operator>(const Timer& other) const {
+    bool operator>(const TimerEntry& other) const {
       return deadline != other.deadline ? deadline > other.deadline
                                         : id > other.id;
     }
@@ -139,7 +164,9 @@ class EventLoop {
   // Unwatched entries, freed after the batch that may still reference them.
   std::vector<IoWatch::Entry*> graveyard_;
 
-  std::priority_queue<Timer, std::vector<Timer>, std::greater<Timer>> timers_;
+  std::priority_queue<TimerEntry, std::vector<TimerEntry>,
+                      std::greater<TimerEntry>>
+      timers_;
   absl::flat_hash_map<TimerId, Task> timer_tasks_;
   TimerId next_timer_id_ = 1;
   std::vector<Task> soon_;

@@ -171,8 +171,7 @@ absl::StatusOr<std::unique_ptr<HandoffServer>> HandoffServer::Adopt(
 
 void HandoffServer::Release() {
   released_ = true;
-  if (resume_timer_ != 0) loop_.Cancel(resume_timer_);
-  resume_timer_ = 0;
+  resume_timer_.Cancel();
   watch_.reset();
   socket_.Reset();
 }
@@ -188,7 +187,7 @@ HandoffServer::HandoffServer(EventLoop& loop, std::string path,
       on_peer_(std::move(on_peer)) {}
 
 HandoffServer::~HandoffServer() {
-  if (resume_timer_ != 0) loop_.Cancel(resume_timer_);
+  resume_timer_.Cancel();
   watch_.reset();
   if (!released_) ::unlink(path_.c_str());
 }
@@ -218,10 +217,8 @@ void HandoffServer::OnReadable() {
       if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
         spdlog::warn("hand-off accept: {}; pausing", strerror(err));
         watch_->SetEvents(0);
-        resume_timer_ = loop_.RunAfter(options_.exhaustion_pause, [this] {
-          resume_timer_ = 0;
-          watch_->SetEvents(EPOLLIN);
-        });
+        resume_timer_.Arm(options_.exhaustion_pause,
+                          [this] { watch_->SetEvents(EPOLLIN); });
         return;
       }
       spdlog::error("hand-off accept: {}", strerror(err));

@@ -68,7 +68,7 @@ class HandoffServer {
   wire::SysCalls& sys_;
   NewPeerCallback on_peer_;
   std::unique_ptr<IoWatch> watch_;
-  EventLoop::TimerId resume_timer_ = 0;
+  Timer resume_timer_{loop_};
   bool replaced_stale_socket_ = false;
   bool released_ = false;
 };

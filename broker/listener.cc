@@ -71,9 +71,7 @@ Listener::Listener(EventLoop& loop, wire::UniqueFd socket,
       sys_(sys),
       on_accept_(std::move(on_accept)) {}
 
-Listener::~Listener() {
-  if (resume_timer_ != 0) loop_.Cancel(resume_timer_);
-}
+Listener::~Listener() = default;
 
 absl::Status Listener::Init() {
   absl::StatusOr<std::unique_ptr<IoWatch>> watch =
@@ -96,14 +94,14 @@ void Listener::Resume() {
 
 void Listener::Close() {
   accepting_ = false;
-  if (resume_timer_ != 0) loop_.Cancel(resume_timer_);
-  resume_timer_ = 0;
+  resume_timer_.Cancel();
   watch_.reset();
   socket_.Reset();
 }
 
 void Listener::UpdateWatch() {
-  watch_->SetEvents(accepting_ && resume_timer_ == 0 ? uint32_t{EPOLLIN} : 0u);
+  watch_->SetEvents(accepting_ && !resume_timer_.armed() ? uint32_t{EPOLLIN}
+                                                         : 0u);
 }
 
 void Listener::OnReadable() {
@@ -126,10 +124,7 @@ void Listener::OnReadable() {
         ++stats_.exhaustion_pauses;
         spdlog::warn("accept: {}; pausing accepts for {}", strerror(err),
                      absl::FormatDuration(options_.exhaustion_pause));
-        resume_timer_ = loop_.RunAfter(options_.exhaustion_pause, [this] {
-          resume_timer_ = 0;
-          UpdateWatch();
-        });
+        resume_timer_.Arm(options_.exhaustion_pause, [this] { UpdateWatch(); });
         UpdateWatch();
         return;
       }

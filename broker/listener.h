@@ -85,7 +85,7 @@ class Listener {
   AcceptCallback on_accept_;
   std::unique_ptr<IoWatch> watch_;
   bool accepting_ = true;
-  EventLoop::TimerId resume_timer_ = 0;  // Non-zero while exhausted.
+  Timer resume_timer_{loop_};  // Armed while exhausted.
   Stats stats_;
 };
 

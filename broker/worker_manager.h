@@ -6,32 +6,36 @@
 
 #include <cstdint>
 #include <functional>
-#include <map>
 #include <memory>
-#include <utility>
 #include <vector>
 
-#include "absl/container/flat_hash_map.h"
-#include "absl/container/flat_hash_set.h"
 #include "absl/functional/any_invocable.h"
-#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "broker/connection_dispatcher.h"
 #include "broker/event_loop.h"
 #include "broker/handoff_channel.h"
-#include "broker/metrics_list.h"
 #include "broker/supervisor.h"
+#include "broker/worker_drainer.h"
 #include "broker/worker_events.h"
+#include "broker/worker_lifecycle.h"
+#include "broker/worker_pool.h"
+#include "broker/worker_registration.h"
 #include "broker/worker_registry.h"
 #include "wire/sys_calls.h"
 
 namespace fdbroker {
 
-// The life of every worker: registration (Hello → Welcome/Refusal), the
-// messages of registered workers, heartbeats, draining, and keeping the
-// supervised pool at its target size with capped exponential back-off
-// restarts. Loop thread only; the control plane drives it via posted tasks.
+// The coordinator of the life of workers, over its pieces: the lifecycle
+// (WorkerLifecycle: states and transitions), the way in (WorkerRegistration:
+// Hello → Welcome/Refusal), supervision (WorkerPool: target, back-off,
+// restart loops) and the way out (WorkerDrainer: drains, deadlines,
+// replace-then-drain, rebalance, migrations). Itself it receives every
+// channel's messages and closes and every child's exit and routes them,
+// heartbeats the registered workers, and sequences the control plane's
+// operations and the shutdown. Loop thread only; the control plane drives it
+// via posted tasks.
 class WorkerManager : public HandoffChannel::Delegate {
  public:
   struct Options {
@@ -52,31 +56,18 @@ class WorkerManager : public HandoffChannel::Delegate {
     bool rebalance_after_scale = false;
   };
   // broker/metrics_list.h declares the fields (and their metrics).
-  struct Stats {
-    FDBROKER_STATS_STRUCT_FIELDS(FDBROKER_WORKER_MANAGER_STATS)
-  };
+  using Stats = WorkerStats;
 
-  using EventCallback = std::function<void(const WorkerEvent&)>;
+  using EventCallback = WorkerLifecycle::EventCallback;
   struct ScaleResult {
     int previous_count = 0;
     int count = 0;
     std::vector<uint64_t> started;
     std::vector<uint64_t> draining;
   };
-  struct DrainResult {
-    uint64_t worker_id = 0;
-    uint64_t replacement_id = 0;  // 0 unless replaced.
-  };
-  using DrainCallback =
-      absl::AnyInvocable<void(absl::StatusOr<DrainResult> result)>;
-  struct RebalanceResult {
-    // Mean load (owned + unacked) of the ready workers.
-    double mean = 0;
-    // Workers sent a ReleaseRequest, and for how many connections.
-    std::vector<std::pair<uint64_t, uint32_t>> asked;
-    // Workers above the mean that cannot release (no supports_release).
-    std::vector<uint64_t> skipped;
-  };
+  using DrainResult = WorkerDrainer::DrainResult;
+  using DrainCallback = WorkerDrainer::DrainCallback;
+  using RebalanceResult = WorkerDrainer::RebalanceResult;
 
   WorkerManager(EventLoop& loop, WorkerRegistry& registry,
                 ConnectionDispatcher& dispatcher, Supervisor& supervisor,
@@ -91,21 +82,20 @@ class WorkerManager : public HandoffChannel::Delegate {
 
   // Called when a peer asks for an upgrade hand-over (UpgradeRequest instead
   // of Hello); the callback owns the channel from then on.
-  using UpgradeCallback = std::function<void(
-      std::unique_ptr<HandoffChannel> channel, const v1::UpgradeRequest&)>;
-  static constexpr uint64_t kUpgradePeerId = ~uint64_t{0};
+  using UpgradeCallback = WorkerRegistration::UpgradeCallback;
+  static constexpr uint64_t kUpgradePeerId = WorkerRegistration::kUpgradePeerId;
   void set_upgrade_handler(UpgradeCallback callback) {
-    on_upgrade_ = std::move(callback);
+    registration_.set_upgrade_handler(std::move(callback));
   }
 
   // A peer connected to the hand-off socket; `allowed` says whether its
   // uid may register (if not, its Hello is answered with a Refusal).
-  void OnNewPeer(wire::UniqueFd socket, const ucred& peer, bool allowed);
+  void OnNewPeer(wire::UniqueFd socket, const ucred& peer, bool allowed) {
+    registration_.OnNewPeer(std::move(socket), peer, allowed);
+  }
   // A supervised child exited (from the Supervisor).
   void OnChildExited(pid_t pid, int wait_status);
 
-  // Tells `worker` to drain, with a deadline `timeout` from now.
-  void DrainWorker(Worker& worker, absl::Duration timeout);
   // Broker shutdown: no more restarts or registrations; every worker drains
   // within `timeout`. `done` runs once no worker is left or the deadline
   // (plus a short grace for reaping) has passed.
@@ -121,29 +111,26 @@ class WorkerManager : public HandoffChannel::Delegate {
   // supervised pool shrinks by one. NotFound, FailedPrecondition on misuse.
   void DrainWorkerById(uint64_t id, absl::Duration timeout, bool replace,
                        DrainCallback done);
-  // Every ready worker more than one connection above the mean load that
-  // supports_release is asked to release its excess over ceil(mean); the
-  // dispatcher places released connections elsewhere. FailedPrecondition
-  // while shutting down or drained, or with fewer than 2 ready workers.
-  // `trigger` is for the log and the event ("RPC", "after scale-up").
-  absl::StatusOr<RebalanceResult> Rebalance(absl::string_view trigger);
+  // See WorkerDrainer::Rebalance.
+  absl::StatusOr<RebalanceResult> Rebalance(absl::string_view trigger) {
+    return drainer_.Rebalance(trigger);
+  }
   // Broker-wide Drain with a timeout: every worker drains and none is
   // restarted until ResumePool(), which restores the pool (returns the ids
   // of the workers it started).
   std::vector<uint64_t> SuspendPool(absl::Duration timeout);
+  std::vector<uint64_t> ResumePool() { return pool_.Resume(); }
   // The broker hands its workers to a new broker (upgrade): no restarts from
   // now on; the workers keep running and re-register there.
-  void PrepareForUpgrade();
-  std::vector<uint64_t> ResumePool();
-  bool pool_suspended() const { return pool_suspended_; }
+  void PrepareForUpgrade() { pool_.HandOver(); }
+
+  bool pool_suspended() const { return pool_.suspended(); }
+  bool shutting_down() const { return pool_.shutting_down(); }
   // Consecutive quick failures; restarts back off while it is above zero.
-  int crash_streak() const { return crash_streak_; }
-  // Workers keep dying right after start (the streak reached 3): counted,
-  // streamed as an event, and the broker reports NOT_SERVING.
-  static constexpr int kRestartLoopStreak = 3;
-  bool in_restart_loop() const { return crash_streak_ >= kRestartLoopStreak; }
-  bool shutting_down() const { return shutting_down_; }
-  int target_workers() const { return options_.target_workers; }
+  int crash_streak() const { return pool_.crash_streak(); }
+  static constexpr int kRestartLoopStreak = WorkerPool::kRestartLoopStreak;
+  bool in_restart_loop() const { return pool_.in_restart_loop(); }
+  int target_workers() const { return pool_.target(); }
   int max_workers() const { return options_.max_workers; }
   absl::Duration drain_timeout() const { return options_.drain_timeout; }
 
@@ -157,39 +144,11 @@ class WorkerManager : public HandoffChannel::Delegate {
   void OnWritable(HandoffChannel& channel) override;
 
  private:
-  void OnHello(HandoffChannel& channel, const v1::Hello& hello);
-  // The Hello's owned_connections: none held by the broker or owned by a
-  // worker other than `self`, none twice.
-  absl::Status CheckClaims(const v1::Hello& hello, const Worker* self) const;
-  void Refuse(HandoffChannel& channel, v1::RefusalReason reason,
-              absl::string_view message);
   absl::Status OnWorkerMessage(Worker& worker, v1::HandoffMessage& message,
                                wire::UniqueFd fd);
-  // Another ready worker with room could take `worker`'s connections.
-  bool OthersCanTake(const Worker& worker) const;
-  // Tallies a finished migration; one event per releasing worker and reason
-  // is emitted a moment later (a drain moves hundreds at once).
-  void NoteMigration(uint64_t from, uint64_t to, v1::ReleaseReason reason);
-  void EmitMigrations();
-  // --rebalance_after_scale: the last awaited worker is ready (or gone).
-  void RebalanceAfterScale();
-  // The supervised worker that is `pid` or one of its near ancestors.
-  Worker* FindSupervisedAncestor(pid_t pid);
   void RemoveWorker(Worker& worker);
-  // Counts an unexpected loss (crash or lost channel) once per worker, for
-  // the restart back-off.
-  void NoteFailure(Worker& worker);
-  void MaybeEndRestartLoop(int64_t now);
-  void Reconcile();
-  // Starts one supervised worker; returns its id (0 on failure).
-  uint64_t SpawnOne(bool restart = false);
-  // A supervised worker that counts toward the pool target: not retiring,
-  // draining or gone.
-  static bool Serving(const Worker& worker);
-  int CountServing() const;
-  void Emit(WorkerEvent::Type type, const Worker* worker,
-            std::string detail = "", std::string exit_status = "");
-  void OnReplacementDone(uint64_t replacement_id, const absl::Status& status);
+  // Every half heartbeat interval (at most 500 ms): heartbeats, silent
+  // channels, and the pieces' deadlines.
   void Tick();
   void MaybeFinishShutdown();
 
@@ -197,46 +156,15 @@ class WorkerManager : public HandoffChannel::Delegate {
   WorkerRegistry& registry_;
   ConnectionDispatcher& dispatcher_;
   Supervisor& supervisor_;
-  wire::SysCalls& sys_;
-  Options options_;
-  // Channels that have not said Hello yet, with their arrival time.
-  absl::flat_hash_map<HandoffChannel*, std::unique_ptr<HandoffChannel>>
-      unregistered_;
-  // Unregistered channels whose peer's uid is not allowed.
-  absl::flat_hash_set<HandoffChannel*> disallowed_;
-  int crash_streak_ = 0;
-  int64_t last_failure_nanos_ = 0;
-  // Failed workers not yet replaced (their replacements are "restarts").
-  int pending_restarts_ = 0;
-  EventLoop::TimerId restart_timer_ = 0;
-  EventLoop::TimerId tick_timer_ = 0;
-  bool shutting_down_ = false;
-  bool pool_suspended_ = false;
-  bool adopting_ = false;
-  bool handing_over_ = false;
-  UpgradeCallback on_upgrade_;
-  EventCallback on_event_;
-  // Rolling restarts waiting for their replacement: replacement id -> the
-  // worker to drain and the caller to answer.
-  struct PendingReplace {
-    uint64_t old_id;
-    absl::Duration timeout;
-    DrainCallback done;
-  };
-  absl::flat_hash_map<uint64_t, PendingReplace> pending_replaces_;
-  // Workers of the last scale-up not ready yet (--rebalance_after_scale).
-  absl::flat_hash_set<uint64_t> awaiting_scale_ready_;
-  // Finished migrations not yet reported, by (releaser, reason).
-  struct MigrationTally {
-    pid_t pid = 0;
-    uint64_t total = 0;
-    std::map<uint64_t, uint64_t> by_target;  // Worker id -> connections.
-  };
-  std::map<std::pair<uint64_t, int>, MigrationTally> migrations_;
-  EventLoop::TimerId migration_timer_ = 0;
+  const Options options_;
+  Stats stats_;
+  WorkerLifecycle lifecycle_;
+  WorkerPool pool_;
+  WorkerRegistration registration_;
+  WorkerDrainer drainer_;
+  Timer tick_timer_{loop_};
   int64_t shutdown_deadline_nanos_ = 0;
   absl::AnyInvocable<void()> shutdown_done_;
-  Stats stats_;
 };
 
 }  // namespace fdbroker

@@ -4,20 +4,6 @@
 
 namespace fdbroker {
 
-absl::string_view WorkerStateName(WorkerState state) {
-  switch (state) {
-    case WorkerState::kStarting:
-      return "starting";
-    case WorkerState::kReady:
-      return "ready";
-    case WorkerState::kDraining:
-      return "draining";
-    case WorkerState::kExited:
-      return "exited";
-  }
-  return "unknown";
-}
-
 Worker& WorkerRegistry::Add(pid_t pid, bool supervised, WorkerState state,
                             absl::Time now, int64_t now_mono_nanos) {
   auto worker = std::make_unique<Worker>();

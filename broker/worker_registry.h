@@ -13,23 +13,23 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "broker/handoff_channel.h"
+#include "broker/worker_lifecycle.h"
 
 namespace fdbroker {
 
-enum class WorkerState {
-  kStarting,  // Spawned (supervised) and not registered yet.
-  kReady,     // Registered; takes connections.
-  kDraining,  // Told to drain (or its channel is gone while it still runs).
-  kExited,    // Gone; kept only until its record is removed.
-};
-
-absl::string_view WorkerStateName(WorkerState state);
-
-// One worker process as the broker sees it. Loop thread only.
+// One worker process as the broker sees it. Loop thread only. Who writes
+// what: the lifecycle fields only WorkerLifecycle (worker_lifecycle.h); what
+// the Hello declared, WorkerRegistration; the load figures (unacked, owned,
+// handed_total), the ConnectionDispatcher.
 struct Worker {
   uint64_t id = 0;
   pid_t pid = 0;
+  // Lifecycle.
   WorkerState state = WorkerState::kStarting;
+  DrainCause drain_cause = DrainCause::kNone;  // Kept once exited.
+  int64_t drain_deadline_mono_nanos = 0;       // 0: none (or passed).
+  int64_t registered_mono_nanos = 0;           // 0: never registered.
+
   bool supervised = false;
   // Supervised, but started by a previous broker (not our child).
   bool adopted = false;
@@ -58,12 +58,10 @@ struct Worker {
   // a Release must match.
   absl::flat_hash_map<uint64_t, uint64_t> owned;
   uint64_t handed_total = 0;
-  // Set once the broker sent Drain (or the worker said Goodbye): its exit is
-  // expected, not a crash.
-  bool retiring = false;
-  // Its loss was counted as a failure (see WorkerManager::NoteFailure).
-  bool failed = false;
-  int64_t drain_deadline_mono_nanos = 0;
+
+  // Draining because the broker asked (or the worker said Goodbye): its exit
+  // is expected, not a crash.
+  bool retiring() const { return IsRequested(drain_cause); }
 
   int64_t active() const { return static_cast<int64_t>(owned.size()); }
   // What balancing compares: every connection the worker has or will have.

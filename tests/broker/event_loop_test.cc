@@ -4,10 +4,13 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "tests/broker/simulated_time.h"
 
 namespace fdbroker {
 namespace {
@@ -80,6 +83,74 @@ TEST(EventLoopTest, RunSoonRunsAfterTheCurrentCallback) {
   });
   loop->Run();
   EXPECT_EQ(order, (std::vector<int>{1, 2}));
+}
+
+TEST(TimerTest, FiresOnceAtItsDeadline) {
+  SimulatedTime time;
+  Timer timer(time.loop());
+  int fired = 0;
+  EXPECT_FALSE(timer.armed());
+  timer.Arm(absl::Milliseconds(100), [&] { ++fired; });
+  EXPECT_TRUE(timer.armed());
+  time.Advance(absl::Milliseconds(99));
+  EXPECT_EQ(fired, 0);
+  time.Advance(absl::Milliseconds(1));
+  EXPECT_EQ(fired, 1);
+  EXPECT_FALSE(timer.armed()) << "fired";
+  time.Advance(absl::Seconds(10));
+  EXPECT_EQ(fired, 1);
+}
+
+TEST(TimerTest, RearmingReplacesTheArmedTask) {
+  SimulatedTime time;
+  Timer timer(time.loop());
+  std::vector<int> fired;
+  timer.Arm(absl::Milliseconds(100), [&] { fired.push_back(1); });
+  timer.Arm(absl::Milliseconds(300), [&] { fired.push_back(2); });
+  time.Advance(absl::Milliseconds(200));
+  EXPECT_TRUE(fired.empty()) << "the first task was cancelled";
+  time.Advance(absl::Milliseconds(100));
+  EXPECT_EQ(fired, (std::vector<int>{2}));
+}
+
+TEST(TimerTest, CancelAndDestructionDisarm) {
+  SimulatedTime time;
+  int fired = 0;
+  Timer cancelled(time.loop());
+  cancelled.Arm(absl::Milliseconds(10), [&] { ++fired; });
+  cancelled.Cancel();
+  EXPECT_FALSE(cancelled.armed());
+  cancelled.Cancel();  // Not armed: nothing to do.
+  {
+    Timer destroyed(time.loop());
+    destroyed.Arm(absl::Milliseconds(10), [&] { ++fired; });
+  }
+  time.Advance(absl::Seconds(1));
+  EXPECT_EQ(fired, 0);
+}
+
+TEST(TimerTest, ItsTaskMayRearmOrDestroyIt) {
+  SimulatedTime time;
+  Timer ticker(time.loop());
+  int ticks = 0;
+  std::function<void()> tick = [&] {
+    ++ticks;
+    ticker.Arm(absl::Milliseconds(100), tick);
+  };
+  ticker.Arm(absl::Milliseconds(100), tick);
+  time.Advance(absl::Milliseconds(350));
+  EXPECT_EQ(ticks, 3);
+  EXPECT_TRUE(ticker.armed());
+
+  auto once = std::make_unique<Timer>(time.loop());
+  bool ran = false;
+  once->Arm(absl::Milliseconds(10), [&] {
+    once.reset();  // The owner goes away from inside the task.
+    ran = true;
+  });
+  time.Advance(absl::Milliseconds(10));
+  EXPECT_TRUE(ran);
+  EXPECT_EQ(once, nullptr);
 }
 
 }  // namespace

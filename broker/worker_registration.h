@@ -1,0 +1,102 @@
+#ifndef FDBROKER_BROKER_WORKER_REGISTRATION_H_
+#define FDBROKER_BROKER_WORKER_REGISTRATION_H_
+
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "broker/connection_dispatcher.h"
+#include "broker/event_loop.h"
+#include "broker/handoff_channel.h"
+#include "broker/supervisor.h"
+#include "broker/worker_lifecycle.h"
+#include "broker/worker_registry.h"
+#include "wire/sys_calls.h"
+
+namespace fdbroker {
+
+// The way in: channels of peers that have not said Hello yet, and the
+// Hello's answer (Welcome, or a Refusal saying why: version, credentials,
+// --max_workers, shutting down, claims on connections others own). A peer
+// whose first message is an UpgradeRequest is a new broker, not a worker:
+// its channel goes to the upgrade handler. Loop thread only.
+class WorkerRegistration {
+ public:
+  struct Options {
+    int max_workers = 64;
+    absl::Duration heartbeat_interval = absl::Seconds(1);
+    // Also how long a peer may take to say Hello.
+    absl::Duration heartbeat_timeout = absl::Seconds(10);
+  };
+  using UpgradeCallback = std::function<void(
+      std::unique_ptr<HandoffChannel> channel, const v1::UpgradeRequest&)>;
+  // The channel id of an upgrade peer (no registry entry has it).
+  static constexpr uint64_t kUpgradePeerId = ~uint64_t{0};
+
+  // Channels are created with `delegate` (the WorkerManager), which passes
+  // the messages and closes of unregistered ones back here.
+  WorkerRegistration(EventLoop& loop, WorkerRegistry& registry,
+                     ConnectionDispatcher& dispatcher, Supervisor& supervisor,
+                     wire::SysCalls& sys, WorkerLifecycle& lifecycle,
+                     WorkerStats& stats, HandoffChannel::Delegate& delegate,
+                     const Options& options);
+
+  void set_upgrade_handler(UpgradeCallback callback) {
+    on_upgrade_ = std::move(callback);
+  }
+  // From now on every Hello is refused (SHUTTING_DOWN).
+  void StopAccepting() { accepting_ = false; }
+
+  // A peer connected to the hand-off socket; `allowed` says whether its
+  // uid may register (if not, its Hello is answered with a Refusal).
+  void OnNewPeer(wire::UniqueFd socket, const ucred& peer, bool allowed);
+  // The first message of an unregistered channel. Returns the worker it
+  // registered (now ready, its channel moved into the record), or null.
+  Worker* OnMessage(HandoffChannel& channel, const v1::HandoffMessage& message);
+  void OnChannelClosed(HandoffChannel& channel, const absl::Status& reason);
+  // Closes the channels that said nothing for heartbeat_timeout.
+  void ExpireSilentPeers(int64_t now_nanos);
+
+ private:
+  // Checks the Hello; returns the worker it registered, or null (refused).
+  Worker* OnHello(HandoffChannel& channel, const v1::Hello& hello);
+  // Records what the Hello declared, moves the channel into `worker`,
+  // answers Welcome and makes it ready.
+  void Admit(HandoffChannel& channel, Worker& worker, const v1::Hello& hello);
+  // The Hello's owned_connections: none held by the broker or owned by a
+  // worker other than `self`, none twice.
+  absl::Status CheckClaims(const v1::Hello& hello, const Worker* self) const;
+  void Refuse(HandoffChannel& channel, v1::RefusalReason reason,
+              absl::string_view message);
+  // The supervised worker that is `pid` or one of its near ancestors.
+  Worker* FindSupervisedAncestor(pid_t pid);
+
+  EventLoop& loop_;
+  WorkerRegistry& registry_;
+  ConnectionDispatcher& dispatcher_;
+  Supervisor& supervisor_;
+  wire::SysCalls& sys_;
+  WorkerLifecycle& lifecycle_;
+  WorkerStats& stats_;
+  HandoffChannel::Delegate& delegate_;
+  const Options options_;
+  bool accepting_ = true;
+  UpgradeCallback on_upgrade_;
+  // Channels that have not said Hello yet.
+  absl::flat_hash_map<HandoffChannel*, std::unique_ptr<HandoffChannel>>
+      unregistered_;
+  // Unregistered channels whose peer's uid is not allowed.
+  absl::flat_hash_set<HandoffChannel*> disallowed_;
+};
+
+}  // namespace fdbroker
+
+#endif  // FDBROKER_BROKER_WORKER_REGISTRATION_H_
