@@ -133,27 +133,21 @@ PendingUpgrade::PendingUpgrade(
     EventLoop& loop, std::unique_ptr<HandoffChannel> channel,
     absl::Duration timeout, absl::AnyInvocable<void()> on_ready,
     absl::AnyInvocable<void(const absl::Status&)> on_abort)
-    : loop_(loop),
-      channel_(std::move(channel)),
+    : channel_(std::move(channel)),
       on_ready_(std::move(on_ready)),
-      on_abort_(std::move(on_abort)) {
+      on_abort_(std::move(on_abort)),
+      timer_(loop) {
   channel_->set_delegate(*this);
-  timer_ = loop_.RunAfter(timeout, [this, timeout] {
-    timer_ = 0;
+  timer_.Arm(timeout, [this, timeout] {
     Abort(absl::DeadlineExceededError(absl::StrCat(
         "the new broker was not up within ", absl::FormatDuration(timeout))));
   });
 }
 
-PendingUpgrade::~PendingUpgrade() {
-  if (timer_ != 0) loop_.Cancel(timer_);
-}
-
 void PendingUpgrade::Commit() {
   if (state_ != State::kWaiting) return;
   state_ = State::kCommitted;
-  if (timer_ != 0) loop_.Cancel(timer_);
-  timer_ = 0;
+  timer_.Cancel();
 }
 
 void PendingUpgrade::OnMessage(HandoffChannel&, v1::HandoffMessage& message,
@@ -180,8 +174,7 @@ void PendingUpgrade::OnChannelClosed(HandoffChannel&,
 void PendingUpgrade::Abort(const absl::Status& reason) {
   if (state_ != State::kWaiting) return;
   state_ = State::kAborted;
-  if (timer_ != 0) loop_.Cancel(timer_);
-  timer_ = 0;
+  timer_.Cancel();
   if (!channel_->closed()) {
     v1::HandoffMessage refusal;
     refusal.mutable_refusal()->set_reason(v1::REFUSAL_REASON_SHUTTING_DOWN);

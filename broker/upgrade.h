@@ -63,7 +63,6 @@ class PendingUpgrade : public HandoffChannel::Delegate {
   PendingUpgrade(EventLoop& loop, std::unique_ptr<HandoffChannel> channel,
                  absl::Duration timeout, absl::AnyInvocable<void()> on_ready,
                  absl::AnyInvocable<void(const absl::Status&)> on_abort);
-  ~PendingUpgrade() override;
 
   // Commits without waiting (a new broker that does not send UpgradeReady).
   void Commit();
@@ -82,11 +81,10 @@ class PendingUpgrade : public HandoffChannel::Delegate {
  private:
   enum class State { kWaiting, kCommitted, kAborted };
 
-  EventLoop& loop_;
   std::unique_ptr<HandoffChannel> channel_;
   absl::AnyInvocable<void()> on_ready_;
   absl::AnyInvocable<void(const absl::Status&)> on_abort_;
-  EventLoop::TimerId timer_ = 0;
+  Timer timer_;
   State state_ = State::kWaiting;
 };
 
