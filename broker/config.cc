@@ -43,6 +43,10 @@ ABSL_FLAG(absl::Duration, heartbeat_interval, absl::Seconds(1),
           "A side sends a heartbeat after this much silence.");
 ABSL_FLAG(absl::Duration, heartbeat_timeout, absl::Seconds(10),
           "A worker silent for this long is declared dead.");
+ABSL_FLAG(absl::Duration, ack_timeout, absl::Seconds(5),
+          "A worker that has not acked a connection this long after it was "
+          "sent is cut off (supervised: killed with its process group) and "
+          "its un-acked connections go to other workers.");
 ABSL_FLAG(absl::Duration, worker_start_timeout, absl::Seconds(30),
           "A supervised worker must register within this time.");
 ABSL_FLAG(int, max_pending, 4096,
@@ -172,12 +176,14 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   manager.heartbeat_interval = absl::GetFlag(FLAGS_heartbeat_interval);
   manager.heartbeat_timeout = absl::GetFlag(FLAGS_heartbeat_timeout);
   manager.start_timeout = absl::GetFlag(FLAGS_worker_start_timeout);
+  manager.ack_timeout = absl::GetFlag(FLAGS_ack_timeout);
   config.dispatcher.pending_timeout = absl::GetFlag(FLAGS_pending_timeout);
   const std::pair<const char*, absl::Duration> positive[] = {
       {"--drain_timeout", manager.drain_timeout},
       {"--heartbeat_interval", manager.heartbeat_interval},
       {"--heartbeat_timeout", manager.heartbeat_timeout},
       {"--worker_start_timeout", manager.start_timeout},
+      {"--ack_timeout", manager.ack_timeout},
       {"--pending_timeout", config.dispatcher.pending_timeout}};
   for (const auto& [name, value] : positive) {
     if (value <= absl::ZeroDuration() || value == absl::InfiniteDuration()) {

@@ -120,8 +120,22 @@ void ConnectionDispatcher::MoveInFlight(Entry& entry, Worker& worker,
   ++entry.attempts;
   entry.worker_id = worker.id;
   entry.staged = staged;
+  entry.placed_nanos = loop_.NowNanos();
   const uint64_t id = entry.id;
   in_flight_.emplace(id, std::move(entry));
+}
+
+std::vector<uint64_t> ConnectionDispatcher::WorkersOverdueSince(
+    int64_t cutoff_nanos) const {
+  std::vector<uint64_t> overdue;
+  for (const auto& [id, entry] : in_flight_) {
+    if (entry.placed_nanos < cutoff_nanos &&
+        std::find(overdue.begin(), overdue.end(), entry.worker_id) ==
+            overdue.end()) {
+      overdue.push_back(entry.worker_id);
+    }
+  }
+  return overdue;
 }
 
 bool ConnectionDispatcher::TryPlace(Entry& entry) {

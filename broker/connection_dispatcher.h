@@ -114,6 +114,9 @@ class ConnectionDispatcher {
   uint64_t next_connection_id() const { return next_connection_id_; }
   size_t pending() const { return pending_.size(); }
   size_t in_flight() const { return in_flight_.size(); }
+  // Workers with a connection in flight since before `cutoff_nanos`
+  // (monotonic): neither acked nor rejected in time.
+  std::vector<uint64_t> WorkersOverdueSince(int64_t cutoff_nanos) const;
   // Adds the ids of the connections the broker holds itself (queued or in
   // flight) to `ids`: no worker may claim those as its own.
   void CollectHeldIds(absl::flat_hash_set<uint64_t>& ids) const;
@@ -128,7 +131,8 @@ class ConnectionDispatcher {
     uint64_t worker_id = 0;    // While in flight.
     uint64_t excluded_id = 0;  // The worker that last rejected it.
     int attempts = 0;
-    bool staged = false;  // In flight but not sent yet (see Batching).
+    bool staged = false;       // In flight but not sent yet (see Batching).
+    int64_t placed_nanos = 0;  // When it went in flight (the ack deadline).
     // Released by this worker (0: a fresh connection); never placed back
     // there while another worker can take it.
     uint64_t released_by = 0;

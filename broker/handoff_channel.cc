@@ -107,6 +107,13 @@ absl::Status HandoffChannel::SendWithFds(v1::HandoffMessage& message,
 
 void HandoffChannel::SendControl(v1::HandoffMessage message) {
   if (closed_) return;
+  if (queue_.size() >= kMaxQueuedControl) {
+    // A peer that does not read cannot make the broker hold unbounded
+    // memory (heartbeats alone would queue forever).
+    Close(absl::ResourceExhaustedError(absl::StrCat(
+        kMaxQueuedControl, " control messages queued and unread")));
+    return;
+  }
   queue_.push_back(std::move(message));
   FlushQueue();
 }

@@ -30,6 +30,9 @@ namespace fdbroker {
 // any are queued, Connection sends report kWouldBlock so order is preserved.
 class HandoffChannel {
  public:
+  // Control messages queued while the socket is full, at most; one more
+  // closes the channel (the peer does not read).
+  static constexpr size_t kMaxQueuedControl = 1024;
   class Delegate {
    public:
     virtual ~Delegate() = default;

@@ -46,22 +46,24 @@
   COUNTER_IN(migrated_rebalance, kConnectionsMigrated, "rebalance")      \
   COUNTER_IN(migrated_drain, kConnectionsMigrated, "drain")
 
-#define FDBROKER_WORKER_MANAGER_STATS(COUNTER, COUNTER_IN, INTERNAL)      \
-  INTERNAL(registered, "Hello answered with Welcome.")                    \
-  INTERNAL(refused, "Hello answered with a refusal.")                     \
-  COUNTER(crashes, "fdbroker_worker_crashes_total",                       \
-          "Supervised workers that exited unexpectedly.")                 \
-  COUNTER(restarts, "fdbroker_worker_restarts_total",                     \
-          "Supervised workers started to replace failed ones.")           \
-  COUNTER(protocol_errors, "fdbroker_protocol_errors_total",              \
-          "Worker channels closed for a protocol violation.")             \
-  INTERNAL(heartbeat_timeouts, "Channels closed for missing heartbeats.") \
-  COUNTER(lost_with_worker, "fdbroker_connections_lost_total",            \
-          "Connections a worker owned when it crashed (the only way an "  \
-          "accepted connection can go unserved besides rejected_total).") \
-  INTERNAL(restart_loops,                                                 \
-           "Restart loops entered (3 workers in a row failed early).")    \
-  INTERNAL(rebalances, "Rebalance runs (RPC or automatic).")              \
+#define FDBROKER_WORKER_MANAGER_STATS(COUNTER, COUNTER_IN, INTERNAL)        \
+  INTERNAL(registered, "Hello answered with Welcome.")                      \
+  INTERNAL(refused, "Hello answered with a refusal.")                       \
+  COUNTER(crashes, "fdbroker_worker_crashes_total",                         \
+          "Supervised workers that exited unexpectedly.")                   \
+  COUNTER(restarts, "fdbroker_worker_restarts_total",                       \
+          "Supervised workers started to replace failed ones.")             \
+  COUNTER(protocol_errors, "fdbroker_protocol_errors_total",                \
+          "Worker channels closed for a protocol violation.")               \
+  COUNTER_IN(heartbeat_timeouts, kWorkersDeclaredDead, "heartbeat_timeout") \
+  COUNTER_IN(ack_timeouts, kWorkersDeclaredDead, "ack_timeout")             \
+  COUNTER_IN(stuck_channels, kWorkersDeclaredDead, "channel_stuck")         \
+  COUNTER(lost_with_worker, "fdbroker_connections_lost_total",              \
+          "Connections a worker owned when it crashed (the only way an "    \
+          "accepted connection can go unserved besides rejected_total).")   \
+  INTERNAL(restart_loops,                                                   \
+           "Restart loops entered (3 workers in a row failed early).")      \
+  INTERNAL(rebalances, "Rebalance runs (RPC or automatic).")                \
   INTERNAL(release_requests, "ReleaseRequest messages sent.")
 
 // The components whose stats feed metrics: COMPONENT(Class, member of
@@ -87,6 +89,11 @@
          "fdbroker_connections_migrated_total", "reason",                    \
          "Idle connections a worker released and another worker acked, by "  \
          "reason (rebalance, drain).")                                       \
+  FAMILY(kWorkersDeclaredDead, kCounter,                                     \
+         "fdbroker_workers_declared_dead_total", "reason",                   \
+         "Workers the broker cut off (supervised ones killed with their "    \
+         "process group), by reason: silent (heartbeat_timeout), holding a " \
+         "connection unacked (ack_timeout), not reading (channel_stuck).")   \
   FAMILY(kControlRequests, kCounter, "fdbroker_control_requests_total",      \
          "method,code", "Control-plane RPCs, by method and code.")           \
   FAMILY(kWorkers, kGauge, "fdbroker_workers", "state",                      \

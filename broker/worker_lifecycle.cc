@@ -44,13 +44,25 @@ absl::string_view DrainCauseName(DrainCause cause) {
       return "channel lost";
     case DrainCause::kHeartbeatTimeout:
       return "heartbeat timeout";
+    case DrainCause::kAckTimeout:
+      return "ack timeout";
+    case DrainCause::kChannelStuck:
+      return "channel stuck";
   }
   return "unknown";
 }
 
 bool IsRequested(DrainCause cause) {
-  return cause != DrainCause::kNone && cause != DrainCause::kChannelLost &&
-         cause != DrainCause::kHeartbeatTimeout;
+  switch (cause) {
+    case DrainCause::kNone:
+    case DrainCause::kChannelLost:
+    case DrainCause::kHeartbeatTimeout:
+    case DrainCause::kAckTimeout:
+    case DrainCause::kChannelStuck:
+      return false;
+    default:
+      return true;
+  }
 }
 
 WorkerLifecycle::WorkerLifecycle(EventLoop& loop, WorkerRegistry& registry,

@@ -61,6 +61,8 @@ enum class DrainCause {
   kGoodbye,           // The worker said Goodbye on its own.
   kChannelLost,       // Its channel closed (EOF, protocol error).
   kHeartbeatTimeout,  // Silent for --heartbeat_timeout: declared dead.
+  kAckTimeout,        // A connection not acked within --ack_timeout: cut off.
+  kChannelStuck,      // Its channel stayed full for --heartbeat_timeout.
 };
 
 absl::string_view DrainCauseName(DrainCause cause);

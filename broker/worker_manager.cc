@@ -123,11 +123,10 @@ void WorkerManager::OnChannelClosed(HandoffChannel& channel,
   // A supervised worker without a channel finishes its connections; if it
   // tries to re-register here it is refused (its replacement is already
   // started), so it drains and exits. Past the deadline the drainer ends
-  // it. A heartbeat timeout is the one DeadlineExceeded close of a
-  // registered worker's channel (Tick()).
-  const DrainCause cause = absl::IsDeadlineExceeded(reason)
-                               ? DrainCause::kHeartbeatTimeout
-                               : DrainCause::kChannelLost;
+  // it. One the broker declared dead was killed (DeclareDead).
+  auto dead = declared_dead_.find(worker->id);
+  const DrainCause cause =
+      dead != declared_dead_.end() ? dead->second : DrainCause::kChannelLost;
   // Replaced now (with back-off), not when it finally exits: until then it
   // only finishes the connections it has.
   if (lifecycle_.ChannelLost(*worker, cause, reason))
@@ -156,6 +155,8 @@ void WorkerManager::RemoveWorker(Worker& worker) {
     stats_.lost_with_worker += worker.owned.size();
   }
   const uint64_t id = worker.id;
+  declared_dead_.erase(id);
+  congested_since_.erase(id);
   registry_.Remove(id);
   MaybeFinishShutdown();
   drainer_.OnRemoved(id);
@@ -267,16 +268,38 @@ void WorkerManager::Tick() {
   pool_.Check(now);
   registration_.ExpireSilentPeers(now);
   drainer_.Check(now);
+  for (uint64_t id : dispatcher_.WorkersOverdueSince(
+           now - absl::ToInt64Nanoseconds(options_.ack_timeout))) {
+    Worker* worker = registry_.Find(id);
+    if (worker == nullptr || worker->channel == nullptr ||
+        worker->channel->closed()) {
+      continue;
+    }
+    ++stats_.ack_timeouts;
+    DeclareDead(*worker, DrainCause::kAckTimeout,
+                absl::StrCat("a connection not acked within ",
+                             absl::FormatDuration(options_.ack_timeout)));
+  }
   for (const auto& [id, worker] : registry_.workers()) {
     HandoffChannel* channel = worker->channel.get();
     if (channel == nullptr || channel->closed()) continue;
     if (now - channel->last_received_nanos() > timeout) {
-      // OnChannelClosed tells this close (DeadlineExceeded) from others.
       ++stats_.heartbeat_timeouts;
-      channel->Close(absl::DeadlineExceededError(absl::StrCat(
-          "no message for ", absl::FormatDuration(options_.heartbeat_timeout),
-          "; declared dead")));
-      if (worker->supervised) supervisor_.Signal(worker->pid, SIGKILL);
+      DeclareDead(
+          *worker, DrainCause::kHeartbeatTimeout,
+          absl::StrCat("no message for ",
+                       absl::FormatDuration(options_.heartbeat_timeout)));
+      continue;
+    }
+    if (!channel->congested()) {
+      congested_since_.erase(id);
+    } else if (auto [it, first] = congested_since_.try_emplace(id, now);
+               !first && now - it->second > timeout) {
+      ++stats_.stuck_channels;
+      DeclareDead(
+          *worker, DrainCause::kChannelStuck,
+          absl::StrCat("its channel stayed full for ",
+                       absl::FormatDuration(options_.heartbeat_timeout)));
       continue;
     }
     if (now - channel->last_sent_nanos() >= interval) {
@@ -293,6 +316,17 @@ void WorkerManager::Tick() {
     supervisor_.SignalAll(SIGKILL);
     if (shutdown_done_) std::exchange(shutdown_done_, nullptr)();
   }
+}
+
+void WorkerManager::DeclareDead(Worker& worker, DrainCause cause,
+                                const std::string& why) {
+  declared_dead_[worker.id] = cause;
+  congested_since_.erase(worker.id);
+  // Killed first: the close below re-places its un-acked connections (a
+  // turn later), and a live worker might still serve one.
+  if (worker.supervised) supervisor_.Signal(worker.pid, SIGKILL);
+  worker.channel->Close(
+      absl::DeadlineExceededError(absl::StrCat(why, "; declared dead")));
 }
 
 void WorkerManager::DrainAll(absl::Duration timeout,

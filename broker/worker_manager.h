@@ -44,6 +44,9 @@ class WorkerManager : public HandoffChannel::Delegate {
     absl::Duration drain_timeout = absl::Seconds(30);
     absl::Duration heartbeat_interval = absl::Seconds(1);
     absl::Duration heartbeat_timeout = absl::Seconds(10);
+    // A connection sent and not acked (or rejected) this long: the worker
+    // is cut off (supervised: killed) and the connection placed elsewhere.
+    absl::Duration ack_timeout = absl::Seconds(5);
     // A supervised worker that has not registered by then is killed.
     absl::Duration start_timeout = absl::Seconds(30);
     absl::Duration restart_backoff_initial = absl::Milliseconds(100);
@@ -150,6 +153,11 @@ class WorkerManager : public HandoffChannel::Delegate {
   // Every half heartbeat interval (at most 500 ms): heartbeats, silent
   // channels, and the pieces' deadlines.
   void Tick();
+  // The broker gives up on `worker` (silent, holding a connection unacked,
+  // not reading): its channel closes, a supervised one is killed with its
+  // process group before its un-acked connections are placed elsewhere,
+  // so no connection ever has two owners.
+  void DeclareDead(Worker& worker, DrainCause cause, const std::string& why);
   void MaybeFinishShutdown();
 
   EventLoop& loop_;
@@ -163,6 +171,11 @@ class WorkerManager : public HandoffChannel::Delegate {
   WorkerRegistration registration_;
   WorkerDrainer drainer_;
   Timer tick_timer_{loop_};
+  // Why the broker closed a worker's channel (DeclareDead), for
+  // OnChannelClosed; a close not listed is a lost channel.
+  absl::flat_hash_map<uint64_t, DrainCause> declared_dead_;
+  // Workers whose channel was full at a tick, and since when.
+  absl::flat_hash_map<uint64_t, int64_t> congested_since_;
   int64_t shutdown_deadline_nanos_ = 0;
   absl::AnyInvocable<void()> shutdown_done_;
 };

@@ -32,6 +32,8 @@ class BrokerOperationsTest : public DataPlaneTest {
     options.target_workers = workers;
     options.max_workers = 4;
     options.drain_timeout = absl::Seconds(30);
+    // Longer than any test here holds a connection unacked on purpose.
+    options.ack_timeout = absl::Seconds(30);
     StartManager(options);
     listener_ = *Listener::Create(
         loop(), *wire::SocketAddress::Parse("127.0.0.1:0"), Listener::Options{},

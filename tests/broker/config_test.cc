@@ -78,6 +78,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadFlags{{{"heartbeat_interval", "-1s"}}, "--heartbeat_interval"},
         BadFlags{{{"heartbeat_timeout", "0s"}}, "--heartbeat_timeout"},
         BadFlags{{{"worker_start_timeout", "0s"}}, "--worker_start_timeout"},
+        BadFlags{{{"ack_timeout", "0s"}}, "--ack_timeout"},
+        BadFlags{{{"ack_timeout", "inf"}}, "--ack_timeout"},
         BadFlags{{{"pending_timeout", "0s"}}, "--pending_timeout"},
         BadFlags{{{"pending_timeout", "-5s"}}, "--pending_timeout"},
         BadFlags{

@@ -134,5 +134,35 @@ TEST_F(HandoffChannelTest, ControlMessagesQueueWhileTheSocketIsFull) {
   EXPECT_EQ(delegate_.events, (std::vector<std::string>{"writable"}));
 }
 
+v1::HandoffMessage Heartbeat() {
+  v1::HandoffMessage message;
+  message.mutable_heartbeat();
+  return message;
+}
+
+TEST_F(HandoffChannelTest, AQueueOfUnreadControlMessagesIsBounded) {
+  // A worker that never reads: once its socket buffer is full, control
+  // messages queue, up to kMaxQueuedControl; one more closes the channel
+  // rather than growing the broker's memory without end.
+  size_t sent = 0;
+  while (!channel_->congested() && sent < 100000) {
+    channel_->SendControl(Heartbeat());
+    ++sent;
+  }
+  ASSERT_TRUE(channel_->congested());  // The last one is queued.
+  for (size_t i = 1; i < HandoffChannel::kMaxQueuedControl; ++i) {
+    channel_->SendControl(Heartbeat());
+  }
+  EXPECT_FALSE(channel_->closed());
+  channel_->SendControl(Heartbeat());
+  EXPECT_TRUE(channel_->closed());
+  loop_->RunAfter(absl::Milliseconds(1), [this] { loop_->Stop(); });
+  loop_->Run();
+  ASSERT_FALSE(delegate_.events.empty());
+  EXPECT_NE(delegate_.events.back().find("control messages queued and unread"),
+            std::string::npos)
+      << delegate_.events.back();
+}
+
 }  // namespace
 }  // namespace fdbroker

@@ -305,7 +305,8 @@ TEST(WorkerLifecycleTableTest, OnlyTheDiagramsTransitionsAreAllowed) {
                   C::kShutdown, C::kGoodbye}) {
     EXPECT_TRUE(IsRequested(cause)) << DrainCauseName(cause);
   }
-  for (C cause : {C::kNone, C::kChannelLost, C::kHeartbeatTimeout}) {
+  for (C cause : {C::kNone, C::kChannelLost, C::kHeartbeatTimeout,
+                  C::kAckTimeout, C::kChannelStuck}) {
     EXPECT_FALSE(IsRequested(cause)) << DrainCauseName(cause);
   }
 }

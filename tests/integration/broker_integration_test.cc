@@ -216,6 +216,50 @@ TEST(BrokerIntegrationTest, SilentWorkerIsDeclaredDeadAndItsConnectionsMove) {
             std::string::npos);
 }
 
+TEST(BrokerIntegrationTest, WorkerThatHeartbeatsButNeverAcksIsCutOff) {
+  // The fake reads its channel and heartbeats, so it never times out, but
+  // it never acks: without an ack deadline, every other client waited
+  // forever (round robin). Each must be answered by the healthy worker
+  // within --ack_timeout plus one --heartbeat_timeout.
+  auto broker = BrokerProcess::Start(
+      {"--workers=1", "--policy=round_robin", "--heartbeat_interval=100ms",
+       "--heartbeat_timeout=1s", "--ack_timeout=1s"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(1, absl::Seconds(30)));
+  const pid_t healthy = (*broker)->WorkerPids()[0];
+  Subprocess::Options env;
+  env.env["FDBROKER_SOCKET"] = (*broker)->socket_path();
+  auto stuck = Subprocess::Start(
+      {BinaryPath("fdbroker-fake-worker"), "--mode=never_ack"}, env);
+  ASSERT_TRUE(stuck.ok());
+  ASSERT_TRUE(WaitFor([&] { return (*stuck)->Stdout() == "registered\n"; },
+                      absl::Seconds(10)));
+  std::atomic<int> answered{0}, slow{0};
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 20; ++i) {
+    clients.emplace_back([&] {
+      const absl::Time start = absl::Now();
+      absl::StatusOr<HttpResponse> r =
+          HttpGetOnce("127.0.0.1", (*broker)->port(), "/", absl::Seconds(10));
+      if (r.ok() && r->status == 200 &&
+          r->headers["x-worker-pid"] == absl::StrCat(healthy)) {
+        ++answered;
+      }
+      // Ack deadline + heartbeat timeout, and a second for a busy machine.
+      if (absl::Now() - start > absl::Seconds(3)) ++slow;
+    });
+  }
+  for (std::thread& t : clients) t.join();
+  EXPECT_EQ(answered, 20) << (*broker)->process().Output();
+  EXPECT_EQ(slow, 0);
+  // Cut off: its channel was closed (the fake exits when it sees that).
+  absl::StatusOr<int> code = (*stuck)->Wait(absl::Seconds(10));
+  ASSERT_TRUE(code.ok()) << (*broker)->process().Output();
+  EXPECT_NE((*broker)->process().Stderr().find("not acked within"),
+            std::string::npos)
+      << (*broker)->process().Stderr();
+}
+
 // Whether `pid` has exited: no such process, or a zombie (an orphan is
 // reaped by whoever adopted it, maybe never, here).
 bool Exited(pid_t pid) {

@@ -4,6 +4,9 @@
 //   --mode=die_before_ack  exits (code 1) on the first Connection, without
 //                          acking or touching the socket;
 //   --mode=stall           never reads its channel again after Welcome.
+//   --mode=never_ack       reads its channel and heartbeats, keeps every
+//                          connection it gets and never acks one (exits when
+//                          the broker closes the channel).
 //   --mode=release         a line server that supports release (the broker's
 //                          migration test double): acks what it gets (also in
 //                          batches), answers each line a client sends with
@@ -264,7 +267,8 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[i], "--print_ids") == 0) print_ids = true;
   }
   const bool line_server = mode == "release" || mode == "release_unsupported";
-  if (mode != "die_before_ack" && mode != "stall" && !line_server) {
+  if (mode != "die_before_ack" && mode != "stall" && mode != "never_ack" &&
+      !line_server) {
     Fail("unknown --mode");
   }
   const char* path = std::getenv("FDBROKER_SOCKET");
@@ -304,6 +308,26 @@ int main(int argc, char** argv) {
   }
   if (mode == "stall") {
     for (;;) ::pause();
+  }
+  if (mode == "never_ack") {
+    const int interval_ms =
+        static_cast<int>(welcome.welcome().heartbeat_interval_ms());
+    std::vector<fdbroker::wire::UniqueFd> kept;
+    auto last_sent = std::chrono::steady_clock::now();
+    for (;;) {
+      // A heartbeat every interval, however busy: it is never silent.
+      if (std::chrono::steady_clock::now() - last_sent >=
+          std::chrono::milliseconds(interval_ms)) {
+        fdbroker::v1::HandoffMessage heartbeat;
+        heartbeat.mutable_heartbeat();
+        if (!channel.Send(heartbeat).ok()) Fail("broker gone");
+        last_sent = std::chrono::steady_clock::now();
+      }
+      pollfd p{channel.fd(), POLLIN, 0};
+      if (::poll(&p, 1, interval_ms / 2) == 0) continue;
+      fdbroker::v1::HandoffMessage message = Next(channel, fd);
+      if (fd) kept.push_back(std::move(fd));
+    }
   }
   for (;;) {
     fdbroker::v1::HandoffMessage message = Next(channel, fd);
