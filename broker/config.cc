@@ -19,7 +19,15 @@
 #include "wire/command_line.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:8080",
-          "Address for client connections, HOST:PORT (port 0 picks one).");
+          "Address for client connections: HOST:PORT, [V6]:PORT (port 0 "
+          "picks one) or unix:/path, optionally followed by ,proxy_protocol "
+          "(each connection starts with a PROXY protocol v1 or v2 header, as "
+          "HAProxy's send-proxy and send-proxy-v2 send) and, for unix:, "
+          ",mode=0660 (the socket file's permissions).");
+ABSL_FLAG(absl::Duration, proxy_header_timeout, absl::Seconds(3),
+          "On a ,proxy_protocol listener: a connection whose PROXY header is "
+          "not complete within this time is closed (and counted in "
+          "fdbroker_connections_rejected_total{reason=\"proxy_protocol\"}).");
 ABSL_FLAG(std::string, socket, "",
           "Path of the hand-off Unix socket workers register on. Default: "
           "$XDG_RUNTIME_DIR/fdbroker.sock, else /tmp/fdbroker-<uid>.sock.");
@@ -117,13 +125,15 @@ void ParseFlagsOrExit(int argc, char** argv) {
 
 absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   BrokerConfig config;
-  absl::StatusOr<wire::SocketAddress> listen =
-      wire::SocketAddress::Parse(absl::GetFlag(FLAGS_listen));
+  absl::StatusOr<ListenSpec> listen =
+      ListenSpec::Parse(absl::GetFlag(FLAGS_listen));
   if (!listen.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("--listen: ", listen.status().message()));
   }
-  config.listen = *listen;
+  config.listen.push_back(*std::move(listen));
+  config.listener.proxy_header_timeout =
+      absl::GetFlag(FLAGS_proxy_header_timeout);
 
   config.socket_path = absl::GetFlag(FLAGS_socket);
   if (config.socket_path.empty()) config.socket_path = DefaultSocketPath();
@@ -178,7 +188,8 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
       {"--heartbeat_interval", manager.heartbeat_interval},
       {"--heartbeat_timeout", manager.heartbeat_timeout},
       {"--worker_start_timeout", manager.start_timeout},
-      {"--pending_timeout", config.dispatcher.pending_timeout}};
+      {"--pending_timeout", config.dispatcher.pending_timeout},
+      {"--proxy_header_timeout", config.listener.proxy_header_timeout}};
   for (const auto& [name, value] : positive) {
     if (value <= absl::ZeroDuration() || value == absl::InfiniteDuration()) {
       return absl::InvalidArgumentError(

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -301,6 +302,8 @@ absl::Status ConnectionDispatcher::OnAck(Worker& worker, const v1::Ack& ack) {
     }
     // The worker owns the socket now; the broker's copy closes here.
     const uint64_t identity = SocketIdentity(it->second.connection.fd.get());
+    const AcceptedConnection& c = it->second.connection;
+    if (c.proxied) worker.proxied.try_emplace(id, c.peer, c.local);
     in_flight_.erase(it);
     --worker.unacked;
     worker.owned.emplace(id, identity);
@@ -341,8 +344,15 @@ absl::Status ConnectionDispatcher::OnRelease(Worker& worker,
   // The broker does not remember owned connections' addresses: the socket
   // itself tells (a non-IP socket, as in tests, leaves them empty).
   AcceptedConnection& c = entry.connection;
-  c.peer = IpAddressOf(c.fd.get(), /*peer=*/true);
-  c.local = IpAddressOf(c.fd.get(), /*peer=*/false);
+  if (auto p = worker.proxied.find(id); p != worker.proxied.end()) {
+    // Behind a PROXY-protocol balancer the socket would name the balancer.
+    std::tie(c.peer, c.local) = p->second;
+    c.proxied = true;
+    worker.proxied.erase(p);
+  } else {
+    c.peer = IpAddressOf(c.fd.get(), /*peer=*/true);
+    c.local = IpAddressOf(c.fd.get(), /*peer=*/false);
+  }
   // The pending timeout runs from the release; the accept time is not kept.
   c.accept_mono_nanos = loop_.clock().MonotonicNanos();
   c.accept_unix_nanos = loop_.clock().UnixNanos();
@@ -388,6 +398,7 @@ absl::Status ConnectionDispatcher::OnReject(Worker& worker,
 absl::Status ConnectionDispatcher::OnClosed(Worker& worker,
                                             const v1::Closed& closed) {
   for (uint64_t id : closed.connection_ids()) {
+    worker.proxied.erase(id);
     if (worker.owned.erase(id) == 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "closed for connection ", id, " this worker does not own"));

@@ -101,6 +101,12 @@ absl::Status Daemon::Init() {
   auto on_accept = [this](AcceptedConnection conn) {
     dispatcher_->Dispatch(std::move(conn));
   };
+  const ListenSpec& spec = config_.listen.front();
+  if (spec.is_unix()) {
+    return absl::UnimplementedError("--listen=unix: is not supported yet");
+  }
+  Listener::Options listener_options = config_.listener;
+  listener_options.proxy_protocol = spec.proxy_protocol;
   absl::StatusOr<std::unique_ptr<HandoffServer>> server;
   absl::StatusOr<std::unique_ptr<Listener>> listener;
   if (config_.upgrade) {
@@ -114,7 +120,7 @@ absl::Status Daemon::Init() {
                                   HandoffServer::Options{}, sys, on_peer);
     if (server.ok()) {
       listener = Listener::Adopt(*loop_, std::move(sockets->listener),
-                                 Listener::Options{}, sys, on_accept);
+                                 listener_options, sys, on_accept);
     }
   } else {
     server = HandoffServer::Create(*loop_, config_.socket_path,
@@ -124,9 +130,9 @@ absl::Status Daemon::Init() {
     if (server.ok()) {
       listener = activated->valid()
                      ? Listener::Adopt(*loop_, *std::move(activated),
-                                       Listener::Options{}, sys, on_accept)
-                     : Listener::Create(*loop_, config_.listen,
-                                        Listener::Options{}, sys, on_accept);
+                                       listener_options, sys, on_accept)
+                     : Listener::Create(*loop_, spec.address, listener_options,
+                                        sys, on_accept);
     }
   }
   if (!server.ok()) return server.status();
@@ -352,8 +358,11 @@ void Daemon::Discard(std::unique_ptr<HandoffChannel> channel) {
 
 void Daemon::FinishUpgrade(int64_t deadline_nanos) {
   dispatcher_->PlacePending();
-  const bool done =
-      dispatcher_->in_flight() == 0 && dispatcher_->pending() == 0;
+  // Connections still reading their PROXY header go on to the dispatcher
+  // (or are closed) within --proxy_header_timeout: wait for them too.
+  const bool done = dispatcher_->in_flight() == 0 &&
+                    dispatcher_->pending() == 0 &&
+                    listener_->reading_headers() == 0;
   if (!done && loop_->clock().MonotonicNanos() < deadline_nanos) {
     loop_->RunAfter(absl::Milliseconds(5),
                     [this, deadline_nanos] { FinishUpgrade(deadline_nanos); });

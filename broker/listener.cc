@@ -3,16 +3,68 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 
 #include <cerrno>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "broker/proxy_protocol.h"
 #include "spdlog/spdlog.h"
 
 namespace fdbroker {
+
+absl::StatusOr<ListenSpec> ListenSpec::Parse(absl::string_view text) {
+  std::vector<absl::string_view> parts = absl::StrSplit(text, ',');
+  ListenSpec spec;
+  spec.name = std::string(parts[0]);
+  if (absl::ConsumePrefix(&parts[0], "unix:")) {
+    if (parts[0].empty() || parts[0][0] != '/') {
+      return absl::InvalidArgumentError(
+          absl::StrCat("\"", text, "\": unix: needs an absolute path"));
+    }
+    // sun_path holds 108 bytes with the NUL.
+    if (parts[0].size() >= sizeof(sockaddr_un::sun_path)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "\"", text, "\": path longer than 107 bytes (a Unix socket limit)"));
+    }
+    spec.unix_path = std::string(parts[0]);
+  } else {
+    absl::StatusOr<wire::SocketAddress> address =
+        wire::SocketAddress::Parse(parts[0]);
+    if (!address.ok()) return address.status();
+    spec.address = *address;
+  }
+  for (size_t i = 1; i < parts.size(); ++i) {
+    absl::string_view option = parts[i];
+    if (option == "proxy_protocol") {
+      spec.proxy_protocol = true;
+    } else if (absl::ConsumePrefix(&option, "mode=") && spec.is_unix()) {
+      int mode = 0;
+      bool ok = !option.empty() && option.size() <= 4;
+      for (char c : option) {
+        ok = ok && c >= '0' && c <= '7';
+        mode = mode * 8 + (c - '0');
+      }
+      if (!ok) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "\"", text, "\": mode= takes octal permissions such as 0660"));
+      }
+      spec.unix_mode = mode;
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("\"", text, "\": unknown option \"", parts[i],
+                       "\" (options: proxy_protocol",
+                       spec.is_unix() ? ", mode=0660" : "", ")"));
+    }
+  }
+  return spec;
+}
 
 absl::StatusOr<std::unique_ptr<Listener>> Listener::Create(
     EventLoop& loop, const wire::SocketAddress& address, const Options& options,
@@ -75,7 +127,21 @@ Listener::~Listener() {
   if (resume_timer_ != 0) loop_.Cancel(resume_timer_);
 }
 
+size_t Listener::reading_headers() const {
+  return proxy_ != nullptr ? proxy_->reading() : 0;
+}
+
 absl::Status Listener::Init() {
+  if (options_.proxy_protocol) {
+    proxy_ = std::make_unique<ProxyProtocolReader>(
+        loop_, options_.proxy_header_timeout,
+        [this](AcceptedConnection conn) { on_accept_(std::move(conn)); },
+        [this](absl::string_view why) {
+          ++stats_.rejected_proxy_protocol;
+          spdlog::debug("closed a connection on {}: {}", address_.ToString(),
+                        std::string(why));
+        });
+  }
   absl::StatusOr<std::unique_ptr<IoWatch>> watch =
       loop_.Watch(socket_.get(), EPOLLIN, [this](uint32_t) { OnReadable(); });
   if (!watch.ok()) return watch.status();
@@ -147,6 +213,10 @@ void Listener::OnReadable() {
     conn.accept_unix_nanos = loop_.clock().UnixNanos();
     conn.accept_mono_nanos = loop_.NowNanos();
     ++stats_.accepted;
+    if (proxy_ != nullptr) {
+      proxy_->Start(std::move(conn));
+      continue;
+    }
     on_accept_(std::move(conn));
     // The callback may pause us (e.g. shutdown).
     if (!accepting_) return;

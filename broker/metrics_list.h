@@ -26,7 +26,8 @@
   INTERNAL(accepted, "Connections accept4 returned.")                         \
   COUNTER(exhaustion_pauses, "fdbroker_accept_pauses_total",                  \
           "Times accepting paused for lack of fds (EMFILE, ENFILE, ENOBUFS, " \
-          "ENOMEM).")
+          "ENOMEM).")                                                         \
+  COUNTER_IN(rejected_proxy_protocol, kConnectionsRejected, "proxy_protocol")
 
 #define FDBROKER_DISPATCHER_STATS(COUNTER, COUNTER_IN, INTERNAL)         \
   COUNTER(dispatched, "fdbroker_connections_accepted_total",             \

@@ -7,12 +7,14 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "broker/handoff_channel.h"
+#include "wire/socket_address.h"
 
 namespace fdbroker {
 
@@ -54,6 +56,11 @@ struct Worker {
   // claimed at re-registration, whose socket this broker never held), which
   // a Release must match.
   absl::flat_hash_map<uint64_t, uint64_t> owned;
+  // Owned connections whose addresses came from a PROXY header (peer, local):
+  // their sockets name the balancer, so a Release takes these back with them.
+  absl::flat_hash_map<uint64_t,
+                      std::pair<wire::SocketAddress, wire::SocketAddress>>
+      proxied;
   uint64_t handed_total = 0;
   // Set once the broker sent Drain (or the worker said Goodbye): its exit is
   // expected, not a crash.

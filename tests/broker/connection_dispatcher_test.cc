@@ -510,6 +510,42 @@ TEST_F(DispatcherTest, ReleasedConnectionMovesWithItsUnreadBytes) {
   EXPECT_TRUE(PeerClosed(client)) << "exactly one owner left, now closed";
 }
 
+// Behind a PROXY-protocol listener the socket names the balancer; the
+// addresses the header gave move with a released connection (the socket
+// cannot tell them again), and are forgotten once it is Closed.
+TEST_F(DispatcherTest, AReleasedProxiedConnectionKeepsTheHeadersAddresses) {
+  FakeWorker a = AddWorker();
+  FakeWorker b = AddWorker();
+  wire::UniqueFd client;
+  AcceptedConnection accepted = NewClient(client);
+  accepted.peer = *wire::SocketAddress::Parse("192.0.2.9:4444");
+  accepted.local = *wire::SocketAddress::Parse("198.51.100.1:443");
+  accepted.proxied = true;
+  dispatcher_->Dispatch(std::move(accepted));
+  FakeWorker* from = a.worker->load() == 1 ? &a : &b;
+  FakeWorker* to = from == &a ? &b : &a;
+  wire::UniqueFd fd;
+  const uint64_t id = OwnConnection(*dispatcher_, *from, fd);
+  ASSERT_NE(id, 0u);
+  ASSERT_TRUE(dispatcher_
+                  ->OnRelease(*from->worker,
+                              ReleaseOf(id, "", v1::RELEASE_REASON_REBALANCE),
+                              std::move(fd))
+                  .ok());
+  v1::Connection moved;
+  wire::UniqueFd moved_fd;
+  ASSERT_TRUE(to->ReceiveConnection(moved, moved_fd));
+  EXPECT_EQ(moved.peer_address(), "192.0.2.9:4444");
+  EXPECT_EQ(moved.local_address(), "198.51.100.1:443");
+  EXPECT_TRUE(from->worker->proxied.empty());
+  ASSERT_TRUE(dispatcher_->OnAck(*to->worker, AckOf(id)).ok());
+  EXPECT_EQ(to->worker->proxied.size(), 1u);
+  v1::Closed closed;
+  closed.add_connection_ids(id);
+  ASSERT_TRUE(dispatcher_->OnClosed(*to->worker, closed).ok());
+  EXPECT_TRUE(to->worker->proxied.empty());
+}
+
 TEST_F(ReleaseTest, ReleasedConnectionNeverGoesBackWhileAnotherCanTakeIt) {
   ASSERT_NO_FATAL_FAILURE(OwnOneEach());
   // After the release a has 0 and b 1: least_conn alone would pick a.

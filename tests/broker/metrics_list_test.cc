@@ -184,7 +184,7 @@ TEST(MetricsListTest, LabelledFamiliesHaveTheirDeclaredValues) {
             (Values{"worker_lost", "rejected_by_worker", "send_error",
                     "channel_full", "too_many_attempts"}));
   EXPECT_EQ(values["fdbroker_connections_rejected_total"],
-            (Values{"overload", "shutdown"}));
+            (Values{"overload", "shutdown", "proxy_protocol"}));
   EXPECT_EQ(values["fdbroker_connections_migrated_total"],
             (Values{"rebalance", "drain"}));
   EXPECT_EQ(values["fdbroker_workers"],

@@ -25,7 +25,8 @@ LABEL_VALUES = {
         "fdbroker_handoff_failures_total": [
             "worker_lost", "rejected_by_worker", "send_error", "channel_full",
             "too_many_attempts"],
-        "fdbroker_connections_rejected_total": ["overload", "shutdown"],
+        "fdbroker_connections_rejected_total": ["overload", "shutdown",
+                                                "proxy_protocol"],
         "fdbroker_connections_migrated_total": ["rebalance", "drain"],
     },
     "state": ["starting", "ready", "draining"],
