@@ -113,6 +113,11 @@ void ConnectionDispatcher::FormatConnection(const Entry& entry,
   entry.connection.peer.Format(*body.mutable_peer_address());
   entry.connection.local.Format(*body.mutable_local_address());
   body.set_accept_time_unix_nanos(entry.connection.accept_unix_nanos);
+  if (entry.connection.listener != nullptr) {
+    body.set_listener(*entry.connection.listener);
+  } else {
+    body.clear_listener();
+  }
   // Always set: message_ and its batch entries are reused.
   body.set_initial_data(entry.initial_data);
 }
@@ -353,6 +358,7 @@ absl::Status ConnectionDispatcher::OnRelease(Worker& worker,
     c.peer = IpAddressOf(c.fd.get(), /*peer=*/true);
     c.local = IpAddressOf(c.fd.get(), /*peer=*/false);
   }
+  if (resolve_listener_) c.listener = resolve_listener_(c.fd.get());
   // The pending timeout runs from the release; the accept time is not kept.
   c.accept_mono_nanos = loop_.clock().MonotonicNanos();
   c.accept_unix_nanos = loop_.clock().UnixNanos();

@@ -2,6 +2,7 @@
 #define FDBROKER_BROKER_UPGRADE_H_
 
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -11,22 +12,24 @@ namespace fdbroker {
 
 // What `fdbroker --upgrade` receives from the running broker.
 struct UpgradeSockets {
-  wire::UniqueFd listener;  // Listening TCP socket for clients.
-  wire::UniqueFd handoff;   // Listening hand-off Unix socket.
-  std::string listen_address;
+  // The listening sockets for clients, in the running broker's order (one
+  // from a broker that predates several listeners).
+  std::vector<wire::UniqueFd> listeners;
+  wire::UniqueFd handoff;  // Listening hand-off Unix socket.
 };
 
 // The new broker's side of a planned upgrade: connects to the running
 // broker's hand-off socket, sends UpgradeRequest and waits (up to
-// `timeout`) for UpgradeHandover with its two sockets. The running broker
+// `timeout`) for UpgradeHandover with its sockets. The running broker
 // then finishes its hand-offs and exits; its workers re-register here.
 absl::StatusOr<UpgradeSockets> RequestUpgrade(const std::string& socket_path,
                                               absl::Duration timeout);
 
-// The systemd socket-activation listener (LISTEN_PID/LISTEN_FDS: fd 3), if
-// the environment passes one to this process; the variables are removed so
-// that workers do not inherit them. Empty fd when not socket-activated.
-absl::StatusOr<wire::UniqueFd> TakeActivatedListener();
+// The systemd socket-activation listeners (LISTEN_PID/LISTEN_FDS: fds 3,
+// 4, ...), if the environment passes them to this process; the variables
+// are removed so that workers do not inherit them. Empty when not
+// socket-activated.
+absl::StatusOr<std::vector<wire::UniqueFd>> TakeActivatedListeners();
 
 }  // namespace fdbroker
 

@@ -21,7 +21,8 @@
 //                          supports_release and it releases its first
 //                          connection at once (a protocol error).
 // Prints "registered" on stdout once welcomed; with --print_ids (the release
-// modes), "took <id>" for each connection it takes.
+// modes), "took <id>" for each connection it takes; with --print_listeners,
+// "took <id> from <listener> peer <peer_address>".
 #include <errno.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -66,6 +67,8 @@ using fdbroker::wire::UniqueFd;
 
 // --print_ids: prints "took <id>" for each connection taken.
 bool print_ids = false;
+// --print_listeners: and the Connection's listener and peer_address.
+bool print_listeners = false;
 
 // The release modes: a poll() loop over the channel and the clients.
 class LineServer {
@@ -167,7 +170,13 @@ class LineServer {
     for (size_t i = 0; i < connections.size(); ++i) {
       const uint64_t id = connections[i].connection_id();
       ack.mutable_ack()->add_connection_ids(id);
-      if (print_ids) {
+      if (print_listeners) {
+        std::printf("took %llu from %s peer %s\n",
+                    static_cast<unsigned long long>(id),
+                    connections[i].listener().c_str(),
+                    connections[i].peer_address().c_str());
+        std::fflush(stdout);
+      } else if (print_ids) {
         std::printf("took %llu\n", static_cast<unsigned long long>(id));
         std::fflush(stdout);
       }
@@ -262,6 +271,9 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--mode=", 7) == 0) mode = argv[i] + 7;
     if (std::strcmp(argv[i], "--print_ids") == 0) print_ids = true;
+    if (std::strcmp(argv[i], "--print_listeners") == 0) {
+      print_listeners = true;
+    }
   }
   const bool line_server = mode == "release" || mode == "release_unsupported";
   if (mode != "die_before_ack" && mode != "stall" && !line_server) {

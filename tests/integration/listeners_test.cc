@@ -1,0 +1,128 @@
+// Several listeners end to end: the real broker with --listen given three
+// times (IPv4, IPv6, a Unix socket with its mode) serves clients on each,
+// and every Connection its worker receives names the listener the client
+// came through (the fake worker prints what it took).
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "gtest/gtest.h"
+#include "tests/integration/broker_process.h"
+#include "tests/util/test_util.h"
+#include "wire/socket_address.h"
+
+namespace fdbroker::testing {
+namespace {
+
+// Sends `line` and reads the fake worker's answer line ("<pid> <line>").
+std::string Exchange(int fd, const std::string& line) {
+  const std::string sent = line + "\n";
+  if (::send(fd, sent.data(), sent.size(), MSG_NOSIGNAL) !=
+      static_cast<ssize_t>(sent.size())) {
+    return "send failed";
+  }
+  std::string answer;
+  char c;
+  timeval timeout{10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  while (::recv(fd, &c, 1, 0) == 1 && c != '\n') answer.push_back(c);
+  return answer;
+}
+
+TEST(ListenersTest,
+     TcpV4V6AndUnixListenersAreServedAndEachConnectionSaysWhich) {
+  const std::string dir = MakeTempDir();
+  const std::string unix_path = dir + "/clients.sock";
+  absl::StatusOr<std::unique_ptr<BrokerProcess>> broker = BrokerProcess::Start(
+      {"--listen=127.0.0.1:0", "--listen=[::1]:0",
+       "--listen=unix:" + unix_path + ",mode=0660", "--workers=1",
+       "--worker_cmd=" + BinaryPath("fdbroker-fake-worker") +
+           " --mode=release --print_listeners"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  absl::StatusOr<std::map<std::string, std::string>> ready =
+      ReadKeyValueFile((*broker)->dir() + "/ready");
+  ASSERT_TRUE(ready.ok());
+  const std::vector<std::string> names =
+      absl::StrSplit((*ready)["listeners"], ' ');
+  ASSERT_EQ(names.size(), 3u) << (*ready)["listeners"];
+  EXPECT_TRUE(absl::StartsWith(names[0], "127.0.0.1:")) << names[0];
+  EXPECT_TRUE(absl::StartsWith(names[1], "[::1]:")) << names[1];
+  EXPECT_EQ(names[2], "unix:" + unix_path);
+  EXPECT_EQ((*ready)["listen"], names[0]);
+  struct stat st;
+  ASSERT_EQ(::stat(unix_path.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISSOCK(st.st_mode));
+  EXPECT_EQ(st.st_mode & 0777, 0660u);
+
+  std::vector<wire::UniqueFd> clients;
+  for (int i = 0; i < 2; ++i) {
+    absl::StatusOr<wire::HostPort> hp = wire::HostPort::Parse(names[i]);
+    ASSERT_TRUE(hp.ok()) << names[i];
+    absl::StatusOr<wire::UniqueFd> fd = ConnectTcp(hp->host, hp->port);
+    ASSERT_TRUE(fd.ok()) << fd.status();
+    clients.push_back(*std::move(fd));
+  }
+  absl::StatusOr<wire::UniqueFd> unix_client = ConnectUnix(unix_path);
+  ASSERT_TRUE(unix_client.ok()) << unix_client.status();
+  clients.push_back(*std::move(unix_client));
+
+  for (size_t i = 0; i < clients.size(); ++i) {
+    const std::string line = absl::StrCat("hello ", i);
+    const std::string answer = Exchange(clients[i].get(), line);
+    EXPECT_TRUE(absl::EndsWith(answer, " " + line))
+        << names[i] << ": " << answer << "\n"
+        << (*broker)->process().Output();
+  }
+  // The worker printed each Connection's listener and peer.
+  const std::string v4_peer =
+      wire::SocketAddress::Of(clients[0].get())->ToString();
+  const std::string v6_peer =
+      wire::SocketAddress::Of(clients[1].get())->ToString();
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        const std::string out = (*broker)->process().Stdout();
+        return absl::StrContains(
+                   out, " from " + names[0] + " peer " + v4_peer + "\n") &&
+               absl::StrContains(
+                   out, " from " + names[1] + " peer " + v6_peer + "\n") &&
+               absl::StrContains(out, " from " + names[2] + " peer ");
+      },
+      absl::Seconds(10)))
+      << (*broker)->process().Output();
+  clients.clear();
+  broker->reset();
+  std::error_code ignored;
+  std::filesystem::remove_all(dir, ignored);
+}
+
+TEST(ListenersTest, ALiveUnixListenerIsNotReplaced) {
+  const std::string dir = MakeTempDir();
+  const std::string unix_path = dir + "/clients.sock";
+  absl::StatusOr<std::unique_ptr<BrokerProcess>> first =
+      BrokerProcess::Start({"--listen=unix:" + unix_path, "--control="});
+  ASSERT_TRUE(first.ok()) << first.status();
+  absl::StatusOr<std::unique_ptr<BrokerProcess>> second =
+      BrokerProcess::Start({"--listen=unix:" + unix_path, "--control="});
+  ASSERT_FALSE(second.ok());
+  EXPECT_TRUE(absl::StrContains(second.status().message(),
+                                "another process listens on"))
+      << second.status();
+  EXPECT_TRUE(ConnectUnix(unix_path).ok()) << "the first still serves";
+  first->reset();
+  std::error_code ignored;
+  std::filesystem::remove_all(dir, ignored);
+}
+
+}  // namespace
+}  // namespace fdbroker::testing
