@@ -359,6 +359,7 @@ void Listener::OnReadable(Socket& socket) {
     conn.accept_unix_nanos = loop_.clock().UnixNanos();
     conn.accept_mono_nanos = loop_.NowNanos();
     ++stats_.accepted;
+    ++socket.accepted;
     if (socket.proxy != nullptr) {
       socket.proxy->Start(std::move(conn));
       continue;

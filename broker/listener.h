@@ -114,6 +114,9 @@ class Listener {
     return sockets_[i]->address;
   }
   const std::string& name(size_t i = 0) const { return sockets_[i]->name; }
+  // Connections the i-th socket accepted (fdbroker_listener_connections_
+  // accepted_total{listener=name(i)}).
+  uint64_t accepted(size_t i) const { return sockets_[i]->accepted; }
   // Every name, comma-separated, for the log.
   std::string Describe() const;
   // The name of the listening socket that accepted the connection `fd`
@@ -139,6 +142,7 @@ class Listener {
     wire::UniqueFd fd;
     wire::SocketAddress address;
     bool is_unix = false;
+    uint64_t accepted = 0;
     // Destroyed first: it watches `fd` and holds the connections it reads.
     std::unique_ptr<IoWatch> watch;
     std::unique_ptr<ProxyProtocolReader> proxy;

@@ -94,7 +94,12 @@
          "Registered and starting workers, by state.")                       \
   FAMILY(kWorkerConnectionsActive, kGauge,                                   \
          "fdbroker_worker_connections_active", "worker",                     \
-         "Connections owned by each worker.")
+         "Connections owned by each worker.")                                \
+  FAMILY(kListenerAccepted, kCounter,                                        \
+         "fdbroker_listener_connections_accepted_total", "listener",         \
+         "Connections each listening socket accepted (named by its bound "   \
+         "address, as Connection.listener), PROXY-protocol rejects "         \
+         "included.")
 
 // Gauges, set at each sync from the state of the parts: GAUGE(name, help,
 // value) and GAUGE_IN(family, label_value, value), where `value` is an

@@ -30,6 +30,7 @@ LABEL_VALUES = {
         "fdbroker_connections_migrated_total": ["rebalance", "drain"],
     },
     "state": ["starting", "ready", "draining"],
+    "listener": ["0.0.0.0:8080", "unix:/run/fdbroker/clients.sock"],
     "worker": ["1", "2", "3"],
 }
 CONTROL_CALLS = [("ListWorkers", "OK"), ("ScaleWorkers", "OK"),

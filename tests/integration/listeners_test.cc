@@ -100,6 +100,24 @@ TEST(ListenersTest,
       },
       absl::Seconds(10)))
       << (*broker)->process().Output();
+  // Each listener's accepts are counted under its name.
+  const std::string metrics = (*ready)["metrics"];
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        absl::StatusOr<std::string> scrape = ScrapeMetrics(metrics);
+        if (!scrape.ok()) return false;
+        std::map<std::string, double> samples = MetricSamples(*scrape);
+        for (const std::string& name : names) {
+          if (samples[absl::StrCat(
+                  "fdbroker_listener_connections_accepted_total{listener=\"",
+                  name, "\"}")] != 1) {
+            return false;
+          }
+        }
+        return true;
+      },
+      absl::Seconds(5)))
+      << ScrapeMetrics(metrics).value_or("no scrape");
   clients.clear();
   broker->reset();
   std::error_code ignored;
