@@ -136,7 +136,7 @@ bool ConnectionDispatcher::TryPlace(Entry& entry) {
   candidates_.clear();
   for (const auto& [id, worker] : registry_.workers()) {
     if (worker->Available() && id != entry.excluded_id &&
-        id != entry.released_by) {
+        id != entry.released_by && worker->Serves(entry.connection.listener)) {
       candidates_.push_back(worker.get());
     }
   }
@@ -144,7 +144,8 @@ bool ConnectionDispatcher::TryPlace(Entry& entry) {
       entry.released_by != entry.excluded_id) {
     // Nobody else can take it now: back to the releaser beats waiting.
     Worker* releaser = registry_.Find(entry.released_by);
-    if (releaser != nullptr && releaser->Available()) {
+    if (releaser != nullptr && releaser->Available() &&
+        releaser->Serves(entry.connection.listener)) {
       candidates_.push_back(releaser);
     }
   }

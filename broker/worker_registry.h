@@ -27,6 +27,9 @@ enum class WorkerState {
 
 absl::string_view WorkerStateName(WorkerState state);
 
+// The Hello label by which a worker names the listeners it serves.
+inline constexpr char kListenersLabel[] = "listeners";
+
 // One worker process as the broker sees it. Loop thread only.
 struct Worker {
   uint64_t id = 0;
@@ -73,6 +76,11 @@ struct Worker {
   // What balancing compares: every connection the worker has or will have.
   int64_t load() const { return active() + unacked; }
   bool HasRoom() const { return capacity == 0 || load() < capacity; }
+  // Whether it takes connections that came through `listener` (a
+  // Connection.listener name; null: none known). Its Hello label
+  // kListenersLabel, comma-separated names, restricts it to those listeners
+  // (one broker can front two pools); without the label, every listener.
+  bool Serves(const std::string* listener) const;
   // Can take a new connection right now.
   bool Available() const {
     return state == WorkerState::kReady && channel != nullptr &&

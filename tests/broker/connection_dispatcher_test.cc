@@ -510,6 +510,42 @@ TEST_F(DispatcherTest, ReleasedConnectionMovesWithItsUnreadBytes) {
   EXPECT_TRUE(PeerClosed(client)) << "exactly one owner left, now closed";
 }
 
+// A worker whose Hello label "listeners" names some listeners gets only
+// their connections (one broker, two pools); a connection no worker serves
+// waits in the queue.
+TEST_F(DispatcherTest, AWorkerGetsOnlyTheListenersItServes) {
+  FakeWorker a = AddWorker();
+  FakeWorker b = AddWorker();
+  a.worker->labels[kListenersLabel] = "127.0.0.1:8080";
+  b.worker->labels[kListenersLabel] = "unix:/run/b.sock, [::1]:8080";
+  const std::string l_a = "127.0.0.1:8080", l_b = "[::1]:8080",
+                    l_none = "127.0.0.1:9090";
+  std::vector<wire::UniqueFd> clients(5);
+  for (int i = 0; i < 4; ++i) {
+    AcceptedConnection c = NewClient(clients[i]);
+    c.listener = i % 2 == 0 ? &l_a : &l_b;
+    dispatcher_->Dispatch(std::move(c));
+  }
+  EXPECT_EQ(a.worker->load(), 2);
+  EXPECT_EQ(b.worker->load(), 2);
+  v1::Connection connection;
+  wire::UniqueFd fd;
+  ASSERT_TRUE(a.ReceiveConnection(connection, fd));
+  EXPECT_EQ(connection.listener(), l_a);
+  ASSERT_TRUE(b.ReceiveConnection(connection, fd));
+  EXPECT_EQ(connection.listener(), l_b);
+  AcceptedConnection unserved = NewClient(clients[4]);
+  unserved.listener = &l_none;
+  dispatcher_->Dispatch(std::move(unserved));
+  EXPECT_EQ(dispatcher_->pending(), 1u);
+  // A worker without the label serves every listener.
+  FakeWorker c = AddWorker();
+  dispatcher_->PlacePending();
+  EXPECT_EQ(dispatcher_->pending(), 0u);
+  ASSERT_TRUE(c.ReceiveConnection(connection, fd));
+  EXPECT_EQ(connection.listener(), l_none);
+}
+
 // Behind a PROXY-protocol listener the socket names the balancer; the
 // addresses the header gave move with a released connection (the socket
 // cannot tell them again), and are forgotten once it is Closed.

@@ -22,7 +22,8 @@
 //                          connection at once (a protocol error).
 // Prints "registered" on stdout once welcomed; with --print_ids (the release
 // modes), "took <id>" for each connection it takes; with --print_listeners,
-// "took <id> from <listener> peer <peer_address>".
+// "took <id> from <listener> peer <peer_address>". --label=KEY=VALUE adds a
+// Hello label (e.g. listeners=...).
 #include <errno.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -268,7 +269,14 @@ class LineServer {
 
 int main(int argc, char** argv) {
   std::string mode;
+  std::map<std::string, std::string> labels;
   for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--label=", 8) == 0) {
+      const char* equals = std::strchr(argv[i] + 8, '=');
+      if (equals == nullptr) Fail("--label=KEY=VALUE");
+      const char* key = argv[i] + 8;
+      labels[std::string(key, static_cast<size_t>(equals - key))] = equals + 1;
+    }
     if (std::strncmp(argv[i], "--mode=", 7) == 0) mode = argv[i] + 7;
     if (std::strcmp(argv[i], "--print_ids") == 0) print_ids = true;
     if (std::strcmp(argv[i], "--print_listeners") == 0) {
@@ -295,6 +303,9 @@ int main(int argc, char** argv) {
   hello.mutable_hello()->mutable_version()->set_major(1);
   hello.mutable_hello()->set_pid(::getpid());
   (*hello.mutable_hello()->mutable_labels())["kind"] = "fake-" + mode;
+  for (const auto& [key, value] : labels) {
+    (*hello.mutable_hello()->mutable_labels())[key] = value;
+  }
   if (line_server) {
     hello.mutable_hello()->mutable_version()->set_minor(2);
     hello.mutable_hello()->set_supports_release(mode == "release");

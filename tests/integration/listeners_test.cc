@@ -19,6 +19,7 @@
 #include "absl/strings/str_split.h"
 #include "gtest/gtest.h"
 #include "tests/integration/broker_process.h"
+#include "tests/util/subprocess.h"
 #include "tests/util/test_util.h"
 #include "wire/socket_address.h"
 
@@ -40,10 +41,26 @@ std::string Exchange(int fd, const std::string& line) {
   return answer;
 }
 
-TEST(ListenersTest,
-     TcpV4V6AndUnixListenersAreServedAndEachConnectionSaysWhich) {
-  const std::string dir = MakeTempDir();
-  const std::string unix_path = dir + "/clients.sock";
+// Each test's private directory (for its Unix sockets), removed after it.
+class ListenersTest : public ::testing::Test {
+ protected:
+  void TearDown() override {
+    std::error_code ignored;
+    std::filesystem::remove_all(dir_, ignored);
+  }
+  // The broker's listener names, from its ready file (listeners=).
+  static std::vector<std::string> Names(BrokerProcess& broker) {
+    absl::StatusOr<std::map<std::string, std::string>> ready =
+        ReadKeyValueFile(broker.dir() + "/ready");
+    if (!ready.ok()) return {};
+    return absl::StrSplit((*ready)["listeners"], ' ');
+  }
+  const std::string dir_ = MakeTempDir();
+};
+
+TEST_F(ListenersTest,
+       TcpV4V6AndUnixListenersAreServedAndEachConnectionSaysWhich) {
+  const std::string unix_path = dir_ + "/clients.sock";
   absl::StatusOr<std::unique_ptr<BrokerProcess>> broker = BrokerProcess::Start(
       {"--listen=127.0.0.1:0", "--listen=[::1]:0",
        "--listen=unix:" + unix_path + ",mode=0660", "--workers=1",
@@ -120,13 +137,53 @@ TEST(ListenersTest,
       << ScrapeMetrics(metrics).value_or("no scrape");
   clients.clear();
   broker->reset();
-  std::error_code ignored;
-  std::filesystem::remove_all(dir, ignored);
 }
 
-TEST(ListenersTest, ALiveUnixListenerIsNotReplaced) {
-  const std::string dir = MakeTempDir();
-  const std::string unix_path = dir + "/clients.sock";
+// One broker, two pools: each external worker's Hello label "listeners"
+// names the listener it serves, and gets that listener's clients only.
+TEST_F(ListenersTest, WorkersServeTheListenersTheirLabelNames) {
+  const std::string unix_path = dir_ + "/b.sock";
+  absl::StatusOr<std::unique_ptr<BrokerProcess>> broker = BrokerProcess::Start(
+      {"--listen=127.0.0.1:0", "--listen=unix:" + unix_path});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  const std::vector<std::string> names = Names(**broker);
+  ASSERT_EQ(names.size(), 2u);
+  std::vector<std::unique_ptr<Subprocess>> workers;
+  for (const std::string& name : names) {
+    Subprocess::Options options;
+    options.env["FDBROKER_SOCKET"] = (*broker)->socket_path();
+    absl::StatusOr<std::unique_ptr<Subprocess>> worker =
+        Subprocess::Start({BinaryPath("fdbroker-fake-worker"), "--mode=release",
+                           "--label=listeners=" + name},
+                          options);
+    ASSERT_TRUE(worker.ok()) << worker.status();
+    workers.push_back(*std::move(worker));
+    ASSERT_TRUE(WaitFor(
+        [&] {
+          return absl::StrContains(workers.back()->Stdout(), "registered");
+        },
+        absl::Seconds(10)))
+        << workers.back()->Output();
+  }
+  absl::StatusOr<wire::HostPort> tcp = wire::HostPort::Parse(names[0]);
+  ASSERT_TRUE(tcp.ok());
+  for (int round = 0; round < 3; ++round) {
+    for (size_t i = 0; i < names.size(); ++i) {
+      absl::StatusOr<wire::UniqueFd> client =
+          i == 0 ? ConnectTcp(tcp->host, tcp->port) : ConnectUnix(unix_path);
+      ASSERT_TRUE(client.ok()) << client.status();
+      const std::string answer = Exchange(client->get(), "which");
+      EXPECT_EQ(answer, absl::StrCat(workers[i]->pid(), " which"))
+          << names[i] << "\n"
+          << (*broker)->process().Output();
+    }
+  }
+  workers.clear();
+  broker->reset();
+}
+
+TEST_F(ListenersTest, ALiveUnixListenerIsNotReplaced) {
+  const std::string unix_path = dir_ + "/clients.sock";
   absl::StatusOr<std::unique_ptr<BrokerProcess>> first =
       BrokerProcess::Start({"--listen=unix:" + unix_path, "--control="});
   ASSERT_TRUE(first.ok()) << first.status();
@@ -138,8 +195,6 @@ TEST(ListenersTest, ALiveUnixListenerIsNotReplaced) {
       << second.status();
   EXPECT_TRUE(ConnectUnix(unix_path).ok()) << "the first still serves";
   first->reset();
-  std::error_code ignored;
-  std::filesystem::remove_all(dir, ignored);
 }
 
 }  // namespace
