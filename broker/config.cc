@@ -18,8 +18,19 @@
 #include "broker/supervisor.h"
 #include "wire/command_line.h"
 
-ABSL_FLAG(std::string, listen, "0.0.0.0:8080",
-          "Address for client connections, HOST:PORT (port 0 picks one).");
+ABSL_FLAG(fdbroker::wire::RepeatedFlag, listen,
+          fdbroker::wire::RepeatedFlag{{"0.0.0.0:8080"}},
+          "Address for client connections, may be given several times: "
+          "HOST:PORT, [V6]:PORT (port 0 picks one; an IPv6 listener is IPv6 "
+          "only) or unix:/path, optionally followed by ,proxy_protocol (each "
+          "connection starts with a PROXY protocol v1 or v2 header, as "
+          "HAProxy's send-proxy and send-proxy-v2 send) and, for unix:, "
+          ",mode=0660 (the socket file's permissions; a stale file is "
+          "replaced).");
+ABSL_FLAG(absl::Duration, proxy_header_timeout, absl::Seconds(3),
+          "On a ,proxy_protocol listener: a connection whose PROXY header is "
+          "not complete within this time is closed (and counted in "
+          "fdbroker_connections_rejected_total{reason=\"proxy_protocol\"}).");
 ABSL_FLAG(std::string, socket, "",
           "Path of the hand-off Unix socket workers register on. Default: "
           "$XDG_RUNTIME_DIR/fdbroker.sock, else /tmp/fdbroker-<uid>.sock.");
@@ -84,7 +95,8 @@ ABSL_FLAG(absl::Duration, adopt_grace, absl::Seconds(2),
           "to wait for the previous broker's workers to re-register before "
           "starting new ones.");
 ABSL_FLAG(std::string, ready_file, "",
-          "Once listening, write key=value lines (listen=, socket=, pid=) to "
+          "Once listening, write key=value lines (listen=, listeners=, "
+          "socket=, pid=) to "
           "this file (atomically), for scripts and tests using port 0.");
 
 namespace fdbroker {
@@ -121,13 +133,19 @@ void ParseFlagsOrExit(int argc, char** argv) {
 
 absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   BrokerConfig config;
-  absl::StatusOr<wire::SocketAddress> listen =
-      wire::SocketAddress::Parse(absl::GetFlag(FLAGS_listen));
-  if (!listen.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--listen: ", listen.status().message()));
+  for (const std::string& text : absl::GetFlag(FLAGS_listen).values) {
+    absl::StatusOr<ListenSpec> listen = ListenSpec::Parse(text);
+    if (!listen.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--listen: ", listen.status().message()));
+    }
+    config.listen.push_back(*std::move(listen));
   }
-  config.listen = *listen;
+  if (config.listen.empty() || config.listen.size() > 64) {
+    return absl::InvalidArgumentError("--listen: give 1 to 64 listeners");
+  }
+  config.listener.proxy_header_timeout =
+      absl::GetFlag(FLAGS_proxy_header_timeout);
 
   config.socket_path = absl::GetFlag(FLAGS_socket);
   if (config.socket_path.empty()) config.socket_path = DefaultSocketPath();
@@ -184,7 +202,8 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
       {"--heartbeat_timeout", manager.heartbeat_timeout},
       {"--worker_start_timeout", manager.start_timeout},
       {"--ack_timeout", manager.ack_timeout},
-      {"--pending_timeout", config.dispatcher.pending_timeout}};
+      {"--pending_timeout", config.dispatcher.pending_timeout},
+      {"--proxy_header_timeout", config.listener.proxy_header_timeout}};
   for (const auto& [name, value] : positive) {
     if (value <= absl::ZeroDuration() || value == absl::InfiniteDuration()) {
       return absl::InvalidArgumentError(

@@ -8,6 +8,7 @@
 #include "absl/time/time.h"
 #include "broker/connection_dispatcher.h"
 #include "broker/control_server.h"
+#include "broker/listener.h"
 #include "broker/worker_manager.h"
 #include "wire/socket_address.h"
 
@@ -17,7 +18,10 @@ namespace fdbroker {
 // (declared with its default and help in config.cc) is read once, into the
 // Options of the component it configures, which the daemon passes on as is.
 struct BrokerConfig {
-  wire::SocketAddress listen;                // --listen
+  std::vector<ListenSpec> listen;  // --listen
+  // --proxy_header_timeout (proxy_protocol and the rest are per listener,
+  // from its ListenSpec).
+  Listener::Options listener;
   std::string socket_path;                   // --socket
   std::vector<std::string> worker_argv;      // --worker_cmd
   std::string policy;                        // --policy

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -110,6 +111,11 @@ void ConnectionDispatcher::FormatConnection(const Entry& entry,
   entry.connection.peer.Format(*body.mutable_peer_address());
   entry.connection.local.Format(*body.mutable_local_address());
   body.set_accept_time_unix_nanos(entry.connection.accept_unix_nanos);
+  if (entry.connection.listener != nullptr) {
+    body.set_listener(*entry.connection.listener);
+  } else {
+    body.clear_listener();
+  }
   // Always set: message_ and its batch entries are reused.
   body.set_initial_data(entry.initial_data);
 }
@@ -142,7 +148,7 @@ bool ConnectionDispatcher::TryPlace(Entry& entry) {
   candidates_.clear();
   for (const auto& [id, worker] : registry_.workers()) {
     if (worker->Available() && id != entry.excluded_id &&
-        id != entry.released_by) {
+        id != entry.released_by && worker->Serves(entry.connection.listener)) {
       candidates_.push_back(worker.get());
     }
   }
@@ -150,7 +156,8 @@ bool ConnectionDispatcher::TryPlace(Entry& entry) {
       entry.released_by != entry.excluded_id) {
     // Nobody else can take it now: back to the releaser beats waiting.
     Worker* releaser = registry_.Find(entry.released_by);
-    if (releaser != nullptr && releaser->Available()) {
+    if (releaser != nullptr && releaser->Available() &&
+        releaser->Serves(entry.connection.listener)) {
       candidates_.push_back(releaser);
     }
   }
@@ -313,6 +320,8 @@ absl::Status ConnectionDispatcher::OnAck(Worker& worker, const v1::Ack& ack) {
     }
     // The worker owns the socket now; the broker's copy closes here.
     const uint64_t identity = SocketIdentity(it->second.connection.fd.get());
+    const AcceptedConnection& c = it->second.connection;
+    if (c.proxied) worker.proxied.try_emplace(id, c.peer, c.local);
     in_flight_.erase(it);
     --worker.unacked;
     worker.owned.emplace(id, identity);
@@ -353,8 +362,16 @@ absl::Status ConnectionDispatcher::OnRelease(Worker& worker,
   // The broker does not remember owned connections' addresses: the socket
   // itself tells (a non-IP socket, as in tests, leaves them empty).
   AcceptedConnection& c = entry.connection;
-  c.peer = IpAddressOf(c.fd.get(), /*peer=*/true);
-  c.local = IpAddressOf(c.fd.get(), /*peer=*/false);
+  if (auto p = worker.proxied.find(id); p != worker.proxied.end()) {
+    // Behind a PROXY-protocol balancer the socket would name the balancer.
+    std::tie(c.peer, c.local) = p->second;
+    c.proxied = true;
+    worker.proxied.erase(p);
+  } else {
+    c.peer = IpAddressOf(c.fd.get(), /*peer=*/true);
+    c.local = IpAddressOf(c.fd.get(), /*peer=*/false);
+  }
+  if (resolve_listener_) c.listener = resolve_listener_(c.fd.get());
   // The pending timeout runs from the release; the accept time is not kept.
   c.accept_mono_nanos = loop_.clock().MonotonicNanos();
   c.accept_unix_nanos = loop_.clock().UnixNanos();
@@ -400,6 +417,7 @@ absl::Status ConnectionDispatcher::OnReject(Worker& worker,
 absl::Status ConnectionDispatcher::OnClosed(Worker& worker,
                                             const v1::Closed& closed) {
   for (uint64_t id : closed.connection_ids()) {
+    worker.proxied.erase(id);
     if (worker.owned.erase(id) == 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "closed for connection ", id, " this worker does not own"));

@@ -91,6 +91,12 @@ class ConnectionDispatcher {
   void set_migration_observer(MigrationObserver observer) {
     on_migrated_ = std::move(observer);
   }
+  // Names the listener of a released connection (from its socket), which
+  // the broker does not remember for owned connections.
+  using ListenerResolver = std::function<const std::string*(int fd)>;
+  void set_listener_resolver(ListenerResolver resolver) {
+    resolve_listener_ = std::move(resolver);
+  }
 
   // `worker` will Ack nothing more (channel gone, or exited): its un-acked
   // connections go back to the queue and are placed elsewhere.
@@ -181,6 +187,7 @@ class ConnectionDispatcher {
   Stats stats_;
   LatencyHistogram latency_;
   MigrationObserver on_migrated_;
+  ListenerResolver resolve_listener_;
 };
 
 }  // namespace fdbroker

@@ -110,9 +110,11 @@ absl::Status Daemon::Init() {
     dispatcher_->Dispatch(std::move(conn));
   };
   absl::StatusOr<std::unique_ptr<HandoffServer>> server;
-  absl::StatusOr<std::unique_ptr<Listener>> listener;
+  // Sockets taken over (from the running broker, or from systemd): they
+  // replace binding --listen; the i-th takes the i-th --listen's options.
+  std::vector<wire::UniqueFd> inherited;
   if (config_.upgrade) {
-    // Take both listening sockets over from the running broker: they never
+    // Take every listening socket over from the running broker: they never
     // close, so no client connect and no worker reconnect is refused.
     absl::StatusOr<UpgradeSockets> sockets =
         RequestUpgrade(config_.socket_path, absl::Seconds(10));
@@ -126,27 +128,35 @@ absl::Status Daemon::Init() {
     server = HandoffServer::Adopt(*loop_, config_.socket_path,
                                   std::move(sockets->handoff),
                                   HandoffServer::Options{}, sys, on_peer);
-    if (server.ok()) {
-      listener = Listener::Adopt(*loop_, std::move(sockets->listener),
-                                 Listener::Options{}, sys, on_accept);
-    }
+    inherited = std::move(sockets->listeners);
   } else {
     server = HandoffServer::Create(*loop_, config_.socket_path,
                                    HandoffServer::Options{}, sys, on_peer);
-    absl::StatusOr<wire::UniqueFd> activated = TakeActivatedListener();
+    absl::StatusOr<std::vector<wire::UniqueFd>> activated =
+        TakeActivatedListeners();
     if (!activated.ok()) return activated.status();
-    if (server.ok()) {
-      listener = activated->valid()
-                     ? Listener::Adopt(*loop_, *std::move(activated),
-                                       Listener::Options{}, sys, on_accept)
-                     : Listener::Create(*loop_, config_.listen,
-                                        Listener::Options{}, sys, on_accept);
-    }
+    inherited = *std::move(activated);
   }
   if (!server.ok()) return server.status();
   handoff_server_ = *std::move(server);
-  if (!listener.ok()) return listener.status();
-  listener_ = *std::move(listener);
+  listener_ =
+      std::make_unique<Listener>(*loop_, config_.listener, sys, on_accept);
+  for (size_t i = 0; i < inherited.size(); ++i) {
+    const bool proxy =
+        i < config_.listen.size() && config_.listen[i].proxy_protocol;
+    if (absl::Status s = listener_->AdoptSocket(std::move(inherited[i]), proxy);
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (inherited.empty()) {
+    for (const ListenSpec& spec : config_.listen) {
+      if (absl::Status s = listener_->Bind(spec); !s.ok()) return s;
+    }
+  }
+  dispatcher_->set_listener_resolver([listener = listener_.get()](int fd) {
+    return listener->NameOfConnection(fd);
+  });
   manager_->set_upgrade_handler([this](std::unique_ptr<HandoffChannel> channel,
                                        const v1::UpgradeRequest& request) {
     OnUpgradeRequest(std::move(channel), request);
@@ -257,8 +267,13 @@ void Daemon::OnEvent(const WorkerEvent& event) {
 
 absl::Status Daemon::WriteReadyFile() const {
   if (config_.ready_file.empty()) return absl::OkStatus();
+  std::string listeners;
+  for (size_t i = 0; i < listener_->size(); ++i) {
+    absl::StrAppend(&listeners, i == 0 ? "" : " ", listener_->name(i));
+  }
+  // listen= the first listener (as before several), listeners= every one.
   std::string contents = absl::StrCat(
-      "listen=", listener_->address().ToString(), "\n",
+      "listen=", listener_->name(), "\n", "listeners=", listeners, "\n",
       "socket=", handoff_server_->path(), "\n", "pid=", ::getpid(), "\n");
   if (control_server_ != nullptr) {
     absl::StrAppend(&contents, "control=", control_server_->address(), "\n");
@@ -311,7 +326,7 @@ int Daemon::Run() {
   spdlog::info(
       "fdbroker listening on {}, hand-off socket {}, {} worker(s), "
       "policy {}",
-      listener_->address().ToString(), handoff_server_->path(),
+      listener_->Describe(), handoff_server_->path(),
       config_.manager.target_workers, std::string(policy_->name()));
   if (absl::Status s = WriteReadyFile(); !s.ok()) {
     spdlog::error("--ready_file: {}", s.ToString());
@@ -371,13 +386,18 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
   }
   v1::HandoffMessage handover;
   v1::UpgradeHandover* body = handover.mutable_upgrade_handover();
-  body->set_listen_address(listener_->address().ToString());
+  body->set_listen_address(listener_->name(0));
   body->set_socket_path(handoff_server_->path());
   // This broker goes on numbering until the new one is up: far fewer than
   // 2^32 connections in that time (60 s at most).
   body->set_first_connection_id(dispatcher_->next_connection_id() +
                                 (uint64_t{1} << 32));
-  const int fds[] = {listener_->fd(), handoff_server_->fd()};
+  // [0] the first listener, [1] the hand-off socket, then the others.
+  std::vector<int> fds = {listener_->fd(0), handoff_server_->fd()};
+  for (size_t i = 1; i < listener_->size(); ++i) {
+    body->add_more_listen_addresses(listener_->name(i));
+    fds.push_back(listener_->fd(i));
+  }
   if (absl::Status s = channel->SendWithFds(handover, fds); !s.ok()) {
     spdlog::error("upgrade hand-over to pid {} failed ({}); still serving", pid,
                   s.ToString());
@@ -498,8 +518,11 @@ void Daemon::FinishUpgrade(int64_t deadline_nanos) {
     moving |= worker->channel != nullptr && !worker->channel->closed() &&
               worker->protocol_minor >= kReconnectMinor;
   }
-  const bool done =
-      dispatcher_->in_flight() == 0 && dispatcher_->pending() == 0 && !moving;
+  // Connections still reading their PROXY header go on to the dispatcher
+  // (or are closed) within --proxy_header_timeout: wait for them too.
+  const bool done = dispatcher_->in_flight() == 0 &&
+                    dispatcher_->pending() == 0 &&
+                    listener_->reading_headers() == 0 && !moving;
   if (!done && loop_->clock().MonotonicNanos() < deadline_nanos) {
     loop_->RunAfter(absl::Milliseconds(5),
                     [this, deadline_nanos] { FinishUpgrade(deadline_nanos); });

@@ -3,9 +3,12 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "broker/event_loop.h"
 #include "broker/metrics_list.h"
@@ -18,74 +21,144 @@ namespace fdbroker {
 // A client connection the broker has accepted and not yet handed off.
 struct AcceptedConnection {
   wire::UniqueFd fd;
-  wire::SocketAddress peer;
-  wire::SocketAddress local;
+  wire::SocketAddress peer;   // Empty (family 0) for a Unix-socket client.
+  wire::SocketAddress local;  // Same.
   int64_t accept_unix_nanos = 0;
   int64_t accept_mono_nanos = 0;
+  // `peer` and `local` come from a PROXY header, not from the socket (which
+  // names the balancer): they must travel with the connection.
+  bool proxied = false;
+  // The name of the listening socket it came from (Listener::name()); owned
+  // by the Listener, which outlives every connection. Null in tests.
+  const std::string* listener = nullptr;
 };
 
-// The TCP listening socket. Loop thread only. Accepts in batches while the
-// socket is readable; on fd exhaustion (EMFILE/ENFILE/ENOBUFS/ENOMEM) it
-// stops watching the socket for `exhaustion_pause` instead of spinning, and
-// the connection stays in the kernel backlog.
+// One --listen: "HOST:PORT", "[V6]:PORT" or "unix:/path", each optionally
+// followed by options: ",proxy_protocol" (connections start with a PROXY
+// header) and, for a Unix socket, ",mode=0660" (octal permissions of the
+// socket file; without it the umask decides).
+struct ListenSpec {
+  // The address as given, without its options (for messages).
+  std::string name;
+  wire::SocketAddress address;  // TCP.
+  std::string unix_path;        // "unix:" (empty for TCP).
+  int unix_mode = -1;           // -1: not given.
+  bool proxy_protocol = false;
+
+  static absl::StatusOr<ListenSpec> Parse(absl::string_view text);
+  bool is_unix() const { return !unix_path.empty(); }
+};
+
+class ProxyProtocolReader;
+
+// The client listening sockets (one per --listen: TCP over IPv4 or IPv6, or
+// a Unix stream socket). Loop thread only. Accepts in batches while a
+// socket is readable; on fd exhaustion (EMFILE/ENFILE/ENOBUFS/ENOMEM, a
+// process-wide condition) it stops watching every socket for
+// `exhaustion_pause` instead of spinning, and connections stay in the kernel
+// backlogs. A socket with proxy_protocol passes each connection through a
+// ProxyProtocolReader first.
+//
+// Each socket has a name, which every Connection carries (`listener`): its
+// bound address in --listen syntax ("127.0.0.1:8080", "[::]:8080",
+// "unix:/run/app.sock"), so it is unique, and the same after an upgrade or
+// from socket activation.
 class Listener {
  public:
   using AcceptCallback = absl::AnyInvocable<void(AcceptedConnection)>;
   struct Options {
     int backlog = 4096;
     absl::Duration exhaustion_pause = absl::Milliseconds(100);
-    // Most accepts per wake-up, so one busy listener cannot starve the
-    // hand-off channels of the same loop.
+    // Most accepts per wake-up and socket, so one busy listener cannot
+    // starve the hand-off channels of the same loop.
     int max_accepts_per_wake = 64;
+    // For Create() and Adopt(): connections start with a PROXY protocol
+    // header (v1 or v2), read and stripped before the connection is handed
+    // on with the addresses it names (broker/proxy_protocol.h). One without
+    // a complete header within `proxy_header_timeout`, or with a malformed
+    // one, is closed and counted. Bind() and AdoptSocket() say it per socket.
+    bool proxy_protocol = false;
+    absl::Duration proxy_header_timeout = absl::Seconds(3);
   };
-  // broker/metrics_list.h declares the fields (and their metrics).
+  // broker/metrics_list.h declares the fields (and their metrics); summed
+  // over the sockets.
   struct Stats {
     FDBROKER_STATS_STRUCT_FIELDS(FDBROKER_LISTENER_STATS)
   };
 
-  // Binds and listens on `address` (port 0 picks a free port; see address()).
+  // No socket yet: Bind() and AdoptSocket() add them.
+  Listener(EventLoop& loop, const Options& options, wire::SysCalls& sys,
+           AcceptCallback on_accept);
+  // One socket bound to `address` (port 0 picks a free port; see address()).
   static absl::StatusOr<std::unique_ptr<Listener>> Create(
       EventLoop& loop, const wire::SocketAddress& address,
       const Options& options, wire::SysCalls& sys, AcceptCallback on_accept);
-  // Takes over an already listening socket (systemd socket activation, or
-  // one handed over by the previous broker during an upgrade).
+  // One already listening socket (systemd socket activation, or one handed
+  // over by the previous broker during an upgrade).
   static absl::StatusOr<std::unique_ptr<Listener>> Adopt(
       EventLoop& loop, wire::UniqueFd socket, const Options& options,
       wire::SysCalls& sys, AcceptCallback on_accept);
   ~Listener();
 
-  // The listening socket, for handing it over (the caller dups it).
-  int fd() const { return socket_.get(); }
+  // Binds and listens as `spec` says. A Unix socket file left by a broker
+  // that is gone is replaced; one another process listens on is an error.
+  absl::Status Bind(const ListenSpec& spec);
+  // Takes over a listening socket (TCP or Unix stream).
+  absl::Status AdoptSocket(wire::UniqueFd socket, bool proxy_protocol);
 
-  // The address actually bound.
-  const wire::SocketAddress& address() const { return address_; }
+  size_t size() const { return sockets_.size(); }
+  // The i-th listening socket, for handing it over (the caller dups it).
+  int fd(size_t i = 0) const { return sockets_[i]->fd.get(); }
+  // The address it is bound to (for a Unix socket, its sockaddr_un).
+  const wire::SocketAddress& address(size_t i = 0) const {
+    return sockets_[i]->address;
+  }
+  const std::string& name(size_t i = 0) const { return sockets_[i]->name; }
+  // Connections the i-th socket accepted (fdbroker_listener_connections_
+  // accepted_total{listener=name(i)}).
+  uint64_t accepted(size_t i) const { return sockets_[i]->accepted; }
+  // Every name, comma-separated, for the log.
+  std::string Describe() const;
+  // The name of the listening socket that accepted the connection `fd`
+  // (from its local address); null if none of these.
+  const std::string* NameOfConnection(int fd) const;
 
-  // Stops taking connections; the socket stays bound, so clients queue in the
-  // backlog instead of being refused. Resume() takes them again.
+  // Stops taking connections; the sockets stay bound, so clients queue in
+  // the backlogs instead of being refused. Resume() takes them again.
   void Pause();
   void Resume();
-  // Closes the socket for good (shutdown): clients are refused from now on.
+  // Closes the sockets for good (shutdown, upgrade): clients are refused
+  // from now on (after an upgrade, the new broker holds them).
   void Close();
-  bool accepting() const { return accepting_ && socket_.valid(); }
+  bool accepting() const { return accepting_ && !closed_; }
+  // Connections whose PROXY header is still being read (they go on to the
+  // callback, or are closed, even after Close()).
+  size_t reading_headers() const;
   const Stats& stats() const { return stats_; }
 
  private:
-  Listener(EventLoop& loop, wire::UniqueFd socket, wire::SocketAddress address,
-           const Options& options, wire::SysCalls& sys,
-           AcceptCallback on_accept);
-  absl::Status Init();
-  void OnReadable();
-  void UpdateWatch();
+  struct Socket {
+    std::string name;
+    wire::UniqueFd fd;
+    wire::SocketAddress address;
+    bool is_unix = false;
+    uint64_t accepted = 0;
+    // Destroyed first: it watches `fd` and holds the connections it reads.
+    std::unique_ptr<IoWatch> watch;
+    std::unique_ptr<ProxyProtocolReader> proxy;
+  };
+  absl::Status Add(wire::UniqueFd fd, bool proxy_protocol);
+  void OnReadable(Socket& socket);
+  void UpdateWatches();
 
   EventLoop& loop_;
-  wire::UniqueFd socket_;
-  wire::SocketAddress address_;
   const Options options_;
   wire::SysCalls& sys_;
   AcceptCallback on_accept_;
-  std::unique_ptr<IoWatch> watch_;
+  std::vector<std::unique_ptr<Socket>> sockets_;
   bool accepting_ = true;
-  Timer resume_timer_{loop_};  // Armed while exhausted.
+  bool closed_ = false;
+  EventLoop::TimerId resume_timer_ = 0;  // Non-zero while exhausted.
   Stats stats_;
 };
 

@@ -87,7 +87,9 @@ BrokerMetrics::BrokerMetrics(prometheus::Registry& registry)
     : worker_active_(Register<prometheus::Gauge>(
           registry, metric_family::kWorkerConnectionsActive)),
       control_requests_(Register<prometheus::Counter>(
-          registry, metric_family::kControlRequests)) {
+          registry, metric_family::kControlRequests)),
+      listener_accepted_(Register<prometheus::Counter>(
+          registry, metric_family::kListenerAccepted)) {
   // Generated from broker/metrics_list.h: each entry becomes one series
   // and the function that reads its value at each Sync().
 #define FDBROKER_FEED_COUNTER(field, name, help)                              \
@@ -168,6 +170,25 @@ void BrokerMetrics::Sync(const Listener& listener,
   }
   for (const GaugeFeed& feed : gauges_) feed.gauge->Set(feed.read(s));
   SyncWorkerGauges(registry);
+  SyncListenerCounters(listener);
+}
+
+void BrokerMetrics::SyncListenerCounters(const Listener& listener) {
+  // A broker's listeners are fixed (--listen), so the series are bounded.
+  for (size_t i = 0; i < listener.size(); ++i) {
+    auto it = listener_counters_.find(listener.name(i));
+    if (it == listener_counters_.end()) {
+      prometheus::Counter* counter = &listener_accepted_.Add(
+          {{std::string(metric_family::kListenerAccepted.labels),
+            listener.name(i)}});
+      it = listener_counters_.emplace(listener.name(i), std::pair{counter, 0})
+               .first;
+    }
+    auto& [counter, synced] = it->second;
+    const uint64_t now = listener.accepted(i);
+    if (now > synced) counter->Increment(static_cast<double>(now - synced));
+    synced = now;
+  }
 }
 
 void BrokerMetrics::SyncWorkerGauges(const WorkerRegistry& registry) {

@@ -74,6 +74,7 @@ class BrokerMetrics {
   };
 
   void SyncWorkerGauges(const WorkerRegistry& registry);
+  void SyncListenerCounters(const Listener& listener);
 
   std::vector<CounterFeed> counters_;
   std::vector<GaugeFeed> gauges_;
@@ -81,6 +82,10 @@ class BrokerMetrics {
   prometheus::Family<prometheus::Gauge>& worker_active_;
   prometheus::Family<prometheus::Counter>& control_requests_;
   std::map<uint64_t, prometheus::Gauge*> worker_gauges_;
+  prometheus::Family<prometheus::Counter>& listener_accepted_;
+  // By listener name: the series and what was already moved into it.
+  std::map<std::string, std::pair<prometheus::Counter*, uint64_t>>
+      listener_counters_;
 };
 
 // Serves the registry over HTTP (GET /metrics) on its own thread.

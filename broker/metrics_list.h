@@ -26,7 +26,8 @@
   INTERNAL(accepted, "Connections accept4 returned.")                         \
   COUNTER(exhaustion_pauses, "fdbroker_accept_pauses_total",                  \
           "Times accepting paused for lack of fds (EMFILE, ENFILE, ENOBUFS, " \
-          "ENOMEM).")
+          "ENOMEM).")                                                         \
+  COUNTER_IN(rejected_proxy_protocol, kConnectionsRejected, "proxy_protocol")
 
 #define FDBROKER_DISPATCHER_STATS(COUNTER, COUNTER_IN, INTERNAL)         \
   COUNTER(dispatched, "fdbroker_connections_accepted_total",             \
@@ -100,7 +101,12 @@
          "Registered and starting workers, by state.")                       \
   FAMILY(kWorkerConnectionsActive, kGauge,                                   \
          "fdbroker_worker_connections_active", "worker",                     \
-         "Connections owned by each worker.")
+         "Connections owned by each worker.")                                \
+  FAMILY(kListenerAccepted, kCounter,                                        \
+         "fdbroker_listener_connections_accepted_total", "listener",         \
+         "Connections each listening socket accepted (named by its bound "   \
+         "address, as Connection.listener), PROXY-protocol rejects "         \
+         "included.")
 
 // Gauges, set at each sync from the state of the parts: GAUGE(name, help,
 // value) and GAUGE_IN(family, label_value, value), where `value` is an

@@ -68,10 +68,14 @@ absl::StatusOr<UpgradeSockets> RequestUpgradeOnce(
             absl::StrCat("--upgrade refused: ", reply.refusal().message()));
       }
       if (reply.has_upgrade_handover()) {
+        // [0] the first listener, [1] the hand-off socket, then the
+        // further listeners (the channel checked the count).
         UpgradeSockets sockets;
-        sockets.listener = std::move(fds[0]);
         sockets.handoff = std::move(fds[1]);
-        sockets.listen_address = reply.upgrade_handover().listen_address();
+        sockets.listeners.push_back(std::move(fds[0]));
+        for (size_t i = 2; i < fds.size(); ++i) {
+          sockets.listeners.push_back(std::move(fds[i]));
+        }
         sockets.first_connection_id =
             reply.upgrade_handover().first_connection_id();
         sockets.channel =
@@ -185,26 +189,25 @@ void PendingUpgrade::Abort(const absl::Status& reason) {
   on_abort_(reason);
 }
 
-absl::StatusOr<wire::UniqueFd> TakeActivatedListener() {
+absl::StatusOr<std::vector<wire::UniqueFd>> TakeActivatedListeners() {
+  std::vector<wire::UniqueFd> fds;
   const char* pid_text = std::getenv("LISTEN_PID");
   const char* fds_text = std::getenv("LISTEN_FDS");
-  if (pid_text == nullptr || fds_text == nullptr) return wire::UniqueFd();
+  if (pid_text == nullptr || fds_text == nullptr) return fds;
   int pid = 0, count = 0;
   const bool for_us = absl::SimpleAtoi(pid_text, &pid) && pid == ::getpid();
   ::unsetenv("LISTEN_PID");
   ::unsetenv("LISTEN_FDS");
   ::unsetenv("LISTEN_FDNAMES");
-  if (!for_us) return wire::UniqueFd();
-  if (!absl::SimpleAtoi(fds_text, &count) || count < 1) {
+  if (!for_us) return fds;
+  // 253: the most fds an upgrade can hand over in one packet.
+  if (!absl::SimpleAtoi(fds_text, &count) || count < 1 || count > 252) {
     return absl::InvalidArgumentError(
-        absl::StrCat("LISTEN_FDS=", fds_text, ": expected at least 1"));
-  }
-  if (count > 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "LISTEN_FDS=", count, ": fdbroker takes exactly one socket"));
+        absl::StrCat("LISTEN_FDS=", fds_text, ": expected 1 to 252"));
   }
   constexpr int kFirstActivatedFd = 3;  // SD_LISTEN_FDS_START.
-  return wire::UniqueFd(kFirstActivatedFd);
+  for (int i = 0; i < count; ++i) fds.emplace_back(kFirstActivatedFd + i);
+  return fds;
 }
 
 }  // namespace fdbroker

@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
@@ -18,9 +19,10 @@ namespace fdbroker {
 
 // What `fdbroker --upgrade` receives from the running broker.
 struct UpgradeSockets {
-  wire::UniqueFd listener;  // Listening TCP socket for clients.
-  wire::UniqueFd handoff;   // Listening hand-off Unix socket.
-  std::string listen_address;
+  // The listening sockets for clients, in the running broker's order (one
+  // from a broker that predates several listeners).
+  std::vector<wire::UniqueFd> listeners;
+  wire::UniqueFd handoff;  // Listening hand-off Unix socket.
   // This broker's connection ids start here (0: an older running broker).
   uint64_t first_connection_id = 0;
   // Still open: ReportUpgradeReady() goes over it.
@@ -39,7 +41,7 @@ inline constexpr absl::Duration kUpgradeReadyTimeout = absl::Seconds(60);
 
 // The new broker's side of a planned upgrade, first phase: connects to the
 // running broker's hand-off socket, sends UpgradeRequest and waits (up to
-// `timeout`) for UpgradeHandover with its two sockets. The running broker
+// `timeout`) for UpgradeHandover with its sockets. The running broker
 // keeps serving (it frees only its control and metrics ports) until
 // ReportUpgradeReady(). While the running broker is busy with another
 // upgrade (REFUSAL_REASON_UPGRADE_IN_PROGRESS) it asks again until `timeout`.
@@ -88,10 +90,11 @@ class PendingUpgrade : public HandoffChannel::Delegate {
   State state_ = State::kWaiting;
 };
 
-// The systemd socket-activation listener (LISTEN_PID/LISTEN_FDS: fd 3), if
-// the environment passes one to this process; the variables are removed so
-// that workers do not inherit them. Empty fd when not socket-activated.
-absl::StatusOr<wire::UniqueFd> TakeActivatedListener();
+// The systemd socket-activation listeners (LISTEN_PID/LISTEN_FDS: fds 3,
+// 4, ...), if the environment passes them to this process; the variables
+// are removed so that workers do not inherit them. Empty when not
+// socket-activated.
+absl::StatusOr<std::vector<wire::UniqueFd>> TakeActivatedListeners();
 
 }  // namespace fdbroker
 

@@ -2,7 +2,20 @@
 
 #include <utility>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_split.h"
+
 namespace fdbroker {
+
+bool Worker::Serves(const std::string* listener) const {
+  auto it = labels.find(kListenersLabel);
+  if (it == labels.end()) return true;
+  if (listener == nullptr) return false;
+  for (absl::string_view name : absl::StrSplit(it->second, ',')) {
+    if (absl::StripAsciiWhitespace(name) == *listener) return true;
+  }
+  return false;
+}
 
 Worker& WorkerRegistry::Add(pid_t pid, bool supervised, WorkerState state,
                             absl::Time now, int64_t now_mono_nanos) {

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
@@ -14,8 +15,12 @@
 #include "absl/time/time.h"
 #include "broker/handoff_channel.h"
 #include "broker/worker_lifecycle.h"
+#include "wire/socket_address.h"
 
 namespace fdbroker {
+
+// The Hello label by which a worker names the listeners it serves.
+inline constexpr char kListenersLabel[] = "listeners";
 
 // One worker process as the broker sees it. Loop thread only. Who writes
 // what: the lifecycle fields only WorkerLifecycle (worker_lifecycle.h); what
@@ -57,6 +62,11 @@ struct Worker {
   // claimed at re-registration, whose socket this broker never held), which
   // a Release must match.
   absl::flat_hash_map<uint64_t, uint64_t> owned;
+  // Owned connections whose addresses came from a PROXY header (peer, local):
+  // their sockets name the balancer, so a Release takes these back with them.
+  absl::flat_hash_map<uint64_t,
+                      std::pair<wire::SocketAddress, wire::SocketAddress>>
+      proxied;
   uint64_t handed_total = 0;
 
   // Draining because the broker asked (or the worker said Goodbye): its exit
@@ -67,6 +77,11 @@ struct Worker {
   // What balancing compares: every connection the worker has or will have.
   int64_t load() const { return active() + unacked; }
   bool HasRoom() const { return capacity == 0 || load() < capacity; }
+  // Whether it takes connections that came through `listener` (a
+  // Connection.listener name; null: none known). Its Hello label
+  // kListenersLabel, comma-separated names, restricts it to those listeners
+  // (one broker can front two pools); without the label, every listener.
+  bool Serves(const std::string* listener) const;
   // Can take a new connection right now.
   bool Available() const {
     return state == WorkerState::kReady && channel != nullptr &&

@@ -5,12 +5,14 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <set>
 #include <string>
 
 #include "absl/flags/reflection.h"
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 
 namespace fdbroker::wire {
@@ -36,8 +38,19 @@ absl::CommandLineFlag* Find(absl::string_view name,
 
 }  // namespace
 
+bool AbslParseFlag(absl::string_view text, RepeatedFlag* flag,
+                   std::string* error) {
+  flag->values = absl::StrSplit(text, '\n');
+  return true;
+}
+
+std::string AbslUnparseFlag(const RepeatedFlag& flag) {
+  return absl::StrJoin(flag.values, "\n");
+}
+
 absl::StatusOr<CommandLine> ParseFlags(
     int argc, char** argv, absl::Span<const absl::string_view> allowed) {
+  std::set<std::string> repeated_seen;
   for (int i = 1; i < argc; ++i) {
     absl::string_view arg = argv[i];
     if (arg == "--" && i + 1 == argc) break;
@@ -71,6 +84,11 @@ absl::StatusOr<CommandLine> ParseFlags(
     if (flag == nullptr) {
       return absl::InvalidArgumentError(
           absl::StrCat("unknown flag --", name, " (see --help)"));
+    }
+    // Again: add to what the earlier occurrences gave.
+    if (flag->IsOfType<RepeatedFlag>() &&
+        !repeated_seen.insert(std::string(flag->Name())).second) {
+      value = absl::StrCat(flag->CurrentValue(), "\n", value);
     }
     std::string error;
     if (!flag->ParseFrom(value, &error)) {

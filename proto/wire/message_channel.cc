@@ -13,7 +13,8 @@ size_t RequiredFds(const v1::HandoffMessage& message) {
     case v1::HandoffMessage::kRelease:
       return 1;
     case v1::HandoffMessage::kUpgradeHandover:
-      return 2;
+      return 2 + static_cast<size_t>(
+                     message.upgrade_handover().more_listen_addresses_size());
     case v1::HandoffMessage::kConnectionBatch:
       return static_cast<size_t>(message.connection_batch().connections_size());
     default:

@@ -31,7 +31,10 @@ TEST(ConfigTest, DefaultsAreValid) {
   absl::FlagSaver saver;
   absl::StatusOr<BrokerConfig> config = ConfigFromFlags("/opt/fdbroker/bin");
   ASSERT_TRUE(config.ok()) << config.status();
-  EXPECT_EQ(config->listen.ToString(), "0.0.0.0:8080");
+  ASSERT_EQ(config->listen.size(), 1u);
+  EXPECT_EQ(config->listen[0].address.ToString(), "0.0.0.0:8080");
+  EXPECT_FALSE(config->listen[0].proxy_protocol);
+  EXPECT_EQ(config->listener.proxy_header_timeout, absl::Seconds(3));
   EXPECT_EQ(config->worker_argv,
             std::vector<std::string>{"/opt/fdbroker/bin/fdbroker-http-worker"});
   EXPECT_EQ(config->manager.max_workers, 64);
@@ -64,6 +67,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(
         BadFlags{{{"listen", "nowhere"}}, "--listen"},
         BadFlags{{{"listen", "127.0.0.1:99999"}}, "--listen"},
+        BadFlags{{{"listen", "127.0.0.1:80,proxy"}}, "--listen"},
+        BadFlags{{{"proxy_header_timeout", "0s"}}, "--proxy_header_timeout"},
         BadFlags{{{"socket", "/tmp/" + std::string(120, 's')}}, "--socket"},
         BadFlags{{{"max_workers", "0"}}, "--max_workers"},
         BadFlags{{{"max_workers", "1025"}}, "--max_workers"},

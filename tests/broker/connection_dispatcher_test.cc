@@ -510,6 +510,78 @@ TEST_F(DispatcherTest, ReleasedConnectionMovesWithItsUnreadBytes) {
   EXPECT_TRUE(PeerClosed(client)) << "exactly one owner left, now closed";
 }
 
+// A worker whose Hello label "listeners" names some listeners gets only
+// their connections (one broker, two pools); a connection no worker serves
+// waits in the queue.
+TEST_F(DispatcherTest, AWorkerGetsOnlyTheListenersItServes) {
+  FakeWorker a = AddWorker();
+  FakeWorker b = AddWorker();
+  a.worker->labels[kListenersLabel] = "127.0.0.1:8080";
+  b.worker->labels[kListenersLabel] = "unix:/run/b.sock, [::1]:8080";
+  const std::string l_a = "127.0.0.1:8080", l_b = "[::1]:8080",
+                    l_none = "127.0.0.1:9090";
+  std::vector<wire::UniqueFd> clients(5);
+  for (int i = 0; i < 4; ++i) {
+    AcceptedConnection c = NewClient(clients[i]);
+    c.listener = i % 2 == 0 ? &l_a : &l_b;
+    dispatcher_->Dispatch(std::move(c));
+  }
+  EXPECT_EQ(a.worker->load(), 2);
+  EXPECT_EQ(b.worker->load(), 2);
+  v1::Connection connection;
+  wire::UniqueFd fd;
+  ASSERT_TRUE(a.ReceiveConnection(connection, fd));
+  EXPECT_EQ(connection.listener(), l_a);
+  ASSERT_TRUE(b.ReceiveConnection(connection, fd));
+  EXPECT_EQ(connection.listener(), l_b);
+  AcceptedConnection unserved = NewClient(clients[4]);
+  unserved.listener = &l_none;
+  dispatcher_->Dispatch(std::move(unserved));
+  EXPECT_EQ(dispatcher_->pending(), 1u);
+  // A worker without the label serves every listener.
+  FakeWorker c = AddWorker();
+  dispatcher_->PlacePending();
+  EXPECT_EQ(dispatcher_->pending(), 0u);
+  ASSERT_TRUE(c.ReceiveConnection(connection, fd));
+  EXPECT_EQ(connection.listener(), l_none);
+}
+
+// Behind a PROXY-protocol listener the socket names the balancer; the
+// addresses the header gave move with a released connection (the socket
+// cannot tell them again), and are forgotten once it is Closed.
+TEST_F(DispatcherTest, AReleasedProxiedConnectionKeepsTheHeadersAddresses) {
+  FakeWorker a = AddWorker();
+  FakeWorker b = AddWorker();
+  wire::UniqueFd client;
+  AcceptedConnection accepted = NewClient(client);
+  accepted.peer = *wire::SocketAddress::Parse("192.0.2.9:4444");
+  accepted.local = *wire::SocketAddress::Parse("198.51.100.1:443");
+  accepted.proxied = true;
+  dispatcher_->Dispatch(std::move(accepted));
+  FakeWorker* from = a.worker->load() == 1 ? &a : &b;
+  FakeWorker* to = from == &a ? &b : &a;
+  wire::UniqueFd fd;
+  const uint64_t id = OwnConnection(*dispatcher_, *from, fd);
+  ASSERT_NE(id, 0u);
+  ASSERT_TRUE(dispatcher_
+                  ->OnRelease(*from->worker,
+                              ReleaseOf(id, "", v1::RELEASE_REASON_REBALANCE),
+                              std::move(fd))
+                  .ok());
+  v1::Connection moved;
+  wire::UniqueFd moved_fd;
+  ASSERT_TRUE(to->ReceiveConnection(moved, moved_fd));
+  EXPECT_EQ(moved.peer_address(), "192.0.2.9:4444");
+  EXPECT_EQ(moved.local_address(), "198.51.100.1:443");
+  EXPECT_TRUE(from->worker->proxied.empty());
+  ASSERT_TRUE(dispatcher_->OnAck(*to->worker, AckOf(id)).ok());
+  EXPECT_EQ(to->worker->proxied.size(), 1u);
+  v1::Closed closed;
+  closed.add_connection_ids(id);
+  ASSERT_TRUE(dispatcher_->OnClosed(*to->worker, closed).ok());
+  EXPECT_TRUE(to->worker->proxied.empty());
+}
+
 TEST_F(ReleaseTest, ReleasedConnectionNeverGoesBackWhileAnotherCanTakeIt) {
   ASSERT_NO_FATAL_FAILURE(OwnOneEach());
   // After the release a has 0 and b 1: least_conn alone would pick a.

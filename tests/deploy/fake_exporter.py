@@ -25,10 +25,14 @@ LABEL_VALUES = {
         "fdbroker_handoff_failures_total": [
             "worker_lost", "rejected_by_worker", "send_error", "channel_full",
             "too_many_attempts"],
-        "fdbroker_connections_rejected_total": ["overload", "shutdown"],
+        "fdbroker_connections_rejected_total": ["overload", "shutdown",
+                                                "proxy_protocol"],
         "fdbroker_connections_migrated_total": ["rebalance", "drain"],
+        "fdbroker_workers_declared_dead_total": [
+            "heartbeat_timeout", "ack_timeout", "channel_stuck"],
     },
     "state": ["starting", "ready", "draining"],
+    "listener": ["0.0.0.0:8080", "unix:/run/fdbroker/clients.sock"],
     "worker": ["1", "2", "3"],
 }
 CONTROL_CALLS = [("ListWorkers", "OK"), ("ScaleWorkers", "OK"),

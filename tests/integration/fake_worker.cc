@@ -24,7 +24,9 @@
 //                          supports_release and it releases its first
 //                          connection at once (a protocol error).
 // Prints "registered" on stdout once welcomed; with --print_ids (the release
-// modes), "took <id>" for each connection it takes.
+// modes), "took <id>" for each connection it takes; with --print_listeners,
+// "took <id> from <listener> peer <peer_address>". --label=KEY=VALUE adds a
+// Hello label (e.g. listeners=...).
 #include <errno.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -69,6 +71,8 @@ using fdbroker::wire::UniqueFd;
 
 // --print_ids: prints "took <id>" for each connection taken.
 bool print_ids = false;
+// --print_listeners: and the Connection's listener and peer_address.
+bool print_listeners = false;
 
 // The release modes: a poll() loop over the channel and the clients.
 class LineServer {
@@ -170,7 +174,13 @@ class LineServer {
     for (size_t i = 0; i < connections.size(); ++i) {
       const uint64_t id = connections[i].connection_id();
       ack.mutable_ack()->add_connection_ids(id);
-      if (print_ids) {
+      if (print_listeners) {
+        std::printf("took %llu from %s peer %s\n",
+                    static_cast<unsigned long long>(id),
+                    connections[i].listener().c_str(),
+                    connections[i].peer_address().c_str());
+        std::fflush(stdout);
+      } else if (print_ids) {
         std::printf("took %llu\n", static_cast<unsigned long long>(id));
         std::fflush(stdout);
       }
@@ -262,9 +272,19 @@ class LineServer {
 
 int main(int argc, char** argv) {
   std::string mode;
+  std::map<std::string, std::string> labels;
   for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--label=", 8) == 0) {
+      const char* equals = std::strchr(argv[i] + 8, '=');
+      if (equals == nullptr) Fail("--label=KEY=VALUE");
+      const char* key = argv[i] + 8;
+      labels[std::string(key, static_cast<size_t>(equals - key))] = equals + 1;
+    }
     if (std::strncmp(argv[i], "--mode=", 7) == 0) mode = argv[i] + 7;
     if (std::strcmp(argv[i], "--print_ids") == 0) print_ids = true;
+    if (std::strcmp(argv[i], "--print_listeners") == 0) {
+      print_listeners = true;
+    }
   }
   const bool line_server = mode == "release" || mode == "release_unsupported";
   if (mode != "die_before_ack" && mode != "stall" && mode != "never_ack" &&
@@ -287,6 +307,9 @@ int main(int argc, char** argv) {
   hello.mutable_hello()->mutable_version()->set_major(1);
   hello.mutable_hello()->set_pid(::getpid());
   (*hello.mutable_hello()->mutable_labels())["kind"] = "fake-" + mode;
+  for (const auto& [key, value] : labels) {
+    (*hello.mutable_hello()->mutable_labels())[key] = value;
+  }
   if (line_server) {
     hello.mutable_hello()->mutable_version()->set_minor(2);
     hello.mutable_hello()->set_supports_release(mode == "release");

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <set>
@@ -22,9 +23,11 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/strings/str_split.h"
 #include "fdbroker/v1/broker.grpc.pb.h"
 #include "fdbroker/v1/handoff.pb.h"
 #include "gtest/gtest.h"
@@ -33,6 +36,7 @@
 #include "tests/util/test_util.h"
 #include "wire/files.h"
 #include "wire/message_channel.h"
+#include "wire/socket_address.h"
 
 namespace fdbroker::testing {
 namespace {
@@ -69,14 +73,74 @@ std::set<int> ReadyPids(const std::string& control) {
 absl::StatusOr<std::unique_ptr<Subprocess>> StartSecondBroker(
     const BrokerProcess& first, const std::string& ready_file,
     std::vector<std::string> extra) {
-  std::vector<std::string> argv = {BinaryPath("fdbroker"),
-                                   "--listen=127.0.0.1:0",
-                                   "--control=127.0.0.1:0",
-                                   "--metrics=",
-                                   "--socket=" + first.socket_path(),
-                                   "--ready_file=" + ready_file};
+  std::vector<std::string> argv = {
+      BinaryPath("fdbroker"), "--control=127.0.0.1:0",
+      "--metrics=", "--socket=" + first.socket_path(),
+      "--ready_file=" + ready_file};
+  // --listen may be repeated: the default only when `extra` gives none.
+  if (std::none_of(extra.begin(), extra.end(), [](const std::string& flag) {
+        return absl::StartsWith(flag, "--listen=");
+      })) {
+    argv.push_back("--listen=127.0.0.1:0");
+  }
   argv.insert(argv.end(), extra.begin(), extra.end());
   return Subprocess::Start(argv);
+}
+
+// A minimal systemd stand-in, written to `dir`/activate.py: binds
+// `sockets` TCP listeners on 127.0.0.1, puts them at fds 3, 4, ..., writes
+// their ports (space-separated) to argv[1] and sets LISTEN_PID/LISTEN_FDS
+// for the process it becomes (argv[2...]; exec keeps the pid).
+std::string WriteActivationScript(const std::string& dir, int sockets) {
+  const std::string script = dir + "/activate.py";
+  std::ofstream(script)
+      << "import os, socket, sys\n"
+      << "n = " << sockets << "\n"
+      << "socks = [socket.socket() for _ in range(n)]\n"
+         "for s in socks: s.bind(('127.0.0.1', 0)); s.listen(128)\n"
+         "open(sys.argv[1] + '.tmp', 'w').write("
+         "' '.join(str(s.getsockname()[1]) for s in socks))\n"
+         "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+         "for i, s in enumerate(socks):\n"
+         "    os.dup2(s.fileno(), 3 + i); os.set_inheritable(3 + i, True)\n"
+         "os.environ['LISTEN_FDS'] = str(n)\n"
+         "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+         "os.execv(sys.argv[2], sys.argv[2:])\n";
+  return script;
+}
+
+// fdbroker (`--workers=1`, no control or metrics, then `flags`) started
+// through WriteActivationScript with `sockets` inherited sockets; `ports`
+// are theirs, once the script has bound them.
+absl::StatusOr<std::unique_ptr<Subprocess>> StartActivated(
+    const std::string& dir, int sockets, std::vector<std::string> flags,
+    std::vector<int>& ports) {
+  std::vector<std::string> argv = {
+      "/usr/bin/python3", WriteActivationScript(dir, sockets),
+      dir + "/ports",     BinaryPath("fdbroker"),
+      "--workers=1",      "--control=",
+      "--metrics=",       "--socket=" + dir + "/s.sock"};
+  argv.insert(argv.end(), flags.begin(), flags.end());
+  auto broker = Subprocess::Start(argv);
+  if (!broker.ok()) return broker.status();
+  absl::StatusOr<std::string> text;
+  if (!WaitFor(
+          [&] {
+            text = ReadFile(dir + "/ports");
+            return text.ok();
+          },
+          absl::Seconds(10))) {
+    return absl::DeadlineExceededError("the activation script bound nothing");
+  }
+  ports.clear();
+  for (absl::string_view word : absl::StrSplit(*text, ' ')) {
+    int port = 0;
+    if (!absl::SimpleAtoi(word, &port)) {
+      return absl::InternalError(absl::StrCat("ports: ", *text));
+    }
+    ports.push_back(port);
+  }
+  return broker;
 }
 
 std::string WaitForReadyValue(const std::string& ready_file,
@@ -359,36 +423,78 @@ TEST(LifecycleTest, UpgradeThatFailsBeforeItIsUpChangesNothing) {
       << (*upgraded)->Output() << (*broker)->process().Output();
 }
 
+// Several listeners: the upgrade hands every one over (same names), and
+// clients are served on each before, across and after it.
+TEST(LifecycleTest, UpgradeCarriesEveryListener) {
+  const std::string dir = MakeTempDir();
+  const std::string unix_path = dir + "/clients.sock";
+  const std::vector<std::string> listen = {
+      "--listen=127.0.0.1:0", "--listen=[::1]:0",
+      "--listen=unix:" + unix_path + ",mode=0600"};
+  std::vector<std::string> flags = listen;
+  flags.push_back("--workers=1");
+  auto broker = BrokerProcess::Start(flags);
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(1, absl::Seconds(30)));
+  const std::vector<pid_t> workers = (*broker)->WorkerPids();
+  for (pid_t w : workers) (*broker)->process().KillOnDestruction(w);
+  const std::string names =
+      WaitForReadyValue((*broker)->dir() + "/ready", "listeners");
+  const std::vector<std::string> listeners = absl::StrSplit(names, ' ');
+  ASSERT_EQ(listeners.size(), 3u) << names;
+  // A connection to each listener, HTTP on every one.
+  const auto connect = [&](size_t i) -> absl::StatusOr<wire::UniqueFd> {
+    if (i < 2) {
+      absl::StatusOr<wire::HostPort> hp = wire::HostPort::Parse(listeners[i]);
+      if (!hp.ok()) return hp.status();
+      return ConnectTcp(hp->host, hp->port);
+    }
+    return ConnectUnix(unix_path);
+  };
+  const auto served = [&](size_t i) {
+    absl::StatusOr<wire::UniqueFd> fd = connect(i);
+    if (!fd.ok()) return false;
+    absl::StatusOr<HttpResponse> r = HttpGet(fd->get(), "/", false);
+    return r.ok() && r->status == 200;
+  };
+  std::vector<wire::UniqueFd> kept;
+  for (size_t i = 0; i < listeners.size(); ++i) {
+    EXPECT_TRUE(served(i)) << listeners[i];
+    absl::StatusOr<wire::UniqueFd> fd = connect(i);
+    ASSERT_TRUE(fd.ok()) << fd.status();
+    kept.push_back(*std::move(fd));
+  }
+
+  const std::string ready = (*broker)->dir() + "/ready-upgrade";
+  flags.push_back("--upgrade");
+  auto upgraded = StartSecondBroker(**broker, ready, flags);
+  ASSERT_TRUE(upgraded.ok());
+  for (pid_t w : workers) (*upgraded)->KillOnDestruction(w);
+  absl::StatusOr<int> old_exit = (*broker)->process().Wait(absl::Seconds(20));
+  ASSERT_TRUE(old_exit.ok());
+  EXPECT_EQ(*old_exit, 0) << (*broker)->process().Output();
+  EXPECT_EQ(WaitForReadyValue(ready, "listeners"), names)
+      << (*upgraded)->Output();
+  for (size_t i = 0; i < listeners.size(); ++i) {
+    EXPECT_TRUE(WaitFor([&] { return served(i); }, absl::Seconds(20)))
+        << listeners[i] << "\n"
+        << (*upgraded)->Output();
+    // The connection made before the upgrade is served too.
+    absl::StatusOr<HttpResponse> r = HttpGet(kept[i].get(), "/", true);
+    ASSERT_TRUE(r.ok()) << listeners[i] << ": " << r.status();
+    EXPECT_EQ(r->status, 200);
+  }
+  kept.clear();
+  std::error_code ignored;
+  std::filesystem::remove_all(dir, ignored);
+}
+
 TEST(LifecycleTest, SocketActivationServesOnTheInheritedSocket) {
   const std::string dir = MakeTempDir();
-  // A minimal systemd stand-in: binds, puts the socket at fd 3, sets
-  // LISTEN_PID/LISTEN_FDS for the process it becomes (exec keeps the pid).
-  const std::string script = dir + "/activate.py";
-  {
-    std::ofstream(script)
-        << "import os, socket, sys\n"
-           "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(128)\n"
-           "open(sys.argv[1] + '.tmp', 'w').write(str(s.getsockname()[1]))\n"
-           "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
-           "os.dup2(s.fileno(), 3); os.set_inheritable(3, True)\n"
-           "os.environ['LISTEN_FDS'] = '1'\n"
-           "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-           "os.execv(sys.argv[2], sys.argv[2:])\n";
-  }
-  auto broker = Subprocess::Start(
-      {"/usr/bin/python3", script, dir + "/port", BinaryPath("fdbroker"),
-       "--listen=127.0.0.1:1", "--workers=1",
-       "--control=", "--metrics=", "--socket=" + dir + "/s.sock"});
-  ASSERT_TRUE(broker.ok());
-  absl::StatusOr<std::string> port_text;
-  ASSERT_TRUE(WaitFor(
-      [&] {
-        port_text = ReadFile(dir + "/port");
-        return port_text.ok();
-      },
-      absl::Seconds(10)));
-  int port = 0;
-  ASSERT_TRUE(absl::SimpleAtoi(*port_text, &port));
+  std::vector<int> ports;
+  auto broker = StartActivated(dir, 1, {"--listen=127.0.0.1:1"}, ports);
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  const int port = ports[0];
   absl::StatusOr<HttpResponse> r;
   ASSERT_TRUE(WaitFor(
       [&] {
@@ -440,6 +546,39 @@ int HelloAsOtherUser(const std::string& path, uid_t uid) {
   int status = 0;
   ::waitpid(child, &status, 0);
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// LISTEN_FDS=2: both inherited sockets serve, and the i-th takes the i-th
+// --listen's options (here the second speaks the PROXY protocol).
+TEST(LifecycleTest, SocketActivationServesEveryInheritedSocket) {
+  const std::string dir = MakeTempDir();
+  std::vector<int> ports;
+  auto broker = StartActivated(
+      dir, 2, {"--listen=127.0.0.1:1", "--listen=127.0.0.1:1,proxy_protocol"},
+      ports);
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  const int plain = ports[0], proxied = ports[1];
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        absl::StatusOr<HttpResponse> r = HttpGetOnce("127.0.0.1", plain, "/");
+        return r.ok() && r->status == 200;
+      },
+      absl::Seconds(20)))
+      << (*broker)->Output();
+  absl::StatusOr<wire::UniqueFd> fd = ConnectTcp("127.0.0.1", proxied);
+  ASSERT_TRUE(fd.ok()) << fd.status();
+  const std::string header = "PROXY TCP4 192.0.2.5 127.0.0.1 5000 80\r\n";
+  ASSERT_EQ(::send(fd->get(), header.data(), header.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(header.size()));
+  absl::StatusOr<HttpResponse> r = HttpGet(fd->get(), "/", false);
+  ASSERT_TRUE(r.ok()) << r.status() << (*broker)->Output();
+  EXPECT_EQ(r->headers["x-client-address"], "192.0.2.5:5000");
+  ASSERT_TRUE((*broker)->Signal(SIGTERM).ok());
+  absl::StatusOr<int> code = (*broker)->Wait(absl::Seconds(20));
+  ASSERT_TRUE(code.ok());
+  EXPECT_EQ(*code, 0) << (*broker)->Output();
+  std::error_code ignored;
+  std::filesystem::remove_all(dir, ignored);
 }
 
 // Refused upgrade requests (a protocol major this broker does not speak,

@@ -11,6 +11,8 @@ ABSL_FLAG(int, cl_test_count, 1, "a test flag");
 ABSL_FLAG(bool, cl_test_verbose, false, "a test flag");
 ABSL_FLAG(absl::Duration, cl_test_wait, absl::Seconds(1), "a test flag");
 ABSL_FLAG(int, cl_test_other, 0, "linked in, not accepted");
+ABSL_FLAG(fdbroker::wire::RepeatedFlag, cl_test_many,
+          fdbroker::wire::RepeatedFlag{{"default"}}, "a repeatable flag");
 
 namespace fdbroker::wire {
 namespace {
@@ -29,8 +31,27 @@ struct Argv {
 absl::StatusOr<CommandLine> Parse(std::vector<std::string> words) {
   words.insert(words.begin(), "program");
   Argv args(std::move(words));
-  return ParseFlags(args.argc(), args.argv(),
-                    {"cl_test_count", "cl_test_verbose", "cl_test_wait"});
+  return ParseFlags(
+      args.argc(), args.argv(),
+      {"cl_test_count", "cl_test_verbose", "cl_test_wait", "cl_test_many"});
+}
+
+TEST(ParseFlagsTest, ARepeatedFlagCollectsEveryOccurrence) {
+  ASSERT_EQ(*Parse({"--cl_test_count=1"}), CommandLine::kRun);
+  EXPECT_EQ(absl::GetFlag(FLAGS_cl_test_many).values,
+            std::vector<std::string>{"default"});
+  ASSERT_EQ(*Parse({"--cl_test_many=a:1,x", "--cl_test_count=2",
+                    "--cl_test_many", "unix:/b", "--cl_test_many=[::1]:3"}),
+            CommandLine::kRun);
+  EXPECT_EQ(absl::GetFlag(FLAGS_cl_test_many).values,
+            (std::vector<std::string>{"a:1,x", "unix:/b", "[::1]:3"}));
+  // Another command line starts afresh; a plain flag keeps the last value.
+  ASSERT_EQ(
+      *Parse({"--cl_test_many=c", "--cl_test_count=3", "--cl_test_count=4"}),
+      CommandLine::kRun);
+  EXPECT_EQ(absl::GetFlag(FLAGS_cl_test_many).values,
+            std::vector<std::string>{"c"});
+  EXPECT_EQ(absl::GetFlag(FLAGS_cl_test_count), 4);
 }
 
 TEST(ParseFlagsTest, SetsFlagsInEverySpelling) {

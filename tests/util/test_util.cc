@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -400,6 +401,21 @@ absl::StatusOr<std::map<std::string, std::string>> ReadKeyValueFile(
     values[std::string(line.substr(0, eq))] = std::string(line.substr(eq + 1));
   }
   return values;
+}
+
+absl::StatusOr<wire::UniqueFd> ConnectUnix(const std::string& path) {
+  wire::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return absl::InvalidArgumentError("Unix socket path too long");
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) !=
+      0) {
+    return absl::ErrnoToStatus(errno, absl::StrCat("connect ", path));
+  }
+  return fd;
 }
 
 }  // namespace fdbroker::testing

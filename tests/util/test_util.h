@@ -42,6 +42,9 @@ absl::StatusOr<wire::UniqueFd> ConnectTcp(
     const std::string& host, int port,
     absl::Duration timeout = absl::Seconds(5));
 
+// A blocking, close-on-exec connection to the Unix stream socket at `path`.
+absl::StatusOr<wire::UniqueFd> ConnectUnix(const std::string& path);
+
 struct HttpResponse {
   int status = 0;
   // Header names in lower case; repeated headers are joined with ", ".

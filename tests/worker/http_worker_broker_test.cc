@@ -186,6 +186,25 @@ TEST_F(HttpWorkerBrokerTest, RegistersAndServesHandedOffConnections) {
   EXPECT_THAT(ReceiveClosed(1), ElementsAre(2u));
 }
 
+// X-Client-Address is the Connection's peer_address (the real client, which
+// behind a PROXY-protocol balancer getpeername() would not tell), not the
+// socket's peer (here 127.0.0.1).
+TEST_F(HttpWorkerBrokerTest, XClientAddressIsTheBrokersPeerAddress) {
+  StartWorker();
+  wire::UniqueFd client = HandOff(5);
+  for (int i = 0; i < 2; ++i) {
+    absl::StatusOr<HttpResponse> response =
+        HttpGet(client.get(), "/", /*keep_alive=*/true);
+    ASSERT_TRUE(response.ok()) << response.status();
+    EXPECT_EQ(response->headers["x-client-address"], "192.0.2.1:40005");
+  }
+  absl::StatusOr<HttpResponse> missing =
+      HttpGet(client.get(), "/missing", /*keep_alive=*/true);
+  ASSERT_TRUE(missing.ok()) << missing.status();
+  EXPECT_EQ(missing->status, 404);
+  EXPECT_EQ(missing->headers["x-client-address"], "192.0.2.1:40005");
+}
+
 TEST_F(HttpWorkerBrokerTest, SocketAndCapacityFlags) {
   StartWorker({"--socket=" + broker_.socket_path(), "--capacity=3"},
               /*through_env=*/false);

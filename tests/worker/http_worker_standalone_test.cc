@@ -95,6 +95,9 @@ TEST_F(HttpWorkerStandaloneTest, KeepAliveServesManyRequestsWithPidHeader) {
     EXPECT_EQ(response->headers["x-worker-pid"], worker_.pid());
     EXPECT_FALSE(response->body.empty());
     EXPECT_EQ(response->headers.count("connection"), 0u);
+    // Standalone, the client is the socket's peer.
+    EXPECT_EQ(response->headers["x-client-address"],
+              wire::SocketAddress::Of(fd.get())->ToString());
   }
 }
 

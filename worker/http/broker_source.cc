@@ -20,7 +20,8 @@ absl::StatusOr<std::unique_ptr<BrokerSource>> BrokerSource::Connect(
       return;
     }
     self->sink_->OnNewConnection(std::move(connection.fd), connection.id,
-                                 std::move(connection.initial_data));
+                                 std::move(connection.initial_data),
+                                 std::move(connection.peer_address));
   };
   options.on_drain = [self](worker::DrainCause cause, absl::Time deadline) {
     spdlog::info(

@@ -21,9 +21,13 @@ class ConnectionSink {
  public:
   virtual ~ConnectionSink() = default;
   // A new client socket, owned by the server from now on. `source_id` is
-  // what ConnectionSource::ConnectionClosed() takes back.
+  // what ConnectionSource::ConnectionClosed() takes back. `peer_address` is
+  // the client's "ip:port" as the source knows it: the broker's
+  // Connection.peer_address (the real client even behind a PROXY-protocol
+  // balancer, which getpeername() would not tell), or what accept() said.
   virtual void OnNewConnection(wire::UniqueFd fd, uint64_t source_id,
-                               std::string initial_data) = 0;
+                               std::string initial_data,
+                               std::string peer_address) = 0;
   // Stop taking work: finish in-flight requests, close idle connections.
   // `deadline` is InfiniteFuture() if there is none.
   // If the source says ReleaseOnDrain(), idle connections are released

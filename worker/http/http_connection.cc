@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "absl/strings/str_cat.h"
+
 namespace fdbroker::http {
 namespace {
 
@@ -21,7 +23,9 @@ Reply ErrorReply(int status) {
 }  // namespace
 
 HttpConnection::HttpConnection(const Responses& responses)
-    : responses_(responses) {}
+    : responses_(responses) {
+  SetClientAddress("");
+}
 
 void HttpConnection::OnData(absl::string_view data) {
   if (state_ == State::kClosing) return;  // Only read to avoid an RST.
@@ -114,21 +118,27 @@ void HttpConnection::Handle(const HttpRequest& request) {
       reply = Reply::kBadSleep;
     }
   }
-  responses_.Append(out_, reply, connection, head);
+  responses_.Append(out_, reply, connection, head, client_line_);
 }
 
 void HttpConnection::Fail(int error_status) {
   responses_.Append(out_, ErrorReply(error_status), ConnectionHeader::kClose,
-                    /*head=*/false);
+                    /*head=*/false, client_line_);
   failed_ = true;
   state_ = State::kClosing;
+}
+
+void HttpConnection::SetClientAddress(absl::string_view address) {
+  client_line_ = absl::StrCat(
+      "X-Client-Address: ", address.empty() ? "unknown" : address, "\r\n");
 }
 
 void HttpConnection::OnPeerClosed() { peer_closed_ = true; }
 
 void HttpConnection::OnSleepDone() {
   if (state_ != State::kSleeping) return;
-  responses_.AppendSlept(out_, sleep_millis_, sleep_connection_, sleep_head_);
+  responses_.AppendSlept(out_, sleep_millis_, sleep_connection_, sleep_head_,
+                         client_line_);
   state_ = sleep_connection_ == ConnectionHeader::kClose ? State::kClosing
                                                          : State::kActive;
   ProcessBuffered();

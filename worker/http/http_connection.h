@@ -28,6 +28,11 @@ class HttpConnection {
  public:
   explicit HttpConnection(const Responses& responses);
 
+  // The client's address (the broker's Connection.peer_address: the real
+  // client behind a PROXY-protocol balancer), said in every response as
+  // X-Client-Address; "unknown" while empty (a Unix-socket client).
+  void SetClientAddress(absl::string_view address);
+
   // Bytes read from the socket (or Connection.initial_data, first).
   void OnData(absl::string_view data);
   // The client half-closed: answer what is complete, then close.
@@ -83,6 +88,8 @@ class HttpConnection {
   void Fail(int error_status);
 
   const Responses& responses_;
+  // "X-Client-Address: ...\r\n".
+  std::string client_line_;
   State state_ = State::kActive;
   RequestParser parser_;
   // Input received and not consumed yet (the capacity is kept).

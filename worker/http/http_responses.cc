@@ -106,19 +106,22 @@ void Responses::SetDate(std::time_t now) {
 }
 
 void Responses::Append(std::string& out, Reply reply,
-                       ConnectionHeader connection, bool head) const {
+                       ConnectionHeader connection, bool head,
+                       absl::string_view connection_line) const {
   const Canned& canned = canned_[Index(reply, connection, head)];
   out.append(canned.before_date);
   out.append(date_line_);
+  out.append(connection_line.data(), connection_line.size());
   out.append(canned.after_date);
 }
 
 void Responses::AppendSlept(std::string& out, uint32_t millis,
-                            ConnectionHeader connection, bool head) const {
+                            ConnectionHeader connection, bool head,
+                            absl::string_view connection_line) const {
   char body[32];
   const int body_size = std::snprintf(body, sizeof(body), "slept %u ms\n",
                                       static_cast<unsigned>(millis));
-  absl::StrAppend(&out, "HTTP/1.1 200 OK\r\n", date_line_,
+  absl::StrAppend(&out, "HTTP/1.1 200 OK\r\n", date_line_, connection_line,
                   "Server: fdbroker-http-worker\r\n", pid_header_,
                   "Content-Type: text/plain\r\nContent-Length: ", body_size,
                   "\r\n", ConnectionLine(connection), "\r\n");

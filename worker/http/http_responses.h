@@ -8,6 +8,8 @@
 #include <ctime>
 #include <string>
 
+#include "absl/strings/string_view.h"
+
 namespace fdbroker::http {
 
 // The responses the example worker sends.
@@ -31,7 +33,8 @@ enum class ConnectionHeader {
 };
 
 // Builds responses by appending to a connection's output buffer. Every
-// response carries X-Worker-Pid and Date. The fixed parts are formatted once
+// response carries X-Worker-Pid, Date and the connection's own header line
+// (X-Client-Address). The fixed parts are formatted once
 // at start-up, so a response costs a few appends and no allocation once the
 // buffer has grown.
 //
@@ -44,11 +47,14 @@ class Responses {
   void SetDate(std::time_t now);
 
   // Appends `reply`; a HEAD response has the headers and no body.
+  // `connection_line` is a header line of the connection's own ("Name:
+  // value\r\n"), sent after Date.
   void Append(std::string& out, Reply reply, ConnectionHeader connection,
-              bool head) const;
+              bool head, absl::string_view connection_line) const;
   // Appends the 200 answer to /sleep?ms=`millis`.
   void AppendSlept(std::string& out, uint32_t millis,
-                   ConnectionHeader connection, bool head) const;
+                   ConnectionHeader connection, bool head,
+                   absl::string_view connection_line) const;
 
   // The response status of `reply` (200, 400, ...).
   static int Status(Reply reply);

@@ -195,7 +195,8 @@ void HttpServer::OnSignal() {
 }
 
 void HttpServer::OnNewConnection(wire::UniqueFd fd, uint64_t source_id,
-                                 std::string initial_data) {
+                                 std::string initial_data,
+                                 std::string peer_address) {
   const int one = 1;
   // Responses go out in one write per batch; do not let Nagle hold them.
   // (Fails harmlessly on a non-TCP socket.)
@@ -206,6 +207,7 @@ void HttpServer::OnNewConnection(wire::UniqueFd fd, uint64_t source_id,
   slot.fd = std::move(fd);
   slot.source_id = source_id;
   slot.delivered_at = now_;
+  slot.http.SetClientAddress(peer_address);
   if (!Watch(slot)) {
     owned.reset();
     source_->ConnectionClosed(source_id);

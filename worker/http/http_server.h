@@ -62,7 +62,8 @@ class HttpServer final : public ConnectionSink {
   absl::Status Run();
 
   void OnNewConnection(wire::UniqueFd fd, uint64_t source_id,
-                       std::string initial_data) override;
+                       std::string initial_data,
+                       std::string peer_address) override;
   void OnDrain(absl::Time deadline) override;
   void OnReleaseRequest(uint32_t max_connections,
                         worker::ReleaseReason reason) override;

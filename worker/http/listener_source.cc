@@ -82,10 +82,14 @@ absl::Duration ListenerSource::OnReadable(ConnectionSink& sink) {
 
 absl::Duration ListenerSource::AcceptSome(ConnectionSink& sink, int limit) {
   for (int i = 0; i < limit && listen_fd_.valid(); ++i) {
-    wire::UniqueFd client(sys_.Accept4(listen_fd_.get(), nullptr, nullptr,
+    wire::SocketAddress peer;
+    peer.length = sizeof(peer.storage);
+    wire::UniqueFd client(sys_.Accept4(listen_fd_.get(), peer.mutable_addr(),
+                                       &peer.length,
                                        SOCK_NONBLOCK | SOCK_CLOEXEC));
     if (client) {
-      sink.OnNewConnection(std::move(client), next_id_++, std::string());
+      sink.OnNewConnection(std::move(client), next_id_++, std::string(),
+                           peer.ToString());
       continue;
     }
     switch (errno) {

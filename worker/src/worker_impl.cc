@@ -279,6 +279,7 @@ bool WorkerImpl::OfferLocked(v1::Connection& offered, wire::UniqueFd fd,
   connection.fd = std::move(fd);
   connection.peer_address = std::move(*offered.mutable_peer_address());
   connection.local_address = std::move(*offered.mutable_local_address());
+  connection.listener = std::move(*offered.mutable_listener());
   connection.accept_time =
       absl::FromUnixNanos(offered.accept_time_unix_nanos());
   connection.initial_data = std::move(*offered.mutable_initial_data());

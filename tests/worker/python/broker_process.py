@@ -92,7 +92,10 @@ class Broker:
         self.log_path = os.path.join(self.dir, "broker.log")
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
-                [str(bin_dir() / "fdbroker"), "--listen=127.0.0.1:0",
+                [str(bin_dir() / "fdbroker"),
+                 # --listen may be repeated: the default only if none given.
+                 *([] if any(f.startswith("--listen=") for f in extra_flags)
+                   else ["--listen=127.0.0.1:0"]),
                  "--control=127.0.0.1:0",
                  "--metrics=" + ("127.0.0.1:0" if metrics else ""),
                  f"--workers={workers}", f"--socket={self.socket_path}",

@@ -59,6 +59,29 @@ def get_json(port: int, path: str = "/", timeout: float = 10.0
         connection.close()
 
 
+def get_json_proxied(port: int, client: tuple[str, int], path: str = "/",
+                     timeout: float = 10.0) -> Optional[tuple[int, Any]]:
+    """One request on a fresh connection that starts with a PROXY v1 header
+    naming `client`, as a balancer in front of a ,proxy_protocol listener
+    sends it: (status, JSON body); None if the connection failed."""
+    request = (f"PROXY TCP4 {client[0]} 127.0.0.1 {client[1]} 80\r\n"
+               f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+               "\r\n").encode()
+    data = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port),
+                                      timeout=timeout) as sock:
+            sock.sendall(request)
+            while chunk := sock.recv(65536):
+                data += chunk
+    except OSError:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head:
+        return None
+    return int(head.split()[1]), json.loads(body) if body else None
+
+
 class KeepAlive:
     """A persistent HTTP/1.1 client connection that never reconnects: each
     get() goes over the same TCP connection (or fails)."""
@@ -793,6 +816,41 @@ class RunnerLifecycleTest(unittest.TestCase):
             busy.getresponse()
         self.assertNotIn("Traceback", read_text(stderr))
         self.assertNotIn("Task was destroyed", read_text(stderr))
+
+
+class RunnerClientAddressTest(unittest.TestCase):
+    """Behind a ,proxy_protocol listener the socket's peer is the balancer
+    (here the test itself, on 127.0.0.1), the broker's peer_address the
+    client the header names: the apps see the latter, through ASGI's
+    scope["client"], WSGI's REMOTE_ADDR and aiohttp's request.remote, on
+    both event loops."""
+
+    CLIENT = ("192.0.2.77", 4321)
+
+    def check(self, app: str, with_port: bool, *args: str) -> None:
+        for loop in ("asyncio", "uvloop"):
+            with self.subTest(app=app, loop=loop):
+                broker = RunnerBroker(
+                    self, 1, runner_cmd(app, APPS, f"--loop={loop}", *args),
+                    "--listen=127.0.0.1:0,proxy_protocol")
+                status, body = wait_for(
+                    lambda: get_json_proxied(broker.port, self.CLIENT), 30,
+                    f"an answer from {app}\n{broker.log()}")
+                self.assertEqual(status, 200)
+                expected = list(self.CLIENT) if with_port else [
+                    self.CLIENT[0], None]
+                self.assertEqual(body["client"], expected)
+                self.assertEqual(broker.stop(), 0, broker.log())
+
+    def test_asgi_scope_client(self) -> None:
+        self.check("client_address_apps:asgi", True, "--interface=asgi")
+
+    def test_wsgi_remote_addr(self) -> None:
+        self.check("client_address_apps:wsgi", False, "--interface=wsgi")
+
+    def test_aiohttp_request_remote(self) -> None:
+        self.check("client_address_apps:aiohttp_app", False,
+                   "--interface=aiohttp")
 
 
 class BrokenAppTest(unittest.TestCase):

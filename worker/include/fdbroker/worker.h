@@ -86,6 +86,9 @@ struct ClientConnection {
   // Client address "ip:port" ("[v6]:port") and the address it connected to.
   std::string peer_address;
   std::string local_address;
+  // The broker's listening socket the client came through ("0.0.0.0:8080",
+  // "unix:/run/app.sock"; empty from an older broker).
+  std::string listener;
   // When the broker accepted the connection.
   absl::Time accept_time;
   // Bytes a previous owner already read from the socket: process them as if

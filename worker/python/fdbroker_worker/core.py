@@ -136,6 +136,9 @@ class Connection:
     accept_time_unix_nanos: int
     # Bytes a previous owner already read: process them before the socket's.
     initial_data: bytes
+    # The broker's listening socket the client came through ("0.0.0.0:8080",
+    # "unix:/run/app.sock"; empty from an older broker).
+    listener: str = ""
 
 
 @dataclasses.dataclass
@@ -831,7 +834,7 @@ class WorkerCore:
             return True
         taken.append(Connection(cid, sock, offered.peer_address, local,
                                 offered.accept_time_unix_nanos,
-                                offered.initial_data))
+                                offered.initial_data, offered.listener))
         return True
 
     def _discard(self, outgoing: _Outgoing) -> None:

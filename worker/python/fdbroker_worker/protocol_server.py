@@ -29,6 +29,7 @@ out the transport is aborted, which closes only this process's copy.
 """
 
 import asyncio
+import asyncio.selector_events
 import functools
 import logging
 import socket
@@ -53,9 +54,17 @@ ProtocolAction = Callable[[asyncio.BaseProtocol], None]
 class _TrackedSocket(socket.socket):
     """A client socket that calls on_close() once when its fd is closed
     through it (close(), or detach() by a transport that closes the fd
-    itself)."""
+    itself), and whose getpeername() is the broker's peer_address: the real
+    client even behind a PROXY-protocol balancer, where the socket's own
+    peer is the balancer. Transports read it (get_extra_info("peername"),
+    and "socket"), so ASGI's scope["client"], WSGI's REMOTE_ADDR and
+    aiohttp's request.remote name the client."""
 
-    __slots__ = ("on_close",)
+    __slots__ = ("on_close", "peer")
+
+    def getpeername(self):
+        peer = getattr(self, "peer", None)
+        return peer if peer is not None else super().getpeername()
 
     def close(self) -> None:
         super().close()
@@ -73,19 +82,74 @@ class _TrackedSocket(socket.socket):
             callback()
 
 
-class _Prefixed(asyncio.Protocol):
-    """Feeds a migrated connection's initial_data (bytes its previous owner
-    had read) to the protocol before anything the socket brings, then steps
-    out of the way."""
+def _peer_tuple(address: str) -> Optional[tuple]:
+    """The broker's "ip:port" or "[v6]:port" as getpeername() would say it
+    (None if empty or unparsable: the socket's own peer then stands)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    if host.startswith("["):
+        return (host[1:-1], int(port), 0, 0)
+    return (host, int(port))
 
-    def __init__(self, protocol: asyncio.Protocol, data: bytes) -> None:
+
+class _PeerSocket:
+    """The transport's "socket" extra, with the broker's peer."""
+
+    def __init__(self, sock, peer: tuple) -> None:
+        self._sock = sock
+        self._peer = peer
+
+    def getpeername(self) -> tuple:
+        return self._peer
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+class _PeerTransport:
+    """A transport whose peer is the broker's peer_address, for event loops
+    (uvloop) whose transports ask the fd rather than the socket object; all
+    else is the transport's own."""
+
+    def __init__(self, transport: asyncio.Transport, peer: tuple) -> None:
+        self._transport = transport
+        self._peer = peer
+
+    def get_extra_info(self, name: str, default=None):
+        if name == "peername":
+            return self._peer
+        info = self._transport.get_extra_info(name, default)
+        if name == "socket" and info is not None:
+            return _PeerSocket(info, self._peer)
+        return info
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
+class _Adopting(asyncio.Protocol):
+    """Steps in for the first callback only: gives the protocol a transport
+    that names the broker's peer if the loop's own does not (a PROXY-protocol
+    listener: the socket's peer is the balancer), feeds a migrated
+    connection's initial_data (bytes its previous owner had read) before
+    anything the socket brings, then steps out of the way."""
+
+    def __init__(self, protocol: asyncio.Protocol, data: bytes,
+                 peer: Optional[tuple]) -> None:
         self._protocol = protocol
         self._data = data
+        self._peer = peer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.set_protocol(self._protocol)
+        seen = transport.get_extra_info("peername")
+        if (self._peer is not None and
+                (seen is None or tuple(seen[:2]) != self._peer[:2])):
+            transport = _PeerTransport(transport, self._peer)
         self._protocol.connection_made(transport)
-        self._protocol.data_received(self._data)
+        if self._data:
+            self._protocol.data_received(self._data)
 
 
 class _Live:
@@ -123,6 +187,9 @@ class ProtocolServer(Driver):
         # transport over keeps the entry under the first protocol.
         self._by_protocol: dict[int, _Live] = {}
         self._sweep: Optional[asyncio.TimerHandle] = None
+        # Whether transports ask the socket object for their peer.
+        self._peer_from_socket = isinstance(
+            self.loop, asyncio.selector_events.BaseSelectorEventLoop)
 
     def protocols(self) -> list[asyncio.BaseProtocol]:
         """The protocols of the connections being served now."""
@@ -145,9 +212,14 @@ class ProtocolServer(Driver):
         live = _Live(connection, self.loop.time())
         self._live[live.id] = live
         connection.socket.on_close = functools.partial(self._lost, live)
+        peer = connection.socket.peer = _peer_tuple(connection.peer_address)
         protocol = live.protocol = self._factory()
-        outer = (_Prefixed(protocol, connection.initial_data)
-                 if connection.initial_data else protocol)
+        # asyncio's transports take the peer from the socket object (see
+        # _TrackedSocket); uvloop's from the fd.
+        outer = (_Adopting(protocol, connection.initial_data, peer)
+                 if connection.initial_data or
+                 (peer is not None and not self._peer_from_socket) else
+                 protocol)
         self._step(live, self.loop.connect_accepted_socket(
             lambda: outer, connection.socket))
 
