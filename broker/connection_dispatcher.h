@@ -120,6 +120,9 @@ class ConnectionDispatcher {
   uint64_t next_connection_id() const { return next_connection_id_; }
   size_t pending() const { return pending_.size(); }
   size_t in_flight() const { return in_flight_.size(); }
+  // The broker leaves (an upgrade's deadline) with connections still in
+  // flight: counted lost (`upgrade_deadline`); they close with the broker.
+  void AbandonInFlight() { stats_.lost_upgrade_deadline += in_flight_.size(); }
   // Workers with a connection in flight since before `cutoff_nanos`
   // (monotonic): neither acked nor rejected in time.
   std::vector<uint64_t> WorkersOverdueSince(int64_t cutoff_nanos) const;

@@ -534,6 +534,8 @@ void Daemon::FinishUpgrade(int64_t deadline_nanos) {
         "are closed{}",
         dispatcher_->in_flight() + dispatcher_->pending(),
         moving ? " (and some workers did not move in time)" : "");
+    dispatcher_->AbandonInFlight();
+    dispatcher_->CloseAllPending();
   }
   // Every hand-off is acked: closing the worker channels loses nothing, and
   // the workers re-register with the new broker. Now, not at exit: the exit

@@ -45,7 +45,8 @@
   COUNTER_IN(worker_lost, kHandoffFailures, "worker_lost")               \
   INTERNAL(released, "Release messages taken.")                          \
   COUNTER_IN(migrated_rebalance, kConnectionsMigrated, "rebalance")      \
-  COUNTER_IN(migrated_drain, kConnectionsMigrated, "drain")
+  COUNTER_IN(migrated_drain, kConnectionsMigrated, "drain")              \
+  COUNTER_IN(lost_upgrade_deadline, kConnectionsLost, "upgrade_deadline")
 
 #define FDBROKER_WORKER_MANAGER_STATS(COUNTER, COUNTER_IN, INTERNAL)        \
   INTERNAL(registered, "Hello answered with Welcome.")                      \
@@ -59,9 +60,9 @@
   COUNTER_IN(heartbeat_timeouts, kWorkersDeclaredDead, "heartbeat_timeout") \
   COUNTER_IN(ack_timeouts, kWorkersDeclaredDead, "ack_timeout")             \
   COUNTER_IN(stuck_channels, kWorkersDeclaredDead, "channel_stuck")         \
-  COUNTER(lost_with_worker, "fdbroker_connections_lost_total",              \
-          "Connections a worker owned when it crashed (the only way an "    \
-          "accepted connection can go unserved besides rejected_total).")   \
+  COUNTER_IN(lost_worker_crash, kConnectionsLost, "worker_crash")           \
+  COUNTER_IN(lost_drain_deadline, kConnectionsLost, "drain_deadline")       \
+  COUNTER_IN(lost_shutdown, kConnectionsLost, "shutdown")                   \
   INTERNAL(restart_loops,                                                   \
            "Restart loops entered (3 workers in a row failed early).")      \
   INTERNAL(rebalances, "Rebalance runs (RPC or automatic).")                \
@@ -86,6 +87,15 @@
   FAMILY(kConnectionsRejected, kCounter,                                     \
          "fdbroker_connections_rejected_total", "reason",                    \
          "Accepted connections closed without being served, by reason.")     \
+  FAMILY(kConnectionsLost, kCounter, "fdbroker_connections_lost_total",      \
+         "reason",                                                           \
+         "Connections a worker owned (or was being handed) when it went "    \
+         "away without finishing them, by why: worker_crash (crash or "      \
+         "declared dead), drain_deadline (ended at --drain_timeout), "       \
+         "shutdown (ended at the broker's shutdown deadline), "              \
+         "upgrade_deadline (still unacked when an upgrading broker left). "  \
+         "With rejected_total, the only ways an accepted connection goes "   \
+         "unserved.")                                                        \
   FAMILY(kConnectionsMigrated, kCounter,                                     \
          "fdbroker_connections_migrated_total", "reason",                    \
          "Idle connections a worker released and another worker acked, by "  \

@@ -151,8 +151,15 @@ void WorkerManager::OnChildExited(pid_t pid, int wait_status) {
 }
 
 void WorkerManager::RemoveWorker(Worker& worker) {
-  if (!worker.owned.empty() && !worker.retiring()) {
-    stats_.lost_with_worker += worker.owned.size();
+  // Connections it still owned when it went: a drained worker reports each
+  // one Closed before it leaves, so these were cut.
+  const uint64_t cut = worker.owned.size();
+  if (cut != 0 && !IsRequested(worker.drain_cause)) {
+    stats_.lost_worker_crash += cut;
+  } else if (cut != 0 && worker.drain_cause == DrainCause::kShutdown) {
+    stats_.lost_shutdown += cut;
+  } else if (cut != 0) {
+    stats_.lost_drain_deadline += cut;
   }
   const uint64_t id = worker.id;
   declared_dead_.erase(id);

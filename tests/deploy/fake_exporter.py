@@ -28,6 +28,8 @@ LABEL_VALUES = {
         "fdbroker_connections_rejected_total": ["overload", "shutdown",
                                                 "proxy_protocol"],
         "fdbroker_connections_migrated_total": ["rebalance", "drain"],
+        "fdbroker_connections_lost_total": [
+            "worker_crash", "drain_deadline", "shutdown", "upgrade_deadline"],
         "fdbroker_workers_declared_dead_total": [
             "heartbeat_timeout", "ack_timeout", "channel_stuck"],
     },

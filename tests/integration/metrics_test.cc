@@ -1,5 +1,7 @@
 // The Prometheus endpoint of the real broker after real traffic.
 #include <grpcpp/grpcpp.h>
+#include <signal.h>
+#include <sys/socket.h>
 
 #include <cstdlib>
 #include <fstream>
@@ -176,6 +178,83 @@ TEST_F(MetricsTest, PerWorkerSeriesLeaveWithTheWorker) {
   EXPECT_GE(Value("fdbroker_control_requests_total{code=\"OK\",method="
                   "\"DrainWorker\"}"),
             1);
+}
+
+TEST_F(MetricsTest, ConnectionsCutAtTheDrainDeadlineAreCountedAsLost) {
+  // A request still running when its worker's drain deadline passes and the
+  // broker ends the worker: the connection is lost and counted so (before,
+  // only a crash's were counted).
+  auto stub = v1::BrokerService::NewStub(grpc::CreateChannel(
+      broker_->control_address(), grpc::InsecureChannelCredentials()));
+  // Active connections per worker before the request, to find its owner.
+  auto active = [&] {
+    std::map<uint64_t, int64_t> by_worker;
+    v1::ListWorkersResponse workers;
+    grpc::ClientContext context;
+    if (stub->ListWorkers(&context, v1::ListWorkersRequest(), &workers).ok()) {
+      for (const v1::Worker& w : workers.workers()) {
+        by_worker[w.id()] = w.active_connections();
+      }
+    }
+    return by_worker;
+  };
+  // The start-up probes' connections close first: then the request's is
+  // the only one.
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        for (const auto& [id, count] : active()) {
+          if (count != 0) return false;
+        }
+        return true;
+      },
+      absl::Seconds(10)));
+  const std::map<uint64_t, int64_t> before = active();
+  absl::StatusOr<wire::UniqueFd> client =
+      ConnectTcp("127.0.0.1", broker_->port());
+  ASSERT_TRUE(client.ok());
+  const std::string request = "GET /sleep?ms=30000 HTTP/1.1\r\nHost: t\r\n\r\n";
+  ASSERT_EQ(::send(client->get(), request.data(), request.size(), 0),
+            static_cast<ssize_t>(request.size()));
+  uint64_t owner = 0;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        for (const auto& [id, count] : active()) {
+          auto it = before.find(id);
+          if (it != before.end() && count == it->second + 1) owner = id;
+        }
+        return owner != 0;
+      },
+      absl::Seconds(10)));
+  // Stopped, it cannot finish (or cut) the request itself: the broker ends
+  // it at the deadline with the connection still its own.
+  pid_t owner_pid = 0;
+  {
+    v1::ListWorkersResponse workers;
+    grpc::ClientContext context;
+    ASSERT_TRUE(
+        stub->ListWorkers(&context, v1::ListWorkersRequest(), &workers).ok());
+    for (const v1::Worker& w : workers.workers()) {
+      if (w.id() == owner) owner_pid = w.pid();
+    }
+  }
+  ASSERT_GT(owner_pid, 0);
+  ASSERT_EQ(::kill(owner_pid, SIGSTOP), 0);
+  v1::DrainWorkerRequest drain;
+  drain.set_worker_id(owner);
+  drain.mutable_timeout()->set_seconds(1);
+  v1::DrainWorkerResponse drained;
+  grpc::ClientContext context;
+  ASSERT_TRUE(stub->DrainWorker(&context, drain, &drained).ok());
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return Value(
+                   "fdbroker_connections_lost_total{reason="
+                   "\"drain_deadline\"}") == 1;
+      },
+      absl::Seconds(15)))
+      << broker_->process().Stderr();
+  EXPECT_EQ(Value("fdbroker_connections_lost_total{reason=\"worker_crash\"}"),
+            0);
 }
 
 }  // namespace
