@@ -180,9 +180,7 @@ absl::StatusOr<std::unique_ptr<Listener>> Listener::Adopt(
   return listener;
 }
 
-Listener::~Listener() {
-  if (resume_timer_ != 0) loop_.Cancel(resume_timer_);
-}
+Listener::~Listener() = default;
 
 absl::Status Listener::Bind(const ListenSpec& spec) {
   absl::StatusOr<wire::UniqueFd> socket =
@@ -294,8 +292,7 @@ void Listener::Resume() {
 void Listener::Close() {
   accepting_ = false;
   closed_ = true;
-  if (resume_timer_ != 0) loop_.Cancel(resume_timer_);
-  resume_timer_ = 0;
+  resume_timer_.Cancel();
   // The PROXY readers stay: their connections go on, or time out.
   for (auto& socket : sockets_) {
     socket->watch.reset();
@@ -305,7 +302,7 @@ void Listener::Close() {
 
 void Listener::UpdateWatches() {
   const uint32_t events =
-      accepting_ && resume_timer_ == 0 ? uint32_t{EPOLLIN} : 0u;
+      accepting_ && !resume_timer_.armed() ? uint32_t{EPOLLIN} : 0u;
   for (auto& socket : sockets_) {
     if (socket->watch != nullptr) socket->watch->SetEvents(events);
   }
@@ -333,10 +330,8 @@ void Listener::OnReadable(Socket& socket) {
         ++stats_.exhaustion_pauses;
         spdlog::warn("accept: {}; pausing accepts for {}", strerror(err),
                      absl::FormatDuration(options_.exhaustion_pause));
-        resume_timer_ = loop_.RunAfter(options_.exhaustion_pause, [this] {
-          resume_timer_ = 0;
-          UpdateWatches();
-        });
+        resume_timer_.Arm(options_.exhaustion_pause,
+                          [this] { UpdateWatches(); });
         UpdateWatches();
         return;
       }

@@ -158,7 +158,7 @@ class Listener {
   std::vector<std::unique_ptr<Socket>> sockets_;
   bool accepting_ = true;
   bool closed_ = false;
-  EventLoop::TimerId resume_timer_ = 0;  // Non-zero while exhausted.
+  Timer resume_timer_{loop_};  // Armed while exhausted.
   Stats stats_;
 };
 

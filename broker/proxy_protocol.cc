@@ -195,13 +195,11 @@ ProxyProtocolReader::ProxyProtocolReader(EventLoop& loop,
       on_ready_(std::move(on_ready)),
       on_rejected_(std::move(on_rejected)) {}
 
-ProxyProtocolReader::~ProxyProtocolReader() {
-  for (auto& [key, reading] : reading_) loop_.Cancel(reading->timer);
-}
+ProxyProtocolReader::~ProxyProtocolReader() = default;
 
 void ProxyProtocolReader::Start(AcceptedConnection connection) {
   const uint64_t key = next_key_++;
-  auto reading = std::make_unique<Reading>();
+  auto reading = std::make_unique<Reading>(loop_);
   reading->connection = std::move(connection);
   absl::StatusOr<std::unique_ptr<IoWatch>> watch =
       loop_.Watch(reading->connection.fd.get(), EPOLLIN,
@@ -211,10 +209,7 @@ void ProxyProtocolReader::Start(AcceptedConnection connection) {
     return;  // The connection closes here.
   }
   reading->watch = *std::move(watch);
-  reading->timer = loop_.RunAfter(timeout_, [this, key] {
-    auto it = reading_.find(key);
-    if (it == reading_.end()) return;
-    it->second->timer = 0;
+  reading->timer.Arm(timeout_, [this, key] {
     Reject(key, absl::StrCat("no complete PROXY header within ",
                              absl::FormatDuration(timeout_)));
   });
@@ -261,8 +256,8 @@ void ProxyProtocolReader::OnReadable(uint64_t key) {
     return;
   }
   AcceptedConnection connection = std::move(r.connection);
-  loop_.Cancel(r.timer);
-  reading_.erase(it);  // The watch goes (safe inside its own callback).
+  reading_.erase(it);  // Its timer is cancelled with it.  // The watch goes
+                       // (safe inside its own callback).
   if (header.has_addresses) {
     connection.peer = header.source;
     connection.local = header.destination;
@@ -274,7 +269,6 @@ void ProxyProtocolReader::OnReadable(uint64_t key) {
 void ProxyProtocolReader::Reject(uint64_t key, absl::string_view why) {
   auto it = reading_.find(key);
   if (it == reading_.end()) return;
-  if (it->second->timer != 0) loop_.Cancel(it->second->timer);
   // The watch goes before the fd it watches closes.
   std::unique_ptr<Reading> reading = std::move(it->second);
   reading_.erase(it);

@@ -84,10 +84,11 @@ class ProxyProtocolReader {
 
  private:
   struct Reading {
+    explicit Reading(EventLoop& loop) : timer(loop) {}
     AcceptedConnection connection;
     std::string header;  // The header's bytes so far.
     std::unique_ptr<IoWatch> watch;
-    EventLoop::TimerId timer = 0;
+    Timer timer;  // The deadline; goes with the Reading.
   };
   void OnReadable(uint64_t key);
   // Closes the connection under `key`.
