@@ -126,8 +126,8 @@ absl::StatusOr<std::unique_ptr<ControlServer>> ControlServer::Start(
 ControlServer::~ControlServer() { Shutdown(); }
 
 void ControlServer::SetServing(bool serving) {
-  absl::MutexLock lock(&shutdown_mu_);
-  if (shut_down_ || server_ == nullptr) return;
+  absl::MutexLock lock(&health_mu_);
+  if (stopping_ || server_ == nullptr) return;
   grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
   if (health == nullptr) return;
   health->SetServingStatus(serving);
@@ -138,6 +138,10 @@ void ControlServer::Shutdown() {
   absl::MutexLock lock(&shutdown_mu_);
   if (shut_down_ || server_ == nullptr) return;  // Null: never started.
   shut_down_ = true;
+  {
+    absl::MutexLock health(&health_mu_);
+    stopping_ = true;
+  }
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   server_->Wait();
 }

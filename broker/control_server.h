@@ -41,19 +41,25 @@ class ControlServer {
   uint16_t port() const { return port_; }
   bool tls() const { return tls_; }
 
-  // Thread-safe. Sets the health of "" and "fdbroker.v1.BrokerService".
-  void SetServing(bool serving) ABSL_LOCKS_EXCLUDED(shutdown_mu_);
+  // Thread-safe. Sets the health of "" and "fdbroker.v1.BrokerService";
+  // once Shutdown() has begun it does nothing, and never waits for it (the
+  // loop thread calls it).
+  void SetServing(bool serving) ABSL_LOCKS_EXCLUDED(health_mu_);
 
   // Stops taking RPCs and waits (briefly) for running ones. Thread-safe
   // and idempotent; must not run on the event loop's thread (handlers may
   // be waiting for the loop).
-  void Shutdown() ABSL_LOCKS_EXCLUDED(shutdown_mu_);
+  void Shutdown() ABSL_LOCKS_EXCLUDED(shutdown_mu_, health_mu_);
 
  private:
   ControlServer() = default;
   std::unique_ptr<grpc::Server> server_;
+  // Held for the whole shutdown: a second caller returns once it is done.
   absl::Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
+  // Held only briefly: SetServing never waits for the shutdown itself.
+  absl::Mutex health_mu_ ABSL_ACQUIRED_AFTER(shutdown_mu_);
+  bool stopping_ ABSL_GUARDED_BY(health_mu_) = false;
   std::string address_;
   uint16_t port_ = 0;
   bool tls_ = false;

@@ -20,6 +20,16 @@
 #include "wire/sys_calls.h"
 
 namespace fdbroker {
+namespace {
+
+// A worker told Reconnect at an upgrade's commit, whose channel is still
+// open: it closes it itself once it has sent what it owes.
+bool MovesOnReconnect(const Worker& worker) {
+  return worker.channel != nullptr && !worker.channel->closed() &&
+         worker.protocol_minor >= kReconnectMinor;
+}
+
+}  // namespace
 
 // During an upgrade the previous broker frees its control and metrics ports
 // a moment after the hand-over: retry binding them for a while.
@@ -308,11 +318,7 @@ int Daemon::Run() {
                       ? config_.adopt_grace
                       : absl::ZeroDuration());
   operations_->Start([this](bool serving) {
-    // Not while it stops: SetServing would wait for the shutdown (~100 ms
-    // measured during an upgrade, the loop placing nothing meanwhile).
-    if (control_server_ != nullptr && !control_shutdown_.joinable()) {
-      control_server_->SetServing(serving);
-    }
+    if (control_server_ != nullptr) control_server_->SetServing(serving);
   });
   SyncMetrics();
   if (metrics_server_ != nullptr) {
@@ -452,10 +458,7 @@ void Daemon::CommitUpgrade() {
   // from their channel closing, after the hand-offs (FinishUpgrade).
   dispatcher_->PlacePending();
   for (const auto& [id, worker] : registry_.workers()) {
-    if (worker->channel == nullptr ||
-        worker->protocol_minor < kReconnectMinor) {
-      continue;
-    }
+    if (!MovesOnReconnect(*worker)) continue;
     v1::HandoffMessage reconnect;
     reconnect.mutable_reconnect();
     worker->channel->SendControl(std::move(reconnect));
@@ -515,8 +518,7 @@ void Daemon::FinishUpgrade(int64_t deadline_nanos) {
   // sent what they owe: closing first would cost them the back-off.
   bool moving = false;
   for (const auto& [id, worker] : registry_.workers()) {
-    moving |= worker->channel != nullptr && !worker->channel->closed() &&
-              worker->protocol_minor >= kReconnectMinor;
+    moving |= MovesOnReconnect(*worker);
   }
   // Connections still reading their PROXY header go on to the dispatcher
   // (or are closed) within --proxy_header_timeout: wait for them too.
