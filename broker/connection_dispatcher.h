@@ -106,6 +106,10 @@ class ConnectionDispatcher {
   // worker becomes available or gains room.
   void PlacePending();
 
+  // Sends every staged batch now rather than at the end of the loop turn:
+  // a message sent next on a worker's channel (Reconnect) must follow them.
+  void SendStaged() { FlushBatches(); }
+
   // Closes every queued connection (counted as `shutdown`), e.g. when the
   // broker drains with nobody left to serve them.
   void CloseAllPending();

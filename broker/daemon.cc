@@ -456,9 +456,15 @@ void Daemon::CommitUpgrade() {
   // here, then registers with the new broker at once (Reconnect), so the new
   // broker has workers within about a millisecond. Older workers learn it
   // from their channel closing, after the hand-offs (FinishUpgrade).
+  // A worker reads nothing after Reconnect: nothing is placed with it from
+  // here on, and the connections staged for it go before the Reconnect.
   dispatcher_->PlacePending();
   for (const auto& [id, worker] : registry_.workers()) {
-    if (!MovesOnReconnect(*worker)) continue;
+    worker->moving = MovesOnReconnect(*worker);
+  }
+  dispatcher_->SendStaged();
+  for (const auto& [id, worker] : registry_.workers()) {
+    if (!worker->moving || !MovesOnReconnect(*worker)) continue;
     v1::HandoffMessage reconnect;
     reconnect.mutable_reconnect();
     worker->channel->SendControl(std::move(reconnect));

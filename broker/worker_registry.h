@@ -49,6 +49,9 @@ struct Worker {
   // Hello.version.minor: which optional messages it understands (Reconnect
   // from 3 on).
   uint32_t protocol_minor = 0;
+  // Told Reconnect at an upgrade's commit: it closes its channel once it
+  // has answered what it was sent, so nothing more may be sent to it here.
+  bool moving = false;
   std::map<std::string, std::string> labels;
   absl::Time started_at;
   int64_t started_mono_nanos = 0;
@@ -85,7 +88,7 @@ struct Worker {
   // Can take a new connection right now.
   bool Available() const {
     return state == WorkerState::kReady && channel != nullptr &&
-           !channel->closed() && !channel->congested() && HasRoom();
+           !channel->closed() && !channel->congested() && !moving && HasRoom();
   }
 };
 
