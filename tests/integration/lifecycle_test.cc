@@ -189,6 +189,18 @@ void ExpectHandOver(Subprocess& old, Subprocess& next, const std::string& ready,
       << next.Output() << old.Output();
 }
 
+// Upgrades `running` (`first` or a broker that took over from it) to a new
+// `--upgrade --workers=2` broker writing `ready`, checked as ExpectHandOver
+// does; `next` is the new broker.
+void Upgrade(const BrokerProcess& first, Subprocess& running,
+             const std::string& ready, const std::vector<pid_t>& workers,
+             std::unique_ptr<Subprocess>& next) {
+  auto started = StartSecondBroker(first, ready, {"--upgrade", "--workers=2"});
+  ASSERT_TRUE(started.ok());
+  next = *std::move(started);
+  ASSERT_NO_FATAL_FAILURE(ExpectHandOver(running, *next, ready, workers));
+}
+
 TEST(LifecycleTest, BrokerSigkillCostsNoEstablishedConnection) {
   std::unique_ptr<BrokerProcess> broker;
   std::vector<pid_t> workers;
@@ -299,12 +311,10 @@ TEST(LifecycleTest, UpgradeUnderLoadLosesNothing) {
   ASSERT_TRUE(WaitFor([&] { return ok > 200; }, absl::Seconds(10)));
 
   const std::string ready = broker->dir() + "/ready-upgrade";
-  auto upgraded =
-      StartSecondBroker(*broker, ready, {"--upgrade", "--workers=2"});
-  ASSERT_TRUE(upgraded.ok());
   // The old broker finishes its hand-offs and exits cleanly.
+  std::unique_ptr<Subprocess> upgraded;
   ASSERT_NO_FATAL_FAILURE(
-      ExpectHandOver(broker->process(), **upgraded, ready, workers));
+      Upgrade(*broker, broker->process(), ready, workers, upgraded));
   const int before = ok;
   ASSERT_TRUE(WaitFor([&] { return ok > before + 200; }, absl::Seconds(10)));
   stop = true;
@@ -320,7 +330,7 @@ TEST(LifecycleTest, UpgradeUnderLoadLosesNothing) {
   EXPECT_EQ(failed, 0) << "connection-per-request clients failed, first: "
                        << first_failure << "\nold broker:\n"
                        << broker->process().Output() << "\nnew broker:\n"
-                       << (*upgraded)->Output();
+                       << upgraded->Output();
   EXPECT_GT(ok, 400);
 }
 
@@ -373,12 +383,11 @@ void RunUpgradesUnderLoad(int clients, int upgrades, absl::Duration pause,
   for (int i = 0; i < upgrades; ++i) {
     const std::string ready = absl::StrCat(broker->dir(), "/ready-upgrade-", i);
     upgrading = true;
-    auto next = StartSecondBroker(*broker, ready, {"--upgrade", "--workers=2"});
-    ASSERT_TRUE(next.ok());
-    ASSERT_NO_FATAL_FAILURE(ExpectHandOver(*running, **next, ready, workers));
+    std::unique_ptr<Subprocess> next;
+    ASSERT_NO_FATAL_FAILURE(Upgrade(*broker, *running, ready, workers, next));
     upgrading = false;
     absl::SleepFor(pause);
-    brokers.push_back(*std::move(next));
+    brokers.push_back(std::move(next));
     running = brokers.back().get();
   }
   std::move(join).Invoke();
@@ -421,6 +430,54 @@ TEST(LifecycleTest, ConnectionsStagedAtTheCommitAreServed) {
   EXPECT_LT(run.upgrade_ms.back(), 1000.0);
 }
 
+// A connection still queued in the running broker once its workers have
+// moved (here both are full: capacity 1, each held by a keep-alive client)
+// goes to the new broker, which serves it when a worker has room. Before
+// (protocol 1.3), it waited for the old broker's 5 s deadline and was
+// closed.
+TEST(LifecycleTest, ConnectionQueuedAtTheCommitGoesToTheNewBroker) {
+  std::unique_ptr<BrokerProcess> broker;
+  std::vector<pid_t> workers;
+  ASSERT_NO_FATAL_FAILURE(StartPool(
+      {"--workers=2",
+       "--worker_cmd=" + BinaryPath("fdbroker-http-worker") + " --capacity=1"},
+      2, broker, workers));
+  const int port = broker->port();
+  std::vector<wire::UniqueFd> holders;
+  for (int i = 0; i < 2; ++i) {
+    absl::StatusOr<wire::UniqueFd> fd = ConnectTcp("127.0.0.1", port);
+    ASSERT_TRUE(fd.ok());
+    absl::StatusOr<HttpResponse> r = HttpGet(fd->get(), "/", true);
+    ASSERT_TRUE(r.ok() && r->status == 200);
+    holders.push_back(*std::move(fd));
+  }
+  absl::StatusOr<HttpResponse> queued = absl::UnknownError("not yet");
+  std::thread client(
+      [&] { queued = HttpGetOnce("127.0.0.1", port, "/", absl::Seconds(30)); });
+  absl::Cleanup join = [&] { client.join(); };
+  const std::string metrics =
+      WaitForReadyValue(broker->dir() + "/ready", "metrics");
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        absl::StatusOr<std::string> scrape = ScrapeMetrics(metrics);
+        return scrape.ok() &&
+               MetricSamples(*scrape)["fdbroker_pending_connections"] == 1;
+      },
+      absl::Seconds(10)));
+
+  const std::string ready = broker->dir() + "/ready-upgrade";
+  std::unique_ptr<Subprocess> upgraded;
+  ASSERT_NO_FATAL_FAILURE(
+      Upgrade(*broker, broker->process(), ready, workers, upgraded));
+  EXPECT_TRUE(absl::StrContains(broker->process().Stderr(),
+                                "1 queued connection(s) passed on"))
+      << broker->process().Output();
+  holders[0].Reset();  // A worker has room again.
+  std::move(join).Invoke();
+  ASSERT_TRUE(queued.ok()) << queued.status() << upgraded->Output();
+  EXPECT_EQ(queued->status, 200);
+}
+
 // A planned upgrade is two-phase: the running broker keeps serving until
 // the new one says it is fully up. A new broker that fails after taking the
 // sockets (here: its TLS key cannot be read) changes nothing.
@@ -460,11 +517,9 @@ TEST(LifecycleTest, UpgradeThatFailsBeforeItIsUpChangesNothing) {
       << broker->process().Output();
 
   const std::string ready = broker->dir() + "/ready-upgrade";
-  auto upgraded =
-      StartSecondBroker(*broker, ready, {"--upgrade", "--workers=2"});
-  ASSERT_TRUE(upgraded.ok());
+  std::unique_ptr<Subprocess> upgraded;
   ASSERT_NO_FATAL_FAILURE(
-      ExpectHandOver(broker->process(), **upgraded, ready, workers));
+      Upgrade(*broker, broker->process(), ready, workers, upgraded));
 }
 
 // Several listeners: the upgrade hands every one over (same names), and
