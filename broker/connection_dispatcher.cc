@@ -336,7 +336,26 @@ absl::Status ConnectionDispatcher::OnAck(Worker& worker, const v1::Ack& ack) {
 absl::Status ConnectionDispatcher::OnRelease(Worker& worker,
                                              const v1::Release& release,
                                              wire::UniqueFd fd) {
-  const uint64_t id = release.connection_id();
+  uint64_t id = release.connection_id();
+  if ((id & wire::kWorkerAcceptedIdBit) != 0) {
+    // One the worker accepted itself (--placement=kernel): the broker never
+    // saw it, so it checks only that the worker reported one, and gives it
+    // a broker id of its own.
+    if (worker.kernel_active <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "release of worker-accepted connection ", id,
+          " while the worker reports none active (listener_load)"));
+    }
+    if (release.unread_data().size() > wire::kMaxUnreadData) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("release of connection ", id, " carries ",
+                       release.unread_data().size(),
+                       " unread bytes; the limit is ", wire::kMaxUnreadData));
+    }
+    --worker.kernel_active;
+    id = next_connection_id_++;
+    return Reclaim(worker, id, release, std::move(fd));
+  }
   // A connection staged or in flight is not owned yet: only Acked ones can
   // be released, so no id is ever in two places.
   auto owned = worker.owned.find(id);
@@ -355,6 +374,12 @@ absl::Status ConnectionDispatcher::OnRelease(Worker& worker,
         " unread bytes; the limit is ", wire::kMaxUnreadData));
   }
   worker.owned.erase(owned);
+  return Reclaim(worker, id, release, std::move(fd));
+}
+
+absl::Status ConnectionDispatcher::Reclaim(Worker& worker, uint64_t id,
+                                           const v1::Release& release,
+                                           wire::UniqueFd fd) {
   ++stats_.released;
   Entry entry;
   entry.id = id;

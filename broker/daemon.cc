@@ -164,6 +164,13 @@ absl::Status Daemon::Init() {
       if (absl::Status s = listener_->Bind(spec); !s.ok()) return s;
     }
   }
+  if (config_.kernel_placement) {
+    if (absl::Status s = manager_->EnableKernelPlacement(
+            listener_->fd(0), KernelPlacement::Options{}, sys, on_accept);
+        !s.ok()) {
+      return s;
+    }
+  }
   dispatcher_->set_listener_resolver([listener = listener_.get()](int fd) {
     return listener->NameOfConnection(fd);
   });
@@ -591,8 +598,12 @@ void Daemon::BeginShutdown() {
         absl::CancelledError("the running broker is shutting down"));
   }
   // Closing the listener refuses new clients at once rather than letting
-  // them wait in a backlog nobody will serve.
+  // them wait in a backlog nobody will serve (the workers' listeners close
+  // as they drain).
   listener_->Close();
+  if (manager_->kernel_placement() != nullptr) {
+    manager_->kernel_placement()->Close();
+  }
   operations_->RefreshHealth();
   // Give queued connections to workers before they are told to drain; the
   // channel's order guarantees each Connection arrives before the Drain.
