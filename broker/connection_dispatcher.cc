@@ -152,6 +152,18 @@ bool ConnectionDispatcher::TryPlace(Entry& entry) {
       candidates_.push_back(worker.get());
     }
   }
+  if (entry.released_by == 0) {
+    // --placement=kernel: a fresh connection reached the broker through the
+    // share the placement program gives the workers that take hand-offs
+    // (the others get theirs from the kernel), so it goes to one of those
+    // while any can take it.
+    auto accepts_itself = [](const Worker* w) { return w->kernel_slot >= 0; };
+    if (!std::all_of(candidates_.begin(), candidates_.end(), accepts_itself)) {
+      candidates_.erase(std::remove_if(candidates_.begin(), candidates_.end(),
+                                       accepts_itself),
+                        candidates_.end());
+    }
+  }
   if (candidates_.empty() && entry.released_by != 0 &&
       entry.released_by != entry.excluded_id) {
     // Nobody else can take it now: back to the releaser beats waiting.

@@ -1127,6 +1127,7 @@ void WorkerImpl::CloseListenerLocked() {
 }
 
 void WorkerImpl::AcceptLocked() {
+  const uint64_t before = accepted_total_;
   for (int i = 0; i < kMaxAcceptsPerTurn && listener_.valid(); ++i) {
     wire::SocketAddress peer;
     peer.length = sizeof(peer.storage);
@@ -1135,7 +1136,7 @@ void WorkerImpl::AcceptLocked() {
                              SOCK_CLOEXEC);
     if (fd < 0) {
       const int error = errno;
-      if (error == EAGAIN || error == EWOULDBLOCK) return;
+      if (error == EAGAIN || error == EWOULDBLOCK) break;
       if (error == EINTR || error == ECONNABORTED || error == EPROTO ||
           error == EPERM) {
         continue;
@@ -1147,7 +1148,7 @@ void WorkerImpl::AcceptLocked() {
           "to the broker",
           strerror(error));
       CloseListenerLocked();
-      return;
+      break;
     }
     ClientConnection& connection = ready_.emplace_back();
     connection.id = wire::kWorkerAcceptedIdBit | ++last_accepted_id_;
@@ -1163,7 +1164,7 @@ void WorkerImpl::AcceptLocked() {
     accepted_.emplace(connection.id, connection.peer_address);
     ++accepted_total_;
   }
-  LoadChangedLocked();
+  if (accepted_total_ != before) LoadChangedLocked();
 }
 
 void WorkerImpl::LoadChangedLocked() {
