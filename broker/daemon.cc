@@ -391,6 +391,19 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
     Discard(std::move(channel));
     return;
   }
+  if (config_.kernel_placement) {
+    // The workers' listeners would not travel (docs/architecture.md).
+    spdlog::warn("refused an upgrade request from pid {}: --placement=kernel",
+                 pid);
+    v1::HandoffMessage refusal;
+    refusal.mutable_refusal()->set_reason(v1::REFUSAL_REASON_OTHER);
+    refusal.mutable_refusal()->set_message(
+        "this broker runs --placement=kernel, which does not support "
+        "--upgrade yet");
+    channel->SendControl(std::move(refusal));
+    Discard(std::move(channel));
+    return;
+  }
   if (request.version().major() != wire::kProtocolMajor) {
     spdlog::warn("refused an upgrade from pid {}: protocol major {}", pid,
                  request.version().major());

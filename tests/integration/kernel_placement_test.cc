@@ -180,6 +180,60 @@ TEST_F(KernelPlacementTest, DrainingWorkerGetsNoNewConnectionsAndLosesNone) {
       WaitFor([&] { return ProcessGone(victim.pid()); }, absl::Seconds(20)));
 }
 
+TEST_F(KernelPlacementTest, DrainMovesIdleWorkerAcceptedConnections) {
+  ASSERT_NO_FATAL_FAILURE(Start({"--workers=2", "--placement=kernel"}, 2));
+  const int port = broker_->port();
+  ASSERT_TRUE(WaitForKernelPlacement(port)) << broker_->process().Output();
+  // Keep-alive clients, each accepted by a worker itself; which one?
+  constexpr int kClients = 8;
+  std::vector<wire::UniqueFd> clients;
+  std::map<int, std::vector<int>> clients_of;  // pid -> client indexes
+  for (int i = 0; i < kClients; ++i) {
+    absl::StatusOr<wire::UniqueFd> fd = ConnectTcp("127.0.0.1", port);
+    ASSERT_TRUE(fd.ok());
+    absl::StatusOr<HttpResponse> r =
+        HttpGet(fd->get(), "/", /*keep_alive=*/true, absl::Seconds(10));
+    ASSERT_TRUE(r.ok() && r->status == 200) << r.status();
+    int pid = 0;
+    ASSERT_TRUE(absl::SimpleAtoi(r->headers["x-worker-pid"], &pid));
+    clients_of[pid].push_back(i);
+    clients.push_back(*std::move(fd));
+  }
+  // The victim: a worker holding some of them (the split is random).
+  std::vector<v1::Worker> ready = Ready();
+  ASSERT_EQ(ready.size(), 2u);
+  const v1::Worker& victim =
+      clients_of[ready[0].pid()].empty() ? ready[1] : ready[0];
+  const int other =
+      victim.pid() == ready[0].pid() ? ready[1].pid() : ready[0].pid();
+  const std::vector<int> moving = clients_of[victim.pid()];
+  ASSERT_FALSE(moving.empty());
+  v1::DrainWorkerRequest request;
+  request.set_worker_id(victim.id());
+  request.mutable_timeout()->set_seconds(30);
+  v1::DrainWorkerResponse response;
+  ASSERT_TRUE(stub_->DrainWorker(Context().get(), request, &response).ok());
+  // Its idle connections are released and handed to the other worker: the
+  // clients' next request on the same TCP connection is answered there.
+  ASSERT_TRUE(
+      WaitFor([&] { return ProcessGone(victim.pid()); }, absl::Seconds(20)));
+  for (int i : moving) {
+    absl::StatusOr<HttpResponse> r =
+        HttpGet(clients[i].get(), "/",
+                /*keep_alive=*/true, absl::Seconds(10));
+    ASSERT_TRUE(r.ok() && r->status == 200)
+        << "client " << i << ": " << r.status();
+    EXPECT_EQ(r->headers["x-worker-pid"], absl::StrCat(other));
+  }
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return Metric(
+                   "fdbroker_connections_migrated_total{reason=\"drain\"}") ==
+               static_cast<double>(moving.size());
+      },
+      absl::Seconds(10)));
+}
+
 TEST_F(KernelPlacementTest, MixedPoolServesHandoffOnlyWorkersByHandoff) {
   ASSERT_NO_FATAL_FAILURE(Start({"--workers=1", "--placement=kernel"}, 1));
   const int port = broker_->port();
