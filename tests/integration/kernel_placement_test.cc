@@ -116,6 +116,8 @@ TEST_F(KernelPlacementTest, WorkersAcceptTheirOwnConnectionsOnBothListeners) {
   for (int i = 0; i < kRequests; ++i) ++by_pid[ServedBy(port)];
   EXPECT_EQ(by_pid.count(0), 0u) << "failed requests: " << by_pid[0];
   ASSERT_EQ(by_pid.size(), 2u);
+  std::printf("spread over the two workers: %d / %d of %d\n",
+              by_pid.begin()->second, by_pid.rbegin()->second, kRequests);
   for (const auto& [pid, count] : by_pid) {
     // Random placement with equal weights: 100 each on average, a binomial
     // spread of about 7.
