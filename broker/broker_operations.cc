@@ -74,10 +74,15 @@ void DataPlaneOperations::Start(HealthCallback on_health) {
   Tick();
 }
 
+uint64_t DataPlaneOperations::AcceptedTotal() const {
+  // With --placement=kernel workers accept most connections themselves.
+  return dispatcher_.stats().dispatched + manager_.stats().kernel_accepted;
+}
+
 void DataPlaneOperations::Tick() {
   tick_timer_.Arm(absl::Seconds(1), [this] { Tick(); });
   const int64_t now = loop_.clock().MonotonicNanos();
-  accepted_rate_.Sample(now, dispatcher_.stats().dispatched);
+  accepted_rate_.Sample(now, AcceptedTotal());
   handed_rate_.Sample(now, dispatcher_.stats().handed_off);
   absl::flat_hash_map<uint64_t, RateWindow> rates;
   for (const auto& [id, worker] : registry_.workers()) {
@@ -161,14 +166,14 @@ v1::GetLoadResponse DataPlaneOperations::GetLoad() {
   }
   response.set_active_connections(registry_.TotalActive());
   response.set_unacked_connections(unacked);
-  response.set_accepted_total(stats.dispatched);
+  response.set_accepted_total(AcceptedTotal());
   response.set_handed_off_total(stats.handed_off);
   response.set_rejected_total(stats.rejected_overload +
                               stats.rejected_shutdown + stats.failed_attempts);
   response.set_pending_connections(static_cast<int64_t>(dispatcher_.pending()));
   response.set_accepting(listener_.accepting() && !manager_.shutting_down());
   response.set_accepted_per_second(
-      accepted_rate_.PerSecond(now, stats.dispatched));
+      accepted_rate_.PerSecond(now, AcceptedTotal()));
   response.set_handed_off_per_second(
       handed_rate_.PerSecond(now, stats.handed_off));
   return response;

@@ -85,6 +85,9 @@ class DataPlaneOperations final : public BrokerOperations {
  private:
   v1::Worker ToProto(const Worker& worker) const;
   v1::Worker ToProtoById(uint64_t id) const;
+  // Connections accepted by the broker and, under --placement=kernel, by
+  // workers from their own listeners (as they report them).
+  uint64_t AcceptedTotal() const;
   void Tick();
 
   EventLoop& loop_;

@@ -44,6 +44,13 @@ ABSL_FLAG(std::string, policy, "least_conn",
           "Balancing policy: least_conn, round_robin (smooth weighted), p2c "
           "(less loaded of two random picks) or ip_hash (sticky by client "
           "IP). Workers weigh by the capacity they declare.");
+ABSL_FLAG(std::string, placement, "handoff",
+          "How connections reach workers: handoff (the broker accepts each "
+          "one and passes it over the hand-off socket) or kernel (each "
+          "worker that supports it gets its own listening socket in one "
+          "SO_REUSEPORT group on --listen and accepts itself; the broker "
+          "steers the kernel by weights with a classic BPF program). kernel "
+          "needs one TCP --listen without ,proxy_protocol, and no --upgrade.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "How long a draining worker may take before it is ended.");
 ABSL_FLAG(bool, rebalance_after_scale, false,
@@ -188,6 +195,27 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   if (absl::Status s = CreateBalancingPolicy(config.policy).status(); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("--policy: ", s.message()));
   }
+
+  const std::string placement = absl::GetFlag(FLAGS_placement);
+  if (placement != "handoff" && placement != "kernel") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--placement: \"", placement, "\" is not handoff or kernel"));
+  }
+  config.kernel_placement = placement == "kernel";
+  if (config.kernel_placement &&
+      (config.listen.size() != 1 || config.listen[0].is_unix() ||
+       config.listen[0].proxy_protocol)) {
+    return absl::InvalidArgumentError(
+        "--placement=kernel needs exactly one TCP --listen without "
+        ",proxy_protocol (the workers' listeners join its SO_REUSEPORT "
+        "group)");
+  }
+  if (config.kernel_placement && absl::GetFlag(FLAGS_upgrade)) {
+    return absl::InvalidArgumentError(
+        "--placement=kernel does not support --upgrade yet (the workers' "
+        "listeners do not travel)");
+  }
+  config.listener.reuseport = config.kernel_placement;
 
   manager.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   manager.rebalance_after_scale = absl::GetFlag(FLAGS_rebalance_after_scale);

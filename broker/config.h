@@ -22,9 +22,11 @@ struct BrokerConfig {
   // --proxy_header_timeout (proxy_protocol and the rest are per listener,
   // from its ListenSpec).
   Listener::Options listener;
-  std::string socket_path;                   // --socket
-  std::vector<std::string> worker_argv;      // --worker_cmd
-  std::string policy;                        // --policy
+  std::string socket_path;               // --socket
+  std::vector<std::string> worker_argv;  // --worker_cmd
+  std::string policy;                    // --policy
+  // --placement=kernel (Listener::Options::reuseport follows it).
+  bool kernel_placement = false;
   WorkerManager::Options manager;            // --workers, --max_workers,
                                              // --drain_timeout, heartbeats,
                                              // --worker_start_timeout,

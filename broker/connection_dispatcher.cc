@@ -154,6 +154,18 @@ bool ConnectionDispatcher::TryPlace(Entry& entry) {
       candidates_.push_back(worker.get());
     }
   }
+  if (entry.released_by == 0) {
+    // --placement=kernel: a fresh connection reached the broker through the
+    // share the placement program gives the workers that take hand-offs
+    // (the others get theirs from the kernel), so it goes to one of those
+    // while any can take it.
+    auto accepts_itself = [](const Worker* w) { return w->kernel_slot >= 0; };
+    if (!std::all_of(candidates_.begin(), candidates_.end(), accepts_itself)) {
+      candidates_.erase(std::remove_if(candidates_.begin(), candidates_.end(),
+                                       accepts_itself),
+                        candidates_.end());
+    }
+  }
   if (candidates_.empty() && entry.released_by != 0 &&
       entry.released_by != entry.excluded_id) {
     // Nobody else can take it now: back to the releaser beats waiting.
@@ -338,7 +350,26 @@ absl::Status ConnectionDispatcher::OnAck(Worker& worker, const v1::Ack& ack) {
 absl::Status ConnectionDispatcher::OnRelease(Worker& worker,
                                              const v1::Release& release,
                                              wire::UniqueFd fd) {
-  const uint64_t id = release.connection_id();
+  uint64_t id = release.connection_id();
+  if ((id & wire::kWorkerAcceptedIdBit) != 0) {
+    // One the worker accepted itself (--placement=kernel): the broker never
+    // saw it, so it checks only that the worker reported one, and gives it
+    // a broker id of its own.
+    if (worker.kernel_active <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "release of worker-accepted connection ", id,
+          " while the worker reports none active (listener_load)"));
+    }
+    if (release.unread_data().size() > wire::kMaxUnreadData) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("release of connection ", id, " carries ",
+                       release.unread_data().size(),
+                       " unread bytes; the limit is ", wire::kMaxUnreadData));
+    }
+    --worker.kernel_active;
+    id = next_connection_id_++;
+    return Reclaim(worker, id, release, std::move(fd));
+  }
   // A connection staged or in flight is not owned yet: only Acked ones can
   // be released, so no id is ever in two places.
   auto owned = worker.owned.find(id);
@@ -357,6 +388,12 @@ absl::Status ConnectionDispatcher::OnRelease(Worker& worker,
         " unread bytes; the limit is ", wire::kMaxUnreadData));
   }
   worker.owned.erase(owned);
+  return Reclaim(worker, id, release, std::move(fd));
+}
+
+absl::Status ConnectionDispatcher::Reclaim(Worker& worker, uint64_t id,
+                                           const v1::Release& release,
+                                           wire::UniqueFd fd) {
   ++stats_.released;
   Entry entry;
   entry.id = id;

@@ -165,6 +165,10 @@ class ConnectionDispatcher {
   // worker's batch. On success it is moved into the in-flight table; on
   // failure it is left untouched.
   bool TryPlace(Entry& entry);
+  // The released connection `id` (`fd`) is the broker's again: placed on
+  // another worker, or queued.
+  absl::Status Reclaim(Worker& worker, uint64_t id, const v1::Release& release,
+                       wire::UniqueFd fd);
   // `entry` (moved from) is now placed on `worker`: counted in its load and
   // kept in the in-flight table, sent already or `staged` in its batch.
   void MoveInFlight(Entry& entry, Worker& worker, bool staged);

@@ -164,6 +164,13 @@ absl::Status Daemon::Init() {
       if (absl::Status s = listener_->Bind(spec); !s.ok()) return s;
     }
   }
+  if (config_.kernel_placement) {
+    if (absl::Status s = manager_->EnableKernelPlacement(
+            listener_->fd(0), KernelPlacement::Options{}, sys, on_accept);
+        !s.ok()) {
+      return s;
+    }
+  }
   dispatcher_->set_listener_resolver([listener = listener_.get()](int fd) {
     return listener->NameOfConnection(fd);
   });
@@ -391,6 +398,19 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
     refusal.mutable_refusal()->set_message(
         shutting_down_ ? "the broker is shutting down"
                        : "another upgrade is in progress");
+    channel->SendControl(std::move(refusal));
+    Discard(std::move(channel));
+    return;
+  }
+  if (config_.kernel_placement) {
+    // The workers' listeners would not travel (docs/architecture.md).
+    spdlog::warn("refused an upgrade request from pid {}: --placement=kernel",
+                 pid);
+    v1::HandoffMessage refusal;
+    refusal.mutable_refusal()->set_reason(v1::REFUSAL_REASON_OTHER);
+    refusal.mutable_refusal()->set_message(
+        "this broker runs --placement=kernel, which does not support "
+        "--upgrade yet");
     channel->SendControl(std::move(refusal));
     Discard(std::move(channel));
     return;
@@ -642,8 +662,12 @@ void Daemon::BeginShutdown() {
         absl::CancelledError("the running broker is shutting down"));
   }
   // Closing the listener refuses new clients at once rather than letting
-  // them wait in a backlog nobody will serve.
+  // them wait in a backlog nobody will serve (the workers' listeners close
+  // as they drain).
   listener_->Close();
+  if (manager_->kernel_placement() != nullptr) {
+    manager_->kernel_placement()->Close();
+  }
   operations_->RefreshHealth();
   // Give queued connections to workers before they are told to drain; the
   // channel's order guarantees each Connection arrives before the Drain.

@@ -125,12 +125,16 @@ absl::StatusOr<wire::UniqueFd> BindUnix(const ListenSpec& spec, int backlog) {
 }
 
 absl::StatusOr<wire::UniqueFd> BindTcp(const wire::SocketAddress& address,
-                                       int backlog) {
+                                       int backlog, bool reuseport) {
   wire::UniqueFd socket(::socket(
       address.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!socket) return absl::ErrnoToStatus(errno, "socket");
   int one = 1;
   ::setsockopt(socket.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (reuseport && ::setsockopt(socket.get(), SOL_SOCKET, SO_REUSEPORT, &one,
+                                sizeof(one)) != 0) {
+    return absl::ErrnoToStatus(errno, "setsockopt SO_REUSEPORT");
+  }
   if (address.family() == AF_INET6) {
     // "[::]:80" is IPv6 only, so that "0.0.0.0:80" can be a listener too.
     ::setsockopt(socket.get(), IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
@@ -184,8 +188,9 @@ Listener::~Listener() = default;
 
 absl::Status Listener::Bind(const ListenSpec& spec) {
   absl::StatusOr<wire::UniqueFd> socket =
-      spec.is_unix() ? BindUnix(spec, options_.backlog)
-                     : BindTcp(spec.address, options_.backlog);
+      spec.is_unix()
+          ? BindUnix(spec, options_.backlog)
+          : BindTcp(spec.address, options_.backlog, options_.reuseport);
   if (!socket.ok()) return socket.status();
   return Add(*std::move(socket), spec.proxy_protocol);
 }
@@ -300,11 +305,18 @@ void Listener::Close() {
   }
 }
 
+void Listener::SetWatched(size_t i, bool watched) {
+  sockets_[i]->watched = watched;
+  UpdateWatches();
+}
+
 void Listener::UpdateWatches() {
   const uint32_t events =
       accepting_ && !resume_timer_.armed() ? uint32_t{EPOLLIN} : 0u;
   for (auto& socket : sockets_) {
-    if (socket->watch != nullptr) socket->watch->SetEvents(events);
+    if (socket->watch != nullptr) {
+      socket->watch->SetEvents(socket->watched ? events : 0u);
+    }
   }
 }
 

@@ -79,6 +79,9 @@ class Listener {
     // one, is closed and counted. Bind() and AdoptSocket() say it per socket.
     bool proxy_protocol = false;
     absl::Duration proxy_header_timeout = absl::Seconds(3);
+    // TCP sockets Bind() creates set SO_REUSEPORT, so that more sockets can
+    // join their group (--placement=kernel: one per worker).
+    bool reuseport = false;
   };
   // broker/metrics_list.h declares the fields (and their metrics); summed
   // over the sockets.
@@ -127,6 +130,10 @@ class Listener {
   // the backlogs instead of being refused. Resume() takes them again.
   void Pause();
   void Resume();
+  // Whether the i-th socket is watched at all (while the listener accepts):
+  // a worker's listener under --placement=kernel is watched only while no
+  // worker accepts from it.
+  void SetWatched(size_t i, bool watched);
   // Closes the sockets for good (shutdown, upgrade): clients are refused
   // from now on (after an upgrade, the new broker holds them).
   void Close();
@@ -143,6 +150,7 @@ class Listener {
     wire::SocketAddress address;
     bool is_unix = false;
     uint64_t accepted = 0;
+    bool watched = true;  // See SetWatched().
     // Destroyed first: it watches `fd` and holds the connections it reads.
     std::unique_ptr<IoWatch> watch;
     std::unique_ptr<ProxyProtocolReader> proxy;

@@ -66,7 +66,12 @@
   INTERNAL(restart_loops,                                                   \
            "Restart loops entered (3 workers in a row failed early).")      \
   INTERNAL(rebalances, "Rebalance runs (RPC or automatic).")                \
-  INTERNAL(release_requests, "ReleaseRequest messages sent.")
+  INTERNAL(release_requests, "ReleaseRequest messages sent.")               \
+  COUNTER(kernel_accepted, "fdbroker_connections_kernel_accepted_total",    \
+          "Client connections workers accepted themselves from the "        \
+          "listeners granted to them (--placement=kernel), as they report " \
+          "them.")                                                          \
+  INTERNAL(placement_loads, "Placement programs attached (kernel mode).")
 
 // The components whose stats feed metrics: COMPONENT(Class, member of
 // MetricSources, list). Class::Stats is the struct its list generates.

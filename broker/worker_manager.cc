@@ -38,6 +38,18 @@ WorkerManager::WorkerManager(EventLoop& loop, WorkerRegistry& registry,
 
 WorkerManager::~WorkerManager() = default;
 
+absl::Status WorkerManager::EnableKernelPlacement(
+    int group_fd, const KernelPlacement::Options& options, wire::SysCalls& sys,
+    Listener::AcceptCallback accepted) {
+  absl::StatusOr<std::unique_ptr<KernelPlacement>> placement =
+      KernelPlacement::Create(loop_, registry_, group_fd, stats_, options, sys,
+                              std::move(accepted));
+  if (!placement.ok()) return placement.status();
+  placement_ = *std::move(placement);
+  registration_.set_listener_load_interval_ms(placement_->load_interval_ms());
+  return absl::OkStatus();
+}
+
 void WorkerManager::Start(absl::Duration adopt_grace) {
   Tick();
   pool_.Start(adopt_grace);
@@ -50,6 +62,7 @@ void WorkerManager::OnMessage(HandoffChannel& channel,
   if (channel.worker_id == 0) {
     Worker* worker = registration_.OnMessage(channel, message);
     if (worker == nullptr) return;
+    if (placement_ != nullptr) placement_->OnRegistered(*worker);
     dispatcher_.PlacePending();
     drainer_.OnRegistered(*worker);
     return;
@@ -89,6 +102,13 @@ absl::Status WorkerManager::OnWorkerMessage(Worker& worker,
             "release from a worker whose hello did not set supports_release");
       }
       return dispatcher_.OnRelease(worker, message.release(), std::move(fd));
+    case v1::HandoffMessage::kListenerLoad:
+      if (placement_ == nullptr) {
+        return absl::InvalidArgumentError(
+            "listener_load, but this broker granted no listener "
+            "(--placement=handoff)");
+      }
+      return placement_->OnListenerLoad(worker, message.listener_load());
     default:
       return absl::InvalidArgumentError(absl::StrCat(
           "unexpected ", wire::BodyName(message), " from a worker"));
@@ -115,6 +135,7 @@ void WorkerManager::OnChannelClosed(HandoffChannel& channel,
   }
   dispatcher_.ReclaimUnacked(*worker);
   worker->channel.reset();  // Safe: the channel invokes us from a fresh turn.
+  if (placement_ != nullptr) placement_->OnWorkerGone(*worker);
   if (!worker->supervised) {
     lifecycle_.Disconnected(*worker, reason);
     RemoveWorker(*worker);
@@ -142,6 +163,7 @@ void WorkerManager::OnChildExited(pid_t pid, int wait_status) {
     dispatcher_.ReclaimUnacked(*worker);
     worker->channel.reset();
   }
+  if (placement_ != nullptr) placement_->OnWorkerGone(*worker);
   const uint64_t id = worker->id;
   // After the event: a failure may report a restart loop.
   if (lifecycle_.Exited(*worker, wait_status)) pool_.NoteFailure(*worker);
@@ -153,7 +175,8 @@ void WorkerManager::OnChildExited(pid_t pid, int wait_status) {
 void WorkerManager::RemoveWorker(Worker& worker) {
   // Connections it still owned when it went: a drained worker reports each
   // one Closed before it leaves, so these were cut.
-  const uint64_t cut = worker.owned.size();
+  const uint64_t cut =
+      worker.owned.size() + static_cast<uint64_t>(worker.kernel_active);
   if (cut != 0 && !IsRequested(worker.drain_cause)) {
     stats_.lost_worker_crash += cut;
   } else if (cut != 0 && worker.drain_cause == DrainCause::kShutdown) {

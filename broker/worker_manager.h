@@ -16,6 +16,7 @@
 #include "broker/connection_dispatcher.h"
 #include "broker/event_loop.h"
 #include "broker/handoff_channel.h"
+#include "broker/kernel_placement.h"
 #include "broker/supervisor.h"
 #include "broker/worker_drainer.h"
 #include "broker/worker_events.h"
@@ -62,6 +63,17 @@ class WorkerManager : public HandoffChannel::Delegate {
   using Stats = WorkerStats;
 
   using EventCallback = WorkerLifecycle::EventCallback;
+
+  // --placement=kernel: from now on every worker that supports it is
+  // granted a listener of `group_fd`'s SO_REUSEPORT group (the broker's
+  // --listen socket, which must outlive this manager); what the broker
+  // accepts from those goes to `accepted`. Call before Start().
+  absl::Status EnableKernelPlacement(int group_fd,
+                                     const KernelPlacement::Options& options,
+                                     wire::SysCalls& sys,
+                                     Listener::AcceptCallback accepted);
+  // Null unless EnableKernelPlacement() succeeded.
+  KernelPlacement* kernel_placement() { return placement_.get(); }
   struct ScaleResult {
     int previous_count = 0;
     int count = 0;
@@ -170,6 +182,7 @@ class WorkerManager : public HandoffChannel::Delegate {
   WorkerPool pool_;
   WorkerRegistration registration_;
   WorkerDrainer drainer_;
+  std::unique_ptr<KernelPlacement> placement_;
   Timer tick_timer_{loop_};
   // Why the broker closed a worker's channel (DeclareDead), for
   // OnChannelClosed; a close not listed is a lost channel.

@@ -237,6 +237,7 @@ void WorkerRegistration::Admit(HandoffChannel& channel, Worker& worker,
       std::clamp<uint32_t>(hello.max_connections_per_message(), 1,
                            ConnectionDispatcher::kMaxConnectionsPerMessage);
   worker.supports_release = hello.supports_release();
+  worker.supports_listener_grant = hello.supports_listener_grant();
   worker.protocol_minor = hello.version().minor();
   worker.labels.clear();
   for (const auto& [key, value] : hello.labels()) worker.labels[key] = value;
@@ -257,6 +258,9 @@ void WorkerRegistration::Admit(HandoffChannel& channel, Worker& worker,
   body->mutable_version()->set_minor(wire::kProtocolMinor);
   body->set_worker_id(worker.id);
   body->set_supervised(worker.supervised);
+  if (worker.supports_listener_grant) {
+    body->set_listener_load_interval_ms(listener_load_interval_ms_);
+  }
   body->set_heartbeat_interval_ms(static_cast<uint32_t>(
       absl::ToInt64Milliseconds(options_.heartbeat_interval)));
   body->set_heartbeat_timeout_ms(static_cast<uint32_t>(

@@ -52,6 +52,11 @@ class WorkerRegistration {
   void set_upgrade_handler(UpgradeCallback callback) {
     on_upgrade_ = std::move(callback);
   }
+  // Welcome.listener_load_interval_ms for workers that support listener
+  // grants (0: this broker grants none).
+  void set_listener_load_interval_ms(uint32_t ms) {
+    listener_load_interval_ms_ = ms;
+  }
   // From now on every Hello is refused (SHUTTING_DOWN).
   void StopAccepting() { accepting_ = false; }
 
@@ -89,6 +94,7 @@ class WorkerRegistration {
   HandoffChannel::Delegate& delegate_;
   const Options options_;
   bool accepting_ = true;
+  uint32_t listener_load_interval_ms_ = 0;
   UpgradeCallback on_upgrade_;
   // Channels that have not said Hello yet.
   absl::flat_hash_map<HandoffChannel*, std::unique_ptr<HandoffChannel>>

@@ -46,6 +46,15 @@ struct Worker {
   // Hello.supports_release: it gives idle connections back when asked
   // (ReleaseRequest, Drain.release_idle); only then may it send Release.
   bool supports_release = false;
+  // Hello.supports_listener_grant (minor 4).
+  bool supports_listener_grant = false;
+  // --placement=kernel: the KernelPlacement slot granted to it (-1: none;
+  // it takes hand-offs), and the figures of the connections it accepted
+  // itself, from its ListenerLoad reports (the broker never sees those
+  // connections, so they have no ids here).
+  int kernel_slot = -1;
+  int64_t kernel_active = 0;
+  uint64_t kernel_accepted_total = 0;
   // Hello.version.minor: which optional messages it understands (Reconnect
   // from 3 on).
   uint32_t protocol_minor = 0;
@@ -76,7 +85,9 @@ struct Worker {
   // is expected, not a crash.
   bool retiring() const { return IsRequested(drain_cause); }
 
-  int64_t active() const { return static_cast<int64_t>(owned.size()); }
+  int64_t active() const {
+    return static_cast<int64_t>(owned.size()) + kernel_active;
+  }
   // What balancing compares: every connection the worker has or will have.
   int64_t load() const { return active() + unacked; }
   bool HasRoom() const { return capacity == 0 || load() < capacity; }

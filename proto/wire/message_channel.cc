@@ -11,6 +11,7 @@ size_t RequiredFds(const v1::HandoffMessage& message) {
   switch (message.body_case()) {
     case v1::HandoffMessage::kConnection:
     case v1::HandoffMessage::kRelease:
+    case v1::HandoffMessage::kListenerGrant:
       return 1;
     case v1::HandoffMessage::kUpgradeHandover:
       return 2 + static_cast<size_t>(
@@ -58,6 +59,10 @@ absl::string_view BodyName(const v1::HandoffMessage& message) {
       return "upgrade_ready";
     case v1::HandoffMessage::kReconnect:
       return "reconnect";
+    case v1::HandoffMessage::kListenerGrant:
+      return "listener_grant";
+    case v1::HandoffMessage::kListenerLoad:
+      return "listener_load";
     case v1::HandoffMessage::BODY_NOT_SET:
       break;
   }

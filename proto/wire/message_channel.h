@@ -18,6 +18,10 @@ namespace fdbroker::wire {
 inline constexpr uint32_t kProtocolMajor = 1;
 inline constexpr uint32_t kProtocolMinor = 4;
 
+// Ids of connections a worker accepted itself from a granted listener
+// (ListenerGrant, minor 4) have this bit set; the broker never issues one.
+inline constexpr uint64_t kWorkerAcceptedIdBit = uint64_t{1} << 63;
+
 // The environment variable through which a supervised worker learns the
 // broker's hand-off socket (set by the broker for every worker it starts).
 inline constexpr char kSocketEnvVar[] = "FDBROKER_SOCKET";

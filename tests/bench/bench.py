@@ -52,7 +52,7 @@ from benchlib import (  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 HOST = "127.0.0.1"
-VARIANTS = ["direct", "fdbroker", "haproxy", "node-cluster"]
+VARIANTS = ["direct", "fdbroker", "fdbroker-kernel", "haproxy", "node-cluster"]
 WORKLOADS = ["keepalive", "close"]
 
 
@@ -152,6 +152,7 @@ class Direct(Variant):
 class Fdbroker(Variant):
     name = "fdbroker"
     front_name = "broker"
+    placement_flags = []
 
     def start(self):
         ready = os.path.join(self.dir, "broker.ready")
@@ -165,7 +166,7 @@ class Fdbroker(Variant):
             f"--worker_cmd={self.worker_bin()}",
             "--drain_timeout=3s",
             f"--ready_file={ready}",
-        ] + self.args.broker_flag
+        ] + self.placement_flags + self.args.broker_flag
         self.front = self.procs.start(argv, os.path.join(self.dir, "broker.log"))
         values = wait_for(
             lambda: read_key_values(ready),
@@ -217,6 +218,19 @@ class Fdbroker(Variant):
         result["handoff_failures"] = failures
         if handed > 0 and result["front_cpu_s"] is not None:
             result["broker_cpu_per_handoff_us"] = result["front_cpu_s"] / handed * 1e6
+        # --placement=kernel: the connections workers accepted themselves.
+        kernel = after.get("fdbroker_connections_kernel_accepted_total", 0.0) - before.get(
+            "fdbroker_connections_kernel_accepted_total", 0.0
+        )
+        result["kernel_accepted"] = kernel
+
+
+class FdbrokerKernel(Fdbroker):
+    """fdbroker --placement=kernel: each worker accepts from its own listener
+    of the broker's SO_REUSEPORT group, steered by the broker's cBPF program."""
+
+    name = "fdbroker-kernel"
+    placement_flags = ["--placement=kernel"]
 
 
 class Haproxy(Variant):
@@ -291,7 +305,9 @@ class NodeCluster(Variant):
         return children(self.front.pid) if self.front else []
 
 
-VARIANT_CLASSES = {c.name: c for c in (Direct, Fdbroker, Haproxy, NodeCluster)}
+VARIANT_CLASSES = {
+    c.name: c for c in (Direct, Fdbroker, FdbrokerKernel, Haproxy, NodeCluster)
+}
 
 
 # --- wrk -----------------------------------------------------------------------------
@@ -506,6 +522,11 @@ def targets(med, rat, idle):
         check("connection-per-request throughput vs direct", rat.get("fdbroker/direct close rps"), ">=", 0.85, "x"),
         check("total server CPU per new connection vs direct", rat.get("fdbroker/direct close cpu_per_request"), "<=", 1.3, "x"),
         check("broker CPU per handed-off connection", get(med, "fdbroker", "close", "broker_cpu_per_handoff_us"), "<=", 10, " us"),
+        # Issue 16: --placement=kernel.
+        check("kernel placement: keep-alive throughput vs direct", rat.get("fdbroker-kernel/direct keepalive rps"), ">=", 0.97, "x"),
+        check("kernel placement: connection-per-request throughput vs direct", rat.get("fdbroker-kernel/direct close rps"), ">=", 0.97, "x"),
+        check("kernel placement: total server CPU per new connection vs direct", rat.get("fdbroker-kernel/direct close cpu_per_request"), "<=", 1.05, "x"),
+        check("kernel placement: broker CPU per connection", get(med, "fdbroker-kernel", "close", "front_cpu_per_connection_us"), "<=", 1, " us"),
         check("keep-alive throughput vs HAProxy", rat.get("fdbroker/haproxy keepalive rps"), ">=", 1.6, "x"),
         check("connection-per-request throughput vs HAProxy", rat.get("fdbroker/haproxy close rps"), ">=", 1.6, "x"),
         check("hand-off latency p99 (connection per request)", get(med, "fdbroker", "close", "handoff_p99_us"), "<=", 200, " us"),

@@ -15,7 +15,8 @@
 #   --warmup=S        warm-up seconds before each run (default 2)
 #   --workers=N       worker processes per variant (default 2)
 #   --idle=N          idle connections for the scale run (default 100000; 0 skips)
-#   --variants=LIST   subset of direct,fdbroker,haproxy,node-cluster
+#   --variants=LIST   subset of direct,fdbroker,fdbroker-kernel,haproxy,
+#                     node-cluster (fdbroker-kernel: --placement=kernel)
 #   --no-profile      skip the perf profile of the broker
 #   --no-chart        skip docs/benchmarks.png
 #   --bin-dir=DIR     use these binaries instead of building build/bench
@@ -32,7 +33,7 @@ python=/usr/bin/python3 # Debian's, not a pyenv one without Debian modules
 
 rounds=3 duration=10 warmup=2 workers=2 idle=100000
 profile=1 chart=docs/benchmarks.png bin_dir="" results_dir=tests/bench/results
-variants=direct,fdbroker,haproxy,node-cluster
+variants=direct,fdbroker,fdbroker-kernel,haproxy,node-cluster
 for arg in "$@"; do
   case "${arg}" in
     --rounds=*) rounds=${arg#*=} ;;

@@ -43,6 +43,18 @@ TEST(ConfigTest, DefaultsAreValid) {
   EXPECT_EQ(config->dispatcher.pending_timeout, absl::Seconds(10));
   EXPECT_EQ(config->dispatcher.max_pending, 4096u);
   EXPECT_EQ(config->control.address, "127.0.0.1:50051");
+  EXPECT_FALSE(config->kernel_placement);
+  EXPECT_FALSE(config->listener.reuseport);
+}
+
+TEST(ConfigTest, KernelPlacementBindsWithReuseport) {
+  absl::FlagSaver saver;
+  SetFlag("placement", "kernel");
+  SetFlag("listen", "127.0.0.1:0");
+  absl::StatusOr<BrokerConfig> config = ConfigFromFlags("/opt/fdbroker/bin");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_TRUE(config->kernel_placement);
+  EXPECT_TRUE(config->listener.reuseport);
 }
 
 struct BadFlags {
@@ -78,6 +90,14 @@ INSTANTIATE_TEST_SUITE_P(
         BadFlags{{{"workers", "1"}, {"worker_cmd", "/nonexistent/worker"}},
                  "--worker_cmd"},
         BadFlags{{{"policy", "fastest"}}, "--policy"},
+        BadFlags{{{"placement", "fastest"}}, "--placement"},
+        BadFlags{{{"placement", "kernel"}, {"listen", "unix:/tmp/fdb.sock"}},
+                 "--placement=kernel"},
+        BadFlags{{{"placement", "kernel"},
+                  {"listen", "127.0.0.1:80,proxy_protocol"}},
+                 "--placement=kernel"},
+        BadFlags{{{"placement", "kernel"}, {"upgrade", "true"}},
+                 "--placement=kernel"},
         BadFlags{{{"drain_timeout", "0s"}}, "--drain_timeout"},
         BadFlags{{{"drain_timeout", "inf"}}, "--drain_timeout"},
         BadFlags{{{"heartbeat_interval", "-1s"}}, "--heartbeat_interval"},

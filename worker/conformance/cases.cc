@@ -645,6 +645,61 @@ absl::Status DrainRelease(CaseContext& context) {
   return AwaitGoodbyeAndExit(context);
 }
 
+// ---- §7.10 Listener grant (--placement=kernel) ----
+
+// ListenerLoad with these figures.
+auto LoadIs(uint64_t accepted_total, uint32_t active) {
+  return [=](const v1::HandoffMessage& m) {
+    return m.has_listener_load() &&
+           m.listener_load().accepted_total() == accepted_total &&
+           m.listener_load().active() == active;
+  };
+}
+
+absl::Status ListenerGrant(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
+  if (!hello.supports_listener_grant()) {
+    return context.Skip(
+        "Hello.supports_listener_grant is unset: the worker takes "
+        "hand-offs only");
+  }
+  constexpr uint32_t kLoadIntervalMs = 50;
+  KIT_RETURN_IF_ERROR(context.broker().SendWelcome(true, 1, kLoadIntervalMs));
+  absl::StatusOr<std::unique_ptr<LoopbackListener>> tcp =
+      LoopbackListener::Create();
+  if (!tcp.ok()) return tcp.status();
+  v1::HandoffMessage grant;
+  grant.mutable_listener_grant()->set_listener(LocalAddress((*tcp)->fd()));
+  const int fds[] = {(*tcp)->fd()};
+  KIT_RETURN_IF_ERROR(context.broker().Send(std::move(grant), fds));
+  // The worker accepts a client itself and reports it; no Ack, no Closed.
+  KIT_ASSIGN_OR_RETURN(wire::UniqueFd client, (*tcp)->ConnectClient());
+  KIT_RETURN_IF_ERROR(
+      context
+          .Await("ListenerLoad{accepted_total 1, active 1} after a client "
+                 "connected to the granted listener",
+                 LoadIs(1, 1))
+          .status());
+  client.Reset();
+  KIT_RETURN_IF_ERROR(context
+                          .Await("ListenerLoad{accepted_total 1, active 0} "
+                                 "after that client closed",
+                                 LoadIs(1, 0))
+                          .status());
+  // Draining, it stops accepting and closes its copy: a client that comes
+  // now is left in the queue for the broker.
+  KIT_RETURN_IF_ERROR(context.broker().SendDrain(context.Deadline(), false));
+  KIT_RETURN_IF_ERROR(AwaitGoodbyeAndExit(context));
+  KIT_ASSIGN_OR_RETURN(wire::UniqueFd late, (*tcp)->ConnectClient());
+  pollfd queued{(*tcp)->fd(), POLLIN, 0};
+  if (::poll(&queued, 1, 1000) != 1) {
+    return Violation("§7.10 Listener grant",
+                     "a client that connected after the worker drained "
+                     "was not left in the listener's queue for the broker");
+  }
+  return absl::OkStatus();
+}
+
 // ---- §7.8 Losing the broker, and re-registration ----
 
 absl::Status Reconnect(CaseContext& context) {
@@ -1172,6 +1227,12 @@ const std::vector<Case>& AllCases() {
        "Drain{release_idle}: idle connections released (DRAIN), Goodbye",
        {},
        DrainRelease},
+      {"listener-grant",
+       "§7.10 Listener grant",
+       "a granted listener is accepted from, reported in ListenerLoad (no "
+       "Ack, no Closed), and left to the broker on Drain",
+       {},
+       ListenerGrant},
       {"reconnect-now",
        "§7.9 Reconnect",
        "on Reconnect, close the channel and register again at once with "

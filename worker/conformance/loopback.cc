@@ -64,20 +64,27 @@ absl::StatusOr<std::unique_ptr<LoopbackListener>> LoopbackListener::Create() {
   return std::unique_ptr<LoopbackListener>(new LoopbackListener(std::move(fd)));
 }
 
-absl::StatusOr<TcpPair> LoopbackListener::Connect() {
+absl::StatusOr<wire::UniqueFd> LoopbackListener::ConnectClient() {
   sockaddr_in address{};
   socklen_t length = sizeof(address);
   if (::getsockname(fd_.get(), reinterpret_cast<sockaddr*>(&address),
                     &length) != 0) {
     return absl::ErrnoToStatus(errno, "getsockname");
   }
-  TcpPair pair;
-  pair.client.Reset(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!pair.client) return absl::ErrnoToStatus(errno, "socket");
-  if (::connect(pair.client.get(), reinterpret_cast<sockaddr*>(&address),
+  wire::UniqueFd client(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!client) return absl::ErrnoToStatus(errno, "socket");
+  if (::connect(client.get(), reinterpret_cast<sockaddr*>(&address),
                 sizeof(address)) != 0) {
     return absl::ErrnoToStatus(errno, "connect");
   }
+  return client;
+}
+
+absl::StatusOr<TcpPair> LoopbackListener::Connect() {
+  TcpPair pair;
+  absl::StatusOr<wire::UniqueFd> client = ConnectClient();
+  if (!client.ok()) return client.status();
+  pair.client = *std::move(client);
   // Blocking, like the broker's hand-off: the worker picks its own mode.
   pair.server.Reset(::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
   if (!pair.server) return absl::ErrnoToStatus(errno, "accept4");

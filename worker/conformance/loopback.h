@@ -25,6 +25,12 @@ class LoopbackListener {
  public:
   static absl::StatusOr<std::unique_ptr<LoopbackListener>> Create();
   absl::StatusOr<TcpPair> Connect();
+  // A client connected and not accepted: a worker the listener is granted
+  // to (ListenerGrant) accepts it itself.
+  absl::StatusOr<wire::UniqueFd> ConnectClient();
+  // The listening socket (the kit keeps it, as the broker keeps a granted
+  // one).
+  int fd() const { return fd_.get(); }
 
  private:
   explicit LoopbackListener(wire::UniqueFd fd) : fd_(std::move(fd)) {}

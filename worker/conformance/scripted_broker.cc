@@ -309,6 +309,13 @@ absl::Status ScriptedBroker::Check(const Received& received) {
       return absl::OkStatus();
     case v1::HandoffMessage::kHeartbeat:
       return absl::OkStatus();
+    case v1::HandoffMessage::kListenerLoad:
+      if (!listener_load_expected_) {
+        return Violation("§7.10 Listener grant",
+                         "ListenerLoad, but the Welcome's "
+                         "listener_load_interval_ms was 0");
+      }
+      return absl::OkStatus();
     default:
       return Violation("§5 Messages",
                        absl::StrCat("unexpected message ", Describe(m)));
@@ -328,7 +335,8 @@ absl::Status ScriptedBroker::Send(v1::HandoffMessage message,
   return absl::OkStatus();
 }
 
-absl::Status ScriptedBroker::SendWelcome(bool supervised, uint64_t worker_id) {
+absl::Status ScriptedBroker::SendWelcome(bool supervised, uint64_t worker_id,
+                                         uint32_t listener_load_interval_ms) {
   v1::HandoffMessage message;
   v1::Welcome* welcome = message.mutable_welcome();
   welcome->mutable_version()->set_major(wire::kProtocolMajor);
@@ -339,6 +347,8 @@ absl::Status ScriptedBroker::SendWelcome(bool supervised, uint64_t worker_id) {
   welcome->set_heartbeat_timeout_ms(
       static_cast<uint32_t>(absl::ToInt64Milliseconds(heartbeat_timeout_)));
   welcome->set_supervised(supervised);
+  welcome->set_listener_load_interval_ms(listener_load_interval_ms);
+  listener_load_expected_ = listener_load_interval_ms > 0;
   return Send(std::move(message));
 }
 

@@ -69,7 +69,9 @@ class ScriptedBroker {
 
   // Sends `message` (its sequence number is set here) with `fds` attached.
   absl::Status Send(v1::HandoffMessage message, absl::Span<const int> fds = {});
-  absl::Status SendWelcome(bool supervised = true, uint64_t worker_id = 1);
+  // `listener_load_interval_ms` > 0: ListenerGrants follow (minor 4).
+  absl::Status SendWelcome(bool supervised = true, uint64_t worker_id = 1,
+                           uint32_t listener_load_interval_ms = 0);
   // Sends a Connection for `fd` (which the caller keeps, as the broker keeps
   // its copy until the Ack) and records it as awaiting an answer.
   absl::Status SendConnection(uint64_t id, int fd,
@@ -129,6 +131,8 @@ class ScriptedBroker {
   std::set<uint64_t> unanswered_;
   std::set<uint64_t> finished_;  // Closed or Released on this channel
   bool goodbye_ = false;
+  // The Welcome asked for ListenerLoad (listener_load_interval_ms > 0).
+  bool listener_load_expected_ = false;
 };
 
 // A Violation: the worker broke `rule` ("§7.3 Closed").

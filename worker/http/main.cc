@@ -57,6 +57,7 @@ int Run(const fdbroker::http::WorkerConfig& config) {
     options.socket_path = config.socket_path;
     options.capacity = config.capacity;
     options.reconnect_timeout = config.reconnect_timeout;
+    options.accept_granted_listener = config.listener_grant;
     options.labels["program"] = "fdbroker-http-worker";
     absl::StatusOr<std::unique_ptr<BrokerSource>> broker =
         BrokerSource::Connect(std::move(options),

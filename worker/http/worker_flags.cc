@@ -26,6 +26,10 @@ ABSL_FLAG(absl::Duration, reconnect_timeout, absl::Seconds(30),
 ABSL_FLAG(bool, no_release, false,
           "never give connections back to the broker (no Hello."
           "supports_release): a drain closes idle connections");
+ABSL_FLAG(bool, no_listener_grant, false,
+          "never accept from a listener of the broker's (no Hello."
+          "supports_listener_grant): under --placement=kernel it gets "
+          "hand-offs");
 ABSL_FLAG(std::string, ready_file, "",
           "once serving, write key=value lines here (pid, mode, listen or "
           "worker_id)");
@@ -35,14 +39,15 @@ namespace {
 
 constexpr absl::string_view kFlagNames[] = {"listen",     "socket",
                                             "capacity",   "reconnect_timeout",
-                                            "no_release", "ready_file"};
+                                            "no_release", "no_listener_grant",
+                                            "ready_file"};
 
 }  // namespace
 
 std::string WorkerUsage() {
   return "usage: fdbroker-http-worker [--listen=HOST:PORT | --socket=PATH] "
          "[--capacity=N] [--reconnect_timeout=DURATION] [--no_release] "
-         "[--ready_file=PATH]\n"
+         "[--no_listener_grant] [--ready_file=PATH]\n"
          "  An HTTP/1.1 keep-alive example worker for fdbroker.\n"
          "  --listen=HOST:PORT  run standalone (SO_REUSEPORT), no broker\n"
          "  --socket=PATH       register with the broker at PATH (default "
@@ -53,6 +58,8 @@ std::string WorkerUsage() {
          "                      within D (default 30s; 0: drain at once)\n"
          "  --no_release        never release idle connections to the broker "
          "(drain closes them)\n"
+         "  --no_listener_grant  take hand-offs only, even from a broker "
+         "with --placement=kernel\n"
          "  --ready_file=PATH   write pid/mode/address here once serving\n";
 }
 
@@ -73,6 +80,7 @@ absl::StatusOr<WorkerConfig> ParseWorkerFlags(int argc, char** argv) {
         "invalid --reconnect_timeout: must not be negative");
   }
   config.release = !absl::GetFlag(FLAGS_no_release);
+  config.listener_grant = !absl::GetFlag(FLAGS_no_listener_grant);
   config.ready_file = absl::GetFlag(FLAGS_ready_file);
   const std::string listen = absl::GetFlag(FLAGS_listen);
   std::string socket_path = absl::GetFlag(FLAGS_socket);

@@ -25,6 +25,9 @@ struct WorkerConfig {
   // Not --no_release: give idle connections back when the broker asks
   // (broker mode).
   bool release = true;
+  // Not --no_listener_grant: accept from a listener the broker grants
+  // (--placement=kernel).
+  bool listener_grant = true;
   // --ready_file: written once serving (see WriteReadyFile).
   std::string ready_file;
   // --help was given.

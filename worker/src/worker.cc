@@ -47,6 +47,7 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Connect(Options options) {
   body.set_capacity(options.capacity);
   body.set_max_connections_per_message(options.max_connections_per_message);
   body.set_supports_release(static_cast<bool>(options.on_release_request));
+  body.set_supports_listener_grant(options.accept_granted_listener);
   for (const auto& [key, value] : options.labels) {
     (*body.mutable_labels())[key] = value;
   }

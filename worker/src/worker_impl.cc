@@ -1,11 +1,13 @@
 #include "worker_impl.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <string_view>
 #include <utility>
 #include <vector>
@@ -16,6 +18,7 @@
 #include "google/protobuf/io/coded_stream.h"
 #include "handler_threads.h"
 #include "spdlog/spdlog.h"
+#include "wire/socket_address.h"
 
 namespace fdbroker::worker {
 namespace {
@@ -31,6 +34,8 @@ constexpr int kMaxMessagesPerTurn = 256;
 // depends on it), and so does a draining worker (Goodbye waits for it).
 constexpr std::chrono::milliseconds kClosedReportDelay(5);
 constexpr size_t kMaxClosedPerReport = 256;
+// Most accepts from a granted listener per ProcessEvents().
+constexpr int kMaxAcceptsPerTurn = 64;
 
 // Reconnect back-off: the first attempt this long after the loss, then
 // doubling up to the cap. Short, because a restarted broker waits only
@@ -139,6 +144,7 @@ WorkerImpl::WorkerImpl(Options options, std::string socket_path,
       on_drain_(std::move(options.on_drain)),
       on_release_request_(std::move(options.on_release_request)),
       supports_release_(static_cast<bool>(on_release_request_)),
+      supports_listener_grant_(options.accept_granted_listener),
       epoll_fd_(std::move(epoll_fd)),
       timer_(std::move(timer)),
       wake_(std::move(wake)),
@@ -147,6 +153,7 @@ WorkerImpl::WorkerImpl(Options options, std::string socket_path,
       heartbeat_timeout_(registration.welcome.heartbeat_timeout_ms()),
       supervised_(registration.welcome.supervised()),
       channel_(std::move(registration.channel)),
+      listener_load_interval_(registration.welcome.listener_load_interval_ms()),
       last_sent_(std::chrono::steady_clock::now()),
       last_received_(last_sent_),
       retry_delay_(kFirstRetryDelay) {}
@@ -154,7 +161,7 @@ WorkerImpl::WorkerImpl(Options options, std::string socket_path,
 WorkerImpl::~WorkerImpl() {
   absl::MutexLock lock(&mu_);
   if (channel_ != nullptr && !goodbye_sent_ && owned_.empty() &&
-      outbox_.empty()) {
+      accepted_.empty() && outbox_.empty()) {
     // Best effort: tells the broker this was an orderly exit.
     v1::HandoffMessage goodbye;
     goodbye.mutable_goodbye()->set_reason("worker shut down");
@@ -198,8 +205,9 @@ void WorkerImpl::ProcessEventsWith(
   absl::Time deadline = absl::InfiniteFuture();
   {
     absl::MutexLock lock(&mu_);
-    epoll_event events[4];
-    const int count = ::epoll_wait(epoll_fd_.get(), events, 4, 0);
+    epoll_event events[8];
+    const int count = ::epoll_wait(epoll_fd_.get(), events, 8, 0);
+    bool listener_readable = false;
     bool readable = false;
     bool answer_readable = false;
     bool writable = false;
@@ -220,13 +228,18 @@ void WorkerImpl::ProcessEventsWith(
         case kRegisterTag:
           answer_readable = true;
           break;
+        case kListenerTag:
+          listener_readable = true;
+          break;
       }
     }
     if (writable) FlushOutboxLocked();
     if (readable) ReceiveLocked();
     if (answer_readable) ReceiveRegistrationAnswerLocked();
+    if (listener_readable) AcceptLocked();
     // Before the timer's work, which re-arms the timer from what is left.
     ReportClosedLocked(/*now=*/false);
+    ReportLoadLocked(/*now=*/false);
     if (timer_fired) OnTimerLocked();
     SayGoodbyeIfDrainedLocked();
     ready.swap(ready_);
@@ -358,6 +371,16 @@ void WorkerImpl::ReceiveLocked() {
                                        ReasonFromProto(request.reason()));
         break;
       }
+      case v1::HandoffMessage::kListenerGrant:
+        if (!supports_listener_grant_) {
+          LoseChannelLocked(
+              "ListenerGrant from the broker, but our Hello did not set "
+              "supports_listener_grant");
+          break;
+        }
+        TakeListenerLocked(std::move(incoming_fds_[0]),
+                           incoming_.listener_grant().listener());
+        break;
       case v1::HandoffMessage::kHeartbeat:
         break;
       case v1::HandoffMessage::kReconnect:
@@ -479,6 +502,7 @@ void WorkerImpl::OnSentLocked(Outgoing& outgoing) {
   if (outgoing.released.has_value()) {
     // The broker owns the connection now; our copy closes untouched.
     owned_.erase(outgoing.released->id);
+    accepted_.erase(outgoing.released->id);
     releasing_.erase(outgoing.released->id);
     outgoing.released.reset();
     if (draining_) WakeLocked();  // Goodbye may be due.
@@ -550,6 +574,7 @@ void WorkerImpl::ArmTimerLocked() {
     next = std::min(next, last_received_ + heartbeat_timeout_);
   }
   if (!closed_to_report_.empty()) next = std::min(next, closed_report_at_);
+  if (load_changed_) next = std::min(next, load_report_at_);
   absl::Status armed =
       next == MonoTime::max() ? timer_.Disarm() : timer_.ArmAt(next);
   if (!armed.ok()) {
@@ -559,7 +584,8 @@ void WorkerImpl::ArmTimerLocked() {
 
 void WorkerImpl::SayGoodbyeIfDrainedLocked() {
   if (!draining_ || channel_ == nullptr || goodbye_sent_ || !owned_.empty() ||
-      unsent_acks_ > 0 || !closed_to_report_.empty()) {
+      !accepted_.empty() || load_changed_ || unsent_acks_ > 0 ||
+      !closed_to_report_.empty()) {
     return;
   }
   goodbye_sent_ = true;
@@ -579,6 +605,8 @@ void WorkerImpl::BeginDrainLocked(DrainCause cause, absl::Time deadline) {
     return;
   }
   draining_ = true;
+  // The broker accepts what is left in the granted listener's queue.
+  CloseListenerLocked();
   drain_cause_ = cause;
   drain_deadline_ = deadline;
   drain_to_announce_ = true;
@@ -820,7 +848,12 @@ void WorkerImpl::RegisteredLocked(const v1::Welcome& welcome) {
       std::chrono::milliseconds(welcome.heartbeat_interval_ms());
   heartbeat_timeout_ =
       std::chrono::milliseconds(welcome.heartbeat_timeout_ms());
+  listener_load_interval_ =
+      std::chrono::milliseconds(welcome.listener_load_interval_ms());
   last_sent_ = last_received_ = std::chrono::steady_clock::now();
+  // This broker counts the connections we accepted ourselves from the
+  // report only.
+  if (accepted_total_ > 0) LoadChangedLocked();
   spdlog::info(
       "fdbroker worker: reconnected to the broker at {} as worker {} (was "
       "{}) with {} owned connections, {} ms after losing it (attempt {})",
@@ -918,6 +951,17 @@ void WorkerImpl::ConnectionClosed(uint64_t id) {
         id);
     return;
   }
+  if ((id & wire::kWorkerAcceptedIdBit) != 0) {
+    if (accepted_.erase(id) == 0) {
+      spdlog::warn(
+          "fdbroker worker: ConnectionClosed({}) for a connection that is "
+          "not active",
+          id);
+      return;
+    }
+    LoadChangedLocked();
+    return;
+  }
   if (owned_.erase(id) == 0) {
     spdlog::warn(
         "fdbroker worker: ConnectionClosed({}) for a connection that is not "
@@ -979,8 +1023,10 @@ absl::Status WorkerImpl::Release(uint64_t id, wire::UniqueFd& fd,
     return absl::InvalidArgumentError(
         absl::StrCat("Release(", id, ") without an fd"));
   }
-  const auto owned = owned_.find(id);
-  if (owned == owned_.end() || releasing_.contains(id)) {
+  // Ours from a granted listener, or acked.
+  auto& table = (id & wire::kWorkerAcceptedIdBit) != 0 ? accepted_ : owned_;
+  const auto owned = table.find(id);
+  if (owned == table.end() || releasing_.contains(id)) {
     return absl::NotFoundError(
         absl::StrCat("Release(", id, "): not an active connection"));
   }
@@ -1016,7 +1062,7 @@ absl::Status WorkerImpl::Release(uint64_t id, wire::UniqueFd& fd,
     }
     if (*sent == wire::SendResult::kSent) {
       last_sent_ = std::chrono::steady_clock::now();
-      owned_.erase(owned);
+      table.erase(owned);
       fd.Reset();                   // The broker holds the socket now.
       if (draining_) WakeLocked();  // Goodbye may be due.
       return absl::OkStatus();
@@ -1038,12 +1084,121 @@ absl::Status WorkerImpl::Release(uint64_t id, wire::UniqueFd& fd,
 
 bool WorkerImpl::finished() const {
   absl::MutexLock lock(&mu_);
-  return draining_ && channel_ == nullptr && !reconnecting_ && owned_.empty();
+  return draining_ && channel_ == nullptr && !reconnecting_ && owned_.empty() &&
+         accepted_.empty();
 }
 
 size_t WorkerImpl::active_connections() const {
   absl::MutexLock lock(&mu_);
-  return owned_.size();
+  return owned_.size() + accepted_.size();
+}
+
+void WorkerImpl::TakeListenerLocked(wire::UniqueFd listener, std::string name) {
+  int listening = 0;
+  socklen_t size = sizeof(listening);
+  if (::getsockopt(listener.get(), SOL_SOCKET, SO_ACCEPTCONN, &listening,
+                   &size) != 0 ||
+      listening == 0) {
+    LoseChannelLocked("listener_grant carries no listening socket");
+    return;
+  }
+  if (draining_) return;  // `listener` closes; the broker serves its queue.
+  CloseListenerLocked();
+  // O_NONBLOCK is shared with the broker's copy (one open file), which
+  // has it already; set it anyway, accepts must never block the loop.
+  ::fcntl(listener.get(), F_SETFL,
+          ::fcntl(listener.get(), F_GETFL) | O_NONBLOCK);
+  if (absl::Status added =
+          EpollAdd(epoll_fd_.get(), listener.get(), EPOLLIN, kListenerTag);
+      !added.ok()) {
+    spdlog::error("fdbroker worker: granted listener: {}", added.ToString());
+    return;  // The broker accepts from it: nothing is lost.
+  }
+  listener_ = std::move(listener);
+  listener_name_ = std::move(name);
+  spdlog::info("fdbroker worker: accepting from the granted listener {}",
+               listener_name_);
+}
+
+void WorkerImpl::CloseListenerLocked() {
+  if (!listener_.valid()) return;
+  (void)EpollDelete(epoll_fd_.get(), listener_.get());
+  listener_.Reset();
+}
+
+void WorkerImpl::AcceptLocked() {
+  const uint64_t before = accepted_total_;
+  for (int i = 0; i < kMaxAcceptsPerTurn && listener_.valid(); ++i) {
+    wire::SocketAddress peer;
+    peer.length = sizeof(peer.storage);
+    // Blocking, as a handed connection arrives (the application picks).
+    const int fd = ::accept4(listener_.get(), peer.mutable_addr(), &peer.length,
+                             SOCK_CLOEXEC);
+    if (fd < 0) {
+      const int error = errno;
+      if (error == EAGAIN || error == EWOULDBLOCK) break;
+      if (error == EINTR || error == ECONNABORTED || error == EPROTO ||
+          error == EPERM) {
+        continue;
+      }
+      // Out of fds (or memory): stop accepting; the broker serves the
+      // queue from its copy of the listener, so nothing waits for us.
+      spdlog::error(
+          "fdbroker worker: accept on the granted listener: {}; leaving it "
+          "to the broker",
+          strerror(error));
+      CloseListenerLocked();
+      break;
+    }
+    ClientConnection& connection = ready_.emplace_back();
+    connection.id = wire::kWorkerAcceptedIdBit | ++last_accepted_id_;
+    connection.fd.Reset(fd);
+    connection.peer_address = peer.ToString();
+    wire::SocketAddress local;
+    local.length = sizeof(local.storage);
+    if (::getsockname(fd, local.mutable_addr(), &local.length) == 0) {
+      connection.local_address = local.ToString();
+    }
+    connection.listener = listener_name_;
+    connection.accept_time = absl::Now();
+    accepted_.emplace(connection.id, connection.peer_address);
+    ++accepted_total_;
+  }
+  if (accepted_total_ != before) LoadChangedLocked();
+}
+
+void WorkerImpl::LoadChangedLocked() {
+  if (listener_load_interval_.count() == 0) return;  // Nobody asks.
+  load_changed_ = true;
+  if (draining_) {
+    WakeLocked();  // Goodbye waits for the report.
+    return;
+  }
+  if (load_report_at_ == MonoTime::max()) {
+    load_report_at_ =
+        std::chrono::steady_clock::now() + listener_load_interval_;
+    ArmTimerLocked();
+  }
+}
+
+void WorkerImpl::ReportLoadLocked(bool now) {
+  if (!load_changed_ || channel_ == nullptr || goodbye_sent_) return;
+  if (!now && !draining_ &&
+      std::chrono::steady_clock::now() < load_report_at_) {
+    return;
+  }
+  // Releases still queued are counted by the broker when they arrive.
+  size_t releasing = 0;
+  for (uint64_t id : releasing_) {
+    releasing += (id & wire::kWorkerAcceptedIdBit) != 0;
+  }
+  Outgoing load;
+  v1::ListenerLoad& body = *load.message.mutable_listener_load();
+  body.set_accepted_total(accepted_total_);
+  body.set_active(static_cast<uint32_t>(accepted_.size() - releasing));
+  load_changed_ = false;
+  load_report_at_ = MonoTime::max();
+  SendLocked(std::move(load));
 }
 
 absl::Status WorkerImpl::ServeThreadPerConnection(ConnectionHandler handler) {

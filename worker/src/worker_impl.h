@@ -82,7 +82,13 @@ class WorkerImpl final : public Worker {
 
  private:
   // epoll data of the fds in epoll_fd_.
-  enum FdTag : uint64_t { kChannelTag = 1, kTimerTag, kWakeTag, kRegisterTag };
+  enum FdTag : uint64_t {
+    kChannelTag = 1,
+    kTimerTag,
+    kWakeTag,
+    kRegisterTag,
+    kListenerTag
+  };
 
   // A message waiting for room in the socket's send buffer.
   struct Outgoing {
@@ -122,6 +128,17 @@ class WorkerImpl final : public Worker {
   void ReportClosedLocked(bool now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool ClosedReportsAreUrgentLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CheckHeartbeatLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // --placement=kernel (ListenerGrant): takes the granted listener (closing
+  // any earlier one), unless draining.
+  void TakeListenerLocked(wire::UniqueFd listener, std::string name)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CloseListenerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Accepts a batch from the granted listener into ready_.
+  void AcceptLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The ListenerLoad figures changed: report within the Welcome's interval
+  // (at once while draining).
+  void LoadChangedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReportLoadLocked(bool now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ArmTimerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SayGoodbyeIfDrainedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void BeginDrainLocked(DrainCause cause, absl::Time deadline)
@@ -176,6 +193,8 @@ class WorkerImpl final : public Worker {
   absl::AnyInvocable<void(uint32_t, ReleaseReason)> on_release_request_;
   // Hello.supports_release (on_release_request_ is set).
   const bool supports_release_;
+  // Hello.supports_listener_grant.
+  const bool supports_listener_grant_;
 
   const wire::UniqueFd epoll_fd_;
   TimerFd timer_;
@@ -226,6 +245,23 @@ class WorkerImpl final : public Worker {
   MonoTime last_sent_ ABSL_GUARDED_BY(mu_);
   MonoTime last_received_ ABSL_GUARDED_BY(mu_);
   bool serving_threads_ ABSL_GUARDED_BY(mu_) = false;
+
+  // --placement=kernel. The listener the broker granted (invalid: none, or
+  // closed by a drain); the SDK accepts from it on the loop thread, and the
+  // broker accepts whatever is left once we stop. Its connections are ours
+  // from accept on, with ids that have wire::kWorkerAcceptedIdBit set: no
+  // Ack, no Closed, their figures go in ListenerLoad.
+  wire::UniqueFd listener_ ABSL_GUARDED_BY(mu_);
+  std::string listener_name_ ABSL_GUARDED_BY(mu_);
+  // Accepted from the listener and still ours: id -> peer address.
+  absl::flat_hash_map<uint64_t, std::string> accepted_ ABSL_GUARDED_BY(mu_);
+  uint64_t accepted_total_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t last_accepted_id_ ABSL_GUARDED_BY(mu_) = 0;
+  // Welcome.listener_load_interval_ms; 0: this broker wants no ListenerLoad.
+  std::chrono::milliseconds listener_load_interval_ ABSL_GUARDED_BY(mu_);
+  // The figures changed since the last ListenerLoad, which is due then.
+  bool load_changed_ ABSL_GUARDED_BY(mu_) = false;
+  MonoTime load_report_at_ ABSL_GUARDED_BY(mu_) = MonoTime::max();
 
   // Reconnecting after losing the broker (never while draining).
   bool reconnecting_ ABSL_GUARDED_BY(mu_) = false;

@@ -160,6 +160,13 @@ struct Options {
   absl::AnyInvocable<void(uint32_t max_connections, ReleaseReason reason)>
       on_release_request;
 
+  // Opts into --placement=kernel (Hello.supports_listener_grant): a broker
+  // in that mode grants the worker its own listening socket, and the SDK
+  // accepts from it in ProcessEvents() and delivers those connections
+  // through on_connection like handed ones (their ids have bit 63 set).
+  // A broker in the default --placement=handoff ignores it.
+  bool accept_granted_listener = true;
+
   // Test seam for sendmsg/recvmsg on the broker channel; nullptr means the
   // real syscalls. Must outlive the Worker.
   wire::SysCalls* syscalls = nullptr;

@@ -1,0 +1,252 @@
+#include "broker/kernel_placement.h"
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <cerrno>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "broker/balancing_policy.h"
+#include "spdlog/spdlog.h"
+
+namespace fdbroker {
+namespace {
+
+// The reuseport program attach option (Linux 4.5+), if the libc headers
+// predate it.
+#ifndef SO_ATTACH_REUSEPORT_CBPF
+#define SO_ATTACH_REUSEPORT_CBPF 51
+#endif
+
+sock_filter Statement(uint16_t code, uint32_t k) {
+  return sock_filter{code, 0, 0, k};
+}
+
+Listener::Options SlotOptions(const KernelPlacement::Options& options) {
+  Listener::Options slot;
+  slot.backlog = options.backlog;
+  return slot;
+}
+
+}  // namespace
+
+std::vector<sock_filter> BuildPlacementProgram(
+    absl::Span<const uint64_t> weights) {
+  unsigned __int128 total = 0;
+  size_t last = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    total += weights[i];
+    if (weights[i] != 0) last = i;
+  }
+  if (total == 0) return {Statement(BPF_RET | BPF_K, 0)};
+  // A = random; for each index with weight but the last: if A < its upper
+  // bound, return it (jge skips the return). The last takes the rest.
+  std::vector<sock_filter> program = {
+      Statement(BPF_LD | BPF_W | BPF_ABS,
+                static_cast<uint32_t>(SKF_AD_OFF + SKF_AD_RANDOM))};
+  unsigned __int128 cumulative = 0;
+  for (size_t i = 0; i < last; ++i) {
+    if (weights[i] == 0) continue;
+    cumulative += weights[i];
+    const auto bound = static_cast<uint32_t>((cumulative << 32) / total);
+    program.push_back(sock_filter{BPF_JMP | BPF_JGE | BPF_K, 1, 0, bound});
+    program.push_back(Statement(BPF_RET | BPF_K, static_cast<uint32_t>(i)));
+  }
+  program.push_back(Statement(BPF_RET | BPF_K, static_cast<uint32_t>(last)));
+  return program;
+}
+
+absl::StatusOr<std::unique_ptr<KernelPlacement>> KernelPlacement::Create(
+    EventLoop& loop, WorkerRegistry& registry, int group_fd, WorkerStats& stats,
+    const Options& options, wire::SysCalls& sys,
+    Listener::AcceptCallback accepted) {
+  std::unique_ptr<KernelPlacement> placement(new KernelPlacement(
+      loop, registry, group_fd, stats, options, sys, std::move(accepted)));
+  int reuseport = 0;
+  socklen_t size = sizeof(reuseport);
+  if (::getsockopt(group_fd, SOL_SOCKET, SO_REUSEPORT, &reuseport, &size) !=
+          0 ||
+      !reuseport) {
+    return absl::FailedPreconditionError(
+        "--placement=kernel: the listening socket lacks SO_REUSEPORT (an "
+        "inherited socket must be bound with it)");
+  }
+  placement->address_.length = sizeof(placement->address_.storage);
+  if (::getsockname(group_fd, placement->address_.mutable_addr(),
+                    &placement->address_.length) != 0) {
+    return absl::ErrnoToStatus(errno, "getsockname");
+  }
+  // Everything to index 0 until workers register.
+  if (absl::Status s = placement->LoadProgram({1}); !s.ok()) return s;
+  placement->Tick();
+  return placement;
+}
+
+KernelPlacement::KernelPlacement(EventLoop& loop, WorkerRegistry& registry,
+                                 int group_fd, WorkerStats& stats,
+                                 const Options& options, wire::SysCalls& sys,
+                                 Listener::AcceptCallback accepted)
+    : loop_(loop),
+      registry_(registry),
+      group_fd_(group_fd),
+      stats_(stats),
+      options_(options),
+      slots_(loop, SlotOptions(options), sys, std::move(accepted)) {}
+
+int KernelPlacement::AcquireSlot() {
+  for (size_t s = 0; s < slot_worker_.size(); ++s) {
+    if (slot_worker_[s] == 0) return static_cast<int>(s);
+  }
+  wire::UniqueFd socket(::socket(
+      address_.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!socket) {
+    spdlog::error("kernel placement: socket: {}", strerror(errno));
+    return -1;
+  }
+  int one = 1;
+  ::setsockopt(socket.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  ::setsockopt(socket.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+  if (address_.family() == AF_INET6) {
+    ::setsockopt(socket.get(), IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+  }
+  // listen() appends it to the group: group index = slot + 1.
+  if (::bind(socket.get(), address_.addr(), address_.length) != 0 ||
+      ::listen(socket.get(), options_.backlog) != 0) {
+    spdlog::error("kernel placement: cannot add a listener on {}: {}",
+                  address_.ToString(), strerror(errno));
+    return -1;
+  }
+  if (absl::Status s = slots_.AdoptSocket(std::move(socket), false); !s.ok()) {
+    spdlog::error("kernel placement: {}", s.ToString());
+    return -1;
+  }
+  slot_worker_.push_back(0);
+  return static_cast<int>(slot_worker_.size() - 1);
+}
+
+void KernelPlacement::OnRegistered(Worker& worker) {
+  if (!worker.supports_listener_grant || worker.kernel_slot >= 0 || closed_ ||
+      worker.channel == nullptr) {
+    return;
+  }
+  const int slot = AcquireSlot();
+  if (slot < 0) return;  // It takes hand-offs instead.
+  v1::HandoffMessage grant;
+  grant.mutable_listener_grant()->set_listener(address_.ToString());
+  const int fd = slots_.fd(static_cast<size_t>(slot));
+  if (absl::Status s = worker.channel->SendWithFds(grant, {&fd, 1}); !s.ok()) {
+    spdlog::warn("worker {}: cannot grant a listener ({}); it takes hand-offs",
+                 worker.id, s.ToString());
+    return;
+  }
+  slot_worker_[static_cast<size_t>(slot)] = worker.id;
+  worker.kernel_slot = slot;
+  spdlog::info("worker {}: granted listener {} (group index {})", worker.id,
+               address_.ToString(), slot + 1);
+  Update();
+}
+
+absl::Status KernelPlacement::OnListenerLoad(Worker& worker,
+                                             const v1::ListenerLoad& load) {
+  if (!worker.supports_listener_grant) {
+    return absl::InvalidArgumentError(
+        "listener_load from a worker whose hello did not set "
+        "supports_listener_grant");
+  }
+  if (load.accepted_total() < worker.kernel_accepted_total) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "listener_load: accepted_total went down from ",
+        worker.kernel_accepted_total, " to ", load.accepted_total()));
+  }
+  stats_.kernel_accepted +=
+      load.accepted_total() - worker.kernel_accepted_total;
+  worker.kernel_accepted_total = load.accepted_total();
+  worker.kernel_active = load.active();
+  Update();
+  return absl::OkStatus();
+}
+
+void KernelPlacement::OnWorkerGone(Worker& worker) {
+  if (worker.kernel_slot < 0) return;
+  slot_worker_[static_cast<size_t>(worker.kernel_slot)] = 0;
+  worker.kernel_slot = -1;
+  Update();
+}
+
+void KernelPlacement::Update() {
+  if (closed_) return;
+  // The policy's weights over every worker that may take connections now.
+  candidates_.clear();
+  for (const auto& [id, worker] : registry_.workers()) {
+    if (worker->Available()) candidates_.push_back(worker.get());
+  }
+  CandidateWeights(candidates_, candidate_weights_);
+  wanted_.assign(slot_worker_.size() + 1, 0);
+  for (size_t i = 0; i < candidates_.size(); ++i) {
+    const Worker& worker = *candidates_[i];
+    const size_t index = worker.kernel_slot >= 0
+                             ? static_cast<size_t>(worker.kernel_slot) + 1
+                             : 0;
+    wanted_[index] += candidate_weights_[i];
+  }
+  // The broker accepts from every slot no ready worker accepts from.
+  for (size_t s = 0; s < slot_worker_.size(); ++s) {
+    const Worker* worker =
+        slot_worker_[s] == 0 ? nullptr : registry_.Find(slot_worker_[s]);
+    const bool worker_accepts =
+        worker != nullptr && worker->state == WorkerState::kReady &&
+        worker->channel != nullptr && !worker->channel->closed();
+    slots_.SetWatched(s, !worker_accepts);
+  }
+  if (wanted_ == loaded_) {
+    reload_timer_.Cancel();
+    return;
+  }
+  const int64_t due =
+      last_load_nanos_ + absl::ToInt64Nanoseconds(options_.reload_interval);
+  const int64_t now = loop_.NowNanos();
+  if (now >= due) {
+    if (absl::Status s = LoadProgram(wanted_); !s.ok()) {
+      spdlog::error("kernel placement: {}", s.ToString());
+    }
+    return;
+  }
+  if (!reload_timer_.armed()) {
+    reload_timer_.Arm(absl::Nanoseconds(due - now), [this] { Update(); });
+  }
+}
+
+absl::Status KernelPlacement::LoadProgram(
+    const std::vector<uint64_t>& weights) {
+  std::vector<sock_filter> program = BuildPlacementProgram(weights);
+  sock_fprog fprog{static_cast<unsigned short>(program.size()), program.data()};
+  last_load_nanos_ = loop_.NowNanos();
+  if (::setsockopt(group_fd_, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &fprog,
+                   sizeof(fprog)) != 0) {
+    return absl::ErrnoToStatus(errno, "setsockopt SO_ATTACH_REUSEPORT_CBPF");
+  }
+  ++stats_.placement_loads;
+  loaded_ = weights;
+  spdlog::debug("kernel placement: weights by group index [{}]",
+                absl::StrJoin(weights, " "));
+  return absl::OkStatus();
+}
+
+void KernelPlacement::Tick() {
+  // Worker states change in many places (drain, lifecycle); a periodic
+  // look catches every change within one reload interval.
+  Update();
+  tick_timer_.Arm(options_.reload_interval, [this] { Tick(); });
+}
+
+void KernelPlacement::Close() {
+  closed_ = true;
+  reload_timer_.Cancel();
+  tick_timer_.Cancel();
+  slots_.Close();
+}
+
+}  // namespace fdbroker

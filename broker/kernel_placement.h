@@ -1,0 +1,130 @@
+#ifndef FDBROKER_BROKER_KERNEL_PLACEMENT_H_
+#define FDBROKER_BROKER_KERNEL_PLACEMENT_H_
+
+#include <linux/filter.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "broker/connection_dispatcher.h"
+#include "broker/event_loop.h"
+#include "broker/listener.h"
+#include "broker/worker_lifecycle.h"
+#include "broker/worker_registry.h"
+#include "fdbroker/v1/handoff.pb.h"
+#include "wire/sys_calls.h"
+
+namespace fdbroker {
+
+// The classic BPF program of a reuseport group that picks group index i with
+// probability weights[i] / sum(weights): it draws a random 32-bit number
+// (SKF_AD_RANDOM) and returns the index whose share of [0, 2^32) holds it.
+// All weights 0 (or none): index 0. Pure, for tests.
+std::vector<sock_filter> BuildPlacementProgram(
+    absl::Span<const uint64_t> weights);
+
+// --placement=kernel: each worker that supports it (Hello.
+// supports_listener_grant) accepts its connections itself from a listening
+// socket of its own, and the kernel picks the socket per connection by the
+// broker's weights. Loop thread only.
+//
+// The group. The broker's --listen socket (bound with SO_REUSEPORT) is index
+// 0 of the SO_REUSEPORT group; every worker listener ("slot") the broker
+// binds after it on the same address joins at the end, so slot s is group
+// index s + 1 (the kernel numbers a group's sockets in the order they
+// listen). The broker keeps a copy of every slot until it exits, so no
+// socket ever leaves the group and the indexes never shift (closing one
+// would move the last socket into its place). A slot whose worker is gone
+// is granted to the next worker that registers.
+//
+// Placement. Group index 0 weighs as much as the workers that take
+// hand-offs (those without a slot): the broker accepts there and hands off
+// as in --placement=handoff. A slot weighs its worker's policy weight
+// (CandidateWeights) while the worker is ready and has room, else 0. The
+// program is reloaded when the weights change, at most once per
+// `reload_interval`; with no weight anywhere every connection goes to the
+// broker's socket (its pending queue and overload rules apply).
+//
+// Nothing lost. A slot whose worker is not ready (draining, channel lost,
+// exited, not registered yet) is watched by the broker, which accepts what
+// the kernel queued there and hands it to another worker by the usual path.
+// Connections a worker accepted are its own (exactly like acked ones); it
+// reports their figures in ListenerLoad, so the load figures include them.
+class KernelPlacement {
+ public:
+  struct Options {
+    int backlog = 4096;
+    absl::Duration reload_interval = absl::Milliseconds(100);
+    // Welcome.listener_load_interval_ms.
+    absl::Duration load_interval = absl::Milliseconds(50);
+  };
+
+  // `group` is the broker's listening socket (index 0, SO_REUSEPORT), whose
+  // address every slot binds; `accepted` takes what the broker accepts from
+  // slots (the dispatcher).
+  static absl::StatusOr<std::unique_ptr<KernelPlacement>> Create(
+      EventLoop& loop, WorkerRegistry& registry, int group_fd,
+      WorkerStats& stats, const Options& options, wire::SysCalls& sys,
+      Listener::AcceptCallback accepted);
+
+  // What a Welcome says to a worker that supports listener grants.
+  uint32_t load_interval_ms() const {
+    return static_cast<uint32_t>(
+        absl::ToInt64Milliseconds(options_.load_interval));
+  }
+  // After Welcome: grants `worker` a slot if its Hello asked for one.
+  void OnRegistered(Worker& worker);
+  // A worker's ListenerLoad; an error is a protocol violation.
+  absl::Status OnListenerLoad(Worker& worker, const v1::ListenerLoad& load);
+  // `worker` will accept nothing more (channel lost, exited): its slot goes
+  // back to the broker, which accepts what is queued there.
+  void OnWorkerGone(Worker& worker);
+  // Re-derives the weights (and which slots the broker watches) from the
+  // registry; the program follows within reload_interval.
+  void Update();
+  // Stops accepting from the slots (shutdown): clients queued there are
+  // refused when the broker exits, as on its own socket.
+  void Close();
+
+  size_t slots() const { return slot_worker_.size(); }
+  // The weights of the loaded program, by group index.
+  const std::vector<uint64_t>& loaded_weights() const { return loaded_; }
+
+ private:
+  KernelPlacement(EventLoop& loop, WorkerRegistry& registry, int group_fd,
+                  WorkerStats& stats, const Options& options,
+                  wire::SysCalls& sys, Listener::AcceptCallback accepted);
+  // A free slot (its worker gone), or a new one; -1 with the error logged.
+  int AcquireSlot();
+  absl::Status LoadProgram(const std::vector<uint64_t>& weights);
+  void Tick();
+
+  EventLoop& loop_;
+  WorkerRegistry& registry_;
+  const int group_fd_;  // The broker's --listen socket; not owned.
+  WorkerStats& stats_;
+  const Options options_;
+  wire::SocketAddress address_;
+  // The slots' sockets, in slot order; watched while no worker accepts.
+  Listener slots_;
+  // Slot -> worker id (0: free).
+  std::vector<uint64_t> slot_worker_;
+  std::vector<uint64_t> loaded_;
+  std::vector<uint64_t> wanted_;
+  bool closed_ = false;
+  int64_t last_load_nanos_ = 0;
+  Timer reload_timer_{loop_};
+  Timer tick_timer_{loop_};
+  // Reused by Update().
+  std::vector<Worker*> candidates_;
+  std::vector<uint64_t> candidate_weights_;
+};
+
+}  // namespace fdbroker
+
+#endif  // FDBROKER_BROKER_KERNEL_PLACEMENT_H_

@@ -1,0 +1,176 @@
+// KernelPlacement inside the WorkerManager, on simulated time: grants,
+// weights by group index, the reload bound, slots going back to the broker
+// and to the next worker, and bad ListenerLoad reports.
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <vector>
+
+#include "broker/kernel_placement.h"
+#include "gtest/gtest.h"
+#include "tests/broker/data_plane_fixture.h"
+
+namespace fdbroker {
+namespace {
+
+class KernelPlacementManagerTest : public DataPlaneTest {
+ protected:
+  void SetUp() override {
+    // The broker's --listen socket: group index 0.
+    group_.Reset(
+        ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    int one = 1;
+    ::setsockopt(group_.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(
+        ::bind(group_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)),
+        0);
+    ASSERT_EQ(::listen(group_.get(), 64), 0);
+    manager_ = std::make_unique<WorkerManager>(
+        loop(), registry_, *dispatcher_, *supervisor_, wire::SysCalls::Real(),
+        WorkerManager::Options{},
+        [this](const WorkerEvent& event) { events_.push_back(event); });
+    ASSERT_TRUE(manager_
+                    ->EnableKernelPlacement(
+                        group_.get(), KernelPlacement::Options{},
+                        wire::SysCalls::Real(),
+                        [this](AcceptedConnection) { ++broker_accepted_; })
+                    .ok());
+    manager_->Start();
+    time_.RunUntilIdle();
+  }
+
+  // Registers `pid` with supports_listener_grant; its end of the channel
+  // and whether a ListenerGrant (with its listening socket) followed the
+  // Welcome.
+  WorkerEnd RegisterKernel(pid_t pid, uint32_t capacity, bool* granted) {
+    int sv[2];
+    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv), 0);
+    WorkerEnd end;
+    end.pid = pid;
+    end.channel = std::make_unique<wire::MessageChannel>(wire::UniqueFd(sv[1]));
+    manager_->OnNewPeer(wire::UniqueFd(sv[0]),
+                        ucred{pid, ::getuid(), ::getgid()}, /*allowed=*/true);
+    v1::HandoffMessage hello;
+    hello.mutable_hello()->mutable_version()->set_major(wire::kProtocolMajor);
+    hello.mutable_hello()->set_pid(pid);
+    hello.mutable_hello()->set_capacity(capacity);
+    hello.mutable_hello()->set_supports_listener_grant(true);
+    EXPECT_TRUE(end.Send(std::move(hello)).ok());
+    time_.RunUntilIdle();
+    *granted = false;
+    for (;;) {
+      v1::HandoffMessage m;
+      std::vector<wire::UniqueFd> fds;
+      absl::StatusOr<wire::ReceiveResult> r = end.channel->Receive(m, fds);
+      if (!r.ok() || *r != wire::ReceiveResult::kReceived) break;
+      if (m.has_welcome()) {
+        end.id = m.welcome().worker_id();
+        EXPECT_EQ(m.welcome().listener_load_interval_ms(), 50u);
+      }
+      if (m.has_listener_grant()) {
+        int listening = 0;
+        socklen_t len = sizeof(listening);
+        EXPECT_EQ(::getsockopt(fds[0].get(), SOL_SOCKET, SO_ACCEPTCONN,
+                               &listening, &len),
+                  0);
+        *granted = listening != 0;
+      }
+    }
+    return end;
+  }
+
+  v1::HandoffMessage Load(uint64_t accepted_total, uint32_t active) {
+    v1::HandoffMessage m;
+    m.mutable_listener_load()->set_accepted_total(accepted_total);
+    m.mutable_listener_load()->set_active(active);
+    return m;
+  }
+
+  const std::vector<uint64_t>& Weights() {
+    return manager_->kernel_placement()->loaded_weights();
+  }
+
+  wire::UniqueFd group_;
+  int broker_accepted_ = 0;
+};
+
+TEST_F(KernelPlacementManagerTest, GrantsASlotPerWorkerAndWeighsThem) {
+  bool granted_a = false, granted_b = false;
+  WorkerEnd a = RegisterKernel(101, 4, &granted_a);
+  WorkerEnd b = RegisterKernel(102, 4, &granted_b);
+  EXPECT_TRUE(granted_a);
+  EXPECT_TRUE(granted_b);
+  time_.Advance(absl::Milliseconds(200));
+  // Index 0 (the broker's socket) weighs nothing: no hand-off workers.
+  EXPECT_EQ(Weights(), (std::vector<uint64_t>{0, 4, 4}));
+  // A full worker weighs 0; the report also feeds the load figures.
+  ASSERT_TRUE(a.Send(Load(7, 4)).ok());
+  time_.Advance(absl::Milliseconds(200));
+  EXPECT_EQ(Weights(), (std::vector<uint64_t>{0, 0, 4}));
+  EXPECT_EQ(registry_.Find(a.id)->active(), 4);
+  EXPECT_EQ(manager_->stats().kernel_accepted, 7u);
+  ASSERT_TRUE(a.Send(Load(9, 1)).ok());
+  time_.Advance(absl::Milliseconds(200));
+  EXPECT_EQ(Weights(), (std::vector<uint64_t>{0, 4, 4}));
+  EXPECT_EQ(manager_->stats().kernel_accepted, 9u);
+}
+
+TEST_F(KernelPlacementManagerTest, ReloadsAtMostEveryHundredMilliseconds) {
+  bool granted = false;
+  WorkerEnd a = RegisterKernel(101, 2, &granted);
+  time_.Advance(absl::Milliseconds(200));
+  ASSERT_EQ(Weights(), (std::vector<uint64_t>{0, 2}));
+  const uint64_t loads = manager_->stats().placement_loads;
+  // Full, room, full, room within 40 ms: at most one reload per 100 ms.
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(a.Send(Load(10 + i, i % 2 == 0 ? 2 : 0)).ok());
+    time_.Advance(absl::Milliseconds(10));
+  }
+  EXPECT_LE(manager_->stats().placement_loads, loads + 1);
+  time_.Advance(absl::Milliseconds(200));
+  EXPECT_LE(manager_->stats().placement_loads, loads + 3);
+  EXPECT_EQ(Weights(), (std::vector<uint64_t>{0, 2}));  // The last report.
+}
+
+TEST_F(KernelPlacementManagerTest, AGoneWorkersSlotGoesToTheNextWorker) {
+  bool granted = false;
+  WorkerEnd a = RegisterKernel(101, 0, &granted);
+  time_.Advance(absl::Milliseconds(200));
+  ASSERT_EQ(Weights(), (std::vector<uint64_t>{0, 1}));
+  a.channel.reset();  // The worker is gone (external: removed).
+  time_.Advance(absl::Milliseconds(200));
+  // Everything to the broker's own socket (queue, overload rules).
+  EXPECT_EQ(Weights(), (std::vector<uint64_t>{0, 0}));
+  WorkerEnd b = RegisterKernel(102, 0, &granted);
+  EXPECT_TRUE(granted);
+  time_.Advance(absl::Milliseconds(200));
+  EXPECT_EQ(manager_->kernel_placement()->slots(), 1u);  // Reused.
+  EXPECT_EQ(Weights(), (std::vector<uint64_t>{0, 1}));
+}
+
+TEST_F(KernelPlacementManagerTest, HandoffWorkersWeighOnTheBrokersSocket) {
+  bool granted = false;
+  WorkerEnd a = RegisterKernel(101, 0, &granted);
+  WorkerEnd b = Register(102);  // No supports_listener_grant.
+  time_.Advance(absl::Milliseconds(200));
+  EXPECT_EQ(Weights(), (std::vector<uint64_t>{1, 1}));
+}
+
+TEST_F(KernelPlacementManagerTest, BadListenerLoadIsAProtocolError) {
+  bool granted = false;
+  WorkerEnd a = RegisterKernel(101, 0, &granted);
+  ASSERT_TRUE(a.Send(Load(5, 1)).ok());
+  ASSERT_TRUE(a.Send(Load(4, 0)).ok());  // accepted_total went down.
+  time_.RunUntilIdle();
+  EXPECT_TRUE(a.BrokerClosed());
+  WorkerEnd b = Register(102);  // Did not ask for grants.
+  ASSERT_TRUE(b.Send(Load(1, 1)).ok());
+  time_.RunUntilIdle();
+  EXPECT_TRUE(b.BrokerClosed());
+}
+
+}  // namespace
+}  // namespace fdbroker

@@ -1,0 +1,386 @@
+// --placement=kernel with the real broker and real fdbroker-http-worker
+// workers: each worker accepts from its own listener of the broker's
+// SO_REUSEPORT group, the broker steers the kernel by weights, and a worker
+// that drains or dies loses nothing queued on its listener (the broker
+// accepts it and hands it off).
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "fdbroker/v1/broker.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "tests/integration/broker_process.h"
+#include "tests/util/subprocess.h"
+#include "tests/util/test_util.h"
+
+namespace fdbroker::testing {
+namespace {
+
+std::unique_ptr<grpc::ClientContext> Context() {
+  auto context = std::make_unique<grpc::ClientContext>();
+  context->set_deadline(std::chrono::system_clock::now() +
+                        std::chrono::seconds(20));
+  return context;
+}
+
+// The pid of the worker that answered GET / on a new connection; 0 if the
+// request failed.
+int ServedBy(int port) {
+  absl::StatusOr<HttpResponse> r =
+      HttpGetOnce("127.0.0.1", port, "/", absl::Seconds(10));
+  if (!r.ok() || r->status != 200) return 0;
+  int pid = 0;
+  return absl::SimpleAtoi(r->headers["x-worker-pid"], &pid) ? pid : 0;
+}
+
+class KernelPlacementTest : public ::testing::Test {
+ protected:
+  void Start(std::vector<std::string> flags, size_t workers) {
+    auto broker = BrokerProcess::Start(std::move(flags));
+    ASSERT_TRUE(broker.ok()) << broker.status();
+    broker_ = *std::move(broker);
+    auto ready = ReadKeyValueFile(broker_->dir() + "/ready");
+    ASSERT_TRUE(ready.ok());
+    metrics_ = (*ready)["metrics"];
+    stub_ = v1::BrokerService::NewStub(grpc::CreateChannel(
+        broker_->control_address(), grpc::InsecureChannelCredentials()));
+    ASSERT_TRUE(
+        WaitFor([&] { return Ready().size() == workers; }, absl::Seconds(30)))
+        << broker_->process().Output();
+  }
+
+  std::vector<v1::Worker> Ready() {
+    v1::ListWorkersResponse response;
+    grpc::Status status = stub_->ListWorkers(
+        Context().get(), v1::ListWorkersRequest(), &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    std::vector<v1::Worker> ready;
+    for (const v1::Worker& w : response.workers()) {
+      if (w.state() == v1::WORKER_STATE_READY) ready.push_back(w);
+    }
+    return ready;
+  }
+
+  double Metric(const std::string& sample) {
+    std::map<std::string, double> samples =
+        MetricSamples(ScrapeMetrics(metrics_).value_or(""));
+    auto it = samples.find(sample);
+    return it == samples.end() ? -1 : it->second;
+  }
+
+  // Waits until the placement program weighs the workers: of 10 fresh
+  // connections at least `min_kernel` are accepted by workers themselves
+  // (10 when every worker has a listener: the broker's own socket then
+  // weighs nothing).
+  bool WaitForKernelPlacement(int port, int min_kernel = 10) {
+    return WaitFor(
+        [&] {
+          const double before =
+              Metric("fdbroker_connections_kernel_accepted_total");
+          for (int i = 0; i < 10; ++i) ServedBy(port);
+          return WaitFor(
+              [&] {
+                return Metric("fdbroker_connections_kernel_accepted_total") >=
+                       before + min_kernel;
+              },
+              absl::Seconds(2));
+        },
+        absl::Seconds(30));
+  }
+
+  std::unique_ptr<BrokerProcess> broker_;
+  std::string metrics_;
+  std::unique_ptr<v1::BrokerService::Stub> stub_;
+};
+
+TEST_F(KernelPlacementTest, WorkersAcceptTheirOwnConnectionsOnBothListeners) {
+  ASSERT_NO_FATAL_FAILURE(Start({"--workers=2", "--placement=kernel"}, 2));
+  const int port = broker_->port();
+  ASSERT_TRUE(WaitForKernelPlacement(port)) << broker_->process().Output();
+  const double handed = Metric("fdbroker_connections_handed_off_total");
+  const double kernel = Metric("fdbroker_connections_kernel_accepted_total");
+  std::map<int, int> by_pid;
+  constexpr int kRequests = 200;
+  for (int i = 0; i < kRequests; ++i) ++by_pid[ServedBy(port)];
+  EXPECT_EQ(by_pid.count(0), 0u) << "failed requests: " << by_pid[0];
+  ASSERT_EQ(by_pid.size(), 2u);
+  std::printf("spread over the two workers: %d / %d of %d\n",
+              by_pid.begin()->second, by_pid.rbegin()->second, kRequests);
+  for (const auto& [pid, count] : by_pid) {
+    // Random placement with equal weights: 100 each on average, a binomial
+    // spread of about 7.
+    EXPECT_GT(count, 50) << "pid " << pid;
+  }
+  // None went through the broker; the workers report every one.
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return Metric("fdbroker_connections_kernel_accepted_total") ==
+               kernel + kRequests;
+      },
+      absl::Seconds(10)));
+  EXPECT_EQ(Metric("fdbroker_connections_handed_off_total"), handed);
+  // And the load figures return to zero from the workers' reports.
+  EXPECT_TRUE(
+      WaitFor([&] { return Metric("fdbroker_connections_active") == 0; },
+              absl::Seconds(10)));
+}
+
+TEST_F(KernelPlacementTest, DrainingWorkerGetsNoNewConnectionsAndLosesNone) {
+  ASSERT_NO_FATAL_FAILURE(Start({"--workers=2", "--placement=kernel"}, 2));
+  const int port = broker_->port();
+  ASSERT_TRUE(WaitForKernelPlacement(port)) << broker_->process().Output();
+  // A slow request keeps one worker draining for a while.
+  absl::StatusOr<wire::UniqueFd> slow = ConnectTcp("127.0.0.1", port);
+  ASSERT_TRUE(slow.ok());
+  std::thread slow_request([&] {
+    absl::StatusOr<HttpResponse> r =
+        HttpGet(slow->get(), "/sleep?ms=4000",
+                /*keep_alive=*/false, absl::Seconds(20));
+    EXPECT_TRUE(r.ok() && r->status == 200) << r.status();
+  });
+  // Which worker holds it: the one with an active connection.
+  v1::Worker victim;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        for (const v1::Worker& w : Ready()) {
+          if (w.active_connections() == 1) victim = w;
+        }
+        return victim.id() != 0;
+      },
+      absl::Seconds(10)));
+  v1::DrainWorkerRequest request;
+  request.set_worker_id(victim.id());
+  request.mutable_timeout()->set_seconds(30);
+  v1::DrainWorkerResponse response;
+  ASSERT_TRUE(stub_->DrainWorker(Context().get(), request, &response).ok());
+  // From the Drain on, every new connection is served by the other worker,
+  // including any the kernel queued on the victim's listener before the
+  // placement program dropped it (the broker accepts and hands those off).
+  int failed = 0;
+  int on_victim = 0;
+  for (int i = 0; i < 150; ++i) {
+    const int pid = ServedBy(port);
+    failed += pid == 0;
+    on_victim += pid == victim.pid();
+  }
+  EXPECT_EQ(failed, 0);
+  EXPECT_EQ(on_victim, 0);
+  slow_request.join();
+  EXPECT_TRUE(
+      WaitFor([&] { return ProcessGone(victim.pid()); }, absl::Seconds(20)));
+}
+
+TEST_F(KernelPlacementTest, DrainMovesIdleWorkerAcceptedConnections) {
+  ASSERT_NO_FATAL_FAILURE(Start({"--workers=2", "--placement=kernel"}, 2));
+  const int port = broker_->port();
+  ASSERT_TRUE(WaitForKernelPlacement(port)) << broker_->process().Output();
+  // Keep-alive clients, each accepted by a worker itself; which one?
+  constexpr int kClients = 8;
+  std::vector<wire::UniqueFd> clients;
+  std::map<int, std::vector<int>> clients_of;  // pid -> client indexes
+  for (int i = 0; i < kClients; ++i) {
+    absl::StatusOr<wire::UniqueFd> fd = ConnectTcp("127.0.0.1", port);
+    ASSERT_TRUE(fd.ok());
+    absl::StatusOr<HttpResponse> r =
+        HttpGet(fd->get(), "/", /*keep_alive=*/true, absl::Seconds(10));
+    ASSERT_TRUE(r.ok() && r->status == 200) << r.status();
+    int pid = 0;
+    ASSERT_TRUE(absl::SimpleAtoi(r->headers["x-worker-pid"], &pid));
+    clients_of[pid].push_back(i);
+    clients.push_back(*std::move(fd));
+  }
+  // The victim: a worker holding some of them (the split is random).
+  std::vector<v1::Worker> ready = Ready();
+  ASSERT_EQ(ready.size(), 2u);
+  const v1::Worker& victim =
+      clients_of[ready[0].pid()].empty() ? ready[1] : ready[0];
+  const int other =
+      victim.pid() == ready[0].pid() ? ready[1].pid() : ready[0].pid();
+  const std::vector<int> moving = clients_of[victim.pid()];
+  ASSERT_FALSE(moving.empty());
+  v1::DrainWorkerRequest request;
+  request.set_worker_id(victim.id());
+  request.mutable_timeout()->set_seconds(30);
+  v1::DrainWorkerResponse response;
+  ASSERT_TRUE(stub_->DrainWorker(Context().get(), request, &response).ok());
+  // Its idle connections are released and handed to the other worker: the
+  // clients' next request on the same TCP connection is answered there.
+  ASSERT_TRUE(
+      WaitFor([&] { return ProcessGone(victim.pid()); }, absl::Seconds(20)));
+  for (int i : moving) {
+    absl::StatusOr<HttpResponse> r =
+        HttpGet(clients[i].get(), "/",
+                /*keep_alive=*/true, absl::Seconds(10));
+    ASSERT_TRUE(r.ok() && r->status == 200)
+        << "client " << i << ": " << r.status();
+    EXPECT_EQ(r->headers["x-worker-pid"], absl::StrCat(other));
+  }
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return Metric(
+                   "fdbroker_connections_migrated_total{reason=\"drain\"}") ==
+               static_cast<double>(moving.size());
+      },
+      absl::Seconds(10)));
+}
+
+TEST_F(KernelPlacementTest, MixedPoolServesHandoffOnlyWorkersByHandoff) {
+  ASSERT_NO_FATAL_FAILURE(Start({"--workers=1", "--placement=kernel"}, 1));
+  const int port = broker_->port();
+  auto external = Subprocess::Start({BinaryPath("fdbroker-http-worker"),
+                                     "--socket=" + broker_->socket_path(),
+                                     "--no_listener_grant"});
+  ASSERT_TRUE(external.ok()) << external.status();
+  ASSERT_TRUE(WaitFor([&] { return Ready().size() == 2; }, absl::Seconds(20)))
+      << broker_->process().Output() << (*external)->Output();
+  ASSERT_TRUE(WaitForKernelPlacement(port, /*min_kernel=*/1))
+      << broker_->process().Output();
+  const double handed = Metric("fdbroker_connections_handed_off_total");
+  std::map<int, int> by_pid;
+  for (int i = 0; i < 200; ++i) ++by_pid[ServedBy(port)];
+  EXPECT_EQ(by_pid.count(0), 0u);
+  // The external worker is reached through the broker's own listener
+  // (group index 0, weighted by the hand-off workers).
+  EXPECT_GT(by_pid[(*external)->pid()], 50);
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return Metric("fdbroker_connections_handed_off_total") > handed + 50;
+      },
+      absl::Seconds(10)));
+  EXPECT_EQ(by_pid.size(), 2u);
+}
+
+TEST_F(KernelPlacementTest, QueueOfAKilledWorkersListenerIsServedByOthers) {
+  ASSERT_NO_FATAL_FAILURE(Start({"--workers=1", "--placement=kernel"}, 1));
+  const int port = broker_->port();
+  // An external worker is not restarted: its listener stays without a
+  // worker, and only the broker can serve what is queued there.
+  auto external = Subprocess::Start({BinaryPath("fdbroker-http-worker"),
+                                     "--socket=" + broker_->socket_path()});
+  ASSERT_TRUE(external.ok()) << external.status();
+  ASSERT_TRUE(WaitFor([&] { return Ready().size() == 2; }, absl::Seconds(20)));
+  ASSERT_TRUE(WaitForKernelPlacement(port)) << broker_->process().Output();
+  // Stopped, it still weighs as much as the other: the kernel queues about
+  // half of the next connections on its listener, unaccepted.
+  ASSERT_TRUE((*external)->Signal(SIGSTOP).ok());
+  constexpr int kClients = 20;
+  std::atomic<int> served{0};
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kClients; ++i) {
+    clients.emplace_back([&] {
+      absl::StatusOr<HttpResponse> r =
+          HttpGetOnce("127.0.0.1", port, "/", absl::Seconds(20));
+      if (r.ok() && r->status == 200) ++served;
+    });
+  }
+  // Until the queue holds some: connections the stopped worker has not
+  // accepted and that are not served yet.
+  const bool queued =
+      WaitFor([&] { return served < kClients && served >= kClients / 4; },
+              absl::Seconds(10));
+  ASSERT_TRUE((*external)->Signal(SIGKILL).ok());
+  for (std::thread& t : clients) t.join();
+  EXPECT_TRUE(queued);
+  EXPECT_EQ(served, kClients) << broker_->process().Output();
+}
+
+// Connections per request from several threads for `duration` while a
+// worker is SIGKILLed every few hundred ms (only while the pool is
+// complete). Returns the clients' outcome.
+struct ChaosOutcome {
+  int served = 0;
+  int cut = 0;       // Reset or closed early: the request's worker died.
+  int timeouts = 0;  // No answer at all: stranded (never accepted).
+  int kills = 0;
+};
+
+ChaosOutcome RunKillChaos(BrokerProcess& broker, size_t workers,
+                          absl::Duration duration) {
+  constexpr int kClients = 4;
+  std::atomic<int> served{0}, cut{0}, timeouts{0};
+  std::atomic<bool> done{false};
+  std::vector<std::thread> clients;
+  const int port = broker.port();
+  for (int t = 0; t < kClients; ++t) {
+    clients.emplace_back([&] {
+      while (!done) {
+        absl::StatusOr<wire::UniqueFd> fd =
+            ConnectTcp("127.0.0.1", port, absl::Seconds(10));
+        if (!fd.ok()) {
+          ++cut;
+          continue;
+        }
+        // Generous: a timeout means a stranded connection, not a slow one
+        // (sanitizer builds on a busy machine).
+        absl::StatusOr<HttpResponse> r =
+            HttpGet(fd->get(), "/", /*keep_alive=*/false, absl::Seconds(15));
+        if (r.ok() && r->status == 200) {
+          ++served;
+        } else if (absl::IsDeadlineExceeded(r.status())) {
+          ++timeouts;
+        } else {
+          ++cut;
+        }
+      }
+    });
+  }
+  ChaosOutcome outcome;
+  std::mt19937 random(20261205);
+  const absl::Time end = absl::Now() + duration;
+  while (absl::Now() < end) {
+    absl::SleepFor(absl::Milliseconds(300));
+    std::vector<pid_t> pids = broker.WorkerPids();
+    if (pids.size() != workers) continue;
+    ::kill(pids[random() % pids.size()], SIGKILL);
+    ++outcome.kills;
+  }
+  done = true;
+  for (std::thread& t : clients) t.join();
+  outcome.served = served;
+  outcome.cut = cut;
+  outcome.timeouts = timeouts;
+  return outcome;
+}
+
+TEST_F(KernelPlacementTest, SigkillUnderLoadLosesNoMoreThanHandoffMode) {
+  std::map<std::string, ChaosOutcome> outcomes;
+  for (const std::string mode : {"handoff", "kernel"}) {
+    ASSERT_NO_FATAL_FAILURE(
+        Start({"--workers=3", "--placement=" + mode, "--drain_timeout=5s"}, 3));
+    if (mode == "kernel") {
+      ASSERT_TRUE(WaitForKernelPlacement(broker_->port()));
+    }
+    outcomes[mode] = RunKillChaos(*broker_, 3, absl::Seconds(5));
+    const ChaosOutcome& o = outcomes[mode];
+    std::printf(
+        "--placement=%s: %d kills, %d served, %d cut with their worker, %d "
+        "timed out\n",
+        mode.c_str(), o.kills, o.served, o.cut, o.timeouts);
+    broker_.reset();
+  }
+  const ChaosOutcome& kernel = outcomes["kernel"];
+  const ChaosOutcome& handoff = outcomes["handoff"];
+  EXPECT_GT(kernel.kills, 5);
+  EXPECT_GT(kernel.served, 100);
+  // Nothing is stranded on a dead worker's listener: the broker accepts
+  // what was queued there. Only requests in progress on the killed worker
+  // fail, as in handoff mode (at most one per client thread and kill).
+  EXPECT_EQ(kernel.timeouts, 0);
+  EXPECT_EQ(handoff.timeouts, 0);
+  EXPECT_LE(kernel.cut, 4 * kernel.kills);
+}
+
+}  // namespace
+}  // namespace fdbroker::testing
