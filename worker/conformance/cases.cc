@@ -1,8 +1,10 @@
 #include "cases.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -10,6 +12,7 @@
 #include <set>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
@@ -944,6 +947,65 @@ bool PipeWritersGone(int fd, absl::Time deadline) {
 // anything else (here a pipe) is the broker's protocol error (§7.5): the
 // worker closes the channel and the fd, acks nothing, keeps serving what it
 // owns, and re-registers listing only that (§7.8).
+// The lowest fd number process `pid` does not use: with its soft
+// RLIMIT_NOFILE there, it cannot take one more fd.
+absl::StatusOr<int> LowestFreeFd(pid_t pid) {
+  const std::string path = absl::StrCat("/proc/", pid, "/fd");
+  DIR* dir = ::opendir(path.c_str());
+  if (dir == nullptr) return absl::ErrnoToStatus(errno, path);
+  std::set<int> used;
+  while (dirent* entry = ::readdir(dir)) {
+    int fd = 0;
+    if (absl::SimpleAtoi(entry->d_name, &fd)) used.insert(fd);
+  }
+  ::closedir(dir);
+  int lowest = 0;
+  while (used.count(lowest) != 0) ++lowest;
+  return lowest;
+}
+
+// §3.1 (minor 4): a Connection arriving while the worker has no free fd
+// slot comes with MSG_CTRUNC and no fd. The worker Rejects it and keeps
+// the channel: the next Connection, with room again, is acked.
+absl::Status OutOfFdsRejects(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  if (context.broker().hello().version().minor() < 4) {
+    return context.Skip("the worker speaks minor < 4 (§3.1 is minor 4)");
+  }
+  // One connection served first: the worker is done setting up (it may
+  // need fds of its own after the Welcome).
+  KIT_ASSIGN_OR_RETURN(Client * first, context.HandOffAcked());
+  if (context.Claims("request_response")) {
+    KIT_RETURN_IF_ERROR(context.Exchange(*first));
+  }
+  const pid_t pid = context.worker().pid();
+  rlimit before{};
+  if (::prlimit(pid, RLIMIT_NOFILE, nullptr, &before) != 0) {
+    return absl::ErrnoToStatus(errno, "prlimit");
+  }
+  KIT_ASSIGN_OR_RETURN(int lowest, LowestFreeFd(pid));
+  rlimit full = before;
+  full.rlim_cur = static_cast<rlim_t>(lowest);
+  if (::prlimit(pid, RLIMIT_NOFILE, &full, nullptr) != 0) {
+    return absl::ErrnoToStatus(errno, "prlimit");
+  }
+  absl::StatusOr<Client*> client = context.HandOff();
+  absl::Status rejected =
+      client.ok()
+          ? AwaitIdsOf(context, "Reject (no fd slot: §3.1)", {(*client)->id},
+                       [](const v1::HandoffMessage& m) {
+                         return m.has_reject() ? &m.reject().connection_ids()
+                                               : nullptr;
+                       })
+          : client.status();
+  (void)::prlimit(pid, RLIMIT_NOFILE, &before, nullptr);
+  if (!rejected.ok()) return rejected;
+  // The channel is still there, and the worker serves the next one.
+  KIT_ASSIGN_OR_RETURN(Client * served, context.HandOffAcked());
+  if (context.Claims("request_response")) return context.Exchange(*served);
+  return absl::OkStatus();
+}
+
 absl::Status ErrorConnectionNotASocket(CaseContext& context) {
   KIT_RETURN_IF_ERROR(context.Register());
   // A connection to keep through it all, for a worker that says it keeps
@@ -1224,6 +1286,13 @@ const std::vector<Case>& AllCases() {
        "a Connection with two fds closes the channel and both fds",
        {},
        ErrorConnectionTwoFds},
+      {"out-of-fds-reject",
+       "§3.1 Out of file descriptors",
+       "a Connection whose fd the kernel dropped (the worker at its fd "
+       "limit: MSG_CTRUNC) is rejected and the channel stays; the next one "
+       "is acked",
+       {},
+       OutOfFdsRejects},
       {"error-connection-not-a-socket",
        "§3 File descriptors",
        "a Connection whose fd is a pipe closes the channel and the pipe, is "
