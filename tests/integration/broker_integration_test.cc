@@ -462,6 +462,53 @@ TEST(BrokerIntegrationTest, OutOfFdsRejectsConnectionsWithoutLosingWorkers) {
   EXPECT_EQ(std::vector<pid_t>(answered.begin(), answered.end()), workers);
 }
 
+// A supervised worker whose channel is lost while its process lives takes
+// its registration back when it says Hello again (same worker id), and only
+// the very process that registered may: a child of it (the same process
+// tree, the broker's uid) is refused. The replacement the broker started
+// meanwhile is the surplus and goes. Before: the worker itself was refused
+// ("already registered"), drained and replaced.
+TEST(BrokerIntegrationTest, ALostChannelIsTakenBackOnlyByTheSameProcess) {
+  const std::string marker = MakeTempDir() + "/rejoined";
+  auto broker = BrokerProcess::Start(
+      {"--workers=1", "--heartbeat_interval=100ms",
+       absl::StrCat("--worker_cmd=", BinaryPath("fdbroker-fake-worker"),
+                    " --mode=rejoin --rejoin_marker=", marker)});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  Subprocess& process = (*broker)->process();
+  ASSERT_TRUE(WaitFor(
+      [&] { return process.Stdout().find("rejoined: ") != std::string::npos; },
+      absl::Seconds(20)))
+      << process.Output();
+  int worker = 0;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        const std::string out = process.Stdout();
+        const size_t at = out.find("\npid ");
+        return at != std::string::npos &&
+               absl::SimpleAtoi(absl::StripAsciiWhitespace(out.substr(
+                                    at + 5, out.find('\n', at + 1) - at - 5)),
+                                &worker);
+      },
+      absl::Seconds(5)))
+      << process.Output();
+  EXPECT_NE(process.Stdout().find("child: worker 1 is already registered"),
+            std::string::npos)
+      << process.Output();
+  EXPECT_NE(process.Stdout().find("rejoined: welcome 1\n"), std::string::npos)
+      << process.Output();
+  EXPECT_NE(process.Stderr().find("worker 1 re-admitted"), std::string::npos)
+      << process.Output();
+  // The replacement goes; the worker that rejoined stays.
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        std::vector<pid_t> pids = (*broker)->WorkerPids();
+        return pids.size() == 1 && pids.front() == worker;
+      },
+      absl::Seconds(10)))
+      << process.Output();
+}
+
 TEST(BrokerIntegrationTest, OpenFdCountsReturnToBaselineAfterManyConnections) {
   auto broker = BrokerProcess::Start({"--workers=2"});
   ASSERT_TRUE(broker.ok()) << broker.status();
