@@ -492,6 +492,50 @@ absl::Status DrainIdle(CaseContext& context) {
   return ExpectClientsSawTheEnd(context, clients);
 }
 
+// §7.3 (minor 4): a connection the worker cuts at its drain deadline with
+// a request half-received is reported in Closed.cut_connection_ids, never
+// as an ordinary close. A worker that leaves it to the broker (no Closed by
+// the deadline) conforms too.
+absl::Status DrainDeadlineCut(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  if (context.broker().hello().version().minor() < 4) {
+    return context.Skip("the worker speaks minor < 4 (cut_connection_ids)");
+  }
+  if (!context.Claims("request_response")) {
+    return context.Skip("needs request_response (a request half-sent)");
+  }
+  const std::string& request = context.options().request;
+  KIT_ASSIGN_OR_RETURN(
+      Client * client,
+      context.HandOff(
+          "", request.substr(0, std::max<size_t>(1, request.size() / 2))));
+  const uint64_t id = client->id;
+  KIT_RETURN_IF_ERROR(AwaitIdsOf(context, "Ack", {id}, AckedIds));
+  constexpr absl::Duration kToDeadline = absl::Seconds(1);
+  const absl::Time deadline = absl::Now() + kToDeadline;
+  KIT_RETURN_IF_ERROR(context.broker().SendDrain(deadline, false));
+  absl::StatusOr<Received> closed = context.Await(
+      absl::StrCat("Closed for connection ", id, " (cut at the deadline)"),
+      [id](const v1::HandoffMessage& m) {
+        return m.has_closed() && (HasId(m.closed().connection_ids(), id) ||
+                                  HasId(m.closed().cut_connection_ids(), id));
+      },
+      deadline + absl::Milliseconds(500));
+  if (absl::IsDeadlineExceeded(closed.status())) return absl::OkStatus();
+  if (!closed.ok()) return closed.status();
+  if (HasId(closed->message.closed().connection_ids(), id) &&
+      absl::Now() >= deadline - absl::Milliseconds(300)) {
+    return Violation(
+        "§7.3 Closed",
+        absl::StrCat("connection ", id,
+                     ", with a request half-received, was "
+                     "closed at the drain deadline and reported as finished "
+                     "(connection_ids); minor 4 reports it in "
+                     "cut_connection_ids"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status DrainFirstRequest(CaseContext& context) {
   KIT_RETURN_IF_ERROR(context.Register());
   // Acked, nothing sent yet: `late` sends its first request after the
@@ -1286,6 +1330,12 @@ const std::vector<Case>& AllCases() {
        "a Connection with two fds closes the channel and both fds",
        {},
        ErrorConnectionTwoFds},
+      {"drain-deadline-cut",
+       "§7.3 Closed",
+       "a connection with a request half-received that the worker closes "
+       "at its drain deadline is reported in Closed.cut_connection_ids",
+       {},
+       DrainDeadlineCut},
       {"out-of-fds-reject",
        "§3.1 Out of file descriptors",
        "a Connection whose fd the kernel dropped (the worker at its fd "
