@@ -29,6 +29,7 @@
 #include "tests/integration/broker_process.h"
 #include "tests/util/subprocess.h"
 #include "tests/util/test_util.h"
+#include "wire/sanitized.h"
 
 namespace fdbroker::testing {
 namespace {
@@ -324,6 +325,10 @@ TEST(BrokerIntegrationTest, RaisesItsSoftFdLimitToTheHardLimit) {
 // were refused on re-registering ("already registered"), drained and
 // replaced.
 TEST(BrokerIntegrationTest, OutOfFdsRejectsConnectionsWithoutLosingWorkers) {
+  if (wire::kSanitized) {
+    GTEST_SKIP() << "a sanitized process out of fds reports false errors "
+                    "(wire/sanitized.h); the plain build runs this";
+  }
   auto broker = BrokerProcess::Start(
       {"--workers=2", "--pending_timeout=3s", "--ack_timeout=20s"},
       {"prlimit", "--nofile=128"});

@@ -13,6 +13,7 @@
 #include "google/protobuf/util/message_differencer.h"
 #include "gtest/gtest.h"
 #include "tests/util/test_util.h"
+#include "wire/sanitized.h"
 
 namespace fdbroker::wire {
 namespace {
@@ -442,6 +443,10 @@ TEST(MessageChannelFakeTest, EagainThenSuccessKeepsTheSequence) {
 // ReportTruncatedFds() it is kFdsTruncated with the message, its sequence
 // number counts, and the channel goes on.
 TEST_F(MessageChannelTest, OutOfFdsATruncatedConnectionIsReportedNotAnError) {
+  if (wire::kSanitized) {
+    GTEST_SKIP() << "a sanitized process out of fds reports false errors "
+                    "(wire/sanitized.h); the plain build runs this";
+  }
   Pipe pipe = MakePipe();
   HandoffMessage connection;
   connection.mutable_connection()->set_connection_id(42);
@@ -470,6 +475,10 @@ TEST_F(MessageChannelTest, OutOfFdsATruncatedConnectionIsReportedNotAnError) {
 }
 
 TEST_F(MessageChannelTest, OutOfFdsIsAnErrorUnlessReported) {
+  if (wire::kSanitized) {
+    GTEST_SKIP() << "a sanitized process out of fds reports false errors "
+                    "(wire/sanitized.h); the plain build runs this";
+  }
   Pipe pipe = MakePipe();
   HandoffMessage connection;
   connection.mutable_connection()->set_connection_id(42);

@@ -30,6 +30,7 @@
 #include "gtest/gtest.h"
 #include "tests/util/test_util.h"
 #include "tests/worker/fake_broker.h"
+#include "wire/sanitized.h"
 
 namespace fdbroker::worker {
 namespace {
@@ -556,6 +557,10 @@ TEST_F(WorkerSdkTest, CutConnectionsAreReportedAsCut) {
 // (MSG_CTRUNC, no fd) is rejected and the channel stays; before, the
 // channel was closed as for a protocol error.
 TEST_F(WorkerSdkTest, OutOfFdsAConnectionIsRejectedAndTheChannelStays) {
+  if (wire::kSanitized) {
+    GTEST_SKIP() << "a sanitized process out of fds reports false errors "
+                    "(wire/sanitized.h); the plain build runs this";
+  }
   Register(DefaultOptions());
   FakeClient client = MakeFakeClient();
   ASSERT_TRUE(broker_->SendConnection(7, client.broker_end.get()).ok());
