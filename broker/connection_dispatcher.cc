@@ -425,6 +425,22 @@ absl::Status ConnectionDispatcher::Reclaim(Worker& worker, uint64_t id,
   return absl::OkStatus();
 }
 
+absl::Status ConnectionDispatcher::OnReleaseTruncated(
+    Worker& worker, const v1::Release& release) {
+  const uint64_t id = release.connection_id();
+  if (worker.owned.erase(id) == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "release of connection ", id, " this worker does not own"));
+  }
+  worker.proxied.erase(id);
+  ++stats_.lost_release_truncated;
+  spdlog::warn(
+      "connection {} released by worker {} is lost: the broker is out of "
+      "file descriptors (ancillary data truncated)",
+      id, worker.id);
+  return absl::OkStatus();
+}
+
 absl::Status ConnectionDispatcher::OnReject(Worker& worker,
                                             const v1::Reject& reject) {
   for (uint64_t id : reject.connection_ids()) {
@@ -455,13 +471,18 @@ absl::Status ConnectionDispatcher::OnReject(Worker& worker,
 
 absl::Status ConnectionDispatcher::OnClosed(Worker& worker,
                                             const v1::Closed& closed) {
-  for (uint64_t id : closed.connection_ids()) {
-    worker.proxied.erase(id);
-    if (worker.owned.erase(id) == 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "closed for connection ", id, " this worker does not own"));
+  for (const auto* ids :
+       {&closed.connection_ids(), &closed.cut_connection_ids()}) {
+    for (uint64_t id : *ids) {
+      worker.proxied.erase(id);
+      if (worker.owned.erase(id) == 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "closed for connection ", id, " this worker does not own"));
+      }
     }
   }
+  // Cut unfinished by the worker itself (its drain deadline): lost.
+  stats_.lost_cut_by_worker += closed.cut_connection_ids_size();
   PlacePending();
   return absl::OkStatus();
 }

@@ -90,6 +90,11 @@ class ConnectionDispatcher {
   absl::Status OnRelease(Worker& worker, const v1::Release& release,
                          wire::UniqueFd fd);
 
+  // A Release whose fd the kernel could not give the broker (it is out of
+  // fds): the worker closed its copy, so the connection is lost, counted
+  // (`release_truncated`) and no longer the worker's.
+  absl::Status OnReleaseTruncated(Worker& worker, const v1::Release& release);
+
   void set_migration_observer(MigrationObserver observer) {
     on_migrated_ = std::move(observer);
   }

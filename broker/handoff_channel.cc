@@ -50,6 +50,8 @@ absl::Status HandoffChannel::Init() {
       channel_.fd(), EPOLLIN, [this](uint32_t events) { OnEvents(events); });
   if (!watch.ok()) return watch.status();
   watch_ = *std::move(watch);
+  // Out of fds, a Release's socket is lost but the channel need not be.
+  channel_.ReportTruncatedFds();
   return absl::OkStatus();
 }
 
@@ -172,6 +174,7 @@ void HandoffChannel::ReadMessages() {
         Close(absl::UnavailableError("peer closed the channel"));
         return;
       case wire::ReceiveResult::kReceived:
+      case wire::ReceiveResult::kFdsTruncated:  // `fd` stays invalid.
         last_received_nanos_ = loop_.NowNanos();
         delegate_->OnMessage(*this, incoming_, std::move(fd));
         break;

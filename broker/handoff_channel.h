@@ -36,7 +36,9 @@ class HandoffChannel {
   class Delegate {
    public:
     virtual ~Delegate() = default;
-    // A valid message arrived; `fd` is set for Connection/Release bodies.
+    // A valid message arrived; `fd` is set for Connection/Release bodies,
+    // unless the broker had no fd slot for it (MSG_CTRUNC: the kernel
+    // dropped it, and the message arrives with `fd` invalid).
     virtual void OnMessage(HandoffChannel& channel, v1::HandoffMessage& message,
                            wire::UniqueFd fd) = 0;
     // The channel is unusable (peer closed, protocol violation, I/O error).

@@ -29,28 +29,31 @@
           "ENOMEM).")                                                         \
   COUNTER_IN(rejected_proxy_protocol, kConnectionsRejected, "proxy_protocol")
 
-#define FDBROKER_DISPATCHER_STATS(COUNTER, COUNTER_IN, INTERNAL)         \
-  COUNTER(dispatched, "fdbroker_connections_accepted_total",             \
-          "Client connections accepted.")                                \
-  COUNTER(handed_off, "fdbroker_connections_handed_off_total",           \
-          "Client connections acked by a worker.")                       \
-  INTERNAL(replaced, "Re-placed after a Reject or a lost worker.")       \
-  COUNTER_IN(rejected_by_worker, kHandoffFailures, "rejected_by_worker") \
-  COUNTER_IN(rejected_overload, kConnectionsRejected, "overload")        \
-  COUNTER_IN(rejected_shutdown, kConnectionsRejected, "shutdown")        \
-  COUNTER_IN(failed_attempts, kHandoffFailures, "too_many_attempts")     \
-  INTERNAL(batches_sent, "Packets with more than one connection.")       \
-  COUNTER_IN(send_would_block, kHandoffFailures, "channel_full")         \
-  COUNTER_IN(send_errors, kHandoffFailures, "send_error")                \
-  COUNTER_IN(worker_lost, kHandoffFailures, "worker_lost")               \
-  INTERNAL(released, "Release messages taken.")                          \
-  COUNTER_IN(migrated_rebalance, kConnectionsMigrated, "rebalance")      \
-  COUNTER_IN(migrated_drain, kConnectionsMigrated, "drain")              \
-  COUNTER_IN(lost_upgrade_deadline, kConnectionsLost, "upgrade_deadline")
+#define FDBROKER_DISPATCHER_STATS(COUNTER, COUNTER_IN, INTERNAL)            \
+  COUNTER(dispatched, "fdbroker_connections_accepted_total",                \
+          "Client connections accepted.")                                   \
+  COUNTER(handed_off, "fdbroker_connections_handed_off_total",              \
+          "Client connections acked by a worker.")                          \
+  INTERNAL(replaced, "Re-placed after a Reject or a lost worker.")          \
+  COUNTER_IN(rejected_by_worker, kHandoffFailures, "rejected_by_worker")    \
+  COUNTER_IN(rejected_overload, kConnectionsRejected, "overload")           \
+  COUNTER_IN(rejected_shutdown, kConnectionsRejected, "shutdown")           \
+  COUNTER_IN(failed_attempts, kHandoffFailures, "too_many_attempts")        \
+  INTERNAL(batches_sent, "Packets with more than one connection.")          \
+  COUNTER_IN(send_would_block, kHandoffFailures, "channel_full")            \
+  COUNTER_IN(send_errors, kHandoffFailures, "send_error")                   \
+  COUNTER_IN(worker_lost, kHandoffFailures, "worker_lost")                  \
+  INTERNAL(released, "Release messages taken.")                             \
+  COUNTER_IN(migrated_rebalance, kConnectionsMigrated, "rebalance")         \
+  COUNTER_IN(migrated_drain, kConnectionsMigrated, "drain")                 \
+  COUNTER_IN(lost_upgrade_deadline, kConnectionsLost, "upgrade_deadline")   \
+  COUNTER_IN(lost_release_truncated, kConnectionsLost, "release_truncated") \
+  COUNTER_IN(lost_cut_by_worker, kConnectionsLost, "cut_by_worker")
 
 #define FDBROKER_WORKER_MANAGER_STATS(COUNTER, COUNTER_IN, INTERNAL)        \
   INTERNAL(registered, "Hello answered with Welcome.")                      \
   INTERNAL(refused, "Hello answered with a refusal.")                       \
+  INTERNAL(readmitted, "Lost channels replaced by the same process's.")     \
   COUNTER(crashes, "fdbroker_worker_crashes_total",                         \
           "Supervised workers that exited unexpectedly.")                   \
   COUNTER(restarts, "fdbroker_worker_restarts_total",                       \
@@ -94,13 +97,16 @@
          "Accepted connections closed without being served, by reason.")     \
   FAMILY(kConnectionsLost, kCounter, "fdbroker_connections_lost_total",      \
          "reason",                                                           \
-         "Connections a worker owned (or was being handed) when it went "    \
-         "away without finishing them, by why: worker_crash (crash or "      \
-         "declared dead), drain_deadline (ended at --drain_timeout), "       \
-         "shutdown (ended at the broker's shutdown deadline), "              \
-         "upgrade_deadline (still unacked when an upgrading broker left). "  \
-         "With rejected_total, the only ways an accepted connection goes "   \
-         "unserved.")                                                        \
+         "Connections cut before they were finished, by why: worker_crash "  \
+         "(owned by a worker that crashed or was declared dead), "           \
+         "drain_deadline (owned by a worker the broker ended at its drain "  \
+         "deadline), cut_by_worker (closed unfinished by the worker itself " \
+         "at its drain deadline, as its Closed says), shutdown (owned at "   \
+         "the broker's shutdown deadline), upgrade_deadline (unacked when "  \
+         "an upgrading broker left), release_truncated (released while "     \
+         "the broker was out of fds: the kernel dropped the socket). With "  \
+         "rejected_total and handoff_failures_total{reason=\"too_many_"      \
+         "attempts\"}, the only ways an accepted connection goes unserved.") \
   FAMILY(kConnectionsMigrated, kCounter,                                     \
          "fdbroker_connections_migrated_total", "reason",                    \
          "Idle connections a worker released and another worker acked, by "  \

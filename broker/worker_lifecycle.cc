@@ -87,8 +87,12 @@ bool WorkerLifecycle::Allowed(const Worker& worker, WorkerState to,
       return to == WorkerState::kDraining || to == WorkerState::kExited;
     case WorkerState::kDraining:
       // Once requested, a drain keeps its cause; a loss may become a
-      // requested drain (the broker stops the worker after all).
+      // requested drain (the broker stops the worker after all). A lost
+      // channel (not a worker declared dead: that one was killed) may be
+      // replaced by a new one.
       return to == WorkerState::kExited ||
+             (to == WorkerState::kReady &&
+              worker.drain_cause == DrainCause::kChannelLost) ||
              (to == WorkerState::kDraining &&
               !IsRequested(worker.drain_cause) && IsRequested(cause));
     case WorkerState::kExited:
@@ -159,6 +163,17 @@ bool WorkerLifecycle::Registered(Worker& worker) {
        worker.adopted      ? "adopted"
        : worker.supervised ? "supervised"
                            : "external");
+  return true;
+}
+
+bool WorkerLifecycle::Readmitted(Worker& worker) {
+  if (worker.state != WorkerState::kDraining ||
+      !Enter(worker, WorkerState::kReady, DrainCause::kNone)) {
+    return false;
+  }
+  Emit(v1::EVENT_TYPE_WORKER_READMITTED, &worker,
+       absl::StrCat("channel restored with ", worker.owned.size(),
+                    " connection(s) it still owns"));
   return true;
 }
 

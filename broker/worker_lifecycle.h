@@ -23,8 +23,10 @@ struct Worker;
 // WorkerLifecycle (below); the diagram, with those functions on the arrows:
 // clang-format off
 //
-//   Spawned, Arrived ──► kStarting ──Registered──► kReady
-//                           │                        │
+//   Spawned, Arrived ──► kStarting ──Registered──► kReady ◄──┐
+//                           │                        │       │ Readmitted
+//                           │                        │       │ (kChannelLost
+//                           │                        │       │  only)
 //          Drain(requested) │                        │ Drain(any cause),
 //                           ▼                        │ SaidGoodbye,
 //                       kDraining ◄──────────────────┘ ChannelLost(cause)
@@ -102,6 +104,10 @@ class WorkerLifecycle {
   Worker& Arrived(pid_t pid, bool adopted);
   // kStarting → kReady: its Hello was accepted (READY).
   bool Registered(Worker& worker);
+  // kDraining (kChannelLost) → kReady: the same process registered again on
+  // a new channel (READMITTED). Its replacement, if already started, is
+  // the pool's surplus.
+  bool Readmitted(Worker& worker);
   // kStarting/kReady → kDraining for `cause`, deadline `timeout` from now
   // (DRAINING, telling whether idle connections move). Also turns an
   // unexpected loss into a requested drain (its exit is then expected).

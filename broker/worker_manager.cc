@@ -60,11 +60,18 @@ void WorkerManager::Start(absl::Duration adopt_grace) {
 void WorkerManager::OnMessage(HandoffChannel& channel,
                               v1::HandoffMessage& message, wire::UniqueFd fd) {
   if (channel.worker_id == 0) {
+    const uint64_t readmitted = stats_.readmitted;
     Worker* worker = registration_.OnMessage(channel, message);
     if (worker == nullptr) return;
     if (placement_ != nullptr) placement_->OnRegistered(*worker);
     dispatcher_.PlacePending();
     drainer_.OnRegistered(*worker);
+    // A worker back on a new channel was replaced already: the replacement
+    // (still starting, or the least loaded) is surplus now.
+    const int surplus = pool_.CountServing() - pool_.target();
+    if (stats_.readmitted != readmitted && surplus > 0) {
+      drainer_.DrainSurplus(surplus, options_.drain_timeout);
+    }
     return;
   }
   Worker* worker = registry_.Find(channel.worker_id);
@@ -100,6 +107,10 @@ absl::Status WorkerManager::OnWorkerMessage(Worker& worker,
       if (!worker.supports_release) {
         return absl::InvalidArgumentError(
             "release from a worker whose hello did not set supports_release");
+      }
+      if (!fd.valid()) {
+        // Out of fds here: the socket is gone, the channel is fine.
+        return dispatcher_.OnReleaseTruncated(worker, message.release());
       }
       return dispatcher_.OnRelease(worker, message.release(), std::move(fd));
     case v1::HandoffMessage::kListenerLoad:

@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -168,6 +169,16 @@ absl::Status WorkerRegistration::CheckClaims(const v1::Hello& hello,
   return absl::OkStatus();
 }
 
+bool WorkerRegistration::MayRejoin(const Worker& worker, pid_t pid) {
+  // Only a lost channel: a worker declared dead was killed, one asked to
+  // drain keeps draining. Only the very process that registered (not
+  // another descendant of a wrapper), so no other process of the broker's
+  // uid can take over its connections.
+  return worker.channel == nullptr && worker.state == WorkerState::kDraining &&
+         worker.drain_cause == DrainCause::kChannelLost &&
+         worker.registered_pid == pid;
+}
+
 Worker* WorkerRegistration::OnHello(HandoffChannel& channel,
                                     const v1::Hello& hello) {
   const ucred& peer = channel.peer();
@@ -189,7 +200,9 @@ Worker* WorkerRegistration::OnHello(HandoffChannel& channel,
                   peer.pid);
   }
   Worker* worker = FindSupervisedAncestor(peer.pid);
-  if (worker != nullptr && worker->state != WorkerState::kStarting) {
+  const bool rejoining = worker != nullptr && MayRejoin(*worker, peer.pid);
+  if (worker != nullptr && worker->state != WorkerState::kStarting &&
+      !rejoining) {
     Refuse(channel, v1::REFUSAL_REASON_OTHER,
            worker->retiring()
                ? "this worker is being stopped"
@@ -200,6 +213,25 @@ Worker* WorkerRegistration::OnHello(HandoffChannel& channel,
     ++stats_.protocol_errors;
     Refuse(channel, v1::REFUSAL_REASON_OTHER, std::string(claims.message()));
     return nullptr;
+  }
+  if (rejoining) {
+    // The broker knows exactly what it owns: it may claim only those, and
+    // those it does not claim any more it closed meanwhile.
+    absl::flat_hash_set<uint64_t> claimed;
+    for (const v1::OwnedConnection& owned : hello.owned_connections()) {
+      if (!worker->owned.contains(owned.connection_id())) {
+        ++stats_.protocol_errors;
+        Refuse(
+            channel, v1::REFUSAL_REASON_OTHER,
+            absl::StrCat("the Hello claims connection ", owned.connection_id(),
+                         ", which worker ", worker->id, " did not own"));
+        return nullptr;
+      }
+      claimed.insert(owned.connection_id());
+    }
+    absl::erase_if(worker->owned, [&](const auto& entry) {
+      return !claimed.contains(entry.first);
+    });
   }
   if (worker == nullptr) {
     size_t registered = 0;
@@ -232,6 +264,7 @@ void WorkerRegistration::Admit(HandoffChannel& channel, Worker& worker,
                                const v1::Hello& hello) {
   const ucred& peer = channel.peer();
   worker.pid = worker.supervised ? worker.pid : peer.pid;
+  worker.registered_pid = peer.pid;
   worker.capacity = hello.capacity();
   worker.max_connections_per_message =
       std::clamp<uint32_t>(hello.max_connections_per_message(), 1,
@@ -266,8 +299,10 @@ void WorkerRegistration::Admit(HandoffChannel& channel, Worker& worker,
   body->set_heartbeat_timeout_ms(static_cast<uint32_t>(
       absl::ToInt64Milliseconds(options_.heartbeat_timeout)));
   worker.channel->SendControl(std::move(welcome));
+  const bool rejoined = worker.state == WorkerState::kDraining;
   spdlog::info(
-      "worker {} registered: pid {}, {}, capacity {}{}", worker.id, peer.pid,
+      "worker {} {}: pid {}, {}, capacity {}{}", worker.id,
+      rejoined ? "re-admitted on a new channel" : "registered", peer.pid,
       worker.adopted      ? "adopted"
       : worker.supervised ? "supervised"
                           : "external",
@@ -276,7 +311,12 @@ void WorkerRegistration::Admit(HandoffChannel& channel, Worker& worker,
       worker.owned.empty() ? std::string()
                            : absl::StrCat(", ", worker.owned.size(),
                                           " connection(s) it still owns"));
-  lifecycle_.Registered(worker);
+  if (rejoined) {
+    ++stats_.readmitted;
+    lifecycle_.Readmitted(worker);
+  } else {
+    lifecycle_.Registered(worker);
+  }
 }
 
 }  // namespace fdbroker

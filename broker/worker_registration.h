@@ -81,6 +81,9 @@ class WorkerRegistration {
   absl::Status CheckClaims(const v1::Hello& hello, const Worker* self) const;
   void Refuse(HandoffChannel& channel, v1::RefusalReason reason,
               absl::string_view message);
+  // Whether process `pid` may take `worker`'s registration back on a new
+  // channel (its own was lost).
+  static bool MayRejoin(const Worker& worker, pid_t pid);
   // The supervised worker that is `pid` or one of its near ancestors.
   Worker* FindSupervisedAncestor(pid_t pid);
 

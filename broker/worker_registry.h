@@ -34,6 +34,9 @@ struct Worker {
   DrainCause drain_cause = DrainCause::kNone;  // Kept once exited.
   int64_t drain_deadline_mono_nanos = 0;       // 0: none (or passed).
   int64_t registered_mono_nanos = 0;           // 0: never registered.
+  // The process (SO_PEERCRED pid) whose Hello was accepted: after a lost
+  // channel only it may take this registration back (Readmitted).
+  pid_t registered_pid = 0;
 
   bool supervised = false;
   // Supervised, but started by a previous broker (not our child).

@@ -60,7 +60,8 @@ absl::StatusOr<SendResult> SendPacket(SysCalls& sys, int socket,
 }
 
 absl::StatusOr<ReceiveResult> ReceivePacket(SysCalls& sys, int socket,
-                                            Packet& packet) {
+                                            Packet& packet,
+                                            Truncation truncation) {
   packet.fds.clear();
   packet.data.clear();
   // One spare byte so that an oversized packet shows up as MSG_TRUNC.
@@ -111,13 +112,16 @@ absl::StatusOr<ReceiveResult> ReceivePacket(SysCalls& sys, int socket,
     return absl::InvalidArgumentError(absl::StrCat(
         "packet larger than the limit of ", kMaxPacketBytes, " bytes"));
   }
+  if (unexpected_control) {
+    return absl::InvalidArgumentError("unexpected ancillary data type");
+  }
   if (msg.msg_flags & MSG_CTRUNC) {
+    // The sender cannot attach more than the control buffer holds (the
+    // kernel's SCM_MAX_FD), so this is the receiver out of fds.
+    if (truncation == Truncation::kReport) return ReceiveResult::kFdsTruncated;
     return absl::InvalidArgumentError(
         absl::StrCat("ancillary data truncated (more than ", kMaxFdsPerPacket,
                      " fds or out of fds)"));
-  }
-  if (unexpected_control) {
-    return absl::InvalidArgumentError("unexpected ancillary data type");
   }
   return ReceiveResult::kReceived;
 }

@@ -22,7 +22,15 @@ inline constexpr size_t kMaxUnreadData = kMaxPacketBytes - 512;
 inline constexpr size_t kMaxFdsPerPacket = 253;
 
 enum class SendResult { kSent, kWouldBlock };
-enum class ReceiveResult { kReceived, kWouldBlock, kPeerClosed };
+// kFdsTruncated: the packet arrived whole but the kernel could not install
+// every fd attached to it (MSG_CTRUNC: the receiver is out of fds). Reported
+// only to a receiver that asked for it (Truncation::kReport).
+enum class ReceiveResult { kReceived, kWouldBlock, kPeerClosed, kFdsTruncated };
+// What ReceivePacket does with truncated ancillary data (MSG_CTRUNC).
+enum class Truncation {
+  kError,   // An error, like any malformed packet.
+  kReport,  // kFdsTruncated, the data and whatever fds did arrive kept.
+};
 
 // One SOCK_SEQPACKET packet and the fds that arrived with it. The fds are
 // owned from the moment recvmsg returns, so an error path cannot leak them.
@@ -44,10 +52,12 @@ absl::StatusOr<SendResult> SendPacket(SysCalls& sys, int socket,
 
 // Receives one packet into `packet` (its buffer is reused between calls, so a
 // steady stream of packets does not allocate). Received fds are close-on-exec
-// (MSG_CMSG_CLOEXEC). A truncated packet or truncated/unknown ancillary data
-// is an error; whatever fds did arrive are closed with `packet`.
-absl::StatusOr<ReceiveResult> ReceivePacket(SysCalls& sys, int socket,
-                                            Packet& packet);
+// (MSG_CMSG_CLOEXEC). A truncated packet or unknown ancillary data is an
+// error, and so is truncated ancillary data unless `truncation` is kReport;
+// whatever fds did arrive are closed with `packet`.
+absl::StatusOr<ReceiveResult> ReceivePacket(
+    SysCalls& sys, int socket, Packet& packet,
+    Truncation truncation = Truncation::kError);
 
 }  // namespace fdbroker::wire
 

@@ -78,9 +78,8 @@ absl::Status MessageDecoder::Decode(Packet& packet, v1::HandoffMessage& message,
   return status;
 }
 
-absl::Status MessageDecoder::Decode(Packet& packet, v1::HandoffMessage& message,
-                                    std::vector<UniqueFd>& fds) {
-  fds.clear();
+absl::Status MessageDecoder::Parse(const Packet& packet,
+                                   v1::HandoffMessage& message) const {
   if (!message.ParseFromArray(packet.data.data(),
                               static_cast<int>(packet.data.size()))) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -99,6 +98,15 @@ absl::Status MessageDecoder::Decode(Packet& packet, v1::HandoffMessage& message,
       message.connection_batch().connections_size() == 0) {
     return absl::InvalidArgumentError("connection_batch without connections");
   }
+  return absl::OkStatus();
+}
+
+absl::Status MessageDecoder::Decode(Packet& packet, v1::HandoffMessage& message,
+                                    std::vector<UniqueFd>& fds) {
+  fds.clear();
+  if (absl::Status parsed = Parse(packet, message); !parsed.ok()) {
+    return parsed;
+  }
   const size_t required = RequiredFds(message);
   if (packet.fds.size() != required) {
     return absl::InvalidArgumentError(
@@ -107,6 +115,23 @@ absl::Status MessageDecoder::Decode(Packet& packet, v1::HandoffMessage& message,
   }
   ++next_sequence_;
   fds = std::move(packet.fds);
+  packet.fds.clear();
+  return absl::OkStatus();
+}
+
+absl::Status MessageDecoder::DecodeTruncated(Packet& packet,
+                                             v1::HandoffMessage& message) {
+  if (absl::Status parsed = Parse(packet, message); !parsed.ok()) {
+    return parsed;
+  }
+  const size_t required = RequiredFds(message);
+  if (packet.fds.size() >= required) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(BodyName(message), " #", message.sequence(), " carried ",
+                     packet.fds.size(), " fds and more were truncated, ",
+                     "expected ", required));
+  }
+  ++next_sequence_;
   packet.fds.clear();
   return absl::OkStatus();
 }
@@ -138,25 +163,34 @@ absl::StatusOr<SendResult> MessageChannel::SendWithFds(
 
 absl::StatusOr<ReceiveResult> MessageChannel::Receive(
     v1::HandoffMessage& message, UniqueFd& attached_fd) {
-  absl::StatusOr<ReceiveResult> result =
-      ReceivePacket(sys_, socket_.get(), receive_packet_);
-  if (!result.ok() || *result != ReceiveResult::kReceived) return result;
-  absl::Status decoded = decoder_.Decode(receive_packet_, message, attached_fd);
-  receive_packet_.fds.clear();
-  if (!decoded.ok()) return decoded;
-  return ReceiveResult::kReceived;
+  attached_fd.Reset();
+  std::vector<UniqueFd> fds;
+  absl::StatusOr<ReceiveResult> result = Receive(message, fds);
+  if (result.ok() && fds.size() == 1) attached_fd = std::move(fds.front());
+  return result;
 }
 
 absl::StatusOr<ReceiveResult> MessageChannel::Receive(
     v1::HandoffMessage& message, std::vector<UniqueFd>& fds) {
   fds.clear();
   absl::StatusOr<ReceiveResult> result =
-      ReceivePacket(sys_, socket_.get(), receive_packet_);
-  if (!result.ok() || *result != ReceiveResult::kReceived) return result;
-  absl::Status decoded = decoder_.Decode(receive_packet_, message, fds);
+      ReceivePacket(sys_, socket_.get(), receive_packet_, truncation_);
+  if (!result.ok()) return result;
+  absl::Status decoded;
+  switch (*result) {
+    case ReceiveResult::kReceived:
+      decoded = decoder_.Decode(receive_packet_, message, fds);
+      break;
+    case ReceiveResult::kFdsTruncated:
+      decoded = decoder_.DecodeTruncated(receive_packet_, message);
+      break;
+    case ReceiveResult::kWouldBlock:
+    case ReceiveResult::kPeerClosed:
+      return result;
+  }
   receive_packet_.fds.clear();
   if (!decoded.ok()) return decoded;
-  return ReceiveResult::kReceived;
+  return result;
 }
 
 }  // namespace fdbroker::wire

@@ -46,9 +46,17 @@ class MessageDecoder {
   // On success `fds` holds exactly RequiredFds(message) fds.
   absl::Status Decode(Packet& packet, v1::HandoffMessage& message,
                       std::vector<UniqueFd>& fds);
+  // A packet whose fds the kernel could not all install (kFdsTruncated):
+  // valid only for a message that carries fds and arrived with fewer than
+  // it needs. On success `message` holds it; the fds that did arrive are
+  // closed, and the sequence number counts.
+  absl::Status DecodeTruncated(Packet& packet, v1::HandoffMessage& message);
   uint64_t next_sequence() const { return next_sequence_; }
 
  private:
+  // Parses the packet and checks its body and sequence number.
+  absl::Status Parse(const Packet& packet, v1::HandoffMessage& message) const;
+
   uint64_t next_sequence_ = 1;
 };
 
@@ -70,6 +78,13 @@ class MessageChannel {
   absl::StatusOr<SendResult> SendWithFds(v1::HandoffMessage& message,
                                          absl::Span<const int> fds);
 
+  // From now on a message whose fds the kernel could not install (this
+  // process is out of fds) is returned as kFdsTruncated, with the message
+  // and no fds, instead of an error: a receiver that can refuse what the
+  // message offered (a worker: Reject; the broker: a lost Release) keeps
+  // its channel.
+  void ReportTruncatedFds() { truncation_ = Truncation::kReport; }
+
   // Receives and validates one message (see MessageDecoder).
   absl::StatusOr<ReceiveResult> Receive(v1::HandoffMessage& message,
                                         UniqueFd& attached_fd);
@@ -81,6 +96,7 @@ class MessageChannel {
   SysCalls& sys_;
   uint64_t next_send_sequence_ = 1;
   std::string send_buffer_;
+  Truncation truncation_ = Truncation::kError;
   Packet receive_packet_;
   MessageDecoder decoder_;
 };

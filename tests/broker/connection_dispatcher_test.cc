@@ -667,6 +667,24 @@ TEST_F(ReleaseTest, ReleaseOfAConnectionNotOwnedIsAnError) {
   EXPECT_EQ(dispatcher_->stats().released, 1u);
 }
 
+// A Release whose socket the kernel dropped because the broker was out of
+// fds (MSG_CTRUNC): the connection is lost, counted (release_truncated),
+// and no longer the worker's; only its own connection qualifies.
+TEST_F(ReleaseTest, ReleaseTruncatedOutOfFdsIsCountedLost) {
+  ASSERT_NO_FATAL_FAILURE(OwnOneEach());
+  const v1::Release release = ReleaseOf(ida_, "", v1::RELEASE_REASON_REBALANCE);
+  EXPECT_FALSE(dispatcher_->OnReleaseTruncated(*b_.worker, release).ok())
+      << "another worker's connection";
+  EXPECT_EQ(dispatcher_->stats().lost_release_truncated, 0u);
+  EXPECT_TRUE(dispatcher_->OnReleaseTruncated(*a_.worker, release).ok());
+  EXPECT_EQ(a_.worker->active(), 0);
+  EXPECT_EQ(b_.worker->active(), 1);
+  EXPECT_EQ(dispatcher_->stats().lost_release_truncated, 1u);
+  EXPECT_EQ(dispatcher_->stats().released, 0u);
+  EXPECT_FALSE(dispatcher_->OnReleaseTruncated(*a_.worker, release).ok())
+      << "not its own any more";
+}
+
 // A Release must carry the very socket handed out under its id: anything
 // else (a pipe, a listening socket, another client's socket) is refused and
 // nothing is forwarded.

@@ -86,9 +86,11 @@ class DataPlaneTest : public ::testing::Test {
     time_.RunUntilIdle();
   }
 
-  // Connects process `pid` to the hand-off socket and says Hello; returns
-  // its end of the channel once the broker has answered.
-  WorkerEnd Register(pid_t pid, uint32_t capacity = 0) {
+  // Connects process `pid` to the hand-off socket and says `hello`; returns
+  // its end of the channel, with the broker's answers (Welcome or Refusal,
+  // heartbeats left out) in `answers`.
+  WorkerEnd SayHello(pid_t pid, v1::Hello hello,
+                     std::vector<v1::HandoffMessage>& answers) {
     int sv[2];
     EXPECT_EQ(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv), 0);
     WorkerEnd end;
@@ -97,15 +99,26 @@ class DataPlaneTest : public ::testing::Test {
     manager_->OnNewPeer(wire::UniqueFd(sv[0]),
                         ucred{pid, ::getuid(), ::getgid()},
                         /*allowed=*/true);
-    v1::HandoffMessage hello;
-    hello.mutable_hello()->mutable_version()->set_major(wire::kProtocolMajor);
-    hello.mutable_hello()->set_pid(pid);
-    hello.mutable_hello()->set_capacity(capacity);
-    EXPECT_TRUE(end.Send(std::move(hello)).ok());
+    hello.mutable_version()->set_major(wire::kProtocolMajor);
+    hello.set_pid(pid);
+    v1::HandoffMessage message;
+    *message.mutable_hello() = std::move(hello);
+    EXPECT_TRUE(end.Send(std::move(message)).ok());
     time_.RunUntilIdle();
-    for (const v1::HandoffMessage& m : end.Received()) {
+    answers.clear();
+    for (v1::HandoffMessage& m : end.Received()) {
       if (m.has_welcome()) end.id = m.welcome().worker_id();
+      if (!m.has_heartbeat()) answers.push_back(std::move(m));
     }
+    return end;
+  }
+
+  // SayHello() with `capacity`, expecting a Welcome.
+  WorkerEnd Register(pid_t pid, uint32_t capacity = 0) {
+    v1::Hello hello;
+    hello.set_capacity(capacity);
+    std::vector<v1::HandoffMessage> answers;
+    WorkerEnd end = SayHello(pid, std::move(hello), answers);
     EXPECT_NE(end.id, 0u) << "no Welcome for pid " << pid;
     return end;
   }

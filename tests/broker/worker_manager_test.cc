@@ -4,7 +4,9 @@
 #include "broker/worker_manager.h"
 
 #include <signal.h>
+#include <sys/socket.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -43,6 +45,17 @@ class WorkerManagerTest : public DataPlaneTest {
       return absl::InfiniteDuration();
     }
     return restarted.back().time - crashed_at;
+  }
+
+  // A re-registration (was_supervised) from process `pid` claiming
+  // `claims`; the broker's answers in `answers`.
+  WorkerEnd HelloFrom(pid_t pid, const std::vector<uint64_t>& claims,
+                      std::vector<v1::HandoffMessage>& answers) {
+    v1::Hello hello;
+    hello.set_was_supervised(true);
+    for (uint64_t id : claims)
+      hello.add_owned_connections()->set_connection_id(id);
+    return SayHello(pid, std::move(hello), answers);
   }
 
   WorkerManager::Options options_;
@@ -166,6 +179,59 @@ TEST_F(WorkerManagerTest, ASilentWorkerIsDeclaredDeadAndReplaced) {
   time_.Advance(absl::Milliseconds(100));
   EXPECT_EQ(EventsOf(v1::EVENT_TYPE_WORKER_RESTARTED).size(), 1u);
   EXPECT_EQ(manager_->stats().crashes, 1u);
+}
+
+// A supervised worker whose channel was lost but whose process lives takes
+// its registration back when it says Hello again from the same process:
+// same id, ready again, and the replacement started meanwhile is surplus.
+// It may claim only what it owned. Before: refused as "already registered",
+// drained and replaced.
+TEST_F(WorkerManagerTest, ALostChannelIsTakenBackByTheSameProcess) {
+  StartManager(options_);
+  const pid_t pid = LastSpawnedPid();
+  WorkerEnd end = Register(pid);
+  end.channel.reset();  // The worker's side closes (e.g. its protocol error).
+  time_.RunUntilIdle();
+  time_.Advance(absl::Seconds(1));
+  ASSERT_EQ(launcher_.spawned.size(), 2u) << "replaced at once";
+  const pid_t replacement = LastSpawnedPid();
+
+  std::vector<v1::HandoffMessage> refused;
+  WorkerEnd refused_end = HelloFrom(pid, {12345}, refused);
+  ASSERT_EQ(refused.size(), 1u);
+  ASSERT_TRUE(refused[0].has_refusal());
+  EXPECT_THAT(refused[0].refusal().message(), HasSubstr("did not own"));
+
+  std::vector<v1::HandoffMessage> welcomed;
+  WorkerEnd again = HelloFrom(pid, {}, welcomed);
+  ASSERT_EQ(welcomed.size(), 1u);
+  ASSERT_TRUE(welcomed[0].has_welcome())
+      << (welcomed[0].has_refusal() ? welcomed[0].refusal().message() : "");
+  EXPECT_EQ(welcomed[0].welcome().worker_id(), end.id);
+  const Worker* worker = registry_.Find(end.id);
+  ASSERT_NE(worker, nullptr);
+  EXPECT_EQ(worker->state, WorkerState::kReady);
+  EXPECT_EQ(manager_->stats().readmitted, 1u);
+  ASSERT_EQ(EventsOf(v1::EVENT_TYPE_WORKER_READMITTED).size(), 1u);
+  // The replacement (not registered yet) is the surplus: stopped.
+  EXPECT_THAT(launcher_.SignalsTo(replacement), ::testing::Contains(SIGTERM));
+  EXPECT_TRUE(launcher_.SignalsTo(pid).empty());
+}
+
+// A worker the broker declared dead was killed: it is not taken back, even
+// if it speaks before the SIGKILL lands.
+TEST_F(WorkerManagerTest, AWorkerDeclaredDeadIsNotTakenBack) {
+  launcher_.sigkill_kills = false;
+  StartManager(options_);
+  const pid_t pid = LastSpawnedPid();
+  WorkerEnd end = Register(pid);
+  time_.Advance(absl::Seconds(4));  // Silent past the 3s timeout.
+  ASSERT_EQ(manager_->stats().heartbeat_timeouts, 1u);
+  std::vector<v1::HandoffMessage> answer;
+  WorkerEnd again = HelloFrom(pid, {}, answer);
+  ASSERT_EQ(answer.size(), 1u);
+  EXPECT_TRUE(answer[0].has_refusal());
+  EXPECT_EQ(manager_->stats().readmitted, 0u);
 }
 
 TEST_F(WorkerManagerTest, AWorkerThatHeartbeatsStaysRegistered) {

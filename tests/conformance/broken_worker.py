@@ -28,6 +28,11 @@ docs/protocol.md section 9; each DEFECT breaks one rule of that page:
                   e.g. a second Welcome (§6)
   no-fd-check     takes any fd in a Connection for the client's socket, a
                   pipe too (§3)
+  cut-as-closed   keeps busy connections through a Drain and closes them
+                  just before its deadline, reported as an ordinary Closed
+                  instead of cut_connection_ids (§7.3, minor 4)
+
+It says minor 4 in its Hello (for the cut rule; it has no other 1.4 case).
 """
 import os, select, socket, stat, sys, threading, time
 from fdbroker.v1 import handoff_pb2 as pb
@@ -104,14 +109,14 @@ def serve(chan, cid, conn, data):
 def main():
     chan = Channel(os.environ["FDBROKER_SOCKET"])
     major = 2 if DEFECT == "bad-version" else 1
-    chan.send(hello=pb.Hello(version=pb.ProtocolVersion(major=major, minor=0),
+    chan.send(hello=pb.Hello(version=pb.ProtocolVersion(major=major, minor=4),
                              pid=os.getpid()))
     msg, kind, _ = chan.receive()
     if kind != "welcome":
         sys.exit(f"refused: {msg.refusal.message}")
     interval = msg.welcome.heartbeat_interval_ms / 1000
     timeout = msg.welcome.heartbeat_timeout_ms / 1000
-    threads, draining, linger_until = [], False, 0.0
+    threads, draining, linger_until, deadline = [], False, 0.0, None
     # touch-rejected lingers after Drain, so that it reads (and rejects) a
     # Connection that follows the Drain.
     while not (draining and not any(t.is_alive() for t in threads)
@@ -149,6 +154,8 @@ def main():
             elif kind == "drain":
                 if DEFECT != "ignore-drain":
                     draining = True
+                if msg.drain.deadline_unix_nanos:
+                    deadline = msg.drain.deadline_unix_nanos / 1e9
                 if DEFECT == "touch-rejected":
                     linger_until = time.monotonic() + 0.5
             elif kind == "heartbeat" or DEFECT == "ignore-unexpected" or (
@@ -162,8 +169,14 @@ def main():
             # drain-no-grace closes a connection that sent nothing yet at
             # once; drain-grace-all gives the grace to served ones too.
             grace = 0 if DEFECT == "drain-no-grace" else GRACE
+            cut = (DEFECT == "cut-as-closed" and deadline is not None and
+                   time.time() >= deadline - 0.1)
             with lock:
                 for cid, conn in live.items():
+                    if DEFECT == "cut-as-closed":
+                        if cut:  # reported by serve() as an ordinary Closed
+                            conn.shutdown(socket.SHUT_RDWR)
+                        continue
                     since = fresh.get(cid, 0)
                     if DEFECT == "drain-grace-all":
                         since = fresh.setdefault(cid, now)

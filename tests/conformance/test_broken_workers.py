@@ -31,6 +31,8 @@ EXPECTED = {
     "drain-grace-all": ("drain-idle", "§7.7 Drain"),
     "ignore-release-request": ("error-release-request", "§5 ReleaseRequest"),
     "ignore-unexpected": ("error-second-welcome", "§6 Session state machine"),
+    "cut-as-closed": ("drain-deadline-cut",
+                      "§7.3 Closed: connection"),
     "no-fd-check": ("error-connection-not-a-socket",
                     "§3 File descriptors: acked a Connection whose fd is a "
                     "pipe"),

@@ -29,7 +29,8 @@ LABEL_VALUES = {
                                                 "proxy_protocol"],
         "fdbroker_connections_migrated_total": ["rebalance", "drain"],
         "fdbroker_connections_lost_total": [
-            "worker_crash", "drain_deadline", "shutdown", "upgrade_deadline"],
+            "worker_crash", "drain_deadline", "shutdown", "upgrade_deadline",
+            "release_truncated", "cut_by_worker"],
         "fdbroker_workers_declared_dead_total": [
             "heartbeat_timeout", "ack_timeout", "channel_stuck"],
     },

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -27,6 +29,7 @@
 #include "tests/integration/broker_process.h"
 #include "tests/util/subprocess.h"
 #include "tests/util/test_util.h"
+#include "wire/sanitized.h"
 
 namespace fdbroker::testing {
 namespace {
@@ -216,50 +219,6 @@ TEST(BrokerIntegrationTest, SilentWorkerIsDeclaredDeadAndItsConnectionsMove) {
             std::string::npos);
 }
 
-TEST(BrokerIntegrationTest, WorkerThatHeartbeatsButNeverAcksIsCutOff) {
-  // The fake reads its channel and heartbeats, so it never times out, but
-  // it never acks: without an ack deadline, every other client waited
-  // forever (round robin). Each must be answered by the healthy worker
-  // within --ack_timeout plus one --heartbeat_timeout.
-  auto broker = BrokerProcess::Start(
-      {"--workers=1", "--policy=round_robin", "--heartbeat_interval=100ms",
-       "--heartbeat_timeout=1s", "--ack_timeout=1s"});
-  ASSERT_TRUE(broker.ok()) << broker.status();
-  ASSERT_TRUE((*broker)->WaitForWorkers(1, absl::Seconds(30)));
-  const pid_t healthy = (*broker)->WorkerPids()[0];
-  Subprocess::Options env;
-  env.env["FDBROKER_SOCKET"] = (*broker)->socket_path();
-  auto stuck = Subprocess::Start(
-      {BinaryPath("fdbroker-fake-worker"), "--mode=never_ack"}, env);
-  ASSERT_TRUE(stuck.ok());
-  ASSERT_TRUE(WaitFor([&] { return (*stuck)->Stdout() == "registered\n"; },
-                      absl::Seconds(10)));
-  std::atomic<int> answered{0}, slow{0};
-  std::vector<std::thread> clients;
-  for (int i = 0; i < 20; ++i) {
-    clients.emplace_back([&] {
-      const absl::Time start = absl::Now();
-      absl::StatusOr<HttpResponse> r =
-          HttpGetOnce("127.0.0.1", (*broker)->port(), "/", absl::Seconds(10));
-      if (r.ok() && r->status == 200 &&
-          r->headers["x-worker-pid"] == absl::StrCat(healthy)) {
-        ++answered;
-      }
-      // Ack deadline + heartbeat timeout, and a second for a busy machine.
-      if (absl::Now() - start > absl::Seconds(3)) ++slow;
-    });
-  }
-  for (std::thread& t : clients) t.join();
-  EXPECT_EQ(answered, 20) << (*broker)->process().Output();
-  EXPECT_EQ(slow, 0);
-  // Cut off: its channel was closed (the fake exits when it sees that).
-  absl::StatusOr<int> code = (*stuck)->Wait(absl::Seconds(10));
-  ASSERT_TRUE(code.ok()) << (*broker)->process().Output();
-  EXPECT_NE((*broker)->process().Stderr().find("not acked within"),
-            std::string::npos)
-      << (*broker)->process().Stderr();
-}
-
 // Whether `pid` has exited: no such process, or a zombie (an orphan is
 // reaped by whoever adopted it, maybe never, here).
 bool Exited(pid_t pid) {
@@ -354,6 +313,205 @@ TEST(BrokerIntegrationTest, RaisesItsSoftFdLimitToTheHardLimit) {
       (*process)->Stderr().find("open file limit raised from 256 to 8192"),
       std::string::npos)
       << (*process)->Output();
+}
+
+// Out of fds, no cascade (issue 13): the broker and its two workers under
+// RLIMIT_NOFILE 128 (soft and hard: nothing to raise), 300 clients at once
+// holding their connections. A worker with no free slot for a passed fd gets
+// the Connection with its ancillary data truncated (MSG_CTRUNC); it rejects
+// that connection and keeps its channel, so nothing cascades: no worker is
+// replaced, every client is either answered or closed unserved and counted.
+// Before: both workers closed their channels on "ancillary data truncated",
+// were refused on re-registering ("already registered"), drained and
+// replaced.
+TEST(BrokerIntegrationTest, OutOfFdsRejectsConnectionsWithoutLosingWorkers) {
+  if (wire::kSanitized) {
+    GTEST_SKIP() << "a sanitized process out of fds reports false errors "
+                    "(wire/sanitized.h); the plain build runs this";
+  }
+  auto broker = BrokerProcess::Start(
+      {"--workers=2", "--pending_timeout=3s", "--ack_timeout=20s"},
+      {"prlimit", "--nofile=128"});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  ASSERT_TRUE((*broker)->WaitForWorkers(2, absl::Seconds(30)))
+      << (*broker)->process().Output();
+  std::vector<pid_t> workers = (*broker)->WorkerPids();
+  std::sort(workers.begin(), workers.end());
+  absl::StatusOr<std::map<std::string, std::string>> ready =
+      ReadKeyValueFile((*broker)->dir() + "/ready");
+  ASSERT_TRUE(ready.ok());
+  const std::string metrics = (*ready)["metrics"];
+
+  constexpr int kClients = 300;
+  enum Outcome { kPending, kServed, kRefused, kTimedOut };
+  std::vector<std::atomic<int>> outcomes(kClients);
+  for (auto& o : outcomes) o = kPending;
+  std::atomic<int> done{0};
+  std::atomic<bool> hang_up{false};
+  std::vector<std::thread> clients;
+  const int port = (*broker)->port();
+  for (int i = 0; i < kClients; ++i) {
+    clients.emplace_back([&, i] {
+      // A served client holds its connection (the worker its fd) until
+      // every client has its outcome: that is what exhausts the workers.
+      absl::StatusOr<wire::UniqueFd> fd =
+          ConnectTcp("127.0.0.1", port, absl::Seconds(30));
+      Outcome outcome = kRefused;
+      if (fd.ok()) {
+        absl::StatusOr<HttpResponse> r =
+            HttpGet(fd->get(), "/", /*keep_alive=*/true, absl::Seconds(60));
+        if (r.ok() && r->status == 200) {
+          outcome = kServed;
+        } else if (!r.ok() && absl::IsDeadlineExceeded(r.status())) {
+          outcome = kTimedOut;
+        }
+      }
+      outcomes[i] = outcome;
+      ++done;
+      WaitFor([&] { return hang_up.load(); }, absl::Seconds(90),
+              absl::Milliseconds(20));
+    });
+  }
+  EXPECT_TRUE(WaitFor([&] { return done == kClients; }, absl::Seconds(90)));
+  hang_up = true;
+  for (std::thread& t : clients) t.join();
+  int served = 0, refused = 0, timed_out = 0;
+  for (auto& o : outcomes) {
+    served += o == kServed;
+    refused += o == kRefused;
+    timed_out += o == kTimedOut;
+  }
+  std::printf("out of fds: %d served, %d refused, %d timed out of %d\n", served,
+              refused, timed_out, kClients);
+  EXPECT_EQ(timed_out, 0);
+  EXPECT_EQ(served + refused, kClients);
+  // Each worker had about 110 free slots.
+  EXPECT_GE(served, 150) << (*broker)->process().Output();
+
+  // No worker replaced, none re-registered.
+  std::vector<pid_t> after = (*broker)->WorkerPids();
+  std::sort(after.begin(), after.end());
+  EXPECT_EQ(after, workers) << (*broker)->process().Output();
+  const std::string log = (*broker)->process().Stderr();
+  EXPECT_EQ(log.find("ancillary data truncated"), std::string::npos) << log;
+  EXPECT_EQ(log.find("channel closed"), std::string::npos) << log;
+  EXPECT_EQ(log.find("already registered"), std::string::npos) << log;
+
+  // The metrics add up once everything has settled: every accepted
+  // connection was handed off or closed unserved and counted, and every
+  // refused client is among the counted ones.
+  std::map<std::string, double> m;
+  auto get = [&](const std::string& series) {
+    auto it = m.find(series);
+    return it == m.end() ? 0.0 : it->second;
+  };
+  auto sum = [&](const std::string& family) {
+    double total = 0;
+    for (const auto& [series, value] : m) {
+      if (absl::StartsWith(series, family + "{")) total += value;
+    }
+    return total;
+  };
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        absl::StatusOr<std::string> text = ScrapeMetrics(metrics);
+        if (!text.ok()) return false;
+        m = MetricSamples(*text);
+        // (Synced twice a second: at first everything reads 0.)
+        return get("fdbroker_connections_accepted_total") >= kClients &&
+               get("fdbroker_pending_connections") == 0 &&
+               get("fdbroker_unacked_connections") == 0 &&
+               get("fdbroker_connections_active") == 0 &&
+               get("fdbroker_connections_accepted_total") ==
+                   get("fdbroker_connections_handed_off_total") +
+                       sum("fdbroker_connections_rejected_total") +
+                       get("fdbroker_handoff_failures_total{reason=\"too_"
+                           "many_attempts\"}") +
+                       sum("fdbroker_connections_lost_total");
+      },
+      absl::Seconds(30), absl::Milliseconds(200)))
+      << "accepted " << get("fdbroker_connections_accepted_total")
+      << " handed off " << get("fdbroker_connections_handed_off_total")
+      << " rejected " << sum("fdbroker_connections_rejected_total")
+      << " too many attempts "
+      << get("fdbroker_handoff_failures_total{reason=\"too_many_attempts\"}")
+      << " lost " << sum("fdbroker_connections_lost_total") << " pending "
+      << get("fdbroker_pending_connections") << " unacked "
+      << get("fdbroker_unacked_connections") << " active "
+      << get("fdbroker_connections_active");
+  EXPECT_EQ(get("fdbroker_worker_restarts_total"), 0);
+  EXPECT_EQ(sum("fdbroker_workers_declared_dead_total"), 0);
+  EXPECT_EQ(sum("fdbroker_connections_lost_total"), 0);
+  EXPECT_LE(refused, sum("fdbroker_connections_rejected_total") +
+                         get("fdbroker_handoff_failures_total{reason=\"too_"
+                             "many_attempts\"}"));
+  std::printf(
+      "accepted %.0f, handed off %.0f, rejected %.0f, too many attempts "
+      "%.0f, rejected by a worker %.0f, accept pauses %.0f\n",
+      get("fdbroker_connections_accepted_total"),
+      get("fdbroker_connections_handed_off_total"),
+      sum("fdbroker_connections_rejected_total"),
+      get("fdbroker_handoff_failures_total{reason=\"too_many_attempts\"}"),
+      get("fdbroker_handoff_failures_total{reason=\"rejected_by_worker\"}"),
+      get("fdbroker_accept_pauses_total"));
+
+  // And the same two workers serve new clients.
+  std::set<pid_t> answered;
+  for (int i = 0; i < 40; ++i) {
+    absl::StatusOr<HttpResponse> r =
+        HttpGetOnce("127.0.0.1", port, "/", absl::Seconds(10));
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->status, 200);
+    answered.insert(WorkerPid(*r));
+  }
+  EXPECT_EQ(std::vector<pid_t>(answered.begin(), answered.end()), workers);
+}
+
+// A supervised worker whose channel is lost while its process lives takes
+// its registration back when it says Hello again (same worker id), and only
+// the very process that registered may: a child of it (the same process
+// tree, the broker's uid) is refused. The replacement the broker started
+// meanwhile is the surplus and goes. Before: the worker itself was refused
+// ("already registered"), drained and replaced.
+TEST(BrokerIntegrationTest, ALostChannelIsTakenBackOnlyByTheSameProcess) {
+  const std::string marker = MakeTempDir() + "/rejoined";
+  auto broker = BrokerProcess::Start(
+      {"--workers=1", "--heartbeat_interval=100ms",
+       absl::StrCat("--worker_cmd=", BinaryPath("fdbroker-fake-worker"),
+                    " --mode=rejoin --rejoin_marker=", marker)});
+  ASSERT_TRUE(broker.ok()) << broker.status();
+  Subprocess& process = (*broker)->process();
+  ASSERT_TRUE(WaitFor(
+      [&] { return process.Stdout().find("rejoined: ") != std::string::npos; },
+      absl::Seconds(20)))
+      << process.Output();
+  int worker = 0;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        const std::string out = process.Stdout();
+        const size_t at = out.find("\npid ");
+        return at != std::string::npos &&
+               absl::SimpleAtoi(absl::StripAsciiWhitespace(out.substr(
+                                    at + 5, out.find('\n', at + 1) - at - 5)),
+                                &worker);
+      },
+      absl::Seconds(5)))
+      << process.Output();
+  EXPECT_NE(process.Stdout().find("child: worker 1 is already registered"),
+            std::string::npos)
+      << process.Output();
+  EXPECT_NE(process.Stdout().find("rejoined: welcome 1\n"), std::string::npos)
+      << process.Output();
+  EXPECT_NE(process.Stderr().find("worker 1 re-admitted"), std::string::npos)
+      << process.Output();
+  // The replacement goes; the worker that rejoined stays.
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        std::vector<pid_t> pids = (*broker)->WorkerPids();
+        return pids.size() == 1 && pids.front() == worker;
+      },
+      absl::Seconds(10)))
+      << process.Output();
 }
 
 TEST(BrokerIntegrationTest, OpenFdCountsReturnToBaselineAfterManyConnections) {

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <set>
 #include <utility>
 
@@ -18,18 +19,27 @@
 namespace fdbroker::testing {
 
 std::string BinaryPath(const std::string& name) {
-  return absl::StrCat(FDBROKER_BIN_DIR, "/", name);
+  // FDBROKER_TEST_BIN_DIR runs a test against other binaries (e.g. an older
+  // build, to see a new test fail on the old code).
+  const char* dir = std::getenv("FDBROKER_TEST_BIN_DIR");
+  return absl::StrCat(dir != nullptr && *dir != '\0' ? dir : FDBROKER_BIN_DIR,
+                      "/", name);
 }
 
 absl::StatusOr<std::unique_ptr<BrokerProcess>> BrokerProcess::Start(
-    std::vector<std::string> extra_flags) {
+    std::vector<std::string> extra_flags,
+    std::vector<std::string> command_prefix) {
   std::unique_ptr<BrokerProcess> broker(new BrokerProcess());
   broker->dir_ = MakeTempDir();
   broker->socket_path_ = broker->dir_ + "/handoff.sock";
   const std::string ready = broker->dir_ + "/ready";
-  std::vector<std::string> argv = {
-      BinaryPath("fdbroker"), "--control=127.0.0.1:0", "--metrics=127.0.0.1:0",
-      "--socket=" + broker->socket_path_, "--ready_file=" + ready};
+  std::vector<std::string> argv = std::move(command_prefix);
+  for (std::string flag :
+       {BinaryPath("fdbroker"), std::string("--control=127.0.0.1:0"),
+        std::string("--metrics=127.0.0.1:0"),
+        "--socket=" + broker->socket_path_, "--ready_file=" + ready}) {
+    argv.push_back(std::move(flag));
+  }
   // --listen may be repeated: the default only when the test gives none.
   if (std::none_of(extra_flags.begin(), extra_flags.end(),
                    [](const std::string& flag) {

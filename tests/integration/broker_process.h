@@ -18,8 +18,11 @@ namespace fdbroker::testing {
 // are killed with it if a test fails half-way.
 class BrokerProcess {
  public:
+  // `command_prefix` runs the broker through another command that execs it
+  // (e.g. {"prlimit", "--nofile=128"}), so pid() is still the broker's.
   static absl::StatusOr<std::unique_ptr<BrokerProcess>> Start(
-      std::vector<std::string> extra_flags);
+      std::vector<std::string> extra_flags,
+      std::vector<std::string> command_prefix = {});
   ~BrokerProcess();
 
   Subprocess& process() { return *process_; }
@@ -45,6 +48,7 @@ class BrokerProcess {
   int port_ = 0;
 };
 
+// The built binary `name` (or the one in $FDBROKER_TEST_BIN_DIR if set).
 std::string BinaryPath(const std::string& name);
 
 // GET /metrics from a broker's --metrics address ("host:port").

@@ -23,14 +23,24 @@
 //   --mode=release_unsupported  like release, but its Hello does not set
 //                          supports_release and it releases its first
 //                          connection at once (a protocol error).
+//   --mode=rejoin          an idle worker (heartbeats, leaves on Drain). The
+//                          first of its kind to create --rejoin_marker (a
+//                          path) closes its channel once registered, then: a
+//                          child it forks says Hello (was_supervised) and
+//                          prints "child: <the answer>"; then it says Hello
+//                          again itself and prints "rejoined: <the answer>"
+//                          ("welcome <worker_id>" or the refusal message)
+//                          and "pid <its pid>".
 // Prints "registered" on stdout once welcomed; with --print_ids (the release
 // modes), "took <id>" for each connection it takes; with --print_listeners,
 // "took <id> from <listener> peer <peer_address>". --label=KEY=VALUE adds a
 // Hello label (e.g. listeners=...).
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -39,6 +49,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -73,6 +84,76 @@ using fdbroker::wire::UniqueFd;
 bool print_ids = false;
 // --print_listeners: and the Connection's listener and peer_address.
 bool print_listeners = false;
+
+// A channel to the broker at `path` (Fail()s if it cannot connect).
+fdbroker::wire::MessageChannel ConnectTo(const char* path) {
+  fdbroker::wire::UniqueFd socket(
+      ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path, sizeof(addr.sun_path) - 1);
+  if (::connect(socket.get(), reinterpret_cast<sockaddr*>(&addr),
+                sizeof(addr)) != 0) {
+    Fail("connect");
+  }
+  return fdbroker::wire::MessageChannel(std::move(socket));
+}
+
+// Says Hello on a new channel (a re-registration: was_supervised) and
+// returns the channel and the answer: "welcome <worker_id>" or the refusal.
+std::string Rejoin(const char* path,
+                   std::unique_ptr<fdbroker::wire::MessageChannel>& channel) {
+  channel = std::make_unique<fdbroker::wire::MessageChannel>(ConnectTo(path));
+  v1::HandoffMessage hello;
+  hello.mutable_hello()->mutable_version()->set_major(1);
+  hello.mutable_hello()->set_pid(::getpid());
+  hello.mutable_hello()->set_was_supervised(true);
+  if (!channel->Send(hello).ok()) Fail("send hello");
+  UniqueFd fd;
+  v1::HandoffMessage answer = Next(*channel, fd);
+  if (answer.has_welcome()) {
+    return "welcome " + std::to_string(answer.welcome().worker_id());
+  }
+  return answer.has_refusal() ? answer.refusal().message() : "?";
+}
+
+// --mode=rejoin after registering (see the top).
+[[noreturn]] void RunRejoin(
+    std::unique_ptr<fdbroker::wire::MessageChannel> channel, const char* path,
+    const char* marker, int interval_ms) {
+  const bool first =
+      marker != nullptr &&
+      ::open(marker, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600) >= 0;
+  if (first) {
+    channel.reset();  // The channel is lost; the process lives on.
+    const pid_t child = ::fork();
+    if (child == 0) {
+      std::unique_ptr<fdbroker::wire::MessageChannel> own;
+      std::printf("child: %s\n", Rejoin(path, own).c_str());
+      std::fflush(stdout);
+      std::_Exit(0);
+    }
+    ::waitpid(child, nullptr, 0);
+    const std::string answer = Rejoin(path, channel);
+    std::printf("rejoined: %s\npid %d\n", answer.c_str(), ::getpid());
+    std::fflush(stdout);
+  }
+  auto last_sent = std::chrono::steady_clock::now();
+  for (;;) {
+    if (std::chrono::steady_clock::now() - last_sent >=
+        std::chrono::milliseconds(interval_ms)) {
+      v1::HandoffMessage heartbeat;
+      heartbeat.mutable_heartbeat();
+      if (!channel->Send(heartbeat).ok()) Fail("broker gone");
+      last_sent = std::chrono::steady_clock::now();
+    }
+    pollfd p{channel->fd(), POLLIN, 0};
+    if (::poll(&p, 1, interval_ms / 2) == 0) continue;
+    UniqueFd fd;
+    v1::HandoffMessage message = Next(*channel, fd);
+    if (message.has_drain()) std::_Exit(0);  // Owns nothing: done.
+  }
+}
 
 // The release modes: a poll() loop over the channel and the clients.
 class LineServer {
@@ -272,6 +353,7 @@ class LineServer {
 
 int main(int argc, char** argv) {
   std::string mode;
+  const char* rejoin_marker = nullptr;
   std::map<std::string, std::string> labels;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--label=", 8) == 0) {
@@ -282,27 +364,21 @@ int main(int argc, char** argv) {
     }
     if (std::strncmp(argv[i], "--mode=", 7) == 0) mode = argv[i] + 7;
     if (std::strcmp(argv[i], "--print_ids") == 0) print_ids = true;
+    if (std::strncmp(argv[i], "--rejoin_marker=", 16) == 0) {
+      rejoin_marker = argv[i] + 16;
+    }
     if (std::strcmp(argv[i], "--print_listeners") == 0) {
       print_listeners = true;
     }
   }
   const bool line_server = mode == "release" || mode == "release_unsupported";
   if (mode != "die_before_ack" && mode != "stall" && mode != "never_ack" &&
-      !line_server) {
+      mode != "rejoin" && !line_server) {
     Fail("unknown --mode");
   }
   const char* path = std::getenv("FDBROKER_SOCKET");
   if (path == nullptr) Fail("FDBROKER_SOCKET not set");
-  fdbroker::wire::UniqueFd socket(
-      ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::strncpy(addr.sun_path, path, sizeof(addr.sun_path) - 1);
-  if (::connect(socket.get(), reinterpret_cast<sockaddr*>(&addr),
-                sizeof(addr)) != 0) {
-    Fail("connect");
-  }
-  fdbroker::wire::MessageChannel channel(std::move(socket));
+  fdbroker::wire::MessageChannel channel = ConnectTo(path);
   fdbroker::v1::HandoffMessage hello;
   hello.mutable_hello()->mutable_version()->set_major(1);
   hello.mutable_hello()->set_pid(::getpid());
@@ -331,6 +407,12 @@ int main(int argc, char** argv) {
   }
   if (mode == "stall") {
     for (;;) ::pause();
+  }
+  if (mode == "rejoin") {
+    RunRejoin(
+        std::make_unique<fdbroker::wire::MessageChannel>(std::move(channel)),
+        path, rejoin_marker,
+        static_cast<int>(welcome.welcome().heartbeat_interval_ms()));
   }
   if (mode == "never_ack") {
     const int interval_ms =

@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -180,20 +181,28 @@ TEST_F(MetricsTest, PerWorkerSeriesLeaveWithTheWorker) {
             1);
 }
 
-TEST_F(MetricsTest, ConnectionsCutAtTheDrainDeadlineAreCountedAsLost) {
-  // A request still running when its worker's drain deadline passes and the
-  // broker ends the worker: the connection is lost and counted so (before,
-  // only a crash's were counted).
+// A worker serving one long request (GET /sleep?ms=30000), as the tests of
+// connections cut at a drain deadline need it.
+struct LongRequest {
+  wire::UniqueFd client;
+  uint64_t owner = 0;  // Worker id.
+  pid_t owner_pid = 0;
+};
+
+// Starts the long request and finds its owner (the worker whose active
+// count grew), then drains that worker with a 1 s deadline.
+void StartLongRequestThenDrain(BrokerProcess& broker, LongRequest& request,
+                               const std::function<void()>& before_drain) {
   auto stub = v1::BrokerService::NewStub(grpc::CreateChannel(
-      broker_->control_address(), grpc::InsecureChannelCredentials()));
-  // Active connections per worker before the request, to find its owner.
-  auto active = [&] {
-    std::map<uint64_t, int64_t> by_worker;
-    v1::ListWorkersResponse workers;
+      broker.control_address(), grpc::InsecureChannelCredentials()));
+  // Active connections and pid per worker.
+  auto workers = [&] {
+    std::map<uint64_t, std::pair<int64_t, pid_t>> by_worker;
+    v1::ListWorkersResponse list;
     grpc::ClientContext context;
-    if (stub->ListWorkers(&context, v1::ListWorkersRequest(), &workers).ok()) {
-      for (const v1::Worker& w : workers.workers()) {
-        by_worker[w.id()] = w.active_connections();
+    if (stub->ListWorkers(&context, v1::ListWorkersRequest(), &list).ok()) {
+      for (const v1::Worker& w : list.workers()) {
+        by_worker[w.id()] = {w.active_connections(), w.pid()};
       }
     }
     return by_worker;
@@ -202,49 +211,50 @@ TEST_F(MetricsTest, ConnectionsCutAtTheDrainDeadlineAreCountedAsLost) {
   // the only one.
   ASSERT_TRUE(WaitFor(
       [&] {
-        for (const auto& [id, count] : active()) {
-          if (count != 0) return false;
+        for (const auto& [id, load] : workers()) {
+          if (load.first != 0) return false;
         }
         return true;
       },
       absl::Seconds(10)));
-  const std::map<uint64_t, int64_t> before = active();
   absl::StatusOr<wire::UniqueFd> client =
-      ConnectTcp("127.0.0.1", broker_->port());
+      ConnectTcp("127.0.0.1", broker.port());
   ASSERT_TRUE(client.ok());
-  const std::string request = "GET /sleep?ms=30000 HTTP/1.1\r\nHost: t\r\n\r\n";
-  ASSERT_EQ(::send(client->get(), request.data(), request.size(), 0),
-            static_cast<ssize_t>(request.size()));
-  uint64_t owner = 0;
+  request.client = *std::move(client);
+  const std::string get = "GET /sleep?ms=30000 HTTP/1.1\r\nHost: t\r\n\r\n";
+  ASSERT_EQ(::send(request.client.get(), get.data(), get.size(), 0),
+            static_cast<ssize_t>(get.size()));
   ASSERT_TRUE(WaitFor(
       [&] {
-        for (const auto& [id, count] : active()) {
-          auto it = before.find(id);
-          if (it != before.end() && count == it->second + 1) owner = id;
+        for (const auto& [id, load] : workers()) {
+          if (load.first == 1) {
+            request.owner = id;
+            request.owner_pid = load.second;
+          }
         }
-        return owner != 0;
+        return request.owner != 0;
       },
       absl::Seconds(10)));
-  // Stopped, it cannot finish (or cut) the request itself: the broker ends
-  // it at the deadline with the connection still its own.
-  pid_t owner_pid = 0;
-  {
-    v1::ListWorkersResponse workers;
-    grpc::ClientContext context;
-    ASSERT_TRUE(
-        stub->ListWorkers(&context, v1::ListWorkersRequest(), &workers).ok());
-    for (const v1::Worker& w : workers.workers()) {
-      if (w.id() == owner) owner_pid = w.pid();
-    }
-  }
-  ASSERT_GT(owner_pid, 0);
-  ASSERT_EQ(::kill(owner_pid, SIGSTOP), 0);
+  ASSERT_GT(request.owner_pid, 0);
+  before_drain();
   v1::DrainWorkerRequest drain;
-  drain.set_worker_id(owner);
+  drain.set_worker_id(request.owner);
   drain.mutable_timeout()->set_seconds(1);
   v1::DrainWorkerResponse drained;
   grpc::ClientContext context;
   ASSERT_TRUE(stub->DrainWorker(&context, drain, &drained).ok());
+}
+
+TEST_F(MetricsTest, ConnectionsCutAtTheDrainDeadlineAreCountedAsLost) {
+  // A request still running when its worker's drain deadline passes and the
+  // broker ends the worker: the connection is lost and counted so (before,
+  // only a crash's were counted). Stopped, the worker cannot finish (or
+  // cut) the request itself: the broker ends it at the deadline with the
+  // connection still its own.
+  LongRequest request;
+  ASSERT_NO_FATAL_FAILURE(StartLongRequestThenDrain(*broker_, request, [&] {
+    ASSERT_EQ(::kill(request.owner_pid, SIGSTOP), 0);
+  }));
   EXPECT_TRUE(WaitFor(
       [&] {
         return Value(
@@ -253,6 +263,26 @@ TEST_F(MetricsTest, ConnectionsCutAtTheDrainDeadlineAreCountedAsLost) {
       },
       absl::Seconds(15)))
       << broker_->process().Stderr();
+  EXPECT_EQ(Value("fdbroker_connections_lost_total{reason=\"worker_crash\"}"),
+            0);
+}
+
+TEST_F(MetricsTest, ConnectionsAWorkerCutsAtItsDrainDeadlineAreCountedAsLost) {
+  // The worker cuts the request itself at its drain deadline and says so
+  // (Closed.cut_connection_ids, protocol 1.4): counted cut_by_worker. Before,
+  // it reported an ordinary Closed and nothing was counted.
+  LongRequest request;
+  ASSERT_NO_FATAL_FAILURE(StartLongRequestThenDrain(*broker_, request, [] {}));
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return Value(
+                   "fdbroker_connections_lost_total{reason="
+                   "\"cut_by_worker\"}") == 1;
+      },
+      absl::Seconds(15)))
+      << broker_->process().Stderr();
+  EXPECT_EQ(Value("fdbroker_connections_lost_total{reason=\"drain_deadline\"}"),
+            0);
   EXPECT_EQ(Value("fdbroker_connections_lost_total{reason=\"worker_crash\"}"),
             0);
 }

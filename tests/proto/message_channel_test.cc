@@ -13,11 +13,13 @@
 #include "google/protobuf/util/message_differencer.h"
 #include "gtest/gtest.h"
 #include "tests/util/test_util.h"
+#include "wire/sanitized.h"
 
 namespace fdbroker::wire {
 namespace {
 
 using ::fdbroker::testing::CountOpenFds;
+using ::fdbroker::testing::FdTableFull;
 using ::google::protobuf::util::MessageDifferencer;
 using ::testing::HasSubstr;
 using v1::HandoffMessage;
@@ -434,6 +436,73 @@ TEST(MessageChannelFakeTest, EagainThenSuccessKeepsTheSequence) {
   EXPECT_EQ(channel.Send(second).value_or(SendResult::kWouldBlock),
             SendResult::kSent);
   EXPECT_THAT(sequences, ::testing::ElementsAre(1u, 2u));
+}
+
+// The real kernel, this process out of fds: a Connection arrives with
+// MSG_CTRUNC and no fd. By default a protocol error; with
+// ReportTruncatedFds() it is kFdsTruncated with the message, its sequence
+// number counts, and the channel goes on.
+TEST_F(MessageChannelTest, OutOfFdsATruncatedConnectionIsReportedNotAnError) {
+  if (wire::kSanitized) {
+    GTEST_SKIP() << "a sanitized process out of fds reports false errors "
+                    "(wire/sanitized.h); the plain build runs this";
+  }
+  Pipe pipe = MakePipe();
+  HandoffMessage connection;
+  connection.mutable_connection()->set_connection_id(42);
+  ASSERT_TRUE(sender_->Send(connection, pipe.read.get()).ok());
+  HandoffMessage heartbeat = Heartbeat();
+  ASSERT_TRUE(sender_->Send(heartbeat).ok());
+  ASSERT_TRUE(sender_->Send(connection, pipe.read.get()).ok());
+  receiver_->ReportTruncatedFds();
+  HandoffMessage message;
+  UniqueFd fd;
+  absl::StatusOr<ReceiveResult> first;
+  {
+    FdTableFull full;
+    ASSERT_TRUE(full.ok());
+    first = receiver_->Receive(message, fd);
+  }
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(*first, ReceiveResult::kFdsTruncated);
+  EXPECT_FALSE(fd.valid());
+  EXPECT_EQ(message.connection().connection_id(), 42u);
+  // The channel goes on: the next messages are in sequence.
+  EXPECT_TRUE(ReceiveOk().has_heartbeat());
+  UniqueFd arrived;
+  EXPECT_EQ(ReceiveOk(&arrived).connection().connection_id(), 42u);
+  EXPECT_TRUE(arrived.valid());
+}
+
+TEST_F(MessageChannelTest, OutOfFdsIsAnErrorUnlessReported) {
+  if (wire::kSanitized) {
+    GTEST_SKIP() << "a sanitized process out of fds reports false errors "
+                    "(wire/sanitized.h); the plain build runs this";
+  }
+  Pipe pipe = MakePipe();
+  HandoffMessage connection;
+  connection.mutable_connection()->set_connection_id(42);
+  ASSERT_TRUE(sender_->Send(connection, pipe.read.get()).ok());
+  absl::Status error;
+  {
+    FdTableFull full;
+    ASSERT_TRUE(full.ok());
+    error = ReceiveError();
+  }
+  EXPECT_THAT(error.message(), HasSubstr("truncated"));
+}
+
+// MSG_CTRUNC on a message that carries no fds is still a protocol error.
+TEST(MessageDecoderTest, TruncationOfAMessageWithoutFdsIsAnError) {
+  Packet packet;
+  HandoffMessage heartbeat;
+  heartbeat.set_sequence(1);
+  heartbeat.mutable_heartbeat();
+  packet.data = heartbeat.SerializeAsString();
+  MessageDecoder decoder;
+  HandoffMessage message;
+  EXPECT_FALSE(decoder.DecodeTruncated(packet, message).ok());
+  EXPECT_EQ(decoder.next_sequence(), 1u);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -177,6 +178,19 @@ bool WaitFor(const std::function<bool()>& pred, absl::Duration timeout,
     if (now >= deadline) return false;
     absl::SleepFor(std::min(poll, deadline - now));
   }
+}
+
+FdTableFull::FdTableFull() {
+  int lowest = 0;
+  while (::fcntl(lowest, F_GETFD) != -1) ++lowest;
+  if (::getrlimit(RLIMIT_NOFILE, &before_) != 0) return;
+  rlimit full = before_;
+  full.rlim_cur = static_cast<rlim_t>(lowest);
+  ok_ = ::setrlimit(RLIMIT_NOFILE, &full) == 0;
+}
+
+FdTableFull::~FdTableFull() {
+  if (ok_) ::setrlimit(RLIMIT_NOFILE, &before_);
 }
 
 absl::StatusOr<int> CountOpenFds(pid_t pid) {

@@ -1,6 +1,7 @@
 #ifndef FDBROKER_TESTS_UTIL_TEST_UTIL_H_
 #define FDBROKER_TESTS_UTIL_TEST_UTIL_H_
 
+#include <sys/resource.h>
 #include <sys/types.h>
 
 #include <functional>
@@ -27,6 +28,23 @@ bool WaitFor(const std::function<bool()>& pred, absl::Duration timeout,
 // Number of open fds of process `pid` (entries in /proc/PID/fd). For this
 // process the directory fd used to count is not included.
 absl::StatusOr<int> CountOpenFds(pid_t pid);
+
+// While it lives, this process cannot take one more fd: its soft
+// RLIMIT_NOFILE is lowered to its lowest unused fd number (so a received
+// SCM_RIGHTS fd is dropped and the packet comes with MSG_CTRUNC). The
+// destructor puts the limit back. Single-threaded use only.
+class FdTableFull {
+ public:
+  FdTableFull();
+  ~FdTableFull();
+  FdTableFull(const FdTableFull&) = delete;
+  FdTableFull& operator=(const FdTableFull&) = delete;
+  bool ok() const { return ok_; }
+
+ private:
+  rlimit before_{};
+  bool ok_ = false;
+};
 
 // The direct children of `pid`, from /proc/PID/task/*/children; empty if the
 // process is gone.

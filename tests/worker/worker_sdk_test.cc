@@ -30,6 +30,7 @@
 #include "gtest/gtest.h"
 #include "tests/util/test_util.h"
 #include "tests/worker/fake_broker.h"
+#include "wire/sanitized.h"
 
 namespace fdbroker::worker {
 namespace {
@@ -533,6 +534,54 @@ TEST_F(WorkerSdkTest, ClosedConnectionsAreReportedInOneBatch) {
   ASSERT_TRUE(closed.ok()) << closed.status();
   ASSERT_TRUE(closed->has_closed()) << closed->DebugString();
   EXPECT_THAT(Ids(closed->closed().connection_ids()), ElementsAre(1u, 3u));
+}
+
+// Protocol 1.4: a connection the application cut unfinished (its drain
+// deadline) is reported in Closed.cut_connection_ids, so the broker counts
+// it lost; the others in the same report as ordinary closes.
+TEST_F(WorkerSdkTest, CutConnectionsAreReportedAsCut) {
+  Register(DefaultOptions());
+  std::vector<FakeClient> clients;
+  DeliverConnections({1, 2}, clients);
+  worker_->ConnectionClosed(1);
+  worker_->ConnectionCut(2);
+  EXPECT_EQ(worker_->active_connections(), 0u);
+  absl::StatusOr<HandoffMessage> closed = PumpAndReceive();
+  ASSERT_TRUE(closed.ok()) << closed.status();
+  ASSERT_TRUE(closed->has_closed()) << closed->DebugString();
+  EXPECT_THAT(Ids(closed->closed().connection_ids()), ElementsAre(1u));
+  EXPECT_THAT(Ids(closed->closed().cut_connection_ids()), ElementsAre(2u));
+}
+
+// §3.1: a Connection that arrives while the worker has no free fd slot
+// (MSG_CTRUNC, no fd) is rejected and the channel stays; before, the
+// channel was closed as for a protocol error.
+TEST_F(WorkerSdkTest, OutOfFdsAConnectionIsRejectedAndTheChannelStays) {
+  if (wire::kSanitized) {
+    GTEST_SKIP() << "a sanitized process out of fds reports false errors "
+                    "(wire/sanitized.h); the plain build runs this";
+  }
+  Register(DefaultOptions());
+  FakeClient client = MakeFakeClient();
+  ASSERT_TRUE(broker_->SendConnection(7, client.broker_end.get()).ok());
+  {
+    ::fdbroker::testing::FdTableFull full;
+    ASSERT_TRUE(full.ok());
+    worker_->ProcessEvents();
+  }
+  absl::StatusOr<HandoffMessage> reject = PumpAndReceive();
+  ASSERT_TRUE(reject.ok()) << reject.status();
+  ASSERT_TRUE(reject->has_reject()) << reject->DebugString();
+  EXPECT_THAT(Ids(reject->reject().connection_ids()), ElementsAre(7u));
+  EXPECT_THAT(reject->reject().reason(), HasSubstr("out of file descriptors"));
+  EXPECT_TRUE(delivered_.empty());
+  // Still registered on the same channel: the next one is acked.
+  FakeClient next = MakeFakeClient();
+  ASSERT_TRUE(broker_->SendConnection(8, next.broker_end.get()).ok());
+  ASSERT_TRUE(PumpUntil([&] { return delivered_.size() == 1; }));
+  absl::StatusOr<HandoffMessage> ack = PumpAndReceive();
+  ASSERT_TRUE(ack.ok() && ack->has_ack()) << ack.status();
+  EXPECT_THAT(Ids(ack->ack().connection_ids()), ElementsAre(8u));
 }
 
 // A Closed report waits (at most a few ms) for the next Ack and goes just

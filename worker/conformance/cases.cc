@@ -1,8 +1,10 @@
 #include "cases.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -10,9 +12,11 @@
 #include <set>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "wire/sanitized.h"
 
 namespace fdbroker::conformance {
 namespace {
@@ -487,6 +491,50 @@ absl::Status DrainIdle(CaseContext& context) {
   }
   KIT_RETURN_IF_ERROR(AwaitGoodbyeAndExit(context));
   return ExpectClientsSawTheEnd(context, clients);
+}
+
+// §7.3 (minor 4): a connection the worker cuts at its drain deadline with
+// a request half-received is reported in Closed.cut_connection_ids, never
+// as an ordinary close. A worker that leaves it to the broker (no Closed by
+// the deadline) conforms too.
+absl::Status DrainDeadlineCut(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  if (context.broker().hello().version().minor() < 4) {
+    return context.Skip("the worker speaks minor < 4 (cut_connection_ids)");
+  }
+  if (!context.Claims("request_response")) {
+    return context.Skip("needs request_response (a request half-sent)");
+  }
+  const std::string& request = context.options().request;
+  KIT_ASSIGN_OR_RETURN(
+      Client * client,
+      context.HandOff(
+          "", request.substr(0, std::max<size_t>(1, request.size() / 2))));
+  const uint64_t id = client->id;
+  KIT_RETURN_IF_ERROR(AwaitIdsOf(context, "Ack", {id}, AckedIds));
+  constexpr absl::Duration kToDeadline = absl::Seconds(1);
+  const absl::Time deadline = absl::Now() + kToDeadline;
+  KIT_RETURN_IF_ERROR(context.broker().SendDrain(deadline, false));
+  absl::StatusOr<Received> closed = context.Await(
+      absl::StrCat("Closed for connection ", id, " (cut at the deadline)"),
+      [id](const v1::HandoffMessage& m) {
+        return m.has_closed() && (HasId(m.closed().connection_ids(), id) ||
+                                  HasId(m.closed().cut_connection_ids(), id));
+      },
+      deadline + absl::Milliseconds(500));
+  if (absl::IsDeadlineExceeded(closed.status())) return absl::OkStatus();
+  if (!closed.ok()) return closed.status();
+  if (HasId(closed->message.closed().connection_ids(), id) &&
+      absl::Now() >= deadline - absl::Milliseconds(300)) {
+    return Violation(
+        "§7.3 Closed",
+        absl::StrCat("connection ", id,
+                     ", with a request half-received, was "
+                     "closed at the drain deadline and reported as finished "
+                     "(connection_ids); minor 4 reports it in "
+                     "cut_connection_ids"));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status DrainFirstRequest(CaseContext& context) {
@@ -999,6 +1047,70 @@ bool PipeWritersGone(int fd, absl::Time deadline) {
 // anything else (here a pipe) is the broker's protocol error (§7.5): the
 // worker closes the channel and the fd, acks nothing, keeps serving what it
 // owns, and re-registers listing only that (§7.8).
+// The lowest fd number process `pid` does not use: with its soft
+// RLIMIT_NOFILE there, it cannot take one more fd.
+absl::StatusOr<int> LowestFreeFd(pid_t pid) {
+  const std::string path = absl::StrCat("/proc/", pid, "/fd");
+  DIR* dir = ::opendir(path.c_str());
+  if (dir == nullptr) return absl::ErrnoToStatus(errno, path);
+  std::set<int> used;
+  while (dirent* entry = ::readdir(dir)) {
+    int fd = 0;
+    if (absl::SimpleAtoi(entry->d_name, &fd)) used.insert(fd);
+  }
+  ::closedir(dir);
+  int lowest = 0;
+  while (used.count(lowest) != 0) ++lowest;
+  return lowest;
+}
+
+// §3.1 (minor 4): a Connection arriving while the worker has no free fd
+// slot comes with MSG_CTRUNC and no fd. The worker Rejects it and keeps
+// the channel: the next Connection, with room again, is acked.
+absl::Status OutOfFdsRejects(CaseContext& context) {
+  KIT_RETURN_IF_ERROR(context.Register());
+  if (context.broker().hello().version().minor() < 4) {
+    return context.Skip("the worker speaks minor < 4 (§3.1 is minor 4)");
+  }
+  if (wire::kSanitized) {
+    // Its workers are built the same way, and a sanitized process out of
+    // fds reports false errors (wire/sanitized.h).
+    return context.Skip("the kit is a sanitizer build");
+  }
+  // One connection served first: the worker is done setting up (it may
+  // need fds of its own after the Welcome).
+  KIT_ASSIGN_OR_RETURN(Client * first, context.HandOffAcked());
+  if (context.Claims("request_response")) {
+    KIT_RETURN_IF_ERROR(context.Exchange(*first));
+  }
+  const pid_t pid = context.worker().pid();
+  rlimit before{};
+  if (::prlimit(pid, RLIMIT_NOFILE, nullptr, &before) != 0) {
+    return absl::ErrnoToStatus(errno, "prlimit");
+  }
+  KIT_ASSIGN_OR_RETURN(int lowest, LowestFreeFd(pid));
+  rlimit full = before;
+  full.rlim_cur = static_cast<rlim_t>(lowest);
+  if (::prlimit(pid, RLIMIT_NOFILE, &full, nullptr) != 0) {
+    return absl::ErrnoToStatus(errno, "prlimit");
+  }
+  absl::StatusOr<Client*> client = context.HandOff();
+  absl::Status rejected =
+      client.ok()
+          ? AwaitIdsOf(context, "Reject (no fd slot: §3.1)", {(*client)->id},
+                       [](const v1::HandoffMessage& m) {
+                         return m.has_reject() ? &m.reject().connection_ids()
+                                               : nullptr;
+                       })
+          : client.status();
+  (void)::prlimit(pid, RLIMIT_NOFILE, &before, nullptr);
+  if (!rejected.ok()) return rejected;
+  // The channel is still there, and the worker serves the next one.
+  KIT_ASSIGN_OR_RETURN(Client * served, context.HandOffAcked());
+  if (context.Claims("request_response")) return context.Exchange(*served);
+  return absl::OkStatus();
+}
+
 absl::Status ErrorConnectionNotASocket(CaseContext& context) {
   KIT_RETURN_IF_ERROR(context.Register());
   // A connection to keep through it all, for a worker that says it keeps
@@ -1285,6 +1397,19 @@ const std::vector<Case>& AllCases() {
        "a Connection with two fds closes the channel and both fds",
        {},
        ErrorConnectionTwoFds},
+      {"drain-deadline-cut",
+       "§7.3 Closed",
+       "a connection with a request half-received that the worker closes "
+       "at its drain deadline is reported in Closed.cut_connection_ids",
+       {},
+       DrainDeadlineCut},
+      {"out-of-fds-reject",
+       "§3.1 Out of file descriptors",
+       "a Connection whose fd the kernel dropped (the worker at its fd "
+       "limit: MSG_CTRUNC) is rejected and the channel stays; the next one "
+       "is acked",
+       {},
+       OutOfFdsRejects},
       {"error-connection-not-a-socket",
        "§3 File descriptors",
        "a Connection whose fd is a pipe closes the channel and the pipe, is "

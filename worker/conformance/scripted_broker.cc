@@ -63,8 +63,13 @@ std::string Describe(const v1::HandoffMessage& message) {
       return absl::StrCat(name, "{", Ids(message.reject().connection_ids()),
                           "}");
     case v1::HandoffMessage::kClosed:
-      return absl::StrCat(name, "{", Ids(message.closed().connection_ids()),
-                          "}");
+      return absl::StrCat(
+          name, "{", Ids(message.closed().connection_ids()),
+          message.closed().cut_connection_ids_size() > 0
+              ? absl::StrCat(" cut ",
+                             Ids(message.closed().cut_connection_ids()))
+              : "",
+          "}");
     case v1::HandoffMessage::kRelease:
       return absl::StrCat(name, "{", message.release().connection_id(), "}");
     default:
@@ -265,16 +270,20 @@ absl::Status ScriptedBroker::Check(const Received& received) {
     case v1::HandoffMessage::kReject:
       return check_answer(m.reject().connection_ids(), "Reject");
     case v1::HandoffMessage::kClosed:
-      for (uint64_t id : m.closed().connection_ids()) {
-        if (owned_.erase(id) == 0) {
-          return Violation(
-              "§7.3 Closed",
-              absl::StrCat("Closed for connection ", id,
-                           finished_.count(id)
-                               ? ", already reported Closed or Released"
-                               : ", which the worker does not own"));
+      // cut_connection_ids (minor 4): closed too, each id in one list only.
+      for (const auto* ids :
+           {&m.closed().connection_ids(), &m.closed().cut_connection_ids()}) {
+        for (uint64_t id : *ids) {
+          if (owned_.erase(id) == 0) {
+            return Violation(
+                "§7.3 Closed",
+                absl::StrCat("Closed for connection ", id,
+                             finished_.count(id)
+                                 ? ", already reported Closed or Released"
+                                 : ", which the worker does not own"));
+          }
+          finished_.insert(id);
         }
-        finished_.insert(id);
       }
       return absl::OkStatus();
     case v1::HandoffMessage::kRelease: {

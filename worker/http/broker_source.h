@@ -38,6 +38,9 @@ class BrokerSource final : public ConnectionSource {
   void ConnectionClosed(uint64_t source_id) override {
     worker_->ConnectionClosed(source_id);
   }
+  void ConnectionCut(uint64_t source_id) override {
+    worker_->ConnectionCut(source_id);
+  }
   bool Finished() const override { return worker_->finished(); }
   bool ReleaseOnDrain() const override { return worker_->release_on_drain(); }
   absl::Status Release(uint64_t source_id, wire::UniqueFd& fd,

@@ -63,6 +63,11 @@ class ConnectionSource {
   virtual bool SharesSockets() const = 0;
   // A delivered connection was closed by the server.
   virtual void ConnectionClosed(uint64_t source_id) = 0;
+  // A delivered connection was cut by the server unfinished (its drain
+  // deadline passed, or a second signal).
+  virtual void ConnectionCut(uint64_t source_id) {
+    ConnectionClosed(source_id);
+  }
   // The source has nothing left to do once the server holds no connection
   // (standalone: stopped; broker: Goodbye said or broker gone).
   virtual bool Finished() const = 0;

@@ -37,6 +37,9 @@ constexpr auto kLingerTime = std::chrono::seconds(2);
 constexpr auto kFirstRequestGrace = std::chrono::seconds(2);
 // After a forced shutdown, how long the source gets to report the closes.
 constexpr auto kForcedExitGrace = std::chrono::seconds(1);
+// How long before the broker's drain deadline the server cuts what it still
+// holds (reported as cut: the broker counts those connections lost).
+constexpr absl::Duration kCutBeforeDeadline = absl::Milliseconds(100);
 
 }  // namespace
 
@@ -319,8 +322,10 @@ void HttpServer::RunPendingServices() {
 
 void HttpServer::BeginDrain(absl::Time deadline, StopSource stop_source) {
   if (deadline != absl::InfiniteFuture()) {
-    const absl::Duration left =
-        std::max(deadline - absl::Now(), absl::ZeroDuration());
+    // Cut a little before the broker's deadline, so that the Closed saying
+    // so reaches it before it ends this process and counts them itself.
+    const absl::Duration left = std::max(
+        deadline - absl::Now() - kCutBeforeDeadline, absl::ZeroDuration());
     const MonoTime at =
         now_ + std::chrono::nanoseconds(absl::ToInt64Nanoseconds(left));
     drain_deadline_ =
@@ -348,7 +353,10 @@ void HttpServer::CloseAll() {
   keys.reserve(slots_.size());
   for (const auto& [key, slot] : slots_) keys.push_back(key);
   for (uint64_t key : keys) {
-    if (Slot* slot = Find(key)) Close(*slot);
+    // A lingering connection has had its last response already.
+    if (Slot* slot = Find(key)) {
+      Close(*slot, slot->lingering ? Closure::kFinished : Closure::kCut);
+    }
   }
   draining_ = true;
   forced_exit_at_ = now_ + kForcedExitGrace;
@@ -485,7 +493,7 @@ void HttpServer::CloseGracefully(Slot& slot) {
   DiscardInput(slot);
 }
 
-void HttpServer::Close(Slot& slot) {
+void HttpServer::Close(Slot& slot, Closure closure) {
   const uint64_t key = slot.key;
   const uint64_t source_id = slot.source_id;
   if (source_->SharesSockets()) {
@@ -496,7 +504,11 @@ void HttpServer::Close(Slot& slot) {
     if (!slot.lingering) (void)::shutdown(slot.fd.get(), SHUT_RDWR);
   }
   slots_.erase(key);  // Closes the fd.
-  source_->ConnectionClosed(source_id);
+  if (closure == Closure::kCut) {
+    source_->ConnectionCut(source_id);
+  } else {
+    source_->ConnectionClosed(source_id);
+  }
 }
 
 void HttpServer::ScheduleTimer(Slot& slot, TimerKind kind, MonoTime at) {

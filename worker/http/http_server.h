@@ -131,7 +131,9 @@ class HttpServer final : public ConnectionSink {
   void StopReleasing();
   void RunPendingServices();
   void CloseGracefully(Slot& slot);
-  void Close(Slot& slot);
+  // Closes `slot`'s connection; a kCut one is reported as cut unfinished.
+  enum class Closure { kFinished, kCut };
+  void Close(Slot& slot, Closure closure = Closure::kFinished);
   void ScheduleTimer(Slot& slot, TimerKind kind, MonoTime at);
   void RunTimers();
   void RunDeferredReads();

@@ -72,6 +72,28 @@ std::chrono::nanoseconds ToChrono(absl::Duration duration) {
   return absl::ToChronoNanoseconds(duration);
 }
 
+// The Reject reason for connections whose fds this process had no room
+// for (the packet's ancillary data truncated, §4.3).
+constexpr char kOutOfFdsReason[] =
+    "out of file descriptors (the kernel truncated the passed fds)";
+
+// The connection ids `message` offers; false if it offers none.
+bool CollectOfferedIds(const v1::HandoffMessage& message,
+                       std::vector<uint64_t>& ids) {
+  switch (message.body_case()) {
+    case v1::HandoffMessage::kConnection:
+      ids.push_back(message.connection().connection_id());
+      return true;
+    case v1::HandoffMessage::kConnectionBatch:
+      for (const v1::Connection& c : message.connection_batch().connections()) {
+        ids.push_back(c.connection_id());
+      }
+      return true;
+    default:
+      return false;
+  }
+}
+
 // What a Connection carries (§3): a stream socket that is not listening.
 // Not whether it is still connected: a client may have gone already, which
 // is no fault of the broker.
@@ -156,7 +178,10 @@ WorkerImpl::WorkerImpl(Options options, std::string socket_path,
       listener_load_interval_(registration.welcome.listener_load_interval_ms()),
       last_sent_(std::chrono::steady_clock::now()),
       last_received_(last_sent_),
-      retry_delay_(kFirstRetryDelay) {}
+      retry_delay_(kFirstRetryDelay) {
+  // Out of fds, a Connection is rejected, not the channel lost (§3.1).
+  channel_->ReportTruncatedFds();
+}
 
 WorkerImpl::~WorkerImpl() {
   absl::MutexLock lock(&mu_);
@@ -302,6 +327,7 @@ bool WorkerImpl::OfferLocked(v1::Connection& offered, wire::UniqueFd fd,
 void WorkerImpl::ReceiveLocked() {
   std::vector<ClientConnection> taken;
   std::vector<uint64_t> rejected;
+  std::vector<uint64_t> out_of_fds;
   for (int i = 0; i < kMaxMessagesPerTurn; ++i) {
     if (channel_ == nullptr || goodbye_sent_) break;
     absl::StatusOr<wire::ReceiveResult> received =
@@ -316,6 +342,17 @@ void WorkerImpl::ReceiveLocked() {
       break;
     }
     last_received_ = std::chrono::steady_clock::now();
+    if (*received == wire::ReceiveResult::kFdsTruncated) {
+      // Out of fds: the kernel could not give us the sockets (§4.3). The
+      // broker still holds them; a Reject lets it place them elsewhere, and
+      // the channel stays.
+      if (!CollectOfferedIds(incoming_, out_of_fds)) {
+        LoseChannelLocked(
+            absl::StrCat("fds of a ", wire::BodyName(incoming_), " truncated"));
+        break;
+      }
+      continue;
+    }
     switch (incoming_.body_case()) {
       case v1::HandoffMessage::kConnection:
         OfferLocked(*incoming_.mutable_connection(),
@@ -402,6 +439,17 @@ void WorkerImpl::ReceiveLocked() {
       rejected.push_back(connection.id);
     }
     taken.clear();
+  }
+  if (!out_of_fds.empty()) {
+    Outgoing reject;
+    v1::Reject& body = *reject.message.mutable_reject();
+    body.mutable_connection_ids()->Add(out_of_fds.begin(), out_of_fds.end());
+    body.set_reason(kOutOfFdsReason);
+    spdlog::warn(
+        "fdbroker worker: out of file descriptors; rejected {} "
+        "connection(s)",
+        out_of_fds.size());
+    SendLocked(std::move(reject));
   }
   if (!rejected.empty()) {
     Outgoing reject;
@@ -523,9 +571,16 @@ void WorkerImpl::ReportClosedLocked(bool now) {
     return;  // The timer (ArmTimerLocked) or the next Ack brings it.
   }
   Outgoing closed;
-  closed.message.mutable_closed()->mutable_connection_ids()->Add(
-      closed_to_report_.begin(), closed_to_report_.end());
+  v1::Closed& body = *closed.message.mutable_closed();
+  for (uint64_t id : closed_to_report_) {
+    if (cut_to_report_.contains(id)) {
+      body.add_cut_connection_ids(id);
+    } else {
+      body.add_connection_ids(id);
+    }
+  }
   closed_to_report_.clear();
+  cut_to_report_.clear();
   SendLocked(std::move(closed));
 }
 
@@ -654,6 +709,7 @@ void WorkerImpl::LoseChannelLocked(absl::string_view reason, bool at_once) {
   // Closes the old broker was not told about die with it: the ids are no
   // longer owned, so no re-registration lists them.
   closed_to_report_.clear();
+  cut_to_report_.clear();
   unlisted_.clear();
   if (reconnect) {
     StartReconnectingLocked(at_once);
@@ -707,6 +763,7 @@ void WorkerImpl::TryRegisterLocked() {
   ListOwnedLocked(*hello.mutable_hello());
   registering_owned_ = hello.hello().owned_connections_size();
   closed_to_report_.clear();
+  cut_to_report_.clear();
   absl::StatusOr<std::unique_ptr<wire::MessageChannel>> channel =
       SendHello(socket_path_, hello, absl::Now(), sys_);
   if (absl::IsPermissionDenied(channel.status())) {
@@ -840,6 +897,7 @@ void WorkerImpl::RegisteredLocked(const v1::Welcome& welcome) {
   }
   const uint64_t old_id = worker_id_;
   channel_ = std::move(registering_);
+  channel_->ReportTruncatedFds();  // As in the constructor.
   reconnecting_ = false;
   want_writable_ = false;
   worker_id_ = welcome.worker_id();
@@ -872,6 +930,7 @@ void WorkerImpl::FailAttemptLocked(absl::string_view reason) {
   // The ids closed meanwhile were in that Hello only; the next one leaves
   // them out.
   closed_to_report_.clear();
+  cut_to_report_.clear();
   unlisted_.clear();
   const MonoTime now = std::chrono::steady_clock::now();
   next_attempt_at_ = now + retry_delay_;
@@ -897,6 +956,7 @@ void WorkerImpl::StopReconnectingLocked() {
   }
   reconnecting_ = false;
   closed_to_report_.clear();
+  cut_to_report_.clear();
   unlisted_.clear();
   (void)timer_.Disarm();
   WakeLocked();
@@ -943,6 +1003,12 @@ void WorkerImpl::WakeLocked() {
 }
 
 void WorkerImpl::ConnectionClosed(uint64_t id) {
+  Closed(id, Closure::kFinished);
+}
+
+void WorkerImpl::ConnectionCut(uint64_t id) { Closed(id, Closure::kCut); }
+
+void WorkerImpl::Closed(uint64_t id, Closure closure) {
   absl::MutexLock lock(&mu_);
   if (releasing_.contains(id)) {
     spdlog::warn(
@@ -975,6 +1041,7 @@ void WorkerImpl::ConnectionClosed(uint64_t id) {
   const bool known = unlisted_.erase(id) == 0;
   if (known && (channel_ != nullptr || registering_ != nullptr)) {
     closed_to_report_.push_back(id);
+    if (closure == Closure::kCut) cut_to_report_.insert(id);
     if (!ClosedReportsAreUrgentLocked()) {
       // Sent with the next Ack, or by the timer: no wake-up needed.
       if (closed_to_report_.size() == 1) {

@@ -71,6 +71,7 @@ class WorkerImpl final : public Worker {
   int pollable_fd() const override { return epoll_fd_.get(); }
   void ProcessEvents() override;
   void ConnectionClosed(uint64_t id) override;
+  void ConnectionCut(uint64_t id) override;
   void StartDrain() override;
   bool draining() const override;
   bool release_on_drain() const override;
@@ -81,6 +82,9 @@ class WorkerImpl final : public Worker {
   absl::Status ServeThreadPerConnection(ConnectionHandler handler) override;
 
  private:
+  enum class Closure { kFinished, kCut };
+  // ConnectionClosed() and ConnectionCut().
+  void Closed(uint64_t id, Closure closure) ABSL_LOCKS_EXCLUDED(mu_);
   // epoll data of the fds in epoll_fd_.
   enum FdTag : uint64_t {
     kChannelTag = 1,
@@ -223,6 +227,8 @@ class WorkerImpl final : public Worker {
   // Acked, waiting to be delivered at the end of ProcessEvents().
   std::vector<ClientConnection> ready_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> closed_to_report_ ABSL_GUARDED_BY(mu_);
+  // Those of closed_to_report_ that were cut (Closed.cut_connection_ids).
+  absl::flat_hash_set<uint64_t> cut_to_report_ ABSL_GUARDED_BY(mu_);
   // When the oldest of closed_to_report_ must be sent (kClosedReportDelay).
   MonoTime closed_report_at_ ABSL_GUARDED_BY(mu_) = MonoTime::max();
   bool wake_signalled_ ABSL_GUARDED_BY(mu_) = false;

@@ -195,6 +195,23 @@ class CoreTest(unittest.TestCase):
         self.assertGreaterEqual(time.monotonic() - closed_at,
                                 core_lib.CLOSED_REPORT_DELAY)
 
+    def test_connections_cut_unfinished_are_reported_as_cut(self) -> None:
+        # Minor 4: what the application cuts at its drain deadline goes in
+        # Closed.cut_connection_ids (the broker counts it lost), the rest
+        # in connection_ids, in one report.
+        driver = self.start()
+        self.offer(61)
+        self.offer(62)
+        driver.run_until(lambda: len(driver.connections) == 2)
+        self.expect(driver, "ack")
+        for connection in driver.connections:
+            connection.socket.close()
+        driver.core.connection_closed(61)
+        driver.core.connection_closed(62, cut=True)
+        closed = self.expect(driver, "closed")
+        self.assertEqual(list(closed.connection_ids), [61])
+        self.assertEqual(list(closed.cut_connection_ids), [62])
+
     def test_closed_reports_are_urgent_with_a_capacity(self) -> None:
         driver = self.start(capacity=4)
         self.offer(51)

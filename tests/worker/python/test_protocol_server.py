@@ -6,6 +6,7 @@ comes first, drain half-closes idle connections, release moves idle ones."""
 
 import asyncio
 import socket
+import time
 import unittest
 from unittest import mock
 from typing import Optional
@@ -131,6 +132,23 @@ class ProtocolServerTest(unittest.IsolatedAsyncioTestCase):
                                   .connection_ids), [8])
             await self.expect("goodbye")
             await asyncio.wait_for(server.wait_closed(), 5)
+
+    async def test_what_is_still_served_at_the_drain_deadline_is_cut(
+            self) -> None:
+        # A connection that does not end on drain (close_gracefully does
+        # nothing) is aborted just before the broker's deadline and reported
+        # as cut (protocol 1.4): the broker counts it lost.
+        await self.start(close_gracefully=lambda protocol: None)
+        client = await self.hand_over(9)
+        self.assertEqual(await self.ask(client, b"hi", 2), b"HI")
+        deadline = time.time() + 0.5
+        self.broker.send(drain=pb.Drain(
+            deadline_unix_nanos=int(deadline * 1e9)))
+        closed = await self.expect("closed")
+        self.assertEqual(list(closed.cut_connection_ids), [9])
+        self.assertEqual(list(closed.connection_ids), [])
+        self.assertLess(time.time(), deadline)
+        await self.expect("goodbye")
 
     async def test_release_needs_is_idle(self) -> None:
         with self.assertRaises(ValueError):

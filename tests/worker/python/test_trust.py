@@ -127,6 +127,57 @@ NOT_A_CLIENT_SOCKET = {"pipe": _pipe_end, "file": _file,
                        "datagram socket": _datagram_socket}
 
 
+def lowest_free_fd() -> int:
+    fd = 0
+    while True:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return fd
+        fd += 1
+
+
+class OutOfFdsTest(unittest.TestCase):
+    """§3.1 (minor 4): a Connection that arrives while the worker has no
+    free fd slot comes with MSG_CTRUNC and no fd; the worker Rejects it and
+    keeps its channel (before: a ProtocolError, the channel closed, and the
+    worker re-registered, which the broker refused for a supervised one)."""
+
+    def setUp(self) -> None:
+        self.broker = FakeBroker()
+        self.addCleanup(lambda: self.broker.close())
+
+    def test_a_truncated_connection_is_rejected_and_the_channel_stays(
+            self) -> None:
+        driver = ConnectionFdTest.start(self)
+        core = driver.core
+        worker_end, client = socket.socketpair()
+        self.addCleanup(client.close)
+        self.broker.offer(7, worker_end)
+        worker_end.close()
+        import resource
+        before = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (lowest_free_fd(), before[1]))
+        try:
+            core.process_events()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, before)
+        reject = self.broker.receive_body("reject")
+        self.assertEqual(list(reject.connection_ids), [7])
+        self.assertIn("out of file descriptors", reject.reason)
+        self.assertTrue(core.registered)
+        self.assertEqual(driver.connections, [])
+        # The channel goes on: the next one is acked.
+        worker_end, client = socket.socketpair()
+        self.addCleanup(client.close)
+        self.broker.offer(8, worker_end)
+        worker_end.close()
+        driver.run_until(lambda: driver.connections)
+        self.assertEqual(list(self.broker.receive_body("ack").connection_ids),
+                         [8])
+
+
 class ConnectionFdTest(unittest.TestCase):
     """§3: the fd of a Connection (or of a ConnectionBatch entry) is a
     client's stream socket. Anything else is the broker's protocol error

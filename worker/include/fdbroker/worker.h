@@ -223,6 +223,10 @@ class Worker {
   // the broker is lost the id is just forgotten (it is not listed in the
   // next re-registration). Callable from any thread.
   virtual void ConnectionClosed(uint64_t id) = 0;
+  // As ConnectionClosed(), for a connection the application cut unfinished
+  // (its drain deadline passed with the client still being served): the
+  // broker counts it lost (Closed.cut_connection_ids, protocol 1.4).
+  virtual void ConnectionCut(uint64_t id) = 0;
 
   // Drains on the worker's own initiative: new connections are returned to
   // the broker, and once the application owns none the worker says Goodbye

@@ -188,10 +188,11 @@ class Driver:
             self._timer.cancel()
         self._core.close()
 
-    def _connection_closed(self, connection_id: int) -> None:
+    def _connection_closed(self, connection_id: int,
+                           cut: bool = False) -> None:
         """Reports a brokered connection's close (Closed, batched: with the
-        next Ack or within a few ms)."""
-        if self._core.connection_closed(connection_id):
+        next Ack or within a few ms); `cut`: closed unfinished."""
+        if self._core.connection_closed(connection_id, cut):
             self._process_soon()
         elif not self._process_scheduled:
             self._arm_timer()

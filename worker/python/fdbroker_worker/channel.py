@@ -26,6 +26,20 @@ class ProtocolError(Exception):
     """The peer broke the protocol; the channel must be closed."""
 
 
+class FdsTruncated(ProtocolError):
+    """A Connection or ConnectionBatch whose fds the kernel could not give
+    this process (MSG_CTRUNC: out of file descriptors, §4.3). The message is
+    valid and counted; `message` holds it, whatever fds did arrive are
+    closed. The worker Rejects what it offered and keeps the channel; a
+    caller that does not expect it sees a ProtocolError."""
+
+    def __init__(self, message: "pb.HandoffMessage") -> None:
+        super().__init__(
+            f"{message.WhichOneof('body')} #{message.sequence}: out of file "
+            "descriptors, the kernel truncated its fds (MSG_CTRUNC)")
+        self.message = message
+
+
 class ChannelClosed(Exception):
     """The peer closed the channel (a read of 0 bytes and no fds)."""
 
@@ -155,10 +169,9 @@ class Channel:
 
     def _validate(self, data: bytes, fds: list[int],
                   flags: int) -> tuple["pb.HandoffMessage", Optional[int]]:
-        if flags & socket.MSG_CTRUNC:
-            raise ProtocolError("truncated control data (MSG_CTRUNC)")
         if flags & socket.MSG_TRUNC or len(data) > MAX_PACKET_BYTES:
             raise ProtocolError(f"packet over {MAX_PACKET_BYTES} bytes")
+        truncated = bool(flags & socket.MSG_CTRUNC)
         message = pb.HandoffMessage()
         try:
             message.ParseFromString(data)
@@ -180,6 +193,12 @@ class Channel:
                     "connections (at least 2)")
         else:
             want_fds = 1 if body in _FD_BODIES else 0
+        if truncated:
+            if body not in ("connection", "connection_batch") or \
+                    len(fds) >= want_fds:
+                raise ProtocolError("truncated control data (MSG_CTRUNC)")
+            self._received += 1
+            raise FdsTruncated(message)
         if len(fds) != want_fds:
             raise ProtocolError(
                 f"{body} #{message.sequence} carries {len(fds)} fds, "

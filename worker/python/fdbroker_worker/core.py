@@ -45,7 +45,8 @@ from typing import Callable, Optional
 
 from . import channel as channel_lib
 from ._proto import pb
-from .channel import Channel, ChannelClosed, ProtocolError, UntrustedBroker
+from .channel import (Channel, ChannelClosed, FdsTruncated, ProtocolError,
+                      UntrustedBroker)
 
 log = logging.getLogger("fdbroker_worker")
 
@@ -53,6 +54,11 @@ PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 4
 # The environment variable a supervised worker finds the broker through.
 SOCKET_ENV_VAR = "FDBROKER_SOCKET"
+
+# The Reject reason for connections whose fds this process had no room for
+# (the packet's ancillary data truncated, §4.3).
+OUT_OF_FDS_REASON = ("out of file descriptors (the kernel truncated the "
+                     "passed fds)")
 
 # At most this many broker messages per process_events(), so that a flood of
 # connections cannot starve the application. epoll stays readable meanwhile.
@@ -278,6 +284,8 @@ class WorkerCore:
         self._unlisted: set[int] = set()
         self._ready: list[Connection] = []
         self._closed_to_report: list[int] = []
+        # Those of _closed_to_report cut unfinished (Closed.cut_connection_ids).
+        self._cut_to_report: set[int] = set()
         # When waiting Closed reports go out at the latest (no Ack first).
         self._closed_report_at = 0.0
         self.draining = False
@@ -370,11 +378,14 @@ class WorkerCore:
         requests, self._release_requests = self._release_requests, []
         return Events(ready, drain, requests)
 
-    def connection_closed(self, connection_id: int) -> bool:
+    def connection_closed(self, connection_id: int, cut: bool = False) -> bool:
         """The application closed an acked connection; reported (batched)
         by process_events(): with the next Ack, or once deadline() passes.
-        Forgotten while there is no broker. True if process_events() should
-        run now (the report is urgent); else deadline() may have moved."""
+        With `cut`, it closed it unfinished (its drain deadline passed with
+        the client still served): reported in Closed.cut_connection_ids,
+        which the broker counts as lost (protocol 1.4). Forgotten while
+        there is no broker. True if process_events() should run now (the
+        report is urgent); else deadline() may have moved."""
         if self._owned.pop(connection_id, None) is None:
             log.warning("connection_closed(%d): not an active connection",
                         connection_id)
@@ -386,6 +397,8 @@ class WorkerCore:
         if known and (self._channel is not None or
                       self._registering is not None):
             self._closed_to_report.append(connection_id)
+            if cut:
+                self._cut_to_report.add(connection_id)
             if len(self._closed_to_report) == 1:
                 self._closed_report_at = self._clock() + CLOSED_REPORT_DELAY
         return self._closed_reports_urgent() or self.draining
@@ -530,6 +543,7 @@ class WorkerCore:
             return
         # The ids closed meanwhile were in that Hello only.
         self._closed_to_report.clear()
+        self._cut_to_report.clear()
         self._unlisted.clear()
         self._next_attempt_at = self._clock() + self._retry_delay
         if self._attempts <= _LOGGED_ATTEMPTS:
@@ -590,6 +604,7 @@ class WorkerCore:
         self._unsent_acks = 0
         # Closes the old broker was not told about die with it.
         self._closed_to_report.clear()
+        self._cut_to_report.clear()
         self._unlisted.clear()
         if reconnect:
             self._reconnecting = True
@@ -608,6 +623,7 @@ class WorkerCore:
         hello = self._hello()
         self._list_owned(hello.hello)
         self._closed_to_report.clear()
+        self._cut_to_report.clear()
         try:
             self._send_hello(hello)
         except UntrustedBroker as error:
@@ -661,6 +677,7 @@ class WorkerCore:
         self._close_registering()
         self._reconnecting = False
         self._closed_to_report.clear()
+        self._cut_to_report.clear()
         self._unlisted.clear()
 
     def _on_time(self) -> None:
@@ -704,11 +721,23 @@ class WorkerCore:
     def _receive(self) -> None:
         taken: list[Connection] = []
         rejected: list[int] = []
+        out_of_fds: list[int] = []
         for _ in range(_MAX_MESSAGES_PER_TURN):
             if self._channel is None or self._goodbye_sent:
                 break
             try:
                 received = self._channel.receive()
+            except FdsTruncated as truncated:
+                # No room for the sockets here (§4.3): the broker still
+                # holds them; a Reject lets it place them elsewhere.
+                self._last_received = self._clock()
+                offered = truncated.message
+                out_of_fds.extend(
+                    [offered.connection.connection_id]
+                    if offered.WhichOneof("body") == "connection" else
+                    [c.connection_id
+                     for c in offered.connection_batch.connections])
+                continue
             except (ChannelClosed, ProtocolError, OSError) as error:
                 self._lose_channel(str(error))
                 break
@@ -770,6 +799,11 @@ class WorkerCore:
             # Waiting Closed reports go just before the Ack: one wake-up of
             # the broker for both.
             self._report_closed(now=True)
+        if out_of_fds:
+            log.warning("out of file descriptors; rejected %d connection(s)",
+                         len(out_of_fds))
+            self._send(_Outgoing(pb.HandoffMessage(reject=pb.Reject(
+                connection_ids=out_of_fds, reason=OUT_OF_FDS_REASON))))
         if rejected:
             reason = ("worker is draining" if self.draining else
                       f"worker is at capacity ({self._options.capacity} "
@@ -917,8 +951,10 @@ class WorkerCore:
                 self._clock() < self._closed_report_at):
             return  # the next Ack or deadline() brings it
         ids, self._closed_to_report = self._closed_to_report, []
-        self._send(_Outgoing(pb.HandoffMessage(
-            closed=pb.Closed(connection_ids=ids))))
+        cut, self._cut_to_report = self._cut_to_report, set()
+        self._send(_Outgoing(pb.HandoffMessage(closed=pb.Closed(
+            connection_ids=[i for i in ids if i not in cut],
+            cut_connection_ids=[i for i in ids if i in cut]))))
 
     def _begin_drain(self, cause: DrainCause, deadline: Optional[float],
                      release_idle: bool = False) -> None:

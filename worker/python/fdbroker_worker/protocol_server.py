@@ -33,6 +33,7 @@ import asyncio.selector_events
 import functools
 import logging
 import socket
+import time
 from typing import Callable, Coroutine, Optional
 
 from ._driver import (FLUSH_TURNS, DrainCallback, Driver, releasable,
@@ -152,6 +153,11 @@ class _Adopting(asyncio.Protocol):
             self._protocol.data_received(self._data)
 
 
+# How long before the broker's drain deadline what is still served is cut
+# (reported as cut: the broker counts those connections lost).
+CUT_BEFORE_DEADLINE = 0.1
+
+
 class _Live:
     """A connection being served."""
 
@@ -187,6 +193,7 @@ class ProtocolServer(Driver):
         # transport over keeps the entry under the first protocol.
         self._by_protocol: dict[int, _Live] = {}
         self._sweep: Optional[asyncio.TimerHandle] = None
+        self._cut_timer: Optional[asyncio.TimerHandle] = None
         # Whether transports ask the socket object for their peer.
         self._peer_from_socket = isinstance(
             self.loop, asyncio.selector_events.BaseSelectorEventLoop)
@@ -264,11 +271,34 @@ class ProtocolServer(Driver):
         self._connection_closed(live.id)
 
     def _drain_started(self, drain: Drain) -> None:
+        if drain.deadline is not None and self._cut_timer is None:
+            # A little before the broker's deadline, so that the Closed
+            # saying so reaches it before it ends this process.
+            self._cut_timer = self.loop.call_at(
+                self.loop.time() + max(
+                    0.0, drain.deadline - time.time() - CUT_BEFORE_DEADLINE),
+                self._cut_at_deadline)
         for live in list(self._live.values()):
             self._drain_one(live)
         if self._drain_releases:
             self._sweep = self.loop.call_later(SWEEP_INTERVAL,
                                                self._sweep_releasing)
+
+    def _cut_at_deadline(self) -> None:
+        """The drain deadline passed: what is still served is cut, and
+        reported so (Closed.cut_connection_ids: the broker counts it lost)
+        rather than left for the broker to end with the process."""
+        self._cut_timer = None
+        for live in list(self._live.values()):
+            if live.releasing:
+                continue  # the broker owns it once the Release is out
+            self._live.pop(live.id, None)
+            self._by_protocol.pop(id(live.protocol), None)
+            if live.transport is not None:
+                live.transport.abort()
+            else:
+                live.socket.close()
+            self._connection_closed(live.id, cut=True)
 
     def _drain_one(self, live: _Live) -> None:
         if live.transport is None:
