@@ -92,6 +92,13 @@ class FakeOperations final : public BrokerOperations {
     Called("Rebalance");
     return rebalance_result;
   }
+  absl::StatusOr<v1::RestartWorkersResponse> RestartWorkers(
+      const v1::RestartWorkersRequest& request) override {
+    absl::MutexLock lock(&mu_);
+    Called("RestartWorkers");
+    restart_request = request;
+    return restart_result;
+  }
 
   std::vector<std::string> calls() {
     absl::MutexLock lock(&mu_);
@@ -107,6 +114,8 @@ class FakeOperations final : public BrokerOperations {
   v1::ListWorkersResponse list_workers;
   v1::GetLoadResponse get_load;
   absl::StatusOr<v1::ScaleWorkersResponse> scale_result;
+  absl::StatusOr<v1::RestartWorkersResponse> restart_result;
+  std::optional<v1::RestartWorkersRequest> restart_request;
   std::optional<v1::ScaleWorkersRequest> scale_request;
   absl::StatusOr<v1::DrainWorkerResponse> drain_worker_result;
   std::optional<v1::DrainWorkerRequest> drain_worker_request;
