@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -168,6 +169,18 @@ TEST_F(WorkerRecyclerTest, AFailedRecyclePausesRecycling) {
 TEST(ProcessTreeResidentBytesTest, CountsThisProcessAndIsZeroForNone) {
   EXPECT_GT(ProcessTreeResidentBytes(::getpid()), uint64_t{1} << 20);
   EXPECT_EQ(ProcessTreeResidentBytes(0x3fffffff), 0u);
+}
+
+TEST(ProcessTreeResidentBytesTest, IsCheapEnoughForTheLoop) {
+  // What one worker costs the loop once a second (this test process has a
+  // few threads, as a worker does). Bounded generously for sanitizers.
+  constexpr int kRounds = 200;
+  const absl::Time start = absl::Now();
+  for (int i = 0; i < kRounds; ++i) ProcessTreeResidentBytes(::getpid());
+  const absl::Duration each = (absl::Now() - start) / kRounds;
+  std::printf("ProcessTreeResidentBytes: %s per process\n",
+              absl::FormatDuration(each).c_str());
+  EXPECT_LT(each, absl::Milliseconds(2));
 }
 
 }  // namespace
