@@ -1,12 +1,18 @@
 #include "broker/broker_operations.h"
 
+#include <algorithm>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "google/protobuf/util/time_util.h"
 #include "spdlog/spdlog.h"
+#include "wire/command_line.h"
+#include "wire/message_channel.h"
 
 namespace fdbroker {
 namespace {
@@ -305,6 +311,86 @@ absl::StatusOr<v1::RebalanceResponse> DataPlaneOperations::Rebalance(
     *response.add_skipped() = ToProtoById(id);
   }
   return response;
+}
+
+absl::StatusOr<v1::RestartWorkersResponse> DataPlaneOperations::RestartWorkers(
+    const v1::RestartWorkersRequest& request) {
+  if (request.max_surge() < 0 || request.max_surge() > manager_.max_workers()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_surge must be in 1..", manager_.max_workers(),
+                     " (--max_workers; 0 means 1), got ", request.max_surge()));
+  }
+  WorkerRecycler::RestartRequest restart;
+  restart.max_surge = std::max(1, request.max_surge());
+  absl::StatusOr<absl::Duration> timeout =
+      DurationField(request.drain_timeout(), request.has_drain_timeout(),
+                    manager_.drain_timeout(), "drain_timeout");
+  if (!timeout.ok()) return timeout.status();
+  restart.drain_timeout = *timeout;
+  absl::StatusOr<std::optional<Supervisor::Command>> command =
+      WorkerCommandFields(request.worker_cmd(), request.env(),
+                          manager_.worker_command());
+  if (!command.ok()) return command.status();
+  restart.command = *std::move(command);
+  absl::StatusOr<WorkerRecycler::RestartPlan> plan =
+      manager_.RestartWorkers(std::move(restart));
+  if (!plan.ok()) return plan.status();
+  v1::RestartWorkersResponse response;
+  for (uint64_t id : plan->replacing) {
+    *response.add_replacing() = ToProtoById(id);
+  }
+  response.set_max_surge(plan->max_surge);
+  response.set_worker_cmd(absl::StrJoin(manager_.worker_command().argv, " "));
+  return response;
+}
+
+absl::StatusOr<std::optional<Supervisor::Command>> WorkerCommandFields(
+    const std::string& worker_cmd,
+    const google::protobuf::Map<std::string, std::string>& env,
+    const Supervisor::Command& current) {
+  if (worker_cmd.empty() && env.empty()) return std::nullopt;
+  Supervisor::Command command = current;
+  if (!worker_cmd.empty()) {
+    absl::StatusOr<std::vector<std::string>> argv =
+        wire::SplitCommandLine(worker_cmd);
+    if (!argv.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("worker_cmd: ", argv.status().message()));
+    }
+    if (argv->empty()) {
+      return absl::InvalidArgumentError("worker_cmd: no program");
+    }
+    if (absl::StatusOr<std::string> program = wire::ResolveProgram((*argv)[0]);
+        !program.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("worker_cmd: ", program.status().message()));
+    }
+    command.argv = *std::move(argv);
+  }
+  if (!env.empty()) {
+    command.env.clear();
+    for (const auto& [name, value] : env) {
+      const bool valid_name = !name.empty() && !absl::ascii_isdigit(name[0]) &&
+                              std::all_of(name.begin(), name.end(), [](char c) {
+                                return absl::ascii_isalnum(c) || c == '_';
+                              });
+      if (!valid_name) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("env: \"", absl::CEscape(name),
+                         "\" is not a variable name ([A-Za-z_][A-Za-z0-9_]*)"));
+      }
+      if (name == wire::kSocketEnvVar) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("env: ", name, " is set by the broker"));
+      }
+      if (value.find('\0') != std::string::npos) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("env: the value of ", name, " contains a NUL byte"));
+      }
+      command.env[name] = value;
+    }
+  }
+  return command;
 }
 
 }  // namespace fdbroker

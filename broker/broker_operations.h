@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <string>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/functional/any_invocable.h"
@@ -12,6 +14,7 @@
 #include "broker/event_loop.h"
 #include "broker/listener.h"
 #include "broker/rate_window.h"
+#include "broker/supervisor.h"
 #include "broker/worker_events.h"
 #include "broker/worker_manager.h"
 #include "broker/worker_registry.h"
@@ -42,6 +45,9 @@ class BrokerOperations {
       const v1::ResumeRequest& request) = 0;
   virtual absl::StatusOr<v1::RebalanceResponse> Rebalance(
       const v1::RebalanceRequest& request) = 0;
+  // Starts a rolling restart and answers at once (progress: WatchEvents).
+  virtual absl::StatusOr<v1::RestartWorkersResponse> RestartWorkers(
+      const v1::RestartWorkersRequest& request) = 0;
 };
 
 // Converts a google.protobuf.Duration field: unset or zero gives `fallback`;
@@ -49,6 +55,15 @@ class BrokerOperations {
 absl::StatusOr<absl::Duration> DurationField(
     const google::protobuf::Duration& value, bool has_value,
     absl::Duration fallback, absl::string_view field);
+
+// RestartWorkers' worker_cmd and env over the `current` command: nullopt
+// when both are empty (the command stays), else the new command;
+// InvalidArgument for an unparsable command line, a program not found or not
+// executable, a bad variable name, FDBROKER_SOCKET, or a NUL in a value.
+absl::StatusOr<std::optional<Supervisor::Command>> WorkerCommandFields(
+    const std::string& worker_cmd,
+    const google::protobuf::Map<std::string, std::string>& env,
+    const Supervisor::Command& current);
 
 // The real implementation over the broker's parts. Also samples the rates
 // GetLoad reports and keeps the health status current.
@@ -81,6 +96,8 @@ class DataPlaneOperations final : public BrokerOperations {
       const v1::ResumeRequest& request) override;
   absl::StatusOr<v1::RebalanceResponse> Rebalance(
       const v1::RebalanceRequest& request) override;
+  absl::StatusOr<v1::RestartWorkersResponse> RestartWorkers(
+      const v1::RestartWorkersRequest& request) override;
 
  private:
   v1::Worker ToProto(const Worker& worker) const;

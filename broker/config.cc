@@ -11,7 +11,9 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "broker/balancing_policy.h"
 #include "broker/control_server.h"
@@ -57,6 +59,24 @@ ABSL_FLAG(bool, rebalance_after_scale, false,
           "After a ScaleWorkers scale-up, once the new workers are ready, "
           "rebalance once (as the Rebalance RPC does): idle connections move "
           "to them.");
+ABSL_FLAG(int64_t, max_connections_per_worker, 0,
+          "Recycle a supervised worker once it was handed this many "
+          "connections (migrated ones included): a replacement starts and "
+          "registers, then the worker drains, its idle connections moving. "
+          "0: never.");
+ABSL_FLAG(int64_t, max_connections_jitter, 0,
+          "A random 0..N added to --max_connections_per_worker for each "
+          "worker, so that workers started together are not recycled "
+          "together.");
+ABSL_FLAG(std::string, max_worker_rss, "",
+          "Recycle a supervised worker whose resident memory, its child "
+          "processes' included, reaches this size (bytes, or with a suffix: "
+          "KiB/MiB/GiB/TiB or K/M/G/T, powers of 1024; KB/MB/GB/TB, powers "
+          "of 1000), e.g. 512MiB; at least 1MiB. Sampled from /proc once a "
+          "second. Empty or 0: never.");
+ABSL_FLAG(absl::Duration, max_worker_age, absl::ZeroDuration(),
+          "Recycle a supervised worker this long after it started, e.g. 6h; "
+          "at least 1s. 0: never.");
 ABSL_FLAG(absl::Duration, heartbeat_interval, absl::Seconds(1),
           "A side sends a heartbeat after this much silence.");
 ABSL_FLAG(absl::Duration, heartbeat_timeout, absl::Seconds(10),
@@ -122,7 +142,88 @@ std::string DefaultSocketPath() {
   return absl::StrCat("/tmp/fdbroker-", ::getuid(), ".sock");
 }
 
+// --max_connections_per_worker, --max_connections_jitter, --max_worker_rss,
+// --max_worker_age.
+absl::Status RecycleOptionsFromFlags(WorkerRecycler::Options& recycle) {
+  const int64_t max_connections =
+      absl::GetFlag(FLAGS_max_connections_per_worker);
+  const int64_t jitter = absl::GetFlag(FLAGS_max_connections_jitter);
+  if (max_connections < 0) {
+    return absl::InvalidArgumentError(
+        "--max_connections_per_worker must be >= 0 (0: never recycle)");
+  }
+  if (jitter < 0) {
+    return absl::InvalidArgumentError("--max_connections_jitter must be >= 0");
+  }
+  if (jitter > 0 && max_connections == 0) {
+    return absl::InvalidArgumentError(
+        "--max_connections_jitter needs --max_connections_per_worker");
+  }
+  recycle.max_connections = static_cast<uint64_t>(max_connections);
+  recycle.max_connections_jitter = static_cast<uint64_t>(jitter);
+  absl::StatusOr<uint64_t> rss =
+      ParseByteSize(absl::GetFlag(FLAGS_max_worker_rss));
+  if (!rss.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_worker_rss: ", rss.status().message()));
+  }
+  if (*rss != 0 && *rss < (uint64_t{1} << 20)) {
+    return absl::InvalidArgumentError(
+        "--max_worker_rss must be 0 (never) or at least 1MiB");
+  }
+  recycle.max_rss_bytes = *rss;
+  recycle.max_age = absl::GetFlag(FLAGS_max_worker_age);
+  if (recycle.max_age != absl::ZeroDuration() &&
+      (recycle.max_age < absl::Seconds(1) ||
+       recycle.max_age == absl::InfiniteDuration())) {
+    return absl::InvalidArgumentError(
+        "--max_worker_age must be 0 (never) or a duration of at least 1s "
+        "such as 6h");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+absl::StatusOr<uint64_t> ParseByteSize(absl::string_view text) {
+  text = absl::StripAsciiWhitespace(text);
+  if (text.empty()) return 0;
+  size_t digits = 0;
+  while (digits < text.size() && absl::ascii_isdigit(text[digits])) ++digits;
+  uint64_t value = 0;
+  if (digits == 0 || digits > 15 ||
+      !absl::SimpleAtoi(text.substr(0, digits), &value)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "\"", text, "\" is not a size such as 512MiB, 2G or 1000000"));
+  }
+  const std::string suffix = absl::AsciiStrToLower(text.substr(digits));
+  static constexpr std::pair<const char*, uint64_t> kUnits[] = {
+      {"", 1},
+      {"b", 1},
+      {"k", uint64_t{1} << 10},
+      {"kib", uint64_t{1} << 10},
+      {"kb", 1000},
+      {"m", uint64_t{1} << 20},
+      {"mib", uint64_t{1} << 20},
+      {"mb", 1000 * 1000},
+      {"g", uint64_t{1} << 30},
+      {"gib", uint64_t{1} << 30},
+      {"gb", 1000 * 1000 * 1000},
+      {"t", uint64_t{1} << 40},
+      {"tib", uint64_t{1} << 40},
+      {"tb", uint64_t{1000} * 1000 * 1000 * 1000}};
+  for (const auto& [name, unit] : kUnits) {
+    if (suffix != name) continue;
+    if (value > (uint64_t{1} << 50) / unit) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("\"", text, "\" is larger than 1PiB"));
+    }
+    return value * unit;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown unit \"", text.substr(digits),
+      "\" (use B, KiB, MiB, GiB, TiB, K, M, G, T, KB, MB, GB, TB)"));
+}
 
 void ParseFlagsOrExit(int argc, char** argv) {
   absl::SetProgramUsageMessage(
@@ -255,6 +356,9 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
        config.loop_slice > absl::Milliseconds(100))) {
     return absl::InvalidArgumentError(
         "--loop_slice must be 0 (kernel default) or in 100us..100ms");
+  }
+  if (absl::Status s = RecycleOptionsFromFlags(manager.recycle); !s.ok()) {
+    return s;
   }
   config.ready_file = absl::GetFlag(FLAGS_ready_file);
   config.upgrade = absl::GetFlag(FLAGS_upgrade);

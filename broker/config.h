@@ -1,10 +1,12 @@
 #ifndef FDBROKER_BROKER_CONFIG_H_
 #define FDBROKER_BROKER_CONFIG_H_
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "broker/connection_dispatcher.h"
 #include "broker/control_server.h"
@@ -48,6 +50,11 @@ struct BrokerConfig {
   // workers before starting its own.
   absl::Duration adopt_grace;
 };
+
+// A size in bytes: digits with an optional unit (case-insensitive): B;
+// KiB, MiB, GiB, TiB or K, M, G, T (powers of 1024); KB, MB, GB, TB (powers
+// of 1000). Empty is 0. At most 1PiB. InvalidArgument otherwise.
+absl::StatusOr<uint64_t> ParseByteSize(absl::string_view text);
 
 // Parses argv into the absl flags. Unlike absl::ParseCommandLine, a bad flag
 // (unknown name, unparsable value, stray argument) prints one line and exits

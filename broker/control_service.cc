@@ -254,6 +254,14 @@ grpc::ServerUnaryReactor* ControlService::Rebalance(
                      &BrokerOperations::Rebalance);
 }
 
+grpc::ServerUnaryReactor* ControlService::RestartWorkers(
+    grpc::CallbackServerContext* context,
+    const v1::RestartWorkersRequest* request,
+    v1::RestartWorkersResponse* response) {
+  return RunMutation(context, "RestartWorkers", request, response,
+                     &BrokerOperations::RestartWorkers);
+}
+
 grpc::ServerWriteReactor<v1::WatchEventsResponse>* ControlService::WatchEvents(
     grpc::CallbackServerContext* context, const v1::WatchEventsRequest*) {
   if (observer_) observer_("WatchEvents", grpc::StatusCode::OK);

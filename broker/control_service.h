@@ -31,10 +31,11 @@ class ControlService final : public v1::BrokerService::CallbackService {
       std::function<void(absl::string_view method, grpc::StatusCode code)>;
 
   // Who may call the mutating RPCs (ScaleWorkers, DrainWorker, Drain,
-  // Resume, Rebalance). With mTLS every caller has a verified certificate; then
-  // only subjects listed here ("CN=ops,O=example" as gRPC reports the subject)
-  // may mutate. Without it, `check_plaintext_caller` (if set) decides from
-  // the peer address gRPC reports; its error is the RPC's answer.
+  // Resume, Rebalance, RestartWorkers). With mTLS every caller has a verified
+  // certificate; then only subjects listed here ("CN=ops,O=example" as gRPC
+  // reports the subject) may mutate. Without it, `check_plaintext_caller` (if
+  // set) decides from the peer address gRPC reports; its error is the RPC's
+  // answer.
   struct Authorization {
     bool require_admin_subject = false;
     std::set<std::string> admin_subjects;
@@ -68,6 +69,10 @@ class ControlService final : public v1::BrokerService::CallbackService {
   grpc::ServerUnaryReactor* Rebalance(grpc::CallbackServerContext* context,
                                       const v1::RebalanceRequest* request,
                                       v1::RebalanceResponse* response) override;
+  grpc::ServerUnaryReactor* RestartWorkers(
+      grpc::CallbackServerContext* context,
+      const v1::RestartWorkersRequest* request,
+      v1::RestartWorkersResponse* response) override;
   grpc::ServerWriteReactor<v1::WatchEventsResponse>* WatchEvents(
       grpc::CallbackServerContext* context,
       const v1::WatchEventsRequest* request) override;

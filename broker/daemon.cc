@@ -632,10 +632,27 @@ void Daemon::OnSignal() {
   signalfd_siginfo info;
   while (::read(signal_fd_.get(), &info, sizeof(info)) == sizeof(info)) {
     const int signal = static_cast<int>(info.ssi_signo);
-    if (signal == SIGHUP || signal == SIGUSR1 || signal == SIGUSR2) {
+    if (signal == SIGHUP) {
+      // As gunicorn's HUP: a rolling restart with the defaults (max_surge
+      // 1, --drain_timeout, the current command).
+      absl::StatusOr<WorkerRecycler::RestartPlan> plan =
+          shutting_down_
+              ? absl::FailedPreconditionError("shutting down")
+              : manager_->RestartWorkers(WorkerRecycler::RestartRequest{
+                    1, config_.manager.drain_timeout, std::nullopt});
+      if (plan.ok()) {
+        spdlog::info("received SIGHUP: rolling restart of {} worker(s)",
+                     plan->replacing.size());
+      } else {
+        spdlog::warn("received SIGHUP: no rolling restart: {}",
+                     std::string(plan.status().message()));
+      }
+      continue;
+    }
+    if (signal == SIGUSR1 || signal == SIGUSR2) {
       spdlog::info(
           "received SIG{}: ignored (SIGTERM, SIGINT or SIGQUIT drain the "
-          "broker)",
+          "broker, SIGHUP restarts the workers)",
           sigabbrev_np(signal));
       continue;
     }

@@ -31,9 +31,10 @@ namespace fdbroker {
 
 // The signals the broker takes (through a signalfd on its loop; main()
 // blocks them in every thread before any exists): SIGTERM, SIGINT and
-// SIGQUIT drain, a second one stops at once; SIGHUP, SIGUSR1 and SIGUSR2 are
-// logged and ignored, so that no signal sent by habit kills the broker
-// without a drain (each one's default action would).
+// SIGQUIT drain, a second one stops at once; SIGHUP starts a rolling
+// restart of the workers (RestartWorkers with the defaults); SIGUSR1 and
+// SIGUSR2 are logged and ignored, so that no signal sent by habit kills the
+// broker without a drain (each one's default action would).
 sigset_t BrokerSignals();
 
 // The composition root: builds the parts, wires their callbacks, runs the

@@ -17,6 +17,7 @@ v1::WatchEventsResponse EventHub::ToProto(const WorkerEvent& event) {
   out.set_pid(event.pid);
   out.set_exit_status(event.exit_status);
   out.set_detail(event.detail);
+  out.set_reason(event.reason);
   return out;
 }
 

@@ -74,7 +74,13 @@
           "Client connections workers accepted themselves from the "        \
           "listeners granted to them (--placement=kernel), as they report " \
           "them.")                                                          \
-  INTERNAL(placement_loads, "Placement programs attached (kernel mode).")
+  INTERNAL(placement_loads, "Placement programs attached (kernel mode).")   \
+  COUNTER_IN(recycled_restart, kWorkerRecycles, "restart")                  \
+  COUNTER_IN(recycled_max_connections, kWorkerRecycles, "max_connections")  \
+  COUNTER_IN(recycled_max_rss, kWorkerRecycles, "max_rss")                  \
+  COUNTER_IN(recycled_max_age, kWorkerRecycles, "max_age")                  \
+  COUNTER_IN(rolling_restarts_done, kRollingRestarts, "done")               \
+  COUNTER_IN(rolling_restarts_failed, kRollingRestarts, "failed")
 
 // The components whose stats feed metrics: COMPONENT(Class, member of
 // MetricSources, list). Class::Stats is the struct its list generates.
@@ -116,6 +122,16 @@
          "Workers the broker cut off (supervised ones killed with their "    \
          "process group), by reason: silent (heartbeat_timeout), holding a " \
          "connection unacked (ack_timeout), not reading (channel_stuck).")   \
+  FAMILY(kWorkerRecycles, kCounter, "fdbroker_worker_recycles_total",        \
+         "reason",                                                           \
+         "Supervised workers replaced surge-first (the replacement "         \
+         "registered, then the worker drained, its idle connections "        \
+         "moving), by reason: restart (RestartWorkers, SIGHUP), "            \
+         "max_connections, max_rss, max_age.")                               \
+  FAMILY(kRollingRestarts, kCounter, "fdbroker_rolling_restarts_total",      \
+         "result",                                                           \
+         "Rolling restarts (RestartWorkers, SIGHUP) that ended, by result: " \
+         "done, or failed (a replacement did not start or register).")       \
   FAMILY(kControlRequests, kCounter, "fdbroker_control_requests_total",      \
          "method,code", "Control-plane RPCs, by method and code.")           \
   FAMILY(kWorkers, kGauge, "fdbroker_workers", "state",                      \

@@ -5,6 +5,7 @@
 #include <sys/epoll.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <optional>
 #include <utility>
 
@@ -32,6 +33,7 @@ std::string DescribeWaitStatus(int status) {
 Supervisor::Supervisor(EventLoop& loop, Options options, ExitCallback on_exit)
     : loop_(loop),
       options_(std::move(options)),
+      command_{options_.argv, {}},
       owned_launcher_(std::make_unique<PosixProcessLauncher>()),
       launcher_(*owned_launcher_),
       on_exit_(std::move(on_exit)) {}
@@ -40,17 +42,29 @@ Supervisor::Supervisor(EventLoop& loop, Options options,
                        ProcessLauncher& launcher, ExitCallback on_exit)
     : loop_(loop),
       options_(std::move(options)),
+      command_{options_.argv, {}},
       launcher_(launcher),
       on_exit_(std::move(on_exit)) {}
 
 Supervisor::~Supervisor() = default;
 
 absl::StatusOr<pid_t> Supervisor::Spawn() {
-  if (options_.argv.empty()) {
+  if (command_.argv.empty()) {
     return absl::FailedPreconditionError("no worker command");
   }
-  absl::StatusOr<ProcessLauncher::Process> process = launcher_.Spawn(
-      options_.argv, wire::WorkerEnvironment(options_.socket_path));
+  std::vector<std::string> env = wire::WorkerEnvironment(options_.socket_path);
+  for (const auto& [name, value] : command_.env) {
+    // The command's variables replace the broker's of the same name.
+    const std::string prefix = absl::StrCat(name, "=");
+    env.erase(std::remove_if(env.begin(), env.end(),
+                             [&](const std::string& entry) {
+                               return absl::StartsWith(entry, prefix);
+                             }),
+              env.end());
+    env.push_back(prefix + value);
+  }
+  absl::StatusOr<ProcessLauncher::Process> process =
+      launcher_.Spawn(command_.argv, env);
   if (!process.ok()) return process.status();
   const pid_t pid = process->pid;
   if (absl::Status s = WatchChild(pid, std::move(process->exit_fd), false);

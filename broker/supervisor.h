@@ -52,7 +52,15 @@ class Supervisor {
   void Signal(pid_t pid, int signal);
   void SignalAll(int signal);
   size_t running() const { return children_.size(); }
-  const std::vector<std::string>& argv() const { return options_.argv; }
+  // The command every later Spawn runs: argv and the variables set on top
+  // of the broker's environment (RestartWorkers may change both).
+  struct Command {
+    std::vector<std::string> argv;
+    std::map<std::string, std::string> env;
+  };
+  const Command& command() const { return command_; }
+  void set_command(Command command) { command_ = std::move(command); }
+  const std::vector<std::string>& argv() const { return command_.argv; }
 
  private:
   struct Child {
@@ -65,6 +73,7 @@ class Supervisor {
 
   EventLoop& loop_;
   const Options options_;
+  Command command_;
   std::unique_ptr<ProcessLauncher> owned_launcher_;  // The default one.
   ProcessLauncher& launcher_;
   ExitCallback on_exit_;

@@ -120,10 +120,10 @@ bool WorkerDrainer::OthersCanTake(
 // ---- Replace-then-drain, scale-up --------------------------------------
 
 void WorkerDrainer::AwaitReplacement(uint64_t replacement_id, uint64_t old_id,
-                                     absl::Duration timeout,
-                                     DrainCallback done) {
-  pending_replaces_.emplace(replacement_id,
-                            PendingReplace{old_id, timeout, std::move(done)});
+                                     absl::Duration timeout, DrainCallback done,
+                                     DrainCause cause) {
+  pending_replaces_.emplace(
+      replacement_id, PendingReplace{old_id, timeout, std::move(done), cause});
 }
 
 void WorkerDrainer::AwaitScaleUp(const std::vector<uint64_t>& started) {
@@ -172,7 +172,7 @@ void WorkerDrainer::OnReplacementDone(uint64_t replacement_id,
     pending.done(DrainResult{pending.old_id, replacement_id});
     return;
   }
-  if (!old->retiring()) Drain(*old, DrainCause::kReplaced, pending.timeout);
+  if (!old->retiring()) Drain(*old, pending.cause, pending.timeout);
   pending.done(DrainResult{pending.old_id, replacement_id});
 }
 

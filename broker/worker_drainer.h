@@ -68,10 +68,12 @@ class WorkerDrainer {
   // its channel closed (external).
   void Check(int64_t now_nanos);
 
-  // Replace-then-drain: `old_id` drains once `replacement_id` registered
-  // (`done` is answered then), or `done` gets the error if it exits first.
+  // Replace-then-drain: `old_id` drains for `cause` once `replacement_id`
+  // registered (`done` is answered then), or `done` gets the error if it
+  // exits first.
   void AwaitReplacement(uint64_t replacement_id, uint64_t old_id,
-                        absl::Duration timeout, DrainCallback done);
+                        absl::Duration timeout, DrainCallback done,
+                        DrainCause cause = DrainCause::kReplaced);
   // --rebalance_after_scale: rebalance once these are all ready (or gone).
   void AwaitScaleUp(const std::vector<uint64_t>& started);
   // `worker` registered (a replacement, a scale-up's worker?).
@@ -110,6 +112,7 @@ class WorkerDrainer {
     uint64_t old_id;
     absl::Duration timeout;
     DrainCallback done;
+    DrainCause cause;
   };
   absl::flat_hash_map<uint64_t, PendingReplace> pending_replaces_;
   // Workers of the last scale-up not ready yet (--rebalance_after_scale).

@@ -21,6 +21,8 @@ struct WorkerEvent {
   pid_t pid = 0;
   std::string exit_status;
   std::string detail;
+  // WatchEventsResponse.reason (e.g. why a worker was recycled).
+  std::string reason;
   absl::Time time = absl::Now();
 };
 

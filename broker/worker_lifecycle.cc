@@ -48,6 +48,10 @@ absl::string_view DrainCauseName(DrainCause cause) {
       return "ack timeout";
     case DrainCause::kChannelStuck:
       return "channel stuck";
+    case DrainCause::kRestarted:
+      return "rolling restart";
+    case DrainCause::kRecycled:
+      return "recycled";
   }
   return "unknown";
 }

@@ -65,6 +65,8 @@ enum class DrainCause {
   kHeartbeatTimeout,  // Silent for --heartbeat_timeout: declared dead.
   kAckTimeout,        // A connection not acked within --ack_timeout: cut off.
   kChannelStuck,      // Its channel stayed full for --heartbeat_timeout.
+  kRestarted,  // Rolling restart (RestartWorkers, SIGHUP): replacement ready.
+  kRecycled,   // Past a recycling limit: its replacement registered.
 };
 
 absl::string_view DrainCauseName(DrainCause cause);

@@ -34,7 +34,13 @@ WorkerManager::WorkerManager(EventLoop& loop, WorkerRegistry& registry,
                                                 options.heartbeat_interval,
                                                 options.heartbeat_timeout}),
       drainer_(loop, registry, dispatcher, supervisor, lifecycle_, pool_,
-               stats_) {}
+               stats_),
+      recycler_(loop, registry, supervisor, lifecycle_, pool_, drainer_, stats_,
+                [&options] {
+                  WorkerRecycler::Options recycle = options.recycle;
+                  recycle.drain_timeout = options.drain_timeout;
+                  return recycle;
+                }()) {}
 
 WorkerManager::~WorkerManager() = default;
 
@@ -87,8 +93,11 @@ absl::Status WorkerManager::OnWorkerMessage(Worker& worker,
                                             v1::HandoffMessage& message,
                                             wire::UniqueFd fd) {
   switch (message.body_case()) {
-    case v1::HandoffMessage::kAck:
-      return dispatcher_.OnAck(worker, message.ack());
+    case v1::HandoffMessage::kAck: {
+      absl::Status status = dispatcher_.OnAck(worker, message.ack());
+      if (status.ok()) recycler_.OnHanded(worker);
+      return status;
+    }
     case v1::HandoffMessage::kReject:
       return dispatcher_.OnReject(worker, message.reject());
     case v1::HandoffMessage::kClosed:
@@ -201,6 +210,7 @@ void WorkerManager::RemoveWorker(Worker& worker) {
   registry_.Remove(id);
   MaybeFinishShutdown();
   drainer_.OnRemoved(id);
+  recycler_.OnRemoved(id);
 }
 
 // ---- Control-plane operations --------------------------------------------
@@ -309,6 +319,7 @@ void WorkerManager::Tick() {
   pool_.Check(now);
   registration_.ExpireSilentPeers(now);
   drainer_.Check(now);
+  recycler_.Check(now);
   for (uint64_t id : dispatcher_.WorkersOverdueSince(
            now - absl::ToInt64Nanoseconds(options_.ack_timeout))) {
     Worker* worker = registry_.Find(id);

@@ -22,6 +22,7 @@
 #include "broker/worker_events.h"
 #include "broker/worker_lifecycle.h"
 #include "broker/worker_pool.h"
+#include "broker/worker_recycler.h"
 #include "broker/worker_registration.h"
 #include "broker/worker_registry.h"
 #include "wire/sys_calls.h"
@@ -58,6 +59,10 @@ class WorkerManager : public HandoffChannel::Delegate {
     // Rebalance once the workers a ScaleWorkers scale-up started are all
     // ready (--rebalance_after_scale).
     bool rebalance_after_scale = false;
+    // --max_connections_per_worker, --max_connections_jitter,
+    // --max_worker_rss, --max_worker_age (its drain_timeout is the one
+    // above).
+    WorkerRecycler::Options recycle;
   };
   // broker/metrics_list.h declares the fields (and their metrics).
   using Stats = WorkerStats;
@@ -135,6 +140,16 @@ class WorkerManager : public HandoffChannel::Delegate {
   // of the workers it started).
   std::vector<uint64_t> SuspendPool(absl::Duration timeout);
   std::vector<uint64_t> ResumePool() { return pool_.Resume(); }
+  // Rolling restart (RestartWorkers, SIGHUP): see WorkerRecycler::Restart.
+  absl::StatusOr<WorkerRecycler::RestartPlan> RestartWorkers(
+      WorkerRecycler::RestartRequest request) {
+    return recycler_.Restart(std::move(request));
+  }
+  bool restarting() const { return recycler_.restarting(); }
+  // What a supervised worker is started with now.
+  const Supervisor::Command& worker_command() const {
+    return supervisor_.command();
+  }
   // The broker hands its workers to a new broker (upgrade): no restarts from
   // now on; the workers keep running and re-register there.
   void PrepareForUpgrade() { pool_.HandOver(); }
@@ -183,6 +198,7 @@ class WorkerManager : public HandoffChannel::Delegate {
   WorkerRegistration registration_;
   WorkerDrainer drainer_;
   std::unique_ptr<KernelPlacement> placement_;
+  WorkerRecycler recycler_;
   Timer tick_timer_{loop_};
   // Why the broker closed a worker's channel (DeclareDead), for
   // OnChannelClosed; a close not listed is a lost channel.

@@ -57,6 +57,51 @@ TEST(ConfigTest, KernelPlacementBindsWithReuseport) {
   EXPECT_TRUE(config->listener.reuseport);
 }
 
+TEST(ConfigTest, RecyclingFlags) {
+  absl::FlagSaver saver;
+  SetFlag("max_connections_per_worker", "1000");
+  SetFlag("max_connections_jitter", "50");
+  SetFlag("max_worker_rss", "512MiB");
+  SetFlag("max_worker_age", "6h");
+  absl::StatusOr<BrokerConfig> config = ConfigFromFlags("/opt/fdbroker/bin");
+  ASSERT_TRUE(config.ok()) << config.status();
+  const WorkerRecycler::Options& recycle = config->manager.recycle;
+  EXPECT_EQ(recycle.max_connections, 1000u);
+  EXPECT_EQ(recycle.max_connections_jitter, 50u);
+  EXPECT_EQ(recycle.max_rss_bytes, uint64_t{512} << 20);
+  EXPECT_EQ(recycle.max_age, absl::Hours(6));
+}
+
+TEST(ConfigTest, RecyclingIsOffByDefault) {
+  absl::FlagSaver saver;
+  absl::StatusOr<BrokerConfig> config = ConfigFromFlags("/opt/fdbroker/bin");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->manager.recycle.max_connections, 0u);
+  EXPECT_EQ(config->manager.recycle.max_rss_bytes, 0u);
+  EXPECT_EQ(config->manager.recycle.max_age, absl::ZeroDuration());
+}
+
+TEST(ParseByteSizeTest, UnitsAndErrors) {
+  EXPECT_EQ(*ParseByteSize(""), 0u);
+  EXPECT_EQ(*ParseByteSize("0"), 0u);
+  EXPECT_EQ(*ParseByteSize("1048576"), 1048576u);
+  EXPECT_EQ(*ParseByteSize("100B"), 100u);
+  EXPECT_EQ(*ParseByteSize("2KiB"), 2048u);
+  EXPECT_EQ(*ParseByteSize("2kb"), 2000u);
+  EXPECT_EQ(*ParseByteSize("512MiB"), uint64_t{512} << 20);
+  EXPECT_EQ(*ParseByteSize("512M"), uint64_t{512} << 20);
+  EXPECT_EQ(*ParseByteSize("500MB"), 500000000u);
+  EXPECT_EQ(*ParseByteSize("2G"), uint64_t{2} << 30);
+  EXPECT_EQ(*ParseByteSize("1GB"), 1000000000u);
+  EXPECT_EQ(*ParseByteSize("1TiB"), uint64_t{1} << 40);
+  for (const char* bad : {"MiB", "1.5G", "12 parsecs", "-1", "1PiB", "2000T",
+                          "99999999999999999999"}) {
+    absl::StatusOr<uint64_t> size = ParseByteSize(bad);
+    EXPECT_FALSE(size.ok()) << bad;
+    EXPECT_TRUE(absl::IsInvalidArgument(size.status())) << bad;
+  }
+}
+
 struct BadFlags {
   std::vector<std::pair<std::string, std::string>> flags;
   // The flag the message must name.
@@ -115,6 +160,20 @@ INSTANTIATE_TEST_SUITE_P(
         BadFlags{{{"loop_slice", "50us"}}, "--loop_slice"},
         BadFlags{{{"loop_slice", "1s"}}, "--loop_slice"},
         BadFlags{{{"adopt_grace", "-1s"}}, "--adopt_grace"},
+        BadFlags{{{"max_connections_per_worker", "-1"}},
+                 "--max_connections_per_worker"},
+        BadFlags{{{"max_connections_jitter", "-5"}},
+                 "--max_connections_jitter"},
+        BadFlags{{{"max_connections_jitter", "10"}},
+                 "--max_connections_jitter"},
+        BadFlags{{{"max_worker_rss", "lots"}}, "--max_worker_rss"},
+        BadFlags{{{"max_worker_rss", "512XB"}}, "--max_worker_rss"},
+        BadFlags{{{"max_worker_rss", "-1MiB"}}, "--max_worker_rss"},
+        BadFlags{{{"max_worker_rss", "1000"}}, "--max_worker_rss"},
+        BadFlags{{{"max_worker_rss", "2000TiB"}}, "--max_worker_rss"},
+        BadFlags{{{"max_worker_age", "500ms"}}, "--max_worker_age"},
+        BadFlags{{{"max_worker_age", "-1h"}}, "--max_worker_age"},
+        BadFlags{{{"max_worker_age", "inf"}}, "--max_worker_age"},
         BadFlags{{{"adopt_grace", "11m"}}, "--adopt_grace"},
         BadFlags{{{"metrics", "nowhere"}}, "--metrics"},
         BadFlags{{{"control", "nowhere"}}, "--control"},

@@ -92,6 +92,13 @@ class FakeOperations final : public BrokerOperations {
     Called("Rebalance");
     return rebalance_result;
   }
+  absl::StatusOr<v1::RestartWorkersResponse> RestartWorkers(
+      const v1::RestartWorkersRequest& request) override {
+    absl::MutexLock lock(&mu_);
+    Called("RestartWorkers");
+    restart_request = request;
+    return restart_result;
+  }
 
   std::vector<std::string> calls() {
     absl::MutexLock lock(&mu_);
@@ -107,6 +114,8 @@ class FakeOperations final : public BrokerOperations {
   v1::ListWorkersResponse list_workers;
   v1::GetLoadResponse get_load;
   absl::StatusOr<v1::ScaleWorkersResponse> scale_result;
+  absl::StatusOr<v1::RestartWorkersResponse> restart_result;
+  std::optional<v1::RestartWorkersRequest> restart_request;
   std::optional<v1::ScaleWorkersRequest> scale_request;
   absl::StatusOr<v1::DrainWorkerResponse> drain_worker_result;
   std::optional<v1::DrainWorkerRequest> drain_worker_request;
@@ -487,6 +496,11 @@ TEST_F(ControlServiceTest, MutationsNeedAnAdminSubject) {
   status =
       stub_->DrainWorker(Context().get(), drain_worker, &drain_worker_response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  v1::RestartWorkersResponse restarted;
+  status = stub_->RestartWorkers(Context().get(), v1::RestartWorkersRequest(),
+                                 &restarted);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(status.error_message(), HasSubstr("may not call RestartWorkers"));
   v1::GetLoadResponse load;
   status = stub_->GetLoad(Context().get(), v1::GetLoadRequest(), &load);
   EXPECT_TRUE(status.ok()) << status.error_message();
@@ -505,6 +519,7 @@ TEST_F(ControlServiceTest, WatchEventsStreamsEveryPublishedEvent) {
   exited.pid = 4321;
   exited.exit_status = "exit code 3";
   exited.detail = "restarting in 800ms";
+  exited.reason = "max_rss";
   WorkerEvent started;
   started.type = v1::EVENT_TYPE_WORKER_STARTED;
   started.worker_id = 5;
@@ -519,6 +534,7 @@ TEST_F(ControlServiceTest, WatchEventsStreamsEveryPublishedEvent) {
   EXPECT_EQ(event.pid(), 4321);
   EXPECT_EQ(event.exit_status(), "exit code 3");
   EXPECT_EQ(event.detail(), "restarting in 800ms");
+  EXPECT_EQ(event.reason(), "max_rss");
   EXPECT_GT(event.time().seconds(), 0);
   ASSERT_TRUE(reader->Read(&event));
   EXPECT_EQ(event.type(), v1::EVENT_TYPE_WORKER_STARTED);

@@ -33,7 +33,10 @@ LABEL_VALUES = {
             "release_truncated", "cut_by_worker"],
         "fdbroker_workers_declared_dead_total": [
             "heartbeat_timeout", "ack_timeout", "channel_stuck"],
+        "fdbroker_worker_recycles_total": [
+            "restart", "max_connections", "max_rss", "max_age"],
     },
+    "result": ["done", "failed"],
     "state": ["starting", "ready", "draining"],
     "listener": ["0.0.0.0:8080", "unix:/run/fdbroker/clients.sock"],
     "worker": ["1", "2", "3"],

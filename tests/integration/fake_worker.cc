@@ -34,7 +34,8 @@
 // Prints "registered" on stdout once welcomed; with --print_ids (the release
 // modes), "took <id>" for each connection it takes; with --print_listeners,
 // "took <id> from <listener> peer <peer_address>". --label=KEY=VALUE adds a
-// Hello label (e.g. listeners=...).
+// Hello label (e.g. listeners=...). --grow_rss_mb=N (the release modes):
+// every line starting with GROW adds N MiB of resident memory, never freed.
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -84,6 +85,18 @@ using fdbroker::wire::UniqueFd;
 bool print_ids = false;
 // --print_listeners: and the Connection's listener and peer_address.
 bool print_listeners = false;
+// --grow_rss_mb=N: N MiB more resident memory (allocated and written) for
+// every line starting with GROW answered, never freed: a leaking
+// application for the broker's --max_worker_rss.
+int grow_rss_mb = 0;
+std::vector<std::unique_ptr<char[]>> leaked;
+
+void GrowRss() {
+  if (grow_rss_mb <= 0) return;
+  const size_t size = static_cast<size_t>(grow_rss_mb) << 20;
+  leaked.push_back(std::make_unique<char[]>(size));
+  std::memset(leaked.back().get(), 1, size);
+}
 
 // A channel to the broker at `path` (Fail()s if it cannot connect).
 fdbroker::wire::MessageChannel ConnectTo(const char* path) {
@@ -307,6 +320,7 @@ class LineServer {
         client.deferred += line + "\n";
         continue;
       }
+      if (line.rfind("GROW", 0) == 0) GrowRss();
       const std::string reply = std::to_string(::getpid()) + " " + line + "\n";
       (void)!::send(client.fd.get(), reply.data(), reply.size(), MSG_NOSIGNAL);
     }
@@ -366,6 +380,9 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[i], "--print_ids") == 0) print_ids = true;
     if (std::strncmp(argv[i], "--rejoin_marker=", 16) == 0) {
       rejoin_marker = argv[i] + 16;
+    }
+    if (std::strncmp(argv[i], "--grow_rss_mb=", 14) == 0) {
+      grow_rss_mb = std::atoi(argv[i] + 14);
     }
     if (std::strcmp(argv[i], "--print_listeners") == 0) {
       print_listeners = true;

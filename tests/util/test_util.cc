@@ -361,6 +361,13 @@ absl::StatusOr<HttpResponse> HttpGet(int fd, absl::string_view path,
   }
 }
 
+int WorkerPidOf(const HttpResponse& response) {
+  auto it = response.headers.find("x-worker-pid");
+  int pid = 0;
+  if (it != response.headers.end()) (void)absl::SimpleAtoi(it->second, &pid);
+  return pid;
+}
+
 absl::StatusOr<HttpResponse> HttpGetOnce(const std::string& host, int port,
                                          absl::string_view path,
                                          absl::Duration timeout) {

@@ -85,6 +85,9 @@ absl::StatusOr<HttpResponse> HttpGetOnce(
     const std::string& host, int port, absl::string_view path,
     absl::Duration timeout = absl::Seconds(5));
 
+// The X-Worker-Pid header of an fdbroker-http-worker response (0 if none).
+int WorkerPidOf(const HttpResponse& response);
+
 // The whole contents of the file at `path`.
 absl::StatusOr<std::string> ReadFile(const std::string& path);
 

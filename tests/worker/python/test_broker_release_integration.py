@@ -7,6 +7,7 @@ it moved)."""
 import json
 import re
 import shutil
+import signal
 import socket
 import time
 import unittest
@@ -160,6 +161,45 @@ class BrokerReleaseTest(unittest.TestCase):
         self.assertNotIn(b"Connection: close", response)
         busy.sendall(REQUEST)
         self.assertNotEqual(pid_of(read_response(busy)), owner)
+
+    def rolling_restart(self, trigger) -> None:
+        """200 keep-alive clients on 3 Python workers, then a rolling
+        restart (`trigger`): every worker is replaced, the ready pool never
+        shrinks, and every client's next request on its connection is
+        answered by a new worker."""
+        broker = self.start_broker(3)
+        clients = self.connect_clients(broker, 200)
+        before = set(self.loads(broker))
+        start = time.monotonic()
+        trigger(broker)
+        smallest = 3
+
+        def replaced() -> bool:
+            nonlocal smallest
+            loads = self.loads(broker)
+            smallest = min(smallest, len(loads))
+            return (len(loads) == 3 and not before & set(loads)
+                    and not before & broker.worker_pids())
+        wait_for(replaced, 60, "every worker replaced and gone")
+        took = time.monotonic() - start
+        self.assertEqual(smallest, 3, "the ready pool shrank")
+        after = set(self.loads(broker))
+        pids = self.next_requests(clients)
+        self.assertTrue(set(pids) <= after, f"{set(pids)} not in {after}")
+        print(f"\nrolling restart of 3 Python workers with 200 keep-alive "
+              f"clients: {took * 1000:.0f} ms to every old worker gone, "
+              "200/200 next requests answered by new workers", flush=True)
+
+    def test_rolling_restart_keeps_every_keep_alive_client(self) -> None:
+        def restart(broker: Broker) -> None:
+            answer = json.loads(broker.rpc("RestartWorkers",
+                                           {"max_surge": 1}))
+            self.assertEqual(len(answer.get("replacing", [])), 3)
+        self.rolling_restart(restart)
+
+    def test_sighup_restarts_the_python_workers(self) -> None:
+        self.rolling_restart(lambda broker: broker.process.send_signal(
+            signal.SIGHUP))
 
 
 if __name__ == "__main__":
