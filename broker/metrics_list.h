@@ -60,9 +60,11 @@
   COUNTER_IN(heartbeat_timeouts, kWorkersDeclaredDead, "heartbeat_timeout") \
   COUNTER_IN(ack_timeouts, kWorkersDeclaredDead, "ack_timeout")             \
   COUNTER_IN(stuck_channels, kWorkersDeclaredDead, "channel_stuck")         \
+  COUNTER_IN(worker_timeouts, kWorkersDeclaredDead, "worker_timeout")       \
   COUNTER_IN(lost_worker_crash, kConnectionsLost, "worker_crash")           \
   COUNTER_IN(lost_drain_deadline, kConnectionsLost, "drain_deadline")       \
   COUNTER_IN(lost_shutdown, kConnectionsLost, "shutdown")                   \
+  COUNTER_IN(lost_worker_timeout, kConnectionsLost, "worker_timeout")       \
   INTERNAL(restart_loops,                                                   \
            "Restart loops entered (3 workers in a row failed early).")      \
   INTERNAL(rebalances, "Rebalance runs (RPC or automatic).")                \
@@ -91,7 +93,8 @@
          "reason",                                                           \
          "Connections a worker owned (or was being handed) when it went "    \
          "away without finishing them, by why: worker_crash (crash or "      \
-         "declared dead), drain_deadline (ended at --drain_timeout), "       \
+         "declared dead), worker_timeout (hung past --worker_timeout), "     \
+         "drain_deadline (ended at --drain_timeout), "                       \
          "shutdown (ended at the broker's shutdown deadline), "              \
          "upgrade_deadline (still unacked when an upgrading broker left). "  \
          "With rejected_total, the only ways an accepted connection goes "   \
@@ -104,7 +107,8 @@
          "fdbroker_workers_declared_dead_total", "reason",                   \
          "Workers the broker cut off (supervised ones killed with their "    \
          "process group), by reason: silent (heartbeat_timeout), holding a " \
-         "connection unacked (ack_timeout), not reading (channel_stuck).")   \
+         "connection unacked (ack_timeout), not reading (channel_stuck), "   \
+         "application thread hung (worker_timeout).")                        \
   FAMILY(kControlRequests, kCounter, "fdbroker_control_requests_total",      \
          "method,code", "Control-plane RPCs, by method and code.")           \
   FAMILY(kWorkers, kGauge, "fdbroker_workers", "state",                      \

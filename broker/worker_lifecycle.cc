@@ -48,6 +48,8 @@ absl::string_view DrainCauseName(DrainCause cause) {
       return "ack timeout";
     case DrainCause::kChannelStuck:
       return "channel stuck";
+    case DrainCause::kWorkerTimeout:
+      return "worker timeout";
   }
   return "unknown";
 }
@@ -59,6 +61,7 @@ bool IsRequested(DrainCause cause) {
     case DrainCause::kHeartbeatTimeout:
     case DrainCause::kAckTimeout:
     case DrainCause::kChannelStuck:
+    case DrainCause::kWorkerTimeout:
       return false;
     default:
       return true;

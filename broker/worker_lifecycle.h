@@ -63,6 +63,8 @@ enum class DrainCause {
   kHeartbeatTimeout,  // Silent for --heartbeat_timeout: declared dead.
   kAckTimeout,        // A connection not acked within --ack_timeout: cut off.
   kChannelStuck,      // Its channel stayed full for --heartbeat_timeout.
+  kWorkerTimeout,     // Its application thread silent for --worker_timeout:
+                      // sent SIGABRT (stack dump), killed after a grace.
 };
 
 absl::string_view DrainCauseName(DrainCause cause);

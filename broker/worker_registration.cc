@@ -237,6 +237,8 @@ void WorkerRegistration::Admit(HandoffChannel& channel, Worker& worker,
       std::clamp<uint32_t>(hello.max_connections_per_message(), 1,
                            ConnectionDispatcher::kMaxConnectionsPerMessage);
   worker.supports_release = hello.supports_release();
+  worker.reports_liveness = hello.reports_liveness();
+  worker.app_alive_mono_nanos = loop_.NowNanos();
   worker.protocol_minor = hello.version().minor();
   worker.labels.clear();
   for (const auto& [key, value] : hello.labels()) worker.labels[key] = value;
@@ -261,6 +263,8 @@ void WorkerRegistration::Admit(HandoffChannel& channel, Worker& worker,
       absl::ToInt64Milliseconds(options_.heartbeat_interval)));
   body->set_heartbeat_timeout_ms(static_cast<uint32_t>(
       absl::ToInt64Milliseconds(options_.heartbeat_timeout)));
+  body->set_worker_timeout_ms(static_cast<uint32_t>(
+      absl::ToInt64Milliseconds(options_.worker_timeout)));
   worker.channel->SendControl(std::move(welcome));
   spdlog::info(
       "worker {} registered: pid {}, {}, capacity {}{}", worker.id, peer.pid,

@@ -16,7 +16,7 @@ namespace fdbroker::wire {
 
 // The protocol version this code speaks (see handoff.proto).
 inline constexpr uint32_t kProtocolMajor = 1;
-inline constexpr uint32_t kProtocolMinor = 3;
+inline constexpr uint32_t kProtocolMinor = 4;
 
 // The environment variable through which a supervised worker learns the
 // broker's hand-off socket (set by the broker for every worker it starts).

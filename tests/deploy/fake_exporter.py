@@ -29,9 +29,11 @@ LABEL_VALUES = {
                                                 "proxy_protocol"],
         "fdbroker_connections_migrated_total": ["rebalance", "drain"],
         "fdbroker_connections_lost_total": [
-            "worker_crash", "drain_deadline", "shutdown", "upgrade_deadline"],
+            "worker_crash", "worker_timeout", "drain_deadline", "shutdown",
+            "upgrade_deadline"],
         "fdbroker_workers_declared_dead_total": [
-            "heartbeat_timeout", "ack_timeout", "channel_stuck"],
+            "heartbeat_timeout", "ack_timeout", "channel_stuck",
+            "worker_timeout"],
     },
     "state": ["starting", "ready", "draining"],
     "listener": ["0.0.0.0:8080", "unix:/run/fdbroker/clients.sock"],

@@ -50,7 +50,7 @@ from .channel import Channel, ChannelClosed, ProtocolError, UntrustedBroker
 log = logging.getLogger("fdbroker_worker")
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 3
+PROTOCOL_MINOR = 4
 # The environment variable a supervised worker finds the broker through.
 SOCKET_ENV_VAR = "FDBROKER_SOCKET"
 
