@@ -47,7 +47,7 @@ class ReleaseTest(unittest.TestCase):
     def test_hello_announces_release_only_when_opted_in(self) -> None:
         self.start()
         self.assertFalse(self.hello.supports_release)
-        self.assertEqual(self.hello.version.minor, 3)
+        self.assertEqual(self.hello.version.minor, 4)
         self.broker.close()
         self.broker = type(self.broker)()
         self.addCleanup(self.broker.close)
