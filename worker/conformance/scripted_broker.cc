@@ -339,6 +339,8 @@ absl::Status ScriptedBroker::SendWelcome(bool supervised, uint64_t worker_id) {
   welcome->set_heartbeat_timeout_ms(
       static_cast<uint32_t>(absl::ToInt64Milliseconds(heartbeat_timeout_)));
   welcome->set_supervised(supervised);
+  welcome->set_worker_timeout_ms(
+      static_cast<uint32_t>(absl::ToInt64Milliseconds(worker_timeout_)));
   return Send(std::move(message));
 }
 
