@@ -88,7 +88,8 @@ class DataPlaneTest : public ::testing::Test {
 
   // Connects process `pid` to the hand-off socket and says Hello; returns
   // its end of the channel once the broker has answered.
-  WorkerEnd Register(pid_t pid, uint32_t capacity = 0) {
+  WorkerEnd Register(pid_t pid, uint32_t capacity = 0,
+                     bool reports_liveness = false) {
     int sv[2];
     EXPECT_EQ(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv), 0);
     WorkerEnd end;
@@ -101,6 +102,7 @@ class DataPlaneTest : public ::testing::Test {
     hello.mutable_hello()->mutable_version()->set_major(wire::kProtocolMajor);
     hello.mutable_hello()->set_pid(pid);
     hello.mutable_hello()->set_capacity(capacity);
+    hello.mutable_hello()->set_reports_liveness(reports_liveness);
     EXPECT_TRUE(end.Send(std::move(hello)).ok());
     time_.RunUntilIdle();
     for (const v1::HandoffMessage& m : end.Received()) {

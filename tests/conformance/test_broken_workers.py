@@ -31,6 +31,7 @@ EXPECTED = {
     "drain-grace-all": ("drain-idle", "§7.7 Drain"),
     "ignore-release-request": ("error-release-request", "§5 ReleaseRequest"),
     "ignore-unexpected": ("error-second-welcome", "§6 Session state machine"),
+    "liveness-only-when-silent": ("liveness-heartbeat", "§7.10 Liveness"),
     "no-fd-check": ("error-connection-not-a-socket",
                     "§3 File descriptors: acked a Connection whose fd is a "
                     "pipe"),
