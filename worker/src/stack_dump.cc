@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstring>
 
 namespace fdbroker::worker {
@@ -38,7 +39,10 @@ void WriteAll(const char* data, size_t size) {
 
 void OnAbort(int signal) {
   // Only write(2) and backtrace_symbols_fd (no malloc) here; backtrace() was
-  // called once at install time so that it does not load libgcc now.
+  // called once at install time so that it does not load libgcc now. errno
+  // is kept for the interrupted code (and for TSan's check), although the
+  // re-raise below ends the process.
+  const int saved_errno = errno;
   char line[128];
   constexpr char kHead[] = "fdbroker worker: SIGABRT: stack of pid ";
   size_t n = 0;
@@ -57,6 +61,7 @@ void OnAbort(int signal) {
   constexpr char kTail[] = "fdbroker worker: end of stack dump\n";
   WriteAll(kTail, sizeof(kTail) - 1);
   ::signal(signal, SIG_DFL);
+  errno = saved_errno;
   ::raise(signal);
 }
 
