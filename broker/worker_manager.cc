@@ -385,8 +385,9 @@ void WorkerManager::Hung(Worker& worker, DrainCause cause, int64_t now_nanos) {
     return;
   }
   if (worker.supervised) {
-    // The SDKs dump every thread's stack to stderr on SIGABRT (Python's
-    // faulthandler, the C++ SDK's handler); by default it dumps core.
+    // The SDKs dump stacks to stderr on SIGABRT (Python's faulthandler:
+    // every thread; the C++ SDK: the thread it lands on), then abort; its
+    // default action dumps core.
     supervisor_.Signal(worker.pid, SIGABRT);
   }
   spdlog::warn("worker {} (pid {}) hung: {}; {}", worker.id, worker.pid, silent,

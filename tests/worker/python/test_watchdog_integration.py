@@ -4,6 +4,7 @@ BlockingWorker whose consumer loop hangs while the SDK's background thread
 keeps heartbeating. Each must be dumped (faulthandler's traceback on
 stderr), killed and replaced, its loss counted."""
 
+import json
 import pathlib
 import shutil
 import socket
@@ -40,6 +41,10 @@ class _Broker(Broker):
 class WatchdogTest(unittest.TestCase):
     def check_hung_worker_is_replaced(self, broker: _Broker) -> None:
         (hung,) = broker.wait_for_workers(1)
+        if shutil.which("buf"):
+            (worker,) = json.loads(broker.rpc("ListWorkers"))["workers"]
+            self.assertTrue(worker.get("reportsLiveness"), worker)
+            self.assertIn("appSilent", worker)
         blocker = socket.create_connection(("127.0.0.1", broker.port))
         self.addCleanup(blocker.close)
         blocker.sendall(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
