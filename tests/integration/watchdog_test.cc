@@ -19,6 +19,21 @@
 namespace fdbroker::testing {
 namespace {
 
+// TSan defers an asynchronous signal to the thread's next intercepted call,
+// which a thread blocked outside one may never reach before the SIGKILL:
+// there the kill is asserted, not the dump.
+#if defined(__SANITIZE_THREAD__)
+constexpr bool kDumpIsReliable = false;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+constexpr bool kDumpIsReliable = false;
+#else
+constexpr bool kDumpIsReliable = true;
+#endif
+#else
+constexpr bool kDumpIsReliable = true;
+#endif
+
 class WatchdogTest : public ::testing::Test {
  protected:
   void StartBroker(std::vector<std::string> flags) {
@@ -84,15 +99,18 @@ TEST_F(WatchdogTest, HungHttpWorkerIsDumpedKilledAndReplaced) {
             << absl::FormatDuration(took) << "\n";
   EXPECT_NE(replacement, 0);
   EXPECT_TRUE(WaitFor([&] { return ProcessGone(hung); }, absl::Seconds(10)));
-  // Its stack went to its stderr (the broker's, which workers inherit).
   const std::string err = broker_->process().Stderr();
-  EXPECT_NE(
-      err.find(absl::StrCat("fdbroker worker: SIGABRT: stack of pid ", hung)),
-      std::string::npos)
-      << err;
-  EXPECT_NE(err.find("fdbroker worker: end of stack dump"), std::string::npos);
-  // The frames show where it hung (libc's symbol names are exported).
-  EXPECT_NE(err.find("nanosleep"), std::string::npos) << err;
+  if (kDumpIsReliable) {
+    // Its stack went to its stderr (the broker's, which workers inherit).
+    EXPECT_NE(
+        err.find(absl::StrCat("fdbroker worker: SIGABRT: stack of pid ", hung)),
+        std::string::npos)
+        << err;
+    EXPECT_NE(err.find("fdbroker worker: end of stack dump"),
+              std::string::npos);
+    // The frames show where it hung (libc's symbol names are exported).
+    EXPECT_NE(err.find("nanosleep"), std::string::npos) << err;
+  }
   EXPECT_NE(err.find("application thread silent"), std::string::npos);
   // The idle client was the hung worker's: cut (counted), never answered.
   absl::StatusOr<HttpResponse> after = HttpGet(idle->get(), "/", true);
@@ -111,22 +129,22 @@ TEST_F(WatchdogTest, HungHttpWorkerIsDumpedKilledAndReplaced) {
       << ScrapeMetrics(metrics_).value_or("");
 }
 
-// Busy is not hung: under steady connection-per-request traffic (the
+// Busy is not hung: under 4 s of steady connection-per-request traffic (the
 // channel never silent, so no heartbeat is needed for the channel) and a
-// slow but non-blocking request (/sleep) of 2.5 s, a worker with
-// --worker_timeout=1s keeps proving life and is never killed.
+// slow but non-blocking request (/sleep) of 3 s, a worker with
+// --worker_timeout=2s keeps proving life and is never killed.
 TEST_F(WatchdogTest, BusyWorkerWithASlowRequestIsNotHung) {
   StartBroker({"--workers=1", "--heartbeat_interval=100ms",
-               "--heartbeat_timeout=30s", "--worker_timeout=1s"});
+               "--heartbeat_timeout=30s", "--worker_timeout=2s"});
   const pid_t worker = broker_->WorkerPids()[0];
   std::thread slow([&] {
     absl::StatusOr<HttpResponse> r = HttpGetOnce(
-        "127.0.0.1", broker_->port(), "/sleep?ms=2500", absl::Seconds(20));
+        "127.0.0.1", broker_->port(), "/sleep?ms=3000", absl::Seconds(20));
     EXPECT_TRUE(r.ok() && r->status == 200)
         << (r.ok() ? "" : r.status().ToString());
   });
   int answered = 0;
-  const absl::Time end = absl::Now() + absl::Seconds(3);
+  const absl::Time end = absl::Now() + absl::Seconds(4);
   while (absl::Now() < end) {
     absl::StatusOr<HttpResponse> r =
         HttpGetOnce("127.0.0.1", broker_->port(), "/", absl::Seconds(5));
