@@ -257,6 +257,25 @@ TEST_F(WatchdogTest, ZeroTurnsItOff) {
   EXPECT_TRUE(launcher_.SignalsTo(pid).empty());
 }
 
+// An external worker is never signalled (not the broker's process): it
+// stops getting connections at once and its channel is closed after the
+// grace, which re-places what it had not acked.
+TEST_F(WatchdogTest, AHungExternalWorkerIsCutOffNotSignalled) {
+  options_.target_workers = 0;
+  StartManager(options_);
+  constexpr pid_t kExternal = 4242;
+  WorkerEnd end = Register(kExternal, 0, /*reports_liveness=*/true);
+  Heartbeat(end, 6, absl::Seconds(5));
+  EXPECT_EQ(manager_->stats().worker_timeouts, 1u);
+  EXPECT_EQ(registry_.CountInState(WorkerState::kDraining), 1u);
+  EXPECT_FALSE(end.BrokerClosed());
+  time_.Advance(WorkerManager::kStackDumpGrace + absl::Milliseconds(500));
+  EXPECT_TRUE(end.BrokerClosed());
+  EXPECT_TRUE(launcher_.signals.empty());
+  ASSERT_EQ(EventsOf(v1::EVENT_TYPE_WORKER_HUNG).size(), 1u);
+  EXPECT_EQ(EventsOf(v1::EVENT_TYPE_WORKER_HUNG)[0].pid, kExternal);
+}
+
 // An event-loop SDK whose loop is stuck sends nothing at all: at
 // --heartbeat_timeout (3s, before the 5s) it is dumped first as well.
 TEST_F(WatchdogTest, ASilentLivenessReportingWorkerIsDumpedFirst) {
