@@ -80,11 +80,13 @@ ConnectionDispatcher::ConnectionDispatcher(EventLoop& loop,
 
 ConnectionDispatcher::~ConnectionDispatcher() = default;
 
-void ConnectionDispatcher::Dispatch(AcceptedConnection connection) {
+void ConnectionDispatcher::Dispatch(AcceptedConnection connection,
+                                    std::string initial_data) {
   ++stats_.dispatched;
   Entry entry;
   entry.id = next_connection_id_++;
   entry.connection = std::move(connection);
+  entry.initial_data = std::move(initial_data);
   // Earlier arrivals go first: only place directly when nobody is waiting.
   if (pending_.empty() && TryPlace(entry)) return;
   Enqueue(std::move(entry), /*front=*/false);
@@ -453,6 +455,21 @@ void ConnectionDispatcher::ReclaimUnacked(Worker& worker) {
 
 void ConnectionDispatcher::PlacePending() {
   while (!pending_.empty() && TryPlace(pending_.front())) pending_.pop_front();
+}
+
+size_t ConnectionDispatcher::PassPendingTo(HandoffChannel& inbox) {
+  size_t passed = 0;
+  while (!pending_.empty()) {
+    Entry& entry = pending_.front();
+    FormatConnection(entry, *message_.mutable_connection());
+    const int fd = entry.connection.fd.get();
+    absl::StatusOr<wire::SendResult> sent =
+        inbox.SendConnections(message_, {&fd, 1});
+    if (!sent.ok() || *sent != wire::SendResult::kSent) break;
+    pending_.pop_front();
+    ++passed;
+  }
+  return passed;
 }
 
 void ConnectionDispatcher::CloseAllPending() {

@@ -75,7 +75,9 @@ class ConnectionDispatcher {
 
   // Takes a freshly accepted connection: hands it off now if a worker has
   // room, else queues it (or closes it, counted, if the queue is full).
-  void Dispatch(AcceptedConnection connection);
+  // `initial_data`: bytes already read from it (one a previous broker
+  // passed on at an upgrade).
+  void Dispatch(AcceptedConnection connection, std::string initial_data = {});
 
   // Worker messages. An error means a protocol violation (unknown id, id of
   // another worker); the caller closes that worker's channel.
@@ -105,6 +107,15 @@ class ConnectionDispatcher {
   // Places queued connections while some worker has room. Call whenever a
   // worker becomes available or gains room.
   void PlacePending();
+
+  // Sends every staged batch now rather than at the end of the loop turn:
+  // a message sent next on a worker's channel (Reconnect) must follow them.
+  void SendStaged() { FlushBatches(); }
+
+  // At an upgrade, once no worker here can take them: sends the queued
+  // connections to the new broker (`inbox`, UpgradeInbox) in order, until
+  // its socket is full. Returns how many went; this broker's copies close.
+  size_t PassPendingTo(HandoffChannel& inbox);
 
   // Closes every queued connection (counted as `shutdown`), e.g. when the
   // broker drains with nobody left to serve them.

@@ -344,7 +344,18 @@ int Daemon::Run() {
       spdlog::error("upgrade: {}", std::string(s.message()));
       return 1;
     }
+    absl::StatusOr<std::unique_ptr<UpgradeInbox>> inbox = UpgradeInbox::Create(
+        *loop_, std::move(*upgrade_reporter_),
+        [this](const v1::Connection& passed, wire::UniqueFd fd) {
+          TakePassedConnection(passed, std::move(fd));
+        },
+        [this] { loop_->RunSoon([this] { upgrade_inbox_.reset(); }); });
     upgrade_reporter_.reset();
+    if (inbox.ok()) {
+      upgrade_inbox_ = *std::move(inbox);
+    } else {
+      spdlog::warn("upgrade: {}", inbox.status().ToString());
+    }
     spdlog::info("upgrade: up; the previous broker hands over and exits");
   }
   loop_->Run();
@@ -411,8 +422,8 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
     return;
   }
   upgrade_ = std::make_unique<PendingUpgrade>(
-      *loop_, std::move(channel), kUpgradeReadyTimeout,
-      [this] { CommitUpgrade(); },
+      *loop_, std::move(channel), request.version().minor(),
+      kUpgradeReadyTimeout, [this] { CommitUpgrade(); },
       [this](const absl::Status& reason) { AbortUpgrade(reason); });
   // The new broker binds the control and metrics ports next; this broker
   // serves clients and workers on until it is up.
@@ -456,9 +467,15 @@ void Daemon::CommitUpgrade() {
   // here, then registers with the new broker at once (Reconnect), so the new
   // broker has workers within about a millisecond. Older workers learn it
   // from their channel closing, after the hand-offs (FinishUpgrade).
+  // A worker reads nothing after Reconnect: nothing is placed with it from
+  // here on, and the connections staged for it go before the Reconnect.
   dispatcher_->PlacePending();
   for (const auto& [id, worker] : registry_.workers()) {
-    if (!MovesOnReconnect(*worker)) continue;
+    worker->moving = MovesOnReconnect(*worker);
+  }
+  dispatcher_->SendStaged();
+  for (const auto& [id, worker] : registry_.workers()) {
+    if (!worker->moving || !MovesOnReconnect(*worker)) continue;
     v1::HandoffMessage reconnect;
     reconnect.mutable_reconnect();
     worker->channel->SendControl(std::move(reconnect));
@@ -505,6 +522,30 @@ void Daemon::RestoreControlPlane(int64_t deadline_nanos) {
                 metrics.ToString(), control.ToString());
 }
 
+void Daemon::TakePassedConnection(const v1::Connection& passed,
+                                  wire::UniqueFd fd) {
+  // Its addresses as the previous broker knew them (from a PROXY header
+  // they are not the socket's own).
+  auto address = [](const std::string& text) {
+    absl::StatusOr<wire::SocketAddress> parsed =
+        text.empty() ? absl::InvalidArgumentError("none")
+                     : wire::SocketAddress::Parse(text);
+    return parsed.ok() ? *parsed : wire::SocketAddress();
+  };
+  AcceptedConnection connection;
+  connection.peer = address(passed.peer_address());
+  connection.local = address(passed.local_address());
+  absl::StatusOr<wire::SocketAddress> own =
+      wire::SocketAddress::Of(fd.get(), /*peer=*/true);
+  connection.proxied = connection.peer.family() != 0 && own.ok() &&
+                       own->ToString() != passed.peer_address();
+  connection.accept_unix_nanos = passed.accept_time_unix_nanos();
+  connection.accept_mono_nanos = loop_->NowNanos();
+  connection.listener = listener_->NameOfConnection(fd.get());
+  connection.fd = std::move(fd);
+  dispatcher_->Dispatch(std::move(connection), passed.initial_data());
+}
+
 void Daemon::Discard(std::unique_ptr<HandoffChannel> channel) {
   channel->Close(absl::OkStatus());
   // Destroyed (its fd closed) after the close's own deferred callbacks, which
@@ -519,6 +560,13 @@ void Daemon::FinishUpgrade(int64_t deadline_nanos) {
   bool moving = false;
   for (const auto& [id, worker] : registry_.workers()) {
     moving |= MovesOnReconnect(*worker);
+  }
+  // Once every worker has answered what it was sent and moved, what is
+  // still queued here (rejected, or done with its PROXY header only now)
+  // has nobody left here: the new broker places it.
+  if (!moving && dispatcher_->in_flight() == 0 && dispatcher_->pending() > 0 &&
+      upgrade_->inbox() != nullptr) {
+    passed_to_new_broker_ += dispatcher_->PassPendingTo(*upgrade_->inbox());
   }
   // Connections still reading their PROXY header go on to the dispatcher
   // (or are closed) within --proxy_header_timeout: wait for them too.
@@ -544,7 +592,10 @@ void Daemon::FinishUpgrade(int64_t deadline_nanos) {
   // waits for the metrics server's threads (about 2 s), longer than the new
   // broker waits for them (--adopt_grace).
   for (const auto& [id, worker] : registry_.workers()) worker->channel.reset();
-  spdlog::info("upgrade complete: exiting; workers move to the new broker");
+  spdlog::info(
+      "upgrade complete: exiting; workers move to the new broker ({} queued "
+      "connection(s) passed on to it)",
+      passed_to_new_broker_);
   loop_->Stop();
 }
 

@@ -67,6 +67,9 @@ class Daemon {
   // It failed or went away first: take the ports back and carry on.
   void AbortUpgrade(const absl::Status& reason);
   void FinishUpgrade(int64_t deadline_nanos);
+  // New side: a connection the previous broker could not place
+  // (UpgradeInbox), placed here like one accepted here.
+  void TakePassedConnection(const v1::Connection& passed, wire::UniqueFd fd);
   absl::Status StartMetricsServer();
   absl::Status StartControlServer();
   // Frees the control and metrics ports (the gRPC shutdown on a thread).
@@ -108,8 +111,11 @@ class Daemon {
   bool shutting_down_ = false;
   // Running side of a planned upgrade, from the hand-over on.
   std::unique_ptr<PendingUpgrade> upgrade_;
+  size_t passed_to_new_broker_ = 0;
   // New side: the channel to the running broker, until UpgradeReady.
   std::unique_ptr<wire::MessageChannel> upgrade_reporter_;
+  // Then the same channel, until the previous broker exits.
+  std::unique_ptr<UpgradeInbox> upgrade_inbox_;
   std::thread control_shutdown_;
   std::atomic<bool> control_stopped_{false};
 };

@@ -20,18 +20,24 @@ constexpr int kMaxMessagesPerWake = 256;
 absl::StatusOr<std::unique_ptr<HandoffChannel>> HandoffChannel::Create(
     EventLoop& loop, wire::UniqueFd socket, const ucred& peer,
     wire::SysCalls& sys, Delegate& delegate) {
-  std::unique_ptr<HandoffChannel> channel(
-      new HandoffChannel(loop, std::move(socket), peer, sys, delegate));
-  absl::Status status = channel->Init();
-  if (!status.ok()) return status;
-  return channel;
+  return Create(loop, wire::MessageChannel(std::move(socket), sys), peer,
+                delegate);
 }
 
-HandoffChannel::HandoffChannel(EventLoop& loop, wire::UniqueFd socket,
-                               const ucred& peer, wire::SysCalls& sys,
-                               Delegate& delegate)
+absl::StatusOr<std::unique_ptr<HandoffChannel>> HandoffChannel::Create(
+    EventLoop& loop, wire::MessageChannel channel, const ucred& peer,
+    Delegate& delegate) {
+  std::unique_ptr<HandoffChannel> created(
+      new HandoffChannel(loop, std::move(channel), peer, delegate));
+  absl::Status status = created->Init();
+  if (!status.ok()) return status;
+  return created;
+}
+
+HandoffChannel::HandoffChannel(EventLoop& loop, wire::MessageChannel channel,
+                               const ucred& peer, Delegate& delegate)
     : loop_(loop),
-      channel_(std::move(socket), sys),
+      channel_(std::move(channel)),
       peer_(peer),
       delegate_(&delegate),
       last_received_nanos_(loop.NowNanos()),

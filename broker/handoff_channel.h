@@ -53,6 +53,11 @@ class HandoffChannel {
   static absl::StatusOr<std::unique_ptr<HandoffChannel>> Create(
       EventLoop& loop, wire::UniqueFd socket, const ucred& peer,
       wire::SysCalls& sys, Delegate& delegate);
+  // The same over a channel already in use (its sequence numbers go on);
+  // its socket must be non-blocking.
+  static absl::StatusOr<std::unique_ptr<HandoffChannel>> Create(
+      EventLoop& loop, wire::MessageChannel channel, const ucred& peer,
+      Delegate& delegate);
   ~HandoffChannel();
 
   // Sends a Connection or ConnectionBatch body with its client fds (the
@@ -89,8 +94,8 @@ class HandoffChannel {
   uint64_t worker_id = 0;
 
  private:
-  HandoffChannel(EventLoop& loop, wire::UniqueFd socket, const ucred& peer,
-                 wire::SysCalls& sys, Delegate& delegate);
+  HandoffChannel(EventLoop& loop, wire::MessageChannel channel,
+                 const ucred& peer, Delegate& delegate);
   absl::Status Init();
   void OnEvents(uint32_t events);
   void ReadMessages();

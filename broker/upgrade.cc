@@ -1,5 +1,6 @@
 #include "broker/upgrade.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -15,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "fdbroker/v1/handoff.pb.h"
+#include "spdlog/spdlog.h"
 #include "wire/message_channel.h"
 
 namespace fdbroker {
@@ -135,9 +137,11 @@ absl::Status ReportUpgradeReady(wire::MessageChannel& channel) {
 
 PendingUpgrade::PendingUpgrade(
     EventLoop& loop, std::unique_ptr<HandoffChannel> channel,
-    absl::Duration timeout, absl::AnyInvocable<void()> on_ready,
+    uint32_t peer_minor, absl::Duration timeout,
+    absl::AnyInvocable<void()> on_ready,
     absl::AnyInvocable<void(const absl::Status&)> on_abort)
     : channel_(std::move(channel)),
+      peer_minor_(peer_minor),
       on_ready_(std::move(on_ready)),
       on_abort_(std::move(on_abort)),
       timer_(loop) {
@@ -187,6 +191,48 @@ void PendingUpgrade::Abort(const absl::Status& reason) {
     channel_->Close(reason);
   }
   on_abort_(reason);
+}
+
+absl::StatusOr<std::unique_ptr<UpgradeInbox>> UpgradeInbox::Create(
+    EventLoop& loop, wire::MessageChannel channel, Sink sink,
+    absl::AnyInvocable<void()> on_closed) {
+  const int flags = ::fcntl(channel.fd(), F_GETFL);
+  if (flags < 0 || ::fcntl(channel.fd(), F_SETFL, flags | O_NONBLOCK) != 0) {
+    return absl::ErrnoToStatus(errno, "upgrade channel: O_NONBLOCK");
+  }
+  ucred peer{};
+  socklen_t length = sizeof(peer);
+  (void)::getsockopt(channel.fd(), SOL_SOCKET, SO_PEERCRED, &peer, &length);
+  std::unique_ptr<UpgradeInbox> inbox(
+      new UpgradeInbox(std::move(sink), std::move(on_closed)));
+  absl::StatusOr<std::unique_ptr<HandoffChannel>> handoff =
+      HandoffChannel::Create(loop, std::move(channel), peer, *inbox);
+  if (!handoff.ok()) return handoff.status();
+  inbox->channel_ = *std::move(handoff);
+  return inbox;
+}
+
+void UpgradeInbox::OnMessage(HandoffChannel& channel,
+                             v1::HandoffMessage& message, wire::UniqueFd fd) {
+  if (!message.has_connection()) {
+    channel.Close(absl::InvalidArgumentError(
+        absl::StrCat("the previous broker sent ", wire::BodyName(message),
+                     " after the upgrade")));
+    return;
+  }
+  ++received_;
+  sink_(message.connection(), std::move(fd));
+}
+
+void UpgradeInbox::OnChannelClosed(HandoffChannel&,
+                                   const absl::Status& reason) {
+  if (received_ > 0 || !reason.ok()) {
+    spdlog::info(
+        "upgrade: the previous broker passed on {} connection(s) it could "
+        "not place ({})",
+        received_, reason.ok() ? "done" : reason.ToString());
+  }
+  on_closed_();
 }
 
 absl::StatusOr<std::vector<wire::UniqueFd>> TakeActivatedListeners() {

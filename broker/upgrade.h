@@ -34,6 +34,9 @@ struct UpgradeSockets {
 inline constexpr uint32_t kTwoPhaseUpgradeMinor = 3;
 // The first minor whose workers understand Reconnect.
 inline constexpr uint32_t kReconnectMinor = 3;
+// The first minor whose new brokers take, after UpgradeReady, the
+// connections the running broker could not place (UpgradeInbox).
+inline constexpr uint32_t kUpgradeInboxMinor = 4;
 // How long the running broker waits for UpgradeReady before it takes its
 // ports back and carries on. The new broker's start-up is bounded well
 // below it (it retries its control and metrics ports for 10 s).
@@ -62,8 +65,10 @@ absl::Status ReportUpgradeReady(wire::MessageChannel& channel);
 // neither after Commit(). Loop thread only.
 class PendingUpgrade : public HandoffChannel::Delegate {
  public:
+  // `peer_minor`: the new broker's protocol minor (its UpgradeRequest's).
   PendingUpgrade(EventLoop& loop, std::unique_ptr<HandoffChannel> channel,
-                 absl::Duration timeout, absl::AnyInvocable<void()> on_ready,
+                 uint32_t peer_minor, absl::Duration timeout,
+                 absl::AnyInvocable<void()> on_ready,
                  absl::AnyInvocable<void(const absl::Status&)> on_abort);
 
   // Commits without waiting (a new broker that does not send UpgradeReady).
@@ -72,6 +77,15 @@ class PendingUpgrade : public HandoffChannel::Delegate {
   void Abort(const absl::Status& reason);
   bool committed() const { return state_ == State::kCommitted; }
   pid_t peer_pid() const { return channel_->peer().pid; }
+  // After the commit: the channel on which connections this broker cannot
+  // place go to the new broker (Connection messages), or null if the new
+  // broker does not take them or has gone.
+  HandoffChannel* inbox() {
+    return state_ == State::kCommitted && peer_minor_ >= kUpgradeInboxMinor &&
+                   !channel_->closed()
+               ? channel_.get()
+               : nullptr;
+  }
 
   // HandoffChannel::Delegate.
   void OnMessage(HandoffChannel& channel, v1::HandoffMessage& message,
@@ -84,10 +98,42 @@ class PendingUpgrade : public HandoffChannel::Delegate {
   enum class State { kWaiting, kCommitted, kAborted };
 
   std::unique_ptr<HandoffChannel> channel_;
+  const uint32_t peer_minor_;
   absl::AnyInvocable<void()> on_ready_;
   absl::AnyInvocable<void(const absl::Status&)> on_abort_;
   Timer timer_;
   State state_ = State::kWaiting;
+};
+
+// The new broker's side after UpgradeReady (protocol 1.4): the running
+// broker passes on, as Connection messages over the same channel, the
+// connections it accepted and could not place before its workers moved
+// (rejected by a full worker, or still reading a PROXY header at the
+// commit); each goes to `sink` as if this broker had accepted it. Ends when
+// the running broker closes the channel (it exits); anything but a
+// Connection ends it too. Loop thread only.
+class UpgradeInbox : public HandoffChannel::Delegate {
+ public:
+  using Sink = absl::AnyInvocable<void(const v1::Connection&, wire::UniqueFd)>;
+  static absl::StatusOr<std::unique_ptr<UpgradeInbox>> Create(
+      EventLoop& loop, wire::MessageChannel channel, Sink sink,
+      absl::AnyInvocable<void()> on_closed);
+
+  // HandoffChannel::Delegate.
+  void OnMessage(HandoffChannel& channel, v1::HandoffMessage& message,
+                 wire::UniqueFd fd) override;
+  void OnChannelClosed(HandoffChannel& channel,
+                       const absl::Status& reason) override;
+  void OnWritable(HandoffChannel&) override {}
+
+ private:
+  UpgradeInbox(Sink sink, absl::AnyInvocable<void()> on_closed)
+      : sink_(std::move(sink)), on_closed_(std::move(on_closed)) {}
+
+  std::unique_ptr<HandoffChannel> channel_;
+  Sink sink_;
+  absl::AnyInvocable<void()> on_closed_;
+  uint64_t received_ = 0;
 };
 
 // The systemd socket-activation listeners (LISTEN_PID/LISTEN_FDS: fds 3,

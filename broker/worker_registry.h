@@ -55,6 +55,9 @@ struct Worker {
   // When its application thread last proved it runs (loop clock): the
   // registration, then each Heartbeat's receipt minus its app_silent_ms.
   int64_t app_alive_mono_nanos = 0;
+  // Told Reconnect at an upgrade's commit: it closes its channel once it
+  // has answered what it was sent, so nothing more may be sent to it here.
+  bool moving = false;
   std::map<std::string, std::string> labels;
   absl::Time started_at;
   int64_t started_mono_nanos = 0;
@@ -91,7 +94,7 @@ struct Worker {
   // Can take a new connection right now.
   bool Available() const {
     return state == WorkerState::kReady && channel != nullptr &&
-           !channel->closed() && !channel->congested() && HasRoom();
+           !channel->closed() && !channel->congested() && !moving && HasRoom();
   }
 };
 
