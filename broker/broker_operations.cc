@@ -123,6 +123,13 @@ v1::Worker DataPlaneOperations::ToProto(const Worker& worker) const {
   out.set_supervised(worker.supervised);
   out.set_capacity(worker.capacity);
   out.set_supports_release(worker.supports_release);
+  out.set_reports_liveness(worker.reports_liveness);
+  if (worker.reports_liveness && worker.state != WorkerState::kStarting) {
+    *out.mutable_app_silent() =
+        google::protobuf::util::TimeUtil::NanosecondsToDuration(
+            std::max<int64_t>(0,
+                              loop_.NowNanos() - worker.app_alive_mono_nanos));
+  }
   *out.mutable_started_at() =
       google::protobuf::util::TimeUtil::NanosecondsToTimestamp(
           absl::ToUnixNanos(worker.started_at));

@@ -85,6 +85,12 @@ ABSL_FLAG(absl::Duration, ack_timeout, absl::Seconds(5),
           "A worker that has not acked a connection this long after it was "
           "sent is cut off (supervised: killed with its process group) and "
           "its un-acked connections go to other workers.");
+ABSL_FLAG(absl::Duration, worker_timeout, absl::Seconds(30),
+          "Hung-worker watchdog (0 = off): a worker whose application thread "
+          "(event loop, consumer loop) proves no life for this long is sent "
+          "SIGABRT to dump its stacks, then killed (supervised) or cut off "
+          "(external) and replaced. Applies to workers whose SDK reports "
+          "liveness (Hello.reports_liveness, protocol 1.4).");
 ABSL_FLAG(absl::Duration, worker_start_timeout, absl::Seconds(30),
           "A supervised worker must register within this time.");
 ABSL_FLAG(int, max_pending, 4096,
@@ -324,6 +330,7 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   manager.heartbeat_timeout = absl::GetFlag(FLAGS_heartbeat_timeout);
   manager.start_timeout = absl::GetFlag(FLAGS_worker_start_timeout);
   manager.ack_timeout = absl::GetFlag(FLAGS_ack_timeout);
+  manager.worker_timeout = absl::GetFlag(FLAGS_worker_timeout);
   config.dispatcher.pending_timeout = absl::GetFlag(FLAGS_pending_timeout);
   const std::pair<const char*, absl::Duration> positive[] = {
       {"--drain_timeout", manager.drain_timeout},
@@ -344,6 +351,15 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
     return absl::InvalidArgumentError(
         "--heartbeat_timeout must be at least twice --heartbeat_interval "
         "(and the interval at least 10ms)");
+  }
+  // Liveness arrives once per heartbeat interval: a shorter timeout would
+  // kill healthy workers between two reports.
+  if (manager.worker_timeout != absl::ZeroDuration() &&
+      (manager.worker_timeout < 2 * manager.heartbeat_interval ||
+       manager.worker_timeout == absl::InfiniteDuration())) {
+    return absl::InvalidArgumentError(
+        "--worker_timeout must be 0 (off) or a duration of at least twice "
+        "--heartbeat_interval, such as 30s");
   }
   const int max_pending = absl::GetFlag(FLAGS_max_pending);
   if (max_pending < 0) {

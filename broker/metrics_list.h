@@ -63,9 +63,11 @@
   COUNTER_IN(heartbeat_timeouts, kWorkersDeclaredDead, "heartbeat_timeout") \
   COUNTER_IN(ack_timeouts, kWorkersDeclaredDead, "ack_timeout")             \
   COUNTER_IN(stuck_channels, kWorkersDeclaredDead, "channel_stuck")         \
+  COUNTER_IN(worker_timeouts, kWorkersDeclaredDead, "worker_timeout")       \
   COUNTER_IN(lost_worker_crash, kConnectionsLost, "worker_crash")           \
   COUNTER_IN(lost_drain_deadline, kConnectionsLost, "drain_deadline")       \
   COUNTER_IN(lost_shutdown, kConnectionsLost, "shutdown")                   \
+  COUNTER_IN(lost_worker_timeout, kConnectionsLost, "worker_timeout")       \
   INTERNAL(restart_loops,                                                   \
            "Restart loops entered (3 workers in a row failed early).")      \
   INTERNAL(rebalances, "Rebalance runs (RPC or automatic).")                \
@@ -105,6 +107,7 @@
          "reason",                                                           \
          "Connections cut before they were finished, by why: worker_crash "  \
          "(owned by a worker that crashed or was declared dead), "           \
+         "worker_timeout (hung past --worker_timeout), "                     \
          "drain_deadline (owned by a worker the broker ended at its drain "  \
          "deadline), cut_by_worker (closed unfinished by the worker itself " \
          "at its drain deadline, as its Closed says), shutdown (owned at "   \
@@ -121,7 +124,8 @@
          "fdbroker_workers_declared_dead_total", "reason",                   \
          "Workers the broker cut off (supervised ones killed with their "    \
          "process group), by reason: silent (heartbeat_timeout), holding a " \
-         "connection unacked (ack_timeout), not reading (channel_stuck).")   \
+         "connection unacked (ack_timeout), not reading (channel_stuck), "   \
+         "application thread hung (worker_timeout).")                        \
   FAMILY(kWorkerRecycles, kCounter, "fdbroker_worker_recycles_total",        \
          "reason",                                                           \
          "Supervised workers replaced surge-first (the replacement "         \

@@ -52,6 +52,8 @@ absl::string_view DrainCauseName(DrainCause cause) {
       return "rolling restart";
     case DrainCause::kRecycled:
       return "recycled";
+    case DrainCause::kWorkerTimeout:
+      return "worker timeout";
   }
   return "unknown";
 }
@@ -63,6 +65,7 @@ bool IsRequested(DrainCause cause) {
     case DrainCause::kHeartbeatTimeout:
     case DrainCause::kAckTimeout:
     case DrainCause::kChannelStuck:
+    case DrainCause::kWorkerTimeout:
       return false;
     default:
       return true;

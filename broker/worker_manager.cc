@@ -30,9 +30,9 @@ WorkerManager::WorkerManager(EventLoop& loop, WorkerRegistry& registry,
                                 options.stable_after}),
       registration_(loop, registry, dispatcher, supervisor, sys, lifecycle_,
                     stats_, *this,
-                    WorkerRegistration::Options{options.max_workers,
-                                                options.heartbeat_interval,
-                                                options.heartbeat_timeout}),
+                    WorkerRegistration::Options{
+                        options.max_workers, options.heartbeat_interval,
+                        options.heartbeat_timeout, options.worker_timeout}),
       drainer_(loop, registry, dispatcher, supervisor, lifecycle_, pool_,
                stats_),
       recycler_(loop, registry, supervisor, lifecycle_, pool_, drainer_, stats_,
@@ -103,6 +103,14 @@ absl::Status WorkerManager::OnWorkerMessage(Worker& worker,
     case v1::HandoffMessage::kClosed:
       return dispatcher_.OnClosed(worker, message.closed());
     case v1::HandoffMessage::kHeartbeat:
+      if (worker.reports_liveness) {
+        // Never in the future, never backwards: a late report of an older
+        // sign of life changes nothing.
+        worker.app_alive_mono_nanos = std::max(
+            worker.app_alive_mono_nanos,
+            loop_.NowNanos() -
+                int64_t{message.heartbeat().app_silent_ms()} * 1'000'000);
+      }
       return absl::OkStatus();
     case v1::HandoffMessage::kGoodbye:
       spdlog::info("worker {} said goodbye ({})", worker.id,
@@ -197,7 +205,9 @@ void WorkerManager::RemoveWorker(Worker& worker) {
   // one Closed before it leaves, so these were cut.
   const uint64_t cut =
       worker.owned.size() + static_cast<uint64_t>(worker.kernel_active);
-  if (cut != 0 && !IsRequested(worker.drain_cause)) {
+  if (cut != 0 && worker.drain_cause == DrainCause::kWorkerTimeout) {
+    stats_.lost_worker_timeout += cut;
+  } else if (cut != 0 && !IsRequested(worker.drain_cause)) {
     stats_.lost_worker_crash += cut;
   } else if (cut != 0 && worker.drain_cause == DrainCause::kShutdown) {
     stats_.lost_shutdown += cut;
@@ -332,11 +342,29 @@ void WorkerManager::Tick() {
                 absl::StrCat("a connection not acked within ",
                              absl::FormatDuration(options_.ack_timeout)));
   }
+  // Hung() drains (and may start a replacement): not while iterating.
+  std::vector<std::pair<Worker*, DrainCause>> hung;
   for (const auto& [id, worker] : registry_.workers()) {
     HandoffChannel* channel = worker->channel.get();
     if (channel == nullptr || channel->closed()) continue;
+    // A worker that reports liveness and is silent is hung as well (an
+    // event-loop SDK heartbeats from the application thread): both get the
+    // stack dump first.
+    const bool watched = options_.worker_timeout != absl::ZeroDuration() &&
+                         worker->reports_liveness &&
+                         worker->state == WorkerState::kReady;
+    if (watched && now - worker->app_alive_mono_nanos >
+                       absl::ToInt64Nanoseconds(options_.worker_timeout)) {
+      ++stats_.worker_timeouts;
+      hung.emplace_back(worker.get(), DrainCause::kWorkerTimeout);
+      continue;
+    }
     if (now - channel->last_received_nanos() > timeout) {
       ++stats_.heartbeat_timeouts;
+      if (watched) {
+        hung.emplace_back(worker.get(), DrainCause::kHeartbeatTimeout);
+        continue;
+      }
       DeclareDead(
           *worker, DrainCause::kHeartbeatTimeout,
           absl::StrCat("no message for ",
@@ -361,6 +389,7 @@ void WorkerManager::Tick() {
       channel->SendControl(std::move(heartbeat));
     }
   }
+  for (auto [worker, cause] : hung) Hung(*worker, cause, now);
   if (pool_.shutting_down() && now > shutdown_deadline_nanos_) {
     // Reaping had its grace period; whatever is left is not waited for.
     spdlog::warn("shutdown deadline passed with {} worker(s) left",
@@ -379,6 +408,45 @@ void WorkerManager::DeclareDead(Worker& worker, DrainCause cause,
   if (worker.supervised) supervisor_.Signal(worker.pid, SIGKILL);
   worker.channel->Close(
       absl::DeadlineExceededError(absl::StrCat(why, "; declared dead")));
+}
+
+void WorkerManager::Hung(Worker& worker, DrainCause cause, int64_t now_nanos) {
+  const std::string silent =
+      cause == DrainCause::kWorkerTimeout
+          ? absl::StrCat(
+                "application thread silent for ",
+                absl::FormatDuration(absl::Milliseconds(
+                    (now_nanos - worker.app_alive_mono_nanos) / 1'000'000)),
+                " (--worker_timeout ",
+                absl::FormatDuration(options_.worker_timeout), ")")
+          : absl::StrCat("no message for ",
+                         absl::FormatDuration(options_.heartbeat_timeout),
+                         " (--heartbeat_timeout)");
+  // Draining: no new connection goes to it, and the drainer ends it at the
+  // deadline (SIGKILL to its group, or the channel closed if external).
+  // Its channel's close then re-places what it had not acked.
+  if (!lifecycle_.Drain(worker, cause, kStackDumpGrace,
+                        /*release_idle=*/false)) {
+    return;
+  }
+  if (worker.supervised) {
+    // The SDKs dump stacks to stderr on SIGABRT (Python's faulthandler:
+    // every thread; the C++ SDK: the thread it lands on), then abort; its
+    // default action dumps core.
+    supervisor_.Signal(worker.pid, SIGABRT);
+  }
+  spdlog::warn("worker {} (pid {}) hung: {}; {}", worker.id, worker.pid, silent,
+               worker.supervised
+                   ? absl::StrCat("sent SIGABRT for a stack dump, killing it "
+                                  "within ",
+                                  absl::FormatDuration(kStackDumpGrace))
+                   : absl::StrCat("cutting it off within ",
+                                  absl::FormatDuration(kStackDumpGrace)));
+  lifecycle_.Emit(v1::EVENT_TYPE_WORKER_HUNG, &worker,
+                  worker.supervised
+                      ? absl::StrCat(silent, "; SIGABRT sent (stack dump)")
+                      : silent);
+  pool_.Reconcile();
 }
 
 void WorkerManager::DrainAll(absl::Duration timeout,

@@ -40,6 +40,10 @@ namespace fdbroker {
 // via posted tasks.
 class WorkerManager : public HandoffChannel::Delegate {
  public:
+  // Between the stack-dump signal and the SIGKILL of a hung worker: long
+  // enough to write a few thousand frames to a pipe.
+  static constexpr absl::Duration kStackDumpGrace = absl::Seconds(1);
+
   struct Options {
     int target_workers = 0;
     int max_workers = 64;
@@ -49,6 +53,9 @@ class WorkerManager : public HandoffChannel::Delegate {
     // A connection sent and not acked (or rejected) this long: the worker
     // is cut off (supervised: killed) and the connection placed elsewhere.
     absl::Duration ack_timeout = absl::Seconds(5);
+    // A worker that reports liveness and whose application thread is silent
+    // this long is hung (0 = never): see Hung().
+    absl::Duration worker_timeout = absl::Seconds(30);
     // A supervised worker that has not registered by then is killed.
     absl::Duration start_timeout = absl::Seconds(30);
     absl::Duration restart_backoff_initial = absl::Milliseconds(100);
@@ -185,6 +192,13 @@ class WorkerManager : public HandoffChannel::Delegate {
   // process group before its un-acked connections are placed elsewhere,
   // so no connection ever has two owners.
   void DeclareDead(Worker& worker, DrainCause cause, const std::string& why);
+  // `worker` reports liveness and its application thread was silent past
+  // --worker_timeout (kWorkerTimeout), or it was silent altogether past
+  // --heartbeat_timeout (kHeartbeatTimeout): it drains for `cause` with a
+  // deadline of kStackDumpGrace, a supervised one gets SIGABRT (stack dump)
+  // now; the drainer kills it (or cuts an external one off) at the
+  // deadline, and its replacement starts now.
+  void Hung(Worker& worker, DrainCause cause, int64_t now_nanos);
   void MaybeFinishShutdown();
 
   EventLoop& loop_;

@@ -271,6 +271,8 @@ void WorkerRegistration::Admit(HandoffChannel& channel, Worker& worker,
                            ConnectionDispatcher::kMaxConnectionsPerMessage);
   worker.supports_release = hello.supports_release();
   worker.supports_listener_grant = hello.supports_listener_grant();
+  worker.reports_liveness = hello.reports_liveness();
+  worker.app_alive_mono_nanos = loop_.NowNanos();
   worker.protocol_minor = hello.version().minor();
   worker.labels.clear();
   for (const auto& [key, value] : hello.labels()) worker.labels[key] = value;
@@ -298,6 +300,8 @@ void WorkerRegistration::Admit(HandoffChannel& channel, Worker& worker,
       absl::ToInt64Milliseconds(options_.heartbeat_interval)));
   body->set_heartbeat_timeout_ms(static_cast<uint32_t>(
       absl::ToInt64Milliseconds(options_.heartbeat_timeout)));
+  body->set_worker_timeout_ms(static_cast<uint32_t>(
+      absl::ToInt64Milliseconds(options_.worker_timeout)));
   worker.channel->SendControl(std::move(welcome));
   const bool rejoined = worker.state == WorkerState::kDraining;
   spdlog::info(

@@ -35,6 +35,7 @@ class WorkerRegistration {
     absl::Duration heartbeat_interval = absl::Seconds(1);
     // Also how long a peer may take to say Hello.
     absl::Duration heartbeat_timeout = absl::Seconds(10);
+    absl::Duration worker_timeout = absl::ZeroDuration();  // Welcome says it
   };
   using UpgradeCallback = std::function<void(
       std::unique_ptr<HandoffChannel> channel, const v1::UpgradeRequest&)>;

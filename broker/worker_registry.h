@@ -61,6 +61,12 @@ struct Worker {
   // Hello.version.minor: which optional messages it understands (Reconnect
   // from 3 on).
   uint32_t protocol_minor = 0;
+  // Hello.reports_liveness: its Heartbeats say how long its application
+  // thread has been silent, so --worker_timeout applies to it.
+  bool reports_liveness = false;
+  // When its application thread last proved it runs (loop clock): the
+  // registration, then each Heartbeat's receipt minus its app_silent_ms.
+  int64_t app_alive_mono_nanos = 0;
   // Told Reconnect at an upgrade's commit: it closes its channel once it
   // has answered what it was sent, so nothing more may be sent to it here.
   bool moving = false;

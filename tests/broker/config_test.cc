@@ -40,6 +40,7 @@ TEST(ConfigTest, DefaultsAreValid) {
   EXPECT_EQ(config->manager.max_workers, 64);
   EXPECT_EQ(config->policy, "least_conn");
   EXPECT_EQ(config->manager.drain_timeout, absl::Seconds(30));
+  EXPECT_EQ(config->manager.worker_timeout, absl::Seconds(30));
   EXPECT_EQ(config->dispatcher.pending_timeout, absl::Seconds(10));
   EXPECT_EQ(config->dispatcher.max_pending, 4096u);
   EXPECT_EQ(config->control.address, "127.0.0.1:50051");
@@ -150,6 +151,10 @@ INSTANTIATE_TEST_SUITE_P(
         BadFlags{{{"worker_start_timeout", "0s"}}, "--worker_start_timeout"},
         BadFlags{{{"ack_timeout", "0s"}}, "--ack_timeout"},
         BadFlags{{{"ack_timeout", "inf"}}, "--ack_timeout"},
+        BadFlags{{{"worker_timeout", "-1s"}}, "--worker_timeout"},
+        BadFlags{{{"worker_timeout", "inf"}}, "--worker_timeout"},
+        BadFlags{{{"heartbeat_interval", "1s"}, {"worker_timeout", "1500ms"}},
+                 "--worker_timeout"},
         BadFlags{{{"pending_timeout", "0s"}}, "--pending_timeout"},
         BadFlags{{{"pending_timeout", "-5s"}}, "--pending_timeout"},
         BadFlags{
@@ -187,6 +192,14 @@ INSTANTIATE_TEST_SUITE_P(
             "--tls_cert"},
         BadFlags{{{"tls_cert", kReadable}, {"tls_key", "/nonexistent/key.pem"}},
                  "--tls_key"}));
+
+TEST(ConfigTest, WorkerTimeoutZeroTurnsTheWatchdogOff) {
+  absl::FlagSaver saver;
+  SetFlag("worker_timeout", "0");
+  absl::StatusOr<BrokerConfig> config = ConfigFromFlags("/opt/fdbroker/bin");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->manager.worker_timeout, absl::ZeroDuration());
+}
 
 }  // namespace
 }  // namespace fdbroker

@@ -113,10 +113,13 @@ class DataPlaneTest : public ::testing::Test {
     return end;
   }
 
-  // SayHello() with `capacity`, expecting a Welcome.
-  WorkerEnd Register(pid_t pid, uint32_t capacity = 0) {
+  // SayHello() with `capacity` (and Hello.reports_liveness), expecting a
+  // Welcome.
+  WorkerEnd Register(pid_t pid, uint32_t capacity = 0,
+                     bool reports_liveness = false) {
     v1::Hello hello;
     hello.set_capacity(capacity);
+    hello.set_reports_liveness(reports_liveness);
     std::vector<v1::HandoffMessage> answers;
     WorkerEnd end = SayHello(pid, std::move(hello), answers);
     EXPECT_NE(end.id, 0u) << "no Welcome for pid " << pid;

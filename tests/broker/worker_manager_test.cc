@@ -249,6 +249,115 @@ TEST_F(WorkerManagerTest, AWorkerThatHeartbeatsStaysRegistered) {
   EXPECT_EQ(registry_.CountInState(WorkerState::kReady), 1u);
 }
 
+// The watchdog (--worker_timeout 5s): heartbeats keep coming, but say that
+// the application thread has been silent since registration (as the Python
+// blocking API's do when its consumer loop hangs).
+class WatchdogTest : public WorkerManagerTest {
+ protected:
+  WatchdogTest() { options_.worker_timeout = absl::Seconds(5); }
+
+  // Heartbeats every second for `seconds`, each with app_silent_ms =
+  // `silent_from` + the time since the first.
+  void Heartbeat(WorkerEnd& end, int seconds, absl::Duration silent_from) {
+    for (int i = 0; i < seconds; ++i) {
+      v1::HandoffMessage heartbeat;
+      heartbeat.mutable_heartbeat()->set_app_silent_ms(static_cast<uint32_t>(
+          absl::ToInt64Milliseconds(silent_from + absl::Seconds(i))));
+      ASSERT_TRUE(end.Send(std::move(heartbeat)).ok());
+      time_.Advance(absl::Seconds(1));
+      end.Received();
+    }
+  }
+};
+
+TEST_F(WatchdogTest, ASilentApplicationIsDumpedThenKilledAndReplaced) {
+  StartManager(options_);
+  const pid_t pid = LastSpawnedPid();
+  WorkerEnd end = Register(pid, 0, /*reports_liveness=*/true);
+  // Silent 0..4s at the heartbeats of 0..4s: not yet.
+  Heartbeat(end, 5, absl::ZeroDuration());
+  EXPECT_TRUE(launcher_.SignalsTo(pid).empty());
+  EXPECT_EQ(manager_->stats().worker_timeouts, 0u);
+  // Past 5s: SIGABRT (the stack dump), no SIGKILL yet, no connection for it
+  // (draining), and its replacement starts at once.
+  Heartbeat(end, 1, absl::Seconds(5));
+  EXPECT_THAT(launcher_.SignalsTo(pid), ElementsAre(SIGABRT));
+  EXPECT_EQ(manager_->stats().worker_timeouts, 1u);
+  EXPECT_EQ(manager_->stats().heartbeat_timeouts, 0u);
+  EXPECT_EQ(registry_.CountInState(WorkerState::kDraining), 1u);
+  EXPECT_EQ(launcher_.spawned.size(), 2u);
+  ASSERT_EQ(EventsOf(v1::EVENT_TYPE_WORKER_HUNG).size(), 1u);
+  EXPECT_THAT(EventsOf(v1::EVENT_TYPE_WORKER_HUNG)[0].detail,
+              HasSubstr("application thread silent for"));
+  EXPECT_EQ(EventsOf(v1::EVENT_TYPE_WORKER_HUNG)[0].pid, pid);
+  // The grace (1s): then SIGKILL, whatever the dump did.
+  time_.Advance(WorkerManager::kStackDumpGrace + absl::Milliseconds(500));
+  EXPECT_THAT(launcher_.SignalsTo(pid), ElementsAre(SIGABRT, SIGKILL));
+  EXPECT_EQ(EventsOf(v1::EVENT_TYPE_WORKER_CRASHED).size(), 1u);
+}
+
+TEST_F(WatchdogTest, AnApplicationThatKeepsProvingLifeIsNeverKilled) {
+  StartManager(options_);
+  const pid_t pid = LastSpawnedPid();
+  WorkerEnd end = Register(pid, 0, /*reports_liveness=*/true);
+  for (int i = 0; i < 20; ++i) Heartbeat(end, 1, absl::Seconds(2));
+  EXPECT_TRUE(launcher_.SignalsTo(pid).empty());
+  EXPECT_EQ(registry_.CountInState(WorkerState::kReady), 1u);
+}
+
+TEST_F(WatchdogTest, AWorkerThatDoesNotReportLivenessIsNotWatched) {
+  StartManager(options_);
+  const pid_t pid = LastSpawnedPid();
+  WorkerEnd end = Register(pid);
+  Heartbeat(end, 20, absl::ZeroDuration());  // app_silent_ms is ignored
+  EXPECT_TRUE(launcher_.SignalsTo(pid).empty());
+  EXPECT_EQ(manager_->stats().worker_timeouts, 0u);
+}
+
+TEST_F(WatchdogTest, ZeroTurnsItOff) {
+  options_.worker_timeout = absl::ZeroDuration();
+  StartManager(options_);
+  const pid_t pid = LastSpawnedPid();
+  WorkerEnd end = Register(pid, 0, /*reports_liveness=*/true);
+  Heartbeat(end, 20, absl::ZeroDuration());
+  EXPECT_TRUE(launcher_.SignalsTo(pid).empty());
+}
+
+// An external worker is never signalled (not the broker's process): it
+// stops getting connections at once and its channel is closed after the
+// grace, which re-places what it had not acked.
+TEST_F(WatchdogTest, AHungExternalWorkerIsCutOffNotSignalled) {
+  options_.target_workers = 0;
+  StartManager(options_);
+  constexpr pid_t kExternal = 4242;
+  WorkerEnd end = Register(kExternal, 0, /*reports_liveness=*/true);
+  Heartbeat(end, 6, absl::Seconds(5));
+  EXPECT_EQ(manager_->stats().worker_timeouts, 1u);
+  EXPECT_EQ(registry_.CountInState(WorkerState::kDraining), 1u);
+  EXPECT_FALSE(end.BrokerClosed());
+  time_.Advance(WorkerManager::kStackDumpGrace + absl::Milliseconds(500));
+  EXPECT_TRUE(end.BrokerClosed());
+  EXPECT_TRUE(launcher_.signals.empty());
+  ASSERT_EQ(EventsOf(v1::EVENT_TYPE_WORKER_HUNG).size(), 1u);
+  EXPECT_EQ(EventsOf(v1::EVENT_TYPE_WORKER_HUNG)[0].pid, kExternal);
+}
+
+// An event-loop SDK whose loop is stuck sends nothing at all: at
+// --heartbeat_timeout (3s, before the 5s) it is dumped first as well.
+TEST_F(WatchdogTest, ASilentLivenessReportingWorkerIsDumpedFirst) {
+  StartManager(options_);
+  const pid_t pid = LastSpawnedPid();
+  WorkerEnd end = Register(pid, 0, /*reports_liveness=*/true);
+  time_.Advance(absl::Milliseconds(3500));
+  EXPECT_THAT(launcher_.SignalsTo(pid), ElementsAre(SIGABRT));
+  EXPECT_EQ(manager_->stats().heartbeat_timeouts, 1u);
+  ASSERT_EQ(EventsOf(v1::EVENT_TYPE_WORKER_HUNG).size(), 1u);
+  EXPECT_THAT(EventsOf(v1::EVENT_TYPE_WORKER_HUNG)[0].detail,
+              HasSubstr("no message for"));
+  time_.Advance(WorkerManager::kStackDumpGrace + absl::Milliseconds(500));
+  EXPECT_THAT(launcher_.SignalsTo(pid), ElementsAre(SIGABRT, SIGKILL));
+}
+
 TEST_F(WorkerManagerTest, AWorkerThatDoesNotRegisterInTimeIsKilled) {
   options_.start_timeout = absl::Seconds(30);
   StartManager(options_);

@@ -28,11 +28,14 @@ docs/protocol.md section 9; each DEFECT breaks one rule of that page:
                   e.g. a second Welcome (§6)
   no-fd-check     takes any fd in a Connection for the client's socket, a
                   pipe too (§3)
+  liveness-only-when-silent  reports liveness (Hello.reports_liveness) but,
+                  with the watchdog on, heartbeats only when silent, not
+                  every interval on a busy channel (§7.11)
   cut-as-closed   keeps busy connections through a Drain and closes them
                   just before its deadline, reported as an ordinary Closed
                   instead of cut_connection_ids (§7.3, minor 4)
 
-It says minor 4 in its Hello (for the cut rule; it has no other 1.4 case).
+It says minor 4 in its Hello (for the cut and liveness rules).
 """
 import os, select, socket, stat, sys, threading, time
 from fdbroker.v1 import handoff_pb2 as pb
@@ -110,18 +113,24 @@ def main():
     chan = Channel(os.environ["FDBROKER_SOCKET"])
     major = 2 if DEFECT == "bad-version" else 1
     chan.send(hello=pb.Hello(version=pb.ProtocolVersion(major=major, minor=4),
-                             pid=os.getpid()))
+                             pid=os.getpid(), reports_liveness=True))
     msg, kind, _ = chan.receive()
     if kind != "welcome":
         sys.exit(f"refused: {msg.refusal.message}")
     interval = msg.welcome.heartbeat_interval_ms / 1000
     timeout = msg.welcome.heartbeat_timeout_ms / 1000
+    # With the watchdog on (§7.11), a Heartbeat every interval, busy or not.
+    watched = (msg.welcome.worker_timeout_ms > 0 and
+               DEFECT != "liveness-only-when-silent")
+    last_heartbeat = time.monotonic()
     threads, draining, linger_until, deadline = [], False, 0.0, None
     # touch-rejected lingers after Drain, so that it reads (and rejects) a
     # Connection that follows the Drain.
     while not (draining and not any(t.is_alive() for t in threads)
                and time.monotonic() >= linger_until):
-        wait = max(0, chan.last_sent + interval - time.monotonic())
+        due = min(chan.last_sent, last_heartbeat) if watched else (
+            chan.last_sent)
+        wait = max(0, due + interval - time.monotonic())
         if draining:
             wait = min(wait, 0.05)
         if select.select([chan.sock], [], [], wait)[0]:
@@ -185,8 +194,12 @@ def main():
                             conn.shutdown(socket.SHUT_RD)
                         except OSError:
                             pass
-        if now - chan.last_sent >= interval and DEFECT != "no-heartbeat":
+        due = min(chan.last_sent, last_heartbeat) if watched else (
+            chan.last_sent)
+        if now - due >= interval and DEFECT != "no-heartbeat":
+            # The loop is the application's thread: alive (app_silent_ms 0).
             chan.send(heartbeat=pb.Heartbeat(sent_unix_nanos=time.time_ns()))
+            last_heartbeat = now
         if now - chan.last_received > timeout:
             sys.exit("broker silent for too long: declared dead")
     chan.send(goodbye=pb.Goodbye(reason="drained"))

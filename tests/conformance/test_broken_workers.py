@@ -33,6 +33,7 @@ EXPECTED = {
     "ignore-unexpected": ("error-second-welcome", "§6 Session state machine"),
     "cut-as-closed": ("drain-deadline-cut",
                       "§7.3 Closed: connection"),
+    "liveness-only-when-silent": ("liveness-heartbeat", "§7.11 Liveness"),
     "no-fd-check": ("error-connection-not-a-socket",
                     "§3 File descriptors: acked a Connection whose fd is a "
                     "pipe"),

@@ -29,10 +29,11 @@ LABEL_VALUES = {
                                                 "proxy_protocol"],
         "fdbroker_connections_migrated_total": ["rebalance", "drain"],
         "fdbroker_connections_lost_total": [
-            "worker_crash", "drain_deadline", "shutdown", "upgrade_deadline",
-            "release_truncated", "cut_by_worker"],
+            "worker_crash", "worker_timeout", "drain_deadline", "shutdown",
+            "upgrade_deadline", "release_truncated", "cut_by_worker"],
         "fdbroker_workers_declared_dead_total": [
-            "heartbeat_timeout", "ack_timeout", "channel_stuck"],
+            "heartbeat_timeout", "ack_timeout", "channel_stuck",
+            "worker_timeout"],
         "fdbroker_worker_recycles_total": [
             "restart", "max_connections", "max_rss", "max_age"],
     },

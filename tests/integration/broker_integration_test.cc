@@ -34,15 +34,6 @@
 namespace fdbroker::testing {
 namespace {
 
-pid_t WorkerPid(const HttpResponse& response) {
-  auto it = response.headers.find("x-worker-pid");
-  int pid = 0;
-  if (it == response.headers.end() || !absl::SimpleAtoi(it->second, &pid)) {
-    return 0;
-  }
-  return pid;
-}
-
 struct LoadResult {
   int ok = 0;
   int failed = 0;

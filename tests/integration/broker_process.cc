@@ -111,6 +111,23 @@ std::map<std::string, double> MetricSamples(const std::string& text) {
   return samples;
 }
 
+double MetricValue(const std::string& address, const std::string& series) {
+  absl::StatusOr<std::string> text = ScrapeMetrics(address);
+  if (!text.ok()) return -1;
+  std::map<std::string, double> samples = MetricSamples(*text);
+  auto it = samples.find(series);
+  return it == samples.end() ? -1 : it->second;
+}
+
+pid_t WorkerPid(const HttpResponse& response) {
+  auto it = response.headers.find("x-worker-pid");
+  int pid = 0;
+  if (it == response.headers.end() || !absl::SimpleAtoi(it->second, &pid)) {
+    return 0;
+  }
+  return pid;
+}
+
 bool BrokerProcess::WaitForWorkers(size_t n, absl::Duration timeout) {
   return WaitFor(
       [&] {

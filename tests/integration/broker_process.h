@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "tests/util/subprocess.h"
+#include "tests/util/test_util.h"
 
 namespace fdbroker::testing {
 
@@ -55,6 +56,12 @@ std::string BinaryPath(const std::string& name);
 absl::StatusOr<std::string> ScrapeMetrics(const std::string& address);
 // "name{labels}" -> value for every sample line of a Prometheus text scrape.
 std::map<std::string, double> MetricSamples(const std::string& text);
+// The value of one series ("name{labels}") of a scrape of `address`; -1 if
+// the scrape fails or lacks it.
+double MetricValue(const std::string& address, const std::string& series);
+
+// The X-Worker-Pid of an fdbroker-http-worker response (0 if absent).
+pid_t WorkerPid(const HttpResponse& response);
 
 }  // namespace fdbroker::testing
 

@@ -40,11 +40,7 @@ class MetricsTest : public ::testing::Test {
   }
 
   double Value(const std::string& series) {
-    absl::StatusOr<std::string> text = ScrapeMetrics(metrics_);
-    if (!text.ok()) return -1;
-    auto samples = MetricSamples(*text);
-    auto it = samples.find(series);
-    return it == samples.end() ? -1 : it->second;
+    return MetricValue(metrics_, series);
   }
 
   std::unique_ptr<BrokerProcess> broker_;

@@ -275,6 +275,62 @@ absl::Status HeartbeatSend(CaseContext& context) {
   return absl::OkStatus();
 }
 
+// §7.11: with Welcome.worker_timeout_ms set, a worker whose Hello set
+// reports_liveness sends a Heartbeat every heartbeat_interval_ms although
+// its channel is busy (here with the Acks of a Connection every third of an
+// interval), each with app_silent_ms below the timeout (the worker is idle:
+// its application thread is alive).
+absl::Status LivenessHeartbeat(CaseContext& context) {
+  const absl::Duration worker_timeout = absl::Seconds(2);
+  absl::StatusOr<v1::Hello> hello = context.StartAndReadHello();
+  if (!hello.ok()) return hello.status();
+  context.broker().set_worker_timeout(worker_timeout);
+  KIT_RETURN_IF_ERROR(context.broker().SendWelcome(/*supervised=*/true));
+  if (!hello->reports_liveness()) {
+    return context.Skip(
+        "Hello.reports_liveness is not set: the watchdog does not apply");
+  }
+  const absl::Duration interval = context.options().heartbeat_interval;
+  const absl::Duration slack = std::max(3 * interval, absl::Milliseconds(300));
+  const absl::Time start = absl::Now();
+  const absl::Time end = start + std::max(10 * interval, absl::Seconds(1));
+  absl::Time last_heartbeat = start;
+  absl::Time next_offer = start;
+  int heartbeats = 0;
+  while (absl::Now() < end) {
+    if (absl::Now() >= next_offer) {
+      KIT_RETURN_IF_ERROR(context.HandOff().status());
+      next_offer = absl::Now() + interval / 3;
+    }
+    absl::StatusOr<Received> received =
+        context.broker().Receive(std::min(next_offer, end));
+    if (absl::IsDeadlineExceeded(received.status())) continue;
+    if (!received.ok()) return received.status();
+    if (!received->message.has_heartbeat()) continue;
+    const v1::Heartbeat& heartbeat = received->message.heartbeat();
+    if (absl::Milliseconds(heartbeat.app_silent_ms()) >= worker_timeout) {
+      return Fail(absl::StrCat("an idle worker's Heartbeat says app_silent_ms ",
+                               heartbeat.app_silent_ms(),
+                               " (worker_timeout_ms ",
+                               absl::ToInt64Milliseconds(worker_timeout), ")"));
+    }
+    if (received->when - last_heartbeat > interval + slack) {
+      return Fail(
+          absl::StrCat("no Heartbeat for ",
+                       absl::FormatDuration(received->when - last_heartbeat),
+                       " on a busy channel with worker_timeout_ms set"));
+    }
+    last_heartbeat = received->when;
+    ++heartbeats;
+  }
+  if (heartbeats < 3) {
+    return Fail(absl::StrCat("only ", heartbeats, " Heartbeat(s) in ",
+                             absl::FormatDuration(end - start),
+                             " on a busy channel with worker_timeout_ms set"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status HeartbeatTimeout(CaseContext& context) {
   KIT_RETURN_IF_ERROR(context.Register());
   context.broker().set_send_heartbeats(false);
@@ -1268,6 +1324,13 @@ const std::vector<Case>& AllCases() {
        "heartbeat_timeout_ms, not before",
        {},
        HeartbeatTimeout},
+      {"liveness-heartbeat",
+       "§7.11 Liveness",
+       "with worker_timeout_ms set, a worker that reports liveness sends a "
+       "Heartbeat every interval even on a busy channel, with app_silent_ms "
+       "below the timeout while idle",
+       {},
+       LivenessHeartbeat},
       {"ack", "§7.2 Hand-off", "a Connection is acked with its id", {}, Ack},
       {"serve",
        "§7.2 Hand-off",

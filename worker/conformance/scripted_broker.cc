@@ -358,6 +358,8 @@ absl::Status ScriptedBroker::SendWelcome(bool supervised, uint64_t worker_id,
   welcome->set_supervised(supervised);
   welcome->set_listener_load_interval_ms(listener_load_interval_ms);
   listener_load_expected_ = listener_load_interval_ms > 0;
+  welcome->set_worker_timeout_ms(
+      static_cast<uint32_t>(absl::ToInt64Milliseconds(worker_timeout_)));
   return Send(std::move(message));
 }
 

@@ -98,6 +98,8 @@ class ScriptedBroker {
     heartbeat_interval_ = interval;
     heartbeat_timeout_ = timeout;
   }
+  // Welcome.worker_timeout_ms of later Welcomes (0: the watchdog is off).
+  void set_worker_timeout(absl::Duration timeout) { worker_timeout_ = timeout; }
 
   // The Hello of the current channel (empty before it arrived).
   const v1::Hello& hello() const { return hello_; }
@@ -125,6 +127,7 @@ class ScriptedBroker {
   bool send_heartbeats_ = true;
   absl::Duration heartbeat_interval_ = absl::Milliseconds(100);
   absl::Duration heartbeat_timeout_ = absl::Milliseconds(1500);
+  absl::Duration worker_timeout_ = absl::ZeroDuration();
 
   v1::Hello hello_;
   std::set<uint64_t> owned_;

@@ -1,6 +1,8 @@
 #include "http_connection.h"
 
 #include <algorithm>
+#include <chrono>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 
@@ -113,6 +115,16 @@ void HttpConnection::Handle(const HttpRequest& request) {
         sleep_millis_ = millis;
         sleep_head_ = head;
         sleep_connection_ = connection;
+        return;
+      }
+      reply = Reply::kBadSleep;
+    } else if (path == "/block") {
+      // A hung application, for the broker's --worker_timeout: the whole
+      // loop thread stops, heartbeats included.
+      uint32_t millis;
+      if (ParseSleepMillis(query, kMaxSleepMillis, millis)) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(millis));
+        responses_.AppendSlept(out_, millis, connection, head, client_line_);
         return;
       }
       reply = Reply::kBadSleep;

@@ -20,7 +20,8 @@ ReplyInfo Info(Reply reply) {
       return {200, "HTTP/1.1 200 OK\r\n", "", nullptr};
     case Reply::kBadSleep:
       return {400, "HTTP/1.1 400 Bad Request\r\n", "",
-              "bad request: use /sleep?ms=N with 0 <= N <= 60000\n"};
+              "bad request: use /sleep?ms=N (or /block?ms=N) with 0 <= N <= "
+              "60000\n"};
     case Reply::kBadRequest:
       return {400, "HTTP/1.1 400 Bad Request\r\n", "", "bad request\n"};
     case Reply::kNotFound:

@@ -48,6 +48,9 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Connect(Options options) {
   body.set_max_connections_per_message(options.max_connections_per_message);
   body.set_supports_release(static_cast<bool>(options.on_release_request));
   body.set_supports_listener_grant(options.accept_granted_listener);
+  // Heartbeats go out from ProcessEvents(), on the application's loop
+  // thread: each one is proof that thread runs.
+  body.set_reports_liveness(true);
   for (const auto& [key, value] : options.labels) {
     (*body.mutable_labels())[key] = value;
   }

@@ -19,6 +19,7 @@
 #include "handler_threads.h"
 #include "spdlog/spdlog.h"
 #include "wire/socket_address.h"
+#include "stack_dump.h"
 
 namespace fdbroker::worker {
 namespace {
@@ -173,14 +174,17 @@ WorkerImpl::WorkerImpl(Options options, std::string socket_path,
       worker_id_(registration.welcome.worker_id()),
       heartbeat_interval_(registration.welcome.heartbeat_interval_ms()),
       heartbeat_timeout_(registration.welcome.heartbeat_timeout_ms()),
+      worker_timeout_(registration.welcome.worker_timeout_ms()),
       supervised_(registration.welcome.supervised()),
       channel_(std::move(registration.channel)),
       listener_load_interval_(registration.welcome.listener_load_interval_ms()),
       last_sent_(std::chrono::steady_clock::now()),
+      last_heartbeat_(last_sent_),
       last_received_(last_sent_),
       retry_delay_(kFirstRetryDelay) {
   // Out of fds, a Connection is rejected, not the channel lost (§3.1).
   channel_->ReportTruncatedFds();
+  if (registration.welcome.worker_timeout_ms() > 0) InstallStackDumpOnAbort();
 }
 
 WorkerImpl::~WorkerImpl() {
@@ -597,14 +601,28 @@ void WorkerImpl::CheckHeartbeatLocked() {
         " ms (heartbeat timeout ", heartbeat_timeout_.count(), " ms)"));
     return;
   }
-  if (heartbeat_interval_.count() > 0 && outbox_.empty() &&
-      now - last_sent_ >= heartbeat_interval_) {
+  if (now >= NextHeartbeatLocked()) {
     Outgoing heartbeat;
-    heartbeat.message.mutable_heartbeat()->set_sent_unix_nanos(
-        absl::ToUnixNanos(absl::Now()));
+    v1::Heartbeat& body = *heartbeat.message.mutable_heartbeat();
+    body.set_sent_unix_nanos(absl::ToUnixNanos(absl::Now()));
+    // We run on the loop thread, which runs the application: it is alive
+    // right now (app_silent_ms 0, the default).
+    last_heartbeat_ = now;
     SendLocked(std::move(heartbeat));
   }
   ArmTimerLocked();
+}
+
+MonoTime WorkerImpl::NextHeartbeatLocked() const {
+  // While the outbox is blocked we are not silent, just stalled: the flush
+  // re-arms the heartbeat.
+  if (heartbeat_interval_.count() == 0 || !outbox_.empty()) {
+    return MonoTime::max();
+  }
+  // With the watchdog on, other traffic does not replace the Heartbeat.
+  return std::min(last_sent_,
+                  worker_timeout_.count() > 0 ? last_heartbeat_ : last_sent_) +
+         heartbeat_interval_;
 }
 
 void WorkerImpl::ArmTimerLocked() {
@@ -619,12 +637,7 @@ void WorkerImpl::ArmTimerLocked() {
     return;
   }
   if (channel_ == nullptr) return;
-  MonoTime next = MonoTime::max();
-  // While the outbox is blocked we are not silent, just stalled: the flush
-  // re-arms the heartbeat.
-  if (heartbeat_interval_.count() > 0 && outbox_.empty()) {
-    next = std::min(next, last_sent_ + heartbeat_interval_);
-  }
+  MonoTime next = NextHeartbeatLocked();
   if (heartbeat_timeout_.count() > 0) {
     next = std::min(next, last_received_ + heartbeat_timeout_);
   }
@@ -908,7 +921,10 @@ void WorkerImpl::RegisteredLocked(const v1::Welcome& welcome) {
       std::chrono::milliseconds(welcome.heartbeat_timeout_ms());
   listener_load_interval_ =
       std::chrono::milliseconds(welcome.listener_load_interval_ms());
-  last_sent_ = last_received_ = std::chrono::steady_clock::now();
+  worker_timeout_ = std::chrono::milliseconds(welcome.worker_timeout_ms());
+  if (worker_timeout_.count() > 0) InstallStackDumpOnAbort();
+  last_sent_ = last_received_ = last_heartbeat_ =
+      std::chrono::steady_clock::now();
   // This broker counts the connections we accepted ourselves from the
   // report only.
   if (accepted_total_ > 0) LoadChangedLocked();

@@ -143,6 +143,8 @@ class WorkerImpl final : public Worker {
   // (at once while draining).
   void LoadChangedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReportLoadLocked(bool now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // When the next Heartbeat is due (MonoTime::max(): none).
+  MonoTime NextHeartbeatLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ArmTimerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SayGoodbyeIfDrainedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void BeginDrainLocked(DrainCause cause, absl::Time deadline)
@@ -209,6 +211,9 @@ class WorkerImpl final : public Worker {
   uint64_t worker_id_ ABSL_GUARDED_BY(mu_);
   std::chrono::milliseconds heartbeat_interval_ ABSL_GUARDED_BY(mu_);
   std::chrono::milliseconds heartbeat_timeout_ ABSL_GUARDED_BY(mu_);
+  // Welcome.worker_timeout_ms: while > 0, a Heartbeat at least every
+  // heartbeat_interval_, busy or not (the broker's proof of life).
+  std::chrono::milliseconds worker_timeout_ ABSL_GUARDED_BY(mu_);
   // The broker counts this worker in its supervised pool (Welcome.supervised);
   // a re-registration says so (Hello.was_supervised) to be adopted there.
   bool supervised_ ABSL_GUARDED_BY(mu_);
@@ -249,6 +254,7 @@ class WorkerImpl final : public Worker {
   // The broker sent Reconnect; see MaybeReconnectNowLocked().
   bool reconnect_requested_ ABSL_GUARDED_BY(mu_) = false;
   MonoTime last_sent_ ABSL_GUARDED_BY(mu_);
+  MonoTime last_heartbeat_ ABSL_GUARDED_BY(mu_);
   MonoTime last_received_ ABSL_GUARDED_BY(mu_);
   bool serving_threads_ ABSL_GUARDED_BY(mu_) = false;
 

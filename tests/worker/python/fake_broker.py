@@ -112,11 +112,13 @@ class FakeBroker:
         socket.send_fds(self.channel, [data], list(fds))
 
     def welcome(self, interval_ms: int = 10000, timeout_ms: int = 60000,
-                worker_id: int = 7, supervised: bool = False) -> None:
+                worker_id: int = 7, supervised: bool = False,
+                worker_timeout_ms: int = 0) -> None:
         self.send(welcome=pb.Welcome(
             version=pb.ProtocolVersion(major=1), worker_id=worker_id,
             heartbeat_interval_ms=interval_ms,
-            heartbeat_timeout_ms=timeout_ms, supervised=supervised))
+            heartbeat_timeout_ms=timeout_ms, supervised=supervised,
+            worker_timeout_ms=worker_timeout_ms))
 
     def offer(self, connection_id: int, sock: socket.socket,
               initial_data: bytes = b"") -> None:

@@ -105,6 +105,33 @@ class CoreTest(unittest.TestCase):
         self.assertEqual(len(self.hello.owned_connections), 0)
         self.assertEqual(driver.core.worker_id, 7)
 
+    def busy_heartbeats(self, driver: Driver, seconds: float) -> list:
+        """Offers a connection every 10 ms for `seconds` (the worker's Acks
+        keep its channel busy); the Heartbeats it sent meanwhile."""
+        heartbeats = []
+        end = time.monotonic() + seconds
+        connection_id = 1
+        while time.monotonic() < end:
+            self.offer(connection_id)
+            connection_id += 1
+            driver.run_for(0.01)
+            while select.select([self.broker.channel], [], [], 0)[0]:
+                message = self.broker.receive(0)
+                if message.WhichOneof("body") == "heartbeat":
+                    heartbeats.append(message.heartbeat)
+        return heartbeats
+
+    def test_with_the_watchdog_heartbeats_carry_liveness_even_when_busy(
+            self) -> None:
+        self.welcome_args = {"interval_ms": 50, "worker_timeout_ms": 1000}
+        driver = self.start()
+        self.assertTrue(self.hello.reports_liveness)
+        driver.core.app_silent = lambda: 2.5
+        heartbeats = self.busy_heartbeats(driver, 0.5)
+        # About 10 at one per 50 ms; a loaded machine runs fewer turns.
+        self.assertGreaterEqual(len(heartbeats), 3)
+        self.assertTrue(all(h.app_silent_ms == 2500 for h in heartbeats))
+
     def test_refusal_is_a_registration_error(self) -> None:
         driver = self.start(welcome=False)
         self.broker.send(refusal=pb.Refusal(

@@ -5,7 +5,12 @@
             threading.Thread(target=handle, args=(sock,)).start()
 
 The protocol runs on a background thread, so heartbeats and acks keep
-flowing however long the application takes between two iterations. Each
+flowing however long the application takes between two iterations. The
+broker's hung-worker watchdog (--worker_timeout) watches the consumer loop
+instead: the heartbeats say how long it has been away with a connection
+(while it waits in the iterator it is alive), so hand each connection to a
+thread and come back; a loop away longer than the timeout gets SIGABRT
+(faulthandler dumps every thread's traceback to stderr) and is replaced. Each
 connection comes as a BrokeredSocket (a socket.socket, blocking) whose
 close() tells the broker (Closed): close every socket you get, e.g. with
 `with sock:`.
@@ -117,6 +122,12 @@ class BlockingWorker:
         self._sockets: queue.SimpleQueue[Optional[BrokeredSocket]] = (
             queue.SimpleQueue())
         self._registered = threading.Event()
+        # The application's thread is the one iterating this worker: it
+        # proves life by coming back for the next connection. When it took
+        # the last one (time.monotonic()); None while it waits in the
+        # iterator (alive) or does not iterate.
+        self._consumer_busy_since: Optional[float] = None
+        core.app_silent = self._consumer_silent
         self._stop = False
         self._thread = threading.Thread(target=self._run,
                                         name="fdbroker-worker", daemon=True)
@@ -165,8 +176,22 @@ class BlockingWorker:
     def __iter__(self) -> Iterator[BrokeredSocket]:
         """Yields each new connection; returns once the worker has
         drained (every socket closed, Goodbye said)."""
-        while (sock := self._sockets.get()) is not None:
-            yield sock
+        try:
+            while True:
+                self._consumer_busy_since = None
+                sock = self._sockets.get()
+                if sock is None:
+                    return
+                self._consumer_busy_since = time.monotonic()
+                yield sock
+        finally:  # also when the consumer leaves the loop early
+            self._consumer_busy_since = None
+
+    def _consumer_silent(self) -> float:
+        """WorkerCore.app_silent, on the background thread: how long the
+        consumer loop has been away with a connection (0 while it waits)."""
+        since = self._consumer_busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def release(self, sock: BrokeredSocket, unread: bytes = b"") -> bool:
         """Gives `sock` back to the broker, which places it on another

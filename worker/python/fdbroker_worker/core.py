@@ -35,6 +35,7 @@ closes the copy it was given in both cases.
 import collections
 import dataclasses
 import enum
+import faulthandler
 import logging
 import os
 import select
@@ -129,6 +130,19 @@ class Options:
     # Hello.max_connections_per_message: connections accepted together come
     # in one ConnectionBatch packet (one recvmsg, one wake-up); 1: never.
     max_connections_per_message: int = MAX_CONNECTIONS_PER_MESSAGE
+
+
+def _dump_stacks_on_abort() -> None:
+    """The broker's watchdog sends SIGABRT to a hung worker before killing
+    it: faulthandler then writes every thread's Python traceback to stderr
+    (and the process still aborts). Left alone if already enabled."""
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable(all_threads=True)
+    except (AttributeError, ValueError, RuntimeError, OSError) as error:
+        # sys.stderr is None or has no fd (embedded, pythonw).
+        log.warning("no stack dump on SIGABRT: %s", error)
 
 
 @dataclasses.dataclass
@@ -267,7 +281,17 @@ class WorkerCore:
         self._supervised = False
         self._heartbeat_interval = 0.0
         self._heartbeat_timeout = 0.0
+        # Welcome.worker_timeout_ms (seconds): while > 0, a Heartbeat goes
+        # out every interval, busy or not, with app_silent_ms (the broker's
+        # hung-worker watchdog, protocol 1.4).
+        self._worker_timeout = 0.0
         self._last_sent = self._last_received = clock()
+        self._last_heartbeat = self._last_sent
+        # Seconds since the thread that runs the application last proved it
+        # runs. The default: the driver's thread is that thread (asyncio),
+        # so whenever a Heartbeat is sent it runs. A driver with a thread of
+        # its own (blocking.py) replaces it.
+        self.app_silent: Callable[[], float] = lambda: 0.0
         self._want_writable = False
         self._outbox: collections.deque[_Outgoing] = collections.deque()
         self._unsent_acks = 0  # connections covered by Acks in _outbox
@@ -333,8 +357,8 @@ class WorkerCore:
         if self._channel is None or self._goodbye_sent:
             return None
         times = []
-        if self._heartbeat_interval > 0 and not self._outbox:
-            times.append(self._last_sent + self._heartbeat_interval)
+        if (heartbeat := self._next_heartbeat()) is not None:
+            times.append(heartbeat)
         if self._heartbeat_timeout > 0:
             times.append(self._last_received + self._heartbeat_timeout)
         if self._closed_to_report:
@@ -475,6 +499,7 @@ class WorkerCore:
             pid=os.getpid(), capacity=self._options.capacity,
             labels=self._options.labels, was_supervised=self._supervised,
             supports_release=self._options.supports_release,
+            reports_liveness=True,
             max_connections_per_message=max(
                 1, self._options.max_connections_per_message)))
 
@@ -522,7 +547,11 @@ class WorkerCore:
         self._supervised = welcome.supervised
         self._heartbeat_interval = welcome.heartbeat_interval_ms / 1000
         self._heartbeat_timeout = welcome.heartbeat_timeout_ms / 1000
+        self._worker_timeout = welcome.worker_timeout_ms / 1000
+        if self._worker_timeout > 0:
+            _dump_stacks_on_abort()
         self._last_sent = self._last_received = self._clock()
+        self._last_heartbeat = self._last_sent
         if self._reconnecting:
             self._reconnecting = False
             log.info("reconnected to the broker at %s as worker %d (was %d) "
@@ -711,10 +740,23 @@ class WorkerCore:
                 f"nothing heard from the broker for "
                 f"{(now - self._last_received) * 1000:.0f} ms (heartbeat "
                 f"timeout {self._heartbeat_timeout * 1000:.0f} ms)")
-        if (self._heartbeat_interval > 0 and not self._outbox and
-                now - self._last_sent >= self._heartbeat_interval):
+        heartbeat = self._next_heartbeat()
+        if heartbeat is not None and now >= heartbeat:
+            self._last_heartbeat = now
+            silent_ms = min(int(self.app_silent() * 1000), 0xFFFFFFFF)
             self._send(_Outgoing(pb.HandoffMessage(heartbeat=pb.Heartbeat(
-                sent_unix_nanos=time.time_ns()))))
+                sent_unix_nanos=time.time_ns(),
+                app_silent_ms=max(silent_ms, 0)))))
+
+    def _next_heartbeat(self) -> Optional[float]:
+        """When the next Heartbeat is due (None: none). While the outbox is
+        blocked we are not silent, just stalled."""
+        if self._heartbeat_interval <= 0 or self._outbox:
+            return None
+        # With the watchdog on, other traffic does not replace it.
+        last = (self._last_heartbeat if self._worker_timeout > 0 else
+                self._last_sent)
+        return last + self._heartbeat_interval
 
     # --- The registered channel ------------------------------------------
 
