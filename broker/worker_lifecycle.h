@@ -67,8 +67,8 @@ enum class DrainCause {
   kChannelStuck,      // Its channel stayed full for --heartbeat_timeout.
   kRestarted,  // Rolling restart (RestartWorkers, SIGHUP): replacement ready.
   kRecycled,   // Past a recycling limit: its replacement registered.
-  kWorkerTimeout,     // Its application thread silent for --worker_timeout:
-                      // sent SIGABRT (stack dump), killed after a grace.
+  kWorkerTimeout,  // Its application thread silent for --worker_timeout:
+                   // sent SIGABRT (stack dump), killed after a grace.
 };
 
 absl::string_view DrainCauseName(DrainCause cause);

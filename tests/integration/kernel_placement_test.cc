@@ -22,18 +22,12 @@
 #include "fdbroker/v1/broker.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "tests/integration/broker_process.h"
+#include "tests/integration/control_client.h"
 #include "tests/util/subprocess.h"
 #include "tests/util/test_util.h"
 
 namespace fdbroker::testing {
 namespace {
-
-std::unique_ptr<grpc::ClientContext> Context() {
-  auto context = std::make_unique<grpc::ClientContext>();
-  context->set_deadline(std::chrono::system_clock::now() +
-                        std::chrono::seconds(20));
-  return context;
-}
 
 // The pid of the worker that answered GET / on a new connection; 0 if the
 // request failed.
@@ -48,30 +42,11 @@ int ServedBy(int port) {
 class KernelPlacementTest : public ::testing::Test {
  protected:
   void Start(std::vector<std::string> flags, size_t workers) {
-    auto broker = BrokerProcess::Start(std::move(flags));
-    ASSERT_TRUE(broker.ok()) << broker.status();
-    broker_ = *std::move(broker);
-    auto ready = ReadKeyValueFile(broker_->dir() + "/ready");
-    ASSERT_TRUE(ready.ok());
-    metrics_ = (*ready)["metrics"];
-    stub_ = v1::BrokerService::NewStub(grpc::CreateChannel(
-        broker_->control_address(), grpc::InsecureChannelCredentials()));
-    ASSERT_TRUE(
-        WaitFor([&] { return Ready().size() == workers; }, absl::Seconds(30)))
-        << broker_->process().Output();
+    ASSERT_NO_FATAL_FAILURE(StartControlledBroker(std::move(flags), workers,
+                                                  broker_, stub_, metrics_));
   }
 
-  std::vector<v1::Worker> Ready() {
-    v1::ListWorkersResponse response;
-    grpc::Status status = stub_->ListWorkers(
-        Context().get(), v1::ListWorkersRequest(), &response);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    std::vector<v1::Worker> ready;
-    for (const v1::Worker& w : response.workers()) {
-      if (w.state() == v1::WORKER_STATE_READY) ready.push_back(w);
-    }
-    return ready;
-  }
+  std::vector<v1::Worker> Ready() { return ReadyWorkers(*stub_); }
 
   double Metric(const std::string& sample) {
     std::map<std::string, double> samples =
@@ -164,7 +139,7 @@ TEST_F(KernelPlacementTest, DrainingWorkerGetsNoNewConnectionsAndLosesNone) {
   request.set_worker_id(victim.id());
   request.mutable_timeout()->set_seconds(30);
   v1::DrainWorkerResponse response;
-  ASSERT_TRUE(stub_->DrainWorker(Context().get(), request, &response).ok());
+  ASSERT_TRUE(stub_->DrainWorker(RpcContext().get(), request, &response).ok());
   // From the Drain on, every new connection is served by the other worker,
   // including any the kernel queued on the victim's listener before the
   // placement program dropped it (the broker accepts and hands those off).
@@ -214,7 +189,7 @@ TEST_F(KernelPlacementTest, DrainMovesIdleWorkerAcceptedConnections) {
   request.set_worker_id(victim.id());
   request.mutable_timeout()->set_seconds(30);
   v1::DrainWorkerResponse response;
-  ASSERT_TRUE(stub_->DrainWorker(Context().get(), request, &response).ok());
+  ASSERT_TRUE(stub_->DrainWorker(RpcContext().get(), request, &response).ok());
   // Its idle connections are released and handed to the other worker: the
   // clients' next request on the same TCP connection is answered there.
   ASSERT_TRUE(

@@ -25,19 +25,13 @@
 #include "fdbroker/v1/broker.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "tests/integration/broker_process.h"
+#include "tests/integration/control_client.h"
 #include "tests/util/subprocess.h"
 #include "tests/util/test_util.h"
 #include "wire/message_channel.h"
 
 namespace fdbroker::testing {
 namespace {
-
-std::unique_ptr<grpc::ClientContext> Context() {
-  auto context = std::make_unique<grpc::ClientContext>();
-  context->set_deadline(std::chrono::system_clock::now() +
-                        std::chrono::seconds(20));
-  return context;
-}
 
 // One keep-alive client of the line server.
 class LineClient {
@@ -113,28 +107,11 @@ class MigrationTest : public ::testing::Test {
           absl::StrCat("--worker_cmd=", BinaryPath("fdbroker-fake-worker"),
                        " --mode=release"));
     }
-    auto broker = BrokerProcess::Start(std::move(flags));
-    ASSERT_TRUE(broker.ok()) << broker.status();
-    broker_ = *std::move(broker);
-    auto ready = ReadKeyValueFile(broker_->dir() + "/ready");
-    ASSERT_TRUE(ready.ok());
-    metrics_ = (*ready)["metrics"];
-    stub_ = v1::BrokerService::NewStub(grpc::CreateChannel(
-        broker_->control_address(), grpc::InsecureChannelCredentials()));
-    ASSERT_TRUE(WaitForReady(workers)) << broker_->process().Output();
+    ASSERT_NO_FATAL_FAILURE(StartControlledBroker(std::move(flags), workers,
+                                                  broker_, stub_, metrics_));
   }
 
-  std::vector<v1::Worker> Ready() {
-    v1::ListWorkersResponse response;
-    grpc::Status status = stub_->ListWorkers(
-        Context().get(), v1::ListWorkersRequest(), &response);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    std::vector<v1::Worker> ready;
-    for (const v1::Worker& w : response.workers()) {
-      if (w.state() == v1::WORKER_STATE_READY) ready.push_back(w);
-    }
-    return ready;
-  }
+  std::vector<v1::Worker> Ready() { return ReadyWorkers(*stub_); }
 
   bool WaitForReady(size_t n) {
     return WaitFor([&] { return Ready().size() == n; }, absl::Seconds(20));
@@ -170,7 +147,8 @@ class MigrationTest : public ::testing::Test {
     v1::DrainWorkerRequest request;
     request.set_worker_id(victim.id());
     v1::DrainWorkerResponse response;
-    ASSERT_TRUE(stub_->DrainWorker(Context().get(), request, &response).ok());
+    ASSERT_TRUE(
+        stub_->DrainWorker(RpcContext().get(), request, &response).ok());
     ASSERT_TRUE(WaitFor(
         [&] {
           std::vector<v1::Worker> ready = Ready();
@@ -197,7 +175,7 @@ class MigrationTest : public ::testing::Test {
     ASSERT_NE(request.worker_id(), 0u) << "no ready worker with pid " << pid;
     v1::DrainWorkerResponse response;
     grpc::Status status =
-        stub_->DrainWorker(Context().get(), request, &response);
+        stub_->DrainWorker(RpcContext().get(), request, &response);
     ASSERT_TRUE(status.ok()) << status.error_message();
   }
 
@@ -252,13 +230,13 @@ TEST_F(MigrationTest, RebalanceAfterScaleUpEvensOutAndNoClientNotices) {
   v1::ScaleWorkersRequest scale;
   scale.set_count(4);
   v1::ScaleWorkersResponse scaled;
-  ASSERT_TRUE(stub_->ScaleWorkers(Context().get(), scale, &scaled).ok());
+  ASSERT_TRUE(stub_->ScaleWorkers(RpcContext().get(), scale, &scaled).ok());
   ASSERT_TRUE(WaitForReady(4));
   EXPECT_FALSE(Balanced(100)) << "long-lived connections stay put";
 
   v1::RebalanceResponse response;
   grpc::Status status =
-      stub_->Rebalance(Context().get(), v1::RebalanceRequest(), &response);
+      stub_->Rebalance(RpcContext().get(), v1::RebalanceRequest(), &response);
   ASSERT_TRUE(status.ok()) << status.error_message();
   EXPECT_DOUBLE_EQ(response.mean_connections(), 25.0);
   ASSERT_EQ(response.asked_size(), 2);
@@ -294,7 +272,8 @@ TEST_F(MigrationTest, RebalanceAfterScaleUpEvensOutAndNoClientNotices) {
   watcher.join();
 
   // Balanced now: a second Rebalance asks nobody.
-  status = stub_->Rebalance(Context().get(), v1::RebalanceRequest(), &response);
+  status =
+      stub_->Rebalance(RpcContext().get(), v1::RebalanceRequest(), &response);
   ASSERT_TRUE(status.ok());
   EXPECT_EQ(response.asked_size(), 0);
 }
@@ -384,7 +363,7 @@ TEST_F(MigrationTest, BrokerWideDrainClosesInsteadOfReleasing) {
   v1::DrainRequest request;
   request.mutable_timeout()->set_seconds(5);
   v1::DrainResponse response;
-  ASSERT_TRUE(stub_->Drain(Context().get(), request, &response).ok());
+  ASSERT_TRUE(stub_->Drain(RpcContext().get(), request, &response).ok());
   // Nowhere to move it: closed.
   EXPECT_TRUE(
       absl::IsUnavailable(client->ReadLine(absl::Seconds(10)).status()));
@@ -396,7 +375,7 @@ TEST_F(MigrationTest, BrokerWideDrainClosesInsteadOfReleasing) {
   // And Rebalance is refused while drained, with a reason.
   v1::RebalanceResponse rebalanced;
   grpc::Status status =
-      stub_->Rebalance(Context().get(), v1::RebalanceRequest(), &rebalanced);
+      stub_->Rebalance(RpcContext().get(), v1::RebalanceRequest(), &rebalanced);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_NE(status.error_message().find("Resume"), std::string::npos)
       << status.error_message();
@@ -406,7 +385,7 @@ TEST_F(MigrationTest, RebalanceNeedsTwoReadyWorkers) {
   ASSERT_NO_FATAL_FAILURE(StartBroker(1));
   v1::RebalanceResponse response;
   grpc::Status status =
-      stub_->Rebalance(Context().get(), v1::RebalanceRequest(), &response);
+      stub_->Rebalance(RpcContext().get(), v1::RebalanceRequest(), &response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_NE(status.error_message().find("at least 2 ready workers"),
             std::string::npos)
@@ -421,7 +400,7 @@ TEST_F(MigrationTest, RebalanceAfterScaleFlagRebalancesOnItsOwn) {
   v1::ScaleWorkersRequest scale;
   scale.set_count(4);
   v1::ScaleWorkersResponse scaled;
-  ASSERT_TRUE(stub_->ScaleWorkers(Context().get(), scale, &scaled).ok());
+  ASSERT_TRUE(stub_->ScaleWorkers(RpcContext().get(), scale, &scaled).ok());
   ASSERT_TRUE(WaitForReady(4));
   EXPECT_TRUE(WaitFor([&] { return Balanced(40); }, absl::Seconds(10)))
       << broker_->process().Output();
@@ -488,11 +467,11 @@ TEST_F(HttpMigrationTest, TwoHundredClientsRebalancedFromTwoToFourWorkers) {
   v1::ScaleWorkersRequest scale;
   scale.set_count(4);
   v1::ScaleWorkersResponse scaled;
-  ASSERT_TRUE(stub_->ScaleWorkers(Context().get(), scale, &scaled).ok());
+  ASSERT_TRUE(stub_->ScaleWorkers(RpcContext().get(), scale, &scaled).ok());
   ASSERT_TRUE(WaitForReady(4));
   v1::RebalanceResponse response;
   grpc::Status status =
-      stub_->Rebalance(Context().get(), v1::RebalanceRequest(), &response);
+      stub_->Rebalance(RpcContext().get(), v1::RebalanceRequest(), &response);
   ASSERT_TRUE(status.ok()) << status.error_message();
   EXPECT_DOUBLE_EQ(response.mean_connections(), 50.0);
   EXPECT_EQ(response.asked_size(), 2);

@@ -103,17 +103,8 @@ class RestartTest : public ::testing::Test {
  protected:
   void StartBroker(int workers, std::vector<std::string> flags = {}) {
     flags.push_back(absl::StrCat("--workers=", workers));
-    auto broker = BrokerProcess::Start(std::move(flags));
-    ASSERT_TRUE(broker.ok()) << broker.status();
-    broker_ = *std::move(broker);
-    auto ready = ReadKeyValueFile(broker_->dir() + "/ready");
-    ASSERT_TRUE(ready.ok());
-    metrics_ = (*ready)["metrics"];
-    stub_ = v1::BrokerService::NewStub(grpc::CreateChannel(
-        broker_->control_address(), grpc::InsecureChannelCredentials()));
-    ASSERT_TRUE(WaitFor([&] { return ReadyPids().size() == size_t(workers); },
-                        absl::Seconds(30)))
-        << broker_->process().Output();
+    ASSERT_NO_FATAL_FAILURE(StartControlledBroker(std::move(flags), workers,
+                                                  broker_, stub_, metrics_));
   }
 
   std::vector<v1::Worker> Workers() { return ListWorkers(*stub_); }

@@ -18,8 +18,8 @@
 #include "google/protobuf/io/coded_stream.h"
 #include "handler_threads.h"
 #include "spdlog/spdlog.h"
-#include "wire/socket_address.h"
 #include "stack_dump.h"
+#include "wire/socket_address.h"
 
 namespace fdbroker::worker {
 namespace {
