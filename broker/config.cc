@@ -60,8 +60,9 @@ ABSL_FLAG(bool, rebalance_after_scale, false,
           "rebalance once (as the Rebalance RPC does): idle connections move "
           "to them.");
 ABSL_FLAG(int64_t, max_connections_per_worker, 0,
-          "Recycle a supervised worker once it was handed this many "
-          "connections (migrated ones included): a replacement starts and "
+          "Recycle a supervised worker once it was handed this many new "
+          "connections (idle ones moved to it from other workers are not "
+          "counted): a replacement starts and "
           "registers, then the worker drains, its idle connections moving. "
           "0: never.");
 ABSL_FLAG(int64_t, max_connections_jitter, 0,

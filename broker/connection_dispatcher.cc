@@ -340,6 +340,7 @@ absl::Status ConnectionDispatcher::OnAck(Worker& worker, const v1::Ack& ack) {
     --worker.unacked;
     worker.owned.emplace(id, identity);
     ++worker.handed_total;
+    if (released_by == 0) ++worker.new_total;
     if (released_by != 0 && on_migrated_) {
       on_migrated_(released_by, worker.id, reason);
     }

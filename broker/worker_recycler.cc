@@ -314,7 +314,7 @@ uint64_t WorkerRecycler::ConnectionLimit(uint64_t id) {
 
 void WorkerRecycler::OnHanded(const Worker& worker) {
   if (options_.max_connections == 0 || check_soon_ ||
-      worker.handed_total < ConnectionLimit(worker.id)) {
+      worker.new_total < ConnectionLimit(worker.id)) {
     return;
   }
   // At once rather than at the next tick (a busy worker takes hundreds of
@@ -331,10 +331,10 @@ std::optional<std::pair<WorkerRecycler::Reason, std::string>>
 WorkerRecycler::PastLimit(const Worker& worker, int64_t now_nanos) {
   if (options_.max_connections > 0) {
     const uint64_t limit = ConnectionLimit(worker.id);
-    if (worker.handed_total >= limit) {
-      return std::make_pair(Reason::kMaxConnections,
-                            absl::StrCat(worker.handed_total,
-                                         " connections handed, limit ", limit));
+    if (worker.new_total >= limit) {
+      return std::make_pair(
+          Reason::kMaxConnections,
+          absl::StrCat(worker.new_total, " new connections, limit ", limit));
     }
   }
   if (options_.max_age > absl::ZeroDuration() &&

@@ -44,8 +44,8 @@ uint64_t ProcessTreeResidentBytes(pid_t pid);
 class WorkerRecycler {
  public:
   struct Options {
-    // Connections handed to a worker (migrated ones included) after which
-    // it is recycled; 0: no limit.
+    // New connections handed to a worker (Worker::new_total: moved ones
+    // left out) after which it is recycled; 0: no limit.
     uint64_t max_connections = 0;
     // A random 0..jitter added to max_connections per worker, so that
     // workers started together are not recycled together.

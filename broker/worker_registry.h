@@ -89,6 +89,11 @@ struct Worker {
                       std::pair<wire::SocketAddress, wire::SocketAddress>>
       proxied;
   uint64_t handed_total = 0;
+  // Of those, the new ones (not moved from another worker): what
+  // --max_connections_per_worker counts. Counting moved ones would make a
+  // recycle push the workers that take its idle clients past the limit in
+  // turn, without end, once there are more clients than the limit.
+  uint64_t new_total = 0;
 
   // Draining because the broker asked (or the worker said Goodbye): its exit
   // is expected, not a crash.

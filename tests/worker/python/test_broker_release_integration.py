@@ -40,10 +40,10 @@ class BrokerReleaseTest(unittest.TestCase):
         broker = Broker(workers, extra_flags=flags)
         self.addCleanup(broker.cleanup)
         broker.wait_for_workers(workers)
-        workers_json = self.workers(broker)
-        if not all(w.get("supportsRelease") for w in workers_json):
-            self.skipTest("this fdbroker does not support release yet "
-                          "(ListWorkers shows no supportsRelease)")
+        # Registered (a worker still starting is listed without it).
+        wait_for(lambda: all(w.get("supportsRelease")
+                             for w in self.workers(broker)), 30,
+                 "every worker registered with supportsRelease")
         return broker
 
     def workers(self, broker: Broker) -> list[dict]:
@@ -200,6 +200,30 @@ class BrokerReleaseTest(unittest.TestCase):
     def test_sighup_restarts_the_python_workers(self) -> None:
         self.rolling_restart(lambda broker: broker.process.send_signal(
             signal.SIGHUP))
+
+    def test_recycling_by_connection_count_moves_every_client(self) -> None:
+        """--max_connections_per_worker with Python workers: each worker
+        past 25 new connections is replaced surge-first and its keep-alive
+        clients move to the others on their connections, none cut. 80
+        clients is more than three times the limit: moved clients must not
+        count, or the recycles would go on without end."""
+        broker = self.start_broker(2, "--max_connections_per_worker=25")
+        first = set(self.loads(broker))
+        clients = self.connect_clients(broker, 80)
+        wait_for(lambda: len(self.loads(broker)) == 2
+                 and not first & broker.worker_pids(), 60,
+                 "both first workers recycled and gone")
+        after = set(self.loads(broker))
+        pids = self.next_requests(clients)
+        self.assertTrue(set(pids) <= after, f"{set(pids)} not in {after}")
+        # It settles: the new workers got at most 80 - 50 new connections
+        # between them, and the clients moved to them do not count, so
+        # none of them is being recycled after those 80 requests.
+        self.assertEqual(set(self.loads(broker)), after)
+        self.assertEqual(after, broker.worker_pids())
+        print(f"\nrecycling: 2 Python workers past 25 connections replaced, "
+              f"80/80 keep-alive clients answered on their connections by "
+              f"{len(after)} new workers", flush=True)
 
 
 if __name__ == "__main__":
