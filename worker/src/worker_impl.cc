@@ -177,10 +177,10 @@ WorkerImpl::WorkerImpl(Options options, std::string socket_path,
       worker_timeout_(registration.welcome.worker_timeout_ms()),
       supervised_(registration.welcome.supervised()),
       channel_(std::move(registration.channel)),
-      listener_load_interval_(registration.welcome.listener_load_interval_ms()),
       last_sent_(std::chrono::steady_clock::now()),
       last_heartbeat_(last_sent_),
       last_received_(last_sent_),
+      listener_load_interval_(registration.welcome.listener_load_interval_ms()),
       retry_delay_(kFirstRetryDelay) {
   // Out of fds, a Connection is rejected, not the channel lost (§3.1).
   channel_->ReportTruncatedFds();
