@@ -42,14 +42,20 @@ class DataPlaneTest : public ::testing::Test {
                  : absl::UnavailableError("worker socket full");
     }
     // Everything the broker sent since the last call.
-    std::vector<v1::HandoffMessage> Received() {
+    // Every message waiting; the fds they carry go to `fds` if given
+    // (else they close).
+    std::vector<v1::HandoffMessage> Received(
+        std::vector<wire::UniqueFd>* fds = nullptr) {
       std::vector<v1::HandoffMessage> out;
       for (;;) {
         v1::HandoffMessage message;
-        std::vector<wire::UniqueFd> fds;
-        absl::StatusOr<wire::ReceiveResult> r = channel->Receive(message, fds);
+        std::vector<wire::UniqueFd> attached;
+        absl::StatusOr<wire::ReceiveResult> r =
+            channel->Receive(message, attached);
         if (!r.ok() || *r != wire::ReceiveResult::kReceived) return out;
         out.push_back(std::move(message));
+        if (fds == nullptr) continue;
+        for (wire::UniqueFd& fd : attached) fds->push_back(std::move(fd));
       }
     }
     // The broker closed its end (EOF after any unread messages).
@@ -88,9 +94,11 @@ class DataPlaneTest : public ::testing::Test {
 
   // Connects process `pid` to the hand-off socket and says `hello`; returns
   // its end of the channel, with the broker's answers (Welcome or Refusal,
-  // heartbeats left out) in `answers`.
+  // and what follows it; heartbeats left out) in `answers` and the fds they
+  // carried in `fds`, if given.
   WorkerEnd SayHello(pid_t pid, v1::Hello hello,
-                     std::vector<v1::HandoffMessage>& answers) {
+                     std::vector<v1::HandoffMessage>& answers,
+                     std::vector<wire::UniqueFd>* fds = nullptr) {
     int sv[2];
     EXPECT_EQ(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv), 0);
     WorkerEnd end;
@@ -106,7 +114,7 @@ class DataPlaneTest : public ::testing::Test {
     EXPECT_TRUE(end.Send(std::move(message)).ok());
     time_.RunUntilIdle();
     answers.clear();
-    for (v1::HandoffMessage& m : end.Received()) {
+    for (v1::HandoffMessage& m : end.Received(fds)) {
       if (m.has_welcome()) end.id = m.welcome().worker_id();
       if (!m.has_heartbeat()) answers.push_back(std::move(m));
     }

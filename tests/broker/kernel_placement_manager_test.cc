@@ -46,35 +46,24 @@ class KernelPlacementManagerTest : public DataPlaneTest {
   // and whether a ListenerGrant (with its listening socket) followed the
   // Welcome.
   WorkerEnd RegisterKernel(pid_t pid, uint32_t capacity, bool* granted) {
-    int sv[2];
-    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv), 0);
-    WorkerEnd end;
-    end.pid = pid;
-    end.channel = std::make_unique<wire::MessageChannel>(wire::UniqueFd(sv[1]));
-    manager_->OnNewPeer(wire::UniqueFd(sv[0]),
-                        ucred{pid, ::getuid(), ::getgid()}, /*allowed=*/true);
-    v1::HandoffMessage hello;
-    hello.mutable_hello()->mutable_version()->set_major(wire::kProtocolMajor);
-    hello.mutable_hello()->set_pid(pid);
-    hello.mutable_hello()->set_capacity(capacity);
-    hello.mutable_hello()->set_supports_listener_grant(true);
-    EXPECT_TRUE(end.Send(std::move(hello)).ok());
-    time_.RunUntilIdle();
+    v1::Hello hello;
+    hello.set_capacity(capacity);
+    hello.set_supports_listener_grant(true);
+    std::vector<v1::HandoffMessage> answers;
+    std::vector<wire::UniqueFd> fds;
+    WorkerEnd end = SayHello(pid, std::move(hello), answers, &fds);
     *granted = false;
-    for (;;) {
-      v1::HandoffMessage m;
-      std::vector<wire::UniqueFd> fds;
-      absl::StatusOr<wire::ReceiveResult> r = end.channel->Receive(m, fds);
-      if (!r.ok() || *r != wire::ReceiveResult::kReceived) break;
+    for (const v1::HandoffMessage& m : answers) {
       if (m.has_welcome()) {
-        end.id = m.welcome().worker_id();
         EXPECT_EQ(m.welcome().listener_load_interval_ms(), 50u);
       }
       if (m.has_listener_grant()) {
+        // The grant is the only answer with an fd.
+        EXPECT_EQ(fds.size(), 1u);
         int listening = 0;
         socklen_t len = sizeof(listening);
-        EXPECT_EQ(::getsockopt(fds[0].get(), SOL_SOCKET, SO_ACCEPTCONN,
-                               &listening, &len),
+        EXPECT_EQ(::getsockopt(fds.empty() ? -1 : fds[0].get(), SOL_SOCKET,
+                               SO_ACCEPTCONN, &listening, &len),
                   0);
         *granted = listening != 0;
       }
