@@ -2,14 +2,19 @@
 
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include <cerrno>
 #include <cstring>
+#include <fstream>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "broker/balancing_policy.h"
+#include "broker/peer_credentials.h"
 #include "spdlog/spdlog.h"
 
 namespace fdbroker {
@@ -20,6 +25,10 @@ namespace {
 #ifndef SO_ATTACH_REUSEPORT_CBPF
 #define SO_ATTACH_REUSEPORT_CBPF 51
 #endif
+// Linux 5.8+.
+#ifndef SO_DETACH_REUSEPORT_BPF
+#define SO_DETACH_REUSEPORT_BPF 68
+#endif
 
 sock_filter Statement(uint16_t code, uint32_t k) {
   return sock_filter{code, 0, 0, k};
@@ -29,6 +38,37 @@ Listener::Options SlotOptions(const KernelPlacement::Options& options) {
   Listener::Options slot;
   slot.backlog = options.backlog;
   return slot;
+}
+
+// The TCP listeners of this network namespace bound to exactly `address`:
+// the members of its SO_REUSEPORT group (/proc/net/tcp{,6}, state 0A).
+absl::StatusOr<int> CountListeners(const wire::SocketAddress& address) {
+  std::string local;
+  const char* table;
+  if (address.family() == AF_INET) {
+    const auto* sin = reinterpret_cast<const sockaddr_in*>(&address.storage);
+    local = ProcNetAddress(&sin->sin_addr, 1, ntohs(sin->sin_port));
+    table = "/proc/net/tcp";
+  } else {
+    const auto* sin6 = reinterpret_cast<const sockaddr_in6*>(&address.storage);
+    local = ProcNetAddress(&sin6->sin6_addr, 4, ntohs(sin6->sin6_port));
+    table = "/proc/net/tcp6";
+  }
+  std::ifstream in(table);
+  if (!in) return absl::UnavailableError(absl::StrCat("cannot read ", table));
+  int count = 0;
+  std::string line;
+  while (std::getline(in, line)) {
+    std::vector<absl::string_view> fields =
+        absl::StrSplit(line, ' ', absl::SkipEmpty());
+    count += fields.size() > 3 && fields[1] == local && fields[3] == "0A";
+  }
+  return count;
+}
+
+ino_t InodeOf(int fd) {
+  struct stat st {};
+  return ::fstat(fd, &st) == 0 ? st.st_ino : 0;
 }
 
 }  // namespace
@@ -62,7 +102,7 @@ std::vector<sock_filter> BuildPlacementProgram(
 absl::StatusOr<std::unique_ptr<KernelPlacement>> KernelPlacement::Create(
     EventLoop& loop, WorkerRegistry& registry, int group_fd, WorkerStats& stats,
     const Options& options, wire::SysCalls& sys,
-    Listener::AcceptCallback accepted) {
+    Listener::AcceptCallback accepted, Inherited* inherited) {
   std::unique_ptr<KernelPlacement> placement(new KernelPlacement(
       loop, registry, group_fd, stats, options, sys, std::move(accepted)));
   int reuseport = 0;
@@ -79,8 +119,45 @@ absl::StatusOr<std::unique_ptr<KernelPlacement>> KernelPlacement::Create(
                     &placement->address_.length) != 0) {
     return absl::ErrnoToStatus(errno, "getsockname");
   }
+  if (inherited != nullptr) {
+    // The same sockets in the same order: the same group indexes, and the
+    // program attached to the group fits them as it is.
+    for (wire::UniqueFd& slot : inherited->slots) {
+      if (absl::Status s =
+              placement->slots_.AdoptSocket(std::move(slot), false);
+          !s.ok()) {
+        return s;
+      }
+      placement->slot_worker_.push_back(0);
+    }
+    placement->layout_known_ = !inherited->layout_unknown;
+    placement->inherited_in_use_ = inherited->slots_in_use;
+    placement->keep_inherited_until_nanos_ =
+        loop.NowNanos() + absl::ToInt64Nanoseconds(inherited->keep_program_for);
+    spdlog::info(
+        "kernel placement: took over {} worker listener(s) in slot order ({} "
+        "in use; group indexes {})",
+        placement->slots(), inherited->slots_in_use,
+        placement->layout_known_ ? "known" : "unknown");
+    placement->Tick();
+    return placement;
+  }
+  // Members besides ours: a crashed broker's workers still accept from
+  // their slots, at indexes nobody knows any more.
+  absl::StatusOr<int> members = CountListeners(placement->address_);
+  if (!members.ok()) {
+    spdlog::warn("kernel placement: {}; assuming no other group member",
+                 members.status().ToString());
+  } else if (*members > 1) {
+    placement->ForgetLayout(
+        absl::StrCat(*members - 1,
+                     " listener(s) of a previous broker's workers are in "
+                     "the group"));
+  }
   // Everything to index 0 until workers register.
-  if (absl::Status s = placement->LoadProgram({1}); !s.ok()) return s;
+  if (placement->layout_known_) {
+    if (absl::Status s = placement->LoadProgram({1}); !s.ok()) return s;
+  }
   placement->Tick();
   return placement;
 }
@@ -100,6 +177,7 @@ int KernelPlacement::AcquireSlot() {
   for (size_t s = 0; s < slot_worker_.size(); ++s) {
     if (slot_worker_[s] == 0) return static_cast<int>(s);
   }
+  if (frozen_) return -1;  // The upgrade's new broker would not hold it.
   wire::UniqueFd socket(::socket(
       address_.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!socket) {
@@ -125,6 +203,93 @@ int KernelPlacement::AcquireSlot() {
   }
   slot_worker_.push_back(0);
   return static_cast<int>(slot_worker_.size() - 1);
+}
+
+bool KernelPlacement::OnListenerReturned(Worker& worker,
+                                         wire::UniqueFd listener) {
+  if (closed_ || worker.kernel_slot >= 0) return false;
+  int listening = 0;
+  socklen_t size = sizeof(listening);
+  absl::StatusOr<wire::SocketAddress> bound =
+      wire::SocketAddress::Of(listener.get(), /*peer=*/false);
+  if (::getsockopt(listener.get(), SOL_SOCKET, SO_ACCEPTCONN, &listening,
+                   &size) != 0 ||
+      !listening || !bound.ok() || bound->ToString() != address_.ToString()) {
+    spdlog::warn(
+        "worker {}: the listener it returned is not one on {}; closed (it "
+        "takes hand-offs until granted one)",
+        worker.id, address_.ToString());
+    return false;
+  }
+  const ino_t inode = InodeOf(listener.get());
+  for (size_t s = 0; s < slot_worker_.size(); ++s) {
+    if (InodeOf(slots_.fd(s)) != inode) continue;
+    if (slot_worker_[s] != 0) return false;  // Another worker's: cannot be.
+    // One of ours (an upgrade's): our copy stays, the worker keeps its own.
+    slot_worker_[s] = worker.id;
+    worker.kernel_slot = static_cast<int>(s);
+    if (inherited_in_use_ > 0) --inherited_in_use_;
+    spdlog::info("worker {}: back on its listener (group index {})", worker.id,
+                 layout_known_ ? static_cast<int>(s) + 1 : -1);
+    Update();
+    return true;
+  }
+  // A crashed broker's slot: keep it, so that it never leaves the group.
+  if (layout_known_) {
+    ForgetLayout(absl::StrCat("worker ", worker.id,
+                              " returned a listener this broker did not know"));
+  }
+  if (absl::Status s = slots_.AdoptSocket(std::move(listener), false);
+      !s.ok()) {
+    spdlog::error("kernel placement: {}", s.ToString());
+    return false;
+  }
+  slot_worker_.push_back(worker.id);
+  worker.kernel_slot = static_cast<int>(slot_worker_.size() - 1);
+  spdlog::info("worker {}: adopted the listener it returned (slot {})",
+               worker.id, worker.kernel_slot);
+  Update();
+  return true;
+}
+
+void KernelPlacement::ForgetLayout(absl::string_view why) {
+  layout_known_ = false;
+  inherited_in_use_ = 0;
+  reload_timer_.Cancel();
+  if (::setsockopt(group_fd_, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, nullptr,
+                   0) != 0 &&
+      errno != ENOENT) {
+    spdlog::error("kernel placement: setsockopt SO_DETACH_REUSEPORT_BPF: {}",
+                  strerror(errno));
+  }
+  spdlog::warn(
+      "kernel placement: {}: their group indexes are unknown, so the kernel "
+      "places by its hash (no weights) until this broker exits",
+      std::string(why));
+}
+
+bool KernelPlacement::KeepInheritedProgram() {
+  if (inherited_in_use_ > 0 &&
+      loop_.NowNanos() >= keep_inherited_until_nanos_) {
+    spdlog::info(
+        "kernel placement: {} moving worker(s) did not come back in time; "
+        "the placement follows those that did",
+        inherited_in_use_);
+    inherited_in_use_ = 0;
+  }
+  return inherited_in_use_ > 0;
+}
+
+std::vector<int> KernelPlacement::slot_fds() const {
+  std::vector<int> fds;
+  for (size_t s = 0; s < slots_.size(); ++s) fds.push_back(slots_.fd(s));
+  return fds;
+}
+
+uint32_t KernelPlacement::slots_in_use() const {
+  uint32_t in_use = 0;
+  for (uint64_t id : slot_worker_) in_use += id != 0;
+  return in_use;
 }
 
 void KernelPlacement::OnRegistered(Worker& worker) {
@@ -201,6 +366,7 @@ void KernelPlacement::Update() {
         worker->channel != nullptr && !worker->channel->closed();
     slots_.SetWatched(s, !worker_accepts);
   }
+  if (!layout_known_ || KeepInheritedProgram()) return;
   if (wanted_ == loaded_) {
     reload_timer_.Cancel();
     return;

@@ -55,6 +55,24 @@ std::vector<sock_filter> BuildPlacementProgram(
 // the kernel queued there and hands it to another worker by the usual path.
 // Connections a worker accepted are its own (exactly like acked ones); it
 // reports their figures in ListenerLoad, so the load figures include them.
+//
+// Upgrade. The running broker passes its slots in slot order
+// (UpgradeHandover.kernel_slots) and the new broker keeps that order, so the
+// group indexes stay valid: both hold copies while the upgrade runs, and no
+// socket leaves the group. A moving worker returns its slot with its Hello
+// (returns_listener); the slot with the same inode becomes its slot here and
+// it keeps accepting (Welcome.listener_kept). The new broker keeps the
+// group's program until the moving workers are back on their slots.
+//
+// Unknown layout. A broker that starts on an address whose group already
+// has members (its predecessor crashed; the workers kept their slots, and
+// the kernel compacted the indexes when the old broker's sockets closed)
+// cannot know any index. It detaches the group's program, so the kernel
+// hashes each connection over all members, each of which somebody accepts
+// from, and keeps every listener the workers return as their slot: from
+// then on no member leaves the group while a worker drains or dies, and
+// the broker accepts what is queued there. Weights do not apply in this
+// state (docs/architecture.md).
 class KernelPlacement {
  public:
   struct Options {
@@ -63,20 +81,35 @@ class KernelPlacement {
     // Welcome.listener_load_interval_ms.
     absl::Duration load_interval = absl::Milliseconds(50);
   };
+  // What an upgrade brings along (UpgradeHandover.kernel_*).
+  struct Inherited {
+    std::vector<wire::UniqueFd> slots;  // In slot order.
+    bool layout_unknown = false;
+    // The group's program stays until this many workers are back on their
+    // slots, or `keep_program_for` has passed.
+    uint32_t slots_in_use = 0;
+    absl::Duration keep_program_for;
+  };
 
   // `group` is the broker's listening socket (index 0, SO_REUSEPORT), whose
   // address every slot binds; `accepted` takes what the broker accepts from
-  // slots (the dispatcher).
+  // slots (the dispatcher). `inherited`: the slots of the broker this one
+  // upgrades (null: none; then the group is checked for members of a
+  // crashed broker's workers).
   static absl::StatusOr<std::unique_ptr<KernelPlacement>> Create(
       EventLoop& loop, WorkerRegistry& registry, int group_fd,
       WorkerStats& stats, const Options& options, wire::SysCalls& sys,
-      Listener::AcceptCallback accepted);
+      Listener::AcceptCallback accepted, Inherited* inherited = nullptr);
 
   // What a Welcome says to a worker that supports listener grants.
   uint32_t load_interval_ms() const {
     return static_cast<uint32_t>(
         absl::ToInt64Milliseconds(options_.load_interval));
   }
+  // Before Welcome: the listener a re-registering worker returned. True if
+  // it stays the worker's slot (Welcome.listener_kept); false if it is not
+  // a listener on the group's address (it is closed).
+  bool OnListenerReturned(Worker& worker, wire::UniqueFd listener);
   // After Welcome: grants `worker` a slot if its Hello asked for one.
   void OnRegistered(Worker& worker);
   // A worker's ListenerLoad; an error is a protocol violation.
@@ -90,6 +123,16 @@ class KernelPlacement {
   // Stops accepting from the slots (shutdown): clients queued there are
   // refused when the broker exits, as on its own socket.
   void Close();
+  // While an upgrade hand-over is pending: no new socket joins the group
+  // (the new broker holds copies of the present ones only). Free slots may
+  // still be granted.
+  void set_frozen(bool frozen) { frozen_ = frozen; }
+
+  // For UpgradeHandover: the slots' fds in slot order, and how many have a
+  // worker.
+  std::vector<int> slot_fds() const;
+  uint32_t slots_in_use() const;
+  bool layout_known() const { return layout_known_; }
 
   size_t slots() const { return slot_worker_.size(); }
   // The weights of the loaded program, by group index.
@@ -102,6 +145,10 @@ class KernelPlacement {
   // A free slot (its worker gone), or a new one; -1 with the error logged.
   int AcquireSlot();
   absl::Status LoadProgram(const std::vector<uint64_t>& weights);
+  // Unknown layout from now on: the program goes, the kernel hashes.
+  void ForgetLayout(absl::string_view why);
+  // Whether the inherited program still has to stay (see Inherited).
+  bool KeepInheritedProgram();
   void Tick();
 
   EventLoop& loop_;
@@ -117,6 +164,12 @@ class KernelPlacement {
   std::vector<uint64_t> loaded_;
   std::vector<uint64_t> wanted_;
   bool closed_ = false;
+  bool frozen_ = false;
+  // False: no program is attached (see "Unknown layout").
+  bool layout_known_ = true;
+  // After an upgrade (see Inherited): 0 once the program may change.
+  uint32_t inherited_in_use_ = 0;
+  int64_t keep_inherited_until_nanos_ = 0;
   int64_t last_load_nanos_ = 0;
   Timer reload_timer_{loop_};
   Timer tick_timer_{loop_};

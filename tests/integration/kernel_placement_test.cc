@@ -19,12 +19,14 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "fdbroker/v1/broker.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "tests/integration/broker_process.h"
 #include "tests/integration/control_client.h"
 #include "tests/util/subprocess.h"
 #include "tests/util/test_util.h"
+#include "wire/files.h"
 
 namespace fdbroker::testing {
 namespace {
@@ -39,6 +41,34 @@ int ServedBy(int port) {
   return absl::SimpleAtoi(r->headers["x-worker-pid"], &pid) ? pid : 0;
 }
 
+double MetricOf(const std::string& metrics, const std::string& sample) {
+  std::map<std::string, double> samples =
+      MetricSamples(ScrapeMetrics(metrics).value_or(""));
+  auto it = samples.find(sample);
+  return it == samples.end() ? -1 : it->second;
+}
+
+// Waits until the placement program of the broker behind `metrics` weighs
+// the workers: of 10 fresh connections at least `min_kernel` are accepted
+// by workers themselves (10 when every worker has a listener: the broker's
+// own socket then weighs nothing).
+bool KernelPlaced(int port, const std::string& metrics, int min_kernel = 10) {
+  return WaitFor(
+      [&] {
+        const double before =
+            MetricOf(metrics, "fdbroker_connections_kernel_accepted_total");
+        for (int i = 0; i < 10; ++i) ServedBy(port);
+        return WaitFor(
+            [&] {
+              return MetricOf(metrics,
+                              "fdbroker_connections_kernel_accepted_total") >=
+                     before + min_kernel;
+            },
+            absl::Seconds(2));
+      },
+      absl::Seconds(30));
+}
+
 class KernelPlacementTest : public ::testing::Test {
  protected:
   void Start(std::vector<std::string> flags, size_t workers) {
@@ -49,30 +79,11 @@ class KernelPlacementTest : public ::testing::Test {
   std::vector<v1::Worker> Ready() { return ReadyWorkers(*stub_); }
 
   double Metric(const std::string& sample) {
-    std::map<std::string, double> samples =
-        MetricSamples(ScrapeMetrics(metrics_).value_or(""));
-    auto it = samples.find(sample);
-    return it == samples.end() ? -1 : it->second;
+    return MetricOf(metrics_, sample);
   }
 
-  // Waits until the placement program weighs the workers: of 10 fresh
-  // connections at least `min_kernel` are accepted by workers themselves
-  // (10 when every worker has a listener: the broker's own socket then
-  // weighs nothing).
   bool WaitForKernelPlacement(int port, int min_kernel = 10) {
-    return WaitFor(
-        [&] {
-          const double before =
-              Metric("fdbroker_connections_kernel_accepted_total");
-          for (int i = 0; i < 10; ++i) ServedBy(port);
-          return WaitFor(
-              [&] {
-                return Metric("fdbroker_connections_kernel_accepted_total") >=
-                       before + min_kernel;
-              },
-              absl::Seconds(2));
-        },
-        absl::Seconds(30));
+    return KernelPlaced(port, metrics_, min_kernel);
   }
 
   std::unique_ptr<BrokerProcess> broker_;
@@ -355,6 +366,176 @@ TEST_F(KernelPlacementTest, SigkillUnderLoadLosesNoMoreThanHandoffMode) {
   EXPECT_EQ(kernel.timeouts, 0);
   EXPECT_EQ(handoff.timeouts, 0);
   EXPECT_LE(kernel.cut, 4 * kernel.kills);
+}
+
+// ---- Upgrades and crash adoption (the listeners travel too) -------------
+
+// Connection-per-request clients on `port` until Stop(): each request
+// answered 200 counts as served, anything else as failed.
+class RequestLoad {
+ public:
+  RequestLoad(int port, int threads) {
+    for (int t = 0; t < threads; ++t) {
+      threads_.emplace_back([this, port] {
+        while (!stop_) {
+          absl::StatusOr<HttpResponse> r =
+              HttpGetOnce("127.0.0.1", port, "/", absl::Seconds(15));
+          if (r.ok() && r->status == 200) {
+            ++served_;
+            continue;
+          }
+          ++failed_;
+          absl::MutexLock lock(&mu_);
+          if (first_failure_.empty()) {
+            first_failure_ = r.ok() ? absl::StrCat("HTTP ", r->status)
+                                    : r.status().ToString();
+          }
+        }
+      });
+    }
+  }
+  ~RequestLoad() { Stop(); }
+  void Stop() {
+    stop_ = true;
+    for (std::thread& t : threads_) t.join();
+    threads_.clear();
+  }
+  int served() const { return served_; }
+  int failed() const { return failed_; }
+  std::string first_failure() {
+    absl::MutexLock lock(&mu_);
+    return first_failure_;
+  }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::atomic<int> served_{0}, failed_{0};
+  absl::Mutex mu_;
+  std::string first_failure_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::thread> threads_;
+};
+
+// A broker on `first`'s hand-off socket (an --upgrade one, or a restart
+// after a crash) with --placement=kernel, writing `ready`.
+absl::StatusOr<std::unique_ptr<Subprocess>> StartNextBroker(
+    const BrokerProcess& first, const std::string& ready,
+    std::vector<std::string> extra) {
+  std::vector<std::string> argv = {
+      BinaryPath("fdbroker"),
+      "--control=127.0.0.1:0",
+      "--metrics=127.0.0.1:0",
+      "--listen=127.0.0.1:" + std::to_string(first.port()),
+      "--socket=" + first.socket_path(),
+      "--ready_file=" + ready,
+      "--placement=kernel",
+      "--drain_timeout=5s"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  return Subprocess::Start(argv);
+}
+
+std::string ReadyValue(const std::string& ready, const std::string& key) {
+  std::string value;
+  WaitFor(
+      [&] {
+        absl::StatusOr<std::map<std::string, std::string>> values =
+            ReadKeyValueFile(ready);
+        if (!values.ok()) return false;
+        value = (*values)[key];
+        return !value.empty();
+      },
+      absl::Seconds(30));
+  return value;
+}
+
+std::unique_ptr<v1::BrokerService::Stub> StubFor(const std::string& control) {
+  return v1::BrokerService::NewStub(
+      grpc::CreateChannel(control, grpc::InsecureChannelCredentials()));
+}
+
+// Three upgrades in a row under connection-per-request load: the workers'
+// listeners travel in the UpgradeHandover, each moving worker returns its
+// own with its Hello and keeps accepting from it, and the group's indexes
+// stay valid (protocol.md §7.9, §7.10).
+TEST_F(KernelPlacementTest, ThreeUpgradesUnderLoadFailNothing) {
+  ASSERT_NO_FATAL_FAILURE(Start({"--workers=2", "--placement=kernel"}, 2));
+  BrokerProcess* broker = broker_.get();
+  const std::string& metrics = metrics_;
+  const std::vector<pid_t> workers = broker->WorkerPids();
+  for (pid_t w : workers) broker->process().KillOnDestruction(w);
+  const std::set<int> pool(workers.begin(), workers.end());
+  const int port = broker->port();
+  ASSERT_TRUE(KernelPlaced(port, metrics)) << broker->process().Output();
+
+  RequestLoad load(port, 2);
+  ASSERT_TRUE(WaitFor([&] { return load.served() > 100; }, absl::Seconds(20)));
+  std::vector<std::unique_ptr<Subprocess>> brokers;
+  Subprocess* running = &broker->process();
+  for (int i = 0; i < 3; ++i) {
+    const std::string ready = absl::StrCat(broker->dir(), "/ready-up-", i);
+    auto next = StartNextBroker(*broker, ready, {"--upgrade", "--workers=2"});
+    ASSERT_TRUE(next.ok()) << next.status();
+    for (pid_t w : workers) (*next)->KillOnDestruction(w);
+    absl::StatusOr<int> old_exit = running->Wait(absl::Seconds(30));
+    ASSERT_TRUE(old_exit.ok()) << running->Output() << (*next)->Output();
+    EXPECT_EQ(*old_exit, 0) << running->Output();
+    const std::string control = ReadyValue(ready, "control");
+    const std::string next_metrics = ReadyValue(ready, "metrics");
+    ASSERT_FALSE(control.empty() || next_metrics.empty()) << (*next)->Output();
+    auto next_stub = StubFor(control);
+    // The same workers (same pids), none started anew.
+    ASSERT_TRUE(WaitFor([&] { return ReadyPids(*next_stub) == pool; },
+                        absl::Seconds(20)))
+        << (*next)->Output();
+    const int served = load.served();
+    ASSERT_TRUE(WaitFor([&] { return load.served() > served + 100; },
+                        absl::Seconds(20)));
+    // Still placed by the kernel: the workers accept on their listeners.
+    ASSERT_TRUE(KernelPlaced(port, next_metrics)) << (*next)->Output();
+    EXPECT_NE((*next)->Output().find("back on its listener"), std::string::npos)
+        << (*next)->Output();
+    brokers.push_back(*std::move(next));
+    running = brokers.back().get();
+  }
+  load.Stop();
+  std::printf("3 upgrades under load: %d served, %d failed\n", load.served(),
+              load.failed());
+  EXPECT_EQ(load.failed(), 0) << load.first_failure() << "\n"
+                              << running->Output();
+  EXPECT_EQ(std::set<int>(workers.begin(), workers.end()), pool);
+  for (pid_t w : workers) EXPECT_FALSE(ProcessGone(w));
+}
+
+// An upgrade whose new broker fails before it is up (an unusable
+// certificate) leaves the running broker's kernel placement as it was.
+TEST_F(KernelPlacementTest, FailedUpgradeLeavesPlacementWorking) {
+  ASSERT_NO_FATAL_FAILURE(Start({"--workers=2", "--placement=kernel"}, 2));
+  BrokerProcess* broker = broker_.get();
+  const std::string& metrics = metrics_;
+  const std::vector<pid_t> workers = broker->WorkerPids();
+  const int port = broker->port();
+  ASSERT_TRUE(KernelPlaced(port, metrics)) << broker->process().Output();
+  const std::string garbage = broker->dir() + "/garbage.pem";
+  ASSERT_TRUE(wire::WriteFileAtomically(garbage, "not a certificate\n").ok());
+  RequestLoad load(port, 2);
+  auto failing =
+      StartNextBroker(*broker, broker->dir() + "/ready-failing",
+                      {"--upgrade", "--workers=2", "--tls_cert=" + garbage,
+                       "--tls_key=" + garbage});
+  ASSERT_TRUE(failing.ok());
+  absl::StatusOr<int> failed_exit = (*failing)->Wait(absl::Seconds(30));
+  ASSERT_TRUE(failed_exit.ok());
+  EXPECT_NE(*failed_exit, 0) << (*failing)->Output();
+  const int served = load.served();
+  ASSERT_TRUE(
+      WaitFor([&] { return load.served() > served + 100; }, absl::Seconds(20)));
+  load.Stop();
+  EXPECT_EQ(load.failed(), 0) << load.first_failure();
+  EXPECT_TRUE(broker->process().Running()) << broker->process().Output();
+  // Still placed by the kernel, on the same workers.
+  ASSERT_TRUE(KernelPlaced(port, metrics)) << broker->process().Output();
+  std::set<int> served_by;
+  for (int i = 0; i < 20; ++i) served_by.insert(ServedBy(port));
+  EXPECT_EQ(served_by, std::set<int>(workers.begin(), workers.end()));
 }
 
 }  // namespace
