@@ -6,9 +6,12 @@
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <random>
@@ -19,6 +22,8 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "fdbroker/v1/broker.grpc.pb.h"
 #include "gtest/gtest.h"
@@ -416,10 +421,10 @@ class RequestLoad {
 };
 
 // A broker on `first`'s hand-off socket (an --upgrade one, or a restart
-// after a crash) with --placement=kernel, writing `ready`.
+// after a crash) with `placement`, writing `ready`.
 absl::StatusOr<std::unique_ptr<Subprocess>> StartNextBroker(
     const BrokerProcess& first, const std::string& ready,
-    std::vector<std::string> extra) {
+    std::vector<std::string> extra, const std::string& placement = "kernel") {
   std::vector<std::string> argv = {
       BinaryPath("fdbroker"),
       "--control=127.0.0.1:0",
@@ -427,7 +432,7 @@ absl::StatusOr<std::unique_ptr<Subprocess>> StartNextBroker(
       "--listen=127.0.0.1:" + std::to_string(first.port()),
       "--socket=" + first.socket_path(),
       "--ready_file=" + ready,
-      "--placement=kernel",
+      "--placement=" + placement,
       "--drain_timeout=5s"};
   argv.insert(argv.end(), extra.begin(), extra.end());
   return Subprocess::Start(argv);
@@ -536,6 +541,127 @@ TEST_F(KernelPlacementTest, FailedUpgradeLeavesPlacementWorking) {
   std::set<int> served_by;
   for (int i = 0; i < 20; ++i) served_by.insert(ServedBy(port));
   EXPECT_EQ(served_by, std::set<int>(workers.begin(), workers.end()));
+}
+
+// The inodes of the TCP listeners on 127.0.0.1:`port` (the members of its
+// SO_REUSEPORT group) that `pids` hold, from /proc.
+std::set<std::string> ListenersHeldBy(int port,
+                                      const std::vector<pid_t>& pids) {
+  char local[32];
+  std::snprintf(local, sizeof(local), "0100007F:%04X", port);
+  std::set<std::string> group;
+  std::ifstream tcp("/proc/net/tcp");
+  std::string line;
+  while (std::getline(tcp, line)) {
+    std::vector<std::string> fields =
+        absl::StrSplit(line, ' ', absl::SkipEmpty());
+    if (fields.size() > 9 && fields[1] == local && fields[3] == "0A") {
+      group.insert(fields[9]);
+    }
+  }
+  std::set<std::string> held;
+  for (pid_t pid : pids) {
+    const std::string dir = absl::StrCat("/proc/", pid, "/fd");
+    std::error_code error;
+    for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
+      const std::string target =
+          std::filesystem::read_symlink(entry.path(), error).string();
+      absl::string_view inode = target;
+      if (absl::ConsumePrefix(&inode, "socket:[") &&
+          absl::ConsumeSuffix(&inode, "]") &&
+          group.count(std::string(inode)) > 0) {
+        held.insert(std::string(inode));
+      }
+    }
+  }
+  return held;
+}
+
+// The broker is SIGKILLed under connection-per-request load and started
+// again with the same flags; its supervised workers survive and re-register
+// (protocol.md §7.8). In kernel mode they keep accepting from their
+// listeners meanwhile and return them with their Hello; the new broker,
+// which cannot know their group indexes, lets the kernel hash (§7.10).
+// Client errors are counted against --placement=handoff under the same
+// kill; afterwards both workers still get connections and a drained one
+// gets none (the broker holds its listener and accepts what lands there).
+TEST_F(KernelPlacementTest, BrokerSigkillUnderLoadIsAdoptedWithTheListeners) {
+  std::map<std::string, int> failed;
+  for (const std::string mode : {"handoff", "kernel"}) {
+    ASSERT_NO_FATAL_FAILURE(
+        Start({"--workers=2", "--placement=" + mode, "--drain_timeout=5s"}, 2));
+    const std::vector<pid_t> workers = broker_->WorkerPids();
+    for (pid_t w : workers) broker_->process().KillOnDestruction(w);
+    const std::set<int> pool(workers.begin(), workers.end());
+    const int port = broker_->port();
+    if (mode == "kernel") ASSERT_TRUE(WaitForKernelPlacement(port));
+    const std::set<std::string> worker_listeners =
+        ListenersHeldBy(port, workers);
+    RequestLoad load(port, 2);
+    ASSERT_TRUE(
+        WaitFor([&] { return load.served() > 100; }, absl::Seconds(20)));
+    ASSERT_TRUE(broker_->process().Signal(SIGKILL).ok());
+    ASSERT_TRUE(broker_->process().Wait(absl::Seconds(10)).ok());
+    const std::string ready = broker_->dir() + "/ready-restarted";
+    auto next = StartNextBroker(*broker_, ready, {"--workers=2"}, mode);
+    ASSERT_TRUE(next.ok()) << next.status();
+    for (pid_t w : workers) (*next)->KillOnDestruction(w);
+    const std::string control = ReadyValue(ready, "control");
+    const std::string metrics = ReadyValue(ready, "metrics");
+    ASSERT_FALSE(control.empty() || metrics.empty()) << (*next)->Output();
+    auto stub = StubFor(control);
+    ASSERT_TRUE(
+        WaitFor([&] { return ReadyPids(*stub) == pool; }, absl::Seconds(20)))
+        << (*next)->Output();
+    const int served = load.served();
+    ASSERT_TRUE(WaitFor([&] { return load.served() > served + 200; },
+                        absl::Seconds(20)));
+    load.Stop();
+    failed[mode] = load.failed();
+    std::printf(
+        "--placement=%s, broker SIGKILLed and started again under load: %d "
+        "served, %d failed (first: %s)\n",
+        mode.c_str(), load.served(), load.failed(),
+        load.first_failure().c_str());
+    if (mode == "kernel") {
+      // Every worker listener stayed in the group (nothing queued on one was
+      // reset), and the new broker holds it (it stays when its worker goes).
+      ASSERT_EQ(worker_listeners.size(), 2u);
+      EXPECT_EQ(ListenersHeldBy(port, workers), worker_listeners);
+      const std::set<std::string> broker_holds =
+          ListenersHeldBy(port, {(*next)->pid()});
+      EXPECT_TRUE(std::includes(broker_holds.begin(), broker_holds.end(),
+                                worker_listeners.begin(),
+                                worker_listeners.end()))
+          << (*next)->Output();
+      // The workers still accept their own connections, both of them.
+      ASSERT_TRUE(KernelPlaced(port, metrics)) << (*next)->Output();
+      std::map<int, int> by_pid;
+      for (int i = 0; i < 100; ++i) ++by_pid[ServedBy(port)];
+      EXPECT_EQ(by_pid[0], 0);
+      for (pid_t w : workers) EXPECT_GT(by_pid[w], 10) << "pid " << w;
+      // A drained worker gets no new connection, and none is lost.
+      v1::Worker victim = ReadyWorkers(*stub).front();
+      v1::DrainWorkerRequest request;
+      request.set_worker_id(victim.id());
+      request.mutable_timeout()->set_seconds(30);
+      v1::DrainWorkerResponse response;
+      ASSERT_TRUE(
+          stub->DrainWorker(RpcContext().get(), request, &response).ok());
+      int lost = 0, on_victim = 0;
+      for (int i = 0; i < 150; ++i) {
+        const int pid = ServedBy(port);
+        lost += pid == 0;
+        on_victim += pid == victim.pid();
+      }
+      EXPECT_EQ(lost, 0) << (*next)->Output();
+      EXPECT_EQ(on_victim, 0) << (*next)->Output();
+    }
+    next->reset();
+    broker_.reset();
+  }
+  // The workers kept accepting from their listeners while no broker ran.
+  EXPECT_LE(failed["kernel"], failed["handoff"]);
 }
 
 }  // namespace
