@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -804,6 +805,69 @@ absl::Status ListenerGrant(CaseContext& context) {
   return absl::OkStatus();
 }
 
+// §7.10 Across upgrades and restarts: a worker that re-registers while it
+// holds a granted listener returns that very socket with its Hello, and
+// closes it when the Welcome does not keep it.
+absl::Status ListenerReturn(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
+  if (!hello.supports_listener_grant()) {
+    return context.Skip(
+        "Hello.supports_listener_grant is unset: the worker takes "
+        "hand-offs only");
+  }
+  constexpr uint32_t kLoadIntervalMs = 50;
+  KIT_RETURN_IF_ERROR(context.broker().SendWelcome(true, 1, kLoadIntervalMs));
+  absl::StatusOr<std::unique_ptr<LoopbackListener>> tcp =
+      LoopbackListener::Create();
+  if (!tcp.ok()) return tcp.status();
+  v1::HandoffMessage grant;
+  grant.mutable_listener_grant()->set_listener(LocalAddress((*tcp)->fd()));
+  const int fds[] = {(*tcp)->fd()};
+  KIT_RETURN_IF_ERROR(context.broker().Send(std::move(grant), fds));
+  KIT_ASSIGN_OR_RETURN(wire::UniqueFd client, (*tcp)->ConnectClient());
+  KIT_RETURN_IF_ERROR(
+      context.Await("ListenerLoad{accepted_total 1, active 1}", LoadIs(1, 1))
+          .status());
+  client.Reset();
+  KIT_RETURN_IF_ERROR(
+      context.Await("ListenerLoad{accepted_total 1, active 0}", LoadIs(1, 0))
+          .status());
+  // The broker goes (an upgrade's Reconnect, or a crash: the same rule).
+  context.broker().CloseChannel();
+  KIT_RETURN_IF_ERROR(context.broker().Accept(context.Deadline()));
+  KIT_ASSIGN_OR_RETURN(Received again,
+                       context.broker().Receive(context.Deadline()));
+  struct stat granted {
+  }, returned{};
+  ::fstat((*tcp)->fd(), &granted);
+  if (!again.message.hello().returns_listener() || again.fds.size() != 1 ||
+      ::fstat(again.fds[0].get(), &returned) != 0 ||
+      returned.st_ino != granted.st_ino) {
+    return Violation("§7.10 Across upgrades and restarts",
+                     "the re-registration Hello does not return the granted "
+                     "listener (returns_listener, that socket attached)");
+  }
+  // Not kept: the worker closes its copy. Once it has reported its load on
+  // the new channel it has read the Welcome; a client that comes then is
+  // left in the queue for the broker.
+  KIT_RETURN_IF_ERROR(
+      context.broker().SendWelcome(true, 2, kLoadIntervalMs, false));
+  KIT_RETURN_IF_ERROR(
+      context
+          .Await("ListenerLoad on the new channel (§7.10: reported again "
+                 "after re-registering)",
+                 LoadIs(1, 0))
+          .status());
+  KIT_ASSIGN_OR_RETURN(wire::UniqueFd late, (*tcp)->ConnectClient());
+  pollfd queued{(*tcp)->fd(), POLLIN, 0};
+  if (::poll(&queued, 1, 1000) != 1) {
+    return Violation("§7.10 Across upgrades and restarts",
+                     "the worker kept accepting from a returned listener the "
+                     "Welcome did not keep (listener_kept false)");
+  }
+  return absl::OkStatus();
+}
+
 // ---- §7.8 Losing the broker, and re-registration ----
 
 absl::Status Reconnect(CaseContext& context) {
@@ -1408,6 +1472,12 @@ const std::vector<Case>& AllCases() {
        "Ack, no Closed), and left to the broker on Drain",
        {},
        ListenerGrant},
+      {"listener-return",
+       "§7.10 Listener grant",
+       "re-registering, the worker returns its granted listener with the "
+       "Hello (returns_listener) and closes it unless listener_kept",
+       {"reconnect"},
+       ListenerReturn},
       {"reconnect-now",
        "§7.9 Reconnect",
        "on Reconnect, close the channel and register again at once with "
