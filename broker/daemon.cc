@@ -438,7 +438,7 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
   if (placement != nullptr) {
     const std::vector<int> slots = placement->slot_fds();
     body->set_kernel_slots(static_cast<uint32_t>(slots.size()));
-    body->set_kernel_layout_unknown(!placement->layout_known());
+    body->set_kernel_layout_unknown(!placement->standard_layout());
     body->set_kernel_slots_in_use(placement->slots_in_use());
     fds.insert(fds.end(), slots.begin(), slots.end());
   }

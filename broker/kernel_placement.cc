@@ -129,7 +129,12 @@ absl::StatusOr<std::unique_ptr<KernelPlacement>> KernelPlacement::Create(
         return s;
       }
       placement->slot_worker_.push_back(0);
+      placement->slot_index_.push_back(
+          inherited->layout_unknown
+              ? -1
+              : static_cast<int>(placement->slot_worker_.size()));
     }
+    placement->group_size_ = 1 + placement->slots();
     placement->layout_known_ = !inherited->layout_unknown;
     placement->inherited_in_use_ = inherited->slots_in_use;
     placement->keep_inherited_until_nanos_ =
@@ -173,8 +178,9 @@ KernelPlacement::KernelPlacement(EventLoop& loop, WorkerRegistry& registry,
       options_(options),
       slots_(loop, SlotOptions(options), sys, std::move(accepted)) {}
 
-int KernelPlacement::AcquireSlot() {
-  for (size_t s = 0; s < slot_worker_.size(); ++s) {
+int KernelPlacement::AcquireSlot(Reuse reuse) {
+  for (size_t s = 0; reuse == Reuse::kFreeSlot && s < slot_worker_.size();
+       ++s) {
     if (slot_worker_[s] == 0) return static_cast<int>(s);
   }
   if (frozen_) return -1;  // The upgrade's new broker would not hold it.
@@ -190,7 +196,7 @@ int KernelPlacement::AcquireSlot() {
   if (address_.family() == AF_INET6) {
     ::setsockopt(socket.get(), IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
   }
-  // listen() appends it to the group: group index = slot + 1.
+  // listen() appends it to the group, at index group_size_.
   if (::bind(socket.get(), address_.addr(), address_.length) != 0 ||
       ::listen(socket.get(), options_.backlog) != 0) {
     spdlog::error("kernel placement: cannot add a listener on {}: {}",
@@ -202,6 +208,8 @@ int KernelPlacement::AcquireSlot() {
     return -1;
   }
   slot_worker_.push_back(0);
+  slot_index_.push_back(layout_known_ ? static_cast<int>(group_size_) : -1);
+  ++group_size_;
   return static_cast<int>(slot_worker_.size() - 1);
 }
 
@@ -230,7 +238,7 @@ bool KernelPlacement::OnListenerReturned(Worker& worker,
     worker.kernel_slot = static_cast<int>(s);
     if (inherited_in_use_ > 0) --inherited_in_use_;
     spdlog::info("worker {}: back on its listener (group index {})", worker.id,
-                 layout_known_ ? static_cast<int>(s) + 1 : -1);
+                 slot_index_[s]);
     Update();
     return true;
   }
@@ -245,6 +253,7 @@ bool KernelPlacement::OnListenerReturned(Worker& worker,
     return false;
   }
   slot_worker_.push_back(worker.id);
+  slot_index_.push_back(-1);
   worker.kernel_slot = static_cast<int>(slot_worker_.size() - 1);
   spdlog::info("worker {}: adopted the listener it returned (slot {})",
                worker.id, worker.kernel_slot);
@@ -288,8 +297,49 @@ std::vector<int> KernelPlacement::slot_fds() const {
 
 uint32_t KernelPlacement::slots_in_use() const {
   uint32_t in_use = 0;
-  for (uint64_t id : slot_worker_) in_use += id != 0;
+  for (uint64_t id : slot_worker_) in_use += id != 0 && id != kRetired;
   return in_use;
+}
+
+void KernelPlacement::RegainLayout() {
+  if (layout_known_ || closed_ || frozen_) return;
+  absl::StatusOr<int> members = CountListeners(address_);
+  const size_t held = 1 + slots_.size();  // Our --listen socket, the slots.
+  if (!members.ok() || static_cast<size_t>(*members) != held) return;
+  // Every member of the group is ours, so none leaves it unless we close
+  // it, and a socket that listens now joins at index `held`. The present
+  // members keep their unknown indexes, weigh 0 for good and are watched
+  // by the broker; a fresh socket takes the hand-off role and each worker
+  // a fresh slot (a new grant: it closes its copy of the old one, which
+  // the broker still holds and serves).
+  std::vector<uint64_t> movers;
+  for (uint64_t& id : slot_worker_) {
+    if (id != 0 && id != kRetired) movers.push_back(id);
+    id = kRetired;
+  }
+  std::fill(slot_index_.begin(), slot_index_.end(), -1);
+  layout_known_ = true;
+  group_size_ = held;
+  const int handoff = AcquireSlot(Reuse::kFreshSocket);
+  if (handoff < 0) {
+    ForgetLayout("cannot add the hand-off socket");
+    return;
+  }
+  slot_worker_[static_cast<size_t>(handoff)] = kRetired;
+  handoff_index_ = static_cast<size_t>(slot_index_[handoff]);
+  for (uint64_t id : movers) {
+    Worker* worker = registry_.Find(id);
+    if (worker == nullptr) continue;
+    worker->kernel_slot = -1;
+    OnRegistered(*worker);
+  }
+  loaded_.clear();
+  spdlog::info(
+      "kernel placement: holds all {} member(s) of the group: hand-off "
+      "socket at index {}, {} worker(s) moved to fresh listeners; weights "
+      "apply again",
+      held, handoff_index_, movers.size());
+  Update();
 }
 
 void KernelPlacement::OnRegistered(Worker& worker) {
@@ -310,7 +360,7 @@ void KernelPlacement::OnRegistered(Worker& worker) {
   slot_worker_[static_cast<size_t>(slot)] = worker.id;
   worker.kernel_slot = slot;
   spdlog::info("worker {}: granted listener {} (group index {})", worker.id,
-               address_.ToString(), slot + 1);
+               address_.ToString(), slot_index_[static_cast<size_t>(slot)]);
   Update();
 }
 
@@ -349,14 +399,6 @@ void KernelPlacement::Update() {
     if (worker->Available()) candidates_.push_back(worker.get());
   }
   CandidateWeights(candidates_, candidate_weights_);
-  wanted_.assign(slot_worker_.size() + 1, 0);
-  for (size_t i = 0; i < candidates_.size(); ++i) {
-    const Worker& worker = *candidates_[i];
-    const size_t index = worker.kernel_slot >= 0
-                             ? static_cast<size_t>(worker.kernel_slot) + 1
-                             : 0;
-    wanted_[index] += candidate_weights_[i];
-  }
   // The broker accepts from every slot no ready worker accepts from.
   for (size_t s = 0; s < slot_worker_.size(); ++s) {
     const Worker* worker =
@@ -367,6 +409,15 @@ void KernelPlacement::Update() {
     slots_.SetWatched(s, !worker_accepts);
   }
   if (!layout_known_ || KeepInheritedProgram()) return;
+  wanted_.assign(group_size_, 0);
+  for (size_t i = 0; i < candidates_.size(); ++i) {
+    const Worker& worker = *candidates_[i];
+    const int index = worker.kernel_slot >= 0
+                          ? slot_index_[static_cast<size_t>(worker.kernel_slot)]
+                          : static_cast<int>(handoff_index_);
+    if (index >= 0)
+      wanted_[static_cast<size_t>(index)] += candidate_weights_[i];
+  }
   if (wanted_ == loaded_) {
     reload_timer_.Cancel();
     return;
@@ -404,6 +455,7 @@ absl::Status KernelPlacement::LoadProgram(
 void KernelPlacement::Tick() {
   // Worker states change in many places (drain, lifecycle); a periodic
   // look catches every change within one reload interval.
+  RegainLayout();
   Update();
   tick_timer_.Arm(options_.reload_interval, [this] { Tick(); });
 }

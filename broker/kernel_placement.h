@@ -72,7 +72,10 @@ std::vector<sock_filter> BuildPlacementProgram(
 // from, and keeps every listener the workers return as their slot: from
 // then on no member leaves the group while a worker drains or dies, and
 // the broker accepts what is queued there. Weights do not apply in this
-// state (docs/architecture.md).
+// state. Once the broker holds every member (/proc/net/tcp counts no other:
+// all workers are back), RegainLayout() appends fresh sockets, whose
+// indexes it knows: one for the hand-off role and one per worker, granted
+// anew; the old members stay, held and watched, with weight 0.
 class KernelPlacement {
  public:
   struct Options {
@@ -128,11 +131,12 @@ class KernelPlacement {
   // still be granted.
   void set_frozen(bool frozen) { frozen_ = frozen; }
 
-  // For UpgradeHandover: the slots' fds in slot order, and how many have a
-  // worker.
+  // For UpgradeHandover: the slots' fds in slot order, how many have a
+  // worker, and whether slot s is group index s + 1 (not after a crash,
+  // even once RegainLayout() ran: the new broker then regains it itself).
   std::vector<int> slot_fds() const;
   uint32_t slots_in_use() const;
-  bool layout_known() const { return layout_known_; }
+  bool standard_layout() const { return layout_known_ && handoff_index_ == 0; }
 
   size_t slots() const { return slot_worker_.size(); }
   // The weights of the loaded program, by group index.
@@ -142,8 +146,13 @@ class KernelPlacement {
   KernelPlacement(EventLoop& loop, WorkerRegistry& registry, int group_fd,
                   WorkerStats& stats, const Options& options,
                   wire::SysCalls& sys, Listener::AcceptCallback accepted);
-  // A free slot (its worker gone), or a new one; -1 with the error logged.
-  int AcquireSlot();
+  enum class Reuse { kFreeSlot, kFreshSocket };
+  // A free slot (its worker gone; with kFreeSlot), or a new one; -1 with the
+  // error logged.
+  int AcquireSlot(Reuse reuse = Reuse::kFreeSlot);
+  // Unknown layout, and this broker holds every member: see the class
+  // comment.
+  void RegainLayout();
   absl::Status LoadProgram(const std::vector<uint64_t>& weights);
   // Unknown layout from now on: the program goes, the kernel hashes.
   void ForgetLayout(absl::string_view why);
@@ -159,8 +168,15 @@ class KernelPlacement {
   wire::SocketAddress address_;
   // The slots' sockets, in slot order; watched while no worker accepts.
   Listener slots_;
-  // Slot -> worker id (0: free).
+  // Slot -> worker id (0: free; kRetired: never granted again).
+  static constexpr uint64_t kRetired = ~uint64_t{0};
   std::vector<uint64_t> slot_worker_;
+  // Slot -> its group index (-1: unknown; never weighted).
+  std::vector<int> slot_index_;
+  // Members of the group whose index is known (the next socket's index),
+  // and the index of the socket that takes the hand-off role.
+  size_t group_size_ = 1;
+  size_t handoff_index_ = 0;
   std::vector<uint64_t> loaded_;
   std::vector<uint64_t> wanted_;
   bool closed_ = false;

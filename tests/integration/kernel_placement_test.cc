@@ -625,22 +625,44 @@ TEST_F(KernelPlacementTest, BrokerSigkillUnderLoadIsAdoptedWithTheListeners) {
         load.first_failure().c_str());
     if (mode == "kernel") {
       // Every worker listener stayed in the group (nothing queued on one was
-      // reset), and the new broker holds it (it stays when its worker goes).
+      // reset): the new broker holds each (the workers returned them; they
+      // may have moved to fresh ones since, see below).
       ASSERT_EQ(worker_listeners.size(), 2u);
-      EXPECT_EQ(ListenersHeldBy(port, workers), worker_listeners);
       const std::set<std::string> broker_holds =
           ListenersHeldBy(port, {(*next)->pid()});
       EXPECT_TRUE(std::includes(broker_holds.begin(), broker_holds.end(),
                                 worker_listeners.begin(),
                                 worker_listeners.end()))
           << (*next)->Output();
-      // The workers still accept their own connections, both of them.
-      ASSERT_TRUE(KernelPlaced(port, metrics)) << (*next)->Output();
+      // Once it holds every member the broker moves the workers to fresh
+      // listeners at indexes it knows: the weights apply again, so a batch
+      // of fresh connections is accepted by the workers themselves, none
+      // handed off (the broker's own socket weighs 0 without hand-off-only
+      // workers). Metrics sync twice a second: no growth within 1.5 s.
+      auto all_kernel_placed = [&] {
+        const double handed =
+            MetricOf(metrics, "fdbroker_connections_handed_off_total");
+        for (int i = 0; i < 20; ++i) ServedBy(port);
+        return !WaitFor(
+            [&] {
+              return MetricOf(metrics,
+                              "fdbroker_connections_handed_off_total") !=
+                     handed;
+            },
+            absl::Milliseconds(1500));
+      };
+      ASSERT_TRUE(WaitFor(all_kernel_placed, absl::Seconds(30)))
+          << (*next)->Output();
+      EXPECT_NE((*next)->Output().find("weights apply again"),
+                std::string::npos)
+          << (*next)->Output();
       std::map<int, int> by_pid;
       for (int i = 0; i < 100; ++i) ++by_pid[ServedBy(port)];
       EXPECT_EQ(by_pid[0], 0);
       for (pid_t w : workers) EXPECT_GT(by_pid[w], 10) << "pid " << w;
-      // A drained worker gets no new connection, and none is lost.
+      // A drained worker gets no new connection, and none is lost; the
+      // kernel itself places them on the other worker (the indexes are
+      // right), the broker hands none off.
       v1::Worker victim = ReadyWorkers(*stub).front();
       v1::DrainWorkerRequest request;
       request.set_worker_id(victim.id());
@@ -656,12 +678,69 @@ TEST_F(KernelPlacementTest, BrokerSigkillUnderLoadIsAdoptedWithTheListeners) {
       }
       EXPECT_EQ(lost, 0) << (*next)->Output();
       EXPECT_EQ(on_victim, 0) << (*next)->Output();
+      EXPECT_TRUE(WaitFor(all_kernel_placed, absl::Seconds(30)))
+          << (*next)->Output();
     }
     next->reset();
     broker_.reset();
   }
   // The workers kept accepting from their listeners while no broker ran.
   EXPECT_LE(failed["kernel"], failed["handoff"]);
+}
+
+// A broker that adopted a crashed one's listeners and regained the layout
+// (fresh sockets at indexes it knows, the old ones held with weight 0) is
+// upgraded: the new broker gets every member but not their layout
+// (kernel_layout_unknown), hashes until the workers are back, then regains
+// it itself. No request fails throughout.
+TEST_F(KernelPlacementTest, UpgradeAfterCrashAdoptionRegainsTheLayout) {
+  ASSERT_NO_FATAL_FAILURE(Start({"--workers=2", "--placement=kernel"}, 2));
+  const std::vector<pid_t> workers = broker_->WorkerPids();
+  for (pid_t w : workers) broker_->process().KillOnDestruction(w);
+  const std::set<int> pool(workers.begin(), workers.end());
+  const int port = broker_->port();
+  ASSERT_TRUE(WaitForKernelPlacement(port));
+  ASSERT_TRUE(broker_->process().Signal(SIGKILL).ok());
+  ASSERT_TRUE(broker_->process().Wait(absl::Seconds(10)).ok());
+  RequestLoad load(port, 2);
+  std::vector<std::unique_ptr<Subprocess>> brokers;
+  for (const bool upgrade : {false, true}) {
+    const std::string ready =
+        absl::StrCat(broker_->dir(), "/ready-", upgrade ? "upgrade" : "crash");
+    auto next = StartNextBroker(
+        *broker_, ready,
+        upgrade ? std::vector<std::string>{"--upgrade", "--workers=2"}
+                : std::vector<std::string>{"--workers=2"});
+    ASSERT_TRUE(next.ok()) << next.status();
+    for (pid_t w : workers) (*next)->KillOnDestruction(w);
+    if (upgrade) {
+      absl::StatusOr<int> old_exit = brokers.back()->Wait(absl::Seconds(30));
+      ASSERT_TRUE(old_exit.ok()) << brokers.back()->Output();
+      EXPECT_EQ(*old_exit, 0) << brokers.back()->Output();
+    }
+    const std::string control = ReadyValue(ready, "control");
+    ASSERT_FALSE(control.empty()) << (*next)->Output();
+    auto stub = StubFor(control);
+    ASSERT_TRUE(
+        WaitFor([&] { return ReadyPids(*stub) == pool; }, absl::Seconds(20)))
+        << (*next)->Output();
+    ASSERT_TRUE(WaitFor(
+        [&] {
+          return (*next)->Output().find("weights apply again") !=
+                 std::string::npos;
+        },
+        absl::Seconds(20)))
+        << (*next)->Output();
+    const int served = load.served();
+    ASSERT_TRUE(WaitFor([&] { return load.served() > served + 100; },
+                        absl::Seconds(20)));
+    brokers.push_back(*std::move(next));
+  }
+  load.Stop();
+  std::printf("crash, adoption, upgrade: %d served, %d failed\n", load.served(),
+              load.failed());
+  EXPECT_EQ(load.failed(), 0) << load.first_failure() << "\n"
+                              << brokers.back()->Output();
 }
 
 }  // namespace
