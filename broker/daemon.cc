@@ -169,6 +169,9 @@ absl::Status Daemon::Init() {
       if (absl::Status s = listener_->Bind(spec); !s.ok()) return s;
     }
   }
+  // The running broker accepts and places with its workers until one of
+  // them has registered here (UpgradeAccepting).
+  if (config_.upgrade) listener_->Hold(true);
   if (config_.kernel_placement) {
     if (absl::Status s = manager_->EnableKernelPlacement(
             listener_->fd(0), KernelPlacement::Options{}, sys, on_accept,
@@ -176,6 +179,7 @@ absl::Status Daemon::Init() {
         !s.ok()) {
       return s;
     }
+    if (config_.upgrade) manager_->kernel_placement()->Hold(true);
   } else if (!inherited_slots.slots.empty()) {
     return absl::FailedPreconditionError(
         "--upgrade: the running broker runs --placement=kernel; an upgrade "
@@ -288,6 +292,15 @@ void Daemon::SyncMetrics() {
 
 void Daemon::OnEvent(const WorkerEvent& event) {
   hub_.Publish(event);
+  if (listener_ != nullptr && listener_->held() &&
+      (event.type == v1::EVENT_TYPE_WORKER_READY ||
+       event.type == v1::EVENT_TYPE_WORKER_READMITTED)) {
+    AcceptAfterUpgrade();
+    if (upgrade_inbox_ != nullptr) {
+      upgrade_inbox_->ReportAccepting(
+          static_cast<uint32_t>(registry_.workers().size()));
+    }
+  }
   // Readiness may have changed (a worker became ready or went away).
   if (operations_ != nullptr) operations_->RefreshHealth();
 }
@@ -366,12 +379,17 @@ int Daemon::Run() {
         [this](const v1::Connection& passed, wire::UniqueFd fd) {
           TakePassedConnection(passed, std::move(fd));
         },
-        [this] { loop_->RunSoon([this] { upgrade_inbox_.reset(); }); });
+        [this] { AcceptAfterUpgrade(); },
+        [this] {
+          AcceptAfterUpgrade();
+          loop_->RunSoon([this] { upgrade_inbox_.reset(); });
+        });
     upgrade_reporter_.reset();
     if (inbox.ok()) {
       upgrade_inbox_ = *std::move(inbox);
     } else {
       spdlog::warn("upgrade: {}", inbox.status().ToString());
+      AcceptAfterUpgrade();
     }
     spdlog::info("upgrade: up; the previous broker hands over and exits");
   }
@@ -482,13 +500,10 @@ void Daemon::StopControlPlane() {
 }
 
 void Daemon::CommitUpgrade() {
-  spdlog::info(
-      "upgrade: the new broker (pid {}) is up; finishing hand-offs, then "
-      "exiting",
-      upgrade_->peer_pid());
-  // The new broker accepts clients and workers from now on (the sockets
-  // themselves never close). This broker only finishes what it holds.
-  listener_->Close();
+  spdlog::info("upgrade: the new broker (pid {}) is up; moving the workers",
+               upgrade_->peer_pid());
+  // The new broker takes workers from now on (the hand-off socket itself
+  // never closes).
   handoff_server_->Release();
   // The new broker programs the group from now on and accepts from the
   // slots whose workers are away; its copies keep them in the group.
@@ -496,27 +511,59 @@ void Daemon::CommitUpgrade() {
     manager_->kernel_placement()->Close();
   }
   manager_->PrepareForUpgrade();
-  operations_->RefreshHealth();
   // Workers move now, not when this broker exits: each sends what it owes
-  // here, then registers with the new broker at once (Reconnect), so the new
-  // broker has workers within about a millisecond. Older workers learn it
-  // from their channel closing, after the hand-offs (FinishUpgrade).
+  // here, then registers with the new broker at once (Reconnect), so the
+  // new broker has workers within about a millisecond. Older workers learn
+  // it from their channel closing, after the hand-offs (FinishUpgrade).
+  // Half of them go first while this broker keeps accepting and placing
+  // with the others: nobody accepts without a worker to place on.
+  std::vector<Worker*> first;
+  for (const auto& [id, worker] : registry_.workers()) {
+    if (MovesOnReconnect(*worker)) first.push_back(worker.get());
+  }
+  if (upgrade_->inbox() == nullptr || first.size() < 2) {
+    return StopAcceptingForUpgrade();
+  }
+  first.resize(first.size() / 2);
+  MoveWorkers(first);
+  upgrade_->set_on_accepting([this] { StopAcceptingForUpgrade(); });
+  loop_->RunAfter(kUpgradeFirstGroupTimeout,
+                  [this] { StopAcceptingForUpgrade(); });
+}
+
+void Daemon::StopAcceptingForUpgrade() {
+  if (upgrade_stopped_accepting_) return;
+  upgrade_stopped_accepting_ = true;
+  // The new broker accepts from now on (the sockets themselves never
+  // close). This broker only finishes what it holds.
+  listener_->Close();
+  upgrade_->SendAccepting();
+  operations_->RefreshHealth();
+  std::vector<Worker*> rest;
+  for (const auto& [id, worker] : registry_.workers()) {
+    if (!worker->moving && MovesOnReconnect(*worker)) {
+      rest.push_back(worker.get());
+    }
+  }
+  MoveWorkers(rest);
+  const int64_t deadline = loop_->clock().MonotonicNanos() +
+                           absl::ToInt64Nanoseconds(absl::Seconds(5));
+  FinishUpgrade(deadline);
+}
+
+void Daemon::MoveWorkers(const std::vector<Worker*>& group) {
   // A worker reads nothing after Reconnect: nothing is placed with it from
   // here on, and the connections staged for it go before the Reconnect.
   dispatcher_->PlacePending();
-  for (const auto& [id, worker] : registry_.workers()) {
-    worker->moving = MovesOnReconnect(*worker);
-  }
+  for (Worker* worker : group) worker->moving = true;
   dispatcher_->SendStaged();
-  for (const auto& [id, worker] : registry_.workers()) {
-    if (!worker->moving || !MovesOnReconnect(*worker)) continue;
+  for (Worker* worker : group) {
+    // Sending the staged batch may have found the channel closed.
+    if (!MovesOnReconnect(*worker)) continue;
     v1::HandoffMessage reconnect;
     reconnect.mutable_reconnect();
     worker->channel->SendControl(std::move(reconnect));
   }
-  const int64_t deadline = loop_->clock().MonotonicNanos() +
-                           absl::ToInt64Nanoseconds(absl::Seconds(5));
-  FinishUpgrade(deadline);
 }
 
 void Daemon::AbortUpgrade(const absl::Status& reason) {
@@ -557,6 +604,15 @@ void Daemon::RestoreControlPlane(int64_t deadline_nanos) {
   if (loop_->clock().MonotonicNanos() < deadline_nanos) return retry();
   spdlog::error("upgrade aborted, and the ports are not free: {} {}",
                 metrics.ToString(), control.ToString());
+}
+
+void Daemon::AcceptAfterUpgrade() {
+  if (!listener_->held()) return;
+  listener_->Hold(false);
+  if (manager_->kernel_placement() != nullptr) {
+    manager_->kernel_placement()->Hold(false);
+  }
+  spdlog::info("upgrade: accepting clients");
 }
 
 void Daemon::TakePassedConnection(const v1::Connection& passed,

@@ -63,8 +63,16 @@ class Daemon {
                         const v1::UpgradeRequest& request);
   // Closes a refused upgrade peer's channel and frees it.
   void Discard(std::unique_ptr<HandoffChannel> channel);
-  // The new broker is up (UpgradeReady): hand over and exit.
+  // The new broker is up (UpgradeReady): move the first half of the workers
+  // and keep accepting with the rest until the new broker has a worker.
   void CommitUpgrade();
+  // Then (once): stop accepting, move the other workers, finish, exit.
+  void StopAcceptingForUpgrade();
+  // Tells `group` to Reconnect to the new broker, after what is staged for
+  // them; nothing more is placed with them.
+  void MoveWorkers(const std::vector<Worker*>& group);
+  // New side: from now on this broker accepts clients (Listener::Hold).
+  void AcceptAfterUpgrade();
   // It failed or went away first: take the ports back and carry on.
   void AbortUpgrade(const absl::Status& reason);
   void FinishUpgrade(int64_t deadline_nanos);
@@ -113,6 +121,7 @@ class Daemon {
   // Running side of a planned upgrade, from the hand-over on.
   std::unique_ptr<PendingUpgrade> upgrade_;
   size_t passed_to_new_broker_ = 0;
+  bool upgrade_stopped_accepting_ = false;
   // New side: the channel to the running broker, until UpgradeReady.
   std::unique_ptr<wire::MessageChannel> upgrade_reporter_;
   // Then the same channel, until the previous broker exits.

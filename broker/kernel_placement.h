@@ -126,6 +126,9 @@ class KernelPlacement {
   // Stops accepting from the slots (shutdown): clients queued there are
   // refused when the broker exits, as on its own socket.
   void Close();
+  // An upgrade's new broker accepts from no slot until a worker has
+  // registered with it (as its --listen sockets: UpgradeAccepting).
+  void Hold(bool held) { slots_.Hold(held); }
   // While an upgrade hand-over is pending: no new socket joins the group
   // (the new broker holds copies of the present ones only). Free slots may
   // still be granted.

@@ -294,6 +294,11 @@ void Listener::Resume() {
   UpdateWatches();
 }
 
+void Listener::Hold(bool held) {
+  held_ = held;
+  UpdateWatches();
+}
+
 void Listener::Close() {
   accepting_ = false;
   closed_ = true;
@@ -312,7 +317,7 @@ void Listener::SetWatched(size_t i, bool watched) {
 
 void Listener::UpdateWatches() {
   const uint32_t events =
-      accepting_ && !resume_timer_.armed() ? uint32_t{EPOLLIN} : 0u;
+      accepting_ && !held_ && !resume_timer_.armed() ? uint32_t{EPOLLIN} : 0u;
   for (auto& socket : sockets_) {
     if (socket->watch != nullptr) {
       socket->watch->SetEvents(socket->watched ? events : 0u);
@@ -373,7 +378,7 @@ void Listener::OnReadable(Socket& socket) {
     }
     on_accept_(std::move(conn));
     // The callback may pause us (e.g. shutdown).
-    if (!accepting_) return;
+    if (!accepting_ || held_) return;
   }
 }
 

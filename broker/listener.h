@@ -130,6 +130,11 @@ class Listener {
   // the backlogs instead of being refused. Resume() takes them again.
   void Pause();
   void Resume();
+  // Apart from Pause (which an operator may undo, and which health
+  // reports): a new broker in an upgrade holds off while the running one
+  // still accepts from the same sockets, until it has a worker.
+  void Hold(bool held);
+  bool held() const { return held_; }
   // Whether the i-th socket is watched at all (while the listener accepts):
   // a worker's listener under --placement=kernel is watched only while no
   // worker accepts from it.
@@ -165,6 +170,7 @@ class Listener {
   AcceptCallback on_accept_;
   std::vector<std::unique_ptr<Socket>> sockets_;
   bool accepting_ = true;
+  bool held_ = false;
   bool closed_ = false;
   Timer resume_timer_{loop_};  // Armed while exhausted.
   Stats stats_;

@@ -95,6 +95,8 @@ class MetricsServer {
   static absl::StatusOr<std::unique_ptr<MetricsServer>> Start(
       const std::string& address,
       std::weak_ptr<prometheus::Collectable> collectable);
+  // Stops serving: about 10 ms, not civetweb's 1.7 s (see the .cc).
+  ~MetricsServer();
   const std::string& address() const { return address_; }
   // Adds another source of metrics (e.g. ProcessMetrics).
   void Register(std::weak_ptr<prometheus::Collectable> collectable);

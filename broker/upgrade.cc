@@ -164,8 +164,29 @@ void PendingUpgrade::Commit() {
   timer_.Cancel();
 }
 
+void PendingUpgrade::SendAccepting() {
+  if (inbox() == nullptr) return;
+  v1::HandoffMessage accepting;
+  accepting.mutable_upgrade_accepting();
+  channel_->SendControl(std::move(accepting));
+}
+
+void PendingUpgrade::NewBrokerAccepts() {
+  if (on_accepting_ == nullptr) return;
+  // Cleared first: it may send, and so re-enter through a channel close.
+  absl::AnyInvocable<void()> callback = std::move(on_accepting_);
+  on_accepting_ = nullptr;
+  callback();
+}
+
 void PendingUpgrade::OnMessage(HandoffChannel&, v1::HandoffMessage& message,
                                wire::UniqueFd) {
+  if (state_ == State::kCommitted && message.has_upgrade_accepting()) {
+    spdlog::info("upgrade: the new broker accepts ({} worker(s) there)",
+                 message.upgrade_accepting().workers());
+    NewBrokerAccepts();
+    return;
+  }
   if (state_ != State::kWaiting) return;
   if (message.has_upgrade_ready()) {
     Commit();
@@ -180,6 +201,7 @@ void PendingUpgrade::OnMessage(HandoffChannel&, v1::HandoffMessage& message,
 
 void PendingUpgrade::OnChannelClosed(HandoffChannel&,
                                      const absl::Status& reason) {
+  if (state_ == State::kCommitted) return NewBrokerAccepts();
   if (state_ != State::kWaiting) return;
   Abort(absl::UnavailableError(absl::StrCat(
       "the new broker went away before it was up (", reason.ToString(), ")")));
@@ -201,6 +223,7 @@ void PendingUpgrade::Abort(const absl::Status& reason) {
 
 absl::StatusOr<std::unique_ptr<UpgradeInbox>> UpgradeInbox::Create(
     EventLoop& loop, wire::MessageChannel channel, Sink sink,
+    absl::AnyInvocable<void()> on_accepting,
     absl::AnyInvocable<void()> on_closed) {
   const int flags = ::fcntl(channel.fd(), F_GETFL);
   if (flags < 0 || ::fcntl(channel.fd(), F_SETFL, flags | O_NONBLOCK) != 0) {
@@ -209,8 +232,8 @@ absl::StatusOr<std::unique_ptr<UpgradeInbox>> UpgradeInbox::Create(
   ucred peer{};
   socklen_t length = sizeof(peer);
   (void)::getsockopt(channel.fd(), SOL_SOCKET, SO_PEERCRED, &peer, &length);
-  std::unique_ptr<UpgradeInbox> inbox(
-      new UpgradeInbox(std::move(sink), std::move(on_closed)));
+  std::unique_ptr<UpgradeInbox> inbox(new UpgradeInbox(
+      std::move(sink), std::move(on_accepting), std::move(on_closed)));
   absl::StatusOr<std::unique_ptr<HandoffChannel>> handoff =
       HandoffChannel::Create(loop, std::move(channel), peer, *inbox);
   if (!handoff.ok()) return handoff.status();
@@ -218,8 +241,19 @@ absl::StatusOr<std::unique_ptr<UpgradeInbox>> UpgradeInbox::Create(
   return inbox;
 }
 
+void UpgradeInbox::ReportAccepting(uint32_t workers) {
+  if (channel_->closed()) return;
+  v1::HandoffMessage accepting;
+  accepting.mutable_upgrade_accepting()->set_workers(workers);
+  channel_->SendControl(std::move(accepting));
+}
+
 void UpgradeInbox::OnMessage(HandoffChannel& channel,
                              v1::HandoffMessage& message, wire::UniqueFd fd) {
+  if (message.has_upgrade_accepting()) {
+    on_accepting_();
+    return;
+  }
   if (!message.has_connection()) {
     channel.Close(absl::InvalidArgumentError(
         absl::StrCat("the previous broker sent ", wire::BodyName(message),

@@ -43,6 +43,10 @@ inline constexpr uint32_t kReconnectMinor = 3;
 // The first minor whose new brokers take, after UpgradeReady, the
 // connections the running broker could not place (UpgradeInbox).
 inline constexpr uint32_t kUpgradeInboxMinor = 4;
+// After UpgradeReady the running broker moves half of its workers and keeps
+// accepting with the others until the new broker has one of them
+// (UpgradeAccepting), at most this long.
+inline constexpr absl::Duration kUpgradeFirstGroupTimeout = absl::Seconds(1);
 // How long the running broker waits for UpgradeReady before it takes its
 // ports back and carries on. The new broker's start-up is bounded well
 // below it (it retries its control and metrics ports for 10 s).
@@ -83,6 +87,14 @@ class PendingUpgrade : public HandoffChannel::Delegate {
   void Abort(const absl::Status& reason);
   bool committed() const { return state_ == State::kCommitted; }
   pid_t peer_pid() const { return channel_->peer().pid; }
+  // After the commit: `on_accepting` runs once, when the new broker says it
+  // accepts (UpgradeAccepting) or its channel closes.
+  void set_on_accepting(absl::AnyInvocable<void()> on_accepting) {
+    on_accepting_ = std::move(on_accepting);
+  }
+  // After the commit: tells the new broker that this one stopped accepting
+  // (UpgradeAccepting), if it understands it.
+  void SendAccepting();
   // After the commit: the channel on which connections this broker cannot
   // place go to the new broker (Connection messages), or null if the new
   // broker does not take them or has gone.
@@ -107,23 +119,33 @@ class PendingUpgrade : public HandoffChannel::Delegate {
   const uint32_t peer_minor_;
   absl::AnyInvocable<void()> on_ready_;
   absl::AnyInvocable<void(const absl::Status&)> on_abort_;
+  absl::AnyInvocable<void()> on_accepting_;
   Timer timer_;
   State state_ = State::kWaiting;
+
+  void NewBrokerAccepts();
 };
 
 // The new broker's side after UpgradeReady (protocol 1.4): the running
 // broker passes on, as Connection messages over the same channel, the
 // connections it accepted and could not place before its workers moved
 // (rejected by a full worker, or still reading a PROXY header at the
-// commit); each goes to `sink` as if this broker had accepted it. Ends when
-// the running broker closes the channel (it exits); anything but a
-// Connection ends it too. Loop thread only.
+// commit); each goes to `sink` as if this broker had accepted it. The
+// channel also says who accepts clients (UpgradeAccepting, both ways):
+// `on_accepting` runs when the running broker has stopped. Ends when the
+// running broker closes the channel (it exits); anything but a Connection or
+// UpgradeAccepting ends it too. Loop thread only.
 class UpgradeInbox : public HandoffChannel::Delegate {
  public:
   using Sink = absl::AnyInvocable<void(const v1::Connection&, wire::UniqueFd)>;
   static absl::StatusOr<std::unique_ptr<UpgradeInbox>> Create(
       EventLoop& loop, wire::MessageChannel channel, Sink sink,
+      absl::AnyInvocable<void()> on_accepting,
       absl::AnyInvocable<void()> on_closed);
+
+  // This broker accepts from now on, with `workers` registered: the
+  // running broker may stop.
+  void ReportAccepting(uint32_t workers);
 
   // HandoffChannel::Delegate.
   void OnMessage(HandoffChannel& channel, v1::HandoffMessage& message,
@@ -133,11 +155,15 @@ class UpgradeInbox : public HandoffChannel::Delegate {
   void OnWritable(HandoffChannel&) override {}
 
  private:
-  UpgradeInbox(Sink sink, absl::AnyInvocable<void()> on_closed)
-      : sink_(std::move(sink)), on_closed_(std::move(on_closed)) {}
+  UpgradeInbox(Sink sink, absl::AnyInvocable<void()> on_accepting,
+               absl::AnyInvocable<void()> on_closed)
+      : sink_(std::move(sink)),
+        on_accepting_(std::move(on_accepting)),
+        on_closed_(std::move(on_closed)) {}
 
   std::unique_ptr<HandoffChannel> channel_;
   Sink sink_;
+  absl::AnyInvocable<void()> on_accepting_;
   absl::AnyInvocable<void()> on_closed_;
   uint64_t received_ = 0;
 };

@@ -67,6 +67,8 @@ absl::string_view BodyName(const v1::HandoffMessage& message) {
       return "listener_grant";
     case v1::HandoffMessage::kListenerLoad:
       return "listener_load";
+    case v1::HandoffMessage::kUpgradeAccepting:
+      return "upgrade_accepting";
     case v1::HandoffMessage::BODY_NOT_SET:
       break;
   }

@@ -31,11 +31,15 @@
 //                          again itself and prints "rejoined: <the answer>"
 //                          ("welcome <worker_id>" or the refusal message)
 //                          and "pid <its pid>".
-// Prints "registered" on stdout once welcomed; with --print_ids (the release
-// modes), "took <id>" for each connection it takes; with --print_listeners,
-// "took <id> from <listener> peer <peer_address>". --label=KEY=VALUE adds a
-// Hello label (e.g. listeners=...). --grow_rss_mb=N (the release modes):
-// every line starting with GROW adds N MiB of resident memory, never freed.
+// --reconnect_delay_ms=N (the release modes): the worker speaks minor 3 and,
+// told to Reconnect (an upgrade), goes on serving its clients for N ms,
+// then registers again at $FDBROKER_SOCKET with them (a worker slow to
+// move). Prints "registered" on stdout once welcomed; with --print_ids (the
+// release modes), "took <id>" for each connection it takes; with
+// --print_listeners, "took <id> from <listener> peer <peer_address>".
+// --label=KEY=VALUE adds a Hello label (e.g. listeners=...). --grow_rss_mb=N
+// (the release modes): every line starting with GROW adds N MiB of resident
+// memory, never freed.
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -51,6 +55,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -85,6 +90,8 @@ using fdbroker::wire::UniqueFd;
 bool print_ids = false;
 // --print_listeners: and the Connection's listener and peer_address.
 bool print_listeners = false;
+// --reconnect_delay_ms=N: see the top; -1: Reconnect is not understood.
+int reconnect_delay_ms = -1;
 // --grow_rss_mb=N: N MiB more resident memory (allocated and written) for
 // every line starting with GROW answered, never freed: a leaking
 // application for the broker's --max_worker_rss.
@@ -168,19 +175,38 @@ std::string Rejoin(const char* path,
   }
 }
 
+// The Hello of the release modes.
+v1::HandoffMessage LineHello(bool supports_release) {
+  v1::HandoffMessage hello;
+  hello.mutable_hello()->mutable_version()->set_major(1);
+  hello.mutable_hello()->mutable_version()->set_minor(
+      reconnect_delay_ms >= 0 ? 3 : 2);
+  hello.mutable_hello()->set_pid(::getpid());
+  hello.mutable_hello()->set_supports_release(supports_release);
+  hello.mutable_hello()->set_max_connections_per_message(16);
+  return hello;
+}
+
 // The release modes: a poll() loop over the channel and the clients.
 class LineServer {
  public:
-  LineServer(fdbroker::wire::MessageChannel& channel, bool supported,
-             int heartbeat_ms)
-      : channel_(channel),
+  LineServer(std::unique_ptr<fdbroker::wire::MessageChannel> channel,
+             const char* path, bool supported, int heartbeat_ms)
+      : channel_(std::move(channel)),
+        path_(path),
         supported_(supported),
         heartbeat_ms_(std::max(heartbeat_ms / 2, 10)) {}
 
   [[noreturn]] void Run() {
     for (;;) {
+      if (move_at_.has_value() &&
+          std::chrono::steady_clock::now() >= *move_at_) {
+        Move();
+      }
       std::vector<pollfd> fds;
-      fds.push_back({channel_.fd(), POLLIN, 0});
+      // After a Reconnect the old channel is not read any more.
+      fds.push_back(
+          {channel_->fd(), move_at_.has_value() ? short{0} : short{POLLIN}, 0});
       std::vector<uint64_t> ids;
       for (const auto& [id, client] : clients_) {
         fds.push_back({client.fd.get(), POLLIN, 0});
@@ -220,7 +246,7 @@ class LineServer {
   }
 
   void Send(v1::HandoffMessage& message, int fd = -1) {
-    absl::StatusOr<fdbroker::wire::SendResult> r = channel_.Send(message, fd);
+    absl::StatusOr<fdbroker::wire::SendResult> r = channel_->Send(message, fd);
     if (!r.ok()) Fail(std::string(r.status().message()));
   }
   void Send(v1::HandoffMessage&& message) { Send(message); }
@@ -230,7 +256,7 @@ class LineServer {
       v1::HandoffMessage message;
       std::vector<UniqueFd> fds;
       absl::StatusOr<fdbroker::wire::ReceiveResult> r =
-          channel_.Receive(message, fds);
+          channel_->Receive(message, fds);
       if (!r.ok()) Fail(std::string(r.status().message()));
       if (*r == fdbroker::wire::ReceiveResult::kPeerClosed) {
         Fail("broker gone");
@@ -249,6 +275,13 @@ class LineServer {
           ReleaseIdle(message.release_request().max_connections(),
                       message.release_request().reason());
           break;
+        case v1::HandoffMessage::kReconnect:
+          if (reconnect_delay_ms >= 0) {
+            move_at_ = std::chrono::steady_clock::now() +
+                       std::chrono::milliseconds(reconnect_delay_ms);
+            return;
+          }
+          break;
         case v1::HandoffMessage::kDrain:
           std::printf("drain release_idle=%d\n",
                       message.drain().release_idle() ? 1 : 0);
@@ -260,6 +293,23 @@ class LineServer {
           break;
       }
     }
+  }
+
+  // Registers with the broker at path_ again, with every client.
+  void Move() {
+    move_at_.reset();
+    channel_ =
+        std::make_unique<fdbroker::wire::MessageChannel>(ConnectTo(path_));
+    v1::HandoffMessage hello = LineHello(supported_);
+    hello.mutable_hello()->set_was_supervised(true);
+    for (const auto& [id, client] : clients_) {
+      hello.mutable_hello()->add_owned_connections()->set_connection_id(id);
+    }
+    Send(hello);
+    UniqueFd none;
+    if (!Next(*channel_, none).has_welcome()) Fail("not welcomed back");
+    std::printf("moved\n");
+    std::fflush(stdout);
   }
 
   void Take(const std::vector<v1::Connection>& connections,
@@ -355,7 +405,10 @@ class LineServer {
     Send(closed);
   }
 
-  fdbroker::wire::MessageChannel& channel_;
+  std::unique_ptr<fdbroker::wire::MessageChannel> channel_;
+  const char* const path_;
+  // Set by a Reconnect (--reconnect_delay_ms): when to move.
+  std::optional<std::chrono::steady_clock::time_point> move_at_;
   const bool supported_;
   const int heartbeat_ms_;
   bool draining_ = false;
@@ -384,6 +437,9 @@ int main(int argc, char** argv) {
     if (std::strncmp(argv[i], "--grow_rss_mb=", 14) == 0) {
       grow_rss_mb = std::atoi(argv[i] + 14);
     }
+    if (std::strncmp(argv[i], "--reconnect_delay_ms=", 21) == 0) {
+      reconnect_delay_ms = std::atoi(argv[i] + 21);
+    }
     if (std::strcmp(argv[i], "--print_listeners") == 0) {
       print_listeners = true;
     }
@@ -397,16 +453,15 @@ int main(int argc, char** argv) {
   if (path == nullptr) Fail("FDBROKER_SOCKET not set");
   fdbroker::wire::MessageChannel channel = ConnectTo(path);
   fdbroker::v1::HandoffMessage hello;
-  hello.mutable_hello()->mutable_version()->set_major(1);
-  hello.mutable_hello()->set_pid(::getpid());
+  if (line_server) {
+    hello = LineHello(mode == "release");
+  } else {
+    hello.mutable_hello()->mutable_version()->set_major(1);
+    hello.mutable_hello()->set_pid(::getpid());
+  }
   (*hello.mutable_hello()->mutable_labels())["kind"] = "fake-" + mode;
   for (const auto& [key, value] : labels) {
     (*hello.mutable_hello()->mutable_labels())[key] = value;
-  }
-  if (line_server) {
-    hello.mutable_hello()->mutable_version()->set_minor(2);
-    hello.mutable_hello()->set_supports_release(mode == "release");
-    hello.mutable_hello()->set_max_connections_per_message(16);
   }
   if (!channel.Send(hello).ok()) Fail("send hello");
   fdbroker::wire::UniqueFd fd;
@@ -418,7 +473,8 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
   if (line_server) {
     LineServer server(
-        channel, mode == "release",
+        std::make_unique<fdbroker::wire::MessageChannel>(std::move(channel)),
+        path, mode == "release",
         static_cast<int>(welcome.welcome().heartbeat_interval_ms()));
     server.Run();
   }

@@ -33,6 +33,7 @@
 #include "fdbroker/v1/handoff.pb.h"
 #include "gtest/gtest.h"
 #include "tests/integration/broker_process.h"
+#include "tests/integration/line_client.h"
 #include "tests/util/subprocess.h"
 #include "tests/util/test_util.h"
 #include "wire/files.h"
@@ -476,6 +477,63 @@ TEST(LifecycleTest, ConnectionQueuedAtTheCommitGoesToTheNewBroker) {
   std::move(join).Invoke();
   ASSERT_TRUE(queued.ok()) << queued.status() << upgraded->Output();
   EXPECT_EQ(queued->status, 200);
+}
+
+// Nobody accepts without a worker to place on (protocol 1.4,
+// UpgradeAccepting): the running broker moves half of its workers first and
+// places with the others until the new broker has one of them. These
+// workers take 400 ms to move. Before, both moved at once and the new
+// broker, accepting from the start, kept its clients waiting for them.
+TEST(LifecycleTest, NoClientWaitsForAWorkerThatIsMoving) {
+  auto started = BrokerProcess::Start(
+      {"--workers=2", "--worker_cmd=" + BinaryPath("fdbroker-fake-worker") +
+                          " --mode=release --reconnect_delay_ms=400"});
+  ASSERT_TRUE(started.ok()) << started.status();
+  std::unique_ptr<BrokerProcess> broker = *std::move(started);
+  const std::string control =
+      WaitForReadyValue(broker->dir() + "/ready", "control");
+  std::set<int> pool;
+  ASSERT_TRUE(WaitFor([&] { return (pool = ReadyPids(control)).size() == 2; },
+                      absl::Seconds(30)));
+  const std::vector<pid_t> workers(pool.begin(), pool.end());
+  for (pid_t w : workers) broker->process().KillOnDestruction(w);
+  const int port = broker->port();
+  std::atomic<bool> stop{false};
+  absl::Mutex mu;
+  int failed = 0, answered = 0;
+  std::string first_failure;
+  absl::Duration worst;
+  std::thread client([&] {
+    while (!stop) {
+      const absl::Time start = absl::Now();
+      absl::StatusOr<LineClient> line = LineClient::Connect(port);
+      absl::StatusOr<int> pid = line.ok() ? line->Ask("ping") : line.status();
+      const absl::Duration took = absl::Now() - start;
+      absl::MutexLock lock(&mu);
+      if (!pid.ok()) {
+        if (failed++ == 0) first_failure = pid.status().ToString();
+        continue;
+      }
+      ++answered;
+      worst = std::max(worst, took);
+    }
+  });
+  absl::Cleanup join = [&] {
+    stop = true;
+    client.join();
+  };
+  const std::string ready = broker->dir() + "/ready-upgrade";
+  std::unique_ptr<Subprocess> upgraded;
+  ASSERT_NO_FATAL_FAILURE(
+      Upgrade(*broker, broker->process(), ready, workers, upgraded));
+  std::move(join).Invoke();
+  absl::MutexLock lock(&mu);
+  EXPECT_EQ(failed, 0) << first_failure;
+  EXPECT_GT(answered, 10);
+  EXPECT_LT(worst, absl::Milliseconds(300))
+      << "old broker:\n"
+      << broker->process().Output() << "\nnew broker:\n"
+      << upgraded->Output();
 }
 
 // A planned upgrade is two-phase: the running broker keeps serving until
