@@ -12,7 +12,7 @@ import os
 import socket
 from typing import Callable, Optional
 
-from .core import (Connection, Drain, DrainCause, ReleaseRequest,
+from .core import (Connection, Drain, DrainCause, Listener, ReleaseRequest,
                    WorkerCore)
 
 DrainCallback = Callable[[DrainCause, Optional[float]], None]
@@ -114,6 +114,10 @@ class Driver:
     def _release_requested(self, request: ReleaseRequest) -> None:
         raise NotImplementedError
 
+    def _listener_granted(self, listener: Listener) -> None:
+        """A granted listener (only with Options.accepts_listener)."""
+        listener.socket.close()
+
     def _broker_gone_while_releasing(self) -> None:
         """A release_idle drain lost its broker: close idle connections."""
         raise NotImplementedError
@@ -137,6 +141,8 @@ class Driver:
         # Connections first, so that a drain in the same batch sees them.
         for connection in events.connections:
             self._adopt(connection)
+        if events.listener is not None:
+            self._listener_granted(events.listener)
         if events.drain is not None:
             self._drain_releases = events.drain.release_idle
             self._drain_started(events.drain)
