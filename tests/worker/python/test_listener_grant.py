@@ -162,6 +162,24 @@ class ListenerGrantTest(unittest.IsolatedAsyncioTestCase):
         accepted.close()
         late.close()
 
+    async def test_keeps_accepting_while_reconnecting(self) -> None:
+        await self.start()
+        self.grant()
+        client = await self.connect()
+        self.assertEqual(await self.ask(client, b"a"), b"A")
+        await self.load_until(1, 1)
+        self.broker.close_channel()  # the broker is gone
+        second = await self.connect()
+        self.assertEqual(await self.ask(second, b"b"), b"B")
+        # A new broker on the same path: the re-registration lists no
+        # accepted connection (they are the worker's own), and the figures
+        # follow the Welcome.
+        await asyncio.to_thread(self.broker.accept)
+        hello = await self.expect("hello")
+        self.assertEqual(list(hello.owned_connections), [])
+        self.broker.welcome(listener_load_interval_ms=INTERVAL_MS)
+        await self.load_until(2, 2)
+
     async def bad_grant(self, fds: tuple[int, ...]) -> None:
         await self.start()
         before = len(os.listdir("/proc/self/fd"))

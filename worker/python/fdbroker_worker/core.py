@@ -463,7 +463,9 @@ class WorkerCore:
 
     def listener_load(self, accepted_total: int, active: int) -> bool:
         """The driver's figures of the connections it accepted from granted
-        listeners (absolute; ids with LISTENER_ID_BIT): sent in ListenerLoad
+        listeners (absolute; ids with LISTENER_ID_BIT; `active` leaves out
+        those being released, which the broker counts off itself when their
+        Release arrives): sent in ListenerLoad
         now if they changed and the broker asked for them. The driver calls
         it at most every listener_load_interval (at once while draining).
         True if process_events() should run now (a drain may end)."""
@@ -541,6 +543,15 @@ class WorkerCore:
             log.debug("connection %d kept: %s", connection_id, why)
             sock.close()
             return on_result(False)
+        if accepted:
+            # What the broker will count once it has this Release (it
+            # takes one off; anything sent later comes after it), and the
+            # driver's figures from now on (a connection being released is
+            # not counted).
+            total, active = self._reported_figures
+            self._reported_figures = (total, active - 1)
+            total, active = self._listener_figures
+            self._listener_figures = (total, max(active - 1, 0))
         peer = "" if accepted else self._owned.pop(connection_id)
         self._pending_releases += 1
         self._send(_Outgoing(
@@ -1100,13 +1111,6 @@ class WorkerCore:
             # The broker holds the connection now (the fd is in its queue):
             # closing this copy leaves the TCP connection untouched.
             release.socket.close()
-            if release.connection_id & LISTENER_ID_BIT:
-                # The broker took one off the active figure it has; the
-                # driver drops the connection from its own in on_result.
-                accepted, active = self._reported_figures or (0, 1)
-                self._reported_figures = (accepted, max(active - 1, 0))
-                accepted, active = self._listener_figures
-                self._listener_figures = (accepted, max(active - 1, 0))
             release.on_result(True)
 
     def _closed_reports_urgent(self) -> bool:

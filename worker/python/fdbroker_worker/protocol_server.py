@@ -397,11 +397,16 @@ class ProtocolServer(Driver):
                   if not live.releasing and live.transport.is_closing()]
         for live in closed:
             self._forget(live)
-        if self._core.listener_load(self._accepted_total,
-                                    len(self._accepted_live)):
+        if self._core.listener_load(*self._listener_figures()):
             self._process_soon()
         if self._accepted_live or self._listening is not None:
             self._arm_load_timer()
+
+    def _listener_figures(self) -> tuple[int, int]:
+        """accepted_total, and the accepted connections owned now: not
+        those being released (the broker counts them off on arrival)."""
+        return self._accepted_total, sum(
+            1 for live in self._accepted_live.values() if not live.releasing)
 
     def _shut_down(self) -> None:
         self._close_listener()
@@ -540,8 +545,7 @@ class ProtocolServer(Driver):
             return False
         if live.id & LISTENER_ID_BIT:
             # The broker must count it before it sees it released.
-            self._core.listener_load(self._accepted_total,
-                                     len(self._accepted_live))
+            self._core.listener_load(*self._listener_figures())
         live.releasing = True
         transport.pause_reading()
 
