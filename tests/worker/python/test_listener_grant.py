@@ -66,6 +66,24 @@ class ListenerGrantTest(unittest.IsolatedAsyncioTestCase):
                 return load
             self.assertLessEqual(load.accepted_total, accepted)
 
+    async def granted_client(self) -> socket.socket:
+        """Starts a worker, grants it the listener, and connects a client
+        that it serves."""
+        await self.start()
+        self.grant()
+        client = await self.connect()
+        self.assertEqual(await self.ask(client, b"a"), b"A")
+        return client
+
+    async def assert_left_to_the_broker(self) -> None:
+        """A client that connects to the first listener now waits in its
+        queue for the broker's copy: the worker no longer accepts there."""
+        late = await self.connect()
+        self.listener.settimeout(WAIT)
+        accepted, _ = await asyncio.to_thread(self.listener.accept)
+        accepted.close()
+        late.close()
+
     async def test_hello_asks_for_a_listener_unless_told_not_to(self) -> None:
         await self.start()
         self.assertTrue(self.hello.supports_listener_grant)
@@ -133,19 +151,11 @@ class ListenerGrantTest(unittest.IsolatedAsyncioTestCase):
         await self.load_until(1, 0)
         await self.expect("goodbye")
         await asyncio.wait_for(server.wait_closed(), WAIT)
-        # The worker's copy is closed: what comes now waits in the queue
-        # for the broker's copy.
-        late = await self.connect()
-        self.listener.settimeout(WAIT)
-        accepted, _ = await asyncio.to_thread(self.listener.accept)
-        accepted.close()
-        late.close()
+        # The worker's copy is closed.
+        await self.assert_left_to_the_broker()
 
     async def test_a_new_grant_replaces_the_earlier(self) -> None:
-        await self.start()
-        self.grant()
-        client = await self.connect()
-        self.assertEqual(await self.ask(client, b"a"), b"A")
+        client = await self.granted_client()
         other = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(other.close)
         self.grant(other)
@@ -156,17 +166,10 @@ class ListenerGrantTest(unittest.IsolatedAsyncioTestCase):
         # The first listener is no longer served; its connection still is.
         self.assertEqual(await self.ask(client, b"c"), b"C")
         await self.load_until(2, 2)
-        late = await self.connect()
-        self.listener.settimeout(WAIT)
-        accepted, _ = await asyncio.to_thread(self.listener.accept)
-        accepted.close()
-        late.close()
+        await self.assert_left_to_the_broker()
 
     async def test_keeps_accepting_while_reconnecting(self) -> None:
-        await self.start()
-        self.grant()
-        client = await self.connect()
-        self.assertEqual(await self.ask(client, b"a"), b"A")
+        client = await self.granted_client()
         await self.load_until(1, 1)
         self.broker.close_channel()  # the broker is gone
         second = await self.connect()
