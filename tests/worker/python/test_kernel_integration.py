@@ -12,14 +12,16 @@ broker on 127.0.0.1 port 0, waits by polling (every wait bounded) and kills
 only what it started, by pid."""
 
 import concurrent.futures
+import json
 import os
+import shutil
 import signal
 import threading
 import time
 import unittest
 from typing import Optional
 
-from broker_process import wait_for
+from broker_process import Broker, get, wait_for
 from test_runner_integration import (EXAMPLES, KeepAlive, RunnerBroker,
                                      get_json, runner_cmd, worker_exit_codes)
 
@@ -214,6 +216,32 @@ class KernelRunnerTest(unittest.TestCase):
         self.assertGreater(broker.metric(HANDED_OFF), handed_before)
         self.assertEqual(broker.stop(), 0, broker.log())
         self.assertEqual(external.wait(timeout=30), 0)
+
+
+class KernelStreamsTest(unittest.TestCase):
+    def test_start_server_example_accepts_itself(self) -> None:
+        """The example worker (start_server(), the streams API) under
+        --placement=kernel: both workers answer, every connection after
+        the placement settles is accepted by a worker itself."""
+        broker = Broker(2, extra_flags=(KERNEL,), metrics=True)
+        self.addCleanup(shutil.rmtree, broker.dir, ignore_errors=True)
+        self.addCleanup(broker.cleanup)
+        pids = broker.wait_for_workers(2)
+
+        def handed_total() -> int:
+            return sum(int(w.get("handedTotal", 0)) for w in
+                       json.loads(broker.rpc("ListWorkers"))["workers"])
+
+        def kernel_only() -> bool:
+            before = handed_total()
+            answered = {int(get(broker.port)[1]["X-Worker-Pid"])
+                        for _ in range(20)}
+            return answered == pids and handed_total() == before
+
+        wait_for(kernel_only, 20, "both workers serving by themselves")
+        wait_for(lambda: broker.metric(KERNEL_ACCEPTED) >= 20, 10,
+                 f"{KERNEL_ACCEPTED} >= 20")
+        self.assertEqual(broker.stop(), 0, broker.log())
 
 
 if __name__ == "__main__":

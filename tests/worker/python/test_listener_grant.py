@@ -1,7 +1,7 @@
-"""create_server() with a granted listener (protocol 1.4, §7.10) against a
-fake broker, on asyncio and on uvloop: real TCP clients connect to a real
-listening socket the fake broker grants; the worker accepts them with the
-loop's own accept loop, reports ListenerLoad (no Ack, no Closed), releases
+"""create_server() and start_server() with a granted listener (protocol
+1.4, §7.10) against a fake broker, on asyncio and on uvloop: real TCP
+clients connect to a real listening socket the fake broker grants; the
+worker accepts them with the loop's own accept loop, reports ListenerLoad (no Ack, no Closed), releases
 one with its bit-63 id, closes its copy on Drain and says Goodbye only after
 `active: 0`, and a bad grant is a protocol error (the channel is lost)."""
 
@@ -31,10 +31,14 @@ class ListenerGrantTest(unittest.IsolatedAsyncioTestCase):
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(self.listener.close)
 
+    def starting(self, **kwargs):
+        """The API under test, starting (create_server() here)."""
+        return fdbroker_worker.create_server(
+            Upper, socket_path=self.broker.socket_path, **kwargs)
+
     async def start(self, **kwargs) -> protocol_server.ProtocolServer:
         server, self.hello = await registered(
-            self.broker, fdbroker_worker.create_server(
-                Upper, socket_path=self.broker.socket_path, **kwargs),
+            self.broker, self.starting(**kwargs),
             listener_load_interval_ms=INTERVAL_MS)
         self.addAsyncCleanup(end_server, server)
         return server
@@ -219,6 +223,33 @@ class ListenerGrantTest(unittest.IsolatedAsyncioTestCase):
 
 
 class ListenerGrantOnUvloopTest(OnUvloop, ListenerGrantTest):
+    pass
+
+
+async def upper_chunks(reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+    """start_server()'s Upper: each chunk in upper case, read as an idle
+    point (releasable); EOF closes."""
+    handle = fdbroker_worker.connection(writer)
+    try:
+        while data := await handle.between_requests(reader.read(100)):
+            writer.write(data.upper())
+            await writer.drain()
+    except fdbroker_worker.ConnectionReleased:
+        return
+    writer.close()
+
+
+class StreamsListenerGrantTest(ListenerGrantTest):
+    """The same cases with start_server() (the streams API)."""
+
+    def starting(self, **kwargs):
+        kwargs.pop("is_idle", None)  # between_requests() says it
+        return fdbroker_worker.start_server(
+            upper_chunks, socket_path=self.broker.socket_path, **kwargs)
+
+
+class StreamsListenerGrantOnUvloopTest(OnUvloop, StreamsListenerGrantTest):
     pass
 
 

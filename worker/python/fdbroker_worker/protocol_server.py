@@ -48,14 +48,13 @@ import asyncio.selector_events
 import functools
 import logging
 import socket
-import sys
 import time
 from typing import Callable, Coroutine, Optional
 
 from ._driver import (FLUSH_TURNS, DrainCallback, Driver, releasable,
                       shut_read_side)
 from ._proto import pb
-from .core import (LISTENER_ID_BIT, Connection, Drain, Listener, Options,
+from .core import (LISTENER_ID_BIT, Connection, Drain, Options,
                    RegistrationError, ReleaseRequest, WorkerCore,
                    first_request_grace_end)
 
@@ -170,18 +169,6 @@ class _Adopting(asyncio.Protocol):
             self._protocol.data_received(self._data)
 
 
-def _backlog_of(sock: socket.socket) -> int:
-    """The accept queue bound the broker gave the listener (struct tcp_info
-    of a listening socket: tcpi_sacked at offset 28 is sk_max_ack_backlog),
-    so that create_server()'s listen(backlog) keeps it."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
-        backlog = int.from_bytes(info[28:32], sys.byteorder)
-    except (OSError, ValueError):
-        backlog = 0
-    return backlog or socket.SOMAXCONN
-
-
 class _Accepted(asyncio.Protocol):
     """What the granted listener's server makes per connection: in its one
     callback it registers the connection and hands the transport over to
@@ -243,15 +230,9 @@ class ProtocolServer(Driver):
         # Whether transports ask the socket object for their peer.
         self._peer_from_socket = isinstance(
             self.loop, asyncio.selector_events.BaseSelectorEventLoop)
-        # The granted listener (§7.10): its socket, the loop's server on it
-        # (None while it starts), the connections accepted from it (also in
-        # _live), how many ever, and the timer that looks for their closes
-        # and reports the figures.
-        self._listener: Optional[socket.socket] = None
-        self._listening: Optional[asyncio.AbstractServer] = None
+        # The connections accepted from the granted listener (also in
+        # _live).
         self._accepted_live: dict[int, _Live] = {}
-        self._accepted_total = 0
-        self._load_timer: Optional[asyncio.TimerHandle] = None
 
     def protocols(self) -> list[asyncio.BaseProtocol]:
         """The protocols of the connections being served now."""
@@ -335,42 +316,11 @@ class ProtocolServer(Driver):
 
     # --- The granted listener (§7.10) -------------------------------------
 
-    def _listener_granted(self, listener: Listener) -> None:
-        self._close_listener()  # a new grant replaces an earlier one
-        self._listener = listener.socket
-        self.loop.create_task(self._serve_listener(listener.socket))
-
-    async def _serve_listener(self, sock: socket.socket) -> None:
-        try:
-            server = await self.loop.create_server(
-                functools.partial(_Accepted, self), sock=sock,
-                backlog=_backlog_of(sock))
-        except (OSError, ValueError) as error:
-            # The broker accepts from its own copy: nothing is lost.
-            log.error("cannot serve the granted listener: %s", error)
-            sock.close()
-            return
-        if self._listener is not sock:  # drained or replaced meanwhile
-            server.close()
-            sock.close()
-            return
-        self._listening = server
-        self._arm_load_timer()
-
-    def _close_listener(self) -> None:
-        """Stops accepting; the broker serves what the kernel queued on its
-        own copy of the socket."""
-        if self._listening is not None:
-            self._listening.close()
-            self._listening = None
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+    def _accept_factory(self) -> Callable[[], asyncio.BaseProtocol]:
+        return functools.partial(_Accepted, self)
 
     def _accepted(self, transport: asyncio.BaseTransport) -> None:
-        self._accepted_total += 1
-        live = _Live(LISTENER_ID_BIT | self._accepted_total, None,
-                     self.loop.time())
+        live = _Live(self._next_accepted_id(), None, self.loop.time())
         protocol = live.protocol = self._factory()
         live.transport = transport
         self._live[live.id] = self._accepted_live[live.id] = live
@@ -379,47 +329,24 @@ class ProtocolServer(Driver):
         protocol.connection_made(transport)
         if self._core.draining:  # accepted in the turn the drain began
             self._drain_one(live)
-        if self._load_timer is None:
-            self._arm_load_timer()
 
-    def _arm_load_timer(self) -> None:
-        interval = self._core.listener_load_interval or 0.05
-        if self._core.draining:
-            interval /= 5  # the Goodbye waits for `active: 0`
-        self._load_timer = self.loop.call_later(interval, self._load_tick)
-
-    def _load_tick(self) -> None:
-        """Finds the accepted connections that closed (a protocol may hand
-        its transport on, a WebSocket: the transport is what tells) and
-        reports the figures."""
-        self._load_timer = None
+    def _prune_accepted(self) -> None:
+        """Forgets the accepted connections that closed: a protocol may
+        hand its transport on (a WebSocket), so the transport tells."""
         closed = [live for live in self._accepted_live.values()
                   if not live.releasing and live.transport.is_closing()]
         for live in closed:
             self._forget(live)
-        if self._core.listener_load(*self._listener_figures()):
-            self._process_soon()
-        if self._accepted_live or self._listening is not None:
-            self._arm_load_timer()
 
-    def _listener_figures(self) -> tuple[int, int]:
-        """accepted_total, and the accepted connections owned now: not
-        those being released (the broker counts them off on arrival)."""
-        return self._accepted_total, sum(
-            1 for live in self._accepted_live.values() if not live.releasing)
+    def _accepted_active(self) -> int:
+        return sum(1 for live in self._accepted_live.values()
+                   if not live.releasing)
 
-    def _shut_down(self) -> None:
-        self._close_listener()
-        if self._load_timer is not None:
-            self._load_timer.cancel()
-            self._load_timer = None
-        super()._shut_down()
+    def _holds_accepted(self) -> bool:
+        return bool(self._accepted_live)
 
     def _drain_started(self, drain: Drain) -> None:
-        self._close_listener()
-        if self._accepted_live and self._load_timer is not None:
-            self._load_timer.cancel()  # at the draining pace from now
-            self._arm_load_timer()
+        self._stop_accepting()
         if drain.deadline is not None and self._cut_timer is None:
             # A little before the broker's deadline, so that the Closed
             # saying so reaches it before it ends this process.
@@ -543,9 +470,7 @@ class ProtocolServer(Driver):
                 transport.get_protocol() is not live.protocol or
                 not self._is_idle(live.protocol)):
             return False
-        if live.id & LISTENER_ID_BIT:
-            # The broker must count it before it sees it released.
-            self._core.listener_load(*self._listener_figures())
+        self._report_before_release(live.id)
         live.releasing = True
         transport.pause_reading()
 
