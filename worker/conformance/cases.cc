@@ -760,15 +760,24 @@ auto LoadIs(uint64_t accepted_total, uint32_t active) {
   };
 }
 
-absl::Status ListenerGrant(CaseContext& context) {
+// StartAndReadHello() and, if the worker set supports_listener_grant, a
+// Welcome with a ListenerLoad interval; false (the case skipped) if not.
+absl::StatusOr<bool> RegisterForListenerGrant(CaseContext& context) {
   KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
   if (!hello.supports_listener_grant()) {
-    return context.Skip(
-        "Hello.supports_listener_grant is unset: the worker takes "
-        "hand-offs only");
+    KIT_RETURN_IF_ERROR(
+        context.Skip("Hello.supports_listener_grant is unset: the worker takes "
+                     "hand-offs only"));
+    return false;
   }
   constexpr uint32_t kLoadIntervalMs = 50;
   KIT_RETURN_IF_ERROR(context.broker().SendWelcome(true, 1, kLoadIntervalMs));
+  return true;
+}
+
+absl::Status ListenerGrant(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(bool granting, RegisterForListenerGrant(context));
+  if (!granting) return absl::OkStatus();
   absl::StatusOr<std::unique_ptr<LoopbackListener>> tcp =
       LoopbackListener::Create();
   if (!tcp.ok()) return tcp.status();
@@ -1167,6 +1176,16 @@ absl::Status OutOfFdsRejects(CaseContext& context) {
   return absl::OkStatus();
 }
 
+// A ListenerGrant whose fd is a connected socket, not a listening one
+// (§7.10: a protocol error; the fd is closed).
+absl::Status ErrorListenerGrantNotListening(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(bool granting, RegisterForListenerGrant(context));
+  if (!granting) return absl::OkStatus();
+  v1::HandoffMessage grant;
+  grant.mutable_listener_grant()->set_listener("127.0.0.1:1");
+  return ExpectProtocolError(context, std::move(grant), 1);
+}
+
 absl::Status ErrorConnectionNotASocket(CaseContext& context) {
   KIT_RETURN_IF_ERROR(context.Register());
   // A connection to keep through it all, for a worker that says it keeps
@@ -1408,6 +1427,12 @@ const std::vector<Case>& AllCases() {
        "Ack, no Closed), and left to the broker on Drain",
        {},
        ListenerGrant},
+      {"error-listener-grant-not-listening",
+       "§7.10 Listener grant",
+       "a ListenerGrant whose fd is a connected socket, not a listening "
+       "one, is a protocol error (channel closed, fd closed)",
+       {},
+       ErrorListenerGrantNotListening},
       {"reconnect-now",
        "§7.9 Reconnect",
        "on Reconnect, close the channel and register again at once with "
