@@ -145,7 +145,12 @@ class ProtocolServerTest(unittest.IsolatedAsyncioTestCase):
         closed = await self.expect("closed")
         self.assertEqual(list(closed.cut_connection_ids), [9])
         self.assertEqual(list(closed.connection_ids), [])
-        self.assertLess(time.time(), deadline)
+        # Served until shortly before the deadline, not cut at the Drain.
+        # (That the cut comes before the deadline is not asserted: a loaded
+        # machine may deliver the report after it.)
+        self.assertGreater(
+            time.time(),
+            deadline - protocol_server.CUT_BEFORE_DEADLINE - 0.05)
         await self.expect("goodbye")
 
     async def test_release_needs_is_idle(self) -> None:
