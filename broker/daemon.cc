@@ -165,8 +165,10 @@ absl::Status Daemon::Init() {
     }
   }
   if (config_.kernel_placement) {
+    KernelPlacement::Options placement;
+    placement.sticky = config_.policy == "ip_hash";
     if (absl::Status s = manager_->EnableKernelPlacement(
-            listener_->fd(0), KernelPlacement::Options{}, sys, on_accept);
+            listener_->fd(0), placement, sys, on_accept);
         !s.ok()) {
       return s;
     }
