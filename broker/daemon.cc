@@ -166,7 +166,10 @@ absl::Status Daemon::Init() {
   }
   if (config_.kernel_placement) {
     KernelPlacement::Options placement;
-    placement.sticky = config_.policy == "ip_hash";
+    using Mode = KernelPlacement::Options::Mode;
+    placement.mode = config_.policy == "ip_hash"       ? Mode::kSticky
+                     : config_.policy == "round_robin" ? Mode::kWeighted
+                                                       : Mode::kLeastLoaded;
     if (absl::Status s = manager_->EnableKernelPlacement(
             listener_->fd(0), placement, sys, on_accept);
         !s.ok()) {

@@ -3,6 +3,7 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <utility>
@@ -333,7 +334,7 @@ void KernelPlacement::Update() {
                              ? static_cast<size_t>(worker.kernel_slot) + 1
                              : 0;
     wanted_[index] += candidate_weights_[i];
-    if (options_.sticky) {
+    if (options_.mode == Options::Mode::kSticky) {
       wanted_members_.push_back(
           {worker.id, candidate_weights_[i], static_cast<uint32_t>(index)});
     }
@@ -368,7 +369,7 @@ void KernelPlacement::Update() {
 absl::Status KernelPlacement::LoadProgram(
     const std::vector<uint64_t>& weights,
     const std::vector<StickyMember>& members) {
-  std::vector<sock_filter> program = options_.sticky
+  std::vector<sock_filter> program = options_.mode == Options::Mode::kSticky
                                          ? BuildStickyPlacementProgram(members)
                                          : BuildPlacementProgram(weights);
   sock_fprog fprog{static_cast<unsigned short>(program.size()), program.data()};
@@ -389,7 +390,54 @@ void KernelPlacement::Tick() {
   // Worker states change in many places (drain, lifecycle); a periodic
   // look catches every change within one reload interval.
   Update();
+  CheckEvenness(loop_.NowNanos());
   tick_timer_.Arm(options_.reload_interval, [this] { Tick(); });
+}
+
+void KernelPlacement::CheckEvenness(int64_t now) {
+  if (options_.mode != Options::Mode::kLeastLoaded || !rebalance_ || closed_) {
+    return;
+  }
+  // The workers a rebalance weighs: ready, with a channel. Unequal weights
+  // are meant to be uneven: leave them.
+  candidates_.clear();
+  for (const auto& [id, worker] : registry_.workers()) {
+    if (worker->state == WorkerState::kReady && worker->channel != nullptr &&
+        !worker->channel->closed()) {
+      candidates_.push_back(worker.get());
+    }
+  }
+  CandidateWeights(candidates_, candidate_weights_);
+  const auto n = static_cast<int64_t>(candidates_.size());
+  int64_t total = 0;
+  int64_t highest = 0;
+  bool equal = true;
+  for (size_t i = 0; i < candidates_.size(); ++i) {
+    total += candidates_[i]->load();
+    highest = std::max(highest, candidates_[i]->load());
+    equal = equal && candidate_weights_[i] == candidate_weights_[0];
+  }
+  const double mean =
+      n == 0 ? 0 : static_cast<double>(total) / static_cast<double>(n);
+  const bool uneven =
+      n >= 2 && equal && highest > (total + n - 1) / n &&
+      static_cast<double>(highest) > mean * (1 + options_.uneven_share);
+  if (!uneven) {
+    uneven_since_nanos_ = 0;
+    return;
+  }
+  if (uneven_since_nanos_ == 0) uneven_since_nanos_ = now;
+  if (now - uneven_since_nanos_ <
+          absl::ToInt64Nanoseconds(options_.uneven_for) ||
+      (last_rebalance_nanos_ != 0 &&
+       now - last_rebalance_nanos_ <
+           absl::ToInt64Nanoseconds(options_.rebalance_interval))) {
+    return;
+  }
+  last_rebalance_nanos_ = now;
+  uneven_since_nanos_ = 0;
+  ++stats_.placement_rebalances;
+  rebalance_();
 }
 
 void KernelPlacement::Close() {

@@ -7,6 +7,7 @@
 #include <memory>
 #include <vector>
 
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -90,10 +91,12 @@ std::vector<sock_filter> BuildStickyPlacementProgram(
 // program is reloaded when the weights change, at most once per
 // `reload_interval`; with no weight anywhere every connection goes to the
 // broker's socket (its pending queue and overload rules apply). With
-// `sticky` (--policy=ip_hash) the program is BuildStickyPlacementProgram
+// Mode::kSticky (--policy=ip_hash) the program is BuildStickyPlacementProgram
 // over the same workers and weights: the weights do not follow load, so a
 // client address keeps its worker until that worker's weight or the
-// membership changes, and then only that worker's clients move.
+// membership changes, and then only that worker's clients move. With
+// Mode::kLeastLoaded, loads that stay uneven (a random draw spreads a burst
+// of keep-alive connections binomially) are evened out by a rebalance.
 //
 // Nothing lost. A slot whose worker is not ready (draining, channel lost,
 // exited, not registered yet) is watched by the broker, which accepts what
@@ -107,9 +110,27 @@ class KernelPlacement {
     absl::Duration reload_interval = absl::Milliseconds(100);
     // Welcome.listener_load_interval_ms.
     absl::Duration load_interval = absl::Milliseconds(50);
-    // --policy=ip_hash: place by client address (BuildStickyPlacementProgram)
-    // instead of a random draw.
-    bool sticky = false;
+    // What --policy asks of the kernel (the daemon sets it).
+    enum class Mode {
+      // round_robin: random in proportion to the weights.
+      kWeighted,
+      // least_conn, p2c: kWeighted, and a rebalance when the loads stay
+      // uneven, since no weight can even out a burst of long connections
+      // that arrive faster than a reload.
+      kLeastLoaded,
+      // ip_hash: BuildStickyPlacementProgram, by client address.
+      kSticky,
+    };
+    Mode mode = Mode::kWeighted;
+    // kLeastLoaded, among ready workers of equal weight: a load above both
+    // ceil(mean) and mean * (1 + uneven_share) throughout `uneven_for` asks
+    // for a rebalance (excess over ceil(mean) released and placed again by
+    // the policy), at most once per `rebalance_interval`; after one, the
+    // loads must stay uneven for another `uneven_for` (the first takes
+    // effect within a few reports).
+    double uneven_share = 0.1;
+    absl::Duration uneven_for = absl::Seconds(1);
+    absl::Duration rebalance_interval = absl::Seconds(1);
   };
 
   // `group` is the broker's listening socket (index 0, SO_REUSEPORT), whose
@@ -135,6 +156,11 @@ class KernelPlacement {
   // Re-derives the weights (and which slots the broker watches) from the
   // registry; the program follows within reload_interval.
   void Update();
+  // What asks the workers above the mean load to release their excess
+  // (Mode::kLeastLoaded); unset, loads are never corrected.
+  void set_rebalance(absl::AnyInvocable<void()> rebalance) {
+    rebalance_ = std::move(rebalance);
+  }
   // Stops accepting from the slots (shutdown): clients queued there are
   // refused when the broker exits, as on its own socket.
   void Close();
@@ -153,6 +179,8 @@ class KernelPlacement {
   absl::Status LoadProgram(const std::vector<uint64_t>& weights,
                            const std::vector<StickyMember>& members);
   void Tick();
+  // Mode::kLeastLoaded: rebalances once the loads stayed uneven long enough.
+  void CheckEvenness(int64_t now);
 
   EventLoop& loop_;
   WorkerRegistry& registry_;
@@ -171,6 +199,10 @@ class KernelPlacement {
   std::vector<StickyMember> wanted_members_;
   bool closed_ = false;
   int64_t last_load_nanos_ = 0;
+  absl::AnyInvocable<void()> rebalance_;
+  // Since when the loads are uneven (0: even at the last check).
+  int64_t uneven_since_nanos_ = 0;
+  int64_t last_rebalance_nanos_ = 0;
   Timer reload_timer_{loop_};
   Timer tick_timer_{loop_};
   // Reused by Update().

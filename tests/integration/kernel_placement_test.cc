@@ -19,6 +19,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "fdbroker/v1/broker.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "tests/integration/broker_process.h"
@@ -40,6 +41,20 @@ int ServedBy(int port, const std::string& source = "") {
   if (!r.ok() || r->status != 200) return 0;
   int pid = 0;
   return absl::SimpleAtoi(r->headers["x-worker-pid"], &pid) ? pid : 0;
+}
+
+// A new keep-alive connection after one request on it; `pid` is the worker
+// that served it.
+absl::StatusOr<wire::UniqueFd> KeepAliveClient(int port, int* pid) {
+  absl::StatusOr<wire::UniqueFd> fd = ConnectTcp("127.0.0.1", port);
+  if (!fd.ok()) return fd.status();
+  absl::StatusOr<HttpResponse> r =
+      HttpGet(fd->get(), "/", /*keep_alive=*/true, absl::Seconds(10));
+  if (!r.ok()) return r.status();
+  if (r->status != 200 || !absl::SimpleAtoi(r->headers["x-worker-pid"], pid)) {
+    return absl::InternalError(absl::StrCat("status ", r->status));
+  }
+  return fd;
 }
 
 class KernelPlacementTest : public ::testing::Test {
@@ -175,7 +190,10 @@ TEST_F(KernelPlacementTest, DrainingWorkerGetsNoNewConnectionsAndLosesNone) {
 }
 
 TEST_F(KernelPlacementTest, DrainMovesIdleWorkerAcceptedConnections) {
-  ASSERT_NO_FATAL_FAILURE(Start({"--workers=2", "--placement=kernel"}, 2));
+  // round_robin: no automatic rebalance moves the clients before the drain
+  // does (least_conn's would, were the random split to stay uneven 1 s).
+  ASSERT_NO_FATAL_FAILURE(
+      Start({"--workers=2", "--placement=kernel", "--policy=round_robin"}, 2));
   const int port = broker_->port();
   ASSERT_TRUE(WaitForKernelPlacement(port)) << broker_->process().Output();
   // Keep-alive clients, each accepted by a worker itself; which one?
@@ -183,13 +201,9 @@ TEST_F(KernelPlacementTest, DrainMovesIdleWorkerAcceptedConnections) {
   std::vector<wire::UniqueFd> clients;
   std::map<int, std::vector<int>> clients_of;  // pid -> client indexes
   for (int i = 0; i < kClients; ++i) {
-    absl::StatusOr<wire::UniqueFd> fd = ConnectTcp("127.0.0.1", port);
-    ASSERT_TRUE(fd.ok());
-    absl::StatusOr<HttpResponse> r =
-        HttpGet(fd->get(), "/", /*keep_alive=*/true, absl::Seconds(10));
-    ASSERT_TRUE(r.ok() && r->status == 200) << r.status();
     int pid = 0;
-    ASSERT_TRUE(absl::SimpleAtoi(r->headers["x-worker-pid"], &pid));
+    absl::StatusOr<wire::UniqueFd> fd = KeepAliveClient(port, &pid);
+    ASSERT_TRUE(fd.ok()) << fd.status();
     clients_of[pid].push_back(i);
     clients.push_back(*std::move(fd));
   }
@@ -294,6 +308,47 @@ TEST_F(KernelPlacementTest, IpHashKeepsEachClientAddressOnOneWorker) {
   slow_request.join();
   EXPECT_TRUE(
       WaitFor([&] { return ProcessGone(victim_pid); }, absl::Seconds(20)));
+}
+
+TEST_F(KernelPlacementTest, UnevenKeepAliveLoadIsRebalanced) {
+  // least_conn (the default): one worker takes all 16 keep-alive clients,
+  // then a second registers. The kernel cannot move them; the broker sees
+  // the loads stay uneven and rebalances them to 8 / 8.
+  ASSERT_NO_FATAL_FAILURE(Start({"--workers=1", "--placement=kernel"}, 1));
+  const int port = broker_->port();
+  ASSERT_TRUE(WaitForKernelPlacement(port)) << broker_->process().Output();
+  constexpr int kClients = 16;
+  std::vector<wire::UniqueFd> clients;
+  for (int i = 0; i < kClients; ++i) {
+    int pid = 0;
+    absl::StatusOr<wire::UniqueFd> fd = KeepAliveClient(port, &pid);
+    ASSERT_TRUE(fd.ok()) << fd.status();
+    clients.push_back(*std::move(fd));
+  }
+  auto external = Subprocess::Start({BinaryPath("fdbroker-http-worker"),
+                                     "--socket=" + broker_->socket_path()});
+  ASSERT_TRUE(external.ok()) << external.status();
+  std::vector<int64_t> active;
+  const bool even = WaitFor(
+      [&] {
+        active.clear();
+        for (const v1::Worker& w : Ready()) {
+          active.push_back(w.active_connections());
+        }
+        return active == std::vector<int64_t>{8, 8};
+      },
+      absl::Seconds(15));
+  EXPECT_TRUE(even) << "active connections per worker: "
+                    << absl::StrJoin(active, " / ");
+  // Every client keeps its connection, wherever it is served now.
+  std::set<std::string> pids;
+  for (wire::UniqueFd& client : clients) {
+    absl::StatusOr<HttpResponse> r =
+        HttpGet(client.get(), "/", /*keep_alive=*/true, absl::Seconds(10));
+    ASSERT_TRUE(r.ok() && r->status == 200) << r.status();
+    pids.insert(r->headers["x-worker-pid"]);
+  }
+  EXPECT_EQ(pids.size(), 2u);
 }
 
 TEST_F(KernelPlacementTest, MixedPoolServesHandoffOnlyWorkersByHandoff) {
