@@ -53,6 +53,12 @@ absl::Status WorkerManager::EnableKernelPlacement(
   if (!placement.ok()) return placement.status();
   placement_ = *std::move(placement);
   registration_.set_listener_load_interval_ms(placement_->load_interval_ms());
+  placement_->set_rebalance([this] {
+    absl::StatusOr<RebalanceResult> result =
+        drainer_.Rebalance("kernel placement uneven", /*slack=*/0);
+    if (!result.ok())
+      spdlog::debug("no rebalance: {}", result.status().ToString());
+  });
   return absl::OkStatus();
 }
 
