@@ -138,6 +138,14 @@ size_t PowerOfTwoChoicesPolicy::Pick(absl::Span<Worker* const> candidates,
   return rng_() % (weights_[a] + weights_[b]) < weights_[a] ? a : b;
 }
 
+double RendezvousScore(uint64_t key, uint64_t worker_id, uint64_t weight) {
+  const uint64_t bits = Mix(key ^ Mix(worker_id));
+  // The top 53 bits, centred in their step: u is in (0, 1), never 0 or 1,
+  // so ln(u) is finite and negative and the score positive.
+  const double u = (static_cast<double>(bits >> 11) + 0.5) * 0x1p-53;
+  return -static_cast<double>(weight) / std::log(u);
+}
+
 size_t IpHashPolicy::Pick(absl::Span<Worker* const> candidates,
                           const wire::SocketAddress& peer) {
   CandidateWeights(candidates, weights_);
@@ -145,11 +153,7 @@ size_t IpHashPolicy::Pick(absl::Span<Worker* const> candidates,
   size_t best = 0;
   double best_score = -1;
   for (size_t i = 0; i < candidates.size(); ++i) {
-    const uint64_t bits = Mix(ip ^ Mix(candidates[i]->id));
-    // The top 53 bits, centred in their step: u is in (0, 1), never 0 or 1,
-    // so ln(u) is finite and negative and the score positive.
-    const double u = (static_cast<double>(bits >> 11) + 0.5) * 0x1p-53;
-    const double score = -static_cast<double>(weights_[i]) / std::log(u);
+    const double score = RendezvousScore(ip, candidates[i]->id, weights_[i]);
     if (score > best_score) {
       best = i;
       best_score = score;

@@ -37,6 +37,14 @@ class BalancingPolicy {
 void CandidateWeights(absl::Span<Worker* const> candidates,
                       std::vector<uint64_t>& weights);
 
+// Weighted rendezvous hashing: the score of worker `worker_id` with weight
+// `weight` for `key` (a hashed client address, a hash bucket), -weight /
+// ln(u) with u = hash(key, worker_id) in (0, 1). The highest score wins, so
+// each worker wins a share of the keys in proportion to its weight, and a
+// worker that joins or leaves moves only the keys it wins or won. Fixed
+// (not salted per process): a restarted broker keeps the mapping.
+double RendezvousScore(uint64_t key, uint64_t worker_id, uint64_t weight);
+
 // Fewest connections (owned + unacked, which Ack/Closed keep exact) per unit
 // of weight. Ties go to the worker after the previous pick, so equal workers
 // take turns; with no connection held anywhere (all loads 0) that rotation

@@ -4,6 +4,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -32,6 +33,68 @@ namespace {
 
 sock_filter Statement(uint16_t code, uint32_t k) {
   return sock_filter{code, 0, 0, k};
+}
+
+// murmur3's 32-bit finalizer; AppendFmix32 is the same in classic BPF.
+uint32_t Fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bU;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35U;
+  h ^= h >> 16;
+  return h;
+}
+
+// A = fmix32(A); clobbers X.
+void AppendFmix32(std::vector<sock_filter>& program) {
+  const auto xor_shift = [&program](uint32_t bits) {
+    program.push_back(Statement(BPF_MISC | BPF_TAX, 0));
+    program.push_back(Statement(BPF_ALU | BPF_RSH | BPF_K, bits));
+    program.push_back(Statement(BPF_ALU | BPF_XOR | BPF_X, 0));
+  };
+  xor_shift(16);
+  program.push_back(Statement(BPF_ALU | BPF_MUL | BPF_K, 0x85ebca6bU));
+  xor_shift(13);
+  program.push_back(Statement(BPF_ALU | BPF_MUL | BPF_K, 0xc2b2ae35U));
+  xor_shift(16);
+}
+
+// A = the 32-bit word at `offset` of the IP header (network byte order).
+sock_filter LoadNetworkWord(uint32_t offset) {
+  return Statement(BPF_LD | BPF_W | BPF_ABS,
+                   static_cast<uint32_t>(SKF_NET_OFF) + offset);
+}
+
+// A run of buckets with one owner: hashes from `start` on.
+struct HashRange {
+  uint32_t start;
+  uint32_t group_index;
+};
+
+// A binary search over ranges [lo, hi) of A (the hash): returns the group
+// index of the range that holds A. cBPF conditional jumps reach at most 255
+// instructions ahead, so a longer left side is jumped over with BPF_JA.
+void AppendLookup(absl::Span<const HashRange> ranges, size_t lo, size_t hi,
+                  std::vector<sock_filter>& program) {
+  if (hi - lo == 1) {
+    program.push_back(Statement(BPF_RET | BPF_K, ranges[lo].group_index));
+    return;
+  }
+  const size_t mid = lo + (hi - lo) / 2;
+  std::vector<sock_filter> left;
+  AppendLookup(ranges, lo, mid, left);
+  if (left.size() <= 255) {
+    program.push_back(sock_filter{BPF_JMP | BPF_JGE | BPF_K,
+                                  static_cast<uint8_t>(left.size()), 0,
+                                  ranges[mid].start});
+  } else {
+    program.push_back(
+        sock_filter{BPF_JMP | BPF_JGE | BPF_K, 0, 1, ranges[mid].start});
+    program.push_back(
+        Statement(BPF_JMP | BPF_JA, static_cast<uint32_t>(left.size())));
+  }
+  program.insert(program.end(), left.begin(), left.end());
+  AppendLookup(ranges, mid, hi, program);
 }
 
 Listener::Options SlotOptions(const KernelPlacement::Options& options) {
@@ -99,6 +162,85 @@ std::vector<sock_filter> BuildPlacementProgram(
   return program;
 }
 
+uint32_t StickyHash(const wire::SocketAddress& peer) {
+  uint32_t words[4] = {};
+  int count = 0;
+  if (peer.family() == AF_INET) {
+    const auto* sin = reinterpret_cast<const sockaddr_in*>(&peer.storage);
+    words[count++] = ntohl(sin->sin_addr.s_addr);
+  } else if (peer.family() == AF_INET6) {
+    const auto* sin6 = reinterpret_cast<const sockaddr_in6*>(&peer.storage);
+    for (int i = 0; i < 4; ++i) {
+      uint32_t word;
+      std::memcpy(&word, sin6->sin6_addr.s6_addr + 4 * i, sizeof(word));
+      words[count++] = ntohl(word);
+    }
+    if (IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr)) {
+      words[0] = words[3];
+      count = 1;
+    }
+  }
+  uint32_t h = 0;
+  for (int i = 0; i < count; ++i) h = Fmix32(h ^ words[i]);
+  return h;
+}
+
+std::vector<uint32_t> StickyBucketOwners(
+    absl::Span<const StickyMember> members) {
+  std::vector<uint32_t> owners(size_t{1} << kStickyBucketBits, 0);
+  for (size_t bucket = 0; bucket < owners.size(); ++bucket) {
+    double best = 0;  // Scores of a positive weight are above 0.
+    for (const StickyMember& member : members) {
+      if (member.weight == 0) continue;
+      const double score =
+          RendezvousScore(bucket, member.worker_id, member.weight);
+      if (score > best) {
+        best = score;
+        owners[bucket] = member.group_index;
+      }
+    }
+  }
+  return owners;
+}
+
+std::vector<sock_filter> BuildStickyPlacementProgram(
+    absl::Span<const StickyMember> members) {
+  const std::vector<uint32_t> owners = StickyBucketOwners(members);
+  std::vector<HashRange> ranges;
+  for (size_t bucket = 0; bucket < owners.size(); ++bucket) {
+    if (ranges.empty() || ranges.back().group_index != owners[bucket]) {
+      ranges.push_back(
+          {static_cast<uint32_t>(bucket << (32 - kStickyBucketBits)),
+           owners[bucket]});
+    }
+  }
+  if (ranges.size() == 1) {
+    return {Statement(BPF_RET | BPF_K, ranges[0].group_index)};
+  }
+  // IPv6 (version nibble 6): h = fmix32(h ^ word) over the source address,
+  // bytes 8..23 of the header; else IPv4: fmix32 of bytes 12..15.
+  std::vector<sock_filter> v6;
+  for (uint32_t word = 0; word < 4; ++word) {
+    if (word > 0) v6.push_back(Statement(BPF_MISC | BPF_TAX, 0));
+    v6.push_back(LoadNetworkWord(8 + 4 * word));
+    if (word > 0) v6.push_back(Statement(BPF_ALU | BPF_XOR | BPF_X, 0));
+    AppendFmix32(v6);
+  }
+  std::vector<sock_filter> v4 = {LoadNetworkWord(12)};
+  AppendFmix32(v4);
+  std::vector<sock_filter> program = {
+      Statement(BPF_LD | BPF_B | BPF_ABS, static_cast<uint32_t>(SKF_NET_OFF)),
+      Statement(BPF_ALU | BPF_RSH | BPF_K, 4),
+      sock_filter{BPF_JMP | BPF_JEQ | BPF_K, 0,
+                  static_cast<uint8_t>(v6.size() + 1), 6}};
+  program.insert(program.end(), v6.begin(), v6.end());
+  program.push_back(
+      Statement(BPF_JMP | BPF_JA, static_cast<uint32_t>(v4.size())));
+  program.insert(program.end(), v4.begin(), v4.end());
+  AppendLookup(ranges, 0, ranges.size(), program);
+  return program;
+}
+
 absl::StatusOr<std::unique_ptr<KernelPlacement>> KernelPlacement::Create(
     EventLoop& loop, WorkerRegistry& registry, int group_fd, WorkerStats& stats,
     const Options& options, wire::SysCalls& sys,
@@ -161,7 +303,7 @@ absl::StatusOr<std::unique_ptr<KernelPlacement>> KernelPlacement::Create(
   }
   // Everything to index 0 until workers register.
   if (placement->layout_known_) {
-    if (absl::Status s = placement->LoadProgram({1}); !s.ok()) return s;
+    if (absl::Status s = placement->LoadProgram({1}, {}); !s.ok()) return s;
   }
   placement->Tick();
   return placement;
@@ -410,15 +552,20 @@ void KernelPlacement::Update() {
   }
   if (!layout_known_ || KeepInheritedProgram()) return;
   wanted_.assign(group_size_, 0);
+  wanted_members_.clear();
   for (size_t i = 0; i < candidates_.size(); ++i) {
     const Worker& worker = *candidates_[i];
     const int index = worker.kernel_slot >= 0
                           ? slot_index_[static_cast<size_t>(worker.kernel_slot)]
                           : static_cast<int>(handoff_index_);
-    if (index >= 0)
-      wanted_[static_cast<size_t>(index)] += candidate_weights_[i];
+    if (index < 0) continue;
+    wanted_[static_cast<size_t>(index)] += candidate_weights_[i];
+    if (options_.mode == Options::Mode::kSticky) {
+      wanted_members_.push_back(
+          {worker.id, candidate_weights_[i], static_cast<uint32_t>(index)});
+    }
   }
-  if (wanted_ == loaded_) {
+  if (wanted_ == loaded_ && wanted_members_ == loaded_members_) {
     reload_timer_.Cancel();
     return;
   }
@@ -426,7 +573,7 @@ void KernelPlacement::Update() {
       last_load_nanos_ + absl::ToInt64Nanoseconds(options_.reload_interval);
   const int64_t now = loop_.NowNanos();
   if (now >= due) {
-    if (absl::Status s = LoadProgram(wanted_); !s.ok()) {
+    if (absl::Status s = LoadProgram(wanted_, wanted_members_); !s.ok()) {
       spdlog::error("kernel placement: {}", s.ToString());
     }
     return;
@@ -437,8 +584,11 @@ void KernelPlacement::Update() {
 }
 
 absl::Status KernelPlacement::LoadProgram(
-    const std::vector<uint64_t>& weights) {
-  std::vector<sock_filter> program = BuildPlacementProgram(weights);
+    const std::vector<uint64_t>& weights,
+    const std::vector<StickyMember>& members) {
+  std::vector<sock_filter> program = options_.mode == Options::Mode::kSticky
+                                         ? BuildStickyPlacementProgram(members)
+                                         : BuildPlacementProgram(weights);
   sock_fprog fprog{static_cast<unsigned short>(program.size()), program.data()};
   last_load_nanos_ = loop_.NowNanos();
   if (::setsockopt(group_fd_, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &fprog,
@@ -447,6 +597,7 @@ absl::Status KernelPlacement::LoadProgram(
   }
   ++stats_.placement_loads;
   loaded_ = weights;
+  loaded_members_ = members;
   spdlog::debug("kernel placement: weights by group index [{}]",
                 absl::StrJoin(weights, " "));
   return absl::OkStatus();
@@ -457,7 +608,54 @@ void KernelPlacement::Tick() {
   // look catches every change within one reload interval.
   RegainLayout();
   Update();
+  CheckEvenness(loop_.NowNanos());
   tick_timer_.Arm(options_.reload_interval, [this] { Tick(); });
+}
+
+void KernelPlacement::CheckEvenness(int64_t now) {
+  if (options_.mode != Options::Mode::kLeastLoaded || !rebalance_ || closed_) {
+    return;
+  }
+  // The workers a rebalance weighs: ready, with a channel. Unequal weights
+  // are meant to be uneven: leave them.
+  candidates_.clear();
+  for (const auto& [id, worker] : registry_.workers()) {
+    if (worker->state == WorkerState::kReady && worker->channel != nullptr &&
+        !worker->channel->closed()) {
+      candidates_.push_back(worker.get());
+    }
+  }
+  CandidateWeights(candidates_, candidate_weights_);
+  const auto n = static_cast<int64_t>(candidates_.size());
+  int64_t total = 0;
+  int64_t highest = 0;
+  bool equal = true;
+  for (size_t i = 0; i < candidates_.size(); ++i) {
+    total += candidates_[i]->load();
+    highest = std::max(highest, candidates_[i]->load());
+    equal = equal && candidate_weights_[i] == candidate_weights_[0];
+  }
+  const double mean =
+      n == 0 ? 0 : static_cast<double>(total) / static_cast<double>(n);
+  const bool uneven =
+      n >= 2 && equal && highest > (total + n - 1) / n &&
+      static_cast<double>(highest) > mean * (1 + options_.uneven_share);
+  if (!uneven) {
+    uneven_since_nanos_ = 0;
+    return;
+  }
+  if (uneven_since_nanos_ == 0) uneven_since_nanos_ = now;
+  if (now - uneven_since_nanos_ <
+          absl::ToInt64Nanoseconds(options_.uneven_for) ||
+      (last_rebalance_nanos_ != 0 &&
+       now - last_rebalance_nanos_ <
+           absl::ToInt64Nanoseconds(options_.rebalance_interval))) {
+    return;
+  }
+  last_rebalance_nanos_ = now;
+  uneven_since_nanos_ = 0;
+  ++stats_.placement_rebalances;
+  rebalance_();
 }
 
 void KernelPlacement::Close() {

@@ -7,6 +7,7 @@
 #include <memory>
 #include <vector>
 
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -17,6 +18,7 @@
 #include "broker/worker_lifecycle.h"
 #include "broker/worker_registry.h"
 #include "fdbroker/v1/handoff.pb.h"
+#include "wire/socket_address.h"
 #include "wire/sys_calls.h"
 
 namespace fdbroker {
@@ -27,6 +29,46 @@ namespace fdbroker {
 // All weights 0 (or none): index 0. Pure, for tests.
 std::vector<sock_filter> BuildPlacementProgram(
     absl::Span<const uint64_t> weights);
+
+// --policy=ip_hash: one worker's part of the group.
+struct StickyMember {
+  uint64_t worker_id = 0;  // Its rendezvous key: a client follows the id.
+  uint64_t weight = 0;     // 0: it wins no client.
+  uint32_t group_index = 0;
+
+  bool operator==(const StickyMember& other) const {
+    return worker_id == other.worker_id && weight == other.weight &&
+           group_index == other.group_index;
+  }
+  bool operator!=(const StickyMember& other) const { return !(*this == other); }
+};
+
+// The sticky program hashes the SYN's source address to 32 bits and looks
+// the top kStickyBucketBits of the hash up in a table of buckets.
+inline constexpr int kStickyBucketBits = 10;
+
+// The hash the sticky program computes in the kernel: murmur3's fmix32 of
+// the IPv4 source address, or chained over the four words of an IPv6 one
+// (h = fmix32(h ^ word), from h = 0). An IPv4-mapped IPv6 address hashes as
+// its IPv4 address (the SYN on the wire is IPv4). The port is ignored.
+uint32_t StickyHash(const wire::SocketAddress& peer);
+
+// The group index of each of the 2^kStickyBucketBits buckets: the member
+// with the highest RendezvousScore(bucket, worker_id, weight). A member
+// whose weight changes or that leaves moves only the buckets it won or
+// wins; no weight anywhere: index 0. Pure.
+std::vector<uint32_t> StickyBucketOwners(
+    absl::Span<const StickyMember> members);
+
+// The classic BPF program that returns, for each connection, the owner of
+// the bucket of StickyHash(source address): the same client address gets
+// the same group index while `members` do not change. It reads the IP
+// header through SKF_NET_OFF (the reuseport program sees the SYN with the
+// data pointer past the TCP header) and tells IPv4 from IPv6 by the
+// version nibble. At most about 2 instructions a run of buckets (a binary
+// search), well within BPF_MAXINSNS. Pure, for tests.
+std::vector<sock_filter> BuildStickyPlacementProgram(
+    absl::Span<const StickyMember> members);
 
 // --placement=kernel: each worker that supports it (Hello.
 // supports_listener_grant) accepts its connections itself from a listening
@@ -48,7 +90,13 @@ std::vector<sock_filter> BuildPlacementProgram(
 // (CandidateWeights) while the worker is ready and has room, else 0. The
 // program is reloaded when the weights change, at most once per
 // `reload_interval`; with no weight anywhere every connection goes to the
-// broker's socket (its pending queue and overload rules apply).
+// broker's socket (its pending queue and overload rules apply). With
+// Mode::kSticky (--policy=ip_hash) the program is BuildStickyPlacementProgram
+// over the same workers and weights: the weights do not follow load, so a
+// client address keeps its worker until that worker's weight or the
+// membership changes, and then only that worker's clients move. With
+// Mode::kLeastLoaded, loads that stay uneven (a random draw spreads a burst
+// of keep-alive connections binomially) are evened out by a rebalance.
 //
 // Nothing lost. A slot whose worker is not ready (draining, channel lost,
 // exited, not registered yet) is watched by the broker, which accepts what
@@ -83,6 +131,27 @@ class KernelPlacement {
     absl::Duration reload_interval = absl::Milliseconds(100);
     // Welcome.listener_load_interval_ms.
     absl::Duration load_interval = absl::Milliseconds(50);
+    // What --policy asks of the kernel (the daemon sets it).
+    enum class Mode {
+      // round_robin: random in proportion to the weights.
+      kWeighted,
+      // least_conn, p2c: kWeighted, and a rebalance when the loads stay
+      // uneven, since no weight can even out a burst of long connections
+      // that arrive faster than a reload.
+      kLeastLoaded,
+      // ip_hash: BuildStickyPlacementProgram, by client address.
+      kSticky,
+    };
+    Mode mode = Mode::kWeighted;
+    // kLeastLoaded, among ready workers of equal weight: a load above both
+    // ceil(mean) and mean * (1 + uneven_share) throughout `uneven_for` asks
+    // for a rebalance (excess over ceil(mean) released and placed again by
+    // the policy), at most once per `rebalance_interval`; after one, the
+    // loads must stay uneven for another `uneven_for` (the first takes
+    // effect within a few reports).
+    double uneven_share = 0.1;
+    absl::Duration uneven_for = absl::Seconds(1);
+    absl::Duration rebalance_interval = absl::Seconds(1);
   };
   // What an upgrade brings along (UpgradeHandover.kernel_*).
   struct Inherited {
@@ -123,6 +192,11 @@ class KernelPlacement {
   // Re-derives the weights (and which slots the broker watches) from the
   // registry; the program follows within reload_interval.
   void Update();
+  // What asks the workers above the mean load to release their excess
+  // (Mode::kLeastLoaded); unset, loads are never corrected.
+  void set_rebalance(absl::AnyInvocable<void()> rebalance) {
+    rebalance_ = std::move(rebalance);
+  }
   // Stops accepting from the slots (shutdown): clients queued there are
   // refused when the broker exits, as on its own socket.
   void Close();
@@ -156,12 +230,16 @@ class KernelPlacement {
   // Unknown layout, and this broker holds every member: see the class
   // comment.
   void RegainLayout();
-  absl::Status LoadProgram(const std::vector<uint64_t>& weights);
+  // The weights (BuildPlacementProgram) or, when sticky, the members.
+  absl::Status LoadProgram(const std::vector<uint64_t>& weights,
+                           const std::vector<StickyMember>& members);
   // Unknown layout from now on: the program goes, the kernel hashes.
   void ForgetLayout(absl::string_view why);
   // Whether the inherited program still has to stay (see Inherited).
   bool KeepInheritedProgram();
   void Tick();
+  // Mode::kLeastLoaded: rebalances once the loads stayed uneven long enough.
+  void CheckEvenness(int64_t now);
 
   EventLoop& loop_;
   WorkerRegistry& registry_;
@@ -182,6 +260,9 @@ class KernelPlacement {
   size_t handoff_index_ = 0;
   std::vector<uint64_t> loaded_;
   std::vector<uint64_t> wanted_;
+  // Sticky only, in worker id order.
+  std::vector<StickyMember> loaded_members_;
+  std::vector<StickyMember> wanted_members_;
   bool closed_ = false;
   bool frozen_ = false;
   // False: no program is attached (see "Unknown layout").
@@ -190,6 +271,10 @@ class KernelPlacement {
   uint32_t inherited_in_use_ = 0;
   int64_t keep_inherited_until_nanos_ = 0;
   int64_t last_load_nanos_ = 0;
+  absl::AnyInvocable<void()> rebalance_;
+  // Since when the loads are uneven (0: even at the last check).
+  int64_t uneven_since_nanos_ = 0;
+  int64_t last_rebalance_nanos_ = 0;
   Timer reload_timer_{loop_};
   Timer tick_timer_{loop_};
   // Reused by Update().

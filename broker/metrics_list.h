@@ -77,6 +77,8 @@
           "listeners granted to them (--placement=kernel), as they report " \
           "them.")                                                          \
   INTERNAL(placement_loads, "Placement programs attached (kernel mode).")   \
+  INTERNAL(placement_rebalances,                                            \
+           "Rebalances kernel placement asked for (loads stayed uneven).")  \
   COUNTER_IN(recycled_restart, kWorkerRecycles, "restart")                  \
   COUNTER_IN(recycled_max_connections, kWorkerRecycles, "max_connections")  \
   COUNTER_IN(recycled_max_rss, kWorkerRecycles, "max_rss")                  \

@@ -186,7 +186,7 @@ void WorkerDrainer::RebalanceAfterScale() {
   }
 }
 absl::StatusOr<WorkerDrainer::RebalanceResult> WorkerDrainer::Rebalance(
-    absl::string_view trigger) {
+    absl::string_view trigger, int64_t slack) {
   if (pool_.shutting_down()) {
     return absl::FailedPreconditionError("the broker is shutting down");
   }
@@ -214,9 +214,13 @@ absl::StatusOr<WorkerDrainer::RebalanceResult> WorkerDrainer::Rebalance(
   const int64_t ceil_mean = (total + n - 1) / n;
   std::string asked;
   for (Worker* worker : ready) {
-    // Within one connection of the mean is balanced; above it by more, the
-    // excess over ceil(mean) moves (it is at least 1 then).
-    if (static_cast<double>(worker->load()) <= result.mean + 1) continue;
+    // Within `slack` connections of the mean is balanced; above it by more
+    // and above ceil(mean), the excess over ceil(mean) moves (at least 1).
+    if (static_cast<double>(worker->load()) <=
+            result.mean + static_cast<double>(slack) ||
+        worker->load() <= ceil_mean) {
+      continue;
+    }
     if (!worker->supports_release) {
       result.skipped.push_back(worker->id);
       continue;

@@ -83,11 +83,14 @@ class WorkerDrainer {
   void OnRemoved(uint64_t id);
   void OnExited(uint64_t id, pid_t pid, int wait_status);
 
-  // Every ready worker more than one connection above the mean load that
-  // supports_release is asked to release its excess over ceil(mean).
+  // Every ready worker more than `slack` connections above the mean load
+  // (and above ceil(mean)) that supports_release is asked to release its
+  // excess over ceil(mean). The RPC allows one connection of slack; kernel
+  // placement's automatic rebalance none, so that it ends exactly even.
   // FailedPrecondition while shutting down or suspended, or with fewer
   // than 2 ready workers. `trigger` is for the log and the event.
-  absl::StatusOr<RebalanceResult> Rebalance(absl::string_view trigger);
+  absl::StatusOr<RebalanceResult> Rebalance(absl::string_view trigger,
+                                            int64_t slack = 1);
 
  private:
   // Another ready worker, not one of `leaving`, has room.

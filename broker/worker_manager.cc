@@ -57,6 +57,12 @@ absl::Status WorkerManager::EnableKernelPlacement(
       [placement = placement_.get()](Worker& worker, wire::UniqueFd listener) {
         return placement->OnListenerReturned(worker, std::move(listener));
       });
+  placement_->set_rebalance([this] {
+    absl::StatusOr<RebalanceResult> result =
+        drainer_.Rebalance("kernel placement uneven", /*slack=*/0);
+    if (!result.ok())
+      spdlog::debug("no rebalance: {}", result.status().ToString());
+  });
   return absl::OkStatus();
 }
 

@@ -15,6 +15,11 @@ variant alike:
 Two workloads, the same wrk settings for every variant: keep-alive, and one
 connection per request (Connection: close). Each measured run follows a
 warm-up run of the same kind. See docs/benchmarks.md for the method.
+
+With --balance, the runs measure how evenly the workers share the load
+instead (wrk counts each worker's responses with balance.lua, and the
+broker's per-worker active connections are sampled halfway through a
+keep-alive run): the spread is max |worker / mean - 1| over the N workers.
 """
 
 import argparse
@@ -54,6 +59,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 HOST = "127.0.0.1"
 VARIANTS = ["direct", "fdbroker", "fdbroker-kernel", "haproxy", "node-cluster"]
 WORKLOADS = ["keepalive", "close"]
+BALANCE_SCRIPT = os.path.join(HERE, "balance.lua")
 
 
 # --- the variants ----------------------------------------------------------------
@@ -137,6 +143,11 @@ class Variant:
     def after_run(self, before, result):
         pass
 
+    def worker_connections(self):
+        """Active connections of each worker now (--balance); None if the
+        variant cannot tell."""
+        return None
+
 
 class Direct(Variant):
     name = "direct"
@@ -193,6 +204,12 @@ class Fdbroker(Variant):
 
     def before_run(self):
         return scrape_settled(self.metrics)
+
+    def worker_connections(self):
+        samples = scrape(self.metrics)
+        return [
+            v for k, v in samples.items() if k.startswith("fdbroker_worker_connections_active{")
+        ]
 
     def after_run(self, before, result):
         after = scrape_settled(self.metrics)
@@ -323,6 +340,8 @@ def wrk_argv(args, port, workload, duration):
     ]
     if workload == "close":
         argv += ["-H", "Connection: close"]
+    if args.balance:
+        argv += ["-s", BALANCE_SCRIPT]
     return argv + [f"http://{HOST}:{port}/"]
 
 
@@ -354,17 +373,43 @@ def parse_wrk(text):
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     if m:
         out["non_2xx"] = int(m.group(1))
+    # balance.lua: responses per worker pid.
+    workers = {pid: int(n) for pid, n in re.findall(r"^worker (\S+) (\d+)$", text, re.M)}
+    if workers:
+        out["worker_requests"] = workers
     return out
 
 
-def run_wrk(args, port, workload, duration):
+def run_wrk(args, port, workload, duration, midway=None):
+    """wrk's summary; `midway()`, if given, is called halfway through the run
+    and its value returned as "midway"."""
     argv = wrk_argv(args, port, workload, duration)
-    done = subprocess.run(
-        argv, capture_output=True, text=True, timeout=duration + 30, check=False
-    )
-    if done.returncode != 0:
-        raise BenchError(f"{' '.join(argv)} failed:\n{done.stdout}{done.stderr}")
-    return parse_wrk(done.stdout)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sample = None
+    try:
+        if midway is not None:
+            time.sleep(duration / 2)
+            sample = midway()
+        stdout, stderr = proc.communicate(timeout=duration + 30)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} failed:\n{stdout}{stderr}")
+    out = parse_wrk(stdout)
+    if sample is not None:
+        out["midway"] = sample
+    return out
+
+
+def spread(counts, n):
+    """max |count / mean - 1| over n workers (missing ones count 0)."""
+    counts = list(counts) + [0] * max(0, n - len(counts))
+    mean = sum(counts) / len(counts) if counts else 0
+    if not mean:
+        return None
+    return max(abs(c / mean - 1) for c in counts)
 
 
 # --- one measured run -------------------------------------------------------------
@@ -404,8 +449,15 @@ def measure(args, variant, workload):
         run_wrk(args, variant.port, workload, args.warmup)
     metrics_before = variant.before_run()
     cpu_before = cpu_snapshot(variant)
-    result = run_wrk(args, variant.port, workload, args.duration)
+    midway = variant.worker_connections if args.balance and workload == "keepalive" else None
+    result = run_wrk(args, variant.port, workload, args.duration, midway)
     cpu_after = cpu_snapshot(variant)
+    if "worker_requests" in result:
+        result["request_spread"] = spread(result["worker_requests"].values(), args.workers)
+    connections = result.pop("midway", None)
+    if connections is not None:
+        result["worker_connections"] = sorted(connections)
+        result["connection_spread"] = spread(connections, args.workers)
     front = None
     if cpu_before["front"] is not None and cpu_after["front"] is not None:
         front = cpu_after["front"] - cpu_before["front"]
@@ -462,6 +514,8 @@ SUMMARY_KEYS = [
     "wrk_latency_p99_us",
     "errors",
     "non_2xx",
+    "request_spread",
+    "connection_spread",
 ]
 
 
@@ -506,8 +560,9 @@ def ratios(med):
     return {k: v for k, v in out.items() if v is not None}
 
 
-def targets(med, rat, idle):
-    """(name, value, goal, PASS|MISS|n/a) for every target of issue 6."""
+def targets(med, rat, idle, balance=False):
+    """(name, value, goal, PASS|MISS|n/a) for every target of issue 6 (and,
+    with --balance, the spread targets of issue 16)."""
 
     def check(name, value, op, goal, unit=""):
         if value is None:
@@ -531,7 +586,46 @@ def targets(med, rat, idle):
         check("connection-per-request throughput vs HAProxy", rat.get("fdbroker/haproxy close rps"), ">=", 1.6, "x"),
         check("hand-off latency p99 (connection per request)", get(med, "fdbroker", "close", "handoff_p99_us"), "<=", 200, " us"),
         check(f"idle connections ({idle.get('connections') if idle else '100k'}): broker RSS", rss, "<=", 64, " MiB"),
+    ] if not balance else [
+        check(f"{variant}: worker {what} spread, {label}", get(med, variant, workload, key), "<=", 0.10)
+        for variant in ("fdbroker", "fdbroker-kernel")
+        for workload, key, what, label in (
+            ("keepalive", "connection_spread", "connection", "keep-alive"),
+            ("close", "request_spread", "connection", "connection per request"),
+        )
+        if variant in med
     ]
+
+
+def balance_lines(runs, med, args):
+    """The balance runs as markdown: the median spread and its range over
+    the rounds, per variant and workload."""
+    out = [
+        f"Balance, N={args.workers}, wrk -t{args.wrk_threads} -c{args.connections}, "
+        f"{args.rounds} round(s) x {args.duration} s, broker flags {' '.join(args.broker_flag) or '(none)'}: "
+        "spread = max |worker / mean - 1|, median (min-max over rounds).",
+        "",
+        "| variant | workload | spread of | median | min-max | per worker (last round) |",
+        "| --- | --- | --- | ---: | --- | --- |",
+    ]
+    for workload in WORKLOADS:
+        key, what = (
+            ("connection_spread", "active connections")
+            if workload == "keepalive"
+            else ("request_spread", "connections")
+        )
+        for variant in VARIANTS:
+            values = [r[key] for r in runs if r["variant"] == variant and r["workload"] == workload and r.get(key) is not None]
+            if not values:
+                continue
+            last = [r for r in runs if r["variant"] == variant and r["workload"] == workload][-1]
+            counts = last.get("worker_connections") if workload == "keepalive" else sorted(last.get("worker_requests", {}).values())
+            out.append(
+                f"| {variant} | {'keep-alive' if workload == 'keepalive' else 'connection per request'} | {what} "
+                f"| {statistics.median(values) * 100:.1f} % | {min(values) * 100:.1f}-{max(values) * 100:.1f} % "
+                f"| {' / '.join(fmt(c, 0) for c in counts)} |"
+            )
+    return out
 
 
 def fmt(value, digits=1):
@@ -819,6 +913,11 @@ def parse_args():
     p.add_argument("--chart", default="", help="PNG path ('' : no chart)")
     p.add_argument("--profile", default="", help="path prefix for the perf profile ('' : none)")
     p.add_argument("--idle-json", default="", help="results of idle.py to fold into the summary")
+    p.add_argument(
+        "--balance",
+        action="store_true",
+        help="measure the spread of the load over the workers (balance.lua; slows wrk down)",
+    )
     args = p.parse_args()
     args.variants = choices(p, "--variants", args.variants, VARIANTS)
     args.workloads = choices(p, "--workloads", args.workloads, WORKLOADS)
@@ -856,7 +955,10 @@ def main():
                     result.update(variant=name, workload=workload, round=rnd)
                     runs.append(result)
                     extra = ""
-                    if workload == "close" and result.get("handoff_p99_us") is not None:
+                    if args.balance:
+                        counts = result.get("worker_connections") or sorted(result.get("worker_requests", {}).values())
+                        extra = f", per worker {counts}"
+                    elif workload == "close" and result.get("handoff_p99_us") is not None:
                         extra = f", hand-off p99 {result['handoff_p99_us']:.0f} us"
                     print(
                         f"round {rnd} {workload:<9} {name:<13} {result['rps']:>10,.0f} req/s, "
@@ -877,8 +979,10 @@ def main():
             idle = json.load(f)
     med = medians(runs)
     rat = ratios(med)
-    tgt = targets(med, rat, idle)
+    tgt = targets(med, rat, idle, args.balance)
     print_summary(med, rat, tgt, args)
+    if args.balance:
+        print("\n== balance\n" + "\n".join(balance_lines(runs, med, args)))
     print(wake_cost_sentence(info["wake_cost"]))
     result = {
         "started": started.isoformat(timespec="seconds"),
@@ -893,6 +997,7 @@ def main():
             "wrk_keepalive": " ".join(wrk_argv(args, 0, "keepalive", args.duration)),
             "wrk_close": " ".join(wrk_argv(args, 0, "close", args.duration)),
             "broker_flags": args.broker_flag,
+            "balance": args.balance,
             "variants": list(variants),
         },
         "runs": runs,
@@ -908,6 +1013,8 @@ def main():
     table = os.path.splitext(args.json)[0] + ".md"
     with open(table, "w") as f:
         f.write(markdown(med, rat, tgt, args) + "\n" + wake_cost_sentence(info["wake_cost"]) + "\n")
+        if args.balance:
+            f.write("\n" + "\n".join(balance_lines(runs, med, args)) + "\n")
     print(f"\nresults: {args.json} (tables: {table})")
     if args.chart:
         draw_chart(med, args.chart, args)

@@ -2,7 +2,8 @@
 # Python web apps head to head: the same FastAPI app
 # (worker/python/examples/fastapi_app.py) under gunicorn -w N -k
 # uvicorn.workers.UvicornWorker, uvicorn --workers N and fdbroker with N
-# runner workers (python3 -m fdbroker_worker.run), with wrk: keep-alive,
+# runner workers (python3 -m fdbroker_worker.run), by hand-off (fdbroker)
+# and with --placement=kernel (fdbroker-kernel), with wrk: keep-alive,
 # one connection per request, and a mixed load (a few clients on /cpu?ms=20
 # while 32 keep-alive clients measure GET /). Interleaved rounds, medians,
 # min-max spread, server CPU per request, ratios to gunicorn, PASS/MISS per
@@ -16,7 +17,7 @@
 #   --warmup=S        warm-up seconds before each run (default 2)
 #   --workers=N       worker processes per server (default 2)
 #   --loads=LIST      subset of keepalive,close,mixed
-#   --servers=LIST    subset of gunicorn,uvicorn,fdbroker
+#   --servers=LIST    subset of gunicorn,uvicorn,fdbroker,fdbroker-kernel
 #   --profile         afterwards, cProfile one runner worker under the
 #                     connection-per-request load (<results>.profile.txt)
 #   --bin-dir=DIR     fdbroker from DIR (handoff_pb2.py from DIR/../gen/python)

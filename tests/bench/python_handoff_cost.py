@@ -3,17 +3,21 @@
 
 One Python process serves `wrk -H 'Connection: close'` with a protocol that
 answers a fixed response to its first bytes and closes (no HTTP parsing, no
-framework: only the per-connection path is left), two ways, interleaved:
+framework: only the per-connection path is left), three ways, interleaved:
 
   direct    uvloop's own accept loop: loop.create_server(protocol, sock=)
             (what uvicorn and gunicorn's uvicorn workers do)
   handoff   fdbroker_worker.create_server(protocol) behind a real fdbroker:
             recvmsg of the broker's message and fd, Ack, the transport,
             Closed
+  kernel    the same fdbroker_worker.create_server(protocol) behind a
+            second fdbroker with --placement=kernel: the worker accepts from
+            the listener the broker grants it with uvloop's accept loop
+            (§7.10), and the SDK only notes each connection
 
 The figure is the serving process's CPU (utime + stime from
 /proc/PID/stat) per connection; the difference between the two is what the
-SDK adds in the worker. The broker's own CPU per connection is shown apart.
+SDK adds in the worker. The brokers' own CPU per connection is shown apart.
 
     tests/bench/python_handoff_cost.py [--rounds=3] [--duration=4]
         [--loop=uvloop|asyncio] [--bin-dir=build/test/bin]
@@ -100,6 +104,28 @@ def run_wrk(address: str, duration: float, connections: int) -> int:
     raise RuntimeError(f"no request count in wrk's output:\n{out}")
 
 
+def start_broker(args: argparse.Namespace, directory: str, name: str,
+                 *flags: str) -> tuple[subprocess.Popen, str, str]:
+    """A broker without workers; (the process, its --listen address, its
+    hand-off socket)."""
+    ready = os.path.join(directory, f"{name}.ready")
+    sock_path = os.path.join(directory, f"{name}.sock")
+    broker = subprocess.Popen(
+        [os.path.join(args.bin_dir, "fdbroker"), "--listen=127.0.0.1:0",
+         "--workers=0", "--control=", "--metrics=", f"--socket={sock_path}",
+         f"--ready_file={ready}", *flags], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(ready):
+        if time.monotonic() > deadline or broker.poll() is not None:
+            broker.kill()
+            raise RuntimeError(f"the {name} broker did not start")
+        time.sleep(0.05)
+    with open(ready) as file:
+        listen = dict(line.strip().split("=", 1)
+                      for line in file if "=" in line)["listen"]
+    return broker, listen, sock_path
+
+
 def start(args: argparse.Namespace, mode: str, env: dict,
           address: str = "") -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
@@ -121,7 +147,7 @@ def main() -> int:
     parser.add_argument("--loop", choices=("uvloop", "asyncio"),
                         default="uvloop")
     parser.add_argument("--bin-dir", default="build/test/bin")
-    parser.add_argument("--serve", choices=("direct", "handoff"))
+    parser.add_argument("--serve", choices=("direct", "handoff", "kernel"))
     parser.add_argument("--address", default="")
     args = parser.parse_args()
     if args.serve:
@@ -129,50 +155,51 @@ def main() -> int:
         return 0
 
     scratch = tempfile.TemporaryDirectory(prefix="fdbroker-handoff-cost.")
-    ready = os.path.join(scratch.name, "ready")
-    sock_path = os.path.join(scratch.name, "handoff.sock")
-    broker = subprocess.Popen(
-        [os.path.join(args.bin_dir, "fdbroker"), "--listen=127.0.0.1:0",
-         "--workers=0", "--control=", "--metrics=", f"--socket={sock_path}",
-         f"--ready_file={ready}"], stderr=subprocess.DEVNULL)
-    processes = [broker]
+    processes: list[subprocess.Popen] = []
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(ready):
-            if time.monotonic() > deadline or broker.poll() is not None:
-                raise RuntimeError("the broker did not start")
-            time.sleep(0.05)
-        with open(ready) as file:
-            listen = dict(line.strip().split("=", 1)
-                          for line in file if "=" in line)["listen"]
-        env = {**os.environ, "FDBROKER_SOCKET": sock_path}
-        direct, direct_address = start(args, "direct", env)
-        handoff, _ = start(args, "handoff", env, listen)
-        processes += [direct, handoff]
-        results: dict[str, list[float]] = {"direct": [], "handoff": []}
-        broker_us: list[float] = []
+        brokers = {}  # mode -> (broker, its listen address)
+        for mode, flags in (("handoff", ()),
+                            ("kernel", ("--placement=kernel",))):
+            broker, listen, sock_path = start_broker(args, scratch.name,
+                                                     mode, *flags)
+            processes.append(broker)
+            brokers[mode] = (broker, listen, {**os.environ,
+                                              "FDBROKER_SOCKET": sock_path})
+        direct, direct_address = start(args, "direct", dict(os.environ))
+        ways = [("direct", direct, direct_address, None)]
+        processes.append(direct)
+        for mode, (broker, listen, env) in brokers.items():
+            server, _ = start(args, mode, env, listen)
+            processes.append(server)
+            ways.append((mode, server, listen, broker))
+        results: dict[str, list[float]] = {way[0]: [] for way in ways}
+        broker_us: dict[str, list[float]] = {mode: [] for mode in brokers}
         for round_ in range(args.rounds):
-            order = (("direct", direct, direct_address),
-                     ("handoff", handoff, listen))
-            for mode, process, address in (order if round_ % 2 == 0
-                                           else order[::-1]):
+            # The order rotates between rounds.
+            shift = round_ % len(ways)
+            for mode, process, address, broker in ways[shift:] + ways[:shift]:
                 before = cpu_seconds(process.pid)
-                broker_before = cpu_seconds(broker.pid)
+                broker_before = cpu_seconds(broker.pid) if broker else 0.0
                 count = run_wrk(address, args.duration, args.connections)
                 used = cpu_seconds(process.pid) - before
                 results[mode].append(used / count * 1e6)
-                if mode == "handoff":
-                    broker_us.append((cpu_seconds(broker.pid) -
-                                      broker_before) / count * 1e6)
+                if broker is not None:
+                    broker_us[mode].append((cpu_seconds(broker.pid) -
+                                            broker_before) / count * 1e6)
                 print(f"round {round_ + 1} {mode:8} {count:7d} connections "
                       f"{used / count * 1e6:6.1f} us CPU each", flush=True)
-        direct_us = statistics.median(results["direct"])
-        handoff_us = statistics.median(results["handoff"])
-        print(f"\nmedians of {args.rounds} rounds ({args.loop}): direct "
-              f"{direct_us:.1f} us, handoff {handoff_us:.1f} us per "
-              f"connection in the serving process: the SDK adds "
-              f"{handoff_us - direct_us:.1f} us; the broker "
-              f"{statistics.median(broker_us):.1f} us")
+        medians = {mode: statistics.median(values)
+                   for mode, values in results.items()}
+        spread = {mode: f"{min(values):.1f}-{max(values):.1f}"
+                  for mode, values in results.items()}
+        direct_us = medians["direct"]
+        print(f"\nmedians (min-max) of {args.rounds} rounds ({args.loop}), "
+              "CPU per connection in the serving process: direct "
+              f"{direct_us:.1f} us ({spread['direct']})")
+        for mode in brokers:
+            print(f"  {mode:8} {medians[mode]:.1f} us ({spread[mode]}): the "
+                  f"SDK adds {medians[mode] - direct_us:.1f} us; the broker "
+                  f"{statistics.median(broker_us[mode]):.1f} us")
     finally:
         for process in processes:
             if process.poll() is None:

@@ -24,6 +24,12 @@
 #   --chart=PATH      where the chart goes (default docs/benchmarks.png)
 #   --smoke           1 round x 2 s, 1 s warm-up, 2,000 idle connections, no
 #                     profile; only shows that everything works end to end
+#   --balance         measure how evenly the workers share the load instead
+#                     (wrk -c32 with tests/bench/balance.lua; no scale run,
+#                     profile or chart); docs/benchmarks.md "Kernel placement
+#                     balance"
+#   --broker-flag=F   an extra fdbroker flag, e.g. --broker-flag=--policy=p2c
+#                     (repeatable)
 #
 # Environment: FDBROKER_JOBS  compile jobs (default 1).
 set -euo pipefail
@@ -34,6 +40,7 @@ python=/usr/bin/python3 # Debian's, not a pyenv one without Debian modules
 rounds=3 duration=10 warmup=2 workers=2 idle=100000
 profile=1 chart=docs/benchmarks.png bin_dir="" results_dir=tests/bench/results
 variants=direct,fdbroker,fdbroker-kernel,haproxy,node-cluster
+balance=0 broker_flags=()
 for arg in "$@"; do
   case "${arg}" in
     --rounds=*) rounds=${arg#*=} ;;
@@ -48,8 +55,10 @@ for arg in "$@"; do
     --bin-dir=*) bin_dir=${arg#*=} ;;
     --results-dir=*) results_dir=${arg#*=} ;;
     --smoke) rounds=1 duration=2 warmup=1 idle=2000 profile=0 ;;
+    --balance) balance=1 ;;
+    --broker-flag=*) broker_flags+=("${arg}") ;;
     -h | --help)
-      sed -n '2,26s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+      sed -n '2,32s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
       exit 0
       ;;
     *)
@@ -71,6 +80,11 @@ for binary in fdbroker fdbroker-http-worker; do
   }
 done
 
+suffix=""
+if ((balance)); then
+  idle=0 profile=0 chart="" suffix=-balance
+fi
+
 mkdir -p "${results_dir}"
 stamp="$(date -u +%Y-%m-%dT%H%M%SZ)"
 idle_json="${results_dir}/${stamp}-idle.json"
@@ -86,8 +100,9 @@ echo "== throughput and CPU: ${rounds} round(s) x ${duration} s, ${workers} work
 bench_args=(
   --bin-dir="${bin_dir}" --rounds="${rounds}" --duration="${duration}"
   --warmup="${warmup}" --workers="${workers}" --variants="${variants}"
-  --json="${results_dir}/${stamp}.json" --chart="${chart}"
-  --idle-json="${idle_json}"
+  --json="${results_dir}/${stamp}${suffix}.json" --chart="${chart}"
+  --idle-json="${idle_json}" "${broker_flags[@]}"
 )
+((balance)) && bench_args+=(--balance --connections=32)
 ((profile)) && bench_args+=(--profile="${results_dir}/${stamp}")
 "${python}" tests/bench/bench.py "${bench_args[@]}"

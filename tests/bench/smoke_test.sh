@@ -46,3 +46,23 @@ with open(f"{out}/chart.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 print("bench smoke: JSON complete, chart drawn")
 PY
+
+# The balance variant (--balance): per-worker counts and spreads.
+rm -f "${out}"/*.json
+"${here}/run.sh" --smoke --balance --variants=fdbroker-kernel \
+  --bin-dir="${bin}" --results-dir="${out}"
+/usr/bin/python3 - "${out}" <<'PY'
+import glob, json, sys
+files = glob.glob(f"{sys.argv[1]}/*-balance.json")
+assert len(files) == 1, files
+r = json.load(open(files[0]))
+assert r["settings"]["balance"] and r["settings"]["wrk_connections"] == 32
+for run in r["runs"]:
+    assert sum(run["worker_requests"].values()) > 0, run
+    assert run.get("request_spread") is not None, run
+    if run["workload"] == "keepalive":
+        assert sum(run["worker_connections"]) == 32, run
+        assert run.get("connection_spread") is not None, run
+assert [t["verdict"] for t in r["targets"]] != [], r["targets"]
+print("bench smoke: balance JSON complete")
+PY

@@ -35,8 +35,7 @@ class KernelPlacementManagerTest : public DataPlaneTest {
         [this](const WorkerEvent& event) { events_.push_back(event); });
     ASSERT_TRUE(manager_
                     ->EnableKernelPlacement(
-                        group_.get(), KernelPlacement::Options{},
-                        wire::SysCalls::Real(),
+                        group_.get(), options_, wire::SysCalls::Real(),
                         [this](AcceptedConnection) { ++broker_accepted_; })
                     .ok());
     manager_->Start();
@@ -48,10 +47,12 @@ class KernelPlacementManagerTest : public DataPlaneTest {
   // ListenerGrant (with its listening socket) followed the Welcome, and the
   // Welcome's listener_kept.
   WorkerEnd RegisterKernel(pid_t pid, uint32_t capacity, bool* granted,
-                           int returned = -1, bool* kept = nullptr) {
+                           bool supports_release = false, int returned = -1,
+                           bool* kept = nullptr) {
     v1::Hello hello;
     hello.set_capacity(capacity);
     hello.set_supports_listener_grant(true);
+    hello.set_supports_release(supports_release);
     hello.set_returns_listener(returned >= 0);
     std::vector<v1::HandoffMessage> answers;
     std::vector<wire::UniqueFd> fds;
@@ -87,8 +88,27 @@ class KernelPlacementManagerTest : public DataPlaneTest {
     return manager_->kernel_placement()->loaded_weights();
   }
 
+  // The ReleaseRequests among what `worker` received since the last call.
+  std::vector<v1::ReleaseRequest> ReleaseRequests(WorkerEnd& worker) {
+    std::vector<v1::ReleaseRequest> requests;
+    for (const v1::HandoffMessage& m : worker.Received()) {
+      if (m.has_release_request()) requests.push_back(m.release_request());
+    }
+    return requests;
+  }
+
+  KernelPlacement::Options options_;
   wire::UniqueFd group_;
   int broker_accepted_ = 0;
+};
+
+// least_conn and p2c: loads that stay uneven are evened out.
+class KernelPlacementLeastLoadedTest : public KernelPlacementManagerTest {
+ protected:
+  void SetUp() override {
+    options_.mode = KernelPlacement::Options::Mode::kLeastLoaded;
+    KernelPlacementManagerTest::SetUp();
+  }
 };
 
 TEST_F(KernelPlacementManagerTest, GrantsASlotPerWorkerAndWeighsThem) {
@@ -179,7 +199,8 @@ TEST_F(KernelPlacementManagerTest,
   int sv[2];
   ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
   wire::UniqueFd not_listening(sv[0]), other_end(sv[1]);
-  WorkerEnd b = RegisterKernel(102, 0, &granted, not_listening.get(), &kept);
+  WorkerEnd b =
+      RegisterKernel(102, 0, &granted, false, not_listening.get(), &kept);
   EXPECT_FALSE(kept);
   EXPECT_TRUE(granted);
   EXPECT_EQ(manager_->kernel_placement()->slots(), 1u);
@@ -188,7 +209,7 @@ TEST_F(KernelPlacementManagerTest,
   b.channel.reset();
   time_.Advance(absl::Milliseconds(200));
   wire::UniqueFd slot(::dup(manager_->kernel_placement()->slot_fds()[0]));
-  WorkerEnd c = RegisterKernel(103, 0, &granted, slot.get(), &kept);
+  WorkerEnd c = RegisterKernel(103, 0, &granted, false, slot.get(), &kept);
   EXPECT_TRUE(kept);
   EXPECT_FALSE(granted);
   EXPECT_EQ(manager_->kernel_placement()->slots(), 1u);
@@ -206,6 +227,64 @@ TEST_F(KernelPlacementManagerTest, ReturnsListenerWithoutGrantsIsRefused) {
   EXPECT_EQ(answers[0].refusal().reason(), v1::REFUSAL_REASON_BAD_HELLO);
   EXPECT_NE(answers[0].refusal().message().find("returns_listener"),
             std::string::npos);
+}
+
+TEST_F(KernelPlacementLeastLoadedTest, LoadsUnevenForASecondAreRebalanced) {
+  bool granted = false;
+  WorkerEnd a = RegisterKernel(101, 0, &granted, /*supports_release=*/true);
+  WorkerEnd b = RegisterKernel(102, 0, &granted, /*supports_release=*/true);
+  time_.Advance(absl::Milliseconds(200));
+  ReleaseRequests(a);
+  // The kernel's draw put 20 keep-alive clients on a, 4 on b: mean 12.
+  ASSERT_TRUE(a.Send(Load(20, 20)).ok());
+  ASSERT_TRUE(b.Send(Load(4, 4)).ok());
+  time_.Advance(absl::Milliseconds(700));
+  EXPECT_TRUE(ReleaseRequests(a).empty()) << "uneven for less than 1 s";
+  time_.Advance(absl::Milliseconds(500));
+  std::vector<v1::ReleaseRequest> requests = ReleaseRequests(a);
+  ASSERT_EQ(requests.size(), 1u);
+  EXPECT_EQ(requests[0].max_connections(), 8u);  // Down to the mean.
+  EXPECT_EQ(requests[0].reason(), v1::RELEASE_REASON_REBALANCE);
+  EXPECT_TRUE(ReleaseRequests(b).empty());
+  EXPECT_EQ(manager_->stats().placement_rebalances, 1u);
+  // Still uneven (a released nothing): asked again only once the loads
+  // stayed uneven for another second, time for the first to take effect.
+  time_.Advance(absl::Milliseconds(800));
+  EXPECT_TRUE(ReleaseRequests(a).empty());
+  time_.Advance(absl::Milliseconds(500));
+  EXPECT_EQ(ReleaseRequests(a).size(), 1u);
+  EXPECT_EQ(manager_->stats().placement_rebalances, 2u);
+}
+
+TEST_F(KernelPlacementLeastLoadedTest, EvenEnoughOrUnequalWeightsAreLeft) {
+  bool granted = false;
+  WorkerEnd a = RegisterKernel(101, 0, &granted, /*supports_release=*/true);
+  WorkerEnd b = RegisterKernel(102, 0, &granted, /*supports_release=*/true);
+  // 17 / 15: 17 is above ceil(mean) = 16 but within 10 % of the mean.
+  ASSERT_TRUE(a.Send(Load(17, 17)).ok());
+  ASSERT_TRUE(b.Send(Load(15, 15)).ok());
+  time_.Advance(absl::Seconds(3));
+  EXPECT_TRUE(ReleaseRequests(a).empty());
+  EXPECT_EQ(manager_->stats().placement_rebalances, 0u);
+  // Capacities 30 and 10 are meant to hold 3:1.
+  WorkerEnd c = RegisterKernel(103, 30, &granted, /*supports_release=*/true);
+  WorkerEnd d = RegisterKernel(104, 10, &granted, /*supports_release=*/true);
+  ASSERT_TRUE(c.Send(Load(20, 20)).ok());
+  ASSERT_TRUE(d.Send(Load(2, 2)).ok());
+  time_.Advance(absl::Seconds(3));
+  EXPECT_TRUE(ReleaseRequests(c).empty());
+  EXPECT_EQ(manager_->stats().placement_rebalances, 0u);
+}
+
+TEST_F(KernelPlacementManagerTest, RoundRobinDoesNotRebalance) {
+  bool granted = false;
+  WorkerEnd a = RegisterKernel(101, 0, &granted, /*supports_release=*/true);
+  WorkerEnd b = RegisterKernel(102, 0, &granted, /*supports_release=*/true);
+  ASSERT_TRUE(a.Send(Load(20, 20)).ok());
+  ASSERT_TRUE(b.Send(Load(4, 4)).ok());
+  time_.Advance(absl::Seconds(3));
+  EXPECT_TRUE(ReleaseRequests(a).empty());
+  EXPECT_EQ(manager_->stats().placement_rebalances, 0u);
 }
 
 }  // namespace

@@ -22,6 +22,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
@@ -36,11 +37,14 @@
 namespace fdbroker::testing {
 namespace {
 
-// The pid of the worker that answered GET / on a new connection; 0 if the
-// request failed.
-int ServedBy(int port) {
+// The pid of the worker that answered GET / on a new connection (from the
+// local address `source`, if given); 0 if the request failed.
+int ServedBy(int port, const std::string& source = "") {
+  absl::StatusOr<wire::UniqueFd> fd =
+      ConnectTcp("127.0.0.1", port, absl::Seconds(10), source);
+  if (!fd.ok()) return 0;
   absl::StatusOr<HttpResponse> r =
-      HttpGetOnce("127.0.0.1", port, "/", absl::Seconds(10));
+      HttpGet(fd->get(), "/", /*keep_alive=*/false, absl::Seconds(10));
   if (!r.ok() || r->status != 200) return 0;
   int pid = 0;
   return absl::SimpleAtoi(r->headers["x-worker-pid"], &pid) ? pid : 0;
@@ -74,6 +78,20 @@ bool KernelPlaced(int port, const std::string& metrics, int min_kernel = 10) {
       absl::Seconds(30));
 }
 
+// A new keep-alive connection after one request on it; `pid` is the worker
+// that served it.
+absl::StatusOr<wire::UniqueFd> KeepAliveClient(int port, int* pid) {
+  absl::StatusOr<wire::UniqueFd> fd = ConnectTcp("127.0.0.1", port);
+  if (!fd.ok()) return fd.status();
+  absl::StatusOr<HttpResponse> r =
+      HttpGet(fd->get(), "/", /*keep_alive=*/true, absl::Seconds(10));
+  if (!r.ok()) return r.status();
+  if (r->status != 200 || !absl::SimpleAtoi(r->headers["x-worker-pid"], pid)) {
+    return absl::InternalError(absl::StrCat("status ", r->status));
+  }
+  return fd;
+}
+
 class KernelPlacementTest : public ::testing::Test {
  protected:
   void Start(std::vector<std::string> flags, size_t workers) {
@@ -89,6 +107,32 @@ class KernelPlacementTest : public ::testing::Test {
 
   bool WaitForKernelPlacement(int port, int min_kernel = 10) {
     return KernelPlaced(port, metrics_, min_kernel);
+  }
+
+  // Once a ready worker (of pid `pid`, if given) holds exactly one
+  // connection, drains it (30 s); that worker, or id 0 on failure.
+  v1::Worker DrainWorkerWithOneConnection(int pid = 0) {
+    v1::Worker victim;
+    const bool found = WaitFor(
+        [&] {
+          for (const v1::Worker& w : Ready()) {
+            if (w.active_connections() == 1 && (pid == 0 || w.pid() == pid)) {
+              victim = w;
+            }
+          }
+          return victim.id() != 0;
+        },
+        absl::Seconds(10));
+    EXPECT_TRUE(found) << "no worker holds one connection";
+    if (!found) return v1::Worker();
+    v1::DrainWorkerRequest request;
+    request.set_worker_id(victim.id());
+    request.mutable_timeout()->set_seconds(30);
+    v1::DrainWorkerResponse response;
+    const grpc::Status status =
+        stub_->DrainWorker(RpcContext().get(), request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return status.ok() ? victim : v1::Worker();
   }
 
   std::unique_ptr<BrokerProcess> broker_;
@@ -142,20 +186,8 @@ TEST_F(KernelPlacementTest, DrainingWorkerGetsNoNewConnectionsAndLosesNone) {
     EXPECT_TRUE(r.ok() && r->status == 200) << r.status();
   });
   // Which worker holds it: the one with an active connection.
-  v1::Worker victim;
-  ASSERT_TRUE(WaitFor(
-      [&] {
-        for (const v1::Worker& w : Ready()) {
-          if (w.active_connections() == 1) victim = w;
-        }
-        return victim.id() != 0;
-      },
-      absl::Seconds(10)));
-  v1::DrainWorkerRequest request;
-  request.set_worker_id(victim.id());
-  request.mutable_timeout()->set_seconds(30);
-  v1::DrainWorkerResponse response;
-  ASSERT_TRUE(stub_->DrainWorker(RpcContext().get(), request, &response).ok());
+  const v1::Worker victim = DrainWorkerWithOneConnection();
+  ASSERT_NE(victim.id(), 0u);
   // From the Drain on, every new connection is served by the other worker,
   // including any the kernel queued on the victim's listener before the
   // placement program dropped it (the broker accepts and hands those off).
@@ -174,7 +206,10 @@ TEST_F(KernelPlacementTest, DrainingWorkerGetsNoNewConnectionsAndLosesNone) {
 }
 
 TEST_F(KernelPlacementTest, DrainMovesIdleWorkerAcceptedConnections) {
-  ASSERT_NO_FATAL_FAILURE(Start({"--workers=2", "--placement=kernel"}, 2));
+  // round_robin: no automatic rebalance moves the clients before the drain
+  // does (least_conn's would, were the random split to stay uneven 1 s).
+  ASSERT_NO_FATAL_FAILURE(
+      Start({"--workers=2", "--placement=kernel", "--policy=round_robin"}, 2));
   const int port = broker_->port();
   ASSERT_TRUE(WaitForKernelPlacement(port)) << broker_->process().Output();
   // Keep-alive clients, each accepted by a worker itself; which one?
@@ -182,13 +217,9 @@ TEST_F(KernelPlacementTest, DrainMovesIdleWorkerAcceptedConnections) {
   std::vector<wire::UniqueFd> clients;
   std::map<int, std::vector<int>> clients_of;  // pid -> client indexes
   for (int i = 0; i < kClients; ++i) {
-    absl::StatusOr<wire::UniqueFd> fd = ConnectTcp("127.0.0.1", port);
-    ASSERT_TRUE(fd.ok());
-    absl::StatusOr<HttpResponse> r =
-        HttpGet(fd->get(), "/", /*keep_alive=*/true, absl::Seconds(10));
-    ASSERT_TRUE(r.ok() && r->status == 200) << r.status();
     int pid = 0;
-    ASSERT_TRUE(absl::SimpleAtoi(r->headers["x-worker-pid"], &pid));
+    absl::StatusOr<wire::UniqueFd> fd = KeepAliveClient(port, &pid);
+    ASSERT_TRUE(fd.ok()) << fd.status();
     clients_of[pid].push_back(i);
     clients.push_back(*std::move(fd));
   }
@@ -225,6 +256,115 @@ TEST_F(KernelPlacementTest, DrainMovesIdleWorkerAcceptedConnections) {
                static_cast<double>(moving.size());
       },
       absl::Seconds(10)));
+}
+
+// Which worker serves each client address: `connects` connections from
+// each of 127.0.0.<first> ... (count addresses); a pid per address, or 0 if
+// a request failed or the address was served by two workers.
+std::map<std::string, int> WorkerOfAddress(int port, int first, int count,
+                                           int connects) {
+  std::map<std::string, int> worker_of;
+  for (int host = first; host < first + count; ++host) {
+    const std::string source = absl::StrCat("127.0.0.", host);
+    std::set<int> pids;
+    for (int i = 0; i < connects; ++i) pids.insert(ServedBy(port, source));
+    worker_of[source] = pids.size() == 1 ? *pids.begin() : 0;
+    if (pids.size() != 1) {
+      std::printf("%s served by %zu pids (0: failed)\n", source.c_str(),
+                  pids.size());
+    }
+  }
+  return worker_of;
+}
+
+TEST_F(KernelPlacementTest, IpHashKeepsEachClientAddressOnOneWorker) {
+  ASSERT_NO_FATAL_FAILURE(
+      Start({"--workers=2", "--placement=kernel", "--policy=ip_hash"}, 2));
+  const int port = broker_->port();
+  ASSERT_TRUE(WaitForKernelPlacement(port)) << broker_->process().Output();
+  const double handed = Metric("fdbroker_connections_handed_off_total");
+  // 16 addresses, 20 connections each: one worker per address, both used.
+  constexpr int kAddresses = 16;
+  std::map<std::string, int> worker_of =
+      WorkerOfAddress(port, 10, kAddresses, 20);
+  std::map<int, std::vector<std::string>> addresses_of;
+  for (const auto& [source, pid] : worker_of) {
+    EXPECT_NE(pid, 0) << source;
+    addresses_of[pid].push_back(source);
+  }
+  ASSERT_EQ(addresses_of.size(), 2u);
+  std::printf("ip_hash: %zu / %zu of %d addresses\n",
+              addresses_of.begin()->second.size(),
+              addresses_of.rbegin()->second.size(), kAddresses);
+  // The kernel placed them all; none went through the broker.
+  EXPECT_EQ(Metric("fdbroker_connections_handed_off_total"), handed);
+
+  // A slow request from one of its addresses keeps the victim draining.
+  const int victim_pid = addresses_of.begin()->first;
+  const int other_pid = addresses_of.rbegin()->first;
+  const std::string victim_address = addresses_of[victim_pid][0];
+  absl::StatusOr<wire::UniqueFd> slow =
+      ConnectTcp("127.0.0.1", port, absl::Seconds(10), victim_address);
+  ASSERT_TRUE(slow.ok()) << slow.status();
+  std::thread slow_request([&] {
+    absl::StatusOr<HttpResponse> r =
+        HttpGet(slow->get(), "/sleep?ms=4000",
+                /*keep_alive=*/false, absl::Seconds(20));
+    EXPECT_TRUE(r.ok() && r->status == 200) << r.status();
+    EXPECT_EQ(r.ok() ? r->headers["x-worker-pid"] : "",
+              absl::StrCat(victim_pid));
+  });
+  ASSERT_NE(DrainWorkerWithOneConnection(victim_pid).id(), 0u);
+  // While it drains, its addresses move to the other worker and the other
+  // worker's stay: nothing fails.
+  worker_of = WorkerOfAddress(port, 10, kAddresses, 3);
+  for (const auto& [source, pid] : worker_of) {
+    EXPECT_EQ(pid, other_pid) << source;
+  }
+  slow_request.join();
+  EXPECT_TRUE(
+      WaitFor([&] { return ProcessGone(victim_pid); }, absl::Seconds(20)));
+}
+
+TEST_F(KernelPlacementTest, UnevenKeepAliveLoadIsRebalanced) {
+  // least_conn (the default): one worker takes all 16 keep-alive clients,
+  // then a second registers. The kernel cannot move them; the broker sees
+  // the loads stay uneven and rebalances them to 8 / 8.
+  ASSERT_NO_FATAL_FAILURE(Start({"--workers=1", "--placement=kernel"}, 1));
+  const int port = broker_->port();
+  ASSERT_TRUE(WaitForKernelPlacement(port)) << broker_->process().Output();
+  constexpr int kClients = 16;
+  std::vector<wire::UniqueFd> clients;
+  for (int i = 0; i < kClients; ++i) {
+    int pid = 0;
+    absl::StatusOr<wire::UniqueFd> fd = KeepAliveClient(port, &pid);
+    ASSERT_TRUE(fd.ok()) << fd.status();
+    clients.push_back(*std::move(fd));
+  }
+  auto external = Subprocess::Start({BinaryPath("fdbroker-http-worker"),
+                                     "--socket=" + broker_->socket_path()});
+  ASSERT_TRUE(external.ok()) << external.status();
+  std::vector<int64_t> active;
+  const bool even = WaitFor(
+      [&] {
+        active.clear();
+        for (const v1::Worker& w : Ready()) {
+          active.push_back(w.active_connections());
+        }
+        return active == std::vector<int64_t>{8, 8};
+      },
+      absl::Seconds(15));
+  EXPECT_TRUE(even) << "active connections per worker: "
+                    << absl::StrJoin(active, " / ");
+  // Every client keeps its connection, wherever it is served now.
+  std::set<std::string> pids;
+  for (wire::UniqueFd& client : clients) {
+    absl::StatusOr<HttpResponse> r =
+        HttpGet(client.get(), "/", /*keep_alive=*/true, absl::Seconds(10));
+    ASSERT_TRUE(r.ok() && r->status == 200) << r.status();
+    pids.insert(r->headers["x-worker-pid"]);
+  }
+  EXPECT_EQ(pids.size(), 2u);
 }
 
 TEST_F(KernelPlacementTest, MixedPoolServesHandoffOnlyWorkersByHandoff) {

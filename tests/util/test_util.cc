@@ -244,7 +244,8 @@ bool ProcessGone(pid_t pid) {
 }
 
 absl::StatusOr<UniqueFd> ConnectTcp(const std::string& host, int port,
-                                    absl::Duration timeout) {
+                                    absl::Duration timeout,
+                                    const std::string& source) {
   const absl::Time deadline = absl::Now() + timeout;
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
@@ -265,6 +266,24 @@ absl::StatusOr<UniqueFd> ConnectTcp(const std::string& host, int port,
     if (!fd.valid()) {
       last = absl::ErrnoToStatus(errno, "socket");
       continue;
+    }
+    if (!source.empty()) {
+      addrinfo* local = nullptr;
+      addrinfo local_hints{};
+      local_hints.ai_family = ai->ai_family;
+      local_hints.ai_socktype = SOCK_STREAM;
+      local_hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
+      if (::getaddrinfo(source.c_str(), "0", &local_hints, &local) != 0) {
+        last = absl::InvalidArgumentError(
+            absl::StrCat("bad source address ", source));
+        continue;
+      }
+      const int bound = ::bind(fd.get(), local->ai_addr, local->ai_addrlen);
+      ::freeaddrinfo(local);
+      if (bound != 0) {
+        last = absl::ErrnoToStatus(errno, absl::StrCat("bind ", source));
+        continue;
+      }
     }
     int rc = ::connect(fd.get(), ai->ai_addr, ai->ai_addrlen);
     if (rc != 0 && errno == EINPROGRESS) {

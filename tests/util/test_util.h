@@ -55,10 +55,11 @@ bool ProcessGone(pid_t pid);
 
 // A blocking, close-on-exec TCP connection to host:port (numeric or a name),
 // with TCP_NODELAY. Fails with DeadlineExceeded after `timeout`, Unavailable
-// when refused. Does not retry.
+// when refused. Does not retry. A non-empty `source` (a numeric IP, e.g.
+// "127.0.0.7") is the local address to connect from (any port).
 absl::StatusOr<wire::UniqueFd> ConnectTcp(
     const std::string& host, int port,
-    absl::Duration timeout = absl::Seconds(5));
+    absl::Duration timeout = absl::Seconds(5), const std::string& source = "");
 
 // A blocking, close-on-exec connection to the Unix stream socket at `path`.
 absl::StatusOr<wire::UniqueFd> ConnectUnix(const std::string& path);

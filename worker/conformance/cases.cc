@@ -763,20 +763,27 @@ auto LoadIs(uint64_t accepted_total, uint32_t active) {
 
 constexpr uint32_t kLoadIntervalMs = 50;
 
-// Registers the worker, grants it a loopback listener and checks that it
-// accepts a client from it itself and reports it (no Ack, no Closed).
-// Null (the case skipped) for a worker that does not support listener
-// grants.
-absl::StatusOr<std::unique_ptr<LoopbackListener>> GrantAndServeOne(
-    CaseContext& context) {
+// StartAndReadHello() and, if the worker set supports_listener_grant, a
+// Welcome with a ListenerLoad interval; false (the case skipped) if not.
+absl::StatusOr<bool> RegisterForListenerGrant(CaseContext& context) {
   KIT_ASSIGN_OR_RETURN(v1::Hello hello, context.StartAndReadHello());
   if (!hello.supports_listener_grant()) {
     KIT_RETURN_IF_ERROR(
         context.Skip("Hello.supports_listener_grant is unset: the worker takes "
                      "hand-offs only"));
-    return std::unique_ptr<LoopbackListener>();
+    return false;
   }
   KIT_RETURN_IF_ERROR(context.broker().SendWelcome(true, 1, kLoadIntervalMs));
+  return true;
+}
+
+// RegisterForListenerGrant(), a loopback listener granted, and a client the
+// worker accepts from it itself and reports (no Ack, no Closed). Null if
+// the case was skipped.
+absl::StatusOr<std::unique_ptr<LoopbackListener>> GrantAndServeOne(
+    CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(bool granting, RegisterForListenerGrant(context));
+  if (!granting) return std::unique_ptr<LoopbackListener>();
   absl::StatusOr<std::unique_ptr<LoopbackListener>> tcp =
       LoopbackListener::Create();
   if (!tcp.ok()) return tcp.status();
@@ -797,7 +804,7 @@ absl::StatusOr<std::unique_ptr<LoopbackListener>> GrantAndServeOne(
                                  "after that client closed",
                                  LoadIs(1, 0))
                           .status());
-  return tcp;
+  return *std::move(tcp);
 }
 
 absl::Status ListenerGrant(CaseContext& context) {
@@ -830,11 +837,17 @@ absl::Status ListenerReturn(CaseContext& context) {
   KIT_RETURN_IF_ERROR(context.broker().Accept(context.Deadline()));
   KIT_ASSIGN_OR_RETURN(Received again,
                        context.broker().Receive(context.Deadline()));
+  if (!again.message.hello().returns_listener()) {
+    // Allowed (the broker then cannot hold it after a crash, and keeps the
+    // kernel's hash), but the listener is not checked.
+    return context.Skip(
+        "the re-registration Hello does not return the granted listener "
+        "(Hello.returns_listener unset)");
+  }
   struct stat granted {
   }, returned{};
   ::fstat(tcp->fd(), &granted);
-  if (!again.message.hello().returns_listener() || again.fds.size() != 1 ||
-      ::fstat(again.fds[0].get(), &returned) != 0 ||
+  if (again.fds.size() != 1 || ::fstat(again.fds[0].get(), &returned) != 0 ||
       returned.st_ino != granted.st_ino) {
     return Violation("§7.10 Across upgrades and restarts",
                      "the re-registration Hello does not return the granted "
@@ -1224,6 +1237,16 @@ absl::Status OutOfFdsRejects(CaseContext& context) {
   return absl::OkStatus();
 }
 
+// A ListenerGrant whose fd is a connected socket, not a listening one
+// (§7.10: a protocol error; the fd is closed).
+absl::Status ErrorListenerGrantNotListening(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(bool granting, RegisterForListenerGrant(context));
+  if (!granting) return absl::OkStatus();
+  v1::HandoffMessage grant;
+  grant.mutable_listener_grant()->set_listener("127.0.0.1:1");
+  return ExpectProtocolError(context, std::move(grant), 1);
+}
+
 absl::Status ErrorConnectionNotASocket(CaseContext& context) {
   KIT_RETURN_IF_ERROR(context.Register());
   // A connection to keep through it all, for a worker that says it keeps
@@ -1471,6 +1494,12 @@ const std::vector<Case>& AllCases() {
        "Hello (returns_listener) and closes it unless listener_kept",
        {"reconnect"},
        ListenerReturn},
+      {"error-listener-grant-not-listening",
+       "§7.10 Listener grant",
+       "a ListenerGrant whose fd is a connected socket, not a listening "
+       "one, is a protocol error (channel closed, fd closed)",
+       {},
+       ErrorListenerGrantNotListening},
       {"reconnect-now",
        "§7.9 Reconnect",
        "on Reconnect, close the channel and register again at once with "

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.request
 from typing import Callable, Optional
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
@@ -178,6 +179,17 @@ class Broker:
         if done.returncode != 0:
             raise AssertionError(f"{method}: {done.stderr}")
         return done.stdout
+
+    def metric(self, series: str) -> float:
+        """A series' value on the broker's /metrics (needs metrics=True);
+        -1 if it is not there."""
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics",
+                                    timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                name, _, value = line.rpartition(" ")
+                if name == series:
+                    return float(value)
+        return -1
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Signals the broker and waits for it; its exit code."""

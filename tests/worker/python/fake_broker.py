@@ -113,12 +113,14 @@ class FakeBroker:
 
     def welcome(self, interval_ms: int = 10000, timeout_ms: int = 60000,
                 worker_id: int = 7, supervised: bool = False,
-                worker_timeout_ms: int = 0) -> None:
+                worker_timeout_ms: int = 0,
+                listener_load_interval_ms: int = 0) -> None:
         self.send(welcome=pb.Welcome(
             version=pb.ProtocolVersion(major=1), worker_id=worker_id,
             heartbeat_interval_ms=interval_ms,
             heartbeat_timeout_ms=timeout_ms, supervised=supervised,
-            worker_timeout_ms=worker_timeout_ms))
+            worker_timeout_ms=worker_timeout_ms,
+            listener_load_interval_ms=listener_load_interval_ms))
 
     def offer(self, connection_id: int, sock: socket.socket,
               initial_data: bytes = b"") -> None:
@@ -147,14 +149,16 @@ def same_socket(a: socket.socket, b: socket.socket) -> bool:
 
 
 async def registered(broker: FakeBroker,
-                     starting: Awaitable[Any]) -> tuple[Any, Any]:
+                     starting: Awaitable[Any], **welcome: Any
+                     ) -> tuple[Any, Any]:
     """Awaits `starting` (start_server() or create_server()) while `broker`
-    accepts the worker, reads its Hello and welcomes it; returns what
+    accepts the worker, reads its Hello and welcomes it (`welcome`: the
+    Welcome's fields, as FakeBroker.welcome() takes them); returns what
     `starting` returned and the Hello."""
     async def broker_side() -> Any:
         await asyncio.to_thread(broker.accept)
         hello = await asyncio.to_thread(broker.receive_body, "hello")
-        broker.welcome()
+        broker.welcome(**welcome)
         return hello
 
     welcomed = asyncio.create_task(broker_side())
@@ -172,3 +176,22 @@ async def end_server(server: Any) -> None:
         server._finished.set_result(None)
         server._shut_down()
     await asyncio.sleep(0)  # connection_lost callbacks
+
+
+class OnUvloop:
+    """Mixed into an IsolatedAsyncioTestCase subclass: its tests run on
+    uvloop. The policy is set before each test's loop is made
+    (IsolatedAsyncioTestCase asks the policy before setUp)."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        asyncio.set_event_loop_policy(None)
+
+    async def test_runs_on_uvloop(self) -> None:
+        import uvloop
+        self.assertIsInstance(asyncio.get_running_loop(), uvloop.Loop)

@@ -11,10 +11,8 @@ import unittest
 from unittest import mock
 from typing import Optional
 
-import uvloop
-
 import fdbroker_worker
-from fake_broker import FakeBroker, end_server, registered
+from fake_broker import FakeBroker, OnUvloop, end_server, registered
 from fdbroker_worker import core, protocol_server
 from fdbroker_worker._proto import pb
 from test_aio import tcp_pair
@@ -147,7 +145,12 @@ class ProtocolServerTest(unittest.IsolatedAsyncioTestCase):
         closed = await self.expect("closed")
         self.assertEqual(list(closed.cut_connection_ids), [9])
         self.assertEqual(list(closed.connection_ids), [])
-        self.assertLess(time.time(), deadline)
+        # Served until shortly before the deadline, not cut at the Drain.
+        # (That the cut comes before the deadline is not asserted: a loaded
+        # machine may deliver the report after it.)
+        self.assertGreater(
+            time.time(),
+            deadline - protocol_server.CUT_BEFORE_DEADLINE - 0.05)
         await self.expect("goodbye")
 
     async def test_release_needs_is_idle(self) -> None:
@@ -202,19 +205,8 @@ class ProtocolServerTest(unittest.IsolatedAsyncioTestCase):
         await asyncio.wait_for(server.wait_closed(), 5)
 
 
-class ProtocolServerOnUvloopTest(ProtocolServerTest):
-    # Before each test's loop is made (IsolatedAsyncioTestCase asks the
-    # policy, before setUp).
-    @classmethod
-    def setUpClass(cls) -> None:
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        asyncio.set_event_loop_policy(None)
-
-    async def test_runs_on_uvloop(self) -> None:
-        self.assertIsInstance(asyncio.get_running_loop(), uvloop.Loop)
+class ProtocolServerOnUvloopTest(OnUvloop, ProtocolServerTest):
+    pass
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import shutil
 import socket
 import time
 import unittest
-import urllib.request
 
 from broker_process import PYTHON, Broker, get, wait_for
 
@@ -27,15 +26,6 @@ class _Broker(Broker):
                          metrics=True)
         test.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
         test.addCleanup(self.cleanup)
-
-    def metric(self, series: str) -> float:
-        with urllib.request.urlopen(f"http://{self.metrics}/metrics",
-                                    timeout=5) as response:
-            for line in response.read().decode().splitlines():
-                name, _, value = line.rpartition(" ")
-                if name == series:
-                    return float(value)
-        return -1
 
 
 class WatchdogTest(unittest.TestCase):

@@ -8,12 +8,16 @@ beyond the public AbstractEventLoop API, so uvloop drives it as asyncio does.
 """
 
 import asyncio
+import logging
 import os
 import socket
+import sys
 from typing import Callable, Optional
 
-from .core import (Connection, Drain, DrainCause, ReleaseRequest,
-                   WorkerCore)
+from .core import (LISTENER_ID_BIT, Connection, Drain, DrainCause, Listener,
+                   ReleaseRequest, WorkerCore)
+
+log = logging.getLogger("fdbroker_worker")
 
 DrainCallback = Callable[[DrainCause, Optional[float]], None]
 
@@ -22,6 +26,18 @@ DrainCallback = Callable[[DrainCause, Optional[float]], None]
 # the core (nothing due yet) would ask for the same deadline again and
 # again, a busy loop until the clock gets there.
 TIMER_SLACK = 0.001
+
+
+def _backlog_of(sock: socket.socket) -> int:
+    """The accept queue bound the broker gave the listener (struct tcp_info
+    of a listening socket: tcpi_sacked at offset 28 is sk_max_ack_backlog),
+    so that create_server()'s listen(backlog) keeps it."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+        backlog = int.from_bytes(info[28:32], sys.byteorder)
+    except (OSError, ValueError):
+        backlog = 0
+    return backlog or socket.SOMAXCONN
 
 
 class Driver:
@@ -40,6 +56,14 @@ class Driver:
         self._finished = self.loop.create_future()
         # Draining by releasing idle connections (Drain.release_idle).
         self._drain_releases = False
+        # The granted listener (§7.10): its socket, the loop's server on it
+        # (None while it starts), how many connections it ever gave, and
+        # the timer that reports their figures (and lets the subclass find
+        # closes).
+        self._listener: Optional[socket.socket] = None
+        self._listening: Optional[asyncio.AbstractServer] = None
+        self._accepted_total = 0
+        self._load_timer: Optional[asyncio.TimerHandle] = None
         self.loop.add_reader(core.fileno(), self._process)
 
     # --- Public API -------------------------------------------------------
@@ -114,6 +138,92 @@ class Driver:
     def _release_requested(self, request: ReleaseRequest) -> None:
         raise NotImplementedError
 
+    def _accept_factory(self) -> Callable[[], asyncio.BaseProtocol]:
+        """The protocol factory the granted listener's server calls per
+        connection; it calls _next_accepted_id() and keeps the connection
+        among those _accepted_active() counts."""
+        raise NotImplementedError
+
+    def _prune_accepted(self) -> None:
+        """Once per report: forget accepted connections that closed unseen
+        (nothing to do if closes are seen as they happen)."""
+
+    def _accepted_active(self) -> int:
+        """Accepted connections owned now, not those being released (the
+        broker counts them off when their Release arrives)."""
+        raise NotImplementedError
+
+    def _holds_accepted(self) -> bool:
+        """Whether any accepted connection is still held (being released
+        included)."""
+        raise NotImplementedError
+
+    # --- The granted listener (§7.10) -------------------------------------
+
+    def _listener_granted(self, listener: Listener) -> None:
+        self._close_listener()  # a new grant replaces an earlier one
+        self._listener = listener.socket
+        self.loop.create_task(self._serve_listener(listener.socket))
+
+    async def _serve_listener(self, sock: socket.socket) -> None:
+        try:
+            server = await self.loop.create_server(
+                self._accept_factory(), sock=sock, backlog=_backlog_of(sock))
+        except (OSError, ValueError) as error:
+            # The broker accepts from its own copy: nothing is lost.
+            log.error("cannot serve the granted listener: %s", error)
+            sock.close()
+            return
+        if self._listener is not sock:  # drained or replaced meanwhile
+            server.close()
+            sock.close()
+            return
+        self._listening = server
+        if self._load_timer is None:
+            self._arm_load_timer()
+
+    def _close_listener(self) -> None:
+        if self._listening is not None:
+            self._listening.close()
+            self._listening = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def _stop_accepting(self) -> None:
+        """A drain: closes the listener (the broker serves what the kernel
+        queued on its own copy) and reports at the draining pace."""
+        self._close_listener()
+        if self._load_timer is not None:
+            self._load_timer.cancel()
+            self._arm_load_timer()
+
+    def _next_accepted_id(self) -> int:
+        self._accepted_total += 1
+        return LISTENER_ID_BIT | self._accepted_total
+
+    def _arm_load_timer(self) -> None:
+        interval = self._core.listener_load_interval or 0.05
+        if self._core.draining:
+            interval /= 5  # the Goodbye waits for `active: 0`
+        self._load_timer = self.loop.call_later(interval, self._load_tick)
+
+    def _load_tick(self) -> None:
+        self._load_timer = None
+        self._prune_accepted()
+        active = self._accepted_active()
+        if self._core.listener_load(self._accepted_total, active):
+            self._process_soon()
+        if self._listening is not None or self._holds_accepted():
+            self._arm_load_timer()
+
+    def _report_before_release(self, connection_id: int) -> None:
+        """The broker must count an accepted connection before it sees it
+        released."""
+        if connection_id & LISTENER_ID_BIT:
+            self._core.listener_load(self._accepted_total,
+                                     self._accepted_active())
+
     def _broker_gone_while_releasing(self) -> None:
         """A release_idle drain lost its broker: close idle connections."""
         raise NotImplementedError
@@ -137,6 +247,8 @@ class Driver:
         # Connections first, so that a drain in the same batch sees them.
         for connection in events.connections:
             self._adopt(connection)
+        if events.listener is not None:
+            self._listener_granted(events.listener)
         if events.drain is not None:
             self._drain_releases = events.drain.release_idle
             self._drain_started(events.drain)
@@ -183,6 +295,10 @@ class Driver:
         self._process()
 
     def _shut_down(self) -> None:
+        self._close_listener()
+        if self._load_timer is not None:
+            self._load_timer.cancel()
+            self._load_timer = None
         self.loop.remove_reader(self._core.fileno())
         if self._timer is not None:
             self._timer.cancel()

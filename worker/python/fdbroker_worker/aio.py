@@ -19,6 +19,12 @@ ConnectionReleased; after a response, `await conn.release()` gives it back
 reading, sends a dup of the fd with the reader's buffered bytes, and once
 the Release is sent aborts the transport: that closes only this process's
 fd (asyncio never calls shutdown()), so the client sees nothing.
+
+Granted listener (accept_listener=True, the default; `fdbroker
+--placement=kernel`, docs/protocol.md §7.10): the listener is served by
+loop.create_server(sock=...) with the same protocol a handed connection
+gets, so client_connected_cb cannot tell them apart; their figures go to
+the broker in ListenerLoad (see _driver.py).
 """
 
 import asyncio
@@ -27,8 +33,9 @@ from typing import Awaitable, Callable, Optional, TypeVar
 from ._proto import pb
 from ._driver import (DrainCallback, Driver, flushed, releasable,
                       shut_read_side)
-from .core import (Connection, Drain, Options, RegistrationError,
-                   ReleaseRequest, WorkerCore, first_request_grace_end)
+from .core import (LISTENER_ID_BIT, Connection, Drain, Options,
+                   RegistrationError, ReleaseRequest, WorkerCore,
+                   first_request_grace_end)
 
 T = TypeVar("T")
 
@@ -122,6 +129,12 @@ class _BrokeredProtocol(asyncio.StreamReaderProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        if not self.peer_address:  # accepted from the granted listener
+            peer = transport.get_extra_info("peername")
+            if peer:
+                host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
+                self.peer_address = self.handle.peer_address = (
+                    f"{host}:{peer[1]}")
         super().connection_made(transport)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
@@ -184,10 +197,36 @@ class Server(Driver):
 
     def _connection_lost(self, connection_id: int) -> None:
         protocol = self._live.pop(connection_id, None)
-        if protocol is not None and not protocol.handle.released:
+        # One accepted from the listener counts in the next ListenerLoad.
+        if (protocol is not None and not protocol.handle.released and
+                not connection_id & LISTENER_ID_BIT):
             self._connection_closed(connection_id)
 
+    # --- The granted listener (§7.10) -------------------------------------
+
+    def _accept_factory(self) -> Callable[[], asyncio.BaseProtocol]:
+        return self._accepted_protocol
+
+    def _accepted_protocol(self) -> _BrokeredProtocol:
+        connection = Connection(self._next_accepted_id(), None, "", "", 0,
+                                b"")
+        reader = asyncio.StreamReader(limit=self._limit, loop=self.loop)
+        protocol = _BrokeredProtocol(self, connection, reader, self._callback)
+        self._live[connection.id] = protocol
+        return protocol
+
+    def _accepted_active(self) -> int:
+        return sum(1 for connection_id, protocol in self._live.items()
+                   if connection_id & LISTENER_ID_BIT and
+                   not (protocol.handle._releasing or
+                        protocol.handle.released))
+
+    def _holds_accepted(self) -> bool:
+        return any(connection_id & LISTENER_ID_BIT
+                   for connection_id in self._live)
+
     def _drain_started(self, drain: Drain) -> None:
+        self._stop_accepting()
         if drain.release_idle:
             # Busy connections are released by their handlers once idle.
             for protocol in self._live.values():
@@ -245,6 +284,7 @@ class Server(Driver):
         if handle._releasing or handle.released or not releasable(transport):
             result.set_result(False)
             return result
+        self._report_before_release(handle.id)
         handle._releasing = True
         # Nothing more is read from the socket from here on: what the
         # reader holds is all this process has taken from it.
@@ -278,7 +318,7 @@ async def start_server(
         connect_timeout: float = 10.0, reconnect_timeout: float = 30.0,
         limit: int = 2**16,
         on_drain: Optional[DrainCallback] = None,
-        release: bool = False) -> Server:
+        release: bool = False, accept_listener: bool = True) -> Server:
     """Registers with the broker and serves the connections it hands over
     with client_connected_cb(reader, writer), like asyncio.start_server().
 
@@ -290,10 +330,14 @@ async def start_server(
     broker ends the worker, or None). release=True tells the broker the
     handlers give idle connections back (see connection()): it may then ask
     for them (rebalancing) and drains by moving them to other workers.
+    accept_listener: take a listening socket when the broker grants one
+    (`--placement=kernel`) and accept from it with the loop's own accept
+    loop; False: every connection comes by hand-off.
     """
     loop = asyncio.get_running_loop()
     core = WorkerCore(Options(socket_path, capacity, dict(labels or {}),
-                              connect_timeout, reconnect_timeout, release),
+                              connect_timeout, reconnect_timeout, release,
+                              accepts_listener=accept_listener),
                       clock=loop.time)
     try:
         core.start()

@@ -19,7 +19,7 @@ MAX_PACKET_BYTES = 65536
 # Room for the kernel's SCM_MAX_FD (253) fds: shows every fd that was sent.
 _CONTROL_BYTES = socket.CMSG_SPACE(253 * array.array("i").itemsize)
 # Bodies that carry exactly one fd; every other body carries none.
-_FD_BODIES = frozenset({"connection", "release"})
+_FD_BODIES = frozenset({"connection", "release", "listener_grant"})
 
 
 class ProtocolError(Exception):

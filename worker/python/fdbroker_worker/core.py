@@ -30,6 +30,16 @@ copies keep the TCP connection open: no FIN, no RST). If it cannot be sent
 queued, close()), the id goes back to _owned and on_result(False): the
 connection is still the application's, which keeps serving it. The core
 closes the copy it was given in both cases.
+
+Granted listeners (protocol 1.4, §7.10; Options.accepts_listener): the
+broker may send a listening socket (ListenerGrant) that the driver serves
+with its event loop's own accept loop. Those connections never pass through
+the core one by one: the driver numbers them (ids with LISTENER_ID_BIT set),
+keeps them, and hands the core their absolute figures (listener_load())
+at most every listener_load_interval; the core sends ListenerLoad when they
+changed. A Goodbye waits until the broker has heard `active: 0`. A bit-63
+connection can be released like an acked one; the broker then takes one off
+the figure it has, and so does the core.
 """
 
 import collections
@@ -88,6 +98,9 @@ MAX_UNREAD_BYTES = channel_lib.MAX_PACKET_BYTES - 512
 # nothing yet: it is left reading until this long (seconds) after it was
 # handed over, since its first request may still be on the way.
 FIRST_REQUEST_GRACE = 2.0
+# Ids of connections the worker accepted itself from a granted listener
+# (§7.10): the broker never issues one.
+LISTENER_ID_BIT = 1 << 63
 # struct tcp_info: tcpi_bytes_received (Linux >= 4.1) is the u64 at this
 # offset (the struct only ever grows at its end).
 _TCPI_BYTES_RECEIVED = 128
@@ -130,6 +143,10 @@ class Options:
     # Hello.max_connections_per_message: connections accepted together come
     # in one ConnectionBatch packet (one recvmsg, one wake-up); 1: never.
     max_connections_per_message: int = MAX_CONNECTIONS_PER_MESSAGE
+    # Hello.supports_listener_grant: the driver accepts connections itself
+    # from a listening socket the broker grants (--placement=kernel, §7.10),
+    # delivered in Events.listener, and reports them with listener_load().
+    accepts_listener: bool = False
 
 
 def _dump_stacks_on_abort() -> None:
@@ -180,12 +197,22 @@ class ReleaseRequest:
 
 
 @dataclasses.dataclass
+class Listener:
+    """A granted listening socket (ListenerGrant): the driver's from now
+    on. A later one replaces it (the driver closes the earlier)."""
+    socket: socket.socket
+    # As Connection.listener ("0.0.0.0:8080").
+    name: str
+
+
+@dataclasses.dataclass
 class Events:
     """What process_events() has for the application, in this order."""
     connections: list[Connection]
     drain: Optional[Drain]
     release_requests: list[ReleaseRequest] = dataclasses.field(
         default_factory=list)
+    listener: Optional[Listener] = None
 
 
 ReleaseCallback = Callable[[bool], None]
@@ -244,6 +271,29 @@ def first_request_grace_end(sock: Optional[socket.socket],
     if sock is not None and has_received_bytes(sock):
         return now
     return max(now, delivered_at + FIRST_REQUEST_GRACE)
+
+
+def check_listening_socket(fd: int) -> socket.socket:
+    """The granted fd as a socket; ProtocolError unless it is a listening
+    TCP (SOCK_STREAM) socket (§7.10). Closes `fd` on error."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as error:
+        os.close(fd)
+        raise ProtocolError(f"listener_grant carries no socket: {error}")
+    try:
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as error:
+        sock.close()
+        raise ProtocolError(f"listener_grant: {error}")
+    if kind != socket.SOCK_STREAM or not listening or sock.family not in (
+            socket.AF_INET, socket.AF_INET6):
+        sock.close()
+        raise ProtocolError(
+            "listener_grant carries no listening TCP socket (type "
+            f"{kind}, family {sock.family}, listening {bool(listening)})")
+    return sock
 
 
 def _varint_len(value: int) -> int:
@@ -324,6 +374,13 @@ class WorkerCore:
         self._next_attempt_at = 0.0
         self._retry_delay = _FIRST_RETRY_DELAY
         self._attempts = 0
+        # Granted listener (§7.10): Welcome.listener_load_interval_ms
+        # (seconds; 0: ListenerLoad may not be sent); the driver's latest
+        # figures; those the current broker has heard (None: nothing yet).
+        self.listener_load_interval = 0.0
+        self._granted: Optional[Listener] = None
+        self._listener_figures = (0, 0)
+        self._reported_figures: Optional[tuple[int, int]] = None
 
     # --- State ------------------------------------------------------------
 
@@ -340,11 +397,12 @@ class WorkerCore:
         """Drained: owns no connection and said Goodbye (or lost the broker
         for good). The application should exit (supervised) or stop."""
         return (self.draining and self._channel is None and
-                self._registering is None and not self._owned)
+                self._registering is None and not self._owned and
+                not self._listener_figures[1])
 
     @property
     def active_connections(self) -> int:
-        return len(self._owned)
+        return len(self._owned) + self._listener_figures[1]
 
     def deadline(self) -> Optional[float]:
         """The clock() time by which process_events() must run again."""
@@ -400,7 +458,32 @@ class WorkerCore:
             self._drain_to_announce = False
             drain = self._drain
         requests, self._release_requests = self._release_requests, []
-        return Events(ready, drain, requests)
+        granted, self._granted = self._granted, None
+        return Events(ready, drain, requests, granted)
+
+    def listener_load(self, accepted_total: int, active: int) -> bool:
+        """The driver's figures of the connections it accepted from granted
+        listeners (absolute; ids with LISTENER_ID_BIT; `active` leaves out
+        those being released, which the broker counts off itself when their
+        Release arrives): sent in ListenerLoad
+        now if they changed and the broker asked for them. The driver calls
+        it at most every listener_load_interval (at once while draining).
+        True if process_events() should run now (a drain may end)."""
+        self._listener_figures = (accepted_total, active)
+        self._report_listener_load()
+        return self.draining and not active
+
+    def _report_listener_load(self) -> None:
+        if (self._channel is None or self._goodbye_sent or
+                self.listener_load_interval <= 0 or
+                self._listener_figures == self._reported_figures or
+                (self._reported_figures is None and
+                 self._listener_figures == (0, 0))):
+            return
+        self._reported_figures = self._listener_figures
+        accepted_total, active = self._listener_figures
+        self._send(_Outgoing(pb.HandoffMessage(listener_load=pb.ListenerLoad(
+            accepted_total=accepted_total, active=active))))
 
     def connection_closed(self, connection_id: int, cut: bool = False) -> bool:
         """The application closed an acked connection; reported (batched)
@@ -440,9 +523,15 @@ class WorkerCore:
         cannot be sent (the connection is still yours); either from this
         call or from a later process_events()/close()."""
         why = None
+        accepted = bool(connection_id & LISTENER_ID_BIT)
+        if accepted and self._channel is not None:
+            # The broker must count it before it sees it released.
+            self._report_listener_load()
         if not self._options.supports_release:
             why = "the worker did not opt into release"
-        elif connection_id not in self._owned:
+        elif accepted and not (self._reported_figures or (0, 0))[1]:
+            why = "no connection accepted from a granted listener reported"
+        elif not accepted and connection_id not in self._owned:
             why = "not an active connection"
         elif connection_id in self._unlisted:
             why = "the broker does not know this connection"
@@ -454,7 +543,16 @@ class WorkerCore:
             log.debug("connection %d kept: %s", connection_id, why)
             sock.close()
             return on_result(False)
-        peer = self._owned.pop(connection_id)
+        if accepted:
+            # What the broker will count once it has this Release (it
+            # takes one off; anything sent later comes after it), and the
+            # driver's figures from now on (a connection being released is
+            # not counted).
+            total, active = self._reported_figures
+            self._reported_figures = (total, active - 1)
+            total, active = self._listener_figures
+            self._listener_figures = (total, max(active - 1, 0))
+        peer = "" if accepted else self._owned.pop(connection_id)
         self._pending_releases += 1
         self._send(_Outgoing(
             pb.HandoffMessage(release=pb.Release(
@@ -488,6 +586,9 @@ class WorkerCore:
         for connection in self._ready:
             connection.socket.close()
         self._ready.clear()
+        if self._granted is not None:
+            self._granted.socket.close()
+            self._granted = None
         self._epoll.close()
 
     # --- Registration -----------------------------------------------------
@@ -499,6 +600,7 @@ class WorkerCore:
             pid=os.getpid(), capacity=self._options.capacity,
             labels=self._options.labels, was_supervised=self._supervised,
             supports_release=self._options.supports_release,
+            supports_listener_grant=self._options.accepts_listener,
             reports_liveness=True,
             max_connections_per_message=max(
                 1, self._options.max_connections_per_message)))
@@ -548,6 +650,10 @@ class WorkerCore:
         self._heartbeat_interval = welcome.heartbeat_interval_ms / 1000
         self._heartbeat_timeout = welcome.heartbeat_timeout_ms / 1000
         self._worker_timeout = welcome.worker_timeout_ms / 1000
+        self.listener_load_interval = welcome.listener_load_interval_ms / 1000
+        # This broker counts the connections we accepted ourselves from our
+        # reports only.
+        self._reported_figures = None
         if self._worker_timeout > 0:
             _dump_stacks_on_abort()
         self._last_sent = self._last_received = self._clock()
@@ -809,6 +915,9 @@ class WorkerCore:
                     break
             elif body == "reconnect":
                 self._reconnect_requested = True
+            elif body == "listener_grant":
+                if not self._take_listener(message.listener_grant, fd):
+                    break
             elif body == "drain":
                 deadline = message.drain.deadline_unix_nanos
                 self._begin_drain(DrainCause.BROKER_REQUEST,
@@ -913,6 +1022,28 @@ class WorkerCore:
                                 offered.initial_data, offered.listener))
         return True
 
+    def _take_listener(self, grant: "pb.ListenerGrant", fd: int) -> bool:
+        """Keeps a granted listener for the driver; False if the grant
+        broke the protocol (the channel is lost)."""
+        if not self._options.accepts_listener:
+            os.close(fd)
+            self._lose_channel("ListenerGrant from the broker, but our Hello "
+                               "did not set supports_listener_grant")
+            return False
+        try:
+            sock = check_listening_socket(fd)
+        except ProtocolError as error:
+            self._lose_channel(str(error))
+            return False
+        if self.draining:
+            sock.close()  # the broker serves its queue from its own copy
+            return True
+        if self._granted is not None:
+            self._granted.socket.close()  # never served: a newer one came
+        self._granted = Listener(sock, grant.listener)
+        log.info("accepting from the granted listener %s", grant.listener)
+        return True
+
     def _discard(self, outgoing: _Outgoing) -> None:
         """The message will never be sent: the connections it acks close
         untouched (the broker re-places them); the one it releases is the
@@ -924,8 +1055,9 @@ class WorkerCore:
             release, outgoing.release = outgoing.release, None
             self._pending_releases -= 1
             release.socket.close()
-            # A re-registering Hello lists it again, like any owned one.
-            self._owned[release.connection_id] = release.peer_address
+            if not release.connection_id & LISTENER_ID_BIT:
+                # A re-registering Hello lists it again, like any owned one.
+                self._owned[release.connection_id] = release.peer_address
             release.on_result(False)
 
     def _send(self, outgoing: _Outgoing) -> None:
@@ -1013,8 +1145,11 @@ class WorkerCore:
     def _say_goodbye_if_drained(self) -> None:
         if (not self.draining or self._channel is None or
                 self._goodbye_sent or self._owned or self._unsent_acks or
-                self._pending_releases or self._closed_to_report):
+                self._pending_releases or self._closed_to_report or
+                self._listener_figures[1]):
             return
+        # The broker must have heard that we own none (§7.10).
+        self._report_listener_load()
         self._goodbye_sent = True
         self._send(_Outgoing(pb.HandoffMessage(goodbye=pb.Goodbye(
             reason=f"drained ({self._drain.cause.value})"))))

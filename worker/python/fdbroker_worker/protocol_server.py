@@ -26,6 +26,21 @@ sweep every SWEEP_INTERVAL catches the rest; one handed to another
 protocol, a WebSocket, can never go and is ended as in a plain drain): its
 reading is paused, a dup of its fd is sent with Release, and once that is
 out the transport is aborted, which closes only this process's copy.
+
+Granted listener (accept_listener=True, the default; `fdbroker
+--placement=kernel`, docs/protocol.md §7.10): the broker grants a listening
+socket of its SO_REUSEPORT group and the kernel places connections on it.
+It is served by the loop's own accept loop, loop.create_server(sock=...),
+as uvicorn or aiohttp would serve their own socket: per connection the SDK
+only numbers it (bit 63 set), notes it and hands the transport to
+protocol_factory()'s protocol (_Accepted steps out in connection_made), so
+no byte of it passes through Python code of the SDK and no message goes to
+the broker. Closes are found by looking at those transports once per
+listener_load_interval (is_closing()), when the figures go to the broker in
+ListenerLoad. Drains and releases treat these connections as handed ones;
+a drain first closes the listener (the broker serves what the kernel still
+queued there); a later grant replaces an earlier one; while reconnecting to
+a broker the listener keeps accepting.
 """
 
 import asyncio
@@ -39,8 +54,9 @@ from typing import Callable, Coroutine, Optional
 from ._driver import (FLUSH_TURNS, DrainCallback, Driver, releasable,
                       shut_read_side)
 from ._proto import pb
-from .core import (Connection, Drain, Options, RegistrationError,
-                   ReleaseRequest, WorkerCore, first_request_grace_end)
+from .core import (LISTENER_ID_BIT, Connection, Drain, Options,
+                   RegistrationError, ReleaseRequest, WorkerCore,
+                   first_request_grace_end)
 
 log = logging.getLogger("fdbroker_worker")
 
@@ -153,6 +169,20 @@ class _Adopting(asyncio.Protocol):
             self._protocol.data_received(self._data)
 
 
+class _Accepted(asyncio.Protocol):
+    """What the granted listener's server makes per connection: in its one
+    callback it registers the connection and hands the transport over to
+    the application's protocol, which gets every later callback itself."""
+
+    __slots__ = ("_server",)
+
+    def __init__(self, server: "ProtocolServer") -> None:
+        self._server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._server._accepted(transport)
+
+
 # How long before the broker's drain deadline what is still served is cut
 # (reported as cut: the broker counts those connections lost).
 CUT_BEFORE_DEADLINE = 0.1
@@ -164,9 +194,12 @@ class _Live:
     __slots__ = ("id", "socket", "delivered_at", "transport", "protocol",
                  "releasing", "drain_pending", "ending")
 
-    def __init__(self, connection: Connection, delivered_at: float) -> None:
-        self.id = connection.id
-        self.socket = connection.socket
+    def __init__(self, connection_id: int, sock: Optional[socket.socket],
+                 delivered_at: float) -> None:
+        self.id = connection_id
+        # The handed connection's _TrackedSocket; None for one accepted
+        # from the granted listener (its transport is set at once).
+        self.socket = sock
         self.delivered_at = delivered_at
         self.transport: Optional[asyncio.Transport] = None
         self.protocol: Optional[asyncio.BaseProtocol] = None
@@ -197,6 +230,9 @@ class ProtocolServer(Driver):
         # Whether transports ask the socket object for their peer.
         self._peer_from_socket = isinstance(
             self.loop, asyncio.selector_events.BaseSelectorEventLoop)
+        # The connections accepted from the granted listener (also in
+        # _live).
+        self._accepted_live: dict[int, _Live] = {}
 
     def protocols(self) -> list[asyncio.BaseProtocol]:
         """The protocols of the connections being served now."""
@@ -216,7 +252,7 @@ class ProtocolServer(Driver):
     # --- Driver hooks -----------------------------------------------------
 
     def _adopt(self, connection: Connection) -> None:
-        live = _Live(connection, self.loop.time())
+        live = _Live(connection.id, connection.socket, self.loop.time())
         self._live[live.id] = live
         connection.socket.on_close = functools.partial(self._lost, live)
         peer = connection.socket.peer = _peer_tuple(connection.peer_address)
@@ -264,13 +300,53 @@ class ProtocolServer(Driver):
         if live.drain_pending:
             self._drain_one(live)
 
-    def _lost(self, live: _Live) -> None:
+    def _forget(self, live: _Live) -> bool:
+        """Drops `live` from the tables; False if it was not there."""
         if self._live.pop(live.id, None) is None:
-            return
+            return False
         self._by_protocol.pop(id(live.protocol), None)
-        self._connection_closed(live.id)
+        if live.id & LISTENER_ID_BIT:
+            del self._accepted_live[live.id]
+        return True
+
+    def _lost(self, live: _Live) -> None:
+        # One accepted from the listener counts in the next ListenerLoad.
+        if self._forget(live) and not live.id & LISTENER_ID_BIT:
+            self._connection_closed(live.id)
+
+    # --- The granted listener (§7.10) -------------------------------------
+
+    def _accept_factory(self) -> Callable[[], asyncio.BaseProtocol]:
+        return functools.partial(_Accepted, self)
+
+    def _accepted(self, transport: asyncio.BaseTransport) -> None:
+        live = _Live(self._next_accepted_id(), None, self.loop.time())
+        protocol = live.protocol = self._factory()
+        live.transport = transport
+        self._live[live.id] = self._accepted_live[live.id] = live
+        self._by_protocol[id(protocol)] = live
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._core.draining:  # accepted in the turn the drain began
+            self._drain_one(live)
+
+    def _prune_accepted(self) -> None:
+        """Forgets the accepted connections that closed: a protocol may
+        hand its transport on (a WebSocket), so the transport tells."""
+        closed = [live for live in self._accepted_live.values()
+                  if not live.releasing and live.transport.is_closing()]
+        for live in closed:
+            self._forget(live)
+
+    def _accepted_active(self) -> int:
+        return sum(1 for live in self._accepted_live.values()
+                   if not live.releasing)
+
+    def _holds_accepted(self) -> bool:
+        return bool(self._accepted_live)
 
     def _drain_started(self, drain: Drain) -> None:
+        self._stop_accepting()
         if drain.deadline is not None and self._cut_timer is None:
             # A little before the broker's deadline, so that the Closed
             # saying so reaches it before it ends this process.
@@ -292,13 +368,13 @@ class ProtocolServer(Driver):
         for live in list(self._live.values()):
             if live.releasing:
                 continue  # the broker owns it once the Release is out
-            self._live.pop(live.id, None)
-            self._by_protocol.pop(id(live.protocol), None)
+            self._forget(live)
             if live.transport is not None:
                 live.transport.abort()
             else:
                 live.socket.close()
-            self._connection_closed(live.id, cut=True)
+            if not live.id & LISTENER_ID_BIT:
+                self._connection_closed(live.id, cut=True)
 
     def _drain_one(self, live: _Live) -> None:
         if live.transport is None:
@@ -394,6 +470,7 @@ class ProtocolServer(Driver):
                 transport.get_protocol() is not live.protocol or
                 not self._is_idle(live.protocol)):
             return False
+        self._report_before_release(live.id)
         live.releasing = True
         transport.pause_reading()
 
@@ -401,9 +478,9 @@ class ProtocolServer(Driver):
             live.releasing = False
             if released:
                 # Closing our copy below is no close of the connection.
-                live.socket.on_close = None
-                self._live.pop(live.id, None)
-                self._by_protocol.pop(id(live.protocol), None)
+                if live.socket is not None:
+                    live.socket.on_close = None
+                self._forget(live)
             elif not transport.is_closing():
                 transport.resume_reading()
                 if self._core.draining and not self._drain_releases:
@@ -423,7 +500,8 @@ async def create_server(
         on_drain: Optional[DrainCallback] = None,
         release: bool = False,
         is_idle: Optional[ProtocolPredicate] = None,
-        close_gracefully: Optional[ProtocolAction] = None
+        close_gracefully: Optional[ProtocolAction] = None,
+        accept_listener: bool = True
 ) -> ProtocolServer:
     """Registers with the broker and serves each connection it hands over
     with protocol_factory(), like loop.create_server(protocol_factory).
@@ -436,13 +514,17 @@ async def create_server(
     the read side). release=True (needs is_idle) lets the broker take idle
     connections back: is_idle(protocol) says whether one is between
     requests with nothing read of the next, and the application calls
-    server.idle_point(protocol) when one becomes so.
+    server.idle_point(protocol) when one becomes so. accept_listener: take
+    a listening socket when the broker grants one (`--placement=kernel`)
+    and accept from it with the loop's own accept loop; False: every
+    connection comes by hand-off.
     """
     if release and is_idle is None:
         raise ValueError("release=True needs is_idle(protocol)")
     loop = asyncio.get_running_loop()
     core = WorkerCore(Options(socket_path, capacity, dict(labels or {}),
-                              connect_timeout, reconnect_timeout, release),
+                              connect_timeout, reconnect_timeout, release,
+                              accepts_listener=accept_listener),
                       clock=loop.time, socket_class=_TrackedSocket)
     try:
         core.start()

@@ -8,6 +8,11 @@ aiohttp application as one fdbroker worker, unchanged:
 is the counterpart of `gunicorn -w 4 -k uvicorn.workers.UvicornWorker
 app:app`. ASGI and WSGI apps run on uvicorn's own HTTP protocols (h11 or
 httptools, WebSocket upgrades included), aiohttp apps on aiohttp's server.
+Under `fdbroker --placement=kernel` the worker takes the listening socket
+the broker grants it and serves it with the loop's own accept loop
+(loop.create_server(sock=...)), as uvicorn or aiohttp serve their own: the
+kernel places the connections, the broker sees their figures only
+(--no-listener-grant: hand-offs only).
 
 Order of events: import the app; startup (ASGI lifespan, aiohttp
 on_startup) before the worker registers, so no connection comes before the
@@ -139,6 +144,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--no-release", dest="release", action="store_false",
         help="never hand idle keep-alive connections back to the broker "
         "(Rebalance and drains then close them instead of moving them)")
+    parser.add_argument(
+        "--no-listener-grant", dest="listener_grant", action="store_false",
+        help="under fdbroker --placement=kernel, take every connection by "
+        "hand-off instead of accepting from a listening socket of the "
+        "broker's with the server's own accept loop")
     args = parser.parse_args(argv)
     if ":" not in args.app and "." not in args.app:
         args.app += ":app"
@@ -276,7 +286,7 @@ async def _serve(args: argparse.Namespace, phase: _Phase) -> int:
             reconnect_timeout=args.reconnect_timeout, release=args.release,
             is_idle=application.is_idle,
             close_gracefully=application.close_gracefully,
-            on_drain=on_drain)
+            on_drain=on_drain, accept_listener=args.listener_grant)
     except BaseException:
         # Not registered: the app started, so it shuts down (its lifespan
         # shutdown, aiohttp's on_cleanup) before the error is reported.
