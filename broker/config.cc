@@ -52,7 +52,7 @@ ABSL_FLAG(std::string, placement, "handoff",
           "worker that supports it gets its own listening socket in one "
           "SO_REUSEPORT group on --listen and accepts itself; the broker "
           "steers the kernel by weights with a classic BPF program). kernel "
-          "needs one TCP --listen without ,proxy_protocol, and no --upgrade.");
+          "needs one TCP --listen without ,proxy_protocol.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "How long a draining worker may take before it is ended.");
 ABSL_FLAG(bool, rebalance_after_scale, false,
@@ -317,11 +317,6 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
         "--placement=kernel needs exactly one TCP --listen without "
         ",proxy_protocol (the workers' listeners join its SO_REUSEPORT "
         "group)");
-  }
-  if (config.kernel_placement && absl::GetFlag(FLAGS_upgrade)) {
-    return absl::InvalidArgumentError(
-        "--placement=kernel does not support --upgrade yet (the workers' "
-        "listeners do not travel)");
   }
   config.listener.reuseport = config.kernel_placement;
 

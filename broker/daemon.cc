@@ -123,6 +123,7 @@ absl::Status Daemon::Init() {
   // Sockets taken over (from the running broker, or from systemd): they
   // replace binding --listen; the i-th takes the i-th --listen's options.
   std::vector<wire::UniqueFd> inherited;
+  KernelPlacement::Inherited inherited_slots;
   if (config_.upgrade) {
     // Take every listening socket over from the running broker: they never
     // close, so no client connect and no worker reconnect is refused.
@@ -139,6 +140,10 @@ absl::Status Daemon::Init() {
                                   std::move(sockets->handoff),
                                   HandoffServer::Options{}, sys, on_peer);
     inherited = std::move(sockets->listeners);
+    inherited_slots.slots = std::move(sockets->kernel_slots);
+    inherited_slots.layout_unknown = sockets->kernel_layout_unknown;
+    inherited_slots.slots_in_use = sockets->kernel_slots_in_use;
+    inherited_slots.keep_program_for = config_.adopt_grace;
   } else {
     server = HandoffServer::Create(*loop_, config_.socket_path,
                                    HandoffServer::Options{}, sys, on_peer);
@@ -174,10 +179,16 @@ absl::Status Daemon::Init() {
                      : config_.policy == "round_robin" ? Mode::kWeighted
                                                        : Mode::kLeastLoaded;
     if (absl::Status s = manager_->EnableKernelPlacement(
-            listener_->fd(0), placement, sys, on_accept);
+            listener_->fd(0), placement, sys, on_accept,
+            config_.upgrade ? &inherited_slots : nullptr);
         !s.ok()) {
       return s;
     }
+    if (config_.upgrade) manager_->kernel_placement()->Hold(true);
+  } else if (!inherited_slots.slots.empty()) {
+    return absl::FailedPreconditionError(
+        "--upgrade: the running broker runs --placement=kernel; an upgrade "
+        "keeps the placement mode (restart to change it)");
   }
   dispatcher_->set_listener_resolver([listener = listener_.get()](int fd) {
     return listener->NameOfConnection(fd);
@@ -424,19 +435,6 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
     Discard(std::move(channel));
     return;
   }
-  if (config_.kernel_placement) {
-    // The workers' listeners would not travel (docs/architecture.md).
-    spdlog::warn("refused an upgrade request from pid {}: --placement=kernel",
-                 pid);
-    v1::HandoffMessage refusal;
-    refusal.mutable_refusal()->set_reason(v1::REFUSAL_REASON_OTHER);
-    refusal.mutable_refusal()->set_message(
-        "this broker runs --placement=kernel, which does not support "
-        "--upgrade yet");
-    channel->SendControl(std::move(refusal));
-    Discard(std::move(channel));
-    return;
-  }
   if (request.version().major() != wire::kProtocolMajor) {
     spdlog::warn("refused an upgrade from pid {}: protocol major {}", pid,
                  request.version().major());
@@ -457,12 +455,24 @@ void Daemon::OnUpgradeRequest(std::unique_ptr<HandoffChannel> channel,
     body->add_more_listen_addresses(listener_->name(i));
     fds.push_back(listener_->fd(i));
   }
+  // Then the workers' listeners in slot order: the new broker keeps that
+  // order, so the group indexes stay valid (both hold copies meanwhile).
+  KernelPlacement* placement = manager_->kernel_placement();
+  if (placement != nullptr) {
+    const std::vector<int> slots = placement->slot_fds();
+    body->set_kernel_slots(static_cast<uint32_t>(slots.size()));
+    body->set_kernel_layout_unknown(!placement->standard_layout());
+    body->set_kernel_slots_in_use(placement->slots_in_use());
+    fds.insert(fds.end(), slots.begin(), slots.end());
+  }
   if (absl::Status s = channel->SendWithFds(handover, fds); !s.ok()) {
     spdlog::error("upgrade hand-over to pid {} failed ({}); still serving", pid,
                   s.ToString());
     Discard(std::move(channel));
     return;
   }
+  // No listener joins the group now that the new broker would not hold.
+  if (placement != nullptr) placement->set_frozen(true);
   upgrade_ = std::make_unique<PendingUpgrade>(
       *loop_, std::move(channel), request.version().minor(),
       kUpgradeReadyTimeout, [this] { CommitUpgrade(); },
@@ -500,6 +510,11 @@ void Daemon::CommitUpgrade() {
   // The new broker takes workers from now on (the hand-off socket itself
   // never closes).
   handoff_server_->Release();
+  // The new broker programs the group from now on and accepts from the
+  // slots whose workers are away; its copies keep them in the group.
+  if (manager_->kernel_placement() != nullptr) {
+    manager_->kernel_placement()->Close();
+  }
   manager_->PrepareForUpgrade();
   // Workers move now, not when this broker exits: each sends what it owes
   // here, then registers with the new broker at once (Reconnect), so the
@@ -561,6 +576,9 @@ void Daemon::AbortUpgrade(const absl::Status& reason) {
                std::string(reason.message()));
   // Destroyed after the channel's close callbacks (not inside one).
   loop_->RunSoon([this] { upgrade_.reset(); });
+  if (manager_->kernel_placement() != nullptr) {
+    manager_->kernel_placement()->set_frozen(false);
+  }
   if (shutting_down_) return;
   RestoreControlPlane(loop_->clock().MonotonicNanos() +
                       absl::ToInt64Nanoseconds(absl::Seconds(10)));
@@ -596,6 +614,9 @@ void Daemon::RestoreControlPlane(int64_t deadline_nanos) {
 void Daemon::AcceptAfterUpgrade() {
   if (!listener_->held()) return;
   listener_->Hold(false);
+  if (manager_->kernel_placement() != nullptr) {
+    manager_->kernel_placement()->Hold(false);
+  }
   spdlog::info("upgrade: accepting clients");
 }
 

@@ -2,15 +2,20 @@
 
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "broker/balancing_policy.h"
+#include "broker/peer_credentials.h"
 #include "spdlog/spdlog.h"
 
 namespace fdbroker {
@@ -20,6 +25,10 @@ namespace {
 // predate it.
 #ifndef SO_ATTACH_REUSEPORT_CBPF
 #define SO_ATTACH_REUSEPORT_CBPF 51
+#endif
+// Linux 5.8+.
+#ifndef SO_DETACH_REUSEPORT_BPF
+#define SO_DETACH_REUSEPORT_BPF 68
 #endif
 
 sock_filter Statement(uint16_t code, uint32_t k) {
@@ -92,6 +101,37 @@ Listener::Options SlotOptions(const KernelPlacement::Options& options) {
   Listener::Options slot;
   slot.backlog = options.backlog;
   return slot;
+}
+
+// The TCP listeners of this network namespace bound to exactly `address`:
+// the members of its SO_REUSEPORT group (/proc/net/tcp{,6}, state 0A).
+absl::StatusOr<int> CountListeners(const wire::SocketAddress& address) {
+  std::string local;
+  const char* table;
+  if (address.family() == AF_INET) {
+    const auto* sin = reinterpret_cast<const sockaddr_in*>(&address.storage);
+    local = ProcNetAddress(&sin->sin_addr, 1, ntohs(sin->sin_port));
+    table = "/proc/net/tcp";
+  } else {
+    const auto* sin6 = reinterpret_cast<const sockaddr_in6*>(&address.storage);
+    local = ProcNetAddress(&sin6->sin6_addr, 4, ntohs(sin6->sin6_port));
+    table = "/proc/net/tcp6";
+  }
+  std::ifstream in(table);
+  if (!in) return absl::UnavailableError(absl::StrCat("cannot read ", table));
+  int count = 0;
+  std::string line;
+  while (std::getline(in, line)) {
+    std::vector<absl::string_view> fields =
+        absl::StrSplit(line, ' ', absl::SkipEmpty());
+    count += fields.size() > 3 && fields[1] == local && fields[3] == "0A";
+  }
+  return count;
+}
+
+ino_t InodeOf(int fd) {
+  struct stat st {};
+  return ::fstat(fd, &st) == 0 ? st.st_ino : 0;
 }
 
 }  // namespace
@@ -204,7 +244,7 @@ std::vector<sock_filter> BuildStickyPlacementProgram(
 absl::StatusOr<std::unique_ptr<KernelPlacement>> KernelPlacement::Create(
     EventLoop& loop, WorkerRegistry& registry, int group_fd, WorkerStats& stats,
     const Options& options, wire::SysCalls& sys,
-    Listener::AcceptCallback accepted) {
+    Listener::AcceptCallback accepted, Inherited* inherited) {
   std::unique_ptr<KernelPlacement> placement(new KernelPlacement(
       loop, registry, group_fd, stats, options, sys, std::move(accepted)));
   int reuseport = 0;
@@ -221,8 +261,50 @@ absl::StatusOr<std::unique_ptr<KernelPlacement>> KernelPlacement::Create(
                     &placement->address_.length) != 0) {
     return absl::ErrnoToStatus(errno, "getsockname");
   }
+  if (inherited != nullptr) {
+    // The same sockets in the same order: the same group indexes, and the
+    // program attached to the group fits them as it is.
+    for (wire::UniqueFd& slot : inherited->slots) {
+      if (absl::Status s =
+              placement->slots_.AdoptSocket(std::move(slot), false);
+          !s.ok()) {
+        return s;
+      }
+      placement->slot_worker_.push_back(0);
+      placement->slot_index_.push_back(
+          inherited->layout_unknown
+              ? -1
+              : static_cast<int>(placement->slot_worker_.size()));
+    }
+    placement->group_size_ = 1 + placement->slots();
+    placement->layout_known_ = !inherited->layout_unknown;
+    placement->inherited_in_use_ = inherited->slots_in_use;
+    placement->keep_inherited_until_nanos_ =
+        loop.NowNanos() + absl::ToInt64Nanoseconds(inherited->keep_program_for);
+    spdlog::info(
+        "kernel placement: took over {} worker listener(s) in slot order ({} "
+        "in use; group indexes {})",
+        placement->slots(), inherited->slots_in_use,
+        placement->layout_known_ ? "known" : "unknown");
+    placement->Tick();
+    return placement;
+  }
+  // Members besides ours: a crashed broker's workers still accept from
+  // their slots, at indexes nobody knows any more.
+  absl::StatusOr<int> members = CountListeners(placement->address_);
+  if (!members.ok()) {
+    spdlog::warn("kernel placement: {}; assuming no other group member",
+                 members.status().ToString());
+  } else if (*members > 1) {
+    placement->ForgetLayout(
+        absl::StrCat(*members - 1,
+                     " listener(s) of a previous broker's workers are in "
+                     "the group"));
+  }
   // Everything to index 0 until workers register.
-  if (absl::Status s = placement->LoadProgram({1}, {}); !s.ok()) return s;
+  if (placement->layout_known_) {
+    if (absl::Status s = placement->LoadProgram({1}, {}); !s.ok()) return s;
+  }
   placement->Tick();
   return placement;
 }
@@ -238,10 +320,12 @@ KernelPlacement::KernelPlacement(EventLoop& loop, WorkerRegistry& registry,
       options_(options),
       slots_(loop, SlotOptions(options), sys, std::move(accepted)) {}
 
-int KernelPlacement::AcquireSlot() {
-  for (size_t s = 0; s < slot_worker_.size(); ++s) {
+int KernelPlacement::AcquireSlot(Reuse reuse) {
+  for (size_t s = 0; reuse == Reuse::kFreeSlot && s < slot_worker_.size();
+       ++s) {
     if (slot_worker_[s] == 0) return static_cast<int>(s);
   }
+  if (frozen_) return -1;  // The upgrade's new broker would not hold it.
   wire::UniqueFd socket(::socket(
       address_.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!socket) {
@@ -254,7 +338,7 @@ int KernelPlacement::AcquireSlot() {
   if (address_.family() == AF_INET6) {
     ::setsockopt(socket.get(), IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
   }
-  // listen() appends it to the group: group index = slot + 1.
+  // listen() appends it to the group, at index group_size_.
   if (::bind(socket.get(), address_.addr(), address_.length) != 0 ||
       ::listen(socket.get(), options_.backlog) != 0) {
     spdlog::error("kernel placement: cannot add a listener on {}: {}",
@@ -266,7 +350,138 @@ int KernelPlacement::AcquireSlot() {
     return -1;
   }
   slot_worker_.push_back(0);
+  slot_index_.push_back(layout_known_ ? static_cast<int>(group_size_) : -1);
+  ++group_size_;
   return static_cast<int>(slot_worker_.size() - 1);
+}
+
+bool KernelPlacement::OnListenerReturned(Worker& worker,
+                                         wire::UniqueFd listener) {
+  if (closed_ || worker.kernel_slot >= 0) return false;
+  int listening = 0;
+  socklen_t size = sizeof(listening);
+  absl::StatusOr<wire::SocketAddress> bound =
+      wire::SocketAddress::Of(listener.get(), /*peer=*/false);
+  if (::getsockopt(listener.get(), SOL_SOCKET, SO_ACCEPTCONN, &listening,
+                   &size) != 0 ||
+      !listening || !bound.ok() || bound->ToString() != address_.ToString()) {
+    spdlog::warn(
+        "worker {}: the listener it returned is not one on {}; closed (it "
+        "takes hand-offs until granted one)",
+        worker.id, address_.ToString());
+    return false;
+  }
+  const ino_t inode = InodeOf(listener.get());
+  for (size_t s = 0; s < slot_worker_.size(); ++s) {
+    if (InodeOf(slots_.fd(s)) != inode) continue;
+    if (slot_worker_[s] != 0) return false;  // Another worker's: cannot be.
+    // One of ours (an upgrade's): our copy stays, the worker keeps its own.
+    slot_worker_[s] = worker.id;
+    worker.kernel_slot = static_cast<int>(s);
+    if (inherited_in_use_ > 0) --inherited_in_use_;
+    spdlog::info("worker {}: back on its listener (group index {})", worker.id,
+                 slot_index_[s]);
+    Update();
+    return true;
+  }
+  // A crashed broker's slot: keep it, so that it never leaves the group.
+  if (layout_known_) {
+    ForgetLayout(absl::StrCat("worker ", worker.id,
+                              " returned a listener this broker did not know"));
+  }
+  if (absl::Status s = slots_.AdoptSocket(std::move(listener), false);
+      !s.ok()) {
+    spdlog::error("kernel placement: {}", s.ToString());
+    return false;
+  }
+  slot_worker_.push_back(worker.id);
+  slot_index_.push_back(-1);
+  worker.kernel_slot = static_cast<int>(slot_worker_.size() - 1);
+  spdlog::info("worker {}: adopted the listener it returned (slot {})",
+               worker.id, worker.kernel_slot);
+  Update();
+  return true;
+}
+
+void KernelPlacement::ForgetLayout(absl::string_view why) {
+  layout_known_ = false;
+  inherited_in_use_ = 0;
+  reload_timer_.Cancel();
+  if (::setsockopt(group_fd_, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, nullptr,
+                   0) != 0 &&
+      errno != ENOENT) {
+    spdlog::error("kernel placement: setsockopt SO_DETACH_REUSEPORT_BPF: {}",
+                  strerror(errno));
+  }
+  spdlog::warn(
+      "kernel placement: {}: their group indexes are unknown, so the kernel "
+      "places by its hash (no weights) until this broker exits",
+      std::string(why));
+}
+
+bool KernelPlacement::KeepInheritedProgram() {
+  if (inherited_in_use_ > 0 &&
+      loop_.NowNanos() >= keep_inherited_until_nanos_) {
+    spdlog::info(
+        "kernel placement: {} moving worker(s) did not come back in time; "
+        "the placement follows those that did",
+        inherited_in_use_);
+    inherited_in_use_ = 0;
+  }
+  return inherited_in_use_ > 0;
+}
+
+std::vector<int> KernelPlacement::slot_fds() const {
+  std::vector<int> fds;
+  for (size_t s = 0; s < slots_.size(); ++s) fds.push_back(slots_.fd(s));
+  return fds;
+}
+
+uint32_t KernelPlacement::slots_in_use() const {
+  uint32_t in_use = 0;
+  for (uint64_t id : slot_worker_) in_use += id != 0 && id != kRetired;
+  return in_use;
+}
+
+void KernelPlacement::RegainLayout() {
+  if (layout_known_ || closed_ || frozen_) return;
+  absl::StatusOr<int> members = CountListeners(address_);
+  const size_t held = 1 + slots_.size();  // Our --listen socket, the slots.
+  if (!members.ok() || static_cast<size_t>(*members) != held) return;
+  // Every member of the group is ours, so none leaves it unless we close
+  // it, and a socket that listens now joins at index `held`. The present
+  // members keep their unknown indexes, weigh 0 for good and are watched
+  // by the broker; a fresh socket takes the hand-off role and each worker
+  // a fresh slot (a new grant: it closes its copy of the old one, which
+  // the broker still holds and serves).
+  std::vector<uint64_t> movers;
+  for (uint64_t& id : slot_worker_) {
+    if (id != 0 && id != kRetired) movers.push_back(id);
+    id = kRetired;
+  }
+  std::fill(slot_index_.begin(), slot_index_.end(), -1);
+  layout_known_ = true;
+  group_size_ = held;
+  const int handoff = AcquireSlot(Reuse::kFreshSocket);
+  if (handoff < 0) {
+    ForgetLayout("cannot add the hand-off socket");
+    return;
+  }
+  slot_worker_[static_cast<size_t>(handoff)] = kRetired;
+  handoff_index_ = static_cast<size_t>(slot_index_[handoff]);
+  for (uint64_t id : movers) {
+    Worker* worker = registry_.Find(id);
+    if (worker == nullptr) continue;
+    worker->kernel_slot = -1;
+    OnRegistered(*worker);
+  }
+  loaded_.clear();
+  spdlog::info(
+      "kernel placement: holds all {} member(s) of the group: hand-off "
+      "socket at index {}, {} worker(s) moved to fresh listeners; weights "
+      "apply again",
+      held, handoff_index_, movers.size());
+  Update();
 }
 
 void KernelPlacement::OnRegistered(Worker& worker) {
@@ -287,7 +502,7 @@ void KernelPlacement::OnRegistered(Worker& worker) {
   slot_worker_[static_cast<size_t>(slot)] = worker.id;
   worker.kernel_slot = slot;
   spdlog::info("worker {}: granted listener {} (group index {})", worker.id,
-               address_.ToString(), slot + 1);
+               address_.ToString(), slot_index_[static_cast<size_t>(slot)]);
   Update();
 }
 
@@ -326,19 +541,6 @@ void KernelPlacement::Update() {
     if (worker->Available()) candidates_.push_back(worker.get());
   }
   CandidateWeights(candidates_, candidate_weights_);
-  wanted_.assign(slot_worker_.size() + 1, 0);
-  wanted_members_.clear();
-  for (size_t i = 0; i < candidates_.size(); ++i) {
-    const Worker& worker = *candidates_[i];
-    const size_t index = worker.kernel_slot >= 0
-                             ? static_cast<size_t>(worker.kernel_slot) + 1
-                             : 0;
-    wanted_[index] += candidate_weights_[i];
-    if (options_.mode == Options::Mode::kSticky) {
-      wanted_members_.push_back(
-          {worker.id, candidate_weights_[i], static_cast<uint32_t>(index)});
-    }
-  }
   // The broker accepts from every slot no ready worker accepts from.
   for (size_t s = 0; s < slot_worker_.size(); ++s) {
     const Worker* worker =
@@ -347,6 +549,21 @@ void KernelPlacement::Update() {
         worker != nullptr && worker->state == WorkerState::kReady &&
         worker->channel != nullptr && !worker->channel->closed();
     slots_.SetWatched(s, !worker_accepts);
+  }
+  if (!layout_known_ || KeepInheritedProgram()) return;
+  wanted_.assign(group_size_, 0);
+  wanted_members_.clear();
+  for (size_t i = 0; i < candidates_.size(); ++i) {
+    const Worker& worker = *candidates_[i];
+    const int index = worker.kernel_slot >= 0
+                          ? slot_index_[static_cast<size_t>(worker.kernel_slot)]
+                          : static_cast<int>(handoff_index_);
+    if (index < 0) continue;
+    wanted_[static_cast<size_t>(index)] += candidate_weights_[i];
+    if (options_.mode == Options::Mode::kSticky) {
+      wanted_members_.push_back(
+          {worker.id, candidate_weights_[i], static_cast<uint32_t>(index)});
+    }
   }
   if (wanted_ == loaded_ && wanted_members_ == loaded_members_) {
     reload_timer_.Cancel();
@@ -389,6 +606,7 @@ absl::Status KernelPlacement::LoadProgram(
 void KernelPlacement::Tick() {
   // Worker states change in many places (drain, lifecycle); a periodic
   // look catches every change within one reload interval.
+  RegainLayout();
   Update();
   CheckEvenness(loop_.NowNanos());
   tick_timer_.Arm(options_.reload_interval, [this] { Tick(); });

@@ -103,6 +103,27 @@ std::vector<sock_filter> BuildStickyPlacementProgram(
 // the kernel queued there and hands it to another worker by the usual path.
 // Connections a worker accepted are its own (exactly like acked ones); it
 // reports their figures in ListenerLoad, so the load figures include them.
+//
+// Upgrade. The running broker passes its slots in slot order
+// (UpgradeHandover.kernel_slots) and the new broker keeps that order, so the
+// group indexes stay valid: both hold copies while the upgrade runs, and no
+// socket leaves the group. A moving worker returns its slot with its Hello
+// (returns_listener); the slot with the same inode becomes its slot here and
+// it keeps accepting (Welcome.listener_kept). The new broker keeps the
+// group's program until the moving workers are back on their slots.
+//
+// Unknown layout. A broker that starts on an address whose group already
+// has members (its predecessor crashed; the workers kept their slots, and
+// the kernel compacted the indexes when the old broker's sockets closed)
+// cannot know any index. It detaches the group's program, so the kernel
+// hashes each connection over all members, each of which somebody accepts
+// from, and keeps every listener the workers return as their slot: from
+// then on no member leaves the group while a worker drains or dies, and
+// the broker accepts what is queued there. Weights do not apply in this
+// state. Once the broker holds every member (/proc/net/tcp counts no other:
+// all workers are back), RegainLayout() appends fresh sockets, whose
+// indexes it knows: one for the hand-off role and one per worker, granted
+// anew; the old members stay, held and watched, with weight 0.
 class KernelPlacement {
  public:
   struct Options {
@@ -132,20 +153,35 @@ class KernelPlacement {
     absl::Duration uneven_for = absl::Seconds(1);
     absl::Duration rebalance_interval = absl::Seconds(1);
   };
+  // What an upgrade brings along (UpgradeHandover.kernel_*).
+  struct Inherited {
+    std::vector<wire::UniqueFd> slots;  // In slot order.
+    bool layout_unknown = false;
+    // The group's program stays until this many workers are back on their
+    // slots, or `keep_program_for` has passed.
+    uint32_t slots_in_use = 0;
+    absl::Duration keep_program_for;
+  };
 
   // `group` is the broker's listening socket (index 0, SO_REUSEPORT), whose
   // address every slot binds; `accepted` takes what the broker accepts from
-  // slots (the dispatcher).
+  // slots (the dispatcher). `inherited`: the slots of the broker this one
+  // upgrades (null: none; then the group is checked for members of a
+  // crashed broker's workers).
   static absl::StatusOr<std::unique_ptr<KernelPlacement>> Create(
       EventLoop& loop, WorkerRegistry& registry, int group_fd,
       WorkerStats& stats, const Options& options, wire::SysCalls& sys,
-      Listener::AcceptCallback accepted);
+      Listener::AcceptCallback accepted, Inherited* inherited = nullptr);
 
   // What a Welcome says to a worker that supports listener grants.
   uint32_t load_interval_ms() const {
     return static_cast<uint32_t>(
         absl::ToInt64Milliseconds(options_.load_interval));
   }
+  // Before Welcome: the listener a re-registering worker returned. True if
+  // it stays the worker's slot (Welcome.listener_kept); false if it is not
+  // a listener on the group's address (it is closed).
+  bool OnListenerReturned(Worker& worker, wire::UniqueFd listener);
   // After Welcome: grants `worker` a slot if its Hello asked for one.
   void OnRegistered(Worker& worker);
   // A worker's ListenerLoad; an error is a protocol violation.
@@ -164,6 +200,20 @@ class KernelPlacement {
   // Stops accepting from the slots (shutdown): clients queued there are
   // refused when the broker exits, as on its own socket.
   void Close();
+  // An upgrade's new broker accepts from no slot until a worker has
+  // registered with it (as its --listen sockets: UpgradeAccepting).
+  void Hold(bool held) { slots_.Hold(held); }
+  // While an upgrade hand-over is pending: no new socket joins the group
+  // (the new broker holds copies of the present ones only). Free slots may
+  // still be granted.
+  void set_frozen(bool frozen) { frozen_ = frozen; }
+
+  // For UpgradeHandover: the slots' fds in slot order, how many have a
+  // worker, and whether slot s is group index s + 1 (not after a crash,
+  // even once RegainLayout() ran: the new broker then regains it itself).
+  std::vector<int> slot_fds() const;
+  uint32_t slots_in_use() const;
+  bool standard_layout() const { return layout_known_ && handoff_index_ == 0; }
 
   size_t slots() const { return slot_worker_.size(); }
   // The weights of the loaded program, by group index.
@@ -173,11 +223,20 @@ class KernelPlacement {
   KernelPlacement(EventLoop& loop, WorkerRegistry& registry, int group_fd,
                   WorkerStats& stats, const Options& options,
                   wire::SysCalls& sys, Listener::AcceptCallback accepted);
-  // A free slot (its worker gone), or a new one; -1 with the error logged.
-  int AcquireSlot();
+  enum class Reuse { kFreeSlot, kFreshSocket };
+  // A free slot (its worker gone; with kFreeSlot), or a new one; -1 with the
+  // error logged.
+  int AcquireSlot(Reuse reuse = Reuse::kFreeSlot);
+  // Unknown layout, and this broker holds every member: see the class
+  // comment.
+  void RegainLayout();
   // The weights (BuildPlacementProgram) or, when sticky, the members.
   absl::Status LoadProgram(const std::vector<uint64_t>& weights,
                            const std::vector<StickyMember>& members);
+  // Unknown layout from now on: the program goes, the kernel hashes.
+  void ForgetLayout(absl::string_view why);
+  // Whether the inherited program still has to stay (see Inherited).
+  bool KeepInheritedProgram();
   void Tick();
   // Mode::kLeastLoaded: rebalances once the loads stayed uneven long enough.
   void CheckEvenness(int64_t now);
@@ -190,14 +249,27 @@ class KernelPlacement {
   wire::SocketAddress address_;
   // The slots' sockets, in slot order; watched while no worker accepts.
   Listener slots_;
-  // Slot -> worker id (0: free).
+  // Slot -> worker id (0: free; kRetired: never granted again).
+  static constexpr uint64_t kRetired = ~uint64_t{0};
   std::vector<uint64_t> slot_worker_;
+  // Slot -> its group index (-1: unknown; never weighted).
+  std::vector<int> slot_index_;
+  // Members of the group whose index is known (the next socket's index),
+  // and the index of the socket that takes the hand-off role.
+  size_t group_size_ = 1;
+  size_t handoff_index_ = 0;
   std::vector<uint64_t> loaded_;
   std::vector<uint64_t> wanted_;
   // Sticky only, in worker id order.
   std::vector<StickyMember> loaded_members_;
   std::vector<StickyMember> wanted_members_;
   bool closed_ = false;
+  bool frozen_ = false;
+  // False: no program is attached (see "Unknown layout").
+  bool layout_known_ = true;
+  // After an upgrade (see Inherited): 0 once the program may change.
+  uint32_t inherited_in_use_ = 0;
+  int64_t keep_inherited_until_nanos_ = 0;
   int64_t last_load_nanos_ = 0;
   absl::AnyInvocable<void()> rebalance_;
   // Since when the loads are uneven (0: even at the last check).

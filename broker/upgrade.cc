@@ -71,15 +71,21 @@ absl::StatusOr<UpgradeSockets> RequestUpgradeOnce(
       }
       if (reply.has_upgrade_handover()) {
         // [0] the first listener, [1] the hand-off socket, then the
-        // further listeners (the channel checked the count).
+        // further listeners, then the kernel placement slots (the channel
+        // checked the count).
+        const v1::UpgradeHandover& handover = reply.upgrade_handover();
+        const size_t slots_from =
+            2 + static_cast<size_t>(handover.more_listen_addresses_size());
         UpgradeSockets sockets;
         sockets.handoff = std::move(fds[1]);
         sockets.listeners.push_back(std::move(fds[0]));
         for (size_t i = 2; i < fds.size(); ++i) {
-          sockets.listeners.push_back(std::move(fds[i]));
+          (i < slots_from ? sockets.listeners : sockets.kernel_slots)
+              .push_back(std::move(fds[i]));
         }
-        sockets.first_connection_id =
-            reply.upgrade_handover().first_connection_id();
+        sockets.first_connection_id = handover.first_connection_id();
+        sockets.kernel_layout_unknown = handover.kernel_layout_unknown();
+        sockets.kernel_slots_in_use = handover.kernel_slots_in_use();
         sockets.channel =
             std::make_unique<wire::MessageChannel>(std::move(channel));
         return sockets;

@@ -25,6 +25,12 @@ struct UpgradeSockets {
   wire::UniqueFd handoff;  // Listening hand-off Unix socket.
   // This broker's connection ids start here (0: an older running broker).
   uint64_t first_connection_id = 0;
+  // --placement=kernel: the workers' listeners, in slot order
+  // (UpgradeHandover.kernel_slots), and what the running broker knew of
+  // them.
+  std::vector<wire::UniqueFd> kernel_slots;
+  bool kernel_layout_unknown = false;
+  uint32_t kernel_slots_in_use = 0;
   // Still open: ReportUpgradeReady() goes over it.
   std::unique_ptr<wire::MessageChannel> channel;
 };

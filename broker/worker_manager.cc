@@ -46,13 +46,17 @@ WorkerManager::~WorkerManager() = default;
 
 absl::Status WorkerManager::EnableKernelPlacement(
     int group_fd, const KernelPlacement::Options& options, wire::SysCalls& sys,
-    Listener::AcceptCallback accepted) {
+    Listener::AcceptCallback accepted, KernelPlacement::Inherited* inherited) {
   absl::StatusOr<std::unique_ptr<KernelPlacement>> placement =
       KernelPlacement::Create(loop_, registry_, group_fd, stats_, options, sys,
-                              std::move(accepted));
+                              std::move(accepted), inherited);
   if (!placement.ok()) return placement.status();
   placement_ = *std::move(placement);
   registration_.set_listener_load_interval_ms(placement_->load_interval_ms());
+  registration_.set_listener_return_handler(
+      [placement = placement_.get()](Worker& worker, wire::UniqueFd listener) {
+        return placement->OnListenerReturned(worker, std::move(listener));
+      });
   placement_->set_rebalance([this] {
     absl::StatusOr<RebalanceResult> result =
         drainer_.Rebalance("kernel placement uneven", /*slack=*/0);
@@ -73,7 +77,7 @@ void WorkerManager::OnMessage(HandoffChannel& channel,
                               v1::HandoffMessage& message, wire::UniqueFd fd) {
   if (channel.worker_id == 0) {
     const uint64_t readmitted = stats_.readmitted;
-    Worker* worker = registration_.OnMessage(channel, message);
+    Worker* worker = registration_.OnMessage(channel, message, std::move(fd));
     if (worker == nullptr) return;
     if (placement_ != nullptr) placement_->OnRegistered(*worker);
     dispatcher_.PlacePending();

@@ -79,11 +79,12 @@ class WorkerManager : public HandoffChannel::Delegate {
   // --placement=kernel: from now on every worker that supports it is
   // granted a listener of `group_fd`'s SO_REUSEPORT group (the broker's
   // --listen socket, which must outlive this manager); what the broker
-  // accepts from those goes to `accepted`. Call before Start().
-  absl::Status EnableKernelPlacement(int group_fd,
-                                     const KernelPlacement::Options& options,
-                                     wire::SysCalls& sys,
-                                     Listener::AcceptCallback accepted);
+  // accepts from those goes to `accepted`; `inherited`: the slots an
+  // upgrade brought (KernelPlacement::Create). Call before Start().
+  absl::Status EnableKernelPlacement(
+      int group_fd, const KernelPlacement::Options& options,
+      wire::SysCalls& sys, Listener::AcceptCallback accepted,
+      KernelPlacement::Inherited* inherited = nullptr);
   // Null unless EnableKernelPlacement() succeeded.
   KernelPlacement* kernel_placement() { return placement_.get(); }
   struct ScaleResult {

@@ -63,7 +63,8 @@ void WorkerRegistration::OnNewPeer(wire::UniqueFd socket, const ucred& peer,
 }
 
 Worker* WorkerRegistration::OnMessage(HandoffChannel& channel,
-                                      const v1::HandoffMessage& message) {
+                                      const v1::HandoffMessage& message,
+                                      wire::UniqueFd fd) {
   if (channel.closed()) return nullptr;  // Refused or timed out: too late.
   if (disallowed_.contains(&channel)) {
     Refuse(channel, v1::REFUSAL_REASON_CREDENTIALS,
@@ -88,7 +89,7 @@ Worker* WorkerRegistration::OnMessage(HandoffChannel& channel,
         absl::StrCat("expected hello, got ", wire::BodyName(message))));
     return nullptr;
   }
-  return OnHello(channel, message.hello());
+  return OnHello(channel, message.hello(), std::move(fd));
 }
 
 void WorkerRegistration::OnChannelClosed(HandoffChannel& channel,
@@ -180,7 +181,8 @@ bool WorkerRegistration::MayRejoin(const Worker& worker, pid_t pid) {
 }
 
 Worker* WorkerRegistration::OnHello(HandoffChannel& channel,
-                                    const v1::Hello& hello) {
+                                    const v1::Hello& hello,
+                                    wire::UniqueFd returned_listener) {
   const ucred& peer = channel.peer();
   if (hello.version().major() != wire::kProtocolMajor) {
     Refuse(channel, v1::REFUSAL_REASON_VERSION,
@@ -207,6 +209,12 @@ Worker* WorkerRegistration::OnHello(HandoffChannel& channel,
            worker->retiring()
                ? "this worker is being stopped"
                : absl::StrCat("worker ", worker->id, " is already registered"));
+    return nullptr;
+  }
+  if (hello.returns_listener() && !hello.supports_listener_grant()) {
+    ++stats_.protocol_errors;
+    Refuse(channel, v1::REFUSAL_REASON_BAD_HELLO,
+           "returns_listener without supports_listener_grant");
     return nullptr;
   }
   if (absl::Status claims = CheckClaims(hello, worker); !claims.ok()) {
@@ -256,12 +264,13 @@ Worker* WorkerRegistration::OnHello(HandoffChannel& channel,
     }
     worker = &lifecycle_.Arrived(peer.pid, adopt);
   }
-  Admit(channel, *worker, hello);
+  Admit(channel, *worker, hello, std::move(returned_listener));
   return worker;
 }
 
 void WorkerRegistration::Admit(HandoffChannel& channel, Worker& worker,
-                               const v1::Hello& hello) {
+                               const v1::Hello& hello,
+                               wire::UniqueFd returned_listener) {
   const ucred& peer = channel.peer();
   worker.pid = worker.supervised ? worker.pid : peer.pid;
   worker.registered_pid = peer.pid;
@@ -295,6 +304,12 @@ void WorkerRegistration::Admit(HandoffChannel& channel, Worker& worker,
   body->set_supervised(worker.supervised);
   if (worker.supports_listener_grant) {
     body->set_listener_load_interval_ms(listener_load_interval_ms_);
+  }
+  if (returned_listener) {
+    // Not kept: closed here, and the worker closes its copy.
+    body->set_listener_kept(
+        on_listener_return_ &&
+        on_listener_return_(worker, std::move(returned_listener)));
   }
   body->set_heartbeat_interval_ms(static_cast<uint32_t>(
       absl::ToInt64Milliseconds(options_.heartbeat_interval)));

@@ -58,6 +58,15 @@ class WorkerRegistration {
   void set_listener_load_interval_ms(uint32_t ms) {
     listener_load_interval_ms_ = ms;
   }
+  // Takes the listener a re-registering worker returned (Hello.
+  // returns_listener), before its Welcome: true if the worker goes on
+  // accepting from it (Welcome.listener_kept). Unset: every returned
+  // listener is closed (this broker grants none).
+  using ListenerReturnCallback =
+      std::function<bool(Worker& worker, wire::UniqueFd listener)>;
+  void set_listener_return_handler(ListenerReturnCallback callback) {
+    on_listener_return_ = std::move(callback);
+  }
   // From now on every Hello is refused (SHUTTING_DOWN).
   void StopAccepting() { accepting_ = false; }
 
@@ -66,17 +75,21 @@ class WorkerRegistration {
   void OnNewPeer(wire::UniqueFd socket, const ucred& peer, bool allowed);
   // The first message of an unregistered channel. Returns the worker it
   // registered (now ready, its channel moved into the record), or null.
-  Worker* OnMessage(HandoffChannel& channel, const v1::HandoffMessage& message);
+  // `fd`: the listener a Hello with returns_listener carries.
+  Worker* OnMessage(HandoffChannel& channel, const v1::HandoffMessage& message,
+                    wire::UniqueFd fd);
   void OnChannelClosed(HandoffChannel& channel, const absl::Status& reason);
   // Closes the channels that said nothing for heartbeat_timeout.
   void ExpireSilentPeers(int64_t now_nanos);
 
  private:
   // Checks the Hello; returns the worker it registered, or null (refused).
-  Worker* OnHello(HandoffChannel& channel, const v1::Hello& hello);
+  Worker* OnHello(HandoffChannel& channel, const v1::Hello& hello,
+                  wire::UniqueFd returned_listener);
   // Records what the Hello declared, moves the channel into `worker`,
   // answers Welcome and makes it ready.
-  void Admit(HandoffChannel& channel, Worker& worker, const v1::Hello& hello);
+  void Admit(HandoffChannel& channel, Worker& worker, const v1::Hello& hello,
+             wire::UniqueFd returned_listener);
   // The Hello's owned_connections: none held by the broker or owned by a
   // worker other than `self`, none twice.
   absl::Status CheckClaims(const v1::Hello& hello, const Worker* self) const;
@@ -100,6 +113,7 @@ class WorkerRegistration {
   bool accepting_ = true;
   uint32_t listener_load_interval_ms_ = 0;
   UpgradeCallback on_upgrade_;
+  ListenerReturnCallback on_listener_return_;
   // Channels that have not said Hello yet.
   absl::flat_hash_map<HandoffChannel*, std::unique_ptr<HandoffChannel>>
       unregistered_;

@@ -13,9 +13,13 @@ size_t RequiredFds(const v1::HandoffMessage& message) {
     case v1::HandoffMessage::kRelease:
     case v1::HandoffMessage::kListenerGrant:
       return 1;
+    case v1::HandoffMessage::kHello:
+      return message.hello().returns_listener() ? 1 : 0;
     case v1::HandoffMessage::kUpgradeHandover:
-      return 2 + static_cast<size_t>(
-                     message.upgrade_handover().more_listen_addresses_size());
+      return 2 +
+             static_cast<size_t>(
+                 message.upgrade_handover().more_listen_addresses_size()) +
+             message.upgrade_handover().kernel_slots();
     case v1::HandoffMessage::kConnectionBatch:
       return static_cast<size_t>(message.connection_batch().connections_size());
     default:

@@ -58,6 +58,18 @@ TEST(ConfigTest, KernelPlacementBindsWithReuseport) {
   EXPECT_TRUE(config->listener.reuseport);
 }
 
+// The workers' listeners travel in the UpgradeHandover (protocol.md §7.9).
+TEST(ConfigTest, KernelPlacementAllowsUpgrade) {
+  absl::FlagSaver saver;
+  SetFlag("placement", "kernel");
+  SetFlag("listen", "127.0.0.1:0");
+  SetFlag("upgrade", "true");
+  absl::StatusOr<BrokerConfig> config = ConfigFromFlags("/opt/fdbroker/bin");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_TRUE(config->kernel_placement);
+  EXPECT_TRUE(config->upgrade);
+}
+
 TEST(ConfigTest, RecyclingFlags) {
   absl::FlagSaver saver;
   SetFlag("max_connections_per_worker", "1000");
@@ -141,8 +153,6 @@ INSTANTIATE_TEST_SUITE_P(
                  "--placement=kernel"},
         BadFlags{{{"placement", "kernel"},
                   {"listen", "127.0.0.1:80,proxy_protocol"}},
-                 "--placement=kernel"},
-        BadFlags{{{"placement", "kernel"}, {"upgrade", "true"}},
                  "--placement=kernel"},
         BadFlags{{{"drain_timeout", "0s"}}, "--drain_timeout"},
         BadFlags{{{"drain_timeout", "inf"}}, "--drain_timeout"},

@@ -34,8 +34,9 @@ class DataPlaneTest : public ::testing::Test {
     uint64_t id = 0;  // From Welcome.
     std::unique_ptr<wire::MessageChannel> channel;
 
-    absl::Status Send(v1::HandoffMessage message) {
-      absl::StatusOr<wire::SendResult> r = channel->Send(message);
+    // `fd` (-1: none) goes with it; the caller keeps its copy.
+    absl::Status Send(v1::HandoffMessage message, int fd = -1) {
+      absl::StatusOr<wire::SendResult> r = channel->Send(message, fd);
       if (!r.ok()) return r.status();
       return *r == wire::SendResult::kSent
                  ? absl::OkStatus()
@@ -95,10 +96,12 @@ class DataPlaneTest : public ::testing::Test {
   // Connects process `pid` to the hand-off socket and says `hello`; returns
   // its end of the channel, with the broker's answers (Welcome or Refusal,
   // and what follows it; heartbeats left out) in `answers` and the fds they
-  // carried in `fds`, if given.
+  // carried in `fds`, if given. `attached` (-1: none) goes with the Hello
+  // (Hello.returns_listener).
   WorkerEnd SayHello(pid_t pid, v1::Hello hello,
                      std::vector<v1::HandoffMessage>& answers,
-                     std::vector<wire::UniqueFd>* fds = nullptr) {
+                     std::vector<wire::UniqueFd>* fds = nullptr,
+                     int attached = -1) {
     int sv[2];
     EXPECT_EQ(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv), 0);
     WorkerEnd end;
@@ -111,7 +114,7 @@ class DataPlaneTest : public ::testing::Test {
     hello.set_pid(pid);
     v1::HandoffMessage message;
     *message.mutable_hello() = std::move(hello);
-    EXPECT_TRUE(end.Send(std::move(message)).ok());
+    EXPECT_TRUE(end.Send(std::move(message), attached).ok());
     time_.RunUntilIdle();
     answers.clear();
     for (v1::HandoffMessage& m : end.Received(fds)) {

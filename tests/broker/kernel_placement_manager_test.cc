@@ -1,6 +1,7 @@
 // KernelPlacement inside the WorkerManager, on simulated time: grants,
 // weights by group index, the reload bound, slots going back to the broker
-// and to the next worker, and bad ListenerLoad reports.
+// and to the next worker, bad ListenerLoad reports, and listeners returned
+// by re-registering workers (Hello.returns_listener).
 #include <netinet/in.h>
 #include <sys/socket.h>
 
@@ -41,22 +42,26 @@ class KernelPlacementManagerTest : public DataPlaneTest {
     time_.RunUntilIdle();
   }
 
-  // Registers `pid` with supports_listener_grant; its end of the channel
-  // and whether a ListenerGrant (with its listening socket) followed the
-  // Welcome.
+  // Registers `pid` with supports_listener_grant (returning `returned`
+  // with its Hello unless -1); its end of the channel and whether a
+  // ListenerGrant (with its listening socket) followed the Welcome, and the
+  // Welcome's listener_kept.
   WorkerEnd RegisterKernel(pid_t pid, uint32_t capacity, bool* granted,
-                           bool supports_release = false) {
+                           bool supports_release = false, int returned = -1,
+                           bool* kept = nullptr) {
     v1::Hello hello;
     hello.set_capacity(capacity);
     hello.set_supports_listener_grant(true);
     hello.set_supports_release(supports_release);
+    hello.set_returns_listener(returned >= 0);
     std::vector<v1::HandoffMessage> answers;
     std::vector<wire::UniqueFd> fds;
-    WorkerEnd end = SayHello(pid, std::move(hello), answers, &fds);
+    WorkerEnd end = SayHello(pid, std::move(hello), answers, &fds, returned);
     *granted = false;
     for (const v1::HandoffMessage& m : answers) {
       if (m.has_welcome()) {
         EXPECT_EQ(m.welcome().listener_load_interval_ms(), 50u);
+        if (kept != nullptr) *kept = m.welcome().listener_kept();
       }
       if (m.has_listener_grant()) {
         // The grant is the only answer with an fd.
@@ -179,6 +184,49 @@ TEST_F(KernelPlacementManagerTest, BadListenerLoadIsAProtocolError) {
   ASSERT_TRUE(b.Send(Load(1, 1)).ok());
   time_.RunUntilIdle();
   EXPECT_TRUE(b.BrokerClosed());
+}
+
+// A listener of the group returned with a re-registering Hello stays that
+// worker's slot (no new grant); anything else is not kept.
+TEST_F(KernelPlacementManagerTest,
+       AReturnedListenerIsKeptOnlyIfItIsAGroupMember) {
+  bool granted = false, kept = false;
+  WorkerEnd a = RegisterKernel(101, 0, &granted);
+  ASSERT_TRUE(granted);
+  a.channel.reset();  // Gone; its slot is free for the next worker.
+  time_.Advance(absl::Milliseconds(200));
+  // A socket that is not a listener: closed, and a slot granted instead.
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  wire::UniqueFd not_listening(sv[0]), other_end(sv[1]);
+  WorkerEnd b =
+      RegisterKernel(102, 0, &granted, false, not_listening.get(), &kept);
+  EXPECT_FALSE(kept);
+  EXPECT_TRUE(granted);
+  EXPECT_EQ(manager_->kernel_placement()->slots(), 1u);
+  // A listener the broker holds (here: its own slot, as after an upgrade):
+  // kept, no grant, no new slot.
+  b.channel.reset();
+  time_.Advance(absl::Milliseconds(200));
+  wire::UniqueFd slot(::dup(manager_->kernel_placement()->slot_fds()[0]));
+  WorkerEnd c = RegisterKernel(103, 0, &granted, false, slot.get(), &kept);
+  EXPECT_TRUE(kept);
+  EXPECT_FALSE(granted);
+  EXPECT_EQ(manager_->kernel_placement()->slots(), 1u);
+  time_.Advance(absl::Milliseconds(200));
+  EXPECT_EQ(Weights(), (std::vector<uint64_t>{0, 1}));
+}
+
+TEST_F(KernelPlacementManagerTest, ReturnsListenerWithoutGrantsIsRefused) {
+  v1::Hello hello;
+  hello.set_returns_listener(true);
+  std::vector<v1::HandoffMessage> answers;
+  WorkerEnd a = SayHello(101, std::move(hello), answers, nullptr, group_.get());
+  ASSERT_EQ(answers.size(), 1u);
+  ASSERT_TRUE(answers[0].has_refusal());
+  EXPECT_EQ(answers[0].refusal().reason(), v1::REFUSAL_REASON_BAD_HELLO);
+  EXPECT_NE(answers[0].refusal().message().find("returns_listener"),
+            std::string::npos);
 }
 
 TEST_F(KernelPlacementLeastLoadedTest, LoadsUnevenForASecondAreRebalanced) {

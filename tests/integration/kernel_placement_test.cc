@@ -6,9 +6,12 @@
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <random>
@@ -20,12 +23,16 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/synchronization/mutex.h"
 #include "fdbroker/v1/broker.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "tests/integration/broker_process.h"
 #include "tests/integration/control_client.h"
 #include "tests/util/subprocess.h"
 #include "tests/util/test_util.h"
+#include "wire/files.h"
 
 namespace fdbroker::testing {
 namespace {
@@ -41,6 +48,34 @@ int ServedBy(int port, const std::string& source = "") {
   if (!r.ok() || r->status != 200) return 0;
   int pid = 0;
   return absl::SimpleAtoi(r->headers["x-worker-pid"], &pid) ? pid : 0;
+}
+
+double MetricOf(const std::string& metrics, const std::string& sample) {
+  std::map<std::string, double> samples =
+      MetricSamples(ScrapeMetrics(metrics).value_or(""));
+  auto it = samples.find(sample);
+  return it == samples.end() ? -1 : it->second;
+}
+
+// Waits until the placement program of the broker behind `metrics` weighs
+// the workers: of 10 fresh connections at least `min_kernel` are accepted
+// by workers themselves (10 when every worker has a listener: the broker's
+// own socket then weighs nothing).
+bool KernelPlaced(int port, const std::string& metrics, int min_kernel = 10) {
+  return WaitFor(
+      [&] {
+        const double before =
+            MetricOf(metrics, "fdbroker_connections_kernel_accepted_total");
+        for (int i = 0; i < 10; ++i) ServedBy(port);
+        return WaitFor(
+            [&] {
+              return MetricOf(metrics,
+                              "fdbroker_connections_kernel_accepted_total") >=
+                     before + min_kernel;
+            },
+            absl::Seconds(2));
+      },
+      absl::Seconds(30));
 }
 
 // A new keep-alive connection after one request on it; `pid` is the worker
@@ -67,30 +102,11 @@ class KernelPlacementTest : public ::testing::Test {
   std::vector<v1::Worker> Ready() { return ReadyWorkers(*stub_); }
 
   double Metric(const std::string& sample) {
-    std::map<std::string, double> samples =
-        MetricSamples(ScrapeMetrics(metrics_).value_or(""));
-    auto it = samples.find(sample);
-    return it == samples.end() ? -1 : it->second;
+    return MetricOf(metrics_, sample);
   }
 
-  // Waits until the placement program weighs the workers: of 10 fresh
-  // connections at least `min_kernel` are accepted by workers themselves
-  // (10 when every worker has a listener: the broker's own socket then
-  // weighs nothing).
   bool WaitForKernelPlacement(int port, int min_kernel = 10) {
-    return WaitFor(
-        [&] {
-          const double before =
-              Metric("fdbroker_connections_kernel_accepted_total");
-          for (int i = 0; i < 10; ++i) ServedBy(port);
-          return WaitFor(
-              [&] {
-                return Metric("fdbroker_connections_kernel_accepted_total") >=
-                       before + min_kernel;
-              },
-              absl::Seconds(2));
-        },
-        absl::Seconds(30));
+    return KernelPlaced(port, metrics_, min_kernel);
   }
 
   // Once a ready worker (of pid `pid`, if given) holds exactly one
@@ -495,6 +511,376 @@ TEST_F(KernelPlacementTest, SigkillUnderLoadLosesNoMoreThanHandoffMode) {
   EXPECT_EQ(kernel.timeouts, 0);
   EXPECT_EQ(handoff.timeouts, 0);
   EXPECT_LE(kernel.cut, 4 * kernel.kills);
+}
+
+// ---- Upgrades and crash adoption (the listeners travel too) -------------
+
+// Connection-per-request clients on `port` until Stop(): each request
+// answered 200 counts as served, anything else as failed.
+class RequestLoad {
+ public:
+  RequestLoad(int port, int threads) {
+    for (int t = 0; t < threads; ++t) {
+      threads_.emplace_back([this, port] {
+        while (!stop_) {
+          absl::StatusOr<HttpResponse> r =
+              HttpGetOnce("127.0.0.1", port, "/", absl::Seconds(15));
+          if (r.ok() && r->status == 200) {
+            ++served_;
+            continue;
+          }
+          ++failed_;
+          absl::MutexLock lock(&mu_);
+          if (first_failure_.empty()) {
+            first_failure_ = r.ok() ? absl::StrCat("HTTP ", r->status)
+                                    : r.status().ToString();
+          }
+        }
+      });
+    }
+  }
+  ~RequestLoad() { Stop(); }
+  void Stop() {
+    stop_ = true;
+    for (std::thread& t : threads_) t.join();
+    threads_.clear();
+  }
+  int served() const { return served_; }
+  int failed() const { return failed_; }
+  std::string first_failure() {
+    absl::MutexLock lock(&mu_);
+    return first_failure_;
+  }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::atomic<int> served_{0}, failed_{0};
+  absl::Mutex mu_;
+  std::string first_failure_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::thread> threads_;
+};
+
+// A broker on `first`'s hand-off socket (an --upgrade one, or a restart
+// after a crash) with `placement`, writing `ready`.
+absl::StatusOr<std::unique_ptr<Subprocess>> StartNextBroker(
+    const BrokerProcess& first, const std::string& ready,
+    std::vector<std::string> extra, const std::string& placement = "kernel") {
+  std::vector<std::string> argv = {
+      BinaryPath("fdbroker"),
+      "--control=127.0.0.1:0",
+      "--metrics=127.0.0.1:0",
+      "--listen=127.0.0.1:" + std::to_string(first.port()),
+      "--socket=" + first.socket_path(),
+      "--ready_file=" + ready,
+      "--placement=" + placement,
+      "--drain_timeout=5s"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  return Subprocess::Start(argv);
+}
+
+std::string ReadyValue(const std::string& ready, const std::string& key) {
+  std::string value;
+  WaitFor(
+      [&] {
+        absl::StatusOr<std::map<std::string, std::string>> values =
+            ReadKeyValueFile(ready);
+        if (!values.ok()) return false;
+        value = (*values)[key];
+        return !value.empty();
+      },
+      absl::Seconds(30));
+  return value;
+}
+
+std::unique_ptr<v1::BrokerService::Stub> StubFor(const std::string& control) {
+  return v1::BrokerService::NewStub(
+      grpc::CreateChannel(control, grpc::InsecureChannelCredentials()));
+}
+
+// Three upgrades in a row under connection-per-request load: the workers'
+// listeners travel in the UpgradeHandover, each moving worker returns its
+// own with its Hello and keeps accepting from it, and the group's indexes
+// stay valid (protocol.md §7.9, §7.10).
+TEST_F(KernelPlacementTest, ThreeUpgradesUnderLoadFailNothing) {
+  ASSERT_NO_FATAL_FAILURE(Start({"--workers=2", "--placement=kernel"}, 2));
+  BrokerProcess* broker = broker_.get();
+  const std::string& metrics = metrics_;
+  const std::vector<pid_t> workers = broker->WorkerPids();
+  for (pid_t w : workers) broker->process().KillOnDestruction(w);
+  const std::set<int> pool(workers.begin(), workers.end());
+  const int port = broker->port();
+  ASSERT_TRUE(KernelPlaced(port, metrics)) << broker->process().Output();
+
+  RequestLoad load(port, 2);
+  ASSERT_TRUE(WaitFor([&] { return load.served() > 100; }, absl::Seconds(20)));
+  std::vector<std::unique_ptr<Subprocess>> brokers;
+  Subprocess* running = &broker->process();
+  for (int i = 0; i < 3; ++i) {
+    const std::string ready = absl::StrCat(broker->dir(), "/ready-up-", i);
+    auto next = StartNextBroker(*broker, ready, {"--upgrade", "--workers=2"});
+    ASSERT_TRUE(next.ok()) << next.status();
+    for (pid_t w : workers) (*next)->KillOnDestruction(w);
+    absl::StatusOr<int> old_exit = running->Wait(absl::Seconds(30));
+    ASSERT_TRUE(old_exit.ok()) << running->Output() << (*next)->Output();
+    EXPECT_EQ(*old_exit, 0) << running->Output();
+    const std::string control = ReadyValue(ready, "control");
+    const std::string next_metrics = ReadyValue(ready, "metrics");
+    ASSERT_FALSE(control.empty() || next_metrics.empty()) << (*next)->Output();
+    auto next_stub = StubFor(control);
+    // The same workers (same pids), none started anew.
+    ASSERT_TRUE(WaitFor([&] { return ReadyPids(*next_stub) == pool; },
+                        absl::Seconds(20)))
+        << (*next)->Output();
+    const int served = load.served();
+    ASSERT_TRUE(WaitFor([&] { return load.served() > served + 100; },
+                        absl::Seconds(20)));
+    // Still placed by the kernel: the workers accept on their listeners.
+    ASSERT_TRUE(KernelPlaced(port, next_metrics)) << (*next)->Output();
+    EXPECT_NE((*next)->Output().find("back on its listener"), std::string::npos)
+        << (*next)->Output();
+    brokers.push_back(*std::move(next));
+    running = brokers.back().get();
+  }
+  load.Stop();
+  std::printf("3 upgrades under load: %d served, %d failed\n", load.served(),
+              load.failed());
+  EXPECT_EQ(load.failed(), 0) << load.first_failure() << "\n"
+                              << running->Output();
+  EXPECT_EQ(std::set<int>(workers.begin(), workers.end()), pool);
+  for (pid_t w : workers) EXPECT_FALSE(ProcessGone(w));
+}
+
+// An upgrade whose new broker fails before it is up (an unusable
+// certificate) leaves the running broker's kernel placement as it was.
+TEST_F(KernelPlacementTest, FailedUpgradeLeavesPlacementWorking) {
+  ASSERT_NO_FATAL_FAILURE(Start({"--workers=2", "--placement=kernel"}, 2));
+  BrokerProcess* broker = broker_.get();
+  const std::string& metrics = metrics_;
+  const std::vector<pid_t> workers = broker->WorkerPids();
+  const int port = broker->port();
+  ASSERT_TRUE(KernelPlaced(port, metrics)) << broker->process().Output();
+  const std::string garbage = broker->dir() + "/garbage.pem";
+  ASSERT_TRUE(wire::WriteFileAtomically(garbage, "not a certificate\n").ok());
+  RequestLoad load(port, 2);
+  auto failing =
+      StartNextBroker(*broker, broker->dir() + "/ready-failing",
+                      {"--upgrade", "--workers=2", "--tls_cert=" + garbage,
+                       "--tls_key=" + garbage});
+  ASSERT_TRUE(failing.ok());
+  absl::StatusOr<int> failed_exit = (*failing)->Wait(absl::Seconds(30));
+  ASSERT_TRUE(failed_exit.ok());
+  EXPECT_NE(*failed_exit, 0) << (*failing)->Output();
+  const int served = load.served();
+  ASSERT_TRUE(
+      WaitFor([&] { return load.served() > served + 100; }, absl::Seconds(20)));
+  load.Stop();
+  EXPECT_EQ(load.failed(), 0) << load.first_failure();
+  EXPECT_TRUE(broker->process().Running()) << broker->process().Output();
+  // Still placed by the kernel, on the same workers.
+  ASSERT_TRUE(KernelPlaced(port, metrics)) << broker->process().Output();
+  std::set<int> served_by;
+  for (int i = 0; i < 20; ++i) served_by.insert(ServedBy(port));
+  EXPECT_EQ(served_by, std::set<int>(workers.begin(), workers.end()));
+}
+
+// The inodes of the TCP listeners on 127.0.0.1:`port` (the members of its
+// SO_REUSEPORT group) that `pids` hold, from /proc.
+std::set<std::string> ListenersHeldBy(int port,
+                                      const std::vector<pid_t>& pids) {
+  char local[32];
+  std::snprintf(local, sizeof(local), "0100007F:%04X", port);
+  std::set<std::string> group;
+  std::ifstream tcp("/proc/net/tcp");
+  std::string line;
+  while (std::getline(tcp, line)) {
+    std::vector<std::string> fields =
+        absl::StrSplit(line, ' ', absl::SkipEmpty());
+    if (fields.size() > 9 && fields[1] == local && fields[3] == "0A") {
+      group.insert(fields[9]);
+    }
+  }
+  std::set<std::string> held;
+  for (pid_t pid : pids) {
+    const std::string dir = absl::StrCat("/proc/", pid, "/fd");
+    std::error_code error;
+    for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
+      const std::string target =
+          std::filesystem::read_symlink(entry.path(), error).string();
+      absl::string_view inode = target;
+      if (absl::ConsumePrefix(&inode, "socket:[") &&
+          absl::ConsumeSuffix(&inode, "]") &&
+          group.count(std::string(inode)) > 0) {
+        held.insert(std::string(inode));
+      }
+    }
+  }
+  return held;
+}
+
+// The broker is SIGKILLed under connection-per-request load and started
+// again with the same flags; its supervised workers survive and re-register
+// (protocol.md §7.8). In kernel mode they keep accepting from their
+// listeners meanwhile and return them with their Hello; the new broker,
+// which cannot know their group indexes, lets the kernel hash (§7.10).
+// Client errors are counted against --placement=handoff under the same
+// kill; afterwards both workers still get connections and a drained one
+// gets none (the broker holds its listener and accepts what lands there).
+TEST_F(KernelPlacementTest, BrokerSigkillUnderLoadIsAdoptedWithTheListeners) {
+  std::map<std::string, int> failed;
+  for (const std::string mode : {"handoff", "kernel"}) {
+    ASSERT_NO_FATAL_FAILURE(
+        Start({"--workers=2", "--placement=" + mode, "--drain_timeout=5s"}, 2));
+    const std::vector<pid_t> workers = broker_->WorkerPids();
+    for (pid_t w : workers) broker_->process().KillOnDestruction(w);
+    const std::set<int> pool(workers.begin(), workers.end());
+    const int port = broker_->port();
+    if (mode == "kernel") ASSERT_TRUE(WaitForKernelPlacement(port));
+    const std::set<std::string> worker_listeners =
+        ListenersHeldBy(port, workers);
+    RequestLoad load(port, 2);
+    ASSERT_TRUE(
+        WaitFor([&] { return load.served() > 100; }, absl::Seconds(20)));
+    ASSERT_TRUE(broker_->process().Signal(SIGKILL).ok());
+    ASSERT_TRUE(broker_->process().Wait(absl::Seconds(10)).ok());
+    const std::string ready = broker_->dir() + "/ready-restarted";
+    auto next = StartNextBroker(*broker_, ready, {"--workers=2"}, mode);
+    ASSERT_TRUE(next.ok()) << next.status();
+    for (pid_t w : workers) (*next)->KillOnDestruction(w);
+    const std::string control = ReadyValue(ready, "control");
+    const std::string metrics = ReadyValue(ready, "metrics");
+    ASSERT_FALSE(control.empty() || metrics.empty()) << (*next)->Output();
+    auto stub = StubFor(control);
+    ASSERT_TRUE(
+        WaitFor([&] { return ReadyPids(*stub) == pool; }, absl::Seconds(20)))
+        << (*next)->Output();
+    const int served = load.served();
+    ASSERT_TRUE(WaitFor([&] { return load.served() > served + 200; },
+                        absl::Seconds(20)));
+    load.Stop();
+    failed[mode] = load.failed();
+    std::printf(
+        "--placement=%s, broker SIGKILLed and started again under load: %d "
+        "served, %d failed (first: %s)\n",
+        mode.c_str(), load.served(), load.failed(),
+        load.first_failure().c_str());
+    if (mode == "kernel") {
+      // Every worker listener stayed in the group (nothing queued on one was
+      // reset): the new broker holds each (the workers returned them; they
+      // may have moved to fresh ones since, see below).
+      ASSERT_EQ(worker_listeners.size(), 2u);
+      const std::set<std::string> broker_holds =
+          ListenersHeldBy(port, {(*next)->pid()});
+      EXPECT_TRUE(std::includes(broker_holds.begin(), broker_holds.end(),
+                                worker_listeners.begin(),
+                                worker_listeners.end()))
+          << (*next)->Output();
+      // Once it holds every member the broker moves the workers to fresh
+      // listeners at indexes it knows: the weights apply again, so a batch
+      // of fresh connections is accepted by the workers themselves, none
+      // handed off (the broker's own socket weighs 0 without hand-off-only
+      // workers). Metrics sync twice a second: no growth within 1.5 s.
+      auto all_kernel_placed = [&] {
+        const double handed =
+            MetricOf(metrics, "fdbroker_connections_handed_off_total");
+        for (int i = 0; i < 20; ++i) ServedBy(port);
+        return !WaitFor(
+            [&] {
+              return MetricOf(metrics,
+                              "fdbroker_connections_handed_off_total") !=
+                     handed;
+            },
+            absl::Milliseconds(1500));
+      };
+      ASSERT_TRUE(WaitFor(all_kernel_placed, absl::Seconds(30)))
+          << (*next)->Output();
+      EXPECT_NE((*next)->Output().find("weights apply again"),
+                std::string::npos)
+          << (*next)->Output();
+      std::map<int, int> by_pid;
+      for (int i = 0; i < 100; ++i) ++by_pid[ServedBy(port)];
+      EXPECT_EQ(by_pid[0], 0);
+      for (pid_t w : workers) EXPECT_GT(by_pid[w], 10) << "pid " << w;
+      // A drained worker gets no new connection, and none is lost; the
+      // kernel itself places them on the other worker (the indexes are
+      // right), the broker hands none off.
+      v1::Worker victim = ReadyWorkers(*stub).front();
+      v1::DrainWorkerRequest request;
+      request.set_worker_id(victim.id());
+      request.mutable_timeout()->set_seconds(30);
+      v1::DrainWorkerResponse response;
+      ASSERT_TRUE(
+          stub->DrainWorker(RpcContext().get(), request, &response).ok());
+      int lost = 0, on_victim = 0;
+      for (int i = 0; i < 150; ++i) {
+        const int pid = ServedBy(port);
+        lost += pid == 0;
+        on_victim += pid == victim.pid();
+      }
+      EXPECT_EQ(lost, 0) << (*next)->Output();
+      EXPECT_EQ(on_victim, 0) << (*next)->Output();
+      EXPECT_TRUE(WaitFor(all_kernel_placed, absl::Seconds(30)))
+          << (*next)->Output();
+    }
+    next->reset();
+    broker_.reset();
+  }
+  // The workers kept accepting from their listeners while no broker ran.
+  EXPECT_LE(failed["kernel"], failed["handoff"]);
+}
+
+// A broker that adopted a crashed one's listeners and regained the layout
+// (fresh sockets at indexes it knows, the old ones held with weight 0) is
+// upgraded: the new broker gets every member but not their layout
+// (kernel_layout_unknown), hashes until the workers are back, then regains
+// it itself. No request fails throughout.
+TEST_F(KernelPlacementTest, UpgradeAfterCrashAdoptionRegainsTheLayout) {
+  ASSERT_NO_FATAL_FAILURE(Start({"--workers=2", "--placement=kernel"}, 2));
+  const std::vector<pid_t> workers = broker_->WorkerPids();
+  for (pid_t w : workers) broker_->process().KillOnDestruction(w);
+  const std::set<int> pool(workers.begin(), workers.end());
+  const int port = broker_->port();
+  ASSERT_TRUE(WaitForKernelPlacement(port));
+  ASSERT_TRUE(broker_->process().Signal(SIGKILL).ok());
+  ASSERT_TRUE(broker_->process().Wait(absl::Seconds(10)).ok());
+  RequestLoad load(port, 2);
+  std::vector<std::unique_ptr<Subprocess>> brokers;
+  for (const bool upgrade : {false, true}) {
+    const std::string ready =
+        absl::StrCat(broker_->dir(), "/ready-", upgrade ? "upgrade" : "crash");
+    auto next = StartNextBroker(
+        *broker_, ready,
+        upgrade ? std::vector<std::string>{"--upgrade", "--workers=2"}
+                : std::vector<std::string>{"--workers=2"});
+    ASSERT_TRUE(next.ok()) << next.status();
+    for (pid_t w : workers) (*next)->KillOnDestruction(w);
+    if (upgrade) {
+      absl::StatusOr<int> old_exit = brokers.back()->Wait(absl::Seconds(30));
+      ASSERT_TRUE(old_exit.ok()) << brokers.back()->Output();
+      EXPECT_EQ(*old_exit, 0) << brokers.back()->Output();
+    }
+    const std::string control = ReadyValue(ready, "control");
+    ASSERT_FALSE(control.empty()) << (*next)->Output();
+    auto stub = StubFor(control);
+    ASSERT_TRUE(
+        WaitFor([&] { return ReadyPids(*stub) == pool; }, absl::Seconds(20)))
+        << (*next)->Output();
+    ASSERT_TRUE(WaitFor(
+        [&] {
+          return (*next)->Output().find("weights apply again") !=
+                 std::string::npos;
+        },
+        absl::Seconds(20)))
+        << (*next)->Output();
+    const int served = load.served();
+    ASSERT_TRUE(WaitFor([&] { return load.served() > served + 100; },
+                        absl::Seconds(20)));
+    brokers.push_back(*std::move(next));
+  }
+  load.Stop();
+  std::printf("crash, adoption, upgrade: %d served, %d failed\n", load.served(),
+              load.failed());
+  EXPECT_EQ(load.failed(), 0) << load.first_failure() << "\n"
+                              << brokers.back()->Output();
 }
 
 }  // namespace

@@ -221,6 +221,21 @@ TEST(MessageChannelStaticTest, RequiredFdsAndBodyNames) {
   EXPECT_EQ(BodyName(HandoffMessage()), "none");
 }
 
+// Minor 4: a re-registering Hello carries the listener it returns; an
+// upgrade hand-over carries the kernel placement slots after the listeners.
+TEST(MessageChannelStaticTest, RequiredFdsDependOnTheFields) {
+  HandoffMessage hello;
+  hello.mutable_hello();
+  EXPECT_EQ(RequiredFds(hello), 0u);
+  hello.mutable_hello()->set_returns_listener(true);
+  EXPECT_EQ(RequiredFds(hello), 1u);
+  HandoffMessage handover;
+  handover.mutable_upgrade_handover()->add_more_listen_addresses("[::1]:80");
+  EXPECT_EQ(RequiredFds(handover), 3u);
+  handover.mutable_upgrade_handover()->set_kernel_slots(4);
+  EXPECT_EQ(RequiredFds(handover), 7u);
+}
+
 TEST_F(MessageChannelTest, SequenceNumbersStartAtOneAndIncrease) {
   for (uint64_t expected = 1; expected <= 5; ++expected) {
     HandoffMessage message = Heartbeat();

@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -760,6 +761,8 @@ auto LoadIs(uint64_t accepted_total, uint32_t active) {
   };
 }
 
+constexpr uint32_t kLoadIntervalMs = 50;
+
 // StartAndReadHello() and, if the worker set supports_listener_grant, a
 // Welcome with a ListenerLoad interval; false (the case skipped) if not.
 absl::StatusOr<bool> RegisterForListenerGrant(CaseContext& context) {
@@ -770,14 +773,17 @@ absl::StatusOr<bool> RegisterForListenerGrant(CaseContext& context) {
                      "hand-offs only"));
     return false;
   }
-  constexpr uint32_t kLoadIntervalMs = 50;
   KIT_RETURN_IF_ERROR(context.broker().SendWelcome(true, 1, kLoadIntervalMs));
   return true;
 }
 
-absl::Status ListenerGrant(CaseContext& context) {
+// RegisterForListenerGrant(), a loopback listener granted, and a client the
+// worker accepts from it itself and reports (no Ack, no Closed). Null if
+// the case was skipped.
+absl::StatusOr<std::unique_ptr<LoopbackListener>> GrantAndServeOne(
+    CaseContext& context) {
   KIT_ASSIGN_OR_RETURN(bool granting, RegisterForListenerGrant(context));
-  if (!granting) return absl::OkStatus();
+  if (!granting) return std::unique_ptr<LoopbackListener>();
   absl::StatusOr<std::unique_ptr<LoopbackListener>> tcp =
       LoopbackListener::Create();
   if (!tcp.ok()) return tcp.status();
@@ -785,7 +791,6 @@ absl::Status ListenerGrant(CaseContext& context) {
   grant.mutable_listener_grant()->set_listener(LocalAddress((*tcp)->fd()));
   const int fds[] = {(*tcp)->fd()};
   KIT_RETURN_IF_ERROR(context.broker().Send(std::move(grant), fds));
-  // The worker accepts a client itself and reports it; no Ack, no Closed.
   KIT_ASSIGN_OR_RETURN(wire::UniqueFd client, (*tcp)->ConnectClient());
   KIT_RETURN_IF_ERROR(
       context
@@ -799,16 +804,72 @@ absl::Status ListenerGrant(CaseContext& context) {
                                  "after that client closed",
                                  LoadIs(1, 0))
                           .status());
+  return *std::move(tcp);
+}
+
+absl::Status ListenerGrant(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(std::unique_ptr<LoopbackListener> tcp,
+                       GrantAndServeOne(context));
+  if (tcp == nullptr) return absl::OkStatus();  // Skipped.
   // Draining, it stops accepting and closes its copy: a client that comes
   // now is left in the queue for the broker.
   KIT_RETURN_IF_ERROR(context.broker().SendDrain(context.Deadline(), false));
   KIT_RETURN_IF_ERROR(AwaitGoodbyeAndExit(context));
-  KIT_ASSIGN_OR_RETURN(wire::UniqueFd late, (*tcp)->ConnectClient());
-  pollfd queued{(*tcp)->fd(), POLLIN, 0};
+  KIT_ASSIGN_OR_RETURN(wire::UniqueFd late, tcp->ConnectClient());
+  pollfd queued{tcp->fd(), POLLIN, 0};
   if (::poll(&queued, 1, 1000) != 1) {
     return Violation("§7.10 Listener grant",
                      "a client that connected after the worker drained "
                      "was not left in the listener's queue for the broker");
+  }
+  return absl::OkStatus();
+}
+
+// §7.10 Across upgrades and restarts: a worker that re-registers while it
+// holds a granted listener returns that very socket with its Hello, and
+// closes it when the Welcome does not keep it.
+absl::Status ListenerReturn(CaseContext& context) {
+  KIT_ASSIGN_OR_RETURN(std::unique_ptr<LoopbackListener> tcp,
+                       GrantAndServeOne(context));
+  if (tcp == nullptr) return absl::OkStatus();  // Skipped.
+  // The broker goes (an upgrade's Reconnect, or a crash: the same rule).
+  context.broker().CloseChannel();
+  KIT_RETURN_IF_ERROR(context.broker().Accept(context.Deadline()));
+  KIT_ASSIGN_OR_RETURN(Received again,
+                       context.broker().Receive(context.Deadline()));
+  if (!again.message.hello().returns_listener()) {
+    // Allowed (the broker then cannot hold it after a crash, and keeps the
+    // kernel's hash), but the listener is not checked.
+    return context.Skip(
+        "the re-registration Hello does not return the granted listener "
+        "(Hello.returns_listener unset)");
+  }
+  struct stat granted {
+  }, returned{};
+  ::fstat(tcp->fd(), &granted);
+  if (again.fds.size() != 1 || ::fstat(again.fds[0].get(), &returned) != 0 ||
+      returned.st_ino != granted.st_ino) {
+    return Violation("§7.10 Across upgrades and restarts",
+                     "the re-registration Hello does not return the granted "
+                     "listener (returns_listener, that socket attached)");
+  }
+  // Not kept: the worker closes its copy. Once it has reported its load on
+  // the new channel it has read the Welcome; a client that comes then is
+  // left in the queue for the broker.
+  KIT_RETURN_IF_ERROR(
+      context.broker().SendWelcome(true, 2, kLoadIntervalMs, false));
+  KIT_RETURN_IF_ERROR(
+      context
+          .Await("ListenerLoad on the new channel (§7.10: reported again "
+                 "after re-registering)",
+                 LoadIs(1, 0))
+          .status());
+  KIT_ASSIGN_OR_RETURN(wire::UniqueFd late, tcp->ConnectClient());
+  pollfd queued{tcp->fd(), POLLIN, 0};
+  if (::poll(&queued, 1, 1000) != 1) {
+    return Violation("§7.10 Across upgrades and restarts",
+                     "the worker kept accepting from a returned listener the "
+                     "Welcome did not keep (listener_kept false)");
   }
   return absl::OkStatus();
 }
@@ -1427,6 +1488,12 @@ const std::vector<Case>& AllCases() {
        "Ack, no Closed), and left to the broker on Drain",
        {},
        ListenerGrant},
+      {"listener-return",
+       "§7.10 Listener grant",
+       "re-registering, the worker returns its granted listener with the "
+       "Hello (returns_listener) and closes it unless listener_kept",
+       {"reconnect"},
+       ListenerReturn},
       {"error-listener-grant-not-listening",
        "§7.10 Listener grant",
        "a ListenerGrant whose fd is a connected socket, not a listening "

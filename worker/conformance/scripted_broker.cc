@@ -345,7 +345,8 @@ absl::Status ScriptedBroker::Send(v1::HandoffMessage message,
 }
 
 absl::Status ScriptedBroker::SendWelcome(bool supervised, uint64_t worker_id,
-                                         uint32_t listener_load_interval_ms) {
+                                         uint32_t listener_load_interval_ms,
+                                         bool listener_kept) {
   v1::HandoffMessage message;
   v1::Welcome* welcome = message.mutable_welcome();
   welcome->mutable_version()->set_major(wire::kProtocolMajor);
@@ -357,6 +358,7 @@ absl::Status ScriptedBroker::SendWelcome(bool supervised, uint64_t worker_id,
       static_cast<uint32_t>(absl::ToInt64Milliseconds(heartbeat_timeout_)));
   welcome->set_supervised(supervised);
   welcome->set_listener_load_interval_ms(listener_load_interval_ms);
+  welcome->set_listener_kept(listener_kept);
   listener_load_expected_ = listener_load_interval_ms > 0;
   welcome->set_worker_timeout_ms(
       static_cast<uint32_t>(absl::ToInt64Milliseconds(worker_timeout_)));

@@ -71,7 +71,8 @@ class ScriptedBroker {
   absl::Status Send(v1::HandoffMessage message, absl::Span<const int> fds = {});
   // `listener_load_interval_ms` > 0: ListenerGrants follow (minor 4).
   absl::Status SendWelcome(bool supervised = true, uint64_t worker_id = 1,
-                           uint32_t listener_load_interval_ms = 0);
+                           uint32_t listener_load_interval_ms = 0,
+                           bool listener_kept = false);
   // Sends a Connection for `fd` (which the caller keeps, as the broker keeps
   // its copy until the Ack) and records it as awaiting an answer.
   absl::Status SendConnection(uint64_t id, int fd,

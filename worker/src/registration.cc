@@ -103,14 +103,14 @@ absl::Status RefusalToStatus(const v1::Refusal& refusal) {
 
 absl::StatusOr<std::unique_ptr<wire::MessageChannel>> SendHello(
     const std::string& socket_path, v1::HandoffMessage& hello,
-    absl::Time connect_deadline, wire::SysCalls& sys) {
+    absl::Time connect_deadline, wire::SysCalls& sys, int attached_fd) {
   absl::StatusOr<wire::UniqueFd> socket =
       ConnectSocket(socket_path, connect_deadline);
   if (!socket.ok()) return socket.status();
   auto channel =
       std::make_unique<wire::MessageChannel>(*std::move(socket), sys);
   // A fresh socket's send buffer is empty, so Hello cannot meet EAGAIN.
-  absl::StatusOr<wire::SendResult> sent = channel->Send(hello);
+  absl::StatusOr<wire::SendResult> sent = channel->Send(hello, attached_fd);
   if (!sent.ok() || *sent != wire::SendResult::kSent) {
     return absl::UnavailableError(absl::StrCat(
         "cannot send Hello to the broker at ", socket_path, ": ",

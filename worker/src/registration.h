@@ -41,9 +41,11 @@ absl::StatusOr<Registration> Register(const std::string& socket_path,
 // is retried until `connect_deadline`; pass absl::Now() to fail at once.
 // Unavailable if nobody listens at `socket_path`; PermissionDenied if a
 // process of another uid than ours or root's does (SO_PEERCRED).
+// `attached_fd` (-1: none) goes with it: the listener a Hello with
+// returns_listener gives back (the caller keeps its copy).
 absl::StatusOr<std::unique_ptr<wire::MessageChannel>> SendHello(
     const std::string& socket_path, v1::HandoffMessage& hello,
-    absl::Time connect_deadline, wire::SysCalls& sys);
+    absl::Time connect_deadline, wire::SysCalls& sys, int attached_fd = -1);
 
 // Checks the broker's first message on a channel. Welcome: its body, if the
 // major version matches (else FailedPrecondition). Refusal:

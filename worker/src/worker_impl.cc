@@ -775,10 +775,15 @@ void WorkerImpl::TryRegisterLocked() {
   hello.mutable_hello()->set_was_supervised(supervised_);
   ListOwnedLocked(*hello.mutable_hello());
   registering_owned_ = hello.hello().owned_connections_size();
+  // The new broker must hold every listener of the group (protocol.md
+  // §7.10): ours goes with the Hello, and we go on accepting meanwhile.
+  registering_returned_listener_ = listener_.valid();
+  hello.mutable_hello()->set_returns_listener(registering_returned_listener_);
   closed_to_report_.clear();
   cut_to_report_.clear();
   absl::StatusOr<std::unique_ptr<wire::MessageChannel>> channel =
-      SendHello(socket_path_, hello, absl::Now(), sys_);
+      SendHello(socket_path_, hello, absl::Now(), sys_,
+                registering_returned_listener_ ? listener_.get() : -1);
   if (absl::IsPermissionDenied(channel.status())) {
     // Another user's process holds the path: retrying cannot help.
     GiveUpReconnectingLocked(channel.status().message());
@@ -928,6 +933,13 @@ void WorkerImpl::RegisteredLocked(const v1::Welcome& welcome) {
   // This broker counts the connections we accepted ourselves from the
   // report only.
   if (accepted_total_ > 0) LoadChangedLocked();
+  // Not kept: the broker holds a copy and accepts what is queued there.
+  if (registering_returned_listener_ && !welcome.listener_kept()) {
+    spdlog::info(
+        "fdbroker worker: the broker did not keep our listener {}; closing it",
+        listener_name_);
+    CloseListenerLocked();
+  }
   spdlog::info(
       "fdbroker worker: reconnected to the broker at {} as worker {} (was "
       "{}) with {} owned connections, {} ms after losing it (attempt {})",

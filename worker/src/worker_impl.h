@@ -281,6 +281,10 @@ class WorkerImpl final : public Worker {
   std::unique_ptr<wire::MessageChannel> registering_ ABSL_GUARDED_BY(mu_);
   // Owned connections listed in registering_'s Hello.
   size_t registering_owned_ ABSL_GUARDED_BY(mu_) = 0;
+  // The registering Hello gave our granted listener back
+  // (Hello.returns_listener; --placement=kernel after a broker restart or
+  // upgrade): Welcome.listener_kept says whether we keep accepting from it.
+  bool registering_returned_listener_ ABSL_GUARDED_BY(mu_) = false;
   MonoTime lost_at_ ABSL_GUARDED_BY(mu_);
   MonoTime reconnect_deadline_ ABSL_GUARDED_BY(mu_);
   MonoTime next_attempt_at_ ABSL_GUARDED_BY(mu_);
