@@ -39,7 +39,10 @@ keeps them, and hands the core their absolute figures (listener_load())
 at most every listener_load_interval; the core sends ListenerLoad when they
 changed. A Goodbye waits until the broker has heard `active: 0`. A bit-63
 connection can be released like an acked one; the broker then takes one off
-the figure it has, and so does the core.
+the figure it has, and so does the core. A re-registering Hello returns the
+latest granted listener while the driver still serves it (returns_listener,
+its fd attached); a Welcome without listener_kept hands it back to the
+driver to close (Events.unkept_listener).
 """
 
 import collections
@@ -622,8 +625,8 @@ class WorkerCore:
         """`listener`: returned with the Hello (its fd attached)."""
         attempt = Channel.connect(self._path)
         try:
-            if not attempt.send(hello,
-                                listener.fileno() if listener else None):
+            fd = listener.fileno() if listener is not None else None
+            if not attempt.send(hello, fd):
                 raise BlockingIOError("the new channel's buffer is full")
             self._epoll.register(attempt.fileno(), select.EPOLLIN)
         except BaseException:
