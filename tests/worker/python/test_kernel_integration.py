@@ -301,11 +301,16 @@ class KernelRunnerTest(unittest.TestCase):
         kernel_before = broker.metric(KERNEL_ACCEPTED)
         handed_before = broker.metric(HANDED_OFF)
         served = {kernel: 0, external.pid: 0}
-        for _ in range(80):
-            status, pid = fresh_get(broker.port)
-            self.assertEqual(status, 200)
-            served[pid] += 1
-        self.assertGreater(min(served.values()), 0, served)
+
+        def both_served() -> bool:
+            # The placement program gives the broker's socket its weight
+            # within 100 ms of the registration: batches until it has.
+            for _ in range(40):
+                status, pid = fresh_get(broker.port)
+                self.assertEqual(status, 200)
+                served[pid] += 1
+            return min(served.values()) > 0
+        wait_for(both_served, 20, "both workers served")
         wait_for(lambda: broker.metric(KERNEL_ACCEPTED) > kernel_before, 10,
                  "kernel-accepted connections")
         self.assertGreater(broker.metric(HANDED_OFF), handed_before)
