@@ -114,13 +114,15 @@ class FakeBroker:
     def welcome(self, interval_ms: int = 10000, timeout_ms: int = 60000,
                 worker_id: int = 7, supervised: bool = False,
                 worker_timeout_ms: int = 0,
-                listener_load_interval_ms: int = 0) -> None:
+                listener_load_interval_ms: int = 0,
+                listener_kept: bool = False) -> None:
         self.send(welcome=pb.Welcome(
             version=pb.ProtocolVersion(major=1), worker_id=worker_id,
             heartbeat_interval_ms=interval_ms,
             heartbeat_timeout_ms=timeout_ms, supervised=supervised,
             worker_timeout_ms=worker_timeout_ms,
-            listener_load_interval_ms=listener_load_interval_ms))
+            listener_load_interval_ms=listener_load_interval_ms,
+            listener_kept=listener_kept))
 
     def offer(self, connection_id: int, sock: socket.socket,
               initial_data: bytes = b"") -> None:

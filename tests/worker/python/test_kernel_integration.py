@@ -7,9 +7,10 @@ broker's kernel_accepted counter and per-worker active figures say so); a
 SIGTERM drain under connection-per-request load loses no request, and what
 the kernel queued on the drained worker's listener is served by the other;
 Rebalance moves keep-alive clients of kernel-accepted connections; a mixed
-pool with a worker that takes hand-offs only. Each test starts its own
-broker on 127.0.0.1 port 0, waits by polling (every wait bounded) and kills
-only what it started, by pid."""
+pool with a worker that takes hand-offs only; a broker SIGKILLed under
+load and started again adopts the workers with the listeners they return.
+Each test starts its own broker on 127.0.0.1 port 0, waits by polling
+(every wait bounded) and kills only what it started, by pid."""
 
 import concurrent.futures
 import json
@@ -21,7 +22,7 @@ import time
 import unittest
 from typing import Optional
 
-from broker_process import Broker, get, wait_for
+from broker_process import Broker, child_pids, get, wait_for
 from test_runner_integration import (EXAMPLES, KeepAlive, RunnerBroker,
                                      get_json, runner_cmd, worker_exit_codes)
 
@@ -35,6 +36,49 @@ def fresh_get(port: int, path: str = "/", timeout: float = 10.0
     """One request on a fresh connection: (status, the answering pid)."""
     status, body = get_json(port, path, timeout)
     return status, (body or {}).get("pid")
+
+
+def fresh_load(port: int, results: list[tuple], stop: threading.Event,
+               seconds: float) -> None:
+    """Connection-per-request load until `stop` is set, for `seconds` at
+    most (bounded whatever happens): appends each request's (status, pid),
+    or (the error, None)."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            results.append(fresh_get(port, timeout=20))
+        except OSError as error:
+            results.append((repr(error), None))
+
+
+def await_more(results: list[tuple], count: int, what: str) -> int:
+    """Waits (20 s at most) until `count` more results came; how many there
+    were before."""
+    before = len(results)
+    wait_for(lambda: len(results) >= before + count, 20, what)
+    return before
+
+
+def listeners_held_by(port: int, pids: set[int]) -> set[int]:
+    """Inodes of the TCP listeners on 127.0.0.1:`port` (the SO_REUSEPORT
+    group) that any of `pids` holds an fd of."""
+    group = set()
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if (fields[1] == "0100007F:%04X" % port and
+                    fields[3] == "0A"):  # TCP_LISTEN
+                group.add(int(fields[9]))
+    held = set()
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except FileNotFoundError:
+                continue  # closed meanwhile
+            if target.startswith("socket:["):
+                held.add(int(target[len("socket:["):-1]))
+    return group & held
 
 
 class KernelRunnerTest(unittest.TestCase):
@@ -126,17 +170,9 @@ class KernelRunnerTest(unittest.TestCase):
         kernel_before = broker.metric(KERNEL_ACCEPTED)
         results: list[tuple] = []
         stop = threading.Event()
-
-        def load() -> None:
-            deadline = time.monotonic() + 40  # bounded whatever happens
-            while not stop.is_set() and time.monotonic() < deadline:
-                try:
-                    results.append(fresh_get(broker.port, timeout=20))
-                except OSError as error:
-                    results.append((repr(error), None))
-
         with concurrent.futures.ThreadPoolExecutor(4 + 16) as pool:
-            loaders = [pool.submit(load) for _ in range(4)]
+            loaders = [pool.submit(fresh_load, broker.port, results, stop, 40)
+                       for _ in range(4)]
             try:
                 wait_for(lambda: len(results) >= 50, 20, "load")
                 wait_for(lambda: broker.metric(KERNEL_ACCEPTED) >=
@@ -151,9 +187,7 @@ class KernelRunnerTest(unittest.TestCase):
                 os.kill(victim, signal.SIGCONT)
                 wait_for(lambda: victim not in broker.worker_pids(), 15,
                          f"the drained worker's exit\n{broker.log()}")
-                after = len(results)
-                wait_for(lambda: len(results) >= after + 40, 20,
-                         "load after the drain")
+                after = await_more(results, 40, "load after the drain")
             finally:
                 stop.set()
                 if victim in broker.worker_pids():
@@ -171,6 +205,67 @@ class KernelRunnerTest(unittest.TestCase):
               f"requests, 0 failed; the broker handed "
               f"{broker.metric(HANDED_OFF) - handed_before:.0f} from the "
               "drained worker's queue")
+
+    def test_broker_sigkill_under_load_is_adopted_with_the_listeners(
+            self) -> None:
+        """The broker SIGKILLed under connection-per-request load and
+        started again on the same --socket and port: the workers keep
+        accepting from their listeners meanwhile and return them with their
+        re-registering Hello (§7.10), so the new broker holds every member
+        of the group, moves the workers to fresh listeners and the weights
+        apply again. No request fails; both workers are listed and accept
+        by themselves after."""
+        cmd = runner_cmd("fastapi_app:app", EXAMPLES,
+                         "--timeout-keep-alive=60")
+        first, pids = self.serve("fastapi_app:app", EXAMPLES)
+        granted = listeners_held_by(first.port, pids)
+        self.assertEqual(len(granted), 2)
+        results: list[tuple] = []
+        stop = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            loaders = [pool.submit(fresh_load, first.port, results, stop, 60)
+                       for _ in range(2)]
+            try:
+                wait_for(lambda: len(results) >= 50, 20, "load")
+                self.assertEqual(first.stop(signal.SIGKILL), -signal.SIGKILL)
+                at_kill = len(results)
+                second = RunnerBroker(
+                    self, 2, cmd, KERNEL, f"--listen=127.0.0.1:{first.port}",
+                    metrics=True, socket_path=first.socket_path)
+                second.known_workers |= pids
+                wait_for(lambda: set(second.loads()) == pids, 20,
+                         f"both workers re-registered\n{second.log()}")
+                wait_for(lambda: "2 worker(s) moved to fresh listeners; "
+                         "weights apply again" in second.log(), 20,
+                         f"the layout regained\n{second.log()}")
+                await_more(results, 100, "load after the restart")
+            finally:
+                stop.set()
+            for loader in loaders:
+                loader.result(timeout=30)
+        failed = [r for r in results if r[0] != 200]
+        self.assertEqual(failed, [], f"{len(failed)} of {len(results)} "
+                         "failed")
+        self.assertEqual(child_pids(second.pid), set())  # adopted, none new
+        # Returned, so held by the new broker: never left the group (what
+        # the kernel queued there was not reset).
+        self.assertEqual(second.log().count("adopted the listener it "
+                                            "returned"), 2, second.log())
+        self.assertLessEqual(granted,
+                             listeners_held_by(first.port, {second.pid}))
+        # Placed by the kernel on the workers' fresh listeners again: none
+        # handed off, both serve, the broker counts what they accept.
+        self.wait_kernel_placed(second)
+        kernel_before = second.metric(KERNEL_ACCEPTED)
+        served = {fresh_get(second.port)[1] for _ in range(40)}
+        self.assertEqual(served, pids)
+        wait_for(lambda: second.metric(KERNEL_ACCEPTED) >= kernel_before + 40,
+                 10, f"{KERNEL_ACCEPTED} to grow by 40")
+        print(f"\n  broker SIGKILL under load: {len(results)} requests "
+              f"({len(results) - at_kill} after the kill), 0 failed; both "
+              "listeners returned, layout regained")
+        self.assertEqual(second.stop(), 0, second.log())
+        self.assertNotIn("Traceback", second.log())
 
     def test_rebalance_moves_kernel_accepted_keep_alive_clients(
             self) -> None:
@@ -206,11 +301,16 @@ class KernelRunnerTest(unittest.TestCase):
         kernel_before = broker.metric(KERNEL_ACCEPTED)
         handed_before = broker.metric(HANDED_OFF)
         served = {kernel: 0, external.pid: 0}
-        for _ in range(80):
-            status, pid = fresh_get(broker.port)
-            self.assertEqual(status, 200)
-            served[pid] += 1
-        self.assertGreater(min(served.values()), 0, served)
+
+        def both_served() -> bool:
+            # The placement program gives the broker's socket its weight
+            # within 100 ms of the registration: batches until it has.
+            for _ in range(40):
+                status, pid = fresh_get(broker.port)
+                self.assertEqual(status, 200)
+                served[pid] += 1
+            return min(served.values()) > 0
+        wait_for(both_served, 20, "both workers served")
         wait_for(lambda: broker.metric(KERNEL_ACCEPTED) > kernel_before, 10,
                  "kernel-accepted connections")
         self.assertGreater(broker.metric(HANDED_OFF), handed_before)

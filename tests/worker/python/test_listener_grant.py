@@ -1,9 +1,11 @@
 """create_server() and start_server() with a granted listener (protocol
 1.4, §7.10) against a fake broker, on asyncio and on uvloop: real TCP
 clients connect to a real listening socket the fake broker grants; the
-worker accepts them with the loop's own accept loop, reports ListenerLoad (no Ack, no Closed), releases
-one with its bit-63 id, closes its copy on Drain and says Goodbye only after
-`active: 0`, and a bad grant is a protocol error (the channel is lost)."""
+worker accepts them with the loop's own accept loop, reports ListenerLoad
+(no Ack, no Closed), releases one with its bit-63 id, closes its copy on
+Drain and says Goodbye only after `active: 0`, returns it with a
+re-registering Hello (one fd) and closes it unless the Welcome says
+listener_kept, and a bad grant is a protocol error (the channel is lost)."""
 
 import asyncio
 import os
@@ -186,6 +188,65 @@ class ListenerGrantTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(list(hello.owned_connections), [])
         self.broker.welcome(listener_load_interval_ms=INTERVAL_MS)
         await self.load_until(2, 2)
+
+    async def reregistered(self, kept: bool,
+                           granted: Optional[socket.socket] = None) -> None:
+        """The broker goes; the worker's re-registering Hello returns the
+        granted listener (`granted`, else the first: that very socket, one
+        fd) and the Welcome says `kept`; the worker reports its figures on
+        the new channel at once."""
+        self.broker.close_channel()
+        await asyncio.to_thread(self.broker.accept)
+        message, fds = await asyncio.to_thread(self.broker.receive_with_fds)
+        for fd in fds:
+            self.addCleanup(os.close, fd)
+        self.assertEqual(message.WhichOneof("body"), "hello")
+        self.assertTrue(message.hello.returns_listener)
+        self.assertEqual(len(fds), 1)
+        self.assertEqual(os.fstat(fds[0]).st_ino,
+                         os.fstat((granted or self.listener).fileno()).st_ino)
+        self.broker.welcome(listener_load_interval_ms=INTERVAL_MS,
+                            listener_kept=kept)
+        await self.load_until(1, 1)
+
+    async def test_reregistration_returns_the_listener_kept(self) -> None:
+        client = await self.granted_client()
+        await self.load_until(1, 1)
+        await self.reregistered(kept=True)
+        # Kept: it goes on accepting from it.
+        second = await self.connect()
+        self.assertEqual(await self.ask(second, b"b"), b"B")
+        self.assertEqual(await self.ask(client, b"c"), b"C")
+        await self.load_until(2, 2)
+
+    async def test_reregistration_returns_the_listener_not_kept(self) -> None:
+        client = await self.granted_client()
+        await self.load_until(1, 1)
+        await self.reregistered(kept=False)
+        # Not kept: closed (the broker accepts what is queued there); the
+        # connection accepted from it is still served.
+        await self.assert_left_to_the_broker()
+        self.assertEqual(await self.ask(client, b"c"), b"C")
+
+    async def test_reregistration_returns_the_latest_grant(self) -> None:
+        client = await self.granted_client()
+        other = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(other.close)
+        self.grant(other)
+        await self.load_until(1, 1)
+        # The first is closed once the second is served: only the second
+        # goes back.
+        await self.assert_left_to_the_broker()
+        await self.reregistered(kept=True, granted=other)
+        second = await asyncio.to_thread(socket.create_connection,
+                                         other.getsockname(), WAIT)
+        self.addCleanup(second.close)
+        self.assertEqual(await self.ask(second, b"b"), b"B")
+        self.assertEqual(await self.ask(client, b"c"), b"C")
+
+    async def test_first_hello_returns_no_listener(self) -> None:
+        await self.start()
+        self.assertFalse(self.hello.returns_listener)
 
     async def bad_grant(self, fds: tuple[int, ...]) -> None:
         await self.start()

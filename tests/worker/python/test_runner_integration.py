@@ -208,9 +208,10 @@ class RunnerBroker(Broker):
 
     def __init__(self, test: unittest.TestCase, workers: int,
                  worker_cmd: str, *flags: str, env: Optional[dict] = None,
-                 metrics: bool = False) -> None:
-        super().__init__(workers, extra_flags=flags, worker_cmd=worker_cmd,
-                         env=env, metrics=metrics)
+                 metrics: bool = False,
+                 socket_path: Optional[str] = None) -> None:
+        super().__init__(workers, socket_path, extra_flags=flags,
+                         worker_cmd=worker_cmd, env=env, metrics=metrics)
         test.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
         test.addCleanup(self.cleanup)
 

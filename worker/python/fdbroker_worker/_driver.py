@@ -247,6 +247,9 @@ class Driver:
         # Connections first, so that a drain in the same batch sees them.
         for connection in events.connections:
             self._adopt(connection)
+        if (events.unkept_listener is not None and
+                events.unkept_listener is self._listener):
+            self._close_listener()  # the new broker did not keep it
         if events.listener is not None:
             self._listener_granted(events.listener)
         if events.drain is not None:

@@ -39,7 +39,10 @@ keeps them, and hands the core their absolute figures (listener_load())
 at most every listener_load_interval; the core sends ListenerLoad when they
 changed. A Goodbye waits until the broker has heard `active: 0`. A bit-63
 connection can be released like an acked one; the broker then takes one off
-the figure it has, and so does the core.
+the figure it has, and so does the core. A re-registering Hello returns the
+latest granted listener while the driver still serves it (returns_listener,
+its fd attached); a Welcome without listener_kept hands it back to the
+driver to close (Events.unkept_listener).
 """
 
 import collections
@@ -213,6 +216,10 @@ class Events:
     release_requests: list[ReleaseRequest] = dataclasses.field(
         default_factory=list)
     listener: Optional[Listener] = None
+    # A listener this worker returned with its re-registering Hello and the
+    # Welcome did not keep (listener_kept false): the driver stops accepting
+    # from it and closes it (§7.10). Comes before `listener` when both do.
+    unkept_listener: Optional[socket.socket] = None
 
 
 ReleaseCallback = Callable[[bool], None]
@@ -379,6 +386,13 @@ class WorkerCore:
         # figures; those the current broker has heard (None: nothing yet).
         self.listener_load_interval = 0.0
         self._granted: Optional[Listener] = None
+        # The latest granted listener, the driver's (not closed here): a
+        # re-registering Hello returns it while it is open (fileno() is -1
+        # once the driver closes it); what the attempt in flight returned;
+        # one the Welcome did not keep, for the next Events.
+        self._serving: Optional[socket.socket] = None
+        self._returning: Optional[socket.socket] = None
+        self._unkept: Optional[socket.socket] = None
         self._listener_figures = (0, 0)
         self._reported_figures: Optional[tuple[int, int]] = None
 
@@ -459,7 +473,8 @@ class WorkerCore:
             drain = self._drain
         requests, self._release_requests = self._release_requests, []
         granted, self._granted = self._granted, None
-        return Events(ready, drain, requests, granted)
+        unkept, self._unkept = self._unkept, None
+        return Events(ready, drain, requests, granted, unkept)
 
     def listener_load(self, accepted_total: int, active: int) -> bool:
         """The driver's figures of the connections it accepted from granted
@@ -605,16 +620,20 @@ class WorkerCore:
             max_connections_per_message=max(
                 1, self._options.max_connections_per_message)))
 
-    def _send_hello(self, hello: "pb.HandoffMessage") -> None:
+    def _send_hello(self, hello: "pb.HandoffMessage",
+                    listener: Optional[socket.socket] = None) -> None:
+        """`listener`: returned with the Hello (its fd attached)."""
         attempt = Channel.connect(self._path)
         try:
-            if not attempt.send(hello):
+            fd = listener.fileno() if listener is not None else None
+            if not attempt.send(hello, fd):
                 raise BlockingIOError("the new channel's buffer is full")
             self._epoll.register(attempt.fileno(), select.EPOLLIN)
         except BaseException:
             attempt.close()
             raise
         self._registering = attempt
+        self._returning = listener
         self._attempt_deadline = self._clock() + self._options.connect_timeout
 
     def _receive_answer(self) -> None:
@@ -652,8 +671,21 @@ class WorkerCore:
         self._worker_timeout = welcome.worker_timeout_ms / 1000
         self.listener_load_interval = welcome.listener_load_interval_ms / 1000
         # This broker counts the connections we accepted ourselves from our
-        # reports only.
+        # reports only: it hears them now (§7.10: reported again after
+        # re-registering), before the driver may stop accepting.
         self._reported_figures = None
+        self._report_listener_load()
+        returned, self._returning = self._returning, None
+        if returned is not None and not welcome.listener_kept:
+            log.info("the broker did not keep the returned listener: "
+                     "closing it")
+            if self._serving is returned:
+                self._serving = None
+            if self._granted is not None and self._granted.socket is returned:
+                self._granted.socket.close()  # the driver never served it
+                self._granted = None
+            else:
+                self._unkept = returned
         if self._worker_timeout > 0:
             _dump_stacks_on_abort()
         self._last_sent = self._last_received = self._clock()
@@ -702,6 +734,7 @@ class WorkerCore:
         self._begin_drain(DrainCause.BROKER_LOST, None)
 
     def _close_registering(self) -> None:
+        self._returning = None
         if self._registering is not None:
             self._epoll.unregister(self._registering.fileno())
             self._registering.close()
@@ -756,18 +789,25 @@ class WorkerCore:
     def _try_register(self) -> None:
         self._attempts += 1
         hello = self._hello()
+        # §7.10: the listener we still accept from goes back with the Hello,
+        # so that the broker can hold it (the kernel's group stays whole).
+        returned = self._serving if (
+            self._serving is not None and self._serving.fileno() >= 0 and
+            not self.draining) else None
+        hello.hello.returns_listener = returned is not None
         self._list_owned(hello.hello)
         self._closed_to_report.clear()
         self._cut_to_report.clear()
         try:
-            self._send_hello(hello)
+            self._send_hello(hello, returned)
         except UntrustedBroker as error:
             return self._give_up(str(error))
         except (OSError, ProtocolError) as error:
             return self._fail_attempt(str(error))
         log.debug("re-registration attempt %d: Hello sent to %s with %d "
-                  "owned connections", self._attempts, self._path,
-                  len(hello.hello.owned_connections))
+                  "owned connections%s", self._attempts, self._path,
+                  len(hello.hello.owned_connections),
+                  " and the granted listener" if returned else "")
 
     def _list_owned(self, hello: "pb.Hello") -> None:
         """Fills Hello.owned_connections (and _unlisted). The Hello must fit
@@ -1041,6 +1081,7 @@ class WorkerCore:
         if self._granted is not None:
             self._granted.socket.close()  # never served: a newer one came
         self._granted = Listener(sock, grant.listener)
+        self._serving = sock
         log.info("accepting from the granted listener %s", grant.listener)
         return True
 
@@ -1139,6 +1180,7 @@ class WorkerCore:
                 self._drain.deadline = deadline
             return
         self.draining = True
+        self._serving = None  # the driver closes it
         self._drain = Drain(cause, deadline, release_idle)
         self._drain_to_announce = True
 
