@@ -30,6 +30,7 @@
 #include "gtest/gtest.h"
 #include "tests/integration/broker_process.h"
 #include "tests/integration/control_client.h"
+#include "tests/integration/request_load.h"
 #include "tests/util/subprocess.h"
 #include "tests/util/test_util.h"
 #include "wire/files.h"
@@ -514,51 +515,6 @@ TEST_F(KernelPlacementTest, SigkillUnderLoadLosesNoMoreThanHandoffMode) {
 }
 
 // ---- Upgrades and crash adoption (the listeners travel too) -------------
-
-// Connection-per-request clients on `port` until Stop(): each request
-// answered 200 counts as served, anything else as failed.
-class RequestLoad {
- public:
-  RequestLoad(int port, int threads) {
-    for (int t = 0; t < threads; ++t) {
-      threads_.emplace_back([this, port] {
-        while (!stop_) {
-          absl::StatusOr<HttpResponse> r =
-              HttpGetOnce("127.0.0.1", port, "/", absl::Seconds(15));
-          if (r.ok() && r->status == 200) {
-            ++served_;
-            continue;
-          }
-          ++failed_;
-          absl::MutexLock lock(&mu_);
-          if (first_failure_.empty()) {
-            first_failure_ = r.ok() ? absl::StrCat("HTTP ", r->status)
-                                    : r.status().ToString();
-          }
-        }
-      });
-    }
-  }
-  ~RequestLoad() { Stop(); }
-  void Stop() {
-    stop_ = true;
-    for (std::thread& t : threads_) t.join();
-    threads_.clear();
-  }
-  int served() const { return served_; }
-  int failed() const { return failed_; }
-  std::string first_failure() {
-    absl::MutexLock lock(&mu_);
-    return first_failure_;
-  }
-
- private:
-  std::atomic<bool> stop_{false};
-  std::atomic<int> served_{0}, failed_{0};
-  absl::Mutex mu_;
-  std::string first_failure_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::thread> threads_;
-};
 
 // A broker on `first`'s hand-off socket (an --upgrade one, or a restart
 // after a crash) with `placement`, writing `ready`.

@@ -34,6 +34,7 @@
 #include "gtest/gtest.h"
 #include "tests/integration/broker_process.h"
 #include "tests/integration/line_client.h"
+#include "tests/integration/request_load.h"
 #include "tests/util/subprocess.h"
 #include "tests/util/test_util.h"
 #include "wire/files.h"
@@ -286,40 +287,18 @@ TEST(LifecycleTest, UpgradeUnderLoadLosesNothing) {
   auto wrk = Subprocess::Start({"wrk", "-t1", "-c16", "-d6s",
                                 absl::StrCat("http://127.0.0.1:", port, "/")});
   ASSERT_TRUE(wrk.ok()) << wrk.status();
-  std::atomic<bool> stop{false};
-  std::atomic<int> ok{0}, failed{0};
-  absl::Mutex mu;
-  std::string first_failure;  // Guarded by mu.
-  std::vector<std::thread> clients;
-  for (int t = 0; t < 2; ++t) {
-    clients.emplace_back([&] {
-      while (!stop) {
-        absl::StatusOr<HttpResponse> r =
-            HttpGetOnce("127.0.0.1", port, "/", absl::Seconds(10));
-        if (r.ok() && r->status == 200) {
-          ++ok;
-          continue;
-        }
-        ++failed;
-        absl::MutexLock lock(&mu);
-        if (first_failure.empty()) {
-          first_failure =
-              r.ok() ? absl::StrCat("HTTP ", r->status) : r.status().ToString();
-        }
-      }
-    });
-  }
-  ASSERT_TRUE(WaitFor([&] { return ok > 200; }, absl::Seconds(10)));
+  RequestLoad load(port, 2, absl::Seconds(10));
+  ASSERT_TRUE(WaitFor([&] { return load.served() > 200; }, absl::Seconds(10)));
 
   const std::string ready = broker->dir() + "/ready-upgrade";
   // The old broker finishes its hand-offs and exits cleanly.
   std::unique_ptr<Subprocess> upgraded;
   ASSERT_NO_FATAL_FAILURE(
       Upgrade(*broker, broker->process(), ready, workers, upgraded));
-  const int before = ok;
-  ASSERT_TRUE(WaitFor([&] { return ok > before + 200; }, absl::Seconds(10)));
-  stop = true;
-  for (std::thread& t : clients) t.join();
+  const int before = load.served();
+  ASSERT_TRUE(
+      WaitFor([&] { return load.served() > before + 200; }, absl::Seconds(10)));
+  load.Stop();
 
   absl::StatusOr<int> wrk_exit = (*wrk)->Wait(absl::Seconds(30));
   ASSERT_TRUE(wrk_exit.ok());
@@ -327,12 +306,12 @@ TEST(LifecycleTest, UpgradeUnderLoadLosesNothing) {
   EXPECT_EQ(report.find("Socket errors"), std::string::npos) << report;
   EXPECT_EQ(report.find("Non-2xx"), std::string::npos) << report;
   EXPECT_NE(report.find("requests in"), std::string::npos) << report;
-  absl::MutexLock lock(&mu);
-  EXPECT_EQ(failed, 0) << "connection-per-request clients failed, first: "
-                       << first_failure << "\nold broker:\n"
-                       << broker->process().Output() << "\nnew broker:\n"
-                       << upgraded->Output();
-  EXPECT_GT(ok, 400);
+  EXPECT_EQ(load.failed(), 0)
+      << "connection-per-request clients failed, first: "
+      << load.first_failure() << "\nold broker:\n"
+      << broker->process().Output() << "\nnew broker:\n"
+      << upgraded->Output();
+  EXPECT_GT(load.served(), 400);
 }
 
 // Upgrades in a row under connection-per-request load from `clients`
