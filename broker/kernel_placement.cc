@@ -1,21 +1,22 @@
 #include "broker/kernel_placement.h"
 
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
 #include "broker/balancing_policy.h"
-#include "broker/peer_credentials.h"
 #include "spdlog/spdlog.h"
 
 namespace fdbroker {
@@ -104,29 +105,65 @@ Listener::Options SlotOptions(const KernelPlacement::Options& options) {
 }
 
 // The TCP listeners of this network namespace bound to exactly `address`:
-// the members of its SO_REUSEPORT group (/proc/net/tcp{,6}, state 0A).
+// the members of its SO_REUSEPORT group. Asked of sock_diag with the state
+// filter, so the kernel walks only its listening sockets: the answer is
+// immediate and small however many connections the host has (reading
+// /proc/net/tcp would parse every one of them on the loop thread).
 absl::StatusOr<int> CountListeners(const wire::SocketAddress& address) {
-  std::string local;
-  const char* table;
+  wire::UniqueFd diag(
+      ::socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG));
+  if (!diag.valid()) return absl::ErrnoToStatus(errno, "sock_diag socket");
+  struct {
+    nlmsghdr header;
+    inet_diag_req_v2 request;
+  } query{};
+  query.header.nlmsg_len = sizeof(query);
+  query.header.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+  query.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+  query.request.sdiag_family = static_cast<uint8_t>(address.family());
+  query.request.sdiag_protocol = IPPROTO_TCP;
+  query.request.idiag_states = 1U << TCP_LISTEN;
+  sockaddr_nl kernel{};
+  kernel.nl_family = AF_NETLINK;
+  if (::sendto(diag.get(), &query, sizeof(query), 0,
+               reinterpret_cast<const sockaddr*>(&kernel),
+               sizeof(kernel)) < 0) {
+    return absl::ErrnoToStatus(errno, "sock_diag request");
+  }
+  const void* bound;
+  size_t bound_size;
+  uint16_t port;
   if (address.family() == AF_INET) {
     const auto* sin = reinterpret_cast<const sockaddr_in*>(&address.storage);
-    local = ProcNetAddress(&sin->sin_addr, 1, ntohs(sin->sin_port));
-    table = "/proc/net/tcp";
+    bound = &sin->sin_addr;
+    bound_size = sizeof(sin->sin_addr);
+    port = sin->sin_port;
   } else {
     const auto* sin6 = reinterpret_cast<const sockaddr_in6*>(&address.storage);
-    local = ProcNetAddress(&sin6->sin6_addr, 4, ntohs(sin6->sin6_port));
-    table = "/proc/net/tcp6";
+    bound = &sin6->sin6_addr;
+    bound_size = sizeof(sin6->sin6_addr);
+    port = sin6->sin6_port;
   }
-  std::ifstream in(table);
-  if (!in) return absl::UnavailableError(absl::StrCat("cannot read ", table));
   int count = 0;
-  std::string line;
-  while (std::getline(in, line)) {
-    std::vector<absl::string_view> fields =
-        absl::StrSplit(line, ' ', absl::SkipEmpty());
-    count += fields.size() > 3 && fields[1] == local && fields[3] == "0A";
+  alignas(nlmsghdr) char buffer[16384];
+  for (;;) {
+    const ssize_t n = ::recv(diag.get(), buffer, sizeof(buffer), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return absl::ErrnoToStatus(errno, "sock_diag answer");
+    if (n == 0) return absl::UnavailableError("sock_diag: no answer");
+    int length = static_cast<int>(n);
+    for (auto* h = reinterpret_cast<nlmsghdr*>(buffer); NLMSG_OK(h, length);
+         h = NLMSG_NEXT(h, length)) {
+      if (h->nlmsg_type == NLMSG_DONE) return count;
+      if (h->nlmsg_type == NLMSG_ERROR) {
+        const auto* error = static_cast<const nlmsgerr*>(NLMSG_DATA(h));
+        return absl::ErrnoToStatus(-error->error, "sock_diag");
+      }
+      const auto* socket = static_cast<const inet_diag_msg*>(NLMSG_DATA(h));
+      count += socket->id.idiag_sport == port &&
+               std::memcmp(socket->id.idiag_src, bound, bound_size) == 0;
+    }
   }
-  return count;
 }
 
 ino_t InodeOf(int fd) {

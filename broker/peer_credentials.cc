@@ -20,7 +20,10 @@
 #include "wire/socket_address.h"
 
 namespace fdbroker {
+namespace {
 
+// An address as /proc/net/tcp{,6} prints it: each 32-bit word of the
+// address in host byte order as %08X, then ":%04X" for the port.
 std::string ProcNetAddress(const void* address, size_t words, uint16_t port) {
   std::string out;
   const auto* word = static_cast<const uint32_t*>(address);
@@ -29,6 +32,8 @@ std::string ProcNetAddress(const void* address, size_t words, uint16_t port) {
   absl::StrAppendFormat(&out, ":%04X", port);
   return out;
 }
+
+}  // namespace
 
 absl::StatusOr<uid_t> TcpPeerUid(absl::string_view peer, uint16_t server_port,
                                  const std::string& proc_net) {

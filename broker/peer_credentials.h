@@ -11,11 +11,6 @@
 
 namespace fdbroker {
 
-// An address as /proc/net/tcp{,6} prints it: each 32-bit word of the
-// address (`words` of them) in host byte order as %08X, then ":%04X" for
-// the port.
-std::string ProcNetAddress(const void* address, size_t words, uint16_t port);
-
 // The uid owning the client end of a TCP connection to this host, looked up
 // in the kernel's socket tables (`/proc/net/tcp`, `tcp6`) as identd does:
 // the client socket is the one whose local address is `peer` and whose
