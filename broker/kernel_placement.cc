@@ -151,9 +151,14 @@ absl::StatusOr<int> CountListeners(const wire::SocketAddress& address) {
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return absl::ErrnoToStatus(errno, "sock_diag answer");
     if (n == 0) return absl::UnavailableError("sock_diag: no answer");
-    int length = static_cast<int>(n);
-    for (auto* h = reinterpret_cast<nlmsghdr*>(buffer); NLMSG_OK(h, length);
-         h = NLMSG_NEXT(h, length)) {
+    const size_t length = static_cast<size_t>(n);
+    size_t next = 0;
+    for (size_t at = 0; at + sizeof(nlmsghdr) <= length; at = next) {
+      const auto* h = reinterpret_cast<const nlmsghdr*>(buffer + at);
+      if (h->nlmsg_len < sizeof(nlmsghdr) || h->nlmsg_len > length - at) {
+        return absl::InternalError("sock_diag: a truncated answer");
+      }
+      next = at + NLMSG_ALIGN(h->nlmsg_len);
       if (h->nlmsg_type == NLMSG_DONE) return count;
       if (h->nlmsg_type == NLMSG_ERROR) {
         const auto* error = static_cast<const nlmsgerr*>(NLMSG_DATA(h));

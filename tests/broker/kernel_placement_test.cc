@@ -290,7 +290,9 @@ TEST(StickyPlacementProgramTest, BucketsFollowWeightsAndMoveOnlyWhenTheirs) {
   members[1].weight = 0;
   const std::vector<uint32_t> without = StickyBucketOwners(members);
   for (size_t b = 0; b < before.size(); ++b) {
-    if (before[b] != 1) EXPECT_EQ(without[b], before[b]) << b;
+    if (before[b] != 1) {
+      EXPECT_EQ(without[b], before[b]) << b;
+    }
     EXPECT_NE(without[b], 1u) << b;
   }
   // A new member takes buckets from the others and moves nothing else.

@@ -690,7 +690,9 @@ TEST_F(KernelPlacementTest, BrokerSigkillUnderLoadIsAdoptedWithTheListeners) {
     for (pid_t w : workers) broker_->process().KillOnDestruction(w);
     const std::set<int> pool(workers.begin(), workers.end());
     const int port = broker_->port();
-    if (mode == "kernel") ASSERT_TRUE(WaitForKernelPlacement(port));
+    if (mode == "kernel") {
+      ASSERT_TRUE(WaitForKernelPlacement(port));
+    }
     const std::set<std::string> worker_listeners =
         ListenersHeldBy(port, workers);
     RequestLoad load(port, 2);
