@@ -28,6 +28,7 @@
 #include "fdbroker/v1/handoff.pb.h"
 #include "gtest/gtest.h"
 #include "tests/integration/broker_process.h"
+#include "tests/integration/request_load.h"
 #include "tests/util/subprocess.h"
 #include "tests/util/test_util.h"
 #include "wire/fd_passing.h"
@@ -195,64 +196,6 @@ int HelloAsOtherUser(const std::string& path, uid_t uid) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
-// Connection-per-request clients in the background, counting answers and
-// errors, until stopped.
-class BackgroundClients {
- public:
-  BackgroundClients(int port, int threads) {
-    for (int i = 0; i < threads; ++i) {
-      threads_.emplace_back([this, port] {
-        while (!stop_) {
-          // Generous: a client placed on a peer that never acks is
-          // answered elsewhere after --ack_timeout.
-          const absl::Time start = absl::Now();
-          absl::StatusOr<HttpResponse> r =
-              HttpGetOnce("127.0.0.1", port, "/", absl::Seconds(15));
-          absl::MutexLock lock(&mu_);
-          slowest_ = std::max(slowest_, absl::Now() - start);
-          if (r.ok() && r->status == 200) {
-            ++answered_;
-            continue;
-          }
-          ++errors_;
-          if (first_error_.empty()) {
-            first_error_ = r.ok() ? absl::StrCat("status ", r->status)
-                                  : r.status().ToString();
-          }
-        }
-      });
-    }
-  }
-  ~BackgroundClients() { Stop(); }
-
-  void Stop() {
-    stop_ = true;
-    for (std::thread& t : threads_) {
-      if (t.joinable()) t.join();
-    }
-  }
-  int answered() const { return answered_; }
-  int errors() const { return errors_; }
-  std::string first_error() {
-    absl::MutexLock lock(&mu_);
-    return first_error_;
-  }
-  // The longest a request took so far.
-  absl::Duration slowest() {
-    absl::MutexLock lock(&mu_);
-    return slowest_;
-  }
-
- private:
-  std::atomic<bool> stop_{false};
-  std::atomic<int> answered_{0};
-  std::atomic<int> errors_{0};
-  absl::Mutex mu_;
-  std::string first_error_ ABSL_GUARDED_BY(mu_);
-  absl::Duration slowest_ ABSL_GUARDED_BY(mu_) = absl::ZeroDuration();
-  std::vector<std::thread> threads_;
-};
-
 class HostilePeersTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -295,20 +238,20 @@ class HostilePeersTest : public ::testing::Test {
     ASSERT_EQ(setup_error_, nullptr) << *setup_error_;
     ASSERT_GT(baseline_fds_, 0);
     log_before_ = broker_->process().Stderr().size();
-    clients_ = std::make_unique<BackgroundClients>(broker_->port(), 2);
+    clients_ = std::make_unique<RequestLoad>(broker_->port(), 2);
   }
 
   // After every peer: nobody else noticed, and nothing stayed behind.
   void TearDown() override {
     if (clients_ == nullptr) return;
     // Some traffic while the peer is gone too.
-    const int answered = clients_->answered();
-    WaitFor([&] { return clients_->answered() >= answered + 20; },
+    const int answered = clients_->served();
+    WaitFor([&] { return clients_->served() >= answered + 20; },
             absl::Seconds(10));
     clients_->Stop();
-    EXPECT_EQ(clients_->errors(), 0) << clients_->first_error() << "\n"
+    EXPECT_EQ(clients_->failed(), 0) << clients_->first_failure() << "\n"
                                      << Log();
-    EXPECT_GT(clients_->answered(), 0);
+    EXPECT_GT(clients_->served(), 0);
     std::vector<pid_t> workers = broker_->WorkerPids();
     std::sort(workers.begin(), workers.end());
     EXPECT_EQ(workers, *workers_) << "a real worker was replaced\n" << Log();
@@ -344,7 +287,7 @@ class HostilePeersTest : public ::testing::Test {
   static std::vector<pid_t>* workers_;
   static int baseline_fds_;
   static std::string* setup_error_;
-  std::unique_ptr<BackgroundClients> clients_;
+  std::unique_ptr<RequestLoad> clients_;
   size_t log_before_ = 0;
 };
 
@@ -537,7 +480,7 @@ TEST_F(HostilePeersTest, PeerOfAnotherUidIsRefused) {
   // The peers are forked children: fork with no other thread running (the
   // sanitizers' runtimes and malloc are happier), then traffic again.
   clients_->Stop();
-  EXPECT_EQ(clients_->errors(), 0) << clients_->first_error();
+  EXPECT_EQ(clients_->failed(), 0) << clients_->first_failure();
   const std::string path = broker_->socket_path();
   struct stat st;
   ASSERT_EQ(::stat(path.c_str(), &st), 0);
@@ -551,7 +494,7 @@ TEST_F(HostilePeersTest, PeerOfAnotherUidIsRefused) {
   ASSERT_EQ(::chmod(path.c_str(), 0600), 0);
   ASSERT_EQ(::chmod(broker_->dir().c_str(), dir.st_mode & 07777), 0);
   EXPECT_NE(Log().find("uid 65534"), std::string::npos) << Log();
-  clients_ = std::make_unique<BackgroundClients>(broker_->port(), 2);
+  clients_ = std::make_unique<RequestLoad>(broker_->port(), 2);
 }
 
 // Refused UpgradeRequests (a protocol major the broker does not speak, as
