@@ -53,6 +53,11 @@ ABSL_FLAG(std::string, placement, "handoff",
           "SO_REUSEPORT group on --listen and accepts itself; the broker "
           "steers the kernel by weights with a classic BPF program). kernel "
           "needs one TCP --listen without ,proxy_protocol.");
+ABSL_FLAG(absl::Duration, kernel_rebalance_after, absl::Seconds(1),
+          "With --placement=kernel and --policy=least_conn or p2c: worker "
+          "loads that stay more than 10% above even this long are evened "
+          "out by a rebalance (idle keep-alive connections released and "
+          "placed again), at most once per second. 0 turns it off.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "How long a draining worker may take before it is ended.");
 ABSL_FLAG(bool, rebalance_after_scale, false,
@@ -319,6 +324,25 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
         "group)");
   }
   config.listener.reuseport = config.kernel_placement;
+  using Mode = KernelPlacement::Options::Mode;
+  config.kernel.mode = config.policy == "ip_hash"       ? Mode::kSticky
+                       : config.policy == "round_robin" ? Mode::kWeighted
+                                                        : Mode::kLeastLoaded;
+  const absl::Duration rebalance_after =
+      absl::GetFlag(FLAGS_kernel_rebalance_after);
+  if (rebalance_after < absl::ZeroDuration() ||
+      rebalance_after == absl::InfiniteDuration()) {
+    return absl::InvalidArgumentError(
+        "--kernel_rebalance_after must be a duration such as 1s, or 0 (off)");
+  }
+  if (rebalance_after != absl::Seconds(1) &&
+      (!config.kernel_placement || config.kernel.mode != Mode::kLeastLoaded)) {
+    return absl::InvalidArgumentError(
+        "--kernel_rebalance_after applies to --placement=kernel with "
+        "--policy=least_conn or p2c (round_robin and ip_hash place by "
+        "weight only)");
+  }
+  config.kernel.uneven_for = rebalance_after;
 
   manager.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   manager.rebalance_after_scale = absl::GetFlag(FLAGS_rebalance_after_scale);

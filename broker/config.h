@@ -10,6 +10,7 @@
 #include "absl/time/time.h"
 #include "broker/connection_dispatcher.h"
 #include "broker/control_server.h"
+#include "broker/kernel_placement.h"
 #include "broker/listener.h"
 #include "broker/worker_manager.h"
 #include "wire/socket_address.h"
@@ -29,6 +30,9 @@ struct BrokerConfig {
   std::string policy;                    // --policy
   // --placement=kernel (Listener::Options::reuseport follows it).
   bool kernel_placement = false;
+  // With kernel_placement: the mode --policy asks of the kernel,
+  // --kernel_rebalance_after.
+  KernelPlacement::Options kernel;
   WorkerManager::Options manager;            // --workers, --max_workers,
                                              // --drain_timeout, heartbeats,
                                              // --worker_start_timeout,

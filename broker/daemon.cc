@@ -173,13 +173,8 @@ absl::Status Daemon::Init() {
   // them has registered here (UpgradeAccepting).
   if (config_.upgrade) listener_->Hold(true);
   if (config_.kernel_placement) {
-    KernelPlacement::Options placement;
-    using Mode = KernelPlacement::Options::Mode;
-    placement.mode = config_.policy == "ip_hash"       ? Mode::kSticky
-                     : config_.policy == "round_robin" ? Mode::kWeighted
-                                                       : Mode::kLeastLoaded;
     if (absl::Status s = manager_->EnableKernelPlacement(
-            listener_->fd(0), placement, sys, on_accept,
+            listener_->fd(0), config_.kernel, sys, on_accept,
             config_.upgrade ? &inherited_slots : nullptr);
         !s.ok()) {
       return s;

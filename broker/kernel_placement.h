@@ -148,7 +148,8 @@ class KernelPlacement {
     // for a rebalance (excess over ceil(mean) released and placed again by
     // the policy), at most once per `rebalance_interval`; after one, the
     // loads must stay uneven for another `uneven_for` (the first takes
-    // effect within a few reports).
+    // effect within a few reports). A zero `uneven_for` turns it off
+    // (--kernel_rebalance_after=0).
     double uneven_share = 0.1;
     absl::Duration uneven_for = absl::Seconds(1);
     absl::Duration rebalance_interval = absl::Seconds(1);

@@ -56,6 +56,35 @@ TEST(ConfigTest, KernelPlacementBindsWithReuseport) {
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_TRUE(config->kernel_placement);
   EXPECT_TRUE(config->listener.reuseport);
+  EXPECT_EQ(config->kernel.mode, KernelPlacement::Options::Mode::kLeastLoaded);
+  EXPECT_EQ(config->kernel.uneven_for, absl::Seconds(1));
+}
+
+TEST(ConfigTest, KernelPlacementModeFollowsThePolicy) {
+  absl::FlagSaver saver;
+  SetFlag("placement", "kernel");
+  SetFlag("listen", "127.0.0.1:0");
+  using Mode = KernelPlacement::Options::Mode;
+  for (const auto& [policy, mode] :
+       {std::pair{"least_conn", Mode::kLeastLoaded},
+        std::pair{"p2c", Mode::kLeastLoaded},
+        std::pair{"round_robin", Mode::kWeighted},
+        std::pair{"ip_hash", Mode::kSticky}}) {
+    SetFlag("policy", policy);
+    absl::StatusOr<BrokerConfig> config = ConfigFromFlags("/opt/fdbroker/bin");
+    ASSERT_TRUE(config.ok()) << config.status();
+    EXPECT_EQ(config->kernel.mode, mode) << policy;
+  }
+}
+
+TEST(ConfigTest, KernelRebalanceAfterZeroTurnsItOff) {
+  absl::FlagSaver saver;
+  SetFlag("placement", "kernel");
+  SetFlag("listen", "127.0.0.1:0");
+  SetFlag("kernel_rebalance_after", "0");
+  absl::StatusOr<BrokerConfig> config = ConfigFromFlags("/opt/fdbroker/bin");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->kernel.uneven_for, absl::ZeroDuration());
 }
 
 // The workers' listeners travel in the UpgradeHandover (protocol.md §7.9).
@@ -154,6 +183,19 @@ INSTANTIATE_TEST_SUITE_P(
         BadFlags{{{"placement", "kernel"},
                   {"listen", "127.0.0.1:80,proxy_protocol"}},
                  "--placement=kernel"},
+        BadFlags{{{"kernel_rebalance_after", "-1s"}},
+                 "--kernel_rebalance_after"},
+        BadFlags{{{"placement", "kernel"},
+                  {"listen", "127.0.0.1:0"},
+                  {"kernel_rebalance_after", "inf"}},
+                 "--kernel_rebalance_after"},
+        BadFlags{{{"kernel_rebalance_after", "5s"}},
+                 "--kernel_rebalance_after"},
+        BadFlags{{{"placement", "kernel"},
+                  {"listen", "127.0.0.1:0"},
+                  {"policy", "round_robin"},
+                  {"kernel_rebalance_after", "0"}},
+                 "--kernel_rebalance_after"},
         BadFlags{{{"drain_timeout", "0s"}}, "--drain_timeout"},
         BadFlags{{{"drain_timeout", "inf"}}, "--drain_timeout"},
         BadFlags{{{"heartbeat_interval", "-1s"}}, "--heartbeat_interval"},

@@ -276,6 +276,27 @@ TEST_F(KernelPlacementLeastLoadedTest, EvenEnoughOrUnequalWeightsAreLeft) {
   EXPECT_EQ(manager_->stats().placement_rebalances, 0u);
 }
 
+// --kernel_rebalance_after=0.
+class KernelPlacementNoRebalanceTest : public KernelPlacementManagerTest {
+ protected:
+  void SetUp() override {
+    options_.mode = KernelPlacement::Options::Mode::kLeastLoaded;
+    options_.uneven_for = absl::ZeroDuration();
+    KernelPlacementManagerTest::SetUp();
+  }
+};
+
+TEST_F(KernelPlacementNoRebalanceTest, UnevenLoadsAreLeftWhenTurnedOff) {
+  bool granted = false;
+  WorkerEnd a = RegisterKernel(101, 0, &granted, /*supports_release=*/true);
+  WorkerEnd b = RegisterKernel(102, 0, &granted, /*supports_release=*/true);
+  ASSERT_TRUE(a.Send(Load(20, 20)).ok());
+  ASSERT_TRUE(b.Send(Load(4, 4)).ok());
+  time_.Advance(absl::Seconds(3));
+  EXPECT_TRUE(ReleaseRequests(a).empty());
+  EXPECT_EQ(manager_->stats().placement_rebalances, 0u);
+}
+
 TEST_F(KernelPlacementManagerTest, RoundRobinDoesNotRebalance) {
   bool granted = false;
   WorkerEnd a = RegisterKernel(101, 0, &granted, /*supports_release=*/true);
