@@ -27,6 +27,15 @@ void SetFlag(const std::string& name, const std::string& value) {
   ASSERT_TRUE(flag->ParseFrom(value, &error)) << "--" << name << ": " << error;
 }
 
+// --placement=kernel on a loopback port, then `flags`.
+absl::StatusOr<BrokerConfig> KernelConfig(
+    const std::vector<std::pair<std::string, std::string>>& flags = {}) {
+  SetFlag("placement", "kernel");
+  SetFlag("listen", "127.0.0.1:0");
+  for (const auto& [name, value] : flags) SetFlag(name, value);
+  return ConfigFromFlags("/opt/fdbroker/bin");
+}
+
 TEST(ConfigTest, DefaultsAreValid) {
   absl::FlagSaver saver;
   absl::StatusOr<BrokerConfig> config = ConfigFromFlags("/opt/fdbroker/bin");
@@ -50,9 +59,7 @@ TEST(ConfigTest, DefaultsAreValid) {
 
 TEST(ConfigTest, KernelPlacementBindsWithReuseport) {
   absl::FlagSaver saver;
-  SetFlag("placement", "kernel");
-  SetFlag("listen", "127.0.0.1:0");
-  absl::StatusOr<BrokerConfig> config = ConfigFromFlags("/opt/fdbroker/bin");
+  absl::StatusOr<BrokerConfig> config = KernelConfig();
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_TRUE(config->kernel_placement);
   EXPECT_TRUE(config->listener.reuseport);
@@ -62,16 +69,13 @@ TEST(ConfigTest, KernelPlacementBindsWithReuseport) {
 
 TEST(ConfigTest, KernelPlacementModeFollowsThePolicy) {
   absl::FlagSaver saver;
-  SetFlag("placement", "kernel");
-  SetFlag("listen", "127.0.0.1:0");
   using Mode = KernelPlacement::Options::Mode;
   for (const auto& [policy, mode] :
        {std::pair{"least_conn", Mode::kLeastLoaded},
         std::pair{"p2c", Mode::kLeastLoaded},
         std::pair{"round_robin", Mode::kWeighted},
         std::pair{"ip_hash", Mode::kSticky}}) {
-    SetFlag("policy", policy);
-    absl::StatusOr<BrokerConfig> config = ConfigFromFlags("/opt/fdbroker/bin");
+    absl::StatusOr<BrokerConfig> config = KernelConfig({{"policy", policy}});
     ASSERT_TRUE(config.ok()) << config.status();
     EXPECT_EQ(config->kernel.mode, mode) << policy;
   }
@@ -79,10 +83,8 @@ TEST(ConfigTest, KernelPlacementModeFollowsThePolicy) {
 
 TEST(ConfigTest, KernelRebalanceAfterZeroTurnsItOff) {
   absl::FlagSaver saver;
-  SetFlag("placement", "kernel");
-  SetFlag("listen", "127.0.0.1:0");
-  SetFlag("kernel_rebalance_after", "0");
-  absl::StatusOr<BrokerConfig> config = ConfigFromFlags("/opt/fdbroker/bin");
+  absl::StatusOr<BrokerConfig> config =
+      KernelConfig({{"kernel_rebalance_after", "0"}});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->kernel.uneven_for, absl::ZeroDuration());
 }
@@ -90,10 +92,7 @@ TEST(ConfigTest, KernelRebalanceAfterZeroTurnsItOff) {
 // The workers' listeners travel in the UpgradeHandover (protocol.md §7.9).
 TEST(ConfigTest, KernelPlacementAllowsUpgrade) {
   absl::FlagSaver saver;
-  SetFlag("placement", "kernel");
-  SetFlag("listen", "127.0.0.1:0");
-  SetFlag("upgrade", "true");
-  absl::StatusOr<BrokerConfig> config = ConfigFromFlags("/opt/fdbroker/bin");
+  absl::StatusOr<BrokerConfig> config = KernelConfig({{"upgrade", "true"}});
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_TRUE(config->kernel_placement);
   EXPECT_TRUE(config->upgrade);

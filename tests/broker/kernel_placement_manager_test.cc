@@ -77,6 +77,18 @@ class KernelPlacementManagerTest : public DataPlaneTest {
     return end;
   }
 
+  // Two equal workers whose loads stay 20 / 4 for 3 s: no rebalance.
+  void ExpectUnevenLoadsLeft() {
+    bool granted = false;
+    WorkerEnd a = RegisterKernel(101, 0, &granted, /*supports_release=*/true);
+    WorkerEnd b = RegisterKernel(102, 0, &granted, /*supports_release=*/true);
+    ASSERT_TRUE(a.Send(Load(20, 20)).ok());
+    ASSERT_TRUE(b.Send(Load(4, 4)).ok());
+    time_.Advance(absl::Seconds(3));
+    EXPECT_TRUE(ReleaseRequests(a).empty());
+    EXPECT_EQ(manager_->stats().placement_rebalances, 0u);
+  }
+
   v1::HandoffMessage Load(uint64_t accepted_total, uint32_t active) {
     v1::HandoffMessage m;
     m.mutable_listener_load()->set_accepted_total(accepted_total);
@@ -287,25 +299,11 @@ class KernelPlacementNoRebalanceTest : public KernelPlacementManagerTest {
 };
 
 TEST_F(KernelPlacementNoRebalanceTest, UnevenLoadsAreLeftWhenTurnedOff) {
-  bool granted = false;
-  WorkerEnd a = RegisterKernel(101, 0, &granted, /*supports_release=*/true);
-  WorkerEnd b = RegisterKernel(102, 0, &granted, /*supports_release=*/true);
-  ASSERT_TRUE(a.Send(Load(20, 20)).ok());
-  ASSERT_TRUE(b.Send(Load(4, 4)).ok());
-  time_.Advance(absl::Seconds(3));
-  EXPECT_TRUE(ReleaseRequests(a).empty());
-  EXPECT_EQ(manager_->stats().placement_rebalances, 0u);
+  ExpectUnevenLoadsLeft();
 }
 
 TEST_F(KernelPlacementManagerTest, RoundRobinDoesNotRebalance) {
-  bool granted = false;
-  WorkerEnd a = RegisterKernel(101, 0, &granted, /*supports_release=*/true);
-  WorkerEnd b = RegisterKernel(102, 0, &granted, /*supports_release=*/true);
-  ASSERT_TRUE(a.Send(Load(20, 20)).ok());
-  ASSERT_TRUE(b.Send(Load(4, 4)).ok());
-  time_.Advance(absl::Seconds(3));
-  EXPECT_TRUE(ReleaseRequests(a).empty());
-  EXPECT_EQ(manager_->stats().placement_rebalances, 0u);
+  ExpectUnevenLoadsLeft();
 }
 
 }  // namespace
