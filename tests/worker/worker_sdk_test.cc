@@ -30,7 +30,9 @@
 #include "gtest/gtest.h"
 #include "tests/util/test_util.h"
 #include "tests/worker/fake_broker.h"
+#include "wire/message_channel.h"
 #include "wire/sanitized.h"
+#include "wire/socket_address.h"
 
 namespace fdbroker::worker {
 namespace {
@@ -465,6 +467,50 @@ TEST_F(WorkerSdkTest, ConnectionArrivesAsTheSameSocketAndIsAcked) {
   EXPECT_EQ(std::string(buffer, 4), "ping");
   // Close-on-exec, so that it does not leak into children.
   EXPECT_NE(::fcntl(connection.fd.get(), F_GETFD) & FD_CLOEXEC, 0);
+}
+
+// --placement=kernel: connections the SDK accepts from a granted listener
+// carry that listener's name, the client's address and the address it
+// connected to (from the listener's own address unless that is a
+// wildcard, then from the connection).
+TEST_F(WorkerSdkTest, ConnectionsFromAGrantedListenerCarryTheirAddresses) {
+  for (const char* bind : {"127.0.0.1:0", "0.0.0.0:0"}) {
+    SCOPED_TRACE(bind);
+    broker_ = std::make_unique<FakeBroker>();
+    delivered_.clear();
+    Register(DefaultOptions());
+    absl::StatusOr<wire::SocketAddress> address =
+        wire::SocketAddress::Parse(bind);
+    ASSERT_TRUE(address.ok());
+    wire::UniqueFd listener(
+        ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    ASSERT_EQ(::bind(listener.get(), address->addr(), address->length), 0);
+    ASSERT_EQ(::listen(listener.get(), 16), 0);
+    absl::StatusOr<wire::SocketAddress> bound =
+        wire::SocketAddress::Of(listener.get());
+    ASSERT_TRUE(bound.ok());
+    HandoffMessage grant;
+    grant.mutable_listener_grant()->set_listener(bound->ToString());
+    ASSERT_TRUE(broker_->Send(grant, listener.get()).ok());
+
+    absl::StatusOr<wire::UniqueFd> client =
+        testing::ConnectTcp("127.0.0.1", bound->port());
+    ASSERT_TRUE(client.ok()) << client.status();
+    ASSERT_TRUE(PumpUntil([&] { return !delivered_.empty(); }));
+    ClientConnection& connection = delivered_[0];
+    EXPECT_NE(connection.id & wire::kWorkerAcceptedIdBit, 0u);
+    EXPECT_EQ(connection.listener, bound->ToString());
+    EXPECT_EQ(connection.local_address,
+              absl::StrCat("127.0.0.1:", bound->port()));
+    absl::StatusOr<wire::SocketAddress> client_address =
+        wire::SocketAddress::Of(client->get());
+    ASSERT_TRUE(client_address.ok());
+    EXPECT_EQ(connection.peer_address, client_address->ToString());
+    EXPECT_EQ(worker_->active_connections(), 1u);
+    worker_->ConnectionClosed(connection.id);
+    EXPECT_EQ(worker_->active_connections(), 0u);
+    worker_.reset();
+  }
 }
 
 TEST_F(WorkerSdkTest, SeveralConnectionsAreAckedInOneBatch) {

@@ -9,6 +9,7 @@
 #include "absl/status/statusor.h"
 #include "connection_source.h"
 #include "fdbroker/worker.h"
+#include "wire/message_channel.h"
 
 namespace fdbroker::http {
 
@@ -34,7 +35,11 @@ class BrokerSource final : public ConnectionSource {
   int pollable_fd() const override { return worker_->pollable_fd(); }
   absl::Duration OnReadable(ConnectionSink& sink) override;
   void StopTaking(ConnectionSink& sink) override;
-  bool SharesSockets() const override { return true; }
+  // Handed by the broker, unlike what the SDK accepted from a granted
+  // listener (--placement=kernel), which was never anyone else's.
+  bool SharesSocket(uint64_t source_id) const override {
+    return (source_id & wire::kWorkerAcceptedIdBit) == 0;
+  }
   void ConnectionClosed(uint64_t source_id) override {
     worker_->ConnectionClosed(source_id);
   }

@@ -57,10 +57,11 @@ class ConnectionSource {
   // Stop taking connections (SIGTERM). Connections the source already
   // accepted may still be delivered to `sink`.
   virtual void StopTaking(ConnectionSink& sink) = 0;
-  // Whether another process may still hold a copy of a delivered socket
-  // (the broker keeps its copy until it has read the worker's Ack). Then
-  // close() alone neither sends the FIN nor removes the fd from epoll.
-  virtual bool SharesSockets() const = 0;
+  // Whether another process may still hold a copy of the delivered socket
+  // `source_id` (the broker keeps its copy of a handed connection until it
+  // has read the worker's Ack). Then close() alone neither sends the FIN
+  // nor removes the fd from epoll.
+  virtual bool SharesSocket(uint64_t source_id) const = 0;
   // A delivered connection was closed by the server.
   virtual void ConnectionClosed(uint64_t source_id) = 0;
   // A delivered connection was cut by the server unfinished (its drain

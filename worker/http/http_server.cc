@@ -496,7 +496,7 @@ void HttpServer::CloseGracefully(Slot& slot) {
 void HttpServer::Close(Slot& slot, Closure closure) {
   const uint64_t key = slot.key;
   const uint64_t source_id = slot.source_id;
-  if (source_->SharesSockets()) {
+  if (source_->SharesSocket(source_id)) {
     // The broker may still hold a copy for a moment: epoll forgets an fd
     // only when every copy is closed, and the client would see our FIN only
     // then (and the broker would pay for the teardown). Say it now.

@@ -32,7 +32,7 @@ class ListenerSource final : public ConnectionSource {
   // Accepts what is already queued, then closes the socket.
   void StopTaking(ConnectionSink& sink) override;
   void ConnectionClosed(uint64_t source_id) override {}
-  bool SharesSockets() const override { return false; }
+  bool SharesSocket(uint64_t) const override { return false; }
   bool Finished() const override { return !listen_fd_.valid(); }
 
  private:

@@ -1209,6 +1209,10 @@ void WorkerImpl::TakeListenerLocked(wire::UniqueFd listener, std::string name) {
     spdlog::error("fdbroker worker: granted listener: {}", added.ToString());
     return;  // The broker accepts from it: nothing is lost.
   }
+  absl::StatusOr<wire::SocketAddress> bound =
+      wire::SocketAddress::Of(listener.get());
+  listener_local_address_ =
+      bound.ok() && !bound->IsWildcard() ? bound->ToString() : std::string();
   listener_ = std::move(listener);
   listener_name_ = std::move(name);
   spdlog::info("fdbroker worker: accepting from the granted listener {}",
@@ -1249,10 +1253,12 @@ void WorkerImpl::AcceptLocked() {
     connection.id = wire::kWorkerAcceptedIdBit | ++last_accepted_id_;
     connection.fd.Reset(fd);
     connection.peer_address = peer.ToString();
-    wire::SocketAddress local;
-    local.length = sizeof(local.storage);
-    if (::getsockname(fd, local.mutable_addr(), &local.length) == 0) {
-      connection.local_address = local.ToString();
+    if (!listener_local_address_.empty()) {
+      connection.local_address = listener_local_address_;
+    } else if (absl::StatusOr<wire::SocketAddress> local =
+                   wire::SocketAddress::Of(fd);
+               local.ok()) {
+      connection.local_address = local->ToString();
     }
     connection.listener = listener_name_;
     connection.accept_time = absl::Now();

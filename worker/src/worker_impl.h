@@ -265,6 +265,9 @@ class WorkerImpl final : public Worker {
   // Ack, no Closed, their figures go in ListenerLoad.
   wire::UniqueFd listener_ ABSL_GUARDED_BY(mu_);
   std::string listener_name_ ABSL_GUARDED_BY(mu_);
+  // The local address of every connection from listener_, unless it is
+  // bound to a wildcard address (empty: getsockname per connection).
+  std::string listener_local_address_ ABSL_GUARDED_BY(mu_);
   // Accepted from the listener and still ours: id -> peer address.
   absl::flat_hash_map<uint64_t, std::string> accepted_ ABSL_GUARDED_BY(mu_);
   uint64_t accepted_total_ ABSL_GUARDED_BY(mu_) = 0;
