@@ -54,7 +54,7 @@ ABSL_FLAG(std::string, placement, "handoff",
           "steers the kernel by weights with a classic BPF program). kernel "
           "needs one TCP --listen without ,proxy_protocol.");
 ABSL_FLAG(absl::Duration, kernel_rebalance_after, absl::Seconds(1),
-          "With --placement=kernel and --policy=least_conn or p2c: worker "
+          "With --placement=kernel (any --policy but ip_hash): worker "
           "loads that stay more than 10% above even this long are evened "
           "out by a rebalance (idle keep-alive connections released and "
           "placed again), at most once per second. 0 turns it off.");
@@ -325,9 +325,8 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
   }
   config.listener.reuseport = config.kernel_placement;
   using Mode = KernelPlacement::Options::Mode;
-  config.kernel.mode = config.policy == "ip_hash"       ? Mode::kSticky
-                       : config.policy == "round_robin" ? Mode::kWeighted
-                                                        : Mode::kLeastLoaded;
+  config.kernel.mode =
+      config.policy == "ip_hash" ? Mode::kSticky : Mode::kWeighted;
   const absl::Duration rebalance_after =
       absl::GetFlag(FLAGS_kernel_rebalance_after);
   if (rebalance_after < absl::ZeroDuration() ||
@@ -336,11 +335,11 @@ absl::StatusOr<BrokerConfig> ConfigFromFlags(const std::string& self_dir) {
         "--kernel_rebalance_after must be a duration such as 1s, or 0 (off)");
   }
   if (rebalance_after != absl::Seconds(1) &&
-      (!config.kernel_placement || config.kernel.mode != Mode::kLeastLoaded)) {
+      (!config.kernel_placement || config.kernel.mode == Mode::kSticky)) {
     return absl::InvalidArgumentError(
         "--kernel_rebalance_after applies to --placement=kernel with "
-        "--policy=least_conn or p2c (round_robin and ip_hash place by "
-        "weight only)");
+        "--policy=least_conn, p2c or round_robin (ip_hash keeps each client "
+        "on its worker)");
   }
   config.kernel.uneven_for = rebalance_after;
 

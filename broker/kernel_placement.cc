@@ -655,7 +655,7 @@ void KernelPlacement::Tick() {
 }
 
 void KernelPlacement::CheckEvenness(int64_t now) {
-  if (options_.mode != Options::Mode::kLeastLoaded || !rebalance_ || closed_ ||
+  if (options_.mode != Options::Mode::kWeighted || !rebalance_ || closed_ ||
       options_.uneven_for == absl::ZeroDuration()) {
     return;
   }

@@ -95,7 +95,7 @@ std::vector<sock_filter> BuildStickyPlacementProgram(
 // over the same workers and weights: the weights do not follow load, so a
 // client address keeps its worker until that worker's weight or the
 // membership changes, and then only that worker's clients move. With
-// Mode::kLeastLoaded, loads that stay uneven (a random draw spreads a burst
+// Mode::kWeighted, loads that stay uneven (a random draw spreads a burst
 // of keep-alive connections binomially) are evened out by a rebalance.
 //
 // Nothing lost. A slot whose worker is not ready (draining, channel lost,
@@ -131,19 +131,19 @@ class KernelPlacement {
     absl::Duration reload_interval = absl::Milliseconds(100);
     // Welcome.listener_load_interval_ms.
     absl::Duration load_interval = absl::Milliseconds(50);
-    // What --policy asks of the kernel (the daemon sets it).
+    // What --policy asks of the kernel (ConfigFromFlags sets it).
     enum class Mode {
-      // round_robin: random in proportion to the weights.
+      // least_conn, p2c, round_robin: random in proportion to the weights,
+      // and a rebalance when the loads stay uneven, since no weight can
+      // even out a burst of long connections that arrive faster than a
+      // reload (the hand-off policies would have spread them evenly).
       kWeighted,
-      // least_conn, p2c: kWeighted, and a rebalance when the loads stay
-      // uneven, since no weight can even out a burst of long connections
-      // that arrive faster than a reload.
-      kLeastLoaded,
-      // ip_hash: BuildStickyPlacementProgram, by client address.
+      // ip_hash: BuildStickyPlacementProgram, by client address; never
+      // rebalanced (a client stays on its worker).
       kSticky,
     };
     Mode mode = Mode::kWeighted;
-    // kLeastLoaded, among ready workers of equal weight: a load above both
+    // kWeighted, among ready workers of equal weight: a load above both
     // ceil(mean) and mean * (1 + uneven_share) throughout `uneven_for` asks
     // for a rebalance (excess over ceil(mean) released and placed again by
     // the policy), at most once per `rebalance_interval`; after one, the
@@ -194,7 +194,7 @@ class KernelPlacement {
   // registry; the program follows within reload_interval.
   void Update();
   // What asks the workers above the mean load to release their excess
-  // (Mode::kLeastLoaded); unset, loads are never corrected.
+  // (Mode::kWeighted); unset, loads are never corrected.
   void set_rebalance(absl::AnyInvocable<void()> rebalance) {
     rebalance_ = std::move(rebalance);
   }
@@ -239,7 +239,7 @@ class KernelPlacement {
   // Whether the inherited program still has to stay (see Inherited).
   bool KeepInheritedProgram();
   void Tick();
-  // Mode::kLeastLoaded: rebalances once the loads stayed uneven long enough.
+  // Mode::kWeighted: rebalances once the loads stayed uneven long enough.
   void CheckEvenness(int64_t now);
 
   EventLoop& loop_;

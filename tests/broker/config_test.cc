@@ -63,18 +63,17 @@ TEST(ConfigTest, KernelPlacementBindsWithReuseport) {
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_TRUE(config->kernel_placement);
   EXPECT_TRUE(config->listener.reuseport);
-  EXPECT_EQ(config->kernel.mode, KernelPlacement::Options::Mode::kLeastLoaded);
+  EXPECT_EQ(config->kernel.mode, KernelPlacement::Options::Mode::kWeighted);
   EXPECT_EQ(config->kernel.uneven_for, absl::Seconds(1));
 }
 
 TEST(ConfigTest, KernelPlacementModeFollowsThePolicy) {
   absl::FlagSaver saver;
   using Mode = KernelPlacement::Options::Mode;
-  for (const auto& [policy, mode] :
-       {std::pair{"least_conn", Mode::kLeastLoaded},
-        std::pair{"p2c", Mode::kLeastLoaded},
-        std::pair{"round_robin", Mode::kWeighted},
-        std::pair{"ip_hash", Mode::kSticky}}) {
+  for (const auto& [policy, mode] : {std::pair{"least_conn", Mode::kWeighted},
+                                     std::pair{"p2c", Mode::kWeighted},
+                                     std::pair{"round_robin", Mode::kWeighted},
+                                     std::pair{"ip_hash", Mode::kSticky}}) {
     absl::StatusOr<BrokerConfig> config = KernelConfig({{"policy", policy}});
     ASSERT_TRUE(config.ok()) << config.status();
     EXPECT_EQ(config->kernel.mode, mode) << policy;
@@ -192,7 +191,7 @@ INSTANTIATE_TEST_SUITE_P(
                  "--kernel_rebalance_after"},
         BadFlags{{{"placement", "kernel"},
                   {"listen", "127.0.0.1:0"},
-                  {"policy", "round_robin"},
+                  {"policy", "ip_hash"},
                   {"kernel_rebalance_after", "0"}},
                  "--kernel_rebalance_after"},
         BadFlags{{{"drain_timeout", "0s"}}, "--drain_timeout"},

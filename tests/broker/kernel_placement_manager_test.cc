@@ -114,14 +114,9 @@ class KernelPlacementManagerTest : public DataPlaneTest {
   int broker_accepted_ = 0;
 };
 
-// least_conn and p2c: loads that stay uneven are evened out.
-class KernelPlacementLeastLoadedTest : public KernelPlacementManagerTest {
- protected:
-  void SetUp() override {
-    options_.mode = KernelPlacement::Options::Mode::kLeastLoaded;
-    KernelPlacementManagerTest::SetUp();
-  }
-};
+// least_conn, p2c and round_robin (kWeighted, the fixture's mode): loads
+// that stay uneven are evened out.
+using KernelPlacementLeastLoadedTest = KernelPlacementManagerTest;
 
 TEST_F(KernelPlacementManagerTest, GrantsASlotPerWorkerAndWeighsThem) {
   bool granted_a = false, granted_b = false;
@@ -292,7 +287,6 @@ TEST_F(KernelPlacementLeastLoadedTest, EvenEnoughOrUnequalWeightsAreLeft) {
 class KernelPlacementNoRebalanceTest : public KernelPlacementManagerTest {
  protected:
   void SetUp() override {
-    options_.mode = KernelPlacement::Options::Mode::kLeastLoaded;
     options_.uneven_for = absl::ZeroDuration();
     KernelPlacementManagerTest::SetUp();
   }
@@ -302,7 +296,16 @@ TEST_F(KernelPlacementNoRebalanceTest, UnevenLoadsAreLeftWhenTurnedOff) {
   ExpectUnevenLoadsLeft();
 }
 
-TEST_F(KernelPlacementManagerTest, RoundRobinDoesNotRebalance) {
+// ip_hash: a client stays on its worker, however uneven.
+class KernelPlacementStickyTest : public KernelPlacementManagerTest {
+ protected:
+  void SetUp() override {
+    options_.mode = KernelPlacement::Options::Mode::kSticky;
+    KernelPlacementManagerTest::SetUp();
+  }
+};
+
+TEST_F(KernelPlacementStickyTest, UnevenLoadsAreLeft) {
   ExpectUnevenLoadsLeft();
 }
 
