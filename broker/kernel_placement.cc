@@ -587,10 +587,7 @@ void KernelPlacement::Update() {
   for (size_t s = 0; s < slot_worker_.size(); ++s) {
     const Worker* worker =
         slot_worker_[s] == 0 ? nullptr : registry_.Find(slot_worker_[s]);
-    const bool worker_accepts =
-        worker != nullptr && worker->state == WorkerState::kReady &&
-        worker->channel != nullptr && !worker->channel->closed();
-    slots_.SetWatched(s, !worker_accepts);
+    slots_.SetWatched(s, worker == nullptr || !worker->Reachable());
   }
   if (!layout_known_ || KeepInheritedProgram()) return;
   wanted_.assign(group_size_, 0);
@@ -663,10 +660,7 @@ void KernelPlacement::CheckEvenness(int64_t now) {
   // are meant to be uneven: leave them.
   candidates_.clear();
   for (const auto& [id, worker] : registry_.workers()) {
-    if (worker->state == WorkerState::kReady && worker->channel != nullptr &&
-        !worker->channel->closed()) {
-      candidates_.push_back(worker.get());
-    }
+    if (worker->Reachable()) candidates_.push_back(worker.get());
   }
   CandidateWeights(candidates_, candidate_weights_);
   const auto n = static_cast<int64_t>(candidates_.size());

@@ -108,9 +108,7 @@ void WorkerDrainer::Check(int64_t now_nanos) {
 bool WorkerDrainer::OthersCanTake(
     const absl::flat_hash_set<uint64_t>& leaving) const {
   for (const auto& [id, other] : registry_.workers()) {
-    if (!leaving.contains(id) && other->state == WorkerState::kReady &&
-        other->channel != nullptr && !other->channel->closed() &&
-        other->HasRoom()) {
+    if (!leaving.contains(id) && other->Reachable() && other->HasRoom()) {
       return true;
     }
   }
@@ -197,8 +195,7 @@ absl::StatusOr<WorkerDrainer::RebalanceResult> WorkerDrainer::Rebalance(
   std::vector<Worker*> ready;
   int64_t total = 0;
   for (const auto& [id, worker] : registry_.workers()) {
-    if (worker->state == WorkerState::kReady && worker->channel != nullptr &&
-        !worker->channel->closed()) {
+    if (worker->Reachable()) {
       ready.push_back(worker.get());
       total += worker->load();
     }

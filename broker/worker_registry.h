@@ -110,10 +110,15 @@ struct Worker {
   // kListenersLabel, comma-separated names, restricts it to those listeners
   // (one broker can front two pools); without the label, every listener.
   bool Serves(const std::string* listener) const;
+  // Ready, with a channel that is open: what a rebalance weighs and what
+  // accepts from its kernel-placement slot.
+  bool Reachable() const {
+    return state == WorkerState::kReady && channel != nullptr &&
+           !channel->closed();
+  }
   // Can take a new connection right now.
   bool Available() const {
-    return state == WorkerState::kReady && channel != nullptr &&
-           !channel->closed() && !channel->congested() && !moving && HasRoom();
+    return Reachable() && !channel->congested() && !moving && HasRoom();
   }
 };
 
