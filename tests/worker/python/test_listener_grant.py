@@ -8,9 +8,11 @@ re-registering Hello (one fd) and closes it unless the Welcome says
 listener_kept, and a bad grant is a protocol error (the channel is lost)."""
 
 import asyncio
+import gc
 import os
 import socket
 import unittest
+import weakref
 from typing import Optional
 
 import fdbroker_worker
@@ -284,6 +286,64 @@ class ListenerGrantTest(unittest.IsolatedAsyncioTestCase):
 
 
 class ListenerGrantOnUvloopTest(OnUvloop, ListenerGrantTest):
+    pass
+
+
+class _Echo(asyncio.Protocol):
+    """Echoes; its instances are known only weakly (Upper keeps them)."""
+
+    alive: "weakref.WeakSet[_Echo]" = weakref.WeakSet()
+    made = 0
+
+    def __init__(self) -> None:
+        _Echo.made += 1
+        _Echo.alive.add(self)
+        self.transport: Optional[asyncio.Transport] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # (a cycle, as in most protocols)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class AcceptedConnectionsAreFreedTest(unittest.IsolatedAsyncioTestCase):
+    """A connection accepted from the granted listener is freed when it
+    ends, as under the loop's own server, not at the next ListenerLoad:
+    held until then, every connection's objects outlived collections and
+    were promoted to older generations (a FastAPI worker lost 8 % of its
+    throughput in the collector)."""
+
+    async def test_freed_before_the_next_listener_load(self) -> None:
+        _Echo.made = 0
+        broker = FakeBroker()
+        self.addCleanup(broker.close)
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        server, _ = await registered(
+            broker, fdbroker_worker.create_server(
+                _Echo, socket_path=broker.socket_path),
+            listener_load_interval_ms=3_600_000)  # none in this test
+        self.addAsyncCleanup(end_server, server)
+        broker.send(fd=listener.fileno(), listener_grant=pb.ListenerGrant(
+            listener="%s:%d" % listener.getsockname()[:2]))
+        for _ in range(3):
+            client = await asyncio.to_thread(
+                socket.create_connection, listener.getsockname(), WAIT)
+            with client:
+                await asyncio.to_thread(client.sendall, b"x")
+                self.assertEqual(await asyncio.to_thread(client.recv, 10),
+                                 b"x")
+        self.assertEqual(_Echo.made, 3)
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while _Echo.alive and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)  # the worker sees each close
+            gc.collect()
+        self.assertEqual(len(_Echo.alive), 0)
+
+
+class AcceptedConnectionsAreFreedOnUvloopTest(
+        OnUvloop, AcceptedConnectionsAreFreedTest):
     pass
 
 

@@ -607,6 +607,20 @@ class RunnerLifecycleTest(unittest.TestCase):
         self.assertEqual({codes.get(pid) for pid in pids}, {"exit code 0"},
                          broker.log())
 
+    def test_start_up_objects_are_frozen_out_of_the_collector(
+            self) -> None:
+        """What the app made at start-up is left out of later collections
+        (gc.freeze, 7 % of a FastAPI worker's throughput in
+        docs/benchmarks.md), unless --no-gc-freeze."""
+        for flags, frozen in (((), True), (("--no-gc-freeze",), False)):
+            broker = RunnerBroker(
+                self, 1, runner_cmd("asgi_app:app", APPS, *flags))
+            status, body = get_json(broker.port, "/")
+            self.assertEqual(status, 200)
+            # FastAPI, pydantic and uvicorn alone make tens of thousands.
+            self.assertEqual(body["gc_frozen"] > 10000, frozen, body)
+            self.assertEqual(broker.stop(), 0, broker.log())
+
     def test_rebalance_drain_worker_scale_down_move_idle_clients(
             self) -> None:
         """Idle keep-alive clients move on Rebalance, DrainWorker and a

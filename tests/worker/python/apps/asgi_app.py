@@ -3,13 +3,15 @@
 Lifespan: startup appends "starting <pid>" to the file $RUNNER_TEST_EVENTS
 (if set), sleeps $RUNNER_TEST_STARTUP_DELAY seconds (default 0), then
 appends "startup <pid>";
-shutdown appends "shutdown <pid>". GET / says whether startup ran and
-which event loop runs it; GET /sleep?ms=N appends "sleeping <pid>" and
+shutdown appends "shutdown <pid>". GET / says whether startup ran,
+which event loop runs it and how many objects the collector leaves out
+(gc.freeze); GET /sleep?ms=N appends "sleeping <pid>" and
 answers after N ms; POST /echo answers with the body; /ws echoes text as
 "<pid> <text>".
 """
 
 import asyncio
+import gc
 import os
 from typing import Optional
 
@@ -44,7 +46,8 @@ async def shutdown() -> None:
 @app.get("/")
 async def root() -> dict:
     return {"pid": os.getpid(), "started": state["started"],
-            "loop": type(asyncio.get_running_loop()).__module__}
+            "loop": type(asyncio.get_running_loop()).__module__,
+            "gc_frozen": gc.get_freeze_count()}
 
 
 @app.get("/sleep")
