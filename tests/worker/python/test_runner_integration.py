@@ -610,7 +610,7 @@ class RunnerLifecycleTest(unittest.TestCase):
     def test_start_up_objects_are_frozen_out_of_the_collector(
             self) -> None:
         """What the app made at start-up is left out of later collections
-        (gc.freeze, 7 % of a FastAPI worker's throughput in
+        (gc.freeze, about 5 % of a FastAPI worker's throughput in
         docs/benchmarks.md), unless --no-gc-freeze."""
         for flags, frozen in (((), True), (("--no-gc-freeze",), False)):
             broker = RunnerBroker(

@@ -35,9 +35,10 @@ as uvicorn or aiohttp would serve their own socket: per connection the SDK
 only numbers it (bit 63 set), notes it and hands the transport to
 protocol_factory()'s protocol (_Accepted steps out in connection_made), so
 no byte of it passes through Python code of the SDK and no message goes to
-the broker. Closes are found by looking at those transports once per
-listener_load_interval (is_closing()), when the figures go to the broker in
-ListenerLoad. Drains and releases treat these connections as handed ones;
+the broker. They are held by weak reference (_FromListener), so that their
+objects die with the connection; closes are found by looking at those
+still alive once per listener_load_interval (is_closing()), when the
+figures go to the broker in ListenerLoad. Drains and releases treat these connections as handed ones;
 a drain first closes the listener (the broker serves what the kernel still
 queued there); a later grant replaces an earlier one; while reconnecting to
 a broker the listener keeps accepting.
