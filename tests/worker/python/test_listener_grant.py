@@ -311,8 +311,8 @@ class AcceptedConnectionsAreFreedTest(unittest.IsolatedAsyncioTestCase):
     """A connection accepted from the granted listener is freed when it
     ends, as under the loop's own server, not at the next ListenerLoad:
     held until then, every connection's objects outlived collections and
-    were promoted to older generations (a FastAPI worker lost 8 % of its
-    throughput in the collector)."""
+    were promoted to older generations (5 % of a FastAPI worker's
+    throughput, docs/benchmarks.md)."""
 
     async def test_freed_before_the_next_listener_load(self) -> None:
         _Echo.made = 0

@@ -38,10 +38,10 @@ no byte of it passes through Python code of the SDK and no message goes to
 the broker. They are held by weak reference (_FromListener), so that their
 objects die with the connection; closes are found by looking at those
 still alive once per listener_load_interval (is_closing()), when the
-figures go to the broker in ListenerLoad. Drains and releases treat these connections as handed ones;
-a drain first closes the listener (the broker serves what the kernel still
-queued there); a later grant replaces an earlier one; while reconnecting to
-a broker the listener keeps accepting.
+figures go to the broker in ListenerLoad. Drains and releases treat these
+connections as handed ones; a drain first closes the listener (the broker
+serves what the kernel still queued there); a later grant replaces an
+earlier one; while reconnecting to a broker the listener keeps accepting.
 """
 
 import asyncio
@@ -231,8 +231,8 @@ class _FromListener(_Live):
     transport and protocol die when the connection ends, as under the
     loop's own server, and mostly in the collector's youngest generation.
     (Held strongly until the next ListenerLoad, every connection's objects
-    outlived several collections and were promoted: a FastAPI worker spent
-    a third more time in the collector and lost 8 % of its throughput.)
+    outlived several collections and were promoted: 5 % of a FastAPI
+    worker's throughput, docs/benchmarks.md.)
     Until the next ListenerLoad prunes it, a gone one stays with transport
     None."""
 
