@@ -375,18 +375,9 @@ void RunUpgradesUnderLoad(int clients, int upgrades, absl::Duration pause,
   std::sort(run.upgrade_ms.begin(), run.upgrade_ms.end());
 }
 
-// The workers move to each new broker as soon as it is up (Reconnect), so
-// no request waits for a worker's reconnect back-off. The light-load figure
-// of the README comes from the log line this prints (the bound asserted is
-// the issue's: nothing over 1 s); the 5x target is measured under
-// wrk by tests/bench/upgrade.sh.
-TEST(LifecycleTest, ThreeUpgradesUnderLoadFailNothingAndStallNothing) {
-  UpgradeRun run;
-  ASSERT_NO_FATAL_FAILURE(
-      RunUpgradesUnderLoad(2, 3, absl::Milliseconds(300), run));
-  EXPECT_EQ(run.failed, 0) << run.first_failure;
-  ASSERT_GT(run.steady_ms.size(), 100u);
-  ASSERT_FALSE(run.upgrade_ms.empty());
+// Prints the figure of a RunUpgradesUnderLoad run: the worst request during
+// the upgrades against the steady state's p99 (the target: 5x).
+void ReportUpgradeRun(int clients, const UpgradeRun& run) {
   const double steady_p99 = run.steady_ms[run.steady_ms.size() * 99 / 100];
   const double worst_upgrade = run.upgrade_ms.back();
   const double worst_steady = run.steady_ms.back();
@@ -398,13 +389,43 @@ TEST(LifecycleTest, ThreeUpgradesUnderLoadFailNothingAndStallNothing) {
                     std::max<size_t>(
                         1, run.steady_ms.size() / run.upgrade_ms.size())];
   std::printf(
-      "3 upgrades: %zu requests during them, worst %.2f ms; steady state: "
-      "%zu requests, p99 %.2f ms, worst %.2f ms, quantile 1-1/%zu %.2f ms; "
-      "worst/p99 %.1fx\n",
-      run.upgrade_ms.size(), worst_upgrade, run.steady_ms.size(), steady_p99,
-      worst_steady, run.upgrade_ms.size(), steady_same_rank,
+      "%d clients, 3 upgrades: %zu requests during them, worst %.2f ms; "
+      "steady state: %zu requests, p99 %.2f ms, worst %.2f ms, quantile "
+      "1-1/%zu %.2f ms; worst/p99 %.1fx\n",
+      clients, run.upgrade_ms.size(), worst_upgrade, run.steady_ms.size(),
+      steady_p99, worst_steady, run.upgrade_ms.size(), steady_same_rank,
       worst_upgrade / steady_p99);
-  EXPECT_LT(worst_upgrade, 1000.0);
+}
+
+// The workers move to each new broker as soon as it is up (Reconnect), so
+// no request waits for a worker's reconnect back-off. Two clients: a light
+// load, whose p99 (under 1 ms) is far below this 2-core machine's own
+// scheduling stalls of 3-6 ms. The README's light-load figure comes from
+// the line this prints (the bound asserted is the issue's: nothing over
+// 1 s).
+TEST(LifecycleTest, ThreeUpgradesUnderLoadFailNothingAndStallNothing) {
+  UpgradeRun run;
+  ASSERT_NO_FATAL_FAILURE(
+      RunUpgradesUnderLoad(2, 3, absl::Milliseconds(300), run));
+  EXPECT_EQ(run.failed, 0) << run.first_failure;
+  ASSERT_GT(run.steady_ms.size(), 100u);
+  ASSERT_FALSE(run.upgrade_ms.empty());
+  ReportUpgradeRun(2, run);
+  EXPECT_LT(run.upgrade_ms.back(), 1000.0);
+}
+
+// The same under the load of the wrk run (32 connections, one per
+// request), with each request timed from its connect and attributed to the
+// upgrades exactly; tests/bench/upgrade.sh measures it with wrk itself.
+TEST(LifecycleTest, ThreeUpgradesUnderThirtyTwoClients) {
+  UpgradeRun run;
+  ASSERT_NO_FATAL_FAILURE(
+      RunUpgradesUnderLoad(32, 3, absl::Milliseconds(300), run));
+  EXPECT_EQ(run.failed, 0) << run.first_failure;
+  ASSERT_GT(run.steady_ms.size(), 100u);
+  ASSERT_FALSE(run.upgrade_ms.empty());
+  ReportUpgradeRun(32, run);
+  EXPECT_LT(run.upgrade_ms.back(), 1000.0);
 }
 
 // Ten quick upgrades under eight clients: connections staged for a worker's
