@@ -365,6 +365,10 @@ def parse_wrk(text):
         m = re.search(rf"^\s+{pct}%\s+(\S+)", text, re.M)
         if m:
             out[f"wrk_latency_p{pct}_us"] = _seconds(m.group(1)) * 1e6
+    # The worst request of the run ("Latency avg stdev max").
+    m = re.search(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)", text, re.M)
+    if m and _seconds(m.group(1)) is not None:
+        out["wrk_latency_max_us"] = _seconds(m.group(1)) * 1e6
     m = re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
     )

@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import _seconds, machine_info, parse_wrk  # noqa: E402
+from bench import machine_info, parse_wrk  # noqa: E402
 from benchlib import (  # noqa: E402
     BenchError,
     Processes,
@@ -58,14 +57,6 @@ def listen_drops():
     with open("/proc/net/netstat") as f:
         lines = [line.split() for line in f if line.startswith("TcpExt:")]
     return int(dict(zip(lines[0], lines[1]))["ListenDrops"])
-
-
-def wrk_max_us(text):
-    """The worst request of a wrk run (its "Latency avg stdev max" line)."""
-    m = re.search(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)", text, re.M)
-    if not m or _seconds(m.group(1)) is None:
-        raise BenchError(f"wrk printed no latency line:\n{text}")
-    return _seconds(m.group(1)) * 1e6
 
 
 class Broker:
@@ -162,7 +153,8 @@ def run_wrk(args, port, during=None):
     if proc.returncode != 0:
         raise BenchError(f"{' '.join(argv)} failed:\n{stdout}{stderr}")
     out = parse_wrk(stdout)
-    out["wrk_latency_max_us"] = wrk_max_us(stdout)
+    if "wrk_latency_max_us" not in out or "wrk_latency_p99_us" not in out:
+        raise BenchError(f"wrk printed no latency figures:\n{stdout}")
     out["listen_drops"] = listen_drops() - drops
     if done:
         out["upgrade_s"] = done[0]
