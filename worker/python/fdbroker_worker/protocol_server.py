@@ -246,7 +246,7 @@ class _FromListener(_Live):
         try:
             self._protocol = weakref.ref(protocol)
         except TypeError:  # __slots__ without __weakref__: held
-            self._protocol = functools.partial(lambda held: held, protocol)
+            self._protocol = lambda: protocol
 
     @property
     def transport(self) -> Optional[asyncio.Transport]:
@@ -285,10 +285,13 @@ class ProtocolServer(Driver):
 
     def protocols(self) -> list[asyncio.BaseProtocol]:
         """The protocols of the connections being served now."""
-        return [protocol for protocol, transport in
-                ((live.protocol, live.transport)
-                 for live in list(self._live.values()))
-                if protocol is not None and transport is not None]
+        protocols = []
+        for live in self._live.values():
+            # (Each read once: a collection may end a gone one's objects.)
+            protocol, transport = live.protocol, live.transport
+            if protocol is not None and transport is not None:
+                protocols.append(protocol)
+        return protocols
 
     def idle_point(self, protocol: asyncio.BaseProtocol) -> None:
         """Tells the server that `protocol`'s connection is between two
